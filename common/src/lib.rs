@@ -1,0 +1,226 @@
+//! Types and constants shared by the XDP program (`xdp-ebpf`) and userspace (`loader`).
+//!
+//! Everything that crosses the kernel/userspace boundary is defined here once. All structs are
+//! `#[repr(C)]` with explicit padding, and their sizes are checked at compile time, so the two
+//! sides cannot drift apart. Multi-byte fields are host byte order unless a field says otherwise.
+#![no_std]
+
+/// Map names, used by the program's map definitions and by the loader to find them.
+pub mod map_names {
+    pub const ACTIVE: &str = "ACTIVE";
+    pub const HEADERS: &str = "HEADERS";
+    pub const RULES: &str = "RULES";
+    pub const FIELDS: &str = "FIELDS";
+    pub const BITMAPS: &str = "BITMAPS";
+    pub const SRC_V4: &str = "SRC_V4";
+    pub const DST_V4: &str = "DST_V4";
+    pub const SRC_V6: &str = "SRC_V6";
+    pub const DST_V6: &str = "DST_V6";
+    pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
+    pub const RULE_STATS: &str = "RULE_STATS";
+    /// Every map the program owns, in a stable order (pinning, stats, leak checks).
+    pub const ALL: [&str; 11] = [
+        ACTIVE,
+        HEADERS,
+        RULES,
+        FIELDS,
+        BITMAPS,
+        SRC_V4,
+        DST_V4,
+        SRC_V6,
+        DST_V6,
+        GLOBAL_STATS,
+        RULE_STATS,
+    ];
+}
+
+/// Name of the XDP program in the object file.
+pub const PROGRAM_NAME: &str = "xdpfw";
+
+/// Two complete rulesets exist at once: the active one, read by packets, and the inactive one,
+/// written by a reload. `buffer = generation % BUFFERS`.
+pub const BUFFERS: u32 = 2;
+
+/// Highest number of ordered rules in one ruleset. One bit per rule in every bitmap.
+pub const MAX_RULES: usize = 1024;
+pub const BITMAP_WORDS: usize = MAX_RULES / 64;
+/// Distinct rule bitmaps per buffer (deduplicated, so a 1M-prefix set usually needs a handful).
+/// Bitmap 0 of every buffer is the empty set.
+pub const MAX_BITMAPS: u32 = 32768;
+/// Prefixes per LPM trie (one trie each for source/destination × IPv4/IPv6, per buffer).
+pub const MAX_PREFIXES: u32 = 2 * 1024 * 1024;
+
+/// Map flags of the LPM tries (BPF_F_NO_PREALLOC, which the kernel requires for them).
+pub const LPM_FLAGS: u32 = 1;
+
+/// Index of the per-rule counter slot that counts packets decided by the default action.
+pub const DEFAULT_RULE_SLOT: u32 = MAX_RULES as u32;
+/// Per-rule counter slots per buffer: one per rule plus the default action.
+pub const RULE_SLOTS: u32 = MAX_RULES as u32 + 1;
+
+/// Verdicts, numerically equal to the XDP actions they become.
+pub mod action {
+    pub const DROP: u32 = 1;
+    pub const PASS: u32 = 2;
+}
+
+/// What happens to a non-first IP fragment, which carries no transport header.
+pub mod fragment_policy {
+    /// Classify on L3 fields only: rules that name ports, TCP flags or ICMP types cannot match.
+    pub const L3_ONLY: u32 = 0;
+    pub const DROP: u32 = 1;
+    pub const PASS: u32 = 2;
+}
+
+/// The per-packet fields a ruleset can constrain. A field whose bit is clear in
+/// [`RulesetHeader::fields`] is not looked up at all.
+pub mod field {
+    pub const SRC: u32 = 1 << 0;
+    pub const DST: u32 = 1 << 1;
+    pub const PROTO: u32 = 1 << 2;
+    pub const SPORT: u32 = 1 << 3;
+    pub const DPORT: u32 = 1 << 4;
+    pub const ICMP: u32 = 1 << 5;
+    pub const TCP_FLAGS: u32 = 1 << 6;
+}
+
+/// Slots of [`RulesetHeader::absent`]: the bitmap used when the packet does not carry a field.
+pub mod absent {
+    pub const SRC: usize = 0;
+    pub const DST: usize = 1;
+    pub const SPORT: usize = 2;
+    pub const DPORT: usize = 3;
+    pub const ICMP: usize = 4;
+    pub const TCP_FLAGS: usize = 5;
+    pub const COUNT: usize = 6;
+}
+
+/// Layout of the FIELDS array: each buffer holds these tables back to back, each entry naming a
+/// bitmap. Indexes are `buffer * FIELDS_PER_BUFFER + BASE + value`.
+pub mod fields_layout {
+    pub const PROTO_BASE: u32 = 0;
+    pub const SPORT_BASE: u32 = PROTO_BASE + 256;
+    pub const DPORT_BASE: u32 = SPORT_BASE + 65536;
+    /// Indexed by `type << 8 | code`.
+    pub const ICMP_BASE: u32 = DPORT_BASE + 65536;
+    /// Indexed by the TCP flags byte (FIN=0x01 … CWR=0x80).
+    pub const TCP_FLAGS_BASE: u32 = ICMP_BASE + 65536;
+    pub const FIELDS_PER_BUFFER: u32 = TCP_FLAGS_BASE + 256;
+}
+
+/// One ruleset's header, one per buffer in the HEADERS array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RulesetHeader {
+    /// The generation this buffer was written for (its `generation % 2` is this buffer).
+    pub generation: u64,
+    pub rule_count: u32,
+    /// Bitmap words that hold rules: `ceil(rule_count / 64)`. The AND stops here.
+    pub bitmap_words: u32,
+    /// `field::*` bits: which lookups this ruleset needs.
+    pub fields: u32,
+    /// `action::*` for packets no rule matches.
+    pub default_action: u32,
+    /// `fragment_policy::*`.
+    pub fragment_policy: u32,
+    pub _pad: u32,
+    /// Bitmap ids for packets that do not carry a field (see `absent::*`).
+    pub absent: [u32; absent::COUNT],
+}
+
+/// One rule's outcome, in the RULES array at `buffer * MAX_RULES + rule`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleMeta {
+    /// `action::*`.
+    pub action: u32,
+    pub flags: u32,
+}
+
+/// A set of rules, one bit per rule, rule 0 = bit 0 of word 0 (the highest priority).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Bitmap {
+    pub words: [u64; BITMAP_WORDS],
+}
+
+impl Bitmap {
+    pub const EMPTY: Bitmap = Bitmap { words: [0; BITMAP_WORDS] };
+}
+
+/// An entry of the FIELDS array. Padded to 8 bytes because mmapable arrays store every element
+/// at an 8-byte stride, and userspace writes these through the mapping.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FieldEntry {
+    pub bitmap: u32,
+    pub _pad: u32,
+}
+
+/// Value of the LPM tries: the bitmap of rules whose prefix condition an address satisfies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefixValue {
+    pub bitmap: u32,
+}
+
+/// The LPM trie key data for IPv4: the address in network byte order.
+pub type Ipv4Data = [u8; 4];
+/// The LPM trie key data for IPv6: the address in network byte order.
+pub type Ipv6Data = [u8; 16];
+
+/// Per-CPU global counters (one entry in GLOBAL_STATS). Every packet increments `seen` and
+/// exactly one of `passed` / `dropped`; the rest explain why.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalStats {
+    pub seen: u64,
+    pub passed: u64,
+    pub dropped: u64,
+    pub bytes: u64,
+    /// Not IPv4/IPv6 (ARP, LLDP, …): always passed.
+    pub non_ip: u64,
+    /// Truncated or inconsistent headers: dropped.
+    pub malformed: u64,
+    pub ipv4: u64,
+    pub ipv6: u64,
+    /// Non-first fragments (no transport header), handled by the fragment policy.
+    pub fragments: u64,
+    /// IPv6 neighbour discovery and router messages: always passed.
+    pub neighbor_discovery: u64,
+    /// Packets decided by a rule (the rest got the default action).
+    pub rule_hits: u64,
+    pub default_hits: u64,
+}
+
+/// Per-CPU per-rule counters, RULE_STATS at `buffer * RULE_SLOTS + rule`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleStats {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<RulesetHeader>() == 56);
+    assert!(core::mem::size_of::<RuleMeta>() == 8);
+    assert!(core::mem::size_of::<Bitmap>() == 8 * BITMAP_WORDS);
+    assert!(core::mem::size_of::<FieldEntry>() == 8);
+    assert!(core::mem::size_of::<PrefixValue>() == 4);
+    assert!(core::mem::size_of::<GlobalStats>() == 96);
+    assert!(core::mem::size_of::<RuleStats>() == 16);
+    assert!(MAX_RULES % 64 == 0);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, contain only integers and have no implicit padding.
+    unsafe impl aya::Pod for RulesetHeader {}
+    unsafe impl aya::Pod for RuleMeta {}
+    unsafe impl aya::Pod for Bitmap {}
+    unsafe impl aya::Pod for FieldEntry {}
+    unsafe impl aya::Pod for PrefixValue {}
+    unsafe impl aya::Pod for GlobalStats {}
+    unsafe impl aya::Pod for RuleStats {}
+}

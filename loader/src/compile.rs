@@ -1,0 +1,379 @@
+//! The compiler: a pure function from a validated ruleset to the image of one map buffer.
+//!
+//! Every field a ruleset constrains becomes a lookup that returns a bitmap of the rules whose
+//! condition on that field the packet satisfies (rules that don't constrain the field are in
+//! every bitmap of it). Bitmaps are deduplicated; the kernel ANDs one bitmap per field and takes
+//! the lowest set bit as the first matching rule.
+
+use std::{collections::HashMap, net::IpAddr, ops::RangeInclusive};
+
+use anyhow::{Result, bail};
+use xdpfw_common::{
+    BITMAP_WORDS, Bitmap, FieldEntry, Ipv4Data, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES, RuleMeta,
+    RulesetHeader, absent, field, fields_layout::*, fragment_policy,
+};
+
+use crate::rules::{AddrList, FragmentPolicy, Rule, Ruleset};
+
+/// Everything one buffer holds, ready to be written.
+pub struct Image {
+    pub header: RulesetHeader,
+    pub rules: Vec<RuleMeta>,
+    pub bitmaps: Vec<Bitmap>,
+    /// The whole FIELDS table of one buffer (`FIELDS_PER_BUFFER` entries).
+    pub fields: Vec<FieldEntry>,
+    /// `(prefix length, network address, bitmap id)` for each trie.
+    pub src_v4: Vec<(u32, Ipv4Data, u32)>,
+    pub dst_v4: Vec<(u32, Ipv4Data, u32)>,
+    pub src_v6: Vec<(u32, Ipv6Data, u32)>,
+    pub dst_v6: Vec<(u32, Ipv6Data, u32)>,
+}
+
+impl Image {
+    pub fn prefix_count(&self) -> usize {
+        self.src_v4.len() + self.dst_v4.len() + self.src_v6.len() + self.dst_v6.len()
+    }
+}
+
+/// Interns bitmaps so each distinct rule set is stored once. Id 0 is the empty set.
+struct Bitmaps {
+    ids: HashMap<Bitmap, u32>,
+    list: Vec<Bitmap>,
+}
+
+impl Bitmaps {
+    fn new() -> Self {
+        let mut b = Self { ids: HashMap::new(), list: Vec::new() };
+        b.intern(Bitmap::EMPTY);
+        b
+    }
+    fn intern(&mut self, bm: Bitmap) -> u32 {
+        *self.ids.entry(bm).or_insert_with(|| {
+            self.list.push(bm);
+            (self.list.len() - 1) as u32
+        })
+    }
+}
+
+fn set_bit(bm: &mut Bitmap, rule: usize) {
+    bm.words[rule / 64] |= 1 << (rule % 64);
+}
+
+fn union(a: &Bitmap, b: &Bitmap) -> Bitmap {
+    let mut out = *a;
+    for (o, w) in out.words.iter_mut().zip(b.words.iter()) {
+        *o |= w;
+    }
+    out
+}
+
+/// Rules that do not constrain a field: they are in every bitmap of that field.
+fn unconstrained(rules: &[Rule], constrained: impl Fn(&Rule) -> bool) -> Bitmap {
+    let mut bm = Bitmap::EMPTY;
+    for (i, r) in rules.iter().enumerate() {
+        if !constrained(r) {
+            set_bit(&mut bm, i);
+        }
+    }
+    bm
+}
+
+pub fn compile(rs: &Ruleset) -> Result<Image> {
+    let rules = &rs.rules;
+    let mut bitmaps = Bitmaps::new();
+    let mut fields_used = 0u32;
+    let mut absent_ids = [0u32; absent::COUNT];
+    let mut table = vec![FieldEntry::default(); FIELDS_PER_BUFFER as usize];
+
+    // Address fields: LPM tries.
+    let mut tries = [Vec::new(), Vec::new()];
+    let mut tries6 = [Vec::new(), Vec::new()];
+    for (slot, (bit, get)) in [
+        (field::SRC, (|r: &Rule| r.src.as_ref()) as fn(&Rule) -> Option<&AddrList>),
+        (field::DST, |r: &Rule| r.dst.as_ref()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if rules.iter().all(|r| get(r).is_none()) {
+            continue;
+        }
+        fields_used |= bit;
+        let base = unconstrained(rules, |r| get(r).is_some());
+        absent_ids[if slot == 0 { absent::SRC } else { absent::DST }] = bitmaps.intern(base);
+        let (v4, v6) = prefix_tables(rules, get, &base, &mut bitmaps);
+        tries[slot] = v4;
+        tries6[slot] = v6;
+    }
+
+    // Protocol: a 256-entry table.
+    if rules.iter().any(|r| r.proto.is_some()) {
+        fields_used |= field::PROTO;
+        let base = unconstrained(rules, |r| r.proto.is_some());
+        for p in 0..=255u8 {
+            let mut bm = base;
+            for (i, r) in rules.iter().enumerate() {
+                if r.proto.as_ref().is_some_and(|ps| ps.contains(&p)) {
+                    set_bit(&mut bm, i);
+                }
+            }
+            table[(PROTO_BASE + p as u32) as usize].bitmap = bitmaps.intern(bm);
+        }
+    }
+
+    // Ports and ICMP type/code: 65536-entry tables filled segment by segment.
+    let port_fields: [(u32, usize, u32, fn(&Rule) -> Option<Vec<RangeInclusive<u32>>>); 3] = [
+        (field::SPORT, absent::SPORT, SPORT_BASE, |r| r.sport.as_ref().map(|v| widen(v))),
+        (field::DPORT, absent::DPORT, DPORT_BASE, |r| r.dport.as_ref().map(|v| widen(v))),
+        (field::ICMP, absent::ICMP, ICMP_BASE, |r| {
+            r.icmp.map(|m| {
+                let t = (m.icmp_type as u32) << 8;
+                vec![match m.code {
+                    Some(c) => (t | c as u32)..=(t | c as u32),
+                    None => t..=(t | 0xff),
+                }]
+            })
+        }),
+    ];
+    for (bit, absent_slot, base_index, get) in port_fields {
+        let ranges: Vec<Option<Vec<RangeInclusive<u32>>>> = rules.iter().map(get).collect();
+        if ranges.iter().all(Option::is_none) {
+            continue;
+        }
+        fields_used |= bit;
+        let base = unconstrained(rules, |r| get(r).is_some());
+        absent_ids[absent_slot] = bitmaps.intern(base);
+        fill_ranges(&ranges, &base, &mut bitmaps, &mut table[base_index as usize..(base_index + 65536) as usize]);
+    }
+
+    // TCP flags: 256 values.
+    if rules.iter().any(|r| r.tcp_flags.is_some()) {
+        fields_used |= field::TCP_FLAGS;
+        let base = unconstrained(rules, |r| r.tcp_flags.is_some());
+        absent_ids[absent::TCP_FLAGS] = bitmaps.intern(base);
+        for v in 0..=255u8 {
+            let mut bm = base;
+            for (i, r) in rules.iter().enumerate() {
+                if r.tcp_flags.is_some_and(|f| f.matches(v)) {
+                    set_bit(&mut bm, i);
+                }
+            }
+            table[(TCP_FLAGS_BASE + v as u32) as usize].bitmap = bitmaps.intern(bm);
+        }
+    }
+
+    if bitmaps.list.len() > MAX_BITMAPS as usize {
+        bail!(
+            "{}: the ruleset needs {} distinct rule combinations; the limit is {MAX_BITMAPS}",
+            rs.path.display(),
+            bitmaps.list.len()
+        );
+    }
+    let [src_v4, dst_v4] = tries;
+    let [src_v6, dst_v6] = tries6;
+    for (name, n) in [("source IPv4", src_v4.len()), ("destination IPv4", dst_v4.len()), ("source IPv6", src_v6.len()), ("destination IPv6", dst_v6.len())] {
+        if n > MAX_PREFIXES as usize {
+            bail!("{}: {n} {name} prefixes after merging; the limit is {MAX_PREFIXES}", rs.path.display());
+        }
+    }
+
+    let header = RulesetHeader {
+        generation: 0,
+        rule_count: rules.len() as u32,
+        bitmap_words: rules.len().div_ceil(64).min(BITMAP_WORDS) as u32,
+        fields: fields_used,
+        default_action: rs.default.kernel(),
+        fragment_policy: match rs.fragments {
+            FragmentPolicy::L3Only => fragment_policy::L3_ONLY,
+            FragmentPolicy::Drop => fragment_policy::DROP,
+            FragmentPolicy::Pass => fragment_policy::PASS,
+        },
+        _pad: 0,
+        absent: absent_ids,
+    };
+    Ok(Image {
+        header,
+        rules: rules.iter().map(|r| RuleMeta { action: r.action.kernel(), flags: 0 }).collect(),
+        bitmaps: bitmaps.list,
+        fields: table,
+        src_v4,
+        dst_v4,
+        src_v6,
+        dst_v6,
+    })
+}
+
+fn widen(v: &[RangeInclusive<u16>]) -> Vec<RangeInclusive<u32>> {
+    v.iter().map(|r| (*r.start() as u32)..=(*r.end() as u32)).collect()
+}
+
+/// Fills a table indexed by value with bitmaps, one segment between range boundaries at a time.
+fn fill_ranges(ranges: &[Option<Vec<RangeInclusive<u32>>>], base: &Bitmap, bitmaps: &mut Bitmaps, table: &mut [FieldEntry]) {
+    let mut cuts: Vec<u32> = vec![0, table.len() as u32];
+    for r in ranges.iter().flatten().flatten() {
+        if !r.is_empty() {
+            cuts.push(*r.start());
+            cuts.push(r.end() + 1);
+        }
+    }
+    cuts.sort_unstable();
+    cuts.dedup();
+    for seg in cuts.windows(2) {
+        let (lo, hi) = (seg[0], seg[1]);
+        let mut bm = *base;
+        for (i, rs) in ranges.iter().enumerate() {
+            if rs.as_ref().is_some_and(|rs| rs.iter().any(|r| r.contains(&lo))) {
+                set_bit(&mut bm, i);
+            }
+        }
+        let id = bitmaps.intern(bm);
+        for e in &mut table[lo as usize..hi as usize] {
+            e.bitmap = id;
+        }
+    }
+}
+
+/// Builds the IPv4 and IPv6 tries of one address field. Each prefix's bitmap is the rules that
+/// name it or any prefix containing it, plus the unconstrained rules, so the longest match alone
+/// is the answer. A prefix whose bitmap equals its parent's adds nothing and is left out.
+fn prefix_tables(
+    rules: &[Rule],
+    get: fn(&Rule) -> Option<&AddrList>,
+    base: &Bitmap,
+    bitmaps: &mut Bitmaps,
+) -> (Vec<(u32, Ipv4Data, u32)>, Vec<(u32, Ipv6Data, u32)>) {
+    // (address as u128 in the family's top bits, prefix length, is_v6, rule)
+    let mut entries: Vec<(bool, u128, u8, u32)> = Vec::new();
+    for (i, r) in rules.iter().enumerate() {
+        if let Some(list) = get(r) {
+            entries.extend(list.iter().map(|n| {
+                let (v6, bits) = match n.network() {
+                    IpAddr::V4(a) => (false, (u32::from(a) as u128) << 96),
+                    IpAddr::V6(a) => (true, u128::from(a)),
+                };
+                (v6, bits, n.prefix_len(), i as u32)
+            }));
+        }
+    }
+    // Sorted by family, address, then length: every prefix comes after the prefixes containing it.
+    entries.sort_unstable();
+
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    // Ancestors of the current prefix: (family, address, length, bitmap, id).
+    let mut stack: Vec<(bool, u128, u8, Bitmap, u32)> = Vec::new();
+    let mut i = 0;
+    while i < entries.len() {
+        let (is_v6, addr, len, _) = entries[i];
+        let mut own = Bitmap::EMPTY;
+        while i < entries.len() && entries[i].0 == is_v6 && entries[i].1 == addr && entries[i].2 == len {
+            set_bit(&mut own, entries[i].3 as usize);
+            i += 1;
+        }
+        while let Some(&(f, a, l, _, _)) = stack.last() {
+            let contains = f == is_v6 && (l == 0 || (a ^ addr) >> (128 - l as u32) == 0);
+            if contains {
+                break;
+            }
+            stack.pop();
+        }
+        let (parent, parent_id) = stack.last().map(|&(_, _, _, bm, id)| (bm, Some(id))).unwrap_or((*base, None));
+        let bm = union(&parent, &own);
+        let id = bitmaps.intern(bm);
+        stack.push((is_v6, addr, len, bm, id));
+        // Without a stored parent, a miss yields `base`, so a prefix equal to base is redundant too.
+        let redundant = match parent_id {
+            Some(pid) => pid == id,
+            None => bm == *base,
+        };
+        if redundant {
+            continue;
+        }
+        let n = NetBits { v6: is_v6, addr, len };
+        if is_v6 {
+            v6.push((len as u32, n.v6_bytes(), id));
+        } else {
+            v4.push((len as u32, n.v4_bytes(), id));
+        }
+    }
+    (v4, v6)
+}
+
+struct NetBits {
+    v6: bool,
+    addr: u128,
+    len: u8,
+}
+
+impl NetBits {
+    fn v4_bytes(&self) -> Ipv4Data {
+        debug_assert!(!self.v6 && self.len <= 32);
+        ((self.addr >> 96) as u32).to_be_bytes()
+    }
+    fn v6_bytes(&self) -> Ipv6Data {
+        self.addr.to_be_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::parse;
+    use std::path::Path;
+
+    fn compile_str(s: &str) -> Image {
+        compile(&parse(Path::new("t.toml"), s).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn nested_prefixes_inherit_and_redundant_ones_drop() {
+        let img = compile_str(
+            r#"default = "pass"
+            [[rule]]
+            action = "drop"
+            src = ["10.0.0.0/8", "10.1.0.0/16"]
+            [[rule]]
+            action = "pass"
+            src = ["10.1.2.0/24"]
+            "#,
+        );
+        // 10.1.0.0/16 selects the same rules as 10.0.0.0/8, so only /8 and /24 remain.
+        assert_eq!(img.src_v4.len(), 2);
+        let by_len: HashMap<u32, u32> = img.src_v4.iter().map(|(l, _, id)| (*l, *id)).collect();
+        assert_eq!(img.bitmaps[by_len[&8] as usize].words[0], 0b01);
+        assert_eq!(img.bitmaps[by_len[&24] as usize].words[0], 0b11);
+    }
+
+    #[test]
+    fn unused_fields_are_not_looked_up() {
+        let img = compile_str(
+            r#"default = "drop"
+            [[rule]]
+            action = "pass"
+            dst = ["2001:db8::/32"]
+            "#,
+        );
+        assert_eq!(img.header.fields, field::DST);
+        assert_eq!(img.dst_v6.len(), 1);
+        assert!(img.src_v4.is_empty());
+    }
+
+    #[test]
+    fn port_ranges_fill_segments() {
+        let img = compile_str(
+            r#"default = "drop"
+            [[rule]]
+            action = "pass"
+            proto = "tcp"
+            dport = [22, "8000-8100"]
+            "#,
+        );
+        let at = |p: u32| img.bitmaps[img.fields[(DPORT_BASE + p) as usize].bitmap as usize].words[0];
+        assert_eq!(at(22), 1);
+        assert_eq!(at(23), 0);
+        assert_eq!(at(8000), 1);
+        assert_eq!(at(8100), 1);
+        assert_eq!(at(8101), 0);
+        assert_eq!(img.bitmaps[img.header.absent[absent::DPORT] as usize].words[0], 0);
+    }
+}

@@ -1,0 +1,465 @@
+//! Operations on an attached firewall instance: attach, reload, stats, detach.
+//!
+//! An instance is the program attached to one interface. Its kernel objects are pinned under
+//! `/sys/fs/bpf/xdpfw/<iface>/`; its userspace state (what ruleset is active, the last reload)
+//! lives in `/run/xdpfw/<iface>/state.json`, written atomically. Every mutating operation holds
+//! the instance's lock file, so reloads are serialized.
+
+use std::{
+    fs::{self, File},
+    path::{Path, PathBuf},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result, bail};
+use fs2::FileExt;
+use serde::{Deserialize, Serialize};
+use xdpfw_common::{BUFFERS, GlobalStats};
+
+use crate::{
+    compile::{Image, compile},
+    grace::{self, GraceMethod},
+    kernel::{self, AttachMode, Maps},
+    rules::{self, Ruleset},
+};
+
+pub fn state_root() -> PathBuf {
+    std::env::var_os("XDPFW_STATE_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/xdpfw"))
+}
+
+/// What a person needs to recognise a ruleset.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RulesetSummary {
+    pub path: Option<PathBuf>,
+    pub version: Option<String>,
+    pub hash: String,
+    pub default: String,
+    pub rules: Vec<String>,
+    pub actions: Vec<String>,
+    pub prefixes: usize,
+    pub trie_entries: usize,
+}
+
+impl RulesetSummary {
+    fn new(rs: &Ruleset, image: &Image, from_file: bool) -> Self {
+        Self {
+            path: from_file.then(|| rs.path.clone()),
+            version: rs.version.clone(),
+            hash: rs.hash.clone(),
+            default: rs.default.to_string(),
+            rules: rs.rules.iter().map(|r| r.name.clone()).collect(),
+            actions: rs.rules.iter().map(|r| r.action.to_string()).collect(),
+            prefixes: rs.prefix_count(),
+            trie_entries: image.prefix_count(),
+        }
+    }
+}
+
+/// Durations of each phase of a reload, in microseconds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ReloadTimes {
+    pub parse_us: u64,
+    pub compile_us: u64,
+    pub lock_wait_us: u64,
+    pub install_arrays_us: u64,
+    pub install_tries_us: u64,
+    pub flip_us: u64,
+    pub grace_us: u64,
+    pub clear_us: u64,
+    pub total_us: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReloadReport {
+    pub iface: String,
+    pub previous_generation: u64,
+    pub generation: u64,
+    pub buffer: u32,
+    pub ruleset: RulesetSummary,
+    pub grace_method: GraceMethod,
+    pub times: ReloadTimes,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct State {
+    pub iface: String,
+    pub mode: AttachMode,
+    pub attached_at: u64,
+    pub generation: u64,
+    pub ruleset: RulesetSummary,
+    pub last_reload: Option<ReloadReport>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn us(d: Duration) -> u64 {
+    d.as_micros() as u64
+}
+
+/// Paths of one instance.
+pub struct Instance {
+    pub iface: String,
+    pub pin_dir: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+impl Instance {
+    pub fn new(iface: &str) -> Result<Self> {
+        if iface.is_empty() || iface.len() > 15 || iface.contains(['/', '.', ' ']) || iface == ".." {
+            bail!("invalid interface name \"{iface}\"");
+        }
+        Ok(Self {
+            iface: iface.to_string(),
+            pin_dir: kernel::pin_dir(iface),
+            state_dir: state_root().join(iface),
+        })
+    }
+
+    /// The single attached instance, or the one named.
+    pub fn find(iface: Option<&str>) -> Result<Self> {
+        if let Some(i) = iface {
+            let inst = Self::new(i)?;
+            if !inst.pin_dir.exists() {
+                bail!("no firewall is attached to {i} (nothing pinned at {})", inst.pin_dir.display());
+            }
+            return Ok(inst);
+        }
+        let all = list()?;
+        match all.as_slice() {
+            [one] => Self::new(one),
+            [] => bail!("no firewall is attached (nothing pinned under {})", kernel::pin_root().display()),
+            many => bail!("several firewalls are attached ({}); choose one with --iface", many.join(", ")),
+        }
+    }
+
+    pub fn is_attached(&self) -> bool {
+        self.pin_dir.exists()
+    }
+
+    fn lock(&self, wait: Duration) -> Result<File> {
+        fs::create_dir_all(state_root())?;
+        let path = state_root().join(format!("{}.lock", self.iface));
+        let file = File::options().create(true).truncate(false).write(true).open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let deadline = Instant::now() + wait;
+        loop {
+            match file.try_lock_exclusive() {
+                Ok(()) => return Ok(file),
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) => bail!(
+                    "another reload of {} is in progress (lock {} held for more than {:?})",
+                    self.iface,
+                    path.display(),
+                    wait
+                ),
+            }
+        }
+    }
+
+    pub fn state(&self) -> Result<State> {
+        let path = self.state_dir.join("state.json");
+        let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    fn write_state(&self, state: &State) -> Result<()> {
+        fs::create_dir_all(&self.state_dir)?;
+        let tmp = self.state_dir.join("state.json.tmp");
+        fs::write(&tmp, serde_json::to_vec_pretty(state)?)?;
+        fs::rename(&tmp, self.state_dir.join("state.json"))?;
+        Ok(())
+    }
+}
+
+/// Names of the interfaces with an attached instance.
+pub fn list() -> Result<Vec<String>> {
+    let root = kernel::pin_root();
+    if !root.exists() {
+        return Ok(Vec::new());
+    }
+    let mut names: Vec<String> = fs::read_dir(&root)?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("link").exists())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// A ruleset that passes everything: what `attach` installs without `--rules`.
+pub fn empty_ruleset() -> Ruleset {
+    rules::parse(Path::new("<built-in: pass all>"), "default = \"pass\"\n").expect("built-in ruleset parses")
+}
+
+pub struct AttachReport {
+    pub generation: u64,
+    pub ruleset: RulesetSummary,
+}
+
+/// Loads the program, pins it, installs `rules` (or pass-all), then attaches. The first packet
+/// the program sees is classified against the complete ruleset.
+pub fn attach(iface: &str, rules_path: Option<&Path>, mode: AttachMode) -> Result<AttachReport> {
+    let inst = Instance::new(iface)?;
+    let (ruleset, from_file) = match rules_path {
+        Some(p) => (rules::load(p)?, true),
+        None => (empty_ruleset(), false),
+    };
+    let image = compile(&ruleset)?;
+    kernel::ensure_bpffs()?;
+    let _lock = inst.lock(Duration::from_secs(30))?;
+    if inst.is_attached() {
+        bail!(
+            "a firewall is already attached to {iface} (pinned at {}); use `loader reload` to change its rules or `loader detach {iface}` first",
+            inst.pin_dir.display()
+        );
+    }
+    fs::create_dir_all(&inst.pin_dir).with_context(|| format!("creating {}", inst.pin_dir.display()))?;
+    let result = (|| -> Result<AttachReport> {
+        let mut ebpf = kernel::load_program(&inst.pin_dir)?;
+        let mut maps = Maps::open(&inst.pin_dir)?;
+        let generation = 1;
+        maps.install((generation % BUFFERS as u64) as u32, generation, &image)?;
+        maps.flip(generation)?;
+        kernel::attach_and_pin(&mut ebpf, iface, mode, &inst.pin_dir)?;
+        let summary = RulesetSummary::new(&ruleset, &image, from_file);
+        inst.write_state(&State {
+            iface: iface.to_string(),
+            mode,
+            attached_at: now_secs(),
+            generation,
+            ruleset: summary.clone(),
+            last_reload: None,
+        })?;
+        Ok(AttachReport { generation, ruleset: summary })
+    })();
+    if result.is_err() {
+        // Leave nothing half-made behind: no pins, no state.
+        let _ = kernel::detach_and_unpin(&inst.pin_dir);
+        let _ = fs::remove_dir_all(&inst.state_dir);
+    }
+    result
+}
+
+/// Detaches the program and removes every pin and the state of the instance.
+pub fn detach(iface: &str) -> Result<()> {
+    let inst = Instance::new(iface)?;
+    let lock = inst.lock(Duration::from_secs(30))?;
+    if !inst.pin_dir.exists() {
+        bail!("no firewall is attached to {iface}");
+    }
+    kernel::detach_and_unpin(&inst.pin_dir)?;
+    if inst.state_dir.exists() {
+        fs::remove_dir_all(&inst.state_dir)?;
+    }
+    let _ = fs::remove_file(state_root().join(format!("{iface}.lock")));
+    drop(lock);
+    Ok(())
+}
+
+pub struct ReloadOptions {
+    /// How long to wait for a concurrent reload to finish.
+    pub lock_wait: Duration,
+    /// The shortest grace period, whatever membarrier says.
+    pub min_grace: Duration,
+}
+
+impl Default for ReloadOptions {
+    fn default() -> Self {
+        Self { lock_wait: Duration::from_secs(30), min_grace: Duration::ZERO }
+    }
+}
+
+/// The reload pipeline: parse → compile → lock → write the inactive buffer → flip → grace →
+/// clear the retired buffer → record. Any failure before the flip leaves the active ruleset
+/// untouched; the flip is one atomic store.
+pub fn reload(inst: &Instance, path: &Path, opts: &ReloadOptions) -> Result<ReloadReport> {
+    let total = Instant::now();
+    let mut times = ReloadTimes::default();
+    let t = Instant::now();
+    let ruleset = rules::load(path)?;
+    times.parse_us = us(t.elapsed());
+    let t = Instant::now();
+    let image = compile(&ruleset)?;
+    times.compile_us = us(t.elapsed());
+
+    let t = Instant::now();
+    let _lock = inst.lock(opts.lock_wait)?;
+    times.lock_wait_us = us(t.elapsed());
+    if !inst.is_attached() {
+        bail!("no firewall is attached to {}", inst.iface);
+    }
+    let mut maps = Maps::open(&inst.pin_dir)?;
+    let previous = maps.generation();
+    let generation = previous + 1;
+    let buffer = (generation % BUFFERS as u64) as u32;
+
+    // A reload that died after its flip left this buffer uncleared, possibly moments ago: wait
+    // out a grace period before overwriting it, so no packet can still be reading it.
+    if maps.header(buffer).generation != 0 {
+        grace::wait(opts.min_grace);
+    }
+    let installed = maps.install(buffer, generation, &image)?;
+    times.install_arrays_us = installed.arrays_us;
+    times.install_tries_us = installed.tries_us;
+
+    let t = Instant::now();
+    maps.flip(generation)?;
+    times.flip_us = us(t.elapsed());
+
+    let (grace_time, grace_method) = grace::wait(opts.min_grace);
+    times.grace_us = us(grace_time);
+
+    let t = Instant::now();
+    maps.clear((previous % BUFFERS as u64) as u32)?;
+    times.clear_us = us(t.elapsed());
+    times.total_us = us(total.elapsed());
+
+    let summary = RulesetSummary::new(&ruleset, &image, true);
+    let report = ReloadReport {
+        iface: inst.iface.clone(),
+        previous_generation: previous,
+        generation,
+        buffer,
+        ruleset: summary.clone(),
+        grace_method,
+        times,
+        warnings: ruleset.warnings.iter().map(|w| w.to_string()).collect(),
+    };
+    let mut state = inst.state()?;
+    state.generation = generation;
+    state.ruleset = summary;
+    state.last_reload = Some(report.clone());
+    inst.write_state(&state)?;
+    Ok(report)
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RuleCounters {
+    pub index: Option<usize>,
+    pub name: String,
+    pub action: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Stats {
+    pub iface: String,
+    pub mode: AttachMode,
+    pub generation: u64,
+    pub buffer: u32,
+    pub ruleset: RulesetSummary,
+    pub global: GlobalCountersView,
+    pub rules: Vec<RuleCounters>,
+}
+
+/// GlobalStats with names for JSON.
+#[derive(Clone, Debug, Serialize)]
+pub struct GlobalCountersView {
+    pub seen: u64,
+    pub passed: u64,
+    pub dropped: u64,
+    pub bytes: u64,
+    pub ipv4: u64,
+    pub ipv6: u64,
+    pub non_ip: u64,
+    pub malformed: u64,
+    pub fragments: u64,
+    pub neighbor_discovery: u64,
+    pub rule_hits: u64,
+    pub default_hits: u64,
+}
+
+impl From<GlobalStats> for GlobalCountersView {
+    fn from(s: GlobalStats) -> Self {
+        Self {
+            seen: s.seen,
+            passed: s.passed,
+            dropped: s.dropped,
+            bytes: s.bytes,
+            ipv4: s.ipv4,
+            ipv6: s.ipv6,
+            non_ip: s.non_ip,
+            malformed: s.malformed,
+            fragments: s.fragments,
+            neighbor_discovery: s.neighbor_discovery,
+            rule_hits: s.rule_hits,
+            default_hits: s.default_hits,
+        }
+    }
+}
+
+pub fn stats(inst: &Instance) -> Result<Stats> {
+    let maps = Maps::open(&inst.pin_dir)?;
+    let state = inst.state()?;
+    let generation = maps.generation();
+    let buffer = (generation % BUFFERS as u64) as u32;
+    let header = maps.header(buffer);
+    // The state file is written after the flip; if a reload is between the two, say so rather
+    // than pairing one ruleset's names with another's counters.
+    if state.generation != generation {
+        bail!("a reload of {} is in progress (kernel generation {generation}, state {}); try again", inst.iface, state.generation);
+    }
+    let counters = maps.rule_stats(buffer, header.rule_count)?;
+    let mut rules = Vec::new();
+    for (i, c) in counters.iter().enumerate() {
+        let (index, name, action) = if i < header.rule_count as usize {
+            (Some(i), state.ruleset.rules.get(i).cloned().unwrap_or_default(), state.ruleset.actions.get(i).cloned().unwrap_or_default())
+        } else {
+            (None, "(default)".to_string(), state.ruleset.default.clone())
+        };
+        rules.push(RuleCounters { index, name, action, packets: c.packets, bytes: c.bytes });
+    }
+    Ok(Stats {
+        iface: inst.iface.clone(),
+        mode: state.mode,
+        generation,
+        buffer,
+        ruleset: state.ruleset,
+        global: maps.global_stats()?.into(),
+        rules,
+    })
+}
+
+impl Stats {
+    /// The table `loader stats` prints.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let r = &self.ruleset;
+        let _ = writeln!(s, "xdpfw on {} ({:?} mode)", self.iface, self.mode);
+        let _ = writeln!(
+            s,
+            "  ruleset    {} {}  generation {} (buffer {})",
+            r.version.as_deref().unwrap_or("(no version)"),
+            &r.hash[..12.min(r.hash.len())],
+            self.generation,
+            self.buffer
+        );
+        let _ = writeln!(
+            s,
+            "             {} rules, {} prefixes ({} trie entries), default {}{}",
+            r.rules.len(),
+            r.prefixes,
+            r.trie_entries,
+            r.default,
+            r.path.as_ref().map(|p| format!(", from {}", p.display())).unwrap_or_default()
+        );
+        let g = &self.global;
+        let _ = writeln!(s, "  packets    seen {}  passed {}  dropped {}  ({} bytes)", g.seen, g.passed, g.dropped, g.bytes);
+        let _ = writeln!(s, "  kinds      ipv4 {}  ipv6 {}  non-ip {}  malformed {}  fragments {}  neighbor-discovery {}", g.ipv4, g.ipv6, g.non_ip, g.malformed, g.fragments, g.neighbor_discovery);
+        let _ = writeln!(s, "  decided by rules {}  default {}", g.rule_hits, g.default_hits);
+        let width = self.rules.iter().map(|r| r.name.len()).max().unwrap_or(4).max(4);
+        let _ = writeln!(s, "  {:>4}  {:<width$}  {:<6}  {:>12}  {:>14}", "#", "rule", "action", "packets", "bytes");
+        for c in &self.rules {
+            let idx = c.index.map(|i| i.to_string()).unwrap_or_else(|| "-".into());
+            let _ = writeln!(s, "  {:>4}  {:<width$}  {:<6}  {:>12}  {:>14}", idx, c.name, c.action, c.packets, c.bytes);
+        }
+        s
+    }
+}

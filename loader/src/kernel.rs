@@ -1,0 +1,431 @@
+//! The kernel side as userspace sees it: loading and pinning the XDP program, the pinned maps, and
+//! the primitive operations of a reload (write the inactive buffer, flip, clear).
+
+use std::{
+    fs,
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+    ptr::NonNull,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{
+        ArrayOfMaps, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues,
+        lpm_trie::Key,
+    },
+    programs::{Xdp, XdpMode, links::FdLink, links::PinnedLink},
+    util::nr_cpus,
+};
+use xdpfw_common::{
+    BUFFERS, Bitmap, FieldEntry, GlobalStats, Ipv4Data, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES,
+    MAX_RULES, PROGRAM_NAME, PrefixValue, RULE_SLOTS, RuleMeta, RuleStats, RulesetHeader,
+    fields_layout::FIELDS_PER_BUFFER, map_names,
+};
+
+use crate::compile::Image;
+
+/// The XDP object, built by build.rs with the pinned eBPF toolchain.
+pub static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdpfw"));
+
+/// Where an attached instance lives in bpffs: `<root>/<iface>/{link,prog,<MAP>...}`.
+pub fn pin_root() -> PathBuf {
+    std::env::var_os("XDPFW_PIN_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/xdpfw"))
+}
+
+pub fn pin_dir(iface: &str) -> PathBuf {
+    pin_root().join(iface)
+}
+
+/// Mounts bpffs on /sys/fs/bpf when nothing is mounted there (it is not mounted at boot on
+/// every distribution).
+pub fn ensure_bpffs() -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let path = Path::new("/sys/fs/bpf");
+    let stat = nix::sys::statfs::statfs(path).context("statfs /sys/fs/bpf")?;
+    if stat.filesystem_type().0 as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .context("mounting bpffs on /sys/fs/bpf (are you root?)")
+}
+
+/// XDP attach mode as the CLI names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Native (driver) mode where the driver supports it, generic otherwise.
+    Auto,
+    Native,
+    Skb,
+}
+
+impl AttachMode {
+    fn xdp_mode(self) -> XdpMode {
+        match self {
+            AttachMode::Auto => XdpMode::Default,
+            AttachMode::Native => XdpMode::Driver,
+            AttachMode::Skb => XdpMode::Skb,
+        }
+    }
+}
+
+/// Loads the program with every map created and pinned under `dir`, or reused from there when
+/// already pinned. `probe` loads the copy used to run test packets against the inactive buffer.
+pub fn load_program(dir: &Path) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    let paths: Vec<(&str, PathBuf)> = map_names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let mut ebpf = loader.load(PROGRAM_OBJECT).context("loading the XDP object")?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(PROGRAM_NAME)
+        .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing from the object"))?
+        .try_into()?;
+    prog.load().map_err(verifier_error)?;
+    Ok(ebpf)
+}
+
+/// Loads the program into the kernel without pinning anything (kernel tests, benchmarks,
+/// `explain --kernel`): the returned handle owns private maps.
+pub fn load_private() -> Result<(Ebpf, Maps)> {
+    let mut ebpf = EbpfLoader::new().load(PROGRAM_OBJECT).context("loading the XDP object")?;
+    {
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing"))?
+            .try_into()?;
+        prog.load().map_err(verifier_error)?;
+    }
+    let mut take = |name: &str| -> Result<MapData> {
+        let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing"))?;
+        map_data(map)
+    };
+    let maps = Maps::from_data(&mut take)?;
+    Ok((ebpf, maps))
+}
+
+fn verifier_error(e: aya::programs::ProgramError) -> anyhow::Error {
+    match e {
+        aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
+            anyhow!("the kernel verifier rejected the program: {io_error}\n{verifier_log}")
+        }
+        other => anyhow!(other),
+    }
+}
+
+fn map_data(map: Map) -> Result<MapData> {
+    Ok(match map {
+        Map::Array(m) | Map::PerCpuArray(m) | Map::LpmTrie(m) | Map::ArrayOfMaps(m) => m,
+        other => bail!("unexpected map type {other:?}"),
+    })
+}
+
+/// Attaches a loaded program to `iface` and pins the link and program in `dir`.
+pub fn attach_and_pin(ebpf: &mut Ebpf, iface: &str, mode: AttachMode, dir: &Path) -> Result<()> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(PROGRAM_NAME)
+        .ok_or_else(|| anyhow!("program missing"))?
+        .try_into()?;
+    let name = std::ffi::CString::new(iface)?;
+    let link_id = prog.attach(name.as_c_str(), mode.xdp_mode()).map_err(|e| {
+        let busy = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| io.raw_os_error() == Some(libc::EBUSY));
+        if busy {
+            anyhow!("{iface} already has an XDP program attached by another tool; detach it first")
+        } else {
+            anyhow!("attaching to {iface} in {mode:?} mode: {e}")
+        }
+    })?;
+    prog.pin(dir.join("prog")).context("pinning the program")?;
+    let link = prog.take_link(link_id)?;
+    let link: FdLink = link
+        .try_into()
+        .map_err(|_| anyhow!("the kernel attached {iface} without a BPF link (kernel older than 5.9?)"))?;
+    link.pin(dir.join("link")).context("pinning the link")?;
+    Ok(())
+}
+
+/// Removes the link (which detaches the program) and every pin under `dir`.
+pub fn detach_and_unpin(dir: &Path) -> Result<()> {
+    let link = dir.join("link");
+    if link.exists() {
+        let pinned = PinnedLink::from_pin(&link).context("opening the pinned link")?;
+        // Dropping the unpinned link closes its last reference, which detaches the program.
+        drop(pinned.unpin().context("unpinning the link")?);
+    }
+    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))?;
+    Ok(())
+}
+
+/// A BPF array created with BPF_F_MMAPABLE, mapped into this process. Userspace writes a whole
+/// buffer's worth of entries with plain stores instead of one syscall per entry.
+pub struct MmapArray<T> {
+    ptr: NonNull<T>,
+    len: usize,
+    bytes: usize,
+    _map: MapData,
+}
+
+// SAFETY: the mapping is process-wide shared memory; access is coordinated by the reload lock.
+unsafe impl<T> Send for MmapArray<T> {}
+
+impl<T: Copy> MmapArray<T> {
+    fn new(map: MapData) -> Result<Self> {
+        // Mmapable arrays store elements at an 8-byte stride; every shared type is a multiple of 8.
+        assert!(size_of::<T>() % 8 == 0);
+        let len = map.info()?.max_entries() as usize;
+        let page = 4096;
+        let bytes = (len * size_of::<T>()).div_ceil(page) * page;
+        // SAFETY: mapping a BPF array fd shared, sized to its elements.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("mmap of a BPF array");
+        }
+        Ok(Self { ptr: NonNull::new(ptr.cast()).expect("mmap returned null"), len, bytes, _map: map })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn read(&self, index: usize) -> T {
+        assert!(index < self.len);
+        // SAFETY: in bounds; volatile because the kernel may write concurrently.
+        unsafe { self.ptr.as_ptr().add(index).read_volatile() }
+    }
+
+    /// The entries `[start, start + len)`. Only ever called on the inactive buffer, which no
+    /// packet reads.
+    pub fn range_mut(&mut self, start: usize, len: usize) -> &mut [T] {
+        assert!(start + len <= self.len);
+        // SAFETY: in bounds, and exclusive through &mut self plus the reload lock.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(start), len) }
+    }
+}
+
+impl MmapArray<u64> {
+    fn atomic(&self, index: usize) -> &AtomicU64 {
+        assert!(index < self.len);
+        // SAFETY: 8-byte aligned (page-aligned mapping, 8-byte stride) and in bounds.
+        unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(index)) }
+    }
+}
+
+impl<T> Drop for MmapArray<T> {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what new() mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+    }
+}
+
+type TrieV4 = LpmTrie<MapData, Ipv4Data, PrefixValue>;
+type TrieV6 = LpmTrie<MapData, Ipv6Data, PrefixValue>;
+
+/// Every map of one firewall instance.
+pub struct Maps {
+    active: MmapArray<u64>,
+    headers: MmapArray<RulesetHeader>,
+    rules: MmapArray<RuleMeta>,
+    fields: MmapArray<FieldEntry>,
+    bitmaps: MmapArray<Bitmap>,
+    src_v4: ArrayOfMaps<MapData, TrieV4>,
+    dst_v4: ArrayOfMaps<MapData, TrieV4>,
+    src_v6: ArrayOfMaps<MapData, TrieV6>,
+    dst_v6: ArrayOfMaps<MapData, TrieV6>,
+    global_stats: PerCpuArray<MapData, GlobalStats>,
+    rule_stats: PerCpuArray<MapData, RuleStats>,
+}
+
+/// Time spent in each part of writing a buffer.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct InstallTimes {
+    pub arrays_us: u64,
+    pub tries_us: u64,
+}
+
+impl Maps {
+    /// Opens the maps pinned in `dir` (the instance made by `loader attach`).
+    pub fn open(dir: &Path) -> Result<Self> {
+        let mut open = |name: &str| -> Result<MapData> {
+            let path = dir.join(name);
+            MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))
+        };
+        Self::from_data(&mut open)
+    }
+
+    fn from_data(get: &mut dyn FnMut(&str) -> Result<MapData>) -> Result<Self> {
+        use map_names::*;
+        Ok(Self {
+            active: MmapArray::new(get(ACTIVE)?)?,
+            headers: MmapArray::new(get(HEADERS)?)?,
+            rules: MmapArray::new(get(RULES)?)?,
+            fields: MmapArray::new(get(FIELDS)?)?,
+            bitmaps: MmapArray::new(get(BITMAPS)?)?,
+            src_v4: ArrayOfMaps::try_from(Map::from_map_data(get(SRC_V4)?)?)?,
+            dst_v4: ArrayOfMaps::try_from(Map::from_map_data(get(DST_V4)?)?)?,
+            src_v6: ArrayOfMaps::try_from(Map::from_map_data(get(SRC_V6)?)?)?,
+            dst_v6: ArrayOfMaps::try_from(Map::from_map_data(get(DST_V6)?)?)?,
+            global_stats: PerCpuArray::try_from(Map::from_map_data(get(GLOBAL_STATS)?)?)?,
+            rule_stats: PerCpuArray::try_from(Map::from_map_data(get(RULE_STATS)?)?)?,
+        })
+    }
+
+    /// The generation packets are classified against now.
+    pub fn generation(&self) -> u64 {
+        self.active.atomic(0).load(Ordering::SeqCst)
+    }
+
+    pub fn header(&self, buffer: u32) -> RulesetHeader {
+        self.headers.read(buffer as usize)
+    }
+
+    /// Writes a complete ruleset into `buffer`, which must not be the active one.
+    pub fn install(&mut self, buffer: u32, generation: u64, image: &Image) -> Result<InstallTimes> {
+        assert!(buffer < BUFFERS);
+        if buffer == (self.generation() % BUFFERS as u64) as u32 {
+            bail!("refusing to write buffer {buffer}: it is the active one");
+        }
+        let start = std::time::Instant::now();
+        let b = buffer as usize;
+
+        let rules = self.rules.range_mut(b * MAX_RULES, MAX_RULES);
+        rules.fill(RuleMeta::default());
+        rules[..image.rules.len()].copy_from_slice(&image.rules);
+
+        let bitmaps = self.bitmaps.range_mut(b * MAX_BITMAPS as usize, image.bitmaps.len());
+        bitmaps.copy_from_slice(&image.bitmaps);
+
+        let per = FIELDS_PER_BUFFER as usize;
+        let fields = self.fields.range_mut(b * per, per);
+        fields.copy_from_slice(&image.fields);
+        let arrays_us = start.elapsed().as_micros() as u64;
+
+        let start = std::time::Instant::now();
+        self.src_v4.set(buffer, &trie_v4(&image.src_v4)?, 0)?;
+        self.dst_v4.set(buffer, &trie_v4(&image.dst_v4)?, 0)?;
+        self.src_v6.set(buffer, &trie_v6(&image.src_v6)?, 0)?;
+        self.dst_v6.set(buffer, &trie_v6(&image.dst_v6)?, 0)?;
+        let tries_us = start.elapsed().as_micros() as u64;
+
+        self.zero_rule_stats(buffer)?;
+        // The header goes last: it is what makes the buffer's contents meaningful.
+        let mut header = image.header;
+        header.generation = generation;
+        self.headers.range_mut(b, 1)[0] = header;
+        Ok(InstallTimes { arrays_us, tries_us })
+    }
+
+    /// Publishes `generation` (whose buffer must hold a complete ruleset) with one atomic store.
+    pub fn flip(&mut self, generation: u64) -> Result<()> {
+        let buffer = (generation % BUFFERS as u64) as u32;
+        let header = self.header(buffer);
+        if header.generation != generation {
+            bail!("buffer {buffer} holds generation {}, not {generation}", header.generation);
+        }
+        self.active.atomic(0).store(generation, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Empties a retired buffer. Call only after a grace period since it stopped being active.
+    pub fn clear(&mut self, buffer: u32) -> Result<()> {
+        assert!(buffer < BUFFERS);
+        if buffer == (self.generation() % BUFFERS as u64) as u32 {
+            bail!("refusing to clear buffer {buffer}: it is the active one");
+        }
+        let b = buffer as usize;
+        self.headers.range_mut(b, 1)[0] = RulesetHeader::default();
+        // Swapping in empty tries releases the old ones in one update each: the kernel frees a
+        // retired trie asynchronously, so even a 1M-prefix buffer costs no long syscall here.
+        self.src_v4.set(buffer, &trie_v4(&[])?, 0)?;
+        self.dst_v4.set(buffer, &trie_v4(&[])?, 0)?;
+        self.src_v6.set(buffer, &trie_v6(&[])?, 0)?;
+        self.dst_v6.set(buffer, &trie_v6(&[])?, 0)?;
+        Ok(())
+    }
+
+    fn zero_rule_stats(&mut self, buffer: u32) -> Result<()> {
+        let cpus = nr_cpus().map_err(|(_, e)| e)?.get() as usize;
+        for slot in 0..RULE_SLOTS {
+            let zero = PerCpuValues::try_from(vec![RuleStats::default(); cpus])?;
+            self.rule_stats.set(buffer * RULE_SLOTS + slot, zero, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Global counters summed over CPUs.
+    pub fn global_stats(&self) -> Result<GlobalStats> {
+        let per_cpu = self.global_stats.get(&0, 0)?;
+        let mut sum = GlobalStats::default();
+        for s in per_cpu.iter() {
+            sum.seen += s.seen;
+            sum.passed += s.passed;
+            sum.dropped += s.dropped;
+            sum.bytes += s.bytes;
+            sum.non_ip += s.non_ip;
+            sum.malformed += s.malformed;
+            sum.ipv4 += s.ipv4;
+            sum.ipv6 += s.ipv6;
+            sum.fragments += s.fragments;
+            sum.neighbor_discovery += s.neighbor_discovery;
+            sum.rule_hits += s.rule_hits;
+            sum.default_hits += s.default_hits;
+        }
+        Ok(sum)
+    }
+
+    /// Per-rule counters of `buffer`, summed over CPUs: `rule_count` rules, then the default.
+    pub fn rule_stats(&self, buffer: u32, rule_count: u32) -> Result<Vec<RuleStats>> {
+        let slots = (0..rule_count).chain(std::iter::once(xdpfw_common::DEFAULT_RULE_SLOT));
+        slots
+            .map(|slot| {
+                let per_cpu = self.rule_stats.get(&(buffer * RULE_SLOTS + slot), 0)?;
+                Ok(per_cpu.iter().fold(RuleStats::default(), |a, s| RuleStats {
+                    packets: a.packets + s.packets,
+                    bytes: a.bytes + s.bytes,
+                }))
+            })
+            .collect()
+    }
+}
+
+fn trie_v4(prefixes: &[(u32, Ipv4Data, u32)]) -> Result<TrieV4> {
+    let mut trie = TrieV4::create(MAX_PREFIXES, xdpfw_common::LPM_FLAGS)?;
+    for (len, addr, bitmap) in prefixes {
+        trie.insert(&Key::new(*len, *addr), &PrefixValue { bitmap: *bitmap }, 0)?;
+    }
+    Ok(trie)
+}
+
+fn trie_v6(prefixes: &[(u32, Ipv6Data, u32)]) -> Result<TrieV6> {
+    let mut trie = TrieV6::create(MAX_PREFIXES, xdpfw_common::LPM_FLAGS)?;
+    for (len, addr, bitmap) in prefixes {
+        trie.insert(&Key::new(*len, *addr), &PrefixValue { bitmap: *bitmap }, 0)?;
+    }
+    Ok(trie)
+}

@@ -1,0 +1,236 @@
+//! `loader`: the command line of the XDP firewall.
+//!
+//! Exit codes: 0 success, 1 runtime error, 2 usage error, 3 invalid rules file, 4 warnings
+//! under `check --strict`.
+
+use std::{fs::File, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use xdpfw::{
+    compile::compile,
+    instance::{self, Instance, ReloadOptions},
+    kernel::AttachMode,
+    matcher,
+    packet::PacketSpec,
+    rules::{self, RulesError},
+    testrun::PrivateProgram,
+};
+
+const EXIT_INVALID_RULES: u8 = 3;
+const EXIT_WARNINGS: u8 = 4;
+
+#[derive(Parser)]
+#[command(name = "loader", version, about = "An XDP fast-path firewall with atomic rule reloads")]
+struct Cli {
+    /// Run in the network namespace /run/netns/NAME (as `ip -n NAME`); pins stay in the host's bpffs.
+    #[arg(long, global = true, value_name = "NAME")]
+    netns: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the program, pin it and its maps, install the rules, attach to IFACE.
+    Attach {
+        iface: String,
+        /// Rules file; without it every packet passes (counters only).
+        #[arg(long)]
+        rules: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "auto")]
+        mode: AttachMode,
+    },
+    /// Detach from IFACE and remove every pin.
+    Detach { iface: String },
+    /// Atomically replace the active rules with FILE.
+    Reload {
+        file: PathBuf,
+        /// The interface (needed when several are attached).
+        #[arg(long)]
+        iface: Option<String>,
+        /// Seconds to wait for a concurrent reload before giving up.
+        #[arg(long, default_value = "30")]
+        lock_wait: u64,
+        /// Minimum grace period in milliseconds (membarrier's proof is used in any case).
+        #[arg(long, default_value = "0")]
+        min_grace_ms: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Counters, the active generation and the ruleset.
+    Stats {
+        #[arg(long)]
+        iface: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the interfaces with an attached firewall.
+    List,
+    /// Validate a rules file without touching the kernel.
+    Check {
+        file: PathBuf,
+        /// Exit with 4 when there are warnings.
+        #[arg(long)]
+        strict: bool,
+    },
+    /// Which rule decides PACKET, and why, e.g. "tcp 198.51.100.7:5555 -> 203.0.113.1:22 flags S".
+    Explain {
+        file: PathBuf,
+        packet: String,
+        /// Also run the packet through the real program (BPF_PROG_TEST_RUN); the two must agree.
+        #[arg(long)]
+        kernel: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(r) = e.downcast_ref::<RulesError>() {
+                eprintln!("{r}");
+                eprintln!("nothing was changed");
+                return ExitCode::from(EXIT_INVALID_RULES);
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn enter_netns(name: &str) -> Result<()> {
+    let path = PathBuf::from("/run/netns").join(name);
+    let f = File::open(&path).with_context(|| format!("opening network namespace {}", path.display()))?;
+    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).with_context(|| format!("entering {}", path.display()))
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    if let Some(ns) = &cli.netns {
+        enter_netns(ns)?;
+    }
+    match cli.command {
+        Command::Attach { iface, rules, mode } => {
+            let report = instance::attach(&iface, rules.as_deref(), mode)?;
+            println!(
+                "attached to {iface} ({mode:?} mode): generation {}, {} rules, default {}, pinned at {}",
+                report.generation,
+                report.ruleset.rules.len(),
+                report.ruleset.default,
+                xdpfw::kernel::pin_dir(&iface).display()
+            );
+        }
+        Command::Detach { iface } => {
+            instance::detach(&iface)?;
+            println!("detached from {iface}; pins removed");
+        }
+        Command::Reload { file, iface, lock_wait, min_grace_ms, json } => {
+            let inst = Instance::find(iface.as_deref())?;
+            let opts = ReloadOptions {
+                lock_wait: Duration::from_secs(lock_wait),
+                min_grace: Duration::from_millis(min_grace_ms),
+            };
+            let r = instance::reload(&inst, &file, &opts)?;
+            for w in &r.warnings {
+                eprintln!("{w}");
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                let t = &r.times;
+                println!(
+                    "reloaded {}: generation {} -> {} ({} rules, {} prefixes)",
+                    r.iface,
+                    r.previous_generation,
+                    r.generation,
+                    r.ruleset.rules.len(),
+                    r.ruleset.prefixes
+                );
+                println!(
+                    "  parse {}us  compile {}us  install {}us  flip {}us  grace {}us ({:?})  clear {}us  total {}us",
+                    t.parse_us,
+                    t.compile_us,
+                    t.install_arrays_us + t.install_tries_us,
+                    t.flip_us,
+                    t.grace_us,
+                    r.grace_method,
+                    t.clear_us,
+                    t.total_us
+                );
+            }
+        }
+        Command::Stats { iface, json } => {
+            let inst = Instance::find(iface.as_deref())?;
+            let s = instance::stats(&inst)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", s.render());
+            }
+        }
+        Command::List => {
+            for name in instance::list()? {
+                println!("{name}");
+            }
+        }
+        Command::Check { file, strict } => {
+            let rs = rules::load(&file)?;
+            let image = compile(&rs)?;
+            for w in &rs.warnings {
+                eprintln!("{w}");
+            }
+            println!(
+                "{}: ok: {} rules, {} prefixes ({} trie entries after merging), {} bitmaps, {} tests",
+                file.display(),
+                rs.rules.len(),
+                rs.prefix_count(),
+                image.prefix_count(),
+                image.bitmaps.len(),
+                rs.tests.len()
+            );
+            if strict && !rs.warnings.is_empty() {
+                return Ok(ExitCode::from(EXIT_WARNINGS));
+            }
+        }
+        Command::Explain { file, packet, kernel, json } => {
+            let rs = rules::load(&file)?;
+            let pkt: PacketSpec = packet.parse().context("parsing the packet")?;
+            let d = matcher::decide(&rs, &pkt);
+            let kernel_verdict = if kernel {
+                let mut prog = PrivateProgram::load()?;
+                prog.activate(&compile(&rs)?)?;
+                Some(prog.verdict(&pkt.to_frame())?)
+            } else {
+                None
+            };
+            if json {
+                let v = serde_json::json!({ "packet": pkt.to_string(), "decision": d, "kernel": kernel_verdict });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                match (&d.rule, &d.rule_name) {
+                    (Some(i), Some(name)) => println!("{pkt}\n  {} by rule #{i} \"{name}\"", d.action),
+                    _ => println!("{pkt}\n  {}", d.action),
+                }
+                for r in &d.reasons {
+                    println!("    {r}");
+                }
+                if let Some(k) = kernel_verdict {
+                    println!("  kernel (BPF_PROG_TEST_RUN): {k}");
+                }
+            }
+            if let Some(k) = kernel_verdict
+                && k != d.action
+            {
+                anyhow::bail!("the kernel says {k} but the reference matcher says {}", d.action);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

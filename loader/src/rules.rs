@@ -1,0 +1,675 @@
+//! The rules language (TOML): parsing, validation and diagnostics with file:line:column.
+//!
+//! ```toml
+//! version = "2026-11-23.1"      # a label, shown by stats and kept in history
+//! default = "drop"              # action when no rule matches
+//! [options]
+//! fragments = "l3-only"         # non-first fragments: l3-only | drop | pass
+//! [sets.blocklist]
+//! prefixes = ["192.0.2.0/24"]   # and/or
+//! file = "blocklist.txt"        # one CIDR a line, '#' comments; relative to this file
+//! [[rule]]                      # in priority order: the first match wins
+//! name = "ssh"
+//! action = "pass"
+//! src = ["198.51.100.0/24", "@blocklist"]
+//! proto = "tcp"                 # tcp, udp, icmp, icmpv6, a number, "any", or a list
+//! dport = [22, "8000-8100"]
+//! tcp_flags = "syn !ack"
+//! ```
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fmt,
+    net::IpAddr,
+    ops::{Range, RangeInclusive},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::packet::PacketSpec;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// A position in a source file, 1-based.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file.display(), self.line, self.column)
+    }
+}
+
+/// A rules file that cannot be used, with where and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{location}: error: {message}")]
+pub struct RulesError {
+    pub location: Location,
+    pub message: String,
+}
+
+/// Something legal but probably not what the author meant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Warning {
+    pub location: Location,
+    pub message: String,
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: warning: {}", self.location, self.message)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Pass,
+    Drop,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Pass => "pass",
+            Action::Drop => "drop",
+        }
+    }
+    pub fn kernel(self) -> u32 {
+        match self {
+            Action::Pass => xdpfw_common::action::PASS,
+            Action::Drop => xdpfw_common::action::DROP,
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FragmentPolicy {
+    /// Non-first fragments are classified on addresses and protocol only.
+    L3Only,
+    Drop,
+    Pass,
+}
+
+/// Prefixes of one rule field: inline CIDRs plus named sets (shared, not copied).
+#[derive(Clone, Debug, Default)]
+pub struct AddrList {
+    pub inline: Vec<IpNet>,
+    pub sets: Vec<(String, Arc<Vec<IpNet>>)>,
+}
+
+impl AddrList {
+    pub fn iter(&self) -> impl Iterator<Item = &IpNet> {
+        self.inline.iter().chain(self.sets.iter().flat_map(|(_, s)| s.iter()))
+    }
+    /// The first prefix that contains `addr`, and the set it came from.
+    pub fn find(&self, addr: IpAddr) -> Option<(IpNet, Option<&str>)> {
+        if let Some(n) = self.inline.iter().find(|n| n.contains(&addr)) {
+            return Some((*n, None));
+        }
+        self.sets.iter().find_map(|(name, set)| {
+            set.iter().find(|n| n.contains(&addr)).map(|n| (*n, Some(name.as_str())))
+        })
+    }
+    pub fn len(&self) -> usize {
+        self.inline.len() + self.sets.iter().map(|(_, s)| s.len()).sum::<usize>()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// TCP flag bits as they appear in the header's flags byte.
+pub const TCP_FLAG_NAMES: [(&str, char, u8); 8] = [
+    ("fin", 'F', 0x01),
+    ("syn", 'S', 0x02),
+    ("rst", 'R', 0x04),
+    ("psh", 'P', 0x08),
+    ("ack", 'A', 0x10),
+    ("urg", 'U', 0x20),
+    ("ece", 'E', 0x40),
+    ("cwr", 'C', 0x80),
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpFlagsMatch {
+    /// Bits that must be set.
+    pub set: u8,
+    /// Bits that must be clear.
+    pub clear: u8,
+}
+
+impl TcpFlagsMatch {
+    pub fn matches(&self, flags: u8) -> bool {
+        flags & self.set == self.set && flags & self.clear == 0
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IcmpMatch {
+    pub icmp_type: u8,
+    pub code: Option<u8>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Rule {
+    pub name: String,
+    pub action: Action,
+    pub src: Option<AddrList>,
+    pub dst: Option<AddrList>,
+    /// Protocol numbers, any of which matches.
+    pub proto: Option<Vec<u8>>,
+    pub sport: Option<Vec<RangeInclusive<u16>>>,
+    pub dport: Option<Vec<RangeInclusive<u16>>>,
+    pub icmp: Option<IcmpMatch>,
+    pub tcp_flags: Option<TcpFlagsMatch>,
+    pub comment: Option<String>,
+    pub location: Location,
+}
+
+/// A `[[test]]` of the rules file: a packet and the verdict the ruleset must give it.
+#[derive(Clone, Debug)]
+pub struct SelfTest {
+    pub packet: PacketSpec,
+    pub text: String,
+    pub expect: Action,
+    pub rule: Option<String>,
+    pub location: Location,
+}
+
+#[derive(Clone, Debug)]
+pub struct Ruleset {
+    pub path: PathBuf,
+    pub version: Option<String>,
+    pub default: Action,
+    pub fragments: FragmentPolicy,
+    pub rules: Vec<Rule>,
+    pub sets: BTreeMap<String, Arc<Vec<IpNet>>>,
+    pub tests: Vec<SelfTest>,
+    pub warnings: Vec<Warning>,
+    /// SHA-256 of the rules file and every set file it reads, hex.
+    pub hash: String,
+}
+
+impl Ruleset {
+    pub fn prefix_count(&self) -> usize {
+        self.rules
+            .iter()
+            .map(|r| r.src.as_ref().map_or(0, AddrList::len) + r.dst.as_ref().map_or(0, AddrList::len))
+            .sum()
+    }
+}
+
+// ---- raw TOML shape ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    version: Option<Spanned<String>>,
+    default: Spanned<String>,
+    #[serde(default)]
+    options: RawOptions,
+    #[serde(default)]
+    sets: BTreeMap<Spanned<String>, Spanned<RawSet>>,
+    #[serde(default)]
+    rule: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    test: Vec<Spanned<RawTest>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawOptions {
+    fragments: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSet {
+    prefixes: Option<Vec<Spanned<String>>>,
+    file: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Option<Spanned<String>>,
+    action: Spanned<String>,
+    src: Option<Spanned<toml::Value>>,
+    dst: Option<Spanned<toml::Value>>,
+    proto: Option<Spanned<toml::Value>>,
+    sport: Option<Spanned<toml::Value>>,
+    dport: Option<Spanned<toml::Value>>,
+    icmp_type: Option<Spanned<i64>>,
+    icmp_code: Option<Spanned<i64>>,
+    tcp_flags: Option<Spanned<String>>,
+    comment: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTest {
+    packet: Spanned<String>,
+    expect: Spanned<String>,
+    rule: Option<String>,
+}
+
+/// Maps byte offsets of one file to line:column.
+struct Source<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn location(&self, offset: usize) -> Location {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        Location { file: self.path.to_path_buf(), line, column }
+    }
+    fn error(&self, span: Range<usize>, message: impl Into<String>) -> RulesError {
+        RulesError { location: self.location(span.start), message: message.into() }
+    }
+}
+
+/// Reads and validates a rules file (and the set files it names).
+pub fn load(path: &Path) -> Result<Ruleset, RulesError> {
+    let text = std::fs::read_to_string(path).map_err(|e| RulesError {
+        location: Location { file: path.to_path_buf(), line: 0, column: 0 },
+        message: format!("cannot read: {e}"),
+    })?;
+    parse(path, &text)
+}
+
+/// Parses rules text as if read from `path` (set files resolve relative to its directory).
+pub fn parse(path: &Path, text: &str) -> Result<Ruleset, RulesError> {
+    let src = Source { path, text };
+    let raw: RawFile = toml::from_str(text).map_err(|e| {
+        let start = e.span().map_or(0, |s| s.start);
+        src.error(start..start, e.message().trim().to_string())
+    })?;
+    let mut hasher = Sha256Hasher::new();
+    hasher.update(text.as_bytes());
+
+    let default = parse_action(&src, &raw.default)?;
+    let fragments = match &raw.options.fragments {
+        None => FragmentPolicy::L3Only,
+        Some(f) => match f.get_ref().as_str() {
+            "l3-only" => FragmentPolicy::L3Only,
+            "drop" => FragmentPolicy::Drop,
+            "pass" => FragmentPolicy::Pass,
+            other => {
+                return Err(src.error(f.span(), format!(
+                    "unknown fragment policy \"{other}\" (expected l3-only, drop or pass)"
+                )));
+            }
+        },
+    };
+
+    let mut sets = BTreeMap::new();
+    for (name, set) in &raw.sets {
+        let prefixes = load_set(&src, name, set, &mut hasher)?;
+        sets.insert(name.get_ref().clone(), Arc::new(prefixes));
+    }
+
+    let mut warnings = Vec::new();
+    let mut rules = Vec::with_capacity(raw.rule.len());
+    let mut names = HashSet::new();
+    for (i, raw_rule) in raw.rule.iter().enumerate() {
+        let rule = parse_rule(&src, i, raw_rule, &sets, &mut warnings)?;
+        if !names.insert(rule.name.clone()) {
+            warnings.push(Warning {
+                location: rule.location.clone(),
+                message: format!("duplicate rule name \"{}\"", rule.name),
+            });
+        }
+        rules.push(rule);
+    }
+    if rules.len() > xdpfw_common::MAX_RULES {
+        return Err(src.error(
+            raw.rule[xdpfw_common::MAX_RULES].span(),
+            format!("too many rules: {} (the limit is {})", rules.len(), xdpfw_common::MAX_RULES),
+        ));
+    }
+
+    let mut tests = Vec::new();
+    for t in &raw.test {
+        let t = t.get_ref();
+        let packet: PacketSpec = t
+            .packet
+            .get_ref()
+            .parse()
+            .map_err(|e: anyhow::Error| src.error(t.packet.span(), format!("bad test packet: {e}")))?;
+        if let Some(name) = &t.rule
+            && !names.contains(name)
+        {
+            return Err(src.error(t.packet.span(), format!("test names unknown rule \"{name}\"")));
+        }
+        tests.push(SelfTest {
+            packet,
+            text: t.packet.get_ref().clone(),
+            expect: parse_action(&src, &t.expect)?,
+            rule: t.rule.clone(),
+            location: src.location(t.packet.span().start),
+        });
+    }
+
+    let mut ruleset = Ruleset {
+        path: path.to_path_buf(),
+        version: raw.version.map(|v| v.into_inner()),
+        default,
+        fragments,
+        rules,
+        sets,
+        tests,
+        warnings,
+        hash: hasher.finish(),
+    };
+    let shadowed = crate::matcher::shadowed_rules(&ruleset);
+    for (rule, by) in shadowed {
+        let r = &ruleset.rules[rule];
+        ruleset.warnings.push(Warning {
+            location: r.location.clone(),
+            message: format!(
+                "rule \"{}\" can never match: rule \"{}\" before it matches everything it would",
+                r.name, ruleset.rules[by].name
+            ),
+        });
+    }
+    Ok(ruleset)
+}
+
+fn parse_action(src: &Source, s: &Spanned<String>) -> Result<Action, RulesError> {
+    match s.get_ref().as_str() {
+        "pass" | "accept" => Ok(Action::Pass),
+        "drop" => Ok(Action::Drop),
+        other => Err(src.error(s.span(), format!("unknown action \"{other}\" (expected pass or drop)"))),
+    }
+}
+
+fn load_set(
+    src: &Source,
+    name: &Spanned<String>,
+    set: &Spanned<RawSet>,
+    hasher: &mut Sha256Hasher,
+) -> Result<Vec<IpNet>, RulesError> {
+    let n = name.get_ref();
+    if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        return Err(src.error(name.span(), format!("set name \"{n}\" may use only letters, digits, '_' and '-'")));
+    }
+    let raw = set.get_ref();
+    let mut out = Vec::new();
+    for p in raw.prefixes.iter().flatten() {
+        out.push(parse_cidr(p.get_ref()).map_err(|m| src.error(p.span(), m))?);
+    }
+    if let Some(file) = &raw.file {
+        let base = src.path.parent().unwrap_or(Path::new("."));
+        let path = base.join(file.get_ref());
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| src.error(file.span(), format!("cannot read set file {}: {e}", path.display())))?;
+        hasher.update(text.as_bytes());
+        out.reserve(text.len() / 16);
+        for (i, line) in text.lines().enumerate() {
+            let body = line.split('#').next().unwrap_or("").trim();
+            if body.is_empty() {
+                continue;
+            }
+            let column = line.find(body).unwrap_or(0) + 1;
+            out.push(parse_cidr(body).map_err(|message| RulesError {
+                location: Location { file: path.clone(), line: i + 1, column },
+                message,
+            })?);
+        }
+    }
+    if raw.prefixes.is_none() && raw.file.is_none() {
+        return Err(src.error(set.span(), format!("set \"{n}\" needs `prefixes` or `file`")));
+    }
+    let limit = xdpfw_common::MAX_PREFIXES as usize;
+    if out.len() > limit {
+        return Err(src.error(set.span(), format!("set \"{n}\" has {} prefixes (the limit is {limit})", out.len())));
+    }
+    Ok(out)
+}
+
+/// A CIDR or a bare address (a host prefix). Host bits must be zero, as in nftables.
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let net = if s.contains('/') {
+        s.parse::<IpNet>().map_err(|_| format!("invalid CIDR \"{s}\""))?
+    } else {
+        IpNet::from(s.parse::<IpAddr>().map_err(|_| format!("invalid address \"{s}\""))?)
+    };
+    if net.network() != net.addr() {
+        return Err(format!("\"{s}\" has host bits set (did you mean {}?)", net.trunc()));
+    }
+    Ok(net)
+}
+
+fn parse_rule(
+    src: &Source,
+    index: usize,
+    raw: &Spanned<RawRule>,
+    sets: &BTreeMap<String, Arc<Vec<IpNet>>>,
+    warnings: &mut Vec<Warning>,
+) -> Result<Rule, RulesError> {
+    let location = src.location(raw.span().start);
+    let r = raw.get_ref();
+    let name = match &r.name {
+        Some(n) => n.get_ref().clone(),
+        None => format!("rule-{}", index + 1),
+    };
+    let addr = |v: &Option<Spanned<toml::Value>>| -> Result<Option<AddrList>, RulesError> {
+        let Some(v) = v else { return Ok(None) };
+        let mut list = AddrList::default();
+        for item in strings(src, v)? {
+            if let Some(set) = item.strip_prefix('@') {
+                let prefixes = sets
+                    .get(set)
+                    .ok_or_else(|| src.error(v.span(), format!("unknown set \"@{set}\"")))?;
+                list.sets.push((set.to_string(), prefixes.clone()));
+            } else {
+                list.inline.push(parse_cidr(&item).map_err(|m| src.error(v.span(), m))?);
+            }
+        }
+        if list.inline.is_empty() && list.sets.is_empty() {
+            return Err(src.error(v.span(), "an empty address list matches nothing; remove the field to match any address"));
+        }
+        Ok(Some(list))
+    };
+    let proto = match &r.proto {
+        None => None,
+        Some(v) => {
+            let mut protos = Vec::new();
+            let items: Vec<toml::Value> = match v.get_ref() {
+                toml::Value::Array(a) => a.clone(),
+                other => vec![other.clone()],
+            };
+            let mut any = false;
+            for item in items {
+                match &item {
+                    toml::Value::String(s) => match s.as_str() {
+                        "tcp" => protos.push(IPPROTO_TCP),
+                        "udp" => protos.push(IPPROTO_UDP),
+                        "icmp" => protos.push(IPPROTO_ICMP),
+                        "icmpv6" => protos.push(IPPROTO_ICMPV6),
+                        "any" => any = true,
+                        other => return Err(src.error(v.span(), format!("unknown protocol \"{other}\" (expected tcp, udp, icmp, icmpv6, any or a number)"))),
+                    },
+                    toml::Value::Integer(n) if (0..=255).contains(n) => protos.push(*n as u8),
+                    other => return Err(src.error(v.span(), format!("invalid protocol {other}"))),
+                }
+            }
+            if any { None } else { protos.sort_unstable(); protos.dedup(); Some(protos) }
+        }
+    };
+    let mut ports = |v: &Option<Spanned<toml::Value>>, field: &str| -> Result<Option<Vec<RangeInclusive<u16>>>, RulesError> {
+        let Some(v) = v else { return Ok(None) };
+        let items: Vec<toml::Value> = match v.get_ref() {
+            toml::Value::Array(a) => a.clone(),
+            other => vec![other.clone()],
+        };
+        let mut out = Vec::new();
+        for item in items {
+            let range = match &item {
+                toml::Value::Integer(n) if (0..=65535).contains(n) => (*n as u16)..=(*n as u16),
+                toml::Value::String(s) => parse_port_range(s).map_err(|m| src.error(v.span(), m))?,
+                other => return Err(src.error(v.span(), format!("invalid {field} {other} (expected a port 0-65535 or \"lo-hi\")"))),
+            };
+            if range.is_empty() {
+                warnings.push(Warning {
+                    location: src.location(v.span().start),
+                    message: format!("rule \"{name}\": {field} range {}-{} is inverted and matches nothing", range.start(), range.end()),
+                });
+            }
+            out.push(range);
+        }
+        if out.is_empty() {
+            return Err(src.error(v.span(), format!("an empty {field} list matches nothing; remove the field to match any port")));
+        }
+        Ok(Some(out))
+    };
+    let sport = ports(&r.sport, "sport")?;
+    let dport = ports(&r.dport, "dport")?;
+
+    let only = |allowed: &[u8]| proto.as_ref().is_some_and(|p| p.iter().all(|x| allowed.contains(x)));
+    if (sport.is_some() || dport.is_some()) && !only(&[IPPROTO_TCP, IPPROTO_UDP]) {
+        let span = r.sport.as_ref().or(r.dport.as_ref()).map(Spanned::span).unwrap_or(raw.span());
+        return Err(src.error(span, "ports need proto = \"tcp\", \"udp\" or [\"tcp\", \"udp\"]"));
+    }
+    let icmp = match (&r.icmp_type, &r.icmp_code) {
+        (None, None) => None,
+        (None, Some(c)) => return Err(src.error(c.span(), "icmp_code needs icmp_type")),
+        (Some(t), code) => {
+            let byte = |v: &Spanned<i64>, what: &str| -> Result<u8, RulesError> {
+                u8::try_from(*v.get_ref()).map_err(|_| src.error(v.span(), format!("{what} must be 0-255")))
+            };
+            if !only(&[IPPROTO_ICMP, IPPROTO_ICMPV6]) {
+                return Err(src.error(t.span(), "icmp_type needs proto = \"icmp\" or \"icmpv6\""));
+            }
+            Some(IcmpMatch { icmp_type: byte(t, "icmp_type")?, code: code.as_ref().map(|c| byte(c, "icmp_code")).transpose()? })
+        }
+    };
+    let tcp_flags = match &r.tcp_flags {
+        None => None,
+        Some(f) => {
+            if !only(&[IPPROTO_TCP]) {
+                return Err(src.error(f.span(), "tcp_flags needs proto = \"tcp\""));
+            }
+            Some(parse_tcp_flags(f.get_ref()).map_err(|m| src.error(f.span(), m))?)
+        }
+    };
+    Ok(Rule {
+        name,
+        action: parse_action(src, &r.action)?,
+        src: addr(&r.src)?,
+        dst: addr(&r.dst)?,
+        proto,
+        sport,
+        dport,
+        icmp,
+        tcp_flags,
+        comment: r.comment.clone(),
+        location,
+    })
+}
+
+fn strings(src: &Source, v: &Spanned<toml::Value>) -> Result<Vec<String>, RulesError> {
+    match v.get_ref() {
+        toml::Value::String(s) => Ok(vec![s.clone()]),
+        toml::Value::Array(items) => items
+            .iter()
+            .map(|i| match i {
+                toml::Value::String(s) => Ok(s.clone()),
+                other => Err(src.error(v.span(), format!("expected a string, found {other}"))),
+            })
+            .collect(),
+        other => Err(src.error(v.span(), format!("expected a string or a list of strings, found {other}"))),
+    }
+}
+
+pub fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
+    let port = |p: &str| p.trim().parse::<u16>().map_err(|_| format!("invalid port \"{p}\" in \"{s}\""));
+    match s.split_once('-') {
+        Some((lo, hi)) => Ok(port(lo)?..=port(hi)?),
+        None => {
+            let p = port(s)?;
+            Ok(p..=p)
+        }
+    }
+}
+
+/// `"syn !ack"` (names, `!` for must-be-clear) or the iptables-like `"S/SA"` (set / examined).
+pub fn parse_tcp_flags(s: &str) -> Result<TcpFlagsMatch, String> {
+    let letters = |part: &str| -> Result<u8, String> {
+        part.chars().try_fold(0u8, |acc, c| {
+            TCP_FLAG_NAMES
+                .iter()
+                .find(|(_, l, _)| *l == c.to_ascii_uppercase())
+                .map(|(_, _, bit)| acc | bit)
+                .ok_or_else(|| format!("unknown TCP flag letter '{c}' in \"{s}\" (use F S R P A U E C)"))
+        })
+    };
+    if let Some((set, mask)) = s.split_once('/') {
+        let set = letters(set.trim())?;
+        let mask = letters(mask.trim())?;
+        if set & !mask != 0 {
+            return Err(format!("in \"{s}\" the flags before '/' must also appear after it"));
+        }
+        return Ok(TcpFlagsMatch { set, clear: mask & !set });
+    }
+    let mut m = TcpFlagsMatch { set: 0, clear: 0 };
+    for word in s.split([' ', ',']).filter(|w| !w.is_empty()) {
+        let (neg, name) = match word.strip_prefix('!') {
+            Some(n) => (true, n),
+            None => (false, word),
+        };
+        let bit = TCP_FLAG_NAMES
+            .iter()
+            .find(|(n, _, _)| *n == name.to_ascii_lowercase())
+            .map(|(_, _, b)| *b)
+            .ok_or_else(|| format!("unknown TCP flag \"{name}\" (use fin syn rst psh ack urg ece cwr, ! to negate)"))?;
+        if neg { m.clear |= bit } else { m.set |= bit }
+    }
+    if m.set & m.clear != 0 {
+        return Err(format!("\"{s}\" asks for a flag to be both set and clear"));
+    }
+    if m.set == 0 && m.clear == 0 {
+        return Err("empty tcp_flags".into());
+    }
+    Ok(m)
+}
+
+/// Content hash of a ruleset and its set files.
+struct Sha256Hasher(sha2::Sha256);
+
+impl Sha256Hasher {
+    fn new() -> Self {
+        use sha2::Digest;
+        Self(sha2::Sha256::new())
+    }
+    fn update(&mut self, data: &[u8]) {
+        use sha2::Digest;
+        self.0.update(data);
+    }
+    fn finish(self) -> String {
+        use sha2::Digest;
+        self.0.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+}

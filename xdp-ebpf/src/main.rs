@@ -1,0 +1,291 @@
+//! The XDP fast path: parse, snapshot the active ruleset, classify, count, decide.
+//!
+//! Verdicts for what is not classified:
+//! - not IPv4/IPv6 (ARP, LLDP, …): pass (`non_ip`)
+//! - IPv6 neighbour discovery and router messages: pass (`neighbor_discovery`), so no policy can cut
+//!   a host off its link
+//! - truncated or inconsistent headers, or an IPv6 extension chain longer than we walk: drop
+//!   (`malformed`)
+//! - a non-first fragment: per the ruleset's fragment policy (`fragments`)
+#![no_std]
+#![no_main]
+
+mod parse;
+
+use aya_ebpf::{
+    bindings::{xdp_action, BPF_F_MMAPABLE},
+    btf_maps::{ArrayOfMaps, LpmTrie},
+    macros::{btf_map, map, xdp},
+    maps::{lpm_trie::Key, Array, PerCpuArray},
+    programs::XdpContext,
+};
+use parse::{Packet, ParseOutcome};
+use xdpfw_common::{
+    absent, action, field, fields_layout::*, fragment_policy, Bitmap, FieldEntry, GlobalStats,
+    Ipv4Data, Ipv6Data, PrefixValue, RuleMeta, RuleStats, RulesetHeader, BITMAP_WORDS, BUFFERS,
+    DEFAULT_RULE_SLOT, MAX_BITMAPS, MAX_PREFIXES, MAX_RULES, RULE_SLOTS,
+};
+
+/// The current generation; `generation % 2` is the active buffer. Written by userspace with one
+/// atomic 8-byte store through its mapping, read exactly once per packet.
+#[map(name = "ACTIVE")]
+static ACTIVE: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+#[map(name = "HEADERS")]
+static HEADERS: Array<RulesetHeader> = Array::with_max_entries(BUFFERS, BPF_F_MMAPABLE);
+
+#[map(name = "RULES")]
+static RULES: Array<RuleMeta> = Array::with_max_entries(BUFFERS * MAX_RULES as u32, BPF_F_MMAPABLE);
+
+#[map(name = "FIELDS")]
+static FIELDS: Array<FieldEntry> =
+    Array::with_max_entries(BUFFERS * FIELDS_PER_BUFFER, BPF_F_MMAPABLE);
+
+#[map(name = "BITMAPS")]
+static BITMAPS: Array<Bitmap> = Array::with_max_entries(BUFFERS * MAX_BITMAPS, BPF_F_MMAPABLE);
+
+type TrieV4 = LpmTrie<Ipv4Data, PrefixValue, { MAX_PREFIXES as usize }>;
+type TrieV6 = LpmTrie<Ipv6Data, PrefixValue, { MAX_PREFIXES as usize }>;
+
+// One slot per buffer. A reload fills a brand-new trie and swaps it into the inactive slot, so a
+// trie is never modified while packets can read it, and retiring one is a single map update.
+#[btf_map]
+static SRC_V4: ArrayOfMaps<TrieV4, { BUFFERS as usize }> = ArrayOfMaps::new();
+#[btf_map]
+static DST_V4: ArrayOfMaps<TrieV4, { BUFFERS as usize }> = ArrayOfMaps::new();
+#[btf_map]
+static SRC_V6: ArrayOfMaps<TrieV6, { BUFFERS as usize }> = ArrayOfMaps::new();
+#[btf_map]
+static DST_V6: ArrayOfMaps<TrieV6, { BUFFERS as usize }> = ArrayOfMaps::new();
+
+#[map(name = "GLOBAL_STATS")]
+static GLOBAL_STATS: PerCpuArray<GlobalStats> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "RULE_STATS")]
+static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(BUFFERS * RULE_SLOTS, 0);
+
+#[xdp]
+pub fn xdpfw(ctx: XdpContext) -> u32 {
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    let Some(stats) = GLOBAL_STATS.get_ptr_mut(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: a per-CPU slot, only touched by this CPU with preemption disabled.
+    let stats = unsafe { &mut *stats };
+    stats.seen += 1;
+    stats.bytes += len;
+    let verdict = decide(&ctx, stats, len);
+    if verdict == action::DROP {
+        stats.dropped += 1;
+        xdp_action::XDP_DROP
+    } else {
+        stats.passed += 1;
+        xdp_action::XDP_PASS
+    }
+}
+
+#[inline(always)]
+fn decide(ctx: &XdpContext, stats: &mut GlobalStats, len: u64) -> u32 {
+    let pkt = match parse::parse(ctx) {
+        ParseOutcome::Packet(p) => p,
+        ParseOutcome::NonIp => {
+            stats.non_ip += 1;
+            return action::PASS;
+        }
+        ParseOutcome::Malformed => {
+            stats.malformed += 1;
+            return action::DROP;
+        }
+    };
+    if pkt.is_v6 {
+        stats.ipv6 += 1;
+    } else {
+        stats.ipv4 += 1;
+    }
+    if pkt.neighbor_discovery {
+        stats.neighbor_discovery += 1;
+        return action::PASS;
+    }
+
+    // The snapshot: one load of the generation picks the buffer for every lookup below. A reload
+    // only rewrites a buffer after a grace period in which every packet that could have read the
+    // old generation has finished.
+    let Some(generation) = ACTIVE.get_ptr(0) else {
+        return action::PASS;
+    };
+    // SAFETY: a valid map value pointer; a volatile 8-byte load is one atomic read.
+    let generation = unsafe { core::ptr::read_volatile(generation) };
+    let buffer = (generation & 1) as u32;
+    let Some(header) = HEADERS.get(buffer) else {
+        return action::PASS;
+    };
+
+    if pkt.non_first_fragment {
+        stats.fragments += 1;
+        match header.fragment_policy {
+            fragment_policy::DROP => return action::DROP,
+            fragment_policy::PASS => return action::PASS,
+            _ => {}
+        }
+    }
+
+    let slot = match classify(buffer, header, &pkt) {
+        Some(rule) => {
+            stats.rule_hits += 1;
+            rule
+        }
+        None => {
+            stats.default_hits += 1;
+            DEFAULT_RULE_SLOT
+        }
+    };
+    if let Some(counter) = RULE_STATS.get_ptr_mut(buffer * RULE_SLOTS + slot) {
+        // SAFETY: per-CPU slot, as above.
+        let counter = unsafe { &mut *counter };
+        counter.packets += 1;
+        counter.bytes += len;
+    }
+    if slot == DEFAULT_RULE_SLOT {
+        return header.default_action;
+    }
+    match RULES.get(buffer * MAX_RULES as u32 + slot) {
+        Some(rule) => rule.action,
+        None => header.default_action,
+    }
+}
+
+const FIELD_COUNT: usize = 7;
+
+/// First-match classification by bit vectors: each constrained field yields the bitmap of rules
+/// that field allows; the lowest bit set in their AND is the first matching rule.
+#[inline(always)]
+fn classify(buffer: u32, header: &RulesetHeader, pkt: &Packet) -> Option<u32> {
+    let fields = header.fields;
+    let mut ids = [0u32; FIELD_COUNT];
+    let mut n = 0usize;
+
+    if fields & field::SRC != 0 {
+        ids[n] = prefix_bitmap(buffer, header, pkt, true);
+        n += 1;
+    }
+    if fields & field::DST != 0 {
+        ids[n] = prefix_bitmap(buffer, header, pkt, false);
+        n += 1;
+    }
+    if fields & field::PROTO != 0 {
+        ids[n] = field_bitmap(buffer, PROTO_BASE + pkt.proto as u32);
+        n += 1;
+    }
+    if fields & field::SPORT != 0 {
+        ids[n] = if pkt.has_ports {
+            field_bitmap(buffer, SPORT_BASE + pkt.sport as u32)
+        } else {
+            header.absent[absent::SPORT]
+        };
+        n += 1;
+    }
+    if fields & field::DPORT != 0 {
+        ids[n] = if pkt.has_ports {
+            field_bitmap(buffer, DPORT_BASE + pkt.dport as u32)
+        } else {
+            header.absent[absent::DPORT]
+        };
+        n += 1;
+    }
+    if fields & field::ICMP != 0 {
+        ids[n] = if pkt.has_icmp {
+            field_bitmap(buffer, ICMP_BASE + pkt.icmp as u32)
+        } else {
+            header.absent[absent::ICMP]
+        };
+        n += 1;
+    }
+    if fields & field::TCP_FLAGS != 0 {
+        ids[n] = if pkt.has_tcp_flags {
+            field_bitmap(buffer, TCP_FLAGS_BASE + pkt.tcp_flags as u32)
+        } else {
+            header.absent[absent::TCP_FLAGS]
+        };
+        n += 1;
+    }
+    if n == 0 {
+        // No rule has any condition: the first rule, if any, matches everything.
+        return if header.rule_count > 0 { Some(0) } else { None };
+    }
+
+    let mut maps: [*const Bitmap; FIELD_COUNT] = [core::ptr::null(); FIELD_COUNT];
+    let base = buffer * MAX_BITMAPS;
+    let mut i = 0;
+    while i < FIELD_COUNT {
+        if i >= n {
+            break;
+        }
+        maps[i] = BITMAPS.get_ptr(base + (ids[i] % MAX_BITMAPS))?;
+        i += 1;
+    }
+
+    let words = if (header.bitmap_words as usize) < BITMAP_WORDS {
+        header.bitmap_words as usize
+    } else {
+        BITMAP_WORDS
+    };
+    let mut w = 0;
+    while w < BITMAP_WORDS {
+        if w >= words {
+            break;
+        }
+        let mut acc = u64::MAX;
+        let mut i = 0;
+        while i < FIELD_COUNT {
+            if i >= n {
+                break;
+            }
+            // SAFETY: every pointer below `n` came from a successful map lookup above.
+            acc &= unsafe { (*maps[i]).words[w] };
+            i += 1;
+        }
+        if acc != 0 {
+            return Some((w as u32) * 64 + acc.trailing_zeros());
+        }
+        w += 1;
+    }
+    None
+}
+
+#[inline(always)]
+fn field_bitmap(buffer: u32, index: u32) -> u32 {
+    match FIELDS.get(buffer * FIELDS_PER_BUFFER + index) {
+        Some(entry) => entry.bitmap,
+        None => 0,
+    }
+}
+
+#[inline(always)]
+fn prefix_bitmap(buffer: u32, header: &RulesetHeader, pkt: &Packet, source: bool) -> u32 {
+    let (slot, addr) = if source {
+        (absent::SRC, &pkt.src)
+    } else {
+        (absent::DST, &pkt.dst)
+    };
+    let found = if pkt.is_v6 {
+        let trie = if source { &SRC_V6 } else { &DST_V6 };
+        trie.get(buffer)
+            .and_then(|t| t.get(&Key::new(128, *addr)).map(|v| v.bitmap))
+    } else {
+        let trie = if source { &SRC_V4 } else { &DST_V4 };
+        let v4: Ipv4Data = [addr[0], addr[1], addr[2], addr[3]];
+        trie.get(buffer)
+            .and_then(|t| t.get(&Key::new(32, v4)).map(|v| v.bitmap))
+    };
+    found.unwrap_or(header.absent[slot])
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
