@@ -1,1 +1,222 @@
-fn main(){}
+//! Project automation: `cargo xtask setup | demo | test`.
+//!
+//! `./run` (the README's entry point) installs the pinned userspace toolchain, which rustup here
+//! does not do on its own, and then calls this.
+
+mod demo;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what a fresh machine lacks (toolchains, bpf-linker, system tools). Idempotent.
+    Setup,
+    /// Show the firewall working on a veth pair between two network namespaces.
+    Demo,
+    /// Run every test: unit, kernel (BPF_PROG_TEST_RUN) and network-namespace tests. Needs root.
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Setup => setup(),
+        Cmd::Demo => {
+            setup()?;
+            require_root("the demo")?;
+            let loader = build_loader()?;
+            demo::run_demo(&loader)
+        }
+        Cmd::Test { args } => {
+            setup()?;
+            require_root("the tests (they create network namespaces and load XDP programs)")?;
+            test(&args)
+        }
+    }
+}
+
+pub fn root_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").to_path_buf()
+}
+
+fn require_root(what: &str) -> Result<()> {
+    ensure!(nix_is_root(), "{what} must run as root (try: sudo ./run ...)");
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    ensure!(status.success(), "{cmd:?} failed: {status}");
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    ensure!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The `channel = "..."` of a rust-toolchain.toml.
+fn toolchain_channel(file: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("channel = "))
+        .map(|c| c.trim_matches('"').to_string())
+        .with_context(|| format!("no channel in {}", file.display()))
+}
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// System tools the demo and tests use, and the Debian package of each.
+const SYSTEM_TOOLS: [(&str, &str); 3] = [("ip", "iproute2"), ("ping", "iputils-ping"), ("bpftool", "bpftool")];
+
+fn setup() -> Result<()> {
+    let root = root_dir();
+    if Command::new("rustup").arg("--version").output().is_err() {
+        bail!("rustup is required (https://rustup.rs); the build pins its toolchains through it");
+    }
+    let user = toolchain_channel(&root.join("rust-toolchain.toml"))?;
+    let ebpf = toolchain_channel(&root.join("xdp-ebpf/rust-toolchain.toml"))?;
+    ensure_toolchain(&user, &["clippy", "rustfmt"])?;
+    ensure_toolchain(&ebpf, &["rust-src"])?;
+    ensure_bpf_linker(&root, &ebpf)?;
+    ensure_system_tools()?;
+    Ok(())
+}
+
+fn ensure_toolchain(name: &str, components: &[&str]) -> Result<()> {
+    let installed = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if !installed.lines().any(|l| l.starts_with(name)) {
+        eprintln!("setup: installing Rust toolchain {name}");
+        run(Command::new("rustup").args(["toolchain", "install", name, "--profile", "minimal"]))?;
+    }
+    let have = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", name]))?;
+    for c in components {
+        if !have.lines().any(|l| l.starts_with(c)) {
+            eprintln!("setup: adding {c} to {name}");
+            run(Command::new("rustup").args(["component", "add", c, "--toolchain", name]))?;
+        }
+    }
+    Ok(())
+}
+
+/// bpf-linker built against the eBPF nightly's own libLLVM (a system LLVM of the right major
+/// version is rarely available), into `.tools/`. Skipped while the stamp matches and it runs.
+fn ensure_bpf_linker(root: &Path, toolchain: &str) -> Result<()> {
+    let tools = root.join(".tools");
+    let sysroot = output(Command::new("rustc").arg(format!("+{toolchain}")).args(["--print", "sysroot"]))?;
+    let sysroot = PathBuf::from(sysroot.trim());
+    let version = output(Command::new("rustc").arg(format!("+{toolchain}")).arg("-vV"))?;
+    let major = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("rustc -vV shows no LLVM version")?
+        .to_string();
+    let lib = std::fs::read_dir(sysroot.join("lib"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so")))
+        .with_context(|| format!("no libLLVM.so in {}/lib", sysroot.display()))?;
+    let stamp = format!("bpf-linker {BPF_LINKER_VERSION} llvm-{major} {}\n", lib.display());
+    let stamp_file = tools.join("bpf-linker.stamp");
+    let binary = tools.join("bin/bpf-linker");
+    let runs = Command::new(&binary).arg("--version").output().is_ok_and(|o| o.status.success());
+    if runs && std::fs::read_to_string(&stamp_file).is_ok_and(|s| s == stamp) {
+        return Ok(());
+    }
+    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM {major} (about two minutes)");
+    let llvm = tools.join("llvm/lib");
+    std::fs::create_dir_all(&llvm)?;
+    for name in [PathBuf::from("libLLVM.so"), PathBuf::from(lib.file_name().unwrap())] {
+        let link = llvm.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&lib, &link)?;
+    }
+    run(Command::new("cargo")
+        .arg(format!("+{toolchain}"))
+        .args(["install", "--locked", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--no-default-features"])
+        .args(["--features", &format!("llvm-{major}")])
+        .arg("--root")
+        .arg(&tools)
+        .arg("--force")
+        .env("LLVM_PREFIX", tools.join("llvm"))
+        // The rpath lets the linker start without rustup's LD_LIBRARY_PATH.
+        .env("RUSTFLAGS", format!("-C link-arg=-Wl,-rpath,{}/lib", sysroot.display())))?;
+    std::fs::write(stamp_file, stamp)?;
+    Ok(())
+}
+
+fn ensure_system_tools() -> Result<()> {
+    let missing: Vec<&str> = SYSTEM_TOOLS
+        .iter()
+        .filter(|(cmd, _)| !Command::new("sh").args(["-c", &format!("command -v {cmd}")]).output().is_ok_and(|o| o.status.success()))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !nix_is_root() {
+        bail!("missing system packages: {} (install them with apt-get as root)", missing.join(" "));
+    }
+    eprintln!("setup: installing {}", missing.join(" "));
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get").args(["install", "-y", "-q"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn build_loader() -> Result<PathBuf> {
+    run(Command::new("cargo").current_dir(root_dir()).args(["build", "-p", "loader"]))?;
+    Ok(root_dir().join("target/debug/loader"))
+}
+
+fn test(args: &[String]) -> Result<()> {
+    let root = root_dir();
+    run(Command::new("cargo").current_dir(&root).args(["test", "--workspace", "--no-fail-fast"]).arg("--").args(args))?;
+    leak_check()
+}
+
+/// After the suite: nothing of ours may remain in the kernel or the namespaces.
+fn leak_check() -> Result<()> {
+    let mut leaks = Vec::new();
+    let pins = Path::new("/sys/fs/bpf/xdpfw");
+    if let Ok(entries) = std::fs::read_dir(pins) {
+        for e in entries.flatten() {
+            leaks.push(format!("pin directory {}", e.path().display()));
+        }
+    }
+    let ns = output(Command::new("ip").args(["netns", "list"]))?;
+    for line in ns.lines().filter(|l| l.starts_with("xfw")) {
+        leaks.push(format!("network namespace {line}"));
+    }
+    let links = output(Command::new("ip").args(["-d", "link", "show"]))?;
+    if links.contains("prog/xdp") {
+        leaks.push("an XDP program attached in the root namespace".into());
+    }
+    if leaks.is_empty() {
+        println!("leak check: no pins, namespaces or root-namespace XDP programs left behind");
+        Ok(())
+    } else {
+        bail!("the tests left behind:\n  {}", leaks.join("\n  "))
+    }
+}

@@ -1,0 +1,90 @@
+//! Two network namespaces joined by a veth pair, torn down on drop even when a test fails.
+//!
+//! ```text
+//!   netns <name>-c (client)                 netns <name>-s (server, firewall attached)
+//!   veth <c-end>  192.0.2.1/24  <------->  veth <s-end>  192.0.2.2/24
+//!                 2001:db8:f::1/64                        2001:db8:f::2/64
+//! ```
+//! Addresses come from the documentation ranges (RFC 5737, RFC 3849) and never leave the pair.
+//! Shared by the integration tests and `cargo xtask demo` (std only, so both can include it).
+
+use std::{
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+pub const CLIENT_V4: &str = "192.0.2.1";
+pub const SERVER_V4: &str = "192.0.2.2";
+pub const CLIENT_V6: &str = "2001:db8:f::1";
+pub const SERVER_V6: &str = "2001:db8:f::2";
+
+pub struct Topology {
+    pub client_ns: String,
+    pub server_ns: String,
+    pub client_if: String,
+    pub server_if: String,
+    /// The loader binary, used to detach on drop if a test left the firewall attached.
+    loader: Option<String>,
+}
+
+fn sh(args: &[&str]) -> Result<(), String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+impl Topology {
+    /// `tag` (a few letters) names the test in the namespace and interface names.
+    pub fn new(tag: &str) -> Result<Self, String> {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let id = format!("{}{}", std::process::id() % 100000, SEQ.fetch_add(1, Ordering::SeqCst));
+        let tag: String = tag.chars().filter(|c| c.is_ascii_alphanumeric()).take(4).collect();
+        let t = Topology {
+            client_ns: format!("xfw-{tag}-{id}-c"),
+            server_ns: format!("xfw-{tag}-{id}-s"),
+            // Interface names are at most 15 bytes.
+            client_if: format!("xc{tag}{id}").chars().take(15).collect(),
+            server_if: format!("xs{tag}{id}").chars().take(15).collect(),
+            loader: None,
+        };
+        t.build()?;
+        Ok(t)
+    }
+
+    fn build(&self) -> Result<(), String> {
+        let (c, s) = (self.client_ns.as_str(), self.server_ns.as_str());
+        let (ci, si) = (self.client_if.as_str(), self.server_if.as_str());
+        sh(&["ip", "netns", "add", c])?;
+        sh(&["ip", "netns", "add", s])?;
+        sh(&["ip", "-n", c, "link", "add", ci, "type", "veth", "peer", "name", si, "netns", s])?;
+        for (ns, ifc, v4, v6) in [(c, ci, CLIENT_V4, CLIENT_V6), (s, si, SERVER_V4, SERVER_V6)] {
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+            sh(&["ip", "-n", ns, "addr", "add", &format!("{v4}/24"), "dev", ifc])?;
+            sh(&["ip", "-n", ns, "addr", "add", &format!("{v6}/64"), "dev", ifc, "nodad"])?;
+            sh(&["ip", "-n", ns, "link", "set", ifc, "up"])?;
+        }
+        Ok(())
+    }
+
+    /// Remember to detach through `loader` on drop (the firewall is attached to `server_if`).
+    pub fn detach_on_drop(&mut self, loader: &str) {
+        self.loader = Some(loader.to_string());
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        if let Some(loader) = &self.loader {
+            // Ignore "not attached": the test may have detached already.
+            let _ = Command::new(loader).args(["--netns", &self.server_ns, "detach", &self.server_if]).output();
+        }
+        let _ = sh(&["ip", "netns", "del", &self.client_ns]);
+        let _ = sh(&["ip", "netns", "del", &self.server_ns]);
+    }
+}
