@@ -1,0 +1,193 @@
+//! The firewall attached to a veth end inside a network namespace, judged by real traffic from
+//! another namespace, driven through the `loader` binary as an operator would.
+
+mod harness;
+
+use std::{net::SocketAddr, process::Command, time::Duration};
+
+use harness::*;
+
+fn sa(addr: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip(addr), port)
+}
+
+fn rules(name: &str) -> String {
+    rules_dir().join(name).to_string_lossy().into_owned()
+}
+
+/// Attaches with `rules_file` and arranges for detach on drop.
+fn attached(tag: &str, rules_file: &str) -> Topology {
+    let mut t = Topology::new(tag).expect("topology");
+    t.detach_on_drop(loader_bin());
+    loader_ok(&t.server_ns, &["attach", &t.server_if, "--rules", &rules(rules_file)]);
+    t
+}
+
+#[test]
+fn verdicts_on_real_ipv4_and_ipv6_traffic() {
+    let t = attached("vrd", "services.toml");
+    const N: u64 = 40;
+
+    // UDP, both families: port 9000 closed to all, 9100-9109 closed to the client, 9001 open.
+    for (server, label) in [(SERVER_V4, "v4"), (SERVER_V6, "v6")] {
+        assert_eq!(udp_delivered(&t, sa(server, 9000), N), 0, "{label} udp/9000 must be dropped");
+        assert_eq!(udp_delivered(&t, sa(server, 9001), N), N, "{label} udp/9001 must pass");
+        assert_eq!(udp_delivered(&t, sa(server, 9105), N), 0, "{label} udp/9105 from the client must be dropped");
+    }
+
+    // TCP, both families: telnet closed, 8080 open (a real listener answers).
+    for server in [SERVER_V4, SERVER_V6] {
+        let _open = TcpServer::start(&t.server_ns, sa(server, 8080));
+        let _telnet = TcpServer::start(&t.server_ns, sa(server, 23));
+        assert!(tcp_connects(&t, sa(server, 8080), Duration::from_secs(2)), "tcp/8080 to {server} must connect");
+        assert!(!tcp_connects(&t, sa(server, 23), Duration::from_millis(700)), "tcp/23 to {server} must be dropped");
+    }
+
+    // ICMP and ICMPv6 echo pass.
+    assert_eq!(ping(&t, SERVER_V4, 3), 3);
+    assert_eq!(ping(&t, SERVER_V6, 3), 3);
+
+    let s = stats(&t);
+    assert_eq!(rule_packets(&s, "no-udp-9000"), 2 * N, "every udp/9000 datagram counted once");
+    assert_eq!(rule_packets(&s, "client-no-9100"), 2 * N);
+    assert!(rule_packets(&s, "no-telnet") >= 2, "SYNs (and retransmissions) to port 23 counted");
+    assert_eq!(rule_packets(&s, "blocked-nets"), 0);
+    let g = &s["global"];
+    let (seen, passed, dropped) = (g["seen"].as_u64().unwrap(), g["passed"].as_u64().unwrap(), g["dropped"].as_u64().unwrap());
+    assert_eq!(seen, passed + dropped, "every packet is passed or dropped: {g}");
+    assert!(g["ipv4"].as_u64().unwrap() > 0 && g["ipv6"].as_u64().unwrap() > 0);
+    assert_eq!(g["rule_hits"].as_u64().unwrap() + g["default_hits"].as_u64().unwrap() + g["non_ip"].as_u64().unwrap() + g["neighbor_discovery"].as_u64().unwrap() + g["malformed"].as_u64().unwrap(), seen);
+}
+
+#[test]
+fn pins_are_visible_to_bpftool_and_detach_removes_everything() {
+    let t = attached("pin", "services.toml");
+    let dir = std::path::Path::new("/sys/fs/bpf/xdpfw").join(&t.server_if);
+    for name in ["link", "prog", "ACTIVE", "RULES", "BITMAPS", "SRC_V4", "GLOBAL_STATS"] {
+        assert!(dir.join(name).exists(), "{name} is not pinned");
+    }
+    let prog = Command::new("bpftool").args(["-j", "prog", "show", "pinned"]).arg(dir.join("prog")).output().unwrap();
+    assert!(prog.status.success(), "bpftool prog show pinned: {}", String::from_utf8_lossy(&prog.stderr));
+    let prog: serde_json::Value = serde_json::from_slice(&prog.stdout).unwrap();
+    assert_eq!(prog["name"], "xdpfw");
+    assert_eq!(prog["type"], "xdp");
+    let prog_id = prog["id"].as_u64().unwrap();
+    let map = Command::new("bpftool").args(["-j", "map", "show", "pinned"]).arg(dir.join("RULES")).output().unwrap();
+    assert!(map.status.success());
+    let map: serde_json::Value = serde_json::from_slice(&map.stdout).unwrap();
+    assert_eq!(map["name"], "RULES");
+    // The program is attached to the server's veth, in its namespace.
+    let link = Command::new("ip").args(["-n", &t.server_ns, "-d", "link", "show", &t.server_if]).output().unwrap();
+    assert!(String::from_utf8_lossy(&link.stdout).contains(&format!("prog/xdp id {prog_id}")));
+
+    // Attaching again is a clear error that changes nothing.
+    let again = loader(&t.server_ns, &["attach", &t.server_if]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already attached"), "{}", String::from_utf8_lossy(&again.stderr));
+    assert_eq!(udp_delivered(&t, sa(SERVER_V4, 9000), 10), 0, "the first instance still filters");
+
+    loader_ok(&t.server_ns, &["detach", &t.server_if]);
+    assert_no_instance(&t.server_if);
+    let link = Command::new("ip").args(["-n", &t.server_ns, "-d", "link", "show", &t.server_if]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&link.stdout).contains("prog/xdp"), "program still attached after detach");
+    assert!(
+        eventually(Duration::from_secs(5), || !Command::new("bpftool").args(["prog", "show", "id", &prog_id.to_string()]).output().unwrap().status.success()),
+        "program {prog_id} still loaded after detach"
+    );
+    assert_eq!(udp_delivered(&t, sa(SERVER_V4, 9000), 10), 10, "nothing filters after detach");
+}
+
+#[test]
+fn a_broken_rules_file_changes_nothing() {
+    let t = attached("bad", "services.toml");
+    let dir = std::env::temp_dir().join(format!("xdpfw-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases = [
+        ("syntax.toml", "default = \"pass\"\n[[rule]\naction = \"drop\"\n", ":2:"),
+        ("cidr.toml", "default = \"pass\"\n\n[[rule]]\naction = \"drop\"\nsrc = [\"192.0.2.0/40\"]\n", ":5:7: error: invalid CIDR"),
+        ("field.toml", "default = \"pass\"\n[[rule]]\naction = \"drop\"\ndport = 22\n", "ports need proto"),
+    ];
+    for (name, text, expect) in cases {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        let out = loader(&t.server_ns, &["reload", &path.to_string_lossy(), "--iface", &t.server_if]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{name}: {err}");
+        assert!(err.contains(&format!("{}", path.display())) && err.contains(expect), "{name}: expected {expect:?} in: {err}");
+    }
+    let s = stats(&t);
+    assert_eq!(s["generation"], 1, "no reload happened");
+    // The rules that were serving still serve, packet for packet.
+    assert_eq!(udp_delivered(&t, sa(SERVER_V4, 9000), 25), 0);
+    assert_eq!(udp_delivered(&t, sa(SERVER_V4, 9001), 25), 25);
+    assert_eq!(rule_packets(&stats(&t), "no-udp-9000"), 25);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn reloads_under_traffic_count_every_packet() {
+    let t = attached("rld", "udp-7000-closed.toml");
+    let rx0 = UdpCounter::start(&t.server_ns, sa(SERVER_V4, 7000));
+    let rx1 = UdpCounter::start(&t.server_ns, sa(SERVER_V4, 7001));
+    const N: u64 = 3000;
+    // Two senders, one per port, interleaved with 20 reloads alternating the two rulesets.
+    let client = t.client_ns.clone();
+    let sender = std::thread::spawn(move || {
+        let a = std::thread::spawn({
+            let c = client.clone();
+            move || send_udp(&c, sa(SERVER_V4, 7000), N)
+        });
+        send_udp(&client, sa(SERVER_V4, 7001), N);
+        a.join().unwrap();
+    });
+    let files = [rules("udp-7001-closed.toml"), rules("udp-7000-closed.toml")];
+    let mut reloads = 0;
+    while !sender.is_finished() && reloads < 20 {
+        loader_ok(&t.server_ns, &["reload", &files[reloads % 2], "--iface", &t.server_if]);
+        reloads += 1;
+    }
+    sender.join().unwrap();
+    let (got0, got1) = (rx0.finish(), rx1.finish());
+    let s = stats(&t);
+    let dropped = s["global"]["dropped"].as_u64().unwrap();
+    assert!(reloads >= 2, "the traffic ended before two reloads");
+    assert_eq!(s["generation"], 1 + reloads as u64);
+    // Only UDP to 7000/7001 is ever dropped here, so every datagram sent is either received or
+    // counted as dropped by exactly one ruleset.
+    assert_eq!(got0 + got1 + dropped, 2 * N, "received {got0} + {got1}, dropped {dropped}");
+    assert!(got0 < N && got1 < N, "each port was closed for a while: {got0} {got1}");
+}
+
+#[test]
+fn stats_json_names_the_active_ruleset() {
+    let t = attached("sts", "services.toml");
+    let s = stats(&t);
+    assert_eq!(s["ruleset"]["version"], "services-1");
+    assert_eq!(s["generation"], 1);
+    assert_eq!(s["buffer"], 1);
+    assert_eq!(s["ruleset"]["rules"].as_array().unwrap().len(), 4);
+    let text = loader_ok(&t.server_ns, &["stats", "--iface", &t.server_if]);
+    assert!(text.contains("no-telnet") && text.contains("services-1"), "{text}");
+    loader_ok(&t.server_ns, &["reload", &rules("udp-7000-closed.toml"), "--iface", &t.server_if]);
+    let s = stats(&t);
+    assert_eq!(s["ruleset"]["version"], "closed-7000");
+    assert_eq!(s["generation"], 2);
+    assert_eq!(s["buffer"], 0);
+}
+
+
+#[test]
+fn default_drop_never_cuts_arp_or_neighbour_discovery() {
+    let t = attached("arp", "ping-only.toml");
+    t.flush_neighbours().unwrap();
+    // Both pings need a fresh ARP / neighbour solicitation through the firewall first.
+    assert_eq!(ping(&t, SERVER_V4, 2), 2);
+    assert_eq!(ping(&t, SERVER_V6, 2), 2);
+    assert_eq!(udp_delivered(&t, sa(SERVER_V4, 9001), 10), 0, "the default drop applies to the rest");
+    let s = stats(&t);
+    let g = &s["global"];
+    assert!(g["non_ip"].as_u64().unwrap() > 0, "ARP reached the program and passed: {g}");
+    assert!(g["neighbor_discovery"].as_u64().unwrap() > 0, "neighbour discovery reached the program and passed: {g}");
+    assert_eq!(rule_packets(&s, "echo-v4"), 2);
+    assert_eq!(rule_packets(&s, "echo-v6"), 2);
+}

@@ -69,7 +69,22 @@ impl Topology {
             sh(&["ip", "-n", ns, "addr", "add", &format!("{v6}/64"), "dev", ifc, "nodad"])?;
             sh(&["ip", "-n", ns, "link", "set", ifc, "up"])?;
         }
+        // IPv6 installs the prefix route only once the link is really up; until then neighbour
+        // solicitations go unanswered and the kernel retries only after a second. Wait for both
+        // families to answer, so tests start from a working link (bounded: 5 tries).
+        for addr in [SERVER_V4, SERVER_V6] {
+            let ok = (0..5).any(|_| sh(&["ip", "netns", "exec", c, "ping", "-n", "-q", "-c", "1", "-W", "1", addr]).is_ok());
+            if !ok {
+                return Err(format!("{addr} does not answer ping from {c} before any firewall is attached"));
+            }
+        }
         Ok(())
+    }
+
+    /// Forgets every neighbour entry on both ends, so the next packets start with ARP / ND.
+    pub fn flush_neighbours(&self) -> Result<(), String> {
+        sh(&["ip", "-n", &self.client_ns, "neigh", "flush", "dev", &self.client_if])?;
+        sh(&["ip", "-n", &self.server_ns, "neigh", "flush", "dev", &self.server_if])
     }
 
     /// Remember to detach through `loader` on drop (the firewall is attached to `server_if`).
