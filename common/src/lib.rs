@@ -45,8 +45,10 @@ pub const BUFFERS: u32 = 2;
 pub const MAX_RULES: usize = 1024;
 pub const BITMAP_WORDS: usize = MAX_RULES / 64;
 /// Distinct rule bitmaps per buffer (deduplicated, so a 1M-prefix set usually needs a handful).
-/// Bitmap 0 of every buffer is the empty set.
 pub const MAX_BITMAPS: u32 = 32768;
+/// Bitmap ids every buffer reserves: the empty set and the set of all rules.
+pub const BITMAP_EMPTY: u32 = 0;
+pub const BITMAP_ALL: u32 = 1;
 /// Prefixes per LPM trie (one trie each for source/destination × IPv4/IPv6, per buffer).
 pub const MAX_PREFIXES: u32 = 2 * 1024 * 1024;
 

@@ -9,7 +9,7 @@ use std::{collections::HashMap, net::IpAddr, ops::RangeInclusive};
 
 use anyhow::{Result, bail};
 use xdpfw_common::{
-    BITMAP_WORDS, Bitmap, FieldEntry, Ipv4Data, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES, RuleMeta,
+    BITMAP_ALL, BITMAP_EMPTY, BITMAP_WORDS, Bitmap, FieldEntry, Ipv4Data, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES, RuleMeta,
     RulesetHeader, absent, field, fields_layout::*, fragment_policy,
 };
 
@@ -35,16 +35,25 @@ impl Image {
     }
 }
 
-/// Interns bitmaps so each distinct rule set is stored once. Id 0 is the empty set.
+/// Interns bitmaps so each distinct rule set is stored once. The reserved ids come first:
+/// BITMAP_EMPTY, then BITMAP_ALL (every rule; the kernel ANDs it for unconstrained fields).
 struct Bitmaps {
     ids: HashMap<Bitmap, u32>,
     list: Vec<Bitmap>,
 }
 
 impl Bitmaps {
-    fn new() -> Self {
+    fn new(rule_count: usize) -> Self {
         let mut b = Self { ids: HashMap::new(), list: Vec::new() };
-        b.intern(Bitmap::EMPTY);
+        let empty = b.intern(Bitmap::EMPTY);
+        let mut all = Bitmap::EMPTY;
+        for i in 0..rule_count {
+            set_bit(&mut all, i);
+        }
+        // With no rules, "all" is the empty set again: store it anyway so its id is fixed.
+        b.list.push(all);
+        b.ids.entry(all).or_insert(BITMAP_ALL);
+        debug_assert_eq!((empty, b.list.len() as u32 - 1), (BITMAP_EMPTY, BITMAP_ALL));
         b
     }
     fn intern(&mut self, bm: Bitmap) -> u32 {
@@ -80,7 +89,7 @@ fn unconstrained(rules: &[Rule], constrained: impl Fn(&Rule) -> bool) -> Bitmap 
 
 pub fn compile(rs: &Ruleset) -> Result<Image> {
     let rules = &rs.rules;
-    let mut bitmaps = Bitmaps::new();
+    let mut bitmaps = Bitmaps::new(rules.len());
     let mut fields_used = 0u32;
     let mut absent_ids = [0u32; absent::COUNT];
     let mut table = vec![FieldEntry::default(); FIELDS_PER_BUFFER as usize];
@@ -258,6 +267,7 @@ fn prefix_tables(
     // Sorted by family, address, then length: every prefix comes after the prefixes containing it.
     entries.sort_unstable();
 
+    let base_id = bitmaps.intern(*base);
     let mut v4 = Vec::new();
     let mut v6 = Vec::new();
     // Ancestors of the current prefix: (family, address, length, bitmap, id).
@@ -289,30 +299,57 @@ fn prefix_tables(
         if redundant {
             continue;
         }
-        let n = NetBits { v6: is_v6, addr, len };
         if is_v6 {
-            v6.push((len as u32, n.v6_bytes(), id));
+            v6.push((addr, len, id));
         } else {
-            v4.push((len as u32, n.v4_bytes(), id));
+            v4.push((addr, len, id));
         }
     }
+    let v4 = merge_siblings(v4, base_id).into_iter().map(|(a, l, id)| (l as u32, ((a >> 96) as u32).to_be_bytes(), id)).collect();
+    let v6 = merge_siblings(v6, base_id).into_iter().map(|(a, l, id)| (l as u32, a.to_be_bytes(), id)).collect();
     (v4, v6)
 }
 
-struct NetBits {
-    v6: bool,
-    addr: u128,
-    len: u8,
-}
-
-impl NetBits {
-    fn v4_bytes(&self) -> Ipv4Data {
-        debug_assert!(!self.v6 && self.len <= 32);
-        ((self.addr >> 96) as u32).to_be_bytes()
+/// Replaces two sibling prefixes that select the same bitmap by their parent, and drops any
+/// prefix that selects the same bitmap as its nearest enclosing one (or, without one, as a miss:
+/// `miss_id`), repeatedly. Each step leaves the longest-prefix-match answer for every address
+/// unchanged, so a blocklist of adjacent networks shrinks to the few prefixes that cover it.
+/// Addresses are left-aligned in a u128 (IPv4 in the top 32 bits).
+fn merge_siblings(entries: Vec<(u128, u8, u32)>, miss_id: u32) -> Vec<(u128, u8, u32)> {
+    let mut by_prefix: HashMap<(u128, u8), u32> = entries.iter().map(|&(a, l, id)| ((a, l), id)).collect();
+    let bit = |len: u8| -> u128 { 1u128 << (128 - len as u32) };
+    let parent = |a: u128, len: u8| -> u128 { if len <= 1 { 0 } else { a & (u128::MAX << (129 - len as u32)) } };
+    let max_len = entries.iter().map(|e| e.1).max().unwrap_or(0);
+    // Longest first, so merged parents are examined at their own length.
+    let mut by_len: Vec<Vec<u128>> = vec![Vec::new(); max_len as usize + 1];
+    for &(a, l, _) in &entries {
+        by_len[l as usize].push(a);
     }
-    fn v6_bytes(&self) -> Ipv6Data {
-        self.addr.to_be_bytes()
+    for len in (1..=max_len).rev() {
+        let level = std::mem::take(&mut by_len[len as usize]);
+        for a in level {
+            let Some(&id) = by_prefix.get(&(a, len)) else { continue };
+            let sibling = a ^ bit(len);
+            let p = parent(a, len);
+            if by_prefix.get(&(sibling, len)) != Some(&id) || by_prefix.contains_key(&(p, len - 1)) {
+                continue;
+            }
+            by_prefix.remove(&(a, len));
+            by_prefix.remove(&(sibling, len));
+            // The nearest enclosing prefix decides whether the merged parent is needed at all.
+            let enclosing = (0..len - 1)
+                .rev()
+                .find_map(|l| by_prefix.get(&(parent(p, l + 1), l)).copied())
+                .unwrap_or(miss_id);
+            if enclosing != id {
+                by_prefix.insert((p, len - 1), id);
+                by_len[len as usize - 1].push(p);
+            }
+        }
     }
+    let mut out: Vec<(u128, u8, u32)> = by_prefix.into_iter().map(|((a, l), id)| (a, l, id)).collect();
+    out.sort_unstable();
+    out
 }
 
 #[cfg(test)]
@@ -342,6 +379,50 @@ mod tests {
         let by_len: HashMap<u32, u32> = img.src_v4.iter().map(|(l, _, id)| (*l, *id)).collect();
         assert_eq!(img.bitmaps[by_len[&8] as usize].words[0], 0b01);
         assert_eq!(img.bitmaps[by_len[&24] as usize].words[0], 0b11);
+    }
+
+    /// The longest-prefix-match answer of a table, by brute force.
+    fn lpm(table: &[(u128, u8, u32)], addr: u128, miss: u32) -> u32 {
+        table
+            .iter()
+            .filter(|(a, l, _)| *l == 0 || (a ^ addr) >> (128 - *l as u32) == 0)
+            .max_by_key(|(_, l, _)| *l)
+            .map_or(miss, |e| e.2)
+    }
+
+    #[test]
+    fn sibling_merge_keeps_every_answer() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for _ in 0..300 {
+            let mut table: Vec<(u128, u8, u32)> = Vec::new();
+            for _ in 0..rng.random_range(1..40) {
+                let len = rng.random_range(0..=8u8);
+                let addr = if len == 0 { 0 } else { (rng.random::<u128>() >> 120 << 120) & (u128::MAX << (128 - len as u32)) };
+                if !table.iter().any(|e| e.0 == addr && e.1 == len) {
+                    table.push((addr, len, rng.random_range(0..3)));
+                }
+            }
+            let merged = merge_siblings(table.clone(), 0);
+            for top in 0..=255u128 {
+                let addr = top << 120;
+                assert_eq!(lpm(&table, addr, 0), lpm(&merged, addr, 0), "table {table:?} merged {merged:?} addr {top}");
+            }
+            assert!(merged.len() <= table.len());
+        }
+    }
+
+    #[test]
+    fn adjacent_networks_merge() {
+        let img = compile_str(
+            r#"default = "pass"
+            [[rule]]
+            action = "drop"
+            src = ["192.0.2.0/25", "192.0.2.128/25", "198.51.100.0/24", "198.51.101.0/24"]
+            "#,
+        );
+        let got: Vec<(u32, [u8; 4])> = img.src_v4.iter().map(|(l, a, _)| (*l, *a)).collect();
+        assert_eq!(got, vec![(24, [192, 0, 2, 0]), (23, [198, 51, 100, 0])]);
     }
 
     #[test]

@@ -26,7 +26,8 @@ pub struct Decision {
 /// Decides `pkt` as the XDP program does.
 pub fn decide(rs: &Ruleset, pkt: &PacketSpec) -> Decision {
     let fixed = |action, why: &str| Decision { action, rule: None, rule_name: None, reasons: vec![why.to_string()] };
-    if pkt.is_icmp() && pkt.proto == IPPROTO_ICMPV6 && (133..=137).contains(&pkt.icmp_type) {
+    // Only over IPv6, as in the XDP program: protocol 58 inside IPv4 is not neighbour discovery.
+    if pkt.src.is_ipv6() && pkt.is_icmp() && pkt.proto == IPPROTO_ICMPV6 && (133..=137).contains(&pkt.icmp_type) {
         return fixed(Action::Pass, "IPv6 neighbour discovery and router messages always pass");
     }
     if pkt.fragment {

@@ -673,3 +673,76 @@ impl Sha256Hasher {
         self.0.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        parse(Path::new("r.toml"), text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_file_line_and_column() {
+        assert!(err("default = \"pass\"\n[[rule]\n").starts_with("r.toml:2:"), "{}", err("default = \"pass\"\n[[rule]\n"));
+        assert_eq!(
+            err("default = \"pass\"\n[[rule]]\naction = \"drop\"\nsrc = [\"10.0.0.1/8\"]\n"),
+            "r.toml:4:7: error: \"10.0.0.1/8\" has host bits set (did you mean 10.0.0.0/8?)"
+        );
+        assert!(err("default = \"pass\"\n[[rule]]\naction = \"reject\"\n").contains("r.toml:3:10: error: unknown action \"reject\""));
+        assert!(err("default = \"pass\"\n[[rule]]\naction = \"drop\"\nsrc = [\"@nope\"]\n").contains("unknown set \"@nope\""));
+        assert!(err("default = \"pass\"\n[[rule]]\naction = \"drop\"\nproto = \"udp\"\ntcp_flags = \"syn\"\n").contains("tcp_flags needs proto = \"tcp\""));
+        assert!(err("default = \"pass\"\n[[rule]]\naction = \"drop\"\nbogus = 1\n").contains("unknown field `bogus`"));
+        assert!(err("[[rule]]\naction = \"drop\"\n").contains("missing field `default`"));
+    }
+
+    #[test]
+    fn warnings_for_shadowed_rules_duplicates_and_inverted_ranges() {
+        let rs = parse(
+            Path::new("r.toml"),
+            r#"default = "pass"
+[[rule]]
+name = "all-tcp"
+action = "drop"
+proto = "tcp"
+[[rule]]
+name = "ssh"
+action = "pass"
+proto = "tcp"
+dport = 22
+[[rule]]
+name = "ssh"
+action = "pass"
+proto = "udp"
+dport = "200-100"
+"#,
+        )
+        .unwrap();
+        let w: Vec<String> = rs.warnings.iter().map(ToString::to_string).collect();
+        assert!(w.iter().any(|w| w.contains("r.toml:6:1") && w.contains("\"ssh\" can never match") && w.contains("\"all-tcp\"")), "{w:?}");
+        assert!(w.iter().any(|w| w.contains("duplicate rule name \"ssh\"")), "{w:?}");
+        assert!(w.iter().any(|w| w.contains("200-100 is inverted")), "{w:?}");
+    }
+
+    #[test]
+    fn tcp_flags_in_both_notations() {
+        assert_eq!(parse_tcp_flags("syn !ack").unwrap(), TcpFlagsMatch { set: 0x02, clear: 0x10 });
+        assert_eq!(parse_tcp_flags("S/SA").unwrap(), TcpFlagsMatch { set: 0x02, clear: 0x10 });
+        assert!(parse_tcp_flags("syn !syn").is_err());
+        assert!(parse_tcp_flags("S/A").is_err());
+    }
+
+    #[test]
+    fn set_files_report_their_own_line() {
+        let dir = std::env::temp_dir().join(format!("xdpfw-rules-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("set.txt"), "# blocklist\n192.0.2.0/24\n\n  2001:db8::/33 # v6\n  10.0.0.300\n").unwrap();
+        let text = "default = \"pass\"\n[sets.b]\nfile = \"set.txt\"\n";
+        let e = parse(&dir.join("r.toml"), text).unwrap_err().to_string();
+        assert!(e.ends_with("set.txt:5:3: error: invalid address \"10.0.0.300\""), "{e}");
+        std::fs::write(dir.join("set.txt"), "192.0.2.0/24\n2001:db8::/33 # v6\n").unwrap();
+        let rs = parse(&dir.join("r.toml"), text).unwrap();
+        assert_eq!(rs.sets["b"].len(), 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -23,7 +23,7 @@ use parse::{Packet, ParseOutcome};
 use xdpfw_common::{
     absent, action, field, fields_layout::*, fragment_policy, Bitmap, FieldEntry, GlobalStats,
     Ipv4Data, Ipv6Data, PrefixValue, RuleMeta, RuleStats, RulesetHeader, BITMAP_WORDS, BUFFERS,
-    DEFAULT_RULE_SLOT, MAX_BITMAPS, MAX_PREFIXES, MAX_RULES, RULE_SLOTS,
+    BITMAP_ALL, DEFAULT_RULE_SLOT, MAX_BITMAPS, MAX_PREFIXES, MAX_RULES, RULE_SLOTS,
 };
 
 /// The current generation; `generation % 2` is the active buffer. Written by userspace with one
@@ -154,75 +154,74 @@ fn decide(ctx: &XdpContext, stats: &mut GlobalStats, len: u64) -> u32 {
     }
 }
 
-const FIELD_COUNT: usize = 7;
-
 /// First-match classification by bit vectors: each constrained field yields the bitmap of rules
 /// that field allows; the lowest bit set in their AND is the first matching rule.
+///
+/// A field the ruleset does not constrain is not looked up; its place in the AND is taken by
+/// the all-rules bitmap, so the AND loop has no branches (and the verifier no path explosion).
+/// Fields are separate locals, not an array: zero-initialised arrays become byte-by-byte memset
+/// loops on BPF, which cost more than the lookups themselves.
 #[inline(always)]
 fn classify(buffer: u32, header: &RulesetHeader, pkt: &Packet) -> Option<u32> {
     let fields = header.fields;
-    let mut ids = [0u32; FIELD_COUNT];
-    let mut n = 0usize;
-
-    if fields & field::SRC != 0 {
-        ids[n] = prefix_bitmap(buffer, header, pkt, true);
-        n += 1;
-    }
-    if fields & field::DST != 0 {
-        ids[n] = prefix_bitmap(buffer, header, pkt, false);
-        n += 1;
-    }
-    if fields & field::PROTO != 0 {
-        ids[n] = field_bitmap(buffer, PROTO_BASE + pkt.proto as u32);
-        n += 1;
-    }
-    if fields & field::SPORT != 0 {
-        ids[n] = if pkt.has_ports {
-            field_bitmap(buffer, SPORT_BASE + pkt.sport as u32)
-        } else {
-            header.absent[absent::SPORT]
-        };
-        n += 1;
-    }
-    if fields & field::DPORT != 0 {
-        ids[n] = if pkt.has_ports {
-            field_bitmap(buffer, DPORT_BASE + pkt.dport as u32)
-        } else {
-            header.absent[absent::DPORT]
-        };
-        n += 1;
-    }
-    if fields & field::ICMP != 0 {
-        ids[n] = if pkt.has_icmp {
-            field_bitmap(buffer, ICMP_BASE + pkt.icmp as u32)
-        } else {
-            header.absent[absent::ICMP]
-        };
-        n += 1;
-    }
-    if fields & field::TCP_FLAGS != 0 {
-        ids[n] = if pkt.has_tcp_flags {
-            field_bitmap(buffer, TCP_FLAGS_BASE + pkt.tcp_flags as u32)
-        } else {
-            header.absent[absent::TCP_FLAGS]
-        };
-        n += 1;
-    }
-    if n == 0 {
+    if fields == 0 {
         // No rule has any condition: the first rule, if any, matches everything.
         return if header.rule_count > 0 { Some(0) } else { None };
     }
-
-    let mut maps: [*const Bitmap; FIELD_COUNT] = [core::ptr::null(); FIELD_COUNT];
     let base = buffer * MAX_BITMAPS;
-    let mut i = 0;
-    while i < FIELD_COUNT {
-        if i >= n {
-            break;
-        }
-        maps[i] = BITMAPS.get_ptr(base + (ids[i] % MAX_BITMAPS))?;
-        i += 1;
-    }
+    let bitmap = |id: u32| BITMAPS.get(base + (id % MAX_BITMAPS));
+    let all = bitmap(BITMAP_ALL)?;
+    let src = if fields & field::SRC != 0 {
+        bitmap(prefix_bitmap(buffer, header, pkt, true))?
+    } else {
+        all
+    };
+    let dst = if fields & field::DST != 0 {
+        bitmap(prefix_bitmap(buffer, header, pkt, false))?
+    } else {
+        all
+    };
+    let proto = if fields & field::PROTO != 0 {
+        bitmap(field_bitmap(buffer, PROTO_BASE + pkt.proto as u32))?
+    } else {
+        all
+    };
+    let sport = if fields & field::SPORT != 0 {
+        bitmap(if pkt.has_ports {
+            field_bitmap(buffer, SPORT_BASE + pkt.sport as u32)
+        } else {
+            header.absent[absent::SPORT]
+        })?
+    } else {
+        all
+    };
+    let dport = if fields & field::DPORT != 0 {
+        bitmap(if pkt.has_ports {
+            field_bitmap(buffer, DPORT_BASE + pkt.dport as u32)
+        } else {
+            header.absent[absent::DPORT]
+        })?
+    } else {
+        all
+    };
+    let icmp = if fields & field::ICMP != 0 {
+        bitmap(if pkt.has_icmp {
+            field_bitmap(buffer, ICMP_BASE + pkt.icmp as u32)
+        } else {
+            header.absent[absent::ICMP]
+        })?
+    } else {
+        all
+    };
+    let flags = if fields & field::TCP_FLAGS != 0 {
+        bitmap(if pkt.has_tcp_flags {
+            field_bitmap(buffer, TCP_FLAGS_BASE + pkt.tcp_flags as u32)
+        } else {
+            header.absent[absent::TCP_FLAGS]
+        })?
+    } else {
+        all
+    };
 
     let words = if (header.bitmap_words as usize) < BITMAP_WORDS {
         header.bitmap_words as usize
@@ -234,16 +233,13 @@ fn classify(buffer: u32, header: &RulesetHeader, pkt: &Packet) -> Option<u32> {
         if w >= words {
             break;
         }
-        let mut acc = u64::MAX;
-        let mut i = 0;
-        while i < FIELD_COUNT {
-            if i >= n {
-                break;
-            }
-            // SAFETY: every pointer below `n` came from a successful map lookup above.
-            acc &= unsafe { (*maps[i]).words[w] };
-            i += 1;
-        }
+        let acc = src.words[w]
+            & dst.words[w]
+            & proto.words[w]
+            & sport.words[w]
+            & dport.words[w]
+            & icmp.words[w]
+            & flags.words[w];
         if acc != 0 {
             return Some((w as u32) * 64 + acc.trailing_zeros());
         }

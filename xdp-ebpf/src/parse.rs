@@ -211,8 +211,15 @@ fn parse_ipv6(ctx: &XdpContext, off: usize) -> Option<Packet> {
         }
         walked += 1;
         if walked >= MAX_IPV6_EXT {
-            // Too long a chain to find the transport header: refuse rather than pass unfiltered.
-            return None;
+            if matches!(
+                next,
+                IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT
+            ) {
+                // Too long a chain to find the transport header: refuse rather than pass unfiltered.
+                return None;
+            }
+            // Exactly MAX_IPV6_EXT headers: `next` is the transport protocol.
+            break;
         }
     }
     pkt.proto = next;
