@@ -16,10 +16,12 @@ pub mod map_names {
     pub const DST_V4: &str = "DST_V4";
     pub const SRC_V6: &str = "SRC_V6";
     pub const DST_V6: &str = "DST_V6";
+    pub const SRC_V4_DIR: &str = "SRC_V4_DIR";
+    pub const DST_V4_DIR: &str = "DST_V4_DIR";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
     pub const RULE_STATS: &str = "RULE_STATS";
     /// Every map the program owns, in a stable order (pinning, stats, leak checks).
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 13] = [
         ACTIVE,
         HEADERS,
         RULES,
@@ -29,6 +31,8 @@ pub mod map_names {
         DST_V4,
         SRC_V6,
         DST_V6,
+        SRC_V4_DIR,
+        DST_V4_DIR,
         GLOBAL_STATS,
         RULE_STATS,
     ];
@@ -84,6 +88,31 @@ pub mod field {
     pub const DPORT: u32 = 1 << 4;
     pub const ICMP: u32 = 1 << 5;
     pub const TCP_FLAGS: u32 = 1 << 6;
+    /// IPv4 source / destination prefixes are in the direct table (see [`dir`]), not the trie.
+    pub const SRC_V4_DIRECT: u32 = 1 << 7;
+    pub const DST_V4_DIRECT: u32 = 1 << 8;
+}
+
+/// The direct IPv4 table (DIR-24-8): one entry per /24, plus 256-entry chunks for the /24s that
+/// hold longer prefixes. Each entry is a bitmap id, or `CHUNK | n` naming chunk `n`. It replaces
+/// the LPM trie for large IPv4 prefix sets: one or two array reads instead of a trie walk.
+///
+/// Entries are u32, stored in a u64 array (mmapable arrays have an 8-byte stride): entry `i` is
+/// the low half of element `i / 2` when `i` is even, the high half when odd, which on a
+/// little-endian host is plain u32 indexing of the mapping.
+pub mod dir {
+    /// Entries indexed by the top 24 bits of the address.
+    pub const TOP_ENTRIES: u32 = 1 << 24;
+    pub const CHUNK_ENTRIES: u32 = 256;
+    pub const CHUNK: u32 = 1 << 31;
+    /// Chunks per table: /24s that contain a prefix longer than /24.
+    pub const MAX_CHUNKS: u32 = 1 << 18;
+    /// IPv4 prefix sets at least this large use the direct table.
+    pub const MIN_PREFIXES: usize = 4096;
+    /// u64 elements of a table with `chunks` chunks.
+    pub const fn elements(chunks: u32) -> u32 {
+        (TOP_ENTRIES + chunks * CHUNK_ENTRIES) / 2
+    }
 }
 
 /// Slots of [`RulesetHeader::absent`]: the bitmap used when the packet does not carry a field.

@@ -10,7 +10,7 @@ use std::{collections::HashMap, net::IpAddr, ops::RangeInclusive};
 use anyhow::{Result, bail};
 use xdpfw_common::{
     BITMAP_ALL, BITMAP_EMPTY, BITMAP_WORDS, Bitmap, FieldEntry, Ipv4Data, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES, RuleMeta,
-    RulesetHeader, absent, field, fields_layout::*, fragment_policy,
+    RulesetHeader, absent, dir, field, fields_layout::*, fragment_policy,
 };
 
 use crate::rules::{AddrList, FragmentPolicy, Rule, Ruleset};
@@ -27,12 +27,57 @@ pub struct Image {
     pub dst_v4: Vec<(u32, Ipv4Data, u32)>,
     pub src_v6: Vec<(u32, Ipv6Data, u32)>,
     pub dst_v6: Vec<(u32, Ipv6Data, u32)>,
+    /// Direct IPv4 tables (see `xdpfw_common::dir`) replacing `src_v4` / `dst_v4` when large.
+    pub src_v4_dir: Option<DirectTable>,
+    pub dst_v4_dir: Option<DirectTable>,
+}
+
+/// The u32 entries of a direct IPv4 table, and how many prefixes it stands for.
+pub struct DirectTable {
+    pub entries: Vec<u32>,
+    pub prefixes: usize,
+    pub chunks: u32,
 }
 
 impl Image {
+    /// Prefixes the kernel holds (trie entries, or the prefixes a direct table was built from).
     pub fn prefix_count(&self) -> usize {
-        self.src_v4.len() + self.dst_v4.len() + self.src_v6.len() + self.dst_v6.len()
+        let dir = |d: &Option<DirectTable>| d.as_ref().map_or(0, |d| d.prefixes);
+        self.src_v4.len() + self.dst_v4.len() + self.src_v6.len() + self.dst_v6.len() + dir(&self.src_v4_dir) + dir(&self.dst_v4_dir)
     }
+}
+
+/// Builds a direct table from longest-prefix-match entries: shorter prefixes first so longer
+/// ones overwrite them; /25–/32 go to a 256-entry chunk of their /24.
+fn direct_table(entries: &[(u32, Ipv4Data, u32)], miss_id: u32) -> Result<DirectTable> {
+    let mut sorted: Vec<(u32, u32, u32)> = entries.iter().map(|(l, a, id)| (*l, u32::from_be_bytes(*a), *id)).collect();
+    sorted.sort_unstable();
+    let mut top = vec![miss_id; dir::TOP_ENTRIES as usize];
+    let mut chunks: Vec<u32> = Vec::new();
+    for &(len, addr, id) in &sorted {
+        if len <= 24 {
+            let start = (addr >> 8) as usize;
+            top[start..start + (1usize << (24 - len))].fill(id);
+            continue;
+        }
+        let slot = (addr >> 8) as usize;
+        let chunk = if top[slot] & dir::CHUNK != 0 {
+            top[slot] & !dir::CHUNK
+        } else {
+            let n = (chunks.len() / dir::CHUNK_ENTRIES as usize) as u32;
+            if n >= dir::MAX_CHUNKS {
+                bail!("more than {} /24 networks hold prefixes longer than /24; the limit is {}", n, dir::MAX_CHUNKS);
+            }
+            chunks.extend(std::iter::repeat_n(top[slot], dir::CHUNK_ENTRIES as usize));
+            top[slot] = dir::CHUNK | n;
+            n
+        };
+        let start = (chunk * dir::CHUNK_ENTRIES + (addr & 0xff)) as usize;
+        chunks[start..start + (1usize << (32 - len))].fill(id);
+    }
+    let n = (chunks.len() / dir::CHUNK_ENTRIES as usize) as u32;
+    top.extend_from_slice(&chunks);
+    Ok(DirectTable { entries: top, prefixes: entries.len(), chunks: n })
 }
 
 /// Interns bitmaps so each distinct rule set is stored once. The reserved ids come first:
@@ -178,7 +223,18 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
             bitmaps.list.len()
         );
     }
-    let [src_v4, dst_v4] = tries;
+    let [mut src_v4, mut dst_v4] = tries;
+    let mut direct = |v4: &mut Vec<(u32, Ipv4Data, u32)>, bit: u32, slot: usize| -> Result<Option<DirectTable>> {
+        if v4.len() < dir::MIN_PREFIXES {
+            return Ok(None);
+        }
+        fields_used |= bit;
+        let table = direct_table(v4, absent_ids[slot])?;
+        v4.clear();
+        Ok(Some(table))
+    };
+    let src_v4_dir = direct(&mut src_v4, field::SRC_V4_DIRECT, absent::SRC)?;
+    let dst_v4_dir = direct(&mut dst_v4, field::DST_V4_DIRECT, absent::DST)?;
     let [src_v6, dst_v6] = tries6;
     for (name, n) in [("source IPv4", src_v4.len()), ("destination IPv4", dst_v4.len()), ("source IPv6", src_v6.len()), ("destination IPv6", dst_v6.len())] {
         if n > MAX_PREFIXES as usize {
@@ -209,6 +265,8 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
         dst_v4,
         src_v6,
         dst_v6,
+        src_v4_dir,
+        dst_v4_dir,
     })
 }
 

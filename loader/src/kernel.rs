@@ -13,7 +13,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        ArrayOfMaps, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues,
+        Array, ArrayOfMaps, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues,
         lpm_trie::Key,
     },
     programs::{Xdp, XdpMode, links::FdLink, links::PinnedLink},
@@ -22,10 +22,10 @@ use aya::{
 use xdpfw_common::{
     BUFFERS, Bitmap, FieldEntry, GlobalStats, Ipv4Data, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES,
     MAX_RULES, PROGRAM_NAME, PrefixValue, RULE_SLOTS, RuleMeta, RuleStats, RulesetHeader,
-    fields_layout::FIELDS_PER_BUFFER, map_names,
+    dir, fields_layout::FIELDS_PER_BUFFER, map_names,
 };
 
-use crate::compile::Image;
+use crate::compile::{DirectTable, Image};
 
 /// The XDP object, built by build.rs with the pinned eBPF toolchain.
 pub static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdpfw"));
@@ -180,7 +180,8 @@ pub struct MmapArray<T> {
     ptr: NonNull<T>,
     len: usize,
     bytes: usize,
-    _map: MapData,
+    /// The mapping itself keeps the map alive; this keeps its fd too when we own it.
+    _map: Option<MapData>,
 }
 
 // SAFETY: the mapping is process-wide shared memory; access is coordinated by the reload lock.
@@ -188,6 +189,12 @@ unsafe impl<T> Send for MmapArray<T> {}
 
 impl<T: Copy> MmapArray<T> {
     fn new(map: MapData) -> Result<Self> {
+        let mut m = Self::map(&map)?;
+        m._map = Some(map);
+        Ok(m)
+    }
+
+    fn map(map: &MapData) -> Result<Self> {
         // Mmapable arrays store elements at an 8-byte stride; every shared type is a multiple of 8.
         assert!(size_of::<T>() % 8 == 0);
         let len = map.info()?.max_entries() as usize;
@@ -207,7 +214,7 @@ impl<T: Copy> MmapArray<T> {
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error()).context("mmap of a BPF array");
         }
-        Ok(Self { ptr: NonNull::new(ptr.cast()).expect("mmap returned null"), len, bytes, _map: map })
+        Ok(Self { ptr: NonNull::new(ptr.cast()).expect("mmap returned null"), len, bytes, _map: None })
     }
 
     pub fn len(&self) -> usize {
@@ -258,8 +265,36 @@ pub struct Maps {
     dst_v4: ArrayOfMaps<MapData, TrieV4>,
     src_v6: ArrayOfMaps<MapData, TrieV6>,
     dst_v6: ArrayOfMaps<MapData, TrieV6>,
+    src_v4_dir: ArrayOfMaps<MapData, DirArray>,
+    dst_v4_dir: ArrayOfMaps<MapData, DirArray>,
     global_stats: PerCpuArray<MapData, GlobalStats>,
     rule_stats: PerCpuArray<MapData, RuleStats>,
+}
+
+type DirArray = Array<MapData, u64>;
+const DIR_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;
+const BPF_F_INNER_MAP: u32 = 1 << 12;
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// A direct IPv4 table as a new map, filled through its mapping; a one-element placeholder when
+/// the ruleset has none (the slot must hold a map of the right type, not a 64 MiB one).
+fn dir_array(table: Option<&DirectTable>) -> Result<DirArray> {
+    let Some(table) = table else {
+        return Ok(DirArray::create(1, DIR_FLAGS)?);
+    };
+    let elements = dir::elements(table.chunks);
+    // Created as raw MapData (not Array::create) so this process can map it before handing it over.
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    let obj = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, 8, elements, DIR_FLAGS);
+    let data = MapData::create(obj, "xdpfw_v4_dir", None)?;
+    let mut map = MmapArray::<u64>::map(&data)?;
+    let words = map.range_mut(0, elements as usize);
+    // Entry i is the low half of element i/2 when even: u32 order on a little-endian host.
+    const _: () = assert!(cfg!(target_endian = "little"), "the direct table layout assumes little-endian");
+    for (w, pair) in words.iter_mut().zip(table.entries.chunks_exact(2)) {
+        *w = pair[0] as u64 | (pair[1] as u64) << 32;
+    }
+    Ok(DirArray::try_from(Map::from_map_data(data)?)?)
 }
 
 /// Time spent in each part of writing a buffer.
@@ -291,6 +326,8 @@ impl Maps {
             dst_v4: ArrayOfMaps::try_from(Map::from_map_data(get(DST_V4)?)?)?,
             src_v6: ArrayOfMaps::try_from(Map::from_map_data(get(SRC_V6)?)?)?,
             dst_v6: ArrayOfMaps::try_from(Map::from_map_data(get(DST_V6)?)?)?,
+            src_v4_dir: ArrayOfMaps::try_from(Map::from_map_data(get(SRC_V4_DIR)?)?)?,
+            dst_v4_dir: ArrayOfMaps::try_from(Map::from_map_data(get(DST_V4_DIR)?)?)?,
             global_stats: PerCpuArray::try_from(Map::from_map_data(get(GLOBAL_STATS)?)?)?,
             rule_stats: PerCpuArray::try_from(Map::from_map_data(get(RULE_STATS)?)?)?,
         })
@@ -331,6 +368,8 @@ impl Maps {
         self.dst_v4.set(buffer, &trie_v4(&image.dst_v4)?, 0)?;
         self.src_v6.set(buffer, &trie_v6(&image.src_v6)?, 0)?;
         self.dst_v6.set(buffer, &trie_v6(&image.dst_v6)?, 0)?;
+        self.src_v4_dir.set(buffer, &dir_array(image.src_v4_dir.as_ref())?, 0)?;
+        self.dst_v4_dir.set(buffer, &dir_array(image.dst_v4_dir.as_ref())?, 0)?;
         let tries_us = start.elapsed().as_micros() as u64;
 
         self.zero_rule_stats(buffer)?;
@@ -366,6 +405,8 @@ impl Maps {
         self.dst_v4.set(buffer, &trie_v4(&[])?, 0)?;
         self.src_v6.set(buffer, &trie_v6(&[])?, 0)?;
         self.dst_v6.set(buffer, &trie_v6(&[])?, 0)?;
+        self.src_v4_dir.set(buffer, &dir_array(None)?, 0)?;
+        self.dst_v4_dir.set(buffer, &dir_array(None)?, 0)?;
         Ok(())
     }
 

@@ -13,15 +13,15 @@
 mod parse;
 
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_F_MMAPABLE},
-    btf_maps::{ArrayOfMaps, LpmTrie},
+    bindings::{xdp_action, BPF_F_INNER_MAP, BPF_F_MMAPABLE},
+    btf_maps::{Array as BtfArray, ArrayOfMaps, LpmTrie},
     macros::{btf_map, map, xdp},
     maps::{lpm_trie::Key, Array, PerCpuArray},
     programs::XdpContext,
 };
 use parse::{Packet, ParseOutcome};
 use xdpfw_common::{
-    absent, action, field, fields_layout::*, fragment_policy, Bitmap, FieldEntry, GlobalStats,
+    absent, action, dir, field, fields_layout::*, fragment_policy, Bitmap, FieldEntry, GlobalStats,
     Ipv4Data, Ipv6Data, PrefixValue, RuleMeta, RuleStats, RulesetHeader, BITMAP_WORDS, BUFFERS,
     BITMAP_ALL, DEFAULT_RULE_SLOT, MAX_BITMAPS, MAX_PREFIXES, MAX_RULES, RULE_SLOTS,
 };
@@ -57,6 +57,14 @@ static DST_V4: ArrayOfMaps<TrieV4, { BUFFERS as usize }> = ArrayOfMaps::new();
 static SRC_V6: ArrayOfMaps<TrieV6, { BUFFERS as usize }> = ArrayOfMaps::new();
 #[btf_map]
 static DST_V6: ArrayOfMaps<TrieV6, { BUFFERS as usize }> = ArrayOfMaps::new();
+
+// The direct IPv4 tables, one slot per buffer, used instead of the IPv4 tries for large sets.
+// Inner maps differ in size (BPF_F_INNER_MAP) with the number of chunks they need.
+type DirTable = BtfArray<u64, 1, { (BPF_F_INNER_MAP | BPF_F_MMAPABLE) as usize }>;
+#[btf_map]
+static SRC_V4_DIR: ArrayOfMaps<DirTable, { BUFFERS as usize }> = ArrayOfMaps::new();
+#[btf_map]
+static DST_V4_DIR: ArrayOfMaps<DirTable, { BUFFERS as usize }> = ArrayOfMaps::new();
 
 #[map(name = "GLOBAL_STATS")]
 static GLOBAL_STATS: PerCpuArray<GlobalStats> = PerCpuArray::with_max_entries(1, 0);
@@ -263,10 +271,21 @@ fn prefix_bitmap(buffer: u32, header: &RulesetHeader, pkt: &Packet, source: bool
     } else {
         (absent::DST, &pkt.dst)
     };
+    let direct = if source { field::SRC_V4_DIRECT } else { field::DST_V4_DIRECT };
     let found = if pkt.is_v6 {
         let trie = if source { &SRC_V6 } else { &DST_V6 };
         trie.get(buffer)
             .and_then(|t| t.get(&Key::new(128, *addr)).map(|v| v.bitmap))
+    } else if header.fields & direct != 0 {
+        let table = if source { &SRC_V4_DIR } else { &DST_V4_DIR };
+        let a = u32::from_be_bytes([addr[0], addr[1], addr[2], addr[3]]);
+        table.get(buffer).and_then(|t| {
+            let top = dir_entry(t, a >> 8)?;
+            if top & dir::CHUNK == 0 {
+                return Some(top);
+            }
+            dir_entry(t, dir::TOP_ENTRIES + (top & !dir::CHUNK) * dir::CHUNK_ENTRIES + (a & 0xff))
+        })
     } else {
         let trie = if source { &SRC_V4 } else { &DST_V4 };
         let v4: Ipv4Data = [addr[0], addr[1], addr[2], addr[3]];
@@ -274,6 +293,13 @@ fn prefix_bitmap(buffer: u32, header: &RulesetHeader, pkt: &Packet, source: bool
             .and_then(|t| t.get(&Key::new(32, v4)).map(|v| v.bitmap))
     };
     found.unwrap_or(header.absent[slot])
+}
+
+/// Entry `i` of a direct table (two u32 entries per u64 element, low half first).
+#[inline(always)]
+fn dir_entry(table: &DirTable, i: u32) -> Option<u32> {
+    let pair = *table.get(i / 2)?;
+    Some(if i & 1 == 0 { pair as u32 } else { (pair >> 32) as u32 })
 }
 
 #[cfg(not(test))]
