@@ -12,8 +12,6 @@ pub mod map_names {
     pub const RULES: &str = "RULES";
     pub const FIELDS: &str = "FIELDS";
     pub const BITMAPS: &str = "BITMAPS";
-    pub const SRC_V4: &str = "SRC_V4";
-    pub const DST_V4: &str = "DST_V4";
     pub const SRC_V6: &str = "SRC_V6";
     pub const DST_V6: &str = "DST_V6";
     pub const SRC_V4_DIR: &str = "SRC_V4_DIR";
@@ -21,14 +19,12 @@ pub mod map_names {
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
     pub const RULE_STATS: &str = "RULE_STATS";
     /// Every map the program owns, in a stable order (pinning, stats, leak checks).
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 11] = [
         ACTIVE,
         HEADERS,
         RULES,
         FIELDS,
         BITMAPS,
-        SRC_V4,
-        DST_V4,
         SRC_V6,
         DST_V6,
         SRC_V4_DIR,
@@ -53,7 +49,7 @@ pub const MAX_BITMAPS: u32 = 32768;
 /// Bitmap ids every buffer reserves: the empty set and the set of all rules.
 pub const BITMAP_EMPTY: u32 = 0;
 pub const BITMAP_ALL: u32 = 1;
-/// Prefixes per LPM trie (one trie each for source/destination × IPv4/IPv6, per buffer).
+/// Prefixes per IPv6 LPM trie (one each for source and destination, per buffer).
 pub const MAX_PREFIXES: u32 = 2 * 1024 * 1024;
 
 /// Map flags of the LPM tries (BPF_F_NO_PREALLOC, which the kernel requires for them).
@@ -88,27 +84,24 @@ pub mod field {
     pub const DPORT: u32 = 1 << 4;
     pub const ICMP: u32 = 1 << 5;
     pub const TCP_FLAGS: u32 = 1 << 6;
-    /// IPv4 source / destination prefixes are in the direct table (see [`dir`]), not the trie.
-    pub const SRC_V4_DIRECT: u32 = 1 << 7;
-    pub const DST_V4_DIRECT: u32 = 1 << 8;
 }
 
-/// The direct IPv4 table (DIR-24-8): one entry per /24, plus 256-entry chunks for the /24s that
-/// hold longer prefixes. Each entry is a bitmap id, or `CHUNK | n` naming chunk `n`. It replaces
-/// the LPM trie for large IPv4 prefix sets: one or two array reads instead of a trie walk.
+/// The direct IPv4 table (DIR-16-8-8), which IPv4 prefixes use instead of an LPM trie: one entry
+/// per /16, then 256-entry chunks for the /16s that hold longer prefixes (indexed by the third
+/// octet) and for the /24s that hold prefixes longer than /24 (by the fourth). Each entry is a
+/// bitmap id, or `CHUNK | n` naming chunk `n`. A lookup is one to three array reads, whatever the
+/// number of prefixes, instead of a walk down a trie; memory grows only with the chunks used.
 ///
 /// Entries are u32, stored in a u64 array (mmapable arrays have an 8-byte stride): entry `i` is
 /// the low half of element `i / 2` when `i` is even, the high half when odd, which on a
 /// little-endian host is plain u32 indexing of the mapping.
 pub mod dir {
-    /// Entries indexed by the top 24 bits of the address.
-    pub const TOP_ENTRIES: u32 = 1 << 24;
+    /// Entries indexed by the top 16 bits of the address.
+    pub const TOP_ENTRIES: u32 = 1 << 16;
     pub const CHUNK_ENTRIES: u32 = 256;
     pub const CHUNK: u32 = 1 << 31;
-    /// Chunks per table: /24s that contain a prefix longer than /24.
+    /// Chunks per table (a 1M-prefix routing-table-like set needs a few tens of thousands).
     pub const MAX_CHUNKS: u32 = 1 << 18;
-    /// IPv4 prefix sets at least this large use the direct table.
-    pub const MIN_PREFIXES: usize = 4096;
     /// u64 elements of a table with `chunks` chunks.
     pub const fn elements(chunks: u32) -> u32 {
         (TOP_ENTRIES + chunks * CHUNK_ENTRIES) / 2
@@ -173,10 +166,18 @@ pub struct RuleMeta {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Bitmap {
     pub words: [u64; BITMAP_WORDS],
+    /// Bit `w` is set when `words[w]` is not zero. The kernel ANDs the summaries first and
+    /// reads only the words that can hold a match (usually none, or one).
+    pub summary: u64,
 }
 
 impl Bitmap {
-    pub const EMPTY: Bitmap = Bitmap { words: [0; BITMAP_WORDS] };
+    pub const EMPTY: Bitmap = Bitmap { words: [0; BITMAP_WORDS], summary: 0 };
+
+    pub fn set(&mut self, rule: usize) {
+        self.words[rule / 64] |= 1 << (rule % 64);
+        self.summary |= 1 << (rule / 64);
+    }
 }
 
 /// An entry of the FIELDS array. Padded to 8 bytes because mmapable arrays store every element
@@ -188,15 +189,13 @@ pub struct FieldEntry {
     pub _pad: u32,
 }
 
-/// Value of the LPM tries: the bitmap of rules whose prefix condition an address satisfies.
+/// Value of the IPv6 LPM tries: the bitmap of rules whose prefix condition an address satisfies.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PrefixValue {
     pub bitmap: u32,
 }
 
-/// The LPM trie key data for IPv4: the address in network byte order.
-pub type Ipv4Data = [u8; 4];
 /// The LPM trie key data for IPv6: the address in network byte order.
 pub type Ipv6Data = [u8; 16];
 
@@ -235,7 +234,8 @@ pub struct RuleStats {
 const _: () = {
     assert!(core::mem::size_of::<RulesetHeader>() == 56);
     assert!(core::mem::size_of::<RuleMeta>() == 8);
-    assert!(core::mem::size_of::<Bitmap>() == 8 * BITMAP_WORDS);
+    assert!(core::mem::size_of::<Bitmap>() == 8 * BITMAP_WORDS + 8);
+    assert!(BITMAP_WORDS <= 64);
     assert!(core::mem::size_of::<FieldEntry>() == 8);
     assert!(core::mem::size_of::<PrefixValue>() == 4);
     assert!(core::mem::size_of::<GlobalStats>() == 96);

@@ -9,7 +9,7 @@ use std::{collections::HashMap, net::IpAddr, ops::RangeInclusive};
 
 use anyhow::{Result, bail};
 use xdpfw_common::{
-    BITMAP_ALL, BITMAP_EMPTY, BITMAP_WORDS, Bitmap, FieldEntry, Ipv4Data, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES, RuleMeta,
+    BITMAP_ALL, BITMAP_EMPTY, BITMAP_WORDS, Bitmap, FieldEntry, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES, RuleMeta,
     RulesetHeader, absent, dir, field, fields_layout::*, fragment_policy,
 };
 
@@ -22,17 +22,16 @@ pub struct Image {
     pub bitmaps: Vec<Bitmap>,
     /// The whole FIELDS table of one buffer (`FIELDS_PER_BUFFER` entries).
     pub fields: Vec<FieldEntry>,
-    /// `(prefix length, network address, bitmap id)` for each trie.
-    pub src_v4: Vec<(u32, Ipv4Data, u32)>,
-    pub dst_v4: Vec<(u32, Ipv4Data, u32)>,
+    /// IPv4 prefixes, as direct tables (see `xdpfw_common::dir`).
+    pub src_v4: Option<DirectTable>,
+    pub dst_v4: Option<DirectTable>,
+    /// IPv6 prefixes, `(prefix length, network address, bitmap id)` for each trie.
     pub src_v6: Vec<(u32, Ipv6Data, u32)>,
     pub dst_v6: Vec<(u32, Ipv6Data, u32)>,
-    /// Direct IPv4 tables (see `xdpfw_common::dir`) replacing `src_v4` / `dst_v4` when large.
-    pub src_v4_dir: Option<DirectTable>,
-    pub dst_v4_dir: Option<DirectTable>,
 }
 
-/// The u32 entries of a direct IPv4 table, and how many prefixes it stands for.
+/// The u32 entries of a direct IPv4 table (top level, then chunks), and how many
+/// longest-prefix-match entries it was built from.
 pub struct DirectTable {
     pub entries: Vec<u32>,
     pub prefixes: usize,
@@ -40,44 +39,50 @@ pub struct DirectTable {
 }
 
 impl Image {
-    /// Prefixes the kernel holds (trie entries, or the prefixes a direct table was built from).
+    /// Prefixes the kernel holds after merging (IPv6 trie entries plus IPv4 table prefixes).
     pub fn prefix_count(&self) -> usize {
         let dir = |d: &Option<DirectTable>| d.as_ref().map_or(0, |d| d.prefixes);
-        self.src_v4.len() + self.dst_v4.len() + self.src_v6.len() + self.dst_v6.len() + dir(&self.src_v4_dir) + dir(&self.dst_v4_dir)
+        dir(&self.src_v4) + dir(&self.dst_v4) + self.src_v6.len() + self.dst_v6.len()
     }
 }
 
-/// Builds a direct table from longest-prefix-match entries: shorter prefixes first so longer
-/// ones overwrite them; /25–/32 go to a 256-entry chunk of their /24.
-fn direct_table(entries: &[(u32, Ipv4Data, u32)], miss_id: u32) -> Result<DirectTable> {
-    let mut sorted: Vec<(u32, u32, u32)> = entries.iter().map(|(l, a, id)| (*l, u32::from_be_bytes(*a), *id)).collect();
+/// Builds a direct table from longest-prefix-match entries `(address, length, bitmap id)`
+/// (address in the top 32 bits of a u128). Shorter prefixes are written first so longer ones
+/// overwrite them; a prefix longer than /16 (/24) goes into the chunk of its /16 (/24), created
+/// from the entry it refines.
+fn direct_table(entries: &[(u128, u8, u32)], miss_id: u32) -> Result<DirectTable> {
+    let mut sorted: Vec<(u8, u32, u32)> = entries.iter().map(|&(a, l, id)| (l, (a >> 96) as u32, id)).collect();
     sorted.sort_unstable();
-    let mut top = vec![miss_id; dir::TOP_ENTRIES as usize];
-    let mut chunks: Vec<u32> = Vec::new();
-    for &(len, addr, id) in &sorted {
-        if len <= 24 {
-            let start = (addr >> 8) as usize;
-            top[start..start + (1usize << (24 - len))].fill(id);
-            continue;
-        }
-        let slot = (addr >> 8) as usize;
-        let chunk = if top[slot] & dir::CHUNK != 0 {
-            top[slot] & !dir::CHUNK
-        } else {
-            let n = (chunks.len() / dir::CHUNK_ENTRIES as usize) as u32;
-            if n >= dir::MAX_CHUNKS {
-                bail!("more than {} /24 networks hold prefixes longer than /24; the limit is {}", n, dir::MAX_CHUNKS);
+    let mut t = vec![miss_id; dir::TOP_ENTRIES as usize];
+    let mut chunks = 0u32;
+    // The chunk under entry `slot`, made on first use from the value it refines.
+    let mut chunk_at = |t: &mut Vec<u32>, slot: usize| -> Result<usize> {
+        if t[slot] & dir::CHUNK == 0 {
+            if chunks >= dir::MAX_CHUNKS {
+                bail!("the IPv4 prefixes need more than {} table chunks", dir::MAX_CHUNKS);
             }
-            chunks.extend(std::iter::repeat_n(top[slot], dir::CHUNK_ENTRIES as usize));
-            top[slot] = dir::CHUNK | n;
-            n
+            let inherited = t[slot];
+            t.extend(std::iter::repeat_n(inherited, dir::CHUNK_ENTRIES as usize));
+            t[slot] = dir::CHUNK | chunks;
+            chunks += 1;
+        }
+        Ok((dir::TOP_ENTRIES + (t[slot] & !dir::CHUNK) * dir::CHUNK_ENTRIES) as usize)
+    };
+    for (len, addr, id) in sorted {
+        let top = (addr >> 16) as usize;
+        let (start, count) = if len <= 16 {
+            (top, 1usize << (16 - len))
+        } else {
+            let second = chunk_at(&mut t, top)? + ((addr >> 8) & 0xff) as usize;
+            if len <= 24 {
+                (second, 1usize << (24 - len))
+            } else {
+                (chunk_at(&mut t, second)? + (addr & 0xff) as usize, 1usize << (32 - len))
+            }
         };
-        let start = (chunk * dir::CHUNK_ENTRIES + (addr & 0xff)) as usize;
-        chunks[start..start + (1usize << (32 - len))].fill(id);
+        t[start..start + count].fill(id);
     }
-    let n = (chunks.len() / dir::CHUNK_ENTRIES as usize) as u32;
-    top.extend_from_slice(&chunks);
-    Ok(DirectTable { entries: top, prefixes: entries.len(), chunks: n })
+    Ok(DirectTable { entries: t, prefixes: entries.len(), chunks })
 }
 
 /// Interns bitmaps so each distinct rule set is stored once. The reserved ids come first:
@@ -110,7 +115,7 @@ impl Bitmaps {
 }
 
 fn set_bit(bm: &mut Bitmap, rule: usize) {
-    bm.words[rule / 64] |= 1 << (rule % 64);
+    bm.set(rule);
 }
 
 fn union(a: &Bitmap, b: &Bitmap) -> Bitmap {
@@ -118,6 +123,7 @@ fn union(a: &Bitmap, b: &Bitmap) -> Bitmap {
     for (o, w) in out.words.iter_mut().zip(b.words.iter()) {
         *o |= w;
     }
+    out.summary |= b.summary;
     out
 }
 
@@ -140,7 +146,7 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
     let mut table = vec![FieldEntry::default(); FIELDS_PER_BUFFER as usize];
 
     // Address fields: LPM tries.
-    let mut tries = [Vec::new(), Vec::new()];
+    let mut tries = [None, None];
     let mut tries6 = [Vec::new(), Vec::new()];
     for (slot, (bit, get)) in [
         (field::SRC, (|r: &Rule| r.src.as_ref()) as fn(&Rule) -> Option<&AddrList>),
@@ -156,7 +162,8 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
         let base = unconstrained(rules, |r| get(r).is_some());
         absent_ids[if slot == 0 { absent::SRC } else { absent::DST }] = bitmaps.intern(base);
         let (v4, v6) = prefix_tables(rules, get, &base, &mut bitmaps);
-        tries[slot] = v4;
+        let miss = bitmaps.intern(base);
+        tries[slot] = Some(direct_table(&v4, miss)?);
         tries6[slot] = v6;
     }
 
@@ -223,20 +230,9 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
             bitmaps.list.len()
         );
     }
-    let [mut src_v4, mut dst_v4] = tries;
-    let mut direct = |v4: &mut Vec<(u32, Ipv4Data, u32)>, bit: u32, slot: usize| -> Result<Option<DirectTable>> {
-        if v4.len() < dir::MIN_PREFIXES {
-            return Ok(None);
-        }
-        fields_used |= bit;
-        let table = direct_table(v4, absent_ids[slot])?;
-        v4.clear();
-        Ok(Some(table))
-    };
-    let src_v4_dir = direct(&mut src_v4, field::SRC_V4_DIRECT, absent::SRC)?;
-    let dst_v4_dir = direct(&mut dst_v4, field::DST_V4_DIRECT, absent::DST)?;
+    let [src_v4, dst_v4] = tries;
     let [src_v6, dst_v6] = tries6;
-    for (name, n) in [("source IPv4", src_v4.len()), ("destination IPv4", dst_v4.len()), ("source IPv6", src_v6.len()), ("destination IPv6", dst_v6.len())] {
+    for (name, n) in [("source IPv6", src_v6.len()), ("destination IPv6", dst_v6.len())] {
         if n > MAX_PREFIXES as usize {
             bail!("{}: {n} {name} prefixes after merging; the limit is {MAX_PREFIXES}", rs.path.display());
         }
@@ -265,8 +261,6 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
         dst_v4,
         src_v6,
         dst_v6,
-        src_v4_dir,
-        dst_v4_dir,
     })
 }
 
@@ -300,15 +294,16 @@ fn fill_ranges(ranges: &[Option<Vec<RangeInclusive<u32>>>], base: &Bitmap, bitma
     }
 }
 
-/// Builds the IPv4 and IPv6 tries of one address field. Each prefix's bitmap is the rules that
+/// Builds the longest-prefix-match entries of one address field, for IPv4 and IPv6. Each prefix's bitmap is the rules that
 /// name it or any prefix containing it, plus the unconstrained rules, so the longest match alone
 /// is the answer. A prefix whose bitmap equals its parent's adds nothing and is left out.
+#[expect(clippy::type_complexity, reason = "the two families' entries, each in its kernel form")]
 fn prefix_tables(
     rules: &[Rule],
     get: fn(&Rule) -> Option<&AddrList>,
     base: &Bitmap,
     bitmaps: &mut Bitmaps,
-) -> (Vec<(u32, Ipv4Data, u32)>, Vec<(u32, Ipv6Data, u32)>) {
+) -> (Vec<(u128, u8, u32)>, Vec<(u32, Ipv6Data, u32)>) {
     // (address as u128 in the family's top bits, prefix length, is_v6, rule)
     let mut entries: Vec<(bool, u128, u8, u32)> = Vec::new();
     for (i, r) in rules.iter().enumerate() {
@@ -363,7 +358,7 @@ fn prefix_tables(
             v4.push((addr, len, id));
         }
     }
-    let v4 = merge_siblings(v4, base_id).into_iter().map(|(a, l, id)| (l as u32, ((a >> 96) as u32).to_be_bytes(), id)).collect();
+    let v4 = merge_siblings(v4, base_id);
     let v6 = merge_siblings(v6, base_id).into_iter().map(|(a, l, id)| (l as u32, a.to_be_bytes(), id)).collect();
     (v4, v6)
 }
@@ -433,10 +428,12 @@ mod tests {
             "#,
         );
         // 10.1.0.0/16 selects the same rules as 10.0.0.0/8, so only /8 and /24 remain.
-        assert_eq!(img.src_v4.len(), 2);
-        let by_len: HashMap<u32, u32> = img.src_v4.iter().map(|(l, _, id)| (*l, *id)).collect();
-        assert_eq!(img.bitmaps[by_len[&8] as usize].words[0], 0b01);
-        assert_eq!(img.bitmaps[by_len[&24] as usize].words[0], 0b11);
+        let t = img.src_v4.as_ref().unwrap();
+        assert_eq!(t.prefixes, 2);
+        let at = |a: [u8; 4]| lookup_direct(t, u32::from_be_bytes(a));
+        assert_eq!(img.bitmaps[at([10, 9, 9, 9]) as usize].words[0], 0b01);
+        assert_eq!(img.bitmaps[at([10, 1, 2, 3]) as usize].words[0], 0b11);
+        assert_eq!(img.bitmaps[at([11, 0, 0, 1]) as usize].words[0], 0b00);
     }
 
     /// The longest-prefix-match answer of a table, by brute force.
@@ -446,6 +443,44 @@ mod tests {
             .filter(|(a, l, _)| *l == 0 || (a ^ addr) >> (128 - *l as u32) == 0)
             .max_by_key(|(_, l, _)| *l)
             .map_or(miss, |e| e.2)
+    }
+
+    /// The kernel's lookup, in Rust.
+    fn lookup_direct(t: &DirectTable, a: u32) -> u32 {
+        let chunk = |e: u32, byte: u32| (dir::TOP_ENTRIES + (e & !dir::CHUNK) * dir::CHUNK_ENTRIES + (byte & 0xff)) as usize;
+        let mut e = t.entries[(a >> 16) as usize];
+        if e & dir::CHUNK != 0 {
+            e = t.entries[chunk(e, a >> 8)];
+            if e & dir::CHUNK != 0 {
+                e = t.entries[chunk(e, a)];
+            }
+        }
+        e
+    }
+
+    #[test]
+    fn direct_table_answers_like_longest_prefix_match() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for _ in 0..50 {
+            let mut table: Vec<(u128, u8, u32)> = Vec::new();
+            for _ in 0..rng.random_range(1..60) {
+                let len = rng.random_range(0..=32u8);
+                // Few distinct top bits so prefixes nest.
+                let a: u32 = (rng.random::<u32>() & 0x0301_0f0f) | 0x0a00_0000;
+                let a = if len == 0 { 0 } else { a & (u32::MAX << (32 - len)) };
+                let addr = (a as u128) << 96;
+                if !table.iter().any(|e| e.0 == addr && e.1 == len) {
+                    table.push((addr, len, rng.random_range(2..9)));
+                }
+            }
+            let t = direct_table(&table, 1).unwrap();
+            for _ in 0..2000 {
+                let a: u32 = (rng.random::<u32>() & 0x0301_0f0f) | 0x0a00_0000;
+                let a = if rng.random_bool(0.1) { rng.random() } else { a };
+                assert_eq!(lookup_direct(&t, a), lpm(&table, (a as u128) << 96, 1), "{table:?} {a:#x}");
+            }
+        }
     }
 
     #[test]
@@ -479,8 +514,8 @@ mod tests {
             src = ["192.0.2.0/25", "192.0.2.128/25", "198.51.100.0/24", "198.51.101.0/24"]
             "#,
         );
-        let got: Vec<(u32, [u8; 4])> = img.src_v4.iter().map(|(l, a, _)| (*l, *a)).collect();
-        assert_eq!(got, vec![(24, [192, 0, 2, 0]), (23, [198, 51, 100, 0])]);
+        // Two prefixes remain: 192.0.2.0/24 and 198.51.100.0/23.
+        assert_eq!(img.src_v4.as_ref().unwrap().prefixes, 2);
     }
 
     #[test]
@@ -494,7 +529,7 @@ mod tests {
         );
         assert_eq!(img.header.fields, field::DST);
         assert_eq!(img.dst_v6.len(), 1);
-        assert!(img.src_v4.is_empty());
+        assert!(img.src_v4.is_none());
     }
 
     #[test]

@@ -20,7 +20,7 @@ use aya::{
     util::nr_cpus,
 };
 use xdpfw_common::{
-    BUFFERS, Bitmap, FieldEntry, GlobalStats, Ipv4Data, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES,
+    BUFFERS, Bitmap, FieldEntry, GlobalStats, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES,
     MAX_RULES, PROGRAM_NAME, PrefixValue, RULE_SLOTS, RuleMeta, RuleStats, RulesetHeader,
     dir, fields_layout::FIELDS_PER_BUFFER, map_names,
 };
@@ -251,7 +251,6 @@ impl<T> Drop for MmapArray<T> {
     }
 }
 
-type TrieV4 = LpmTrie<MapData, Ipv4Data, PrefixValue>;
 type TrieV6 = LpmTrie<MapData, Ipv6Data, PrefixValue>;
 
 /// Every map of one firewall instance.
@@ -261,12 +260,10 @@ pub struct Maps {
     rules: MmapArray<RuleMeta>,
     fields: MmapArray<FieldEntry>,
     bitmaps: MmapArray<Bitmap>,
-    src_v4: ArrayOfMaps<MapData, TrieV4>,
-    dst_v4: ArrayOfMaps<MapData, TrieV4>,
     src_v6: ArrayOfMaps<MapData, TrieV6>,
     dst_v6: ArrayOfMaps<MapData, TrieV6>,
-    src_v4_dir: ArrayOfMaps<MapData, DirArray>,
-    dst_v4_dir: ArrayOfMaps<MapData, DirArray>,
+    src_v4: ArrayOfMaps<MapData, DirArray>,
+    dst_v4: ArrayOfMaps<MapData, DirArray>,
     global_stats: PerCpuArray<MapData, GlobalStats>,
     rule_stats: PerCpuArray<MapData, RuleStats>,
 }
@@ -322,12 +319,10 @@ impl Maps {
             rules: MmapArray::new(get(RULES)?)?,
             fields: MmapArray::new(get(FIELDS)?)?,
             bitmaps: MmapArray::new(get(BITMAPS)?)?,
-            src_v4: ArrayOfMaps::try_from(Map::from_map_data(get(SRC_V4)?)?)?,
-            dst_v4: ArrayOfMaps::try_from(Map::from_map_data(get(DST_V4)?)?)?,
             src_v6: ArrayOfMaps::try_from(Map::from_map_data(get(SRC_V6)?)?)?,
             dst_v6: ArrayOfMaps::try_from(Map::from_map_data(get(DST_V6)?)?)?,
-            src_v4_dir: ArrayOfMaps::try_from(Map::from_map_data(get(SRC_V4_DIR)?)?)?,
-            dst_v4_dir: ArrayOfMaps::try_from(Map::from_map_data(get(DST_V4_DIR)?)?)?,
+            src_v4: ArrayOfMaps::try_from(Map::from_map_data(get(SRC_V4_DIR)?)?)?,
+            dst_v4: ArrayOfMaps::try_from(Map::from_map_data(get(DST_V4_DIR)?)?)?,
             global_stats: PerCpuArray::try_from(Map::from_map_data(get(GLOBAL_STATS)?)?)?,
             rule_stats: PerCpuArray::try_from(Map::from_map_data(get(RULE_STATS)?)?)?,
         })
@@ -364,12 +359,10 @@ impl Maps {
         let arrays_us = start.elapsed().as_micros() as u64;
 
         let start = std::time::Instant::now();
-        self.src_v4.set(buffer, &trie_v4(&image.src_v4)?, 0)?;
-        self.dst_v4.set(buffer, &trie_v4(&image.dst_v4)?, 0)?;
         self.src_v6.set(buffer, &trie_v6(&image.src_v6)?, 0)?;
         self.dst_v6.set(buffer, &trie_v6(&image.dst_v6)?, 0)?;
-        self.src_v4_dir.set(buffer, &dir_array(image.src_v4_dir.as_ref())?, 0)?;
-        self.dst_v4_dir.set(buffer, &dir_array(image.dst_v4_dir.as_ref())?, 0)?;
+        self.src_v4.set(buffer, &dir_array(image.src_v4.as_ref())?, 0)?;
+        self.dst_v4.set(buffer, &dir_array(image.dst_v4.as_ref())?, 0)?;
         let tries_us = start.elapsed().as_micros() as u64;
 
         self.zero_rule_stats(buffer)?;
@@ -401,12 +394,10 @@ impl Maps {
         self.headers.range_mut(b, 1)[0] = RulesetHeader::default();
         // Swapping in empty tries releases the old ones in one update each: the kernel frees a
         // retired trie asynchronously, so even a 1M-prefix buffer costs no long syscall here.
-        self.src_v4.set(buffer, &trie_v4(&[])?, 0)?;
-        self.dst_v4.set(buffer, &trie_v4(&[])?, 0)?;
         self.src_v6.set(buffer, &trie_v6(&[])?, 0)?;
         self.dst_v6.set(buffer, &trie_v6(&[])?, 0)?;
-        self.src_v4_dir.set(buffer, &dir_array(None)?, 0)?;
-        self.dst_v4_dir.set(buffer, &dir_array(None)?, 0)?;
+        self.src_v4.set(buffer, &dir_array(None)?, 0)?;
+        self.dst_v4.set(buffer, &dir_array(None)?, 0)?;
         Ok(())
     }
 
@@ -453,14 +444,6 @@ impl Maps {
             })
             .collect()
     }
-}
-
-fn trie_v4(prefixes: &[(u32, Ipv4Data, u32)]) -> Result<TrieV4> {
-    let mut trie = TrieV4::create(MAX_PREFIXES, xdpfw_common::LPM_FLAGS)?;
-    for (len, addr, bitmap) in prefixes {
-        trie.insert(&Key::new(*len, *addr), &PrefixValue { bitmap: *bitmap }, 0)?;
-    }
-    Ok(trie)
 }
 
 fn trie_v6(prefixes: &[(u32, Ipv6Data, u32)]) -> Result<TrieV6> {

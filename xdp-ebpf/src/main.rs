@@ -22,7 +22,7 @@ use aya_ebpf::{
 use parse::{Packet, ParseOutcome};
 use xdpfw_common::{
     absent, action, dir, field, fields_layout::*, fragment_policy, Bitmap, FieldEntry, GlobalStats,
-    Ipv4Data, Ipv6Data, PrefixValue, RuleMeta, RuleStats, RulesetHeader, BITMAP_WORDS, BUFFERS,
+    Ipv6Data, PrefixValue, RuleMeta, RuleStats, RulesetHeader, BITMAP_WORDS, BUFFERS,
     BITMAP_ALL, DEFAULT_RULE_SLOT, MAX_BITMAPS, MAX_PREFIXES, MAX_RULES, RULE_SLOTS,
 };
 
@@ -44,21 +44,16 @@ static FIELDS: Array<FieldEntry> =
 #[map(name = "BITMAPS")]
 static BITMAPS: Array<Bitmap> = Array::with_max_entries(BUFFERS * MAX_BITMAPS, BPF_F_MMAPABLE);
 
-type TrieV4 = LpmTrie<Ipv4Data, PrefixValue, { MAX_PREFIXES as usize }>;
 type TrieV6 = LpmTrie<Ipv6Data, PrefixValue, { MAX_PREFIXES as usize }>;
 
 // One slot per buffer. A reload fills a brand-new trie and swaps it into the inactive slot, so a
 // trie is never modified while packets can read it, and retiring one is a single map update.
 #[btf_map]
-static SRC_V4: ArrayOfMaps<TrieV4, { BUFFERS as usize }> = ArrayOfMaps::new();
-#[btf_map]
-static DST_V4: ArrayOfMaps<TrieV4, { BUFFERS as usize }> = ArrayOfMaps::new();
-#[btf_map]
 static SRC_V6: ArrayOfMaps<TrieV6, { BUFFERS as usize }> = ArrayOfMaps::new();
 #[btf_map]
 static DST_V6: ArrayOfMaps<TrieV6, { BUFFERS as usize }> = ArrayOfMaps::new();
 
-// The direct IPv4 tables, one slot per buffer, used instead of the IPv4 tries for large sets.
+// The direct IPv4 tables (see xdpfw_common::dir), one slot per buffer, swapped like the tries.
 // Inner maps differ in size (BPF_F_INNER_MAP) with the number of chunks they need.
 type DirTable = BtfArray<u64, 1, { (BPF_F_INNER_MAP | BPF_F_MMAPABLE) as usize }>;
 #[btf_map]
@@ -231,16 +226,16 @@ fn classify(buffer: u32, header: &RulesetHeader, pkt: &Packet) -> Option<u32> {
         all
     };
 
-    let words = if (header.bitmap_words as usize) < BITMAP_WORDS {
-        header.bitmap_words as usize
-    } else {
-        BITMAP_WORDS
-    };
-    let mut w = 0;
-    while w < BITMAP_WORDS {
-        if w >= words {
+    // Only words set in every summary can hold a match; visit them lowest (highest priority)
+    // first. The summaries have at most BITMAP_WORDS bits, so this loop runs at most that often.
+    let mut candidates =
+        src.summary & dst.summary & proto.summary & sport.summary & dport.summary & icmp.summary & flags.summary;
+    let mut i = 0;
+    while i < BITMAP_WORDS {
+        if candidates == 0 {
             break;
         }
+        let w = (candidates.trailing_zeros() as usize) & (BITMAP_WORDS - 1);
         let acc = src.words[w]
             & dst.words[w]
             & proto.words[w]
@@ -251,7 +246,8 @@ fn classify(buffer: u32, header: &RulesetHeader, pkt: &Packet) -> Option<u32> {
         if acc != 0 {
             return Some((w as u32) * 64 + acc.trailing_zeros());
         }
-        w += 1;
+        candidates &= candidates - 1;
+        i += 1;
     }
     None
 }
@@ -271,26 +267,24 @@ fn prefix_bitmap(buffer: u32, header: &RulesetHeader, pkt: &Packet, source: bool
     } else {
         (absent::DST, &pkt.dst)
     };
-    let direct = if source { field::SRC_V4_DIRECT } else { field::DST_V4_DIRECT };
     let found = if pkt.is_v6 {
         let trie = if source { &SRC_V6 } else { &DST_V6 };
         trie.get(buffer)
             .and_then(|t| t.get(&Key::new(128, *addr)).map(|v| v.bitmap))
-    } else if header.fields & direct != 0 {
+    } else {
         let table = if source { &SRC_V4_DIR } else { &DST_V4_DIR };
         let a = u32::from_be_bytes([addr[0], addr[1], addr[2], addr[3]]);
         table.get(buffer).and_then(|t| {
-            let top = dir_entry(t, a >> 8)?;
-            if top & dir::CHUNK == 0 {
-                return Some(top);
+            let chunk = |e: u32, byte: u32| dir::TOP_ENTRIES + (e & !dir::CHUNK) * dir::CHUNK_ENTRIES + (byte & 0xff);
+            let mut e = dir_entry(t, a >> 16)?;
+            if e & dir::CHUNK != 0 {
+                e = dir_entry(t, chunk(e, a >> 8))?;
+                if e & dir::CHUNK != 0 {
+                    e = dir_entry(t, chunk(e, a))?;
+                }
             }
-            dir_entry(t, dir::TOP_ENTRIES + (top & !dir::CHUNK) * dir::CHUNK_ENTRIES + (a & 0xff))
+            Some(e)
         })
-    } else {
-        let trie = if source { &SRC_V4 } else { &DST_V4 };
-        let v4: Ipv4Data = [addr[0], addr[1], addr[2], addr[3]];
-        trie.get(buffer)
-            .and_then(|t| t.get(&Key::new(32, v4)).map(|v| v.bitmap))
     };
     found.unwrap_or(header.absent[slot])
 }
