@@ -30,10 +30,19 @@ struct Row {
     name: String,
     prefixes: usize,
     rules: usize,
-    ns: f64,
-    plain_ns: Option<f64>,
+    m: Measure,
     compile_ms: Option<f64>,
     install_ms: Option<f64>,
+}
+
+/// Medians over frames; each frame runs through the floor, the classifier and (when given) the
+/// plain program back to back, so the ratios compare runs made under the same machine noise.
+struct Measure {
+    ns: f64,
+    floor_ns: f64,
+    x_floor: f64,
+    plain_ns: Option<f64>,
+    x_plain: Option<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -41,18 +50,42 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn run_prog(ebpf: &mut Ebpf, name: &str, frames: &[Vec<u8>], repeat: u32) -> Result<f64> {
+fn run_one(ebpf: &mut Ebpf, name: &str, frame: &[u8], repeat: u32) -> Result<f64> {
     let prog: &mut Xdp = ebpf.program_mut(name).ok_or_else(|| anyhow!("no {name}"))?.try_into()?;
-    let mut per_frame = Vec::with_capacity(frames.len());
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut out);
+    opts.repeat = repeat;
+    Ok(prog.test_run(opts)?.duration.as_nanos() as f64)
+}
+
+struct Peers {
+    floor: Ebpf,
+    plain: Ebpf,
+}
+
+fn measure(fw: &mut PrivateProgram, peers: &mut Peers, frames: &[Vec<u8>], repeat: u32, with_plain: bool) -> Result<Measure> {
+    let (mut ns, mut floor, mut xf, mut plain, mut xp) = (vec![], vec![], vec![], vec![], vec![]);
     for f in frames {
-        let mut out = vec![0u8; f.len() + 256];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(f);
-        opts.data_out = Some(&mut out);
-        opts.repeat = repeat;
-        per_frame.push(prog.test_run(opts)?.duration.as_nanos() as f64);
+        let a = run_one(&mut peers.floor, "floor", f, repeat)?;
+        let b = fw.run_repeat(f, repeat)?.1.as_nanos() as f64;
+        ns.push(b);
+        floor.push(a);
+        xf.push(b / a);
+        if with_plain {
+            let c = run_one(&mut peers.plain, "plain_lpm", f, repeat)?;
+            plain.push(c);
+            xp.push(b / c);
+        }
     }
-    Ok(median(per_frame))
+    Ok(Measure {
+        ns: median(ns),
+        floor_ns: median(floor),
+        x_floor: median(xf),
+        plain_ns: with_plain.then(|| median(plain)),
+        x_plain: with_plain.then(|| median(xp)),
+    })
 }
 
 fn load(object: &[u8], name: &str) -> Result<Ebpf> {
@@ -135,67 +168,73 @@ fn main() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("xdpfw-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
 
-    let mut floor = load(FLOOR, "floor")?;
-    let mut plain = load(PLAIN_LPM, "plain_lpm")?;
+    let mut peers = Peers { floor: load(FLOOR, "floor")?, plain: load(PLAIN_LPM, "plain_lpm")? };
     let mut fw = PrivateProgram::load()?;
     let mut rows = Vec::new();
-
     let all = random_prefixes(&mut rng, big);
-    let probe = frames(&mut rng, &all);
-    let floor_ns = run_prog(&mut floor, "floor", &probe, repeat)?;
-    rows.push(Row { name: "empty XDP program (floor)".into(), prefixes: 0, rules: 0, ns: floor_ns, plain_ns: None, compile_ms: None, install_ms: None });
 
-    let mut plain_at = std::collections::HashMap::new();
-    for &n in scales {
-        let set = &all[..n];
-        // The plain program over the same prefixes.
-        let mut trie: LpmTrie<_, [u8; 4], u32> = LpmTrie::try_from(plain.map_mut("PLAIN_V4").context("PLAIN_V4")?)?;
+    let set_plain = |peers: &mut Peers, set: &[(Ipv4Addr, u8)]| -> Result<()> {
+        let mut trie: LpmTrie<_, [u8; 4], u32> = LpmTrie::try_from(peers.plain.map_mut("PLAIN_V4").context("PLAIN_V4")?)?;
         for k in trie.keys().collect::<Result<Vec<_>, _>>()? {
             trie.remove(&k)?;
         }
         for (net, len) in set {
             trie.insert(&Key::new(*len as u32, net.octets()), &1, 0)?;
         }
+        Ok(())
+    };
+    for &n in scales {
+        let set = &all[..n];
+        set_plain(&mut peers, set)?;
         let f = frames(&mut rng, set);
-        let plain_ns = run_prog(&mut plain, "plain_lpm", &f, repeat)?;
-        plain_at.insert(n, plain_ns);
-
-        let (compile_ms, install_ms, ns) = classifier(&mut fw, &dir, set, "", &f, repeat)?;
-        rows.push(Row { name: format!("classifier, {n} prefixes, 1 rule"), prefixes: n, rules: 1, ns, plain_ns: Some(plain_ns), compile_ms: Some(compile_ms), install_ms: Some(install_ms) });
+        let (compile_ms, install_ms) = install(&mut fw, &dir, set, "")?;
+        let m = measure(&mut fw, &mut peers, &f, repeat, true)?;
+        rows.push(Row { name: format!("{n} prefixes, 1 rule"), prefixes: n, rules: 1, m, compile_ms: Some(compile_ms), install_ms: Some(install_ms) });
     }
     let set = &all[..big];
+    set_plain(&mut peers, set)?;
     let f = frames(&mut rng, set);
     for &k in rule_counts {
         let extra = structured_rules(&mut rng, k);
-        let (compile_ms, install_ms, ns) = classifier(&mut fw, &dir, set, &extra, &f, repeat)?;
-        rows.push(Row { name: format!("classifier, {big} prefixes + {k} rules"), prefixes: big, rules: k + 1, ns, plain_ns: plain_at.get(&big).copied(), compile_ms: Some(compile_ms), install_ms: Some(install_ms) });
+        let (compile_ms, install_ms) = install(&mut fw, &dir, set, &extra)?;
+        let m = measure(&mut fw, &mut peers, &f, repeat, true)?;
+        rows.push(Row { name: format!("{big} prefixes + {k} rules"), prefixes: big, rules: k + 1, m, compile_ms: Some(compile_ms), install_ms: Some(install_ms) });
     }
-    // A ruleset without ports does no port lookup: compare with one that has them.
-    let (_, _, ns_noports) = classifier_text(&mut fw, "default = \"pass\"\n[[rule]]\naction = \"drop\"\nsrc = [\"10.0.0.0/8\"]\n", &f, repeat)?;
-    let (_, _, ns_ports) = classifier_text(&mut fw, "default = \"pass\"\n[[rule]]\naction = \"drop\"\nsrc = [\"10.0.0.0/8\"]\nproto = \"tcp\"\ndport = \"1-30000\"\nsport = \"1-30000\"\n", &f, repeat)?;
-    rows.push(Row { name: "classifier, src prefix only (no port lookups)".into(), prefixes: 1, rules: 1, ns: ns_noports, plain_ns: None, compile_ms: None, install_ms: None });
-    rows.push(Row { name: "classifier, src prefix + proto + ports".into(), prefixes: 1, rules: 1, ns: ns_ports, plain_ns: None, compile_ms: None, install_ms: None });
+    // The fast path pays only for the fields a ruleset uses: add them one at a time.
+    let mut conditions = String::new();
+    for (label, cond) in [
+        ("src", "src = [\"10.0.0.0/8\"]\n"),
+        ("+ dst", "dst = [\"192.168.0.0/16\"]\n"),
+        ("+ proto", "proto = \"tcp\"\n"),
+        ("+ dport", "dport = \"1-30000\"\n"),
+        ("+ sport", "sport = \"1-30000\"\n"),
+        ("+ tcp_flags", "tcp_flags = \"syn\"\n"),
+    ] {
+        conditions.push_str(cond);
+        let text = format!("default = \"pass\"\n[[rule]]\naction = \"drop\"\n{conditions}");
+        install_text(&mut fw, &dir, &text)?;
+        let m = measure(&mut fw, &mut peers, &f, repeat, false)?;
+        rows.push(Row { name: format!("one rule on: {label}"), prefixes: 1, rules: 1, m, compile_ms: None, install_ms: None });
+    }
 
     let mut table = String::new();
-    let _ = writeln!(table, "{:<52} {:>9} {:>8} {:>9} {:>11} {:>11}", "program", "ns/pkt", "x floor", "x plain", "compile ms", "install ms");
+    let _ = writeln!(table, "{:<40} {:>8} {:>8} {:>8} {:>9} {:>8} {:>11} {:>11}", "classifier ruleset", "ns/pkt", "floor ns", "x floor", "plain ns", "x plain", "compile ms", "install ms");
     for r in &rows {
         let opt = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:.p$}"));
+        let m = &r.m;
         let _ = writeln!(
             table,
-            "{:<52} {:>9.1} {:>8.2} {:>9} {:>11} {:>11}",
-            r.name,
-            r.ns,
-            r.ns / floor_ns,
-            opt(r.plain_ns.map(|p| r.ns / p), 2),
-            opt(r.compile_ms, 0),
-            opt(r.install_ms, 0)
+            "{:<40} {:>8.1} {:>8.1} {:>8.2} {:>9} {:>8} {:>11} {:>11}",
+            r.name, m.ns, m.floor_ns, m.x_floor, opt(m.plain_ns, 1), opt(m.x_plain, 2), opt(r.compile_ms, 0), opt(r.install_ms, 0)
         );
     }
     print!("{table}");
-    println!("(BPF_PROG_TEST_RUN, {repeat} repeats x {FRAMES} distinct frames, median of per-frame means; plain = one LPM lookup over the same prefixes)");
+    println!("BPF_PROG_TEST_RUN, {repeat} repeats per frame, {FRAMES} distinct frames (half inside the prefix set).");
+    println!("Medians over frames; floor = an empty XDP program, plain = one LPM lookup over the same prefixes,");
+    println!("each run back to back with the classifier on the same frame; x = median of per-frame ratios.");
     let json: Vec<_> = rows
         .iter()
-        .map(|r| serde_json::json!({"name": r.name, "prefixes": r.prefixes, "rules": r.rules, "ns_per_packet": r.ns, "ratio_to_floor": r.ns / floor_ns, "plain_ns": r.plain_ns, "compile_ms": r.compile_ms, "install_ms": r.install_ms}))
+        .map(|r| serde_json::json!({"ruleset": r.name, "prefixes": r.prefixes, "rules": r.rules, "ns_per_packet": r.m.ns, "floor_ns": r.m.floor_ns, "ratio_to_floor": r.m.x_floor, "plain_ns": r.m.plain_ns, "ratio_to_plain": r.m.x_plain, "compile_ms": r.compile_ms, "install_ms": r.install_ms}))
         .collect();
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&out)?;
@@ -206,22 +245,18 @@ fn main() -> Result<()> {
 }
 
 /// Writes the prefixes as a set file, builds a ruleset dropping them plus `extra` rules, and
-/// measures compile, install and classification.
-fn classifier(fw: &mut PrivateProgram, dir: &std::path::Path, set: &[(Ipv4Addr, u8)], extra: &str, f: &[Vec<u8>], repeat: u32) -> Result<(f64, f64, f64)> {
+/// installs it; returns compile (parse included) and install times.
+fn install(fw: &mut PrivateProgram, dir: &std::path::Path, set: &[(Ipv4Addr, u8)], extra: &str) -> Result<(f64, f64)> {
     let mut text = String::with_capacity(set.len() * 18);
     for (net, len) in set {
         let _ = writeln!(text, "{net}/{len}");
     }
     std::fs::write(dir.join("set.txt"), text)?;
     let src = if set.is_empty() { String::new() } else { "[sets.big]\nfile = \"set.txt\"\n[[rule]]\nname = \"big\"\naction = \"drop\"\nsrc = [\"@big\"]\n".to_string() };
-    classifier_text_at(fw, dir, &format!("default = \"pass\"\n{src}\n{extra}"), f, repeat)
+    install_text(fw, dir, &format!("default = \"pass\"\n{src}\n{extra}"))
 }
 
-fn classifier_text(fw: &mut PrivateProgram, text: &str, f: &[Vec<u8>], repeat: u32) -> Result<(f64, f64, f64)> {
-    classifier_text_at(fw, &std::env::temp_dir(), text, f, repeat)
-}
-
-fn classifier_text_at(fw: &mut PrivateProgram, dir: &std::path::Path, text: &str, f: &[Vec<u8>], repeat: u32) -> Result<(f64, f64, f64)> {
+fn install_text(fw: &mut PrivateProgram, dir: &std::path::Path, text: &str) -> Result<(f64, f64)> {
     let path = dir.join("bench.toml");
     std::fs::write(&path, text)?;
     let t = Instant::now();
@@ -230,12 +265,7 @@ fn classifier_text_at(fw: &mut PrivateProgram, dir: &std::path::Path, text: &str
     let compile_ms = ms(t.elapsed());
     let t = Instant::now();
     fw.activate(&image)?;
-    let install_ms = ms(t.elapsed());
-    let mut per_frame = Vec::new();
-    for frame in f {
-        per_frame.push(fw.run_repeat(frame, repeat)?.1.as_nanos() as f64);
-    }
-    Ok((compile_ms, install_ms, median(per_frame)))
+    Ok((compile_ms, ms(t.elapsed())))
 }
 
 fn ms(d: Duration) -> f64 {
