@@ -191,3 +191,72 @@ fn default_drop_never_cuts_arp_or_neighbour_discovery() {
     assert_eq!(rule_packets(&s, "echo-v4"), 2);
     assert_eq!(rule_packets(&s, "echo-v6"), 2);
 }
+
+#[test]
+fn failing_self_tests_abort_the_reload_before_the_flip() {
+    let t = attached("prv", "services.toml");
+    let dir = std::env::temp_dir().join(format!("xdpfw-prove-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Closes udp/9001, but claims in its self-test that 9001 still passes.
+    let bad = dir.join("wrong-test.toml");
+    std::fs::write(
+        &bad,
+        "version = \"wrong\"\ndefault = \"pass\"\n[[rule]]\nname = \"close-9001\"\naction = \"drop\"\nproto = \"udp\"\ndport = 9001\n\n[[test]]\npacket = \"udp 192.0.2.1:5000 -> 192.0.2.2:9001\"\nexpect = \"pass\"\n",
+    )
+    .unwrap();
+    let check = Command::new(loader_bin()).args(["check", &bad.to_string_lossy()]).output().unwrap();
+    assert_eq!(check.status.code(), Some(3), "check runs the self-tests in the reference matcher");
+    let out = loader(&t.server_ns, &["reload", &bad.to_string_lossy(), "--iface", &t.server_if]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("wrong-test.toml:10:10") && err.contains("self-test") && err.contains("the kernel gives drop"), "{err}");
+    assert_eq!(stats(&t)["generation"], 1, "nothing was flipped");
+    assert_eq!(udp_delivered(&t, sa(SERVER_V4, 9001), 20), 20, "the old rules still serve");
+
+    // A ruleset whose self-tests hold goes live, and the reload reports them.
+    let good = rules("services.toml");
+    let out = loader_ok(&t.server_ns, &["reload", &good, "--iface", &t.server_if, "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["times"]["self_tests"], 3);
+    assert_eq!(report["generation"], 2);
+    // The probe copy counted nothing into the live counters.
+    assert_eq!(stats(&t)["global"]["dropped"], 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn concurrent_reloads_are_serialized() {
+    let t = attached("cnc", "udp-7000-closed.toml");
+    // Eight reloads at once: each waits for the lock, none is lost, generations advance by one each.
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let (ns, iface) = (t.server_ns.clone(), t.server_if.clone());
+            let file = rules(if i % 2 == 0 { "udp-7001-closed.toml" } else { "udp-7000-closed.toml" });
+            std::thread::spawn(move || loader(&ns, &["reload", &file, "--iface", &iface, "--json"]))
+        })
+        .collect();
+    let mut generations: Vec<u64> = handles
+        .into_iter()
+        .map(|h| {
+            let out = h.join().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["generation"].as_u64().unwrap()
+        })
+        .collect();
+    generations.sort();
+    assert_eq!(generations, (2..=9).collect::<Vec<_>>());
+    assert_eq!(stats(&t)["generation"], 9);
+
+    // While another holder keeps the lock, a reload that may not wait fails clearly and changes nothing.
+    let lock = std::fs::File::options().write(true).open(format!("/run/xdpfw/{}.lock", t.server_if)).unwrap();
+    nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map(|held| {
+            let out = loader(&t.server_ns, &["reload", &rules("udp-7001-closed.toml"), "--iface", &t.server_if, "--lock-wait", "0"]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1));
+            assert!(err.contains("another reload") && err.contains("in progress"), "{err}");
+            drop(held);
+        })
+        .unwrap_or_else(|(_, e)| panic!("could not take the lock: {e}"));
+    assert_eq!(stats(&t)["generation"], 9);
+}

@@ -119,6 +119,46 @@ fn random_prefixes(rng: &mut StdRng, n: usize) -> Vec<(Ipv4Addr, u8)> {
     out
 }
 
+/// `n` distinct IPv6 prefixes, /32 to /64, inside 2001:db8::/32 and 2001:db9::/32.
+fn random_prefixes_v6(rng: &mut StdRng, n: usize) -> Vec<(std::net::Ipv6Addr, u8)> {
+    let mut seen = std::collections::HashSet::with_capacity(n);
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let len: u8 = [32, 40, 48, 48, 48, 56, 64][rng.random_range(0..7)];
+        let base: u128 = if rng.random_bool(0.5) { 0x2001_0db8 << 96 } else { 0x2001_0db9 << 96 };
+        let addr = (base | (rng.random::<u128>() >> 32)) & (u128::MAX << (128 - len as u32));
+        if seen.insert((addr, len)) {
+            out.push((addr.into(), len));
+        }
+    }
+    out
+}
+
+fn frames_v6(rng: &mut StdRng, prefixes: &[(std::net::Ipv6Addr, u8)]) -> Vec<Vec<u8>> {
+    (0..FRAMES)
+        .map(|i| {
+            let src: u128 = if i % 2 == 0 {
+                let (net, len) = prefixes[rng.random_range(0..prefixes.len())];
+                u128::from(net) | (rng.random::<u128>() >> len)
+            } else {
+                0x2001_0db7 << 96 | rng.random::<u32>() as u128
+            };
+            PacketSpec {
+                proto: 6,
+                src: std::net::Ipv6Addr::from(src).into(),
+                dst: "2001:db8:ffff::1".parse::<std::net::Ipv6Addr>().unwrap().into(),
+                sport: rng.random_range(1024..65535),
+                dport: 443,
+                tcp_flags: 0x02,
+                icmp_type: 0,
+                icmp_code: 0,
+                fragment: false,
+            }
+            .to_frame()
+        })
+        .collect()
+}
+
 fn structured_rules(rng: &mut StdRng, k: usize) -> String {
     let mut s = String::new();
     for i in 0..k {
@@ -200,6 +240,18 @@ fn main() -> Result<()> {
         let m = measure(&mut fw, &mut peers, &f, repeat, true)?;
         rows.push(Row { name: format!("{big} prefixes + {k} rules"), prefixes: big, rules: k + 1, m, compile_ms: Some(compile_ms), install_ms: Some(install_ms) });
     }
+    // IPv6 at the same scale: the trie path (compile and install times, ns on IPv6 frames).
+    let v6 = random_prefixes_v6(&mut rng, big);
+    let mut text = String::with_capacity(v6.len() * 24);
+    for (net, len) in &v6 {
+        let _ = writeln!(text, "{net}/{len}");
+    }
+    std::fs::write(dir.join("set6.txt"), text)?;
+    let (compile_ms, install_ms) = install_text(&mut fw, &dir, "default = \"pass\"\n[sets.big6]\nfile = \"set6.txt\"\n[[rule]]\naction = \"drop\"\nsrc = [\"@big6\"]\n")?;
+    let f6 = frames_v6(&mut rng, &v6);
+    let m = measure(&mut fw, &mut peers, &f6, repeat, false)?;
+    rows.push(Row { name: format!("{big} IPv6 prefixes, 1 rule"), prefixes: big, rules: 1, m, compile_ms: Some(compile_ms), install_ms: Some(install_ms) });
+
     // The fast path pays only for the fields a ruleset uses: add them one at a time.
     let mut conditions = String::new();
     for (label, cond) in [

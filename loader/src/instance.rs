@@ -21,6 +21,7 @@ use crate::{
     grace::{self, GraceMethod},
     kernel::{self, AttachMode, Maps},
     rules::{self, Ruleset},
+    testrun,
 };
 
 pub fn state_root() -> PathBuf {
@@ -65,6 +66,9 @@ pub struct ReloadTimes {
     pub lock_wait_us: u64,
     pub install_arrays_us: u64,
     pub install_tries_us: u64,
+    /// Self-tests run in the kernel against the inactive buffer before the flip.
+    pub self_tests: usize,
+    pub prove_us: u64,
     pub flip_us: u64,
     pub grace_us: u64,
     pub clear_us: u64,
@@ -306,6 +310,26 @@ pub fn reload(inst: &Instance, path: &Path, opts: &ReloadOptions) -> Result<Relo
     let installed = maps.install(buffer, generation, &image)?;
     times.install_arrays_us = installed.arrays_us;
     times.install_tries_us = installed.tries_us;
+
+    // Prove the new ruleset where it will run: its own [[test]] packets through a copy of the
+    // program that reads the inactive buffer. A failure leaves the active ruleset untouched.
+    if !ruleset.tests.is_empty() {
+        let t = Instant::now();
+        let mut probe = kernel::load_probe(&inst.pin_dir)?;
+        let mut run = |frame: &[u8]| Ok(testrun::run_frame(&mut probe, frame, 1)?.0);
+        let failures = testrun::self_test_failures(&ruleset, Some(&mut run))?;
+        if let Some(first) = ruleset.tests.first()
+            && !failures.is_empty()
+        {
+            return Err(rules::RulesError {
+                location: first.location.clone(),
+                message: format!("{} of {} self-tests failed; the rules were not applied:\n  {}", failures.len(), ruleset.tests.len(), failures.join("\n  ")),
+            }
+            .into());
+        }
+        times.prove_us = us(t.elapsed());
+        times.self_tests = ruleset.tests.len();
+    }
 
     let t = Instant::now();
     maps.flip(generation)?;

@@ -97,6 +97,24 @@ pub fn load_program(dir: &Path) -> Result<Ebpf> {
     Ok(ebpf)
 }
 
+/// Loads the probe copy of the program: it shares the pinned maps in `dir` with the attached
+/// program, reads the inactive buffer, and is never attached (reload self-tests run through it).
+pub fn load_probe(dir: &Path) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    let paths: Vec<(&str, PathBuf)> = map_names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader.override_global("PROBE", &1u32, true);
+    let mut ebpf = loader.load(PROGRAM_OBJECT).context("loading the probe program")?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(PROGRAM_NAME)
+        .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing from the object"))?
+        .try_into()?;
+    prog.load().map_err(verifier_error)?;
+    Ok(ebpf)
+}
+
 /// Loads the program into the kernel without pinning anything (kernel tests, benchmarks,
 /// `explain --kernel`): the returned handle owns private maps.
 pub fn load_private() -> Result<(Ebpf, Maps)> {

@@ -154,10 +154,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     r.ruleset.prefixes
                 );
                 println!(
-                    "  parse {}us  compile {}us  install {}us  flip {}us  grace {}us ({:?})  clear {}us  total {}us",
+                    "  parse {}us  compile {}us  install {}us  prove {}us ({} self-tests)  flip {}us  grace {}us ({:?})  clear {}us  total {}us",
                     t.parse_us,
                     t.compile_us,
                     t.install_arrays_us + t.install_tries_us,
+                    t.prove_us,
+                    t.self_tests,
                     t.flip_us,
                     t.grace_us,
                     r.grace_method,
@@ -185,6 +187,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let image = compile(&rs)?;
             for w in &rs.warnings {
                 eprintln!("{w}");
+            }
+            let failures = xdpfw::testrun::self_test_failures(&rs, None)?;
+            if !failures.is_empty() {
+                for f in &failures {
+                    eprintln!("{f}");
+                }
+                eprintln!("{}: {} of {} self-tests failed", file.display(), failures.len(), rs.tests.len());
+                return Ok(ExitCode::from(EXIT_INVALID_RULES));
             }
             println!(
                 "{}: ok: {} rules, {} prefixes ({} trie entries after merging), {} bitmaps, {} tests",

@@ -14,7 +14,8 @@ use xdpfw_common::{BUFFERS, PROGRAM_NAME, action};
 use crate::{
     compile::Image,
     kernel::{self, Maps},
-    rules::Action,
+    matcher,
+    rules::{Action, Ruleset},
 };
 
 pub struct PrivateProgram {
@@ -53,17 +54,52 @@ impl PrivateProgram {
 
     /// Runs `frame` `repeat` times in the kernel; returns the action and the mean time per run.
     pub fn run_repeat(&mut self, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or_else(|| anyhow!("program missing"))?
-            .try_into()?;
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        opts.repeat = repeat;
-        let r = prog.test_run(opts).context("BPF_PROG_TEST_RUN")?;
-        Ok((r.return_value, r.duration))
+        run_frame(&mut self.ebpf, frame, repeat)
     }
+}
+
+/// Runs `frame` through the firewall program of `ebpf` `repeat` times (BPF_PROG_TEST_RUN).
+pub fn run_frame(ebpf: &mut Ebpf, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(PROGRAM_NAME)
+        .ok_or_else(|| anyhow!("program missing"))?
+        .try_into()?;
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut out);
+    opts.repeat = repeat;
+    let r = prog.test_run(opts).context("BPF_PROG_TEST_RUN")?;
+    Ok((r.return_value, r.duration))
+}
+
+/// The verdicts of a rules file's `[[test]]` packets that do not match what they expect:
+/// `run` gives the kernel's XDP action for a frame (`None` checks the reference matcher only).
+pub fn self_test_failures(
+    rs: &Ruleset,
+    mut run: Option<&mut dyn FnMut(&[u8]) -> Result<u32>>,
+) -> Result<Vec<String>> {
+    let mut failures = Vec::new();
+    for t in &rs.tests {
+        let d = matcher::decide(rs, &t.packet);
+        let mut problems = Vec::new();
+        if d.action != t.expect {
+            problems.push(format!("the rules give {} ({})", d.action, d.rule_name.as_deref().unwrap_or("no rule")));
+        }
+        if let Some(want) = &t.rule
+            && d.rule_name.as_deref() != Some(want.as_str())
+        {
+            problems.push(format!("decided by {}, not rule \"{want}\"", d.rule_name.as_deref().map_or("the default".to_string(), |n| format!("rule \"{n}\""))));
+        }
+        if let Some(run) = run.as_mut() {
+            let kernel = if run(&t.packet.to_frame())? == action::DROP { Action::Drop } else { Action::Pass };
+            if kernel != t.expect {
+                problems.push(format!("the kernel gives {kernel}"));
+            }
+        }
+        if !problems.is_empty() {
+            failures.push(format!("{}: self-test \"{}\" expects {}: {}", t.location, t.text, t.expect, problems.join("; ")));
+        }
+    }
+    Ok(failures)
 }

@@ -61,8 +61,21 @@ static SRC_V4_DIR: ArrayOfMaps<DirTable, { BUFFERS as usize }> = ArrayOfMaps::ne
 #[btf_map]
 static DST_V4_DIR: ArrayOfMaps<DirTable, { BUFFERS as usize }> = ArrayOfMaps::new();
 
+/// Slot 0 counts traffic; slot 1 is scratch for the probe copy, never reported.
 #[map(name = "GLOBAL_STATS")]
-static GLOBAL_STATS: PerCpuArray<GlobalStats> = PerCpuArray::with_max_entries(1, 0);
+static GLOBAL_STATS: PerCpuArray<GlobalStats> = PerCpuArray::with_max_entries(2, 0);
+
+/// 1 in the copy of the program a reload loads to prove a new ruleset before its flip: that copy
+/// shares every map with the attached program but reads the *inactive* buffer and counts nothing
+/// that is reported. The attached program has 0, so the verifier removes these branches from it.
+#[unsafe(no_mangle)]
+static PROBE: u32 = 0;
+
+#[inline(always)]
+fn probe() -> u32 {
+    // SAFETY: a read of a constant global; volatile so the compiler keeps the load aya patches.
+    unsafe { core::ptr::read_volatile(&PROBE) }
+}
 
 #[map(name = "RULE_STATS")]
 static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(BUFFERS * RULE_SLOTS, 0);
@@ -70,7 +83,7 @@ static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(BUFFER
 #[xdp]
 pub fn xdpfw(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let Some(stats) = GLOBAL_STATS.get_ptr_mut(0) else {
+    let Some(stats) = GLOBAL_STATS.get_ptr_mut(probe() & 1) else {
         return xdp_action::XDP_PASS;
     };
     // SAFETY: a per-CPU slot, only touched by this CPU with preemption disabled.
@@ -118,7 +131,7 @@ fn decide(ctx: &XdpContext, stats: &mut GlobalStats, len: u64) -> u32 {
     };
     // SAFETY: a valid map value pointer; a volatile 8-byte load is one atomic read.
     let generation = unsafe { core::ptr::read_volatile(generation) };
-    let buffer = (generation & 1) as u32;
+    let buffer = ((generation + probe() as u64) & 1) as u32;
     let Some(header) = HEADERS.get(buffer) else {
         return action::PASS;
     };
@@ -142,7 +155,9 @@ fn decide(ctx: &XdpContext, stats: &mut GlobalStats, len: u64) -> u32 {
             DEFAULT_RULE_SLOT
         }
     };
-    if let Some(counter) = RULE_STATS.get_ptr_mut(buffer * RULE_SLOTS + slot) {
+    if probe() != 0 {
+        // The probe copy must not touch the counters of the live ruleset.
+    } else if let Some(counter) = RULE_STATS.get_ptr_mut(buffer * RULE_SLOTS + slot) {
         // SAFETY: per-CPU slot, as above.
         let counter = unsafe { &mut *counter };
         counter.packets += 1;

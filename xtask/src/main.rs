@@ -32,6 +32,13 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Benchmarks: ns per packet through BPF_PROG_TEST_RUN beside an empty program and a plain
+    /// LPM program, compile and install times up to 1M prefixes (table and JSON). Needs root.
+    Bench {
+        /// Smaller sets and fewer repeats (seconds instead of minutes).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -43,6 +50,16 @@ fn main() -> Result<()> {
             require_root("the demo")?;
             let loader = build_loader()?;
             demo::run_demo(&loader)
+        }
+        Cmd::Bench { quick } => {
+            setup()?;
+            require_root("the benchmarks (they load XDP programs)")?;
+            let mut cmd = Command::new("cargo");
+            cmd.current_dir(root_dir()).args(["bench", "-p", "loader", "--bench", "classifier", "--"]);
+            if quick {
+                cmd.arg("--quick");
+            }
+            run(&mut cmd)
         }
         Cmd::Test { args } => {
             setup()?;
