@@ -35,8 +35,9 @@ struct Row {
     install_ms: Option<f64>,
 }
 
-/// Medians over frames; each frame runs through the floor, the classifier and (when given) the
-/// plain program back to back, so the ratios compare runs made under the same machine noise.
+/// Medians over frames. The programs take turns over the whole frame list, several rounds, so
+/// the ratios compare runs made under the same machine noise. (Not frame by frame: switching the
+/// program BPF_PROG_TEST_RUN runs costs an RCU grace period in the kernel's XDP dispatcher.)
 struct Measure {
     ns: f64,
     floor_ns: f64,
@@ -44,6 +45,8 @@ struct Measure {
     plain_ns: Option<f64>,
     x_plain: Option<f64>,
 }
+
+const ROUNDS: usize = 3;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -66,25 +69,32 @@ struct Peers {
 }
 
 fn measure(fw: &mut PrivateProgram, peers: &mut Peers, frames: &[Vec<u8>], repeat: u32, with_plain: bool) -> Result<Measure> {
-    let (mut ns, mut floor, mut xf, mut plain, mut xp) = (vec![], vec![], vec![], vec![], vec![]);
-    for f in frames {
-        let a = run_one(&mut peers.floor, "floor", f, repeat)?;
-        let b = fw.run_repeat(f, repeat)?.1.as_nanos() as f64;
-        ns.push(b);
-        floor.push(a);
-        xf.push(b / a);
+    let n = frames.len();
+    let (mut fl, mut ns, mut pl) = (vec![vec![]; n], vec![vec![]; n], vec![vec![]; n]);
+    for _ in 0..ROUNDS {
+        for (i, f) in frames.iter().enumerate() {
+            fl[i].push(run_one(&mut peers.floor, "floor", f, repeat)?);
+        }
+        for (i, f) in frames.iter().enumerate() {
+            ns[i].push(fw.run_repeat(f, repeat)?.1.as_nanos() as f64);
+        }
         if with_plain {
-            let c = run_one(&mut peers.plain, "plain_lpm", f, repeat)?;
-            plain.push(c);
-            xp.push(b / c);
+            for (i, f) in frames.iter().enumerate() {
+                pl[i].push(run_one(&mut peers.plain, "plain_lpm", f, repeat)?);
+            }
         }
     }
+    // Per frame: the median of its rounds; then medians over frames.
+    let per = |v: &Vec<Vec<f64>>| v.iter().map(|r| median(r.clone())).collect::<Vec<f64>>();
+    let (fl, ns) = (per(&fl), per(&ns));
+    let pl = if with_plain { per(&pl) } else { Vec::new() };
+    let ratio = |a: &[f64], b: &[f64]| median(a.iter().zip(b).map(|(x, y)| x / y).collect());
     Ok(Measure {
-        ns: median(ns),
-        floor_ns: median(floor),
-        x_floor: median(xf),
-        plain_ns: with_plain.then(|| median(plain)),
-        x_plain: with_plain.then(|| median(xp)),
+        ns: median(ns.clone()),
+        floor_ns: median(fl.clone()),
+        x_floor: ratio(&ns, &fl),
+        plain_ns: with_plain.then(|| median(pl.clone())),
+        x_plain: with_plain.then(|| ratio(&ns, &pl)),
     })
 }
 
