@@ -172,11 +172,36 @@ impl Instance {
     }
 
     fn write_state(&self, state: &State) -> Result<()> {
+        self.write_state_file("state.json", state)
+    }
+
+    /// Writes atomically (temporary file, then rename).
+    fn write_state_file(&self, name: &str, state: &State) -> Result<()> {
         fs::create_dir_all(&self.state_dir)?;
-        let tmp = self.state_dir.join("state.json.tmp");
+        let tmp = self.state_dir.join(format!("{name}.tmp"));
         fs::write(&tmp, serde_json::to_vec_pretty(state)?)?;
-        fs::rename(&tmp, self.state_dir.join("state.json"))?;
+        fs::rename(&tmp, self.state_dir.join(name))?;
         Ok(())
+    }
+
+    /// The state of the generation the kernel serves: `state.json`, or `next-<generation>.json`
+    /// when a reload died between its flip and its final record.
+    pub fn state_for(&self, generation: u64) -> Result<State> {
+        let state = self.state()?;
+        if state.generation == generation {
+            return Ok(state);
+        }
+        let next: Option<State> = fs::read_to_string(self.state_dir.join(format!("next-{generation}.json")))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        match next {
+            Some(n) if n.generation == generation => Ok(n),
+            _ => bail!(
+                "a reload of {} is in progress (kernel generation {generation}, recorded {}); try again",
+                self.iface,
+                state.generation
+            ),
+        }
     }
 }
 
@@ -229,6 +254,7 @@ pub fn attach(iface: &str, rules_path: Option<&Path>, mode: AttachMode) -> Resul
         let generation = 1;
         maps.install((generation % BUFFERS as u64) as u32, generation, &image)?;
         maps.flip(generation)?;
+        kernel::pin_probe(&inst.pin_dir)?;
         kernel::attach_and_pin(&mut ebpf, iface, mode, &inst.pin_dir)?;
         let summary = RulesetSummary::new(&ruleset, &image, from_file);
         inst.write_state(&State {
@@ -306,6 +332,7 @@ pub fn reload(inst: &Instance, path: &Path, opts: &ReloadOptions) -> Result<Relo
     // out a grace period before overwriting it, so no packet can still be reading it.
     if maps.header(buffer).generation != 0 {
         grace::wait(opts.min_grace);
+        maps.clear(buffer)?;
     }
     let installed = maps.install(buffer, generation, &image)?;
     times.install_arrays_us = installed.arrays_us;
@@ -315,7 +342,7 @@ pub fn reload(inst: &Instance, path: &Path, opts: &ReloadOptions) -> Result<Relo
     // program that reads the inactive buffer. A failure leaves the active ruleset untouched.
     if !ruleset.tests.is_empty() {
         let t = Instant::now();
-        let mut probe = kernel::load_probe(&inst.pin_dir)?;
+        let mut probe = kernel::open_probe(&inst.pin_dir)?;
         let mut run = |frame: &[u8]| Ok(testrun::run_frame(&mut probe, frame, 1)?.0);
         let failures = testrun::self_test_failures(&ruleset, Some(&mut run))?;
         if let Some(first) = ruleset.tests.first()
@@ -331,6 +358,14 @@ pub fn reload(inst: &Instance, path: &Path, opts: &ReloadOptions) -> Result<Relo
         times.self_tests = ruleset.tests.len();
     }
 
+    // Recorded before the flip, so `stats` can name the rules even if this process dies between
+    // the flip and the final record (the next reload replaces both files).
+    let summary = RulesetSummary::new(&ruleset, &image, true);
+    let mut next = inst.state()?;
+    next.generation = generation;
+    next.ruleset = summary.clone();
+    inst.write_state_file(&format!("next-{generation}.json"), &next)?;
+
     let t = Instant::now();
     maps.flip(generation)?;
     times.flip_us = us(t.elapsed());
@@ -343,7 +378,6 @@ pub fn reload(inst: &Instance, path: &Path, opts: &ReloadOptions) -> Result<Relo
     times.clear_us = us(t.elapsed());
     times.total_us = us(total.elapsed());
 
-    let summary = RulesetSummary::new(&ruleset, &image, true);
     let report = ReloadReport {
         iface: inst.iface.clone(),
         previous_generation: previous,
@@ -354,11 +388,14 @@ pub fn reload(inst: &Instance, path: &Path, opts: &ReloadOptions) -> Result<Relo
         times,
         warnings: ruleset.warnings.iter().map(|w| w.to_string()).collect(),
     };
-    let mut state = inst.state()?;
-    state.generation = generation;
-    state.ruleset = summary;
-    state.last_reload = Some(report.clone());
-    inst.write_state(&state)?;
+    next.last_reload = Some(report.clone());
+    inst.write_state(&next)?;
+    // What any earlier, interrupted reload left is superseded now.
+    for entry in fs::read_dir(&inst.state_dir)?.flatten() {
+        if entry.file_name().to_string_lossy().starts_with("next-") {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
     Ok(report)
 }
 
@@ -420,15 +457,11 @@ impl From<GlobalStats> for GlobalCountersView {
 
 pub fn stats(inst: &Instance) -> Result<Stats> {
     let maps = Maps::open(&inst.pin_dir)?;
-    let state = inst.state()?;
     let generation = maps.generation();
+    // Never pair one ruleset's names with another's counters.
+    let state = inst.state_for(generation)?;
     let buffer = (generation % BUFFERS as u64) as u32;
     let header = maps.header(buffer);
-    // The state file is written after the flip; if a reload is between the two, say so rather
-    // than pairing one ruleset's names with another's counters.
-    if state.generation != generation {
-        bail!("a reload of {} is in progress (kernel generation {generation}, state {}); try again", inst.iface, state.generation);
-    }
     let counters = maps.rule_stats(buffer, header.rule_count)?;
     let mut rules = Vec::new();
     for (i, c) in counters.iter().enumerate() {

@@ -81,32 +81,27 @@ impl AttachMode {
 }
 
 /// Loads the program with every map created and pinned under `dir`, or reused from there when
-/// already pinned. `probe` loads the copy used to run test packets against the inactive buffer.
+/// already pinned (how `attach` creates an instance).
 pub fn load_program(dir: &Path) -> Result<Ebpf> {
-    let mut loader = EbpfLoader::new();
-    let paths: Vec<(&str, PathBuf)> = map_names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
-    for (name, path) in &paths {
-        loader.map_pin_path(name, path.as_path());
-    }
-    let mut ebpf = loader.load(PROGRAM_OBJECT).context("loading the XDP object")?;
-    let prog: &mut Xdp = ebpf
-        .program_mut(PROGRAM_NAME)
-        .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing from the object"))?
-        .try_into()?;
-    prog.load().map_err(verifier_error)?;
-    Ok(ebpf)
+    load_pinned(dir, false)
 }
 
 /// Loads the probe copy of the program: it shares the pinned maps in `dir` with the attached
 /// program, reads the inactive buffer, and is never attached (reload self-tests run through it).
 pub fn load_probe(dir: &Path) -> Result<Ebpf> {
+    load_pinned(dir, true)
+}
+
+fn load_pinned(dir: &Path, probe: bool) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     let paths: Vec<(&str, PathBuf)> = map_names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
-    loader.override_global("PROBE", &1u32, true);
-    let mut ebpf = loader.load(PROGRAM_OBJECT).context("loading the probe program")?;
+    if probe {
+        loader.override_global("PROBE", &1u32, true);
+    }
+    let mut ebpf = loader.load(PROGRAM_OBJECT).context("loading the XDP object")?;
     let prog: &mut Xdp = ebpf
         .program_mut(PROGRAM_NAME)
         .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing from the object"))?
@@ -148,6 +143,20 @@ fn map_data(map: Map) -> Result<MapData> {
         Map::Array(m) | Map::PerCpuArray(m) | Map::LpmTrie(m) | Map::ArrayOfMaps(m) => m,
         other => bail!("unexpected map type {other:?}"),
     })
+}
+
+/// Loads the probe copy and pins it as `dir/probe`, so every reload can prove its ruleset without
+/// paying for a verifier run.
+pub fn pin_probe(dir: &Path) -> Result<()> {
+    let mut ebpf = load_probe(dir)?;
+    let prog: &mut Xdp = ebpf.program_mut(PROGRAM_NAME).ok_or_else(|| anyhow!("program missing"))?.try_into()?;
+    prog.pin(dir.join("probe")).context("pinning the probe program")?;
+    Ok(())
+}
+
+/// Opens the pinned probe copy of an instance.
+pub fn open_probe(dir: &Path) -> Result<Xdp> {
+    Xdp::from_pin(dir.join("probe"), aya_obj::programs::XdpAttachType::Interface).context("opening the pinned probe program")
 }
 
 /// Attaches a loaded program to `iface` and pins the link and program in `dir`.
@@ -282,6 +291,8 @@ pub struct Maps {
     dst_v6: ArrayOfMaps<MapData, TrieV6>,
     src_v4: ArrayOfMaps<MapData, DirArray>,
     dst_v4: ArrayOfMaps<MapData, DirArray>,
+    /// The four array-of-maps above, to empty a slot (aya offers no delete on them).
+    slot_fds: [std::os::fd::OwnedFd; 4],
     global_stats: PerCpuArray<MapData, GlobalStats>,
     rule_stats: PerCpuArray<MapData, RuleStats>,
 }
@@ -291,12 +302,31 @@ const DIR_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;
 const BPF_F_INNER_MAP: u32 = 1 << 12;
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
-/// A direct IPv4 table as a new map, filled through its mapping; a one-element placeholder when
-/// the ruleset has none (the slot must hold a map of the right type, not a 64 MiB one).
-fn dir_array(table: Option<&DirectTable>) -> Result<DirArray> {
-    let Some(table) = table else {
-        return Ok(DirArray::create(1, DIR_FLAGS)?);
-    };
+/// BPF_MAP_DELETE_ELEM (a missing key is fine).
+fn delete_elem(fd: std::os::fd::BorrowedFd<'_>, key: u32) -> std::io::Result<()> {
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    let attr = ElemAttr { map_fd: fd.as_raw_fd() as u32, _pad: 0, key: &key as *const u32 as u64, value: 0, flags: 0 };
+    // SAFETY: a bpf(2) call with a properly sized attribute pointing at a live key.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_DELETE_ELEM, &attr as *const ElemAttr, size_of::<ElemAttr>()) };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENOENT) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// A direct IPv4 table as a new map, filled through its mapping.
+fn dir_array(table: &DirectTable) -> Result<DirArray> {
     let elements = dir::elements(table.chunks);
     // Created as raw MapData (not Array::create) so this process can map it before handing it over.
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
@@ -331,16 +361,20 @@ impl Maps {
 
     fn from_data(get: &mut dyn FnMut(&str) -> Result<MapData>) -> Result<Self> {
         use map_names::*;
+        let (src_v6, dst_v6, src_v4, dst_v4) = (get(SRC_V6)?, get(DST_V6)?, get(SRC_V4_DIR)?, get(DST_V4_DIR)?);
+        let dup = |m: &MapData| m.fd().as_fd().try_clone_to_owned();
+        let slot_fds = [dup(&src_v6)?, dup(&dst_v6)?, dup(&src_v4)?, dup(&dst_v4)?];
         Ok(Self {
             active: MmapArray::new(get(ACTIVE)?)?,
             headers: MmapArray::new(get(HEADERS)?)?,
             rules: MmapArray::new(get(RULES)?)?,
             fields: MmapArray::new(get(FIELDS)?)?,
             bitmaps: MmapArray::new(get(BITMAPS)?)?,
-            src_v6: ArrayOfMaps::try_from(Map::from_map_data(get(SRC_V6)?)?)?,
-            dst_v6: ArrayOfMaps::try_from(Map::from_map_data(get(DST_V6)?)?)?,
-            src_v4: ArrayOfMaps::try_from(Map::from_map_data(get(SRC_V4_DIR)?)?)?,
-            dst_v4: ArrayOfMaps::try_from(Map::from_map_data(get(DST_V4_DIR)?)?)?,
+            src_v6: ArrayOfMaps::try_from(Map::from_map_data(src_v6)?)?,
+            dst_v6: ArrayOfMaps::try_from(Map::from_map_data(dst_v6)?)?,
+            src_v4: ArrayOfMaps::try_from(Map::from_map_data(src_v4)?)?,
+            dst_v4: ArrayOfMaps::try_from(Map::from_map_data(dst_v4)?)?,
+            slot_fds,
             global_stats: PerCpuArray::try_from(Map::from_map_data(get(GLOBAL_STATS)?)?)?,
             rule_stats: PerCpuArray::try_from(Map::from_map_data(get(RULE_STATS)?)?)?,
         })
@@ -377,13 +411,23 @@ impl Maps {
         let arrays_us = start.elapsed().as_micros() as u64;
 
         let start = std::time::Instant::now();
-        self.src_v6.set(buffer, &trie_v6(&image.src_v6)?, 0)?;
-        self.dst_v6.set(buffer, &trie_v6(&image.dst_v6)?, 0)?;
-        self.src_v4.set(buffer, &dir_array(image.src_v4.as_ref())?, 0)?;
-        self.dst_v4.set(buffer, &dir_array(image.dst_v4.as_ref())?, 0)?;
+        // Only fields with prefixes get a map; an empty slot makes the lookup fall back to the
+        // field's "no prefix matched" bitmap, which is what an empty map would give.
+        self.empty_slots(buffer)?;
+        if !image.src_v6.is_empty() {
+            self.src_v6.set(buffer, &trie_v6(&image.src_v6)?, 0)?;
+        }
+        if !image.dst_v6.is_empty() {
+            self.dst_v6.set(buffer, &trie_v6(&image.dst_v6)?, 0)?;
+        }
+        if let Some(t) = &image.src_v4 {
+            self.src_v4.set(buffer, &dir_array(t)?, 0)?;
+        }
+        if let Some(t) = &image.dst_v4 {
+            self.dst_v4.set(buffer, &dir_array(t)?, 0)?;
+        }
         let tries_us = start.elapsed().as_micros() as u64;
 
-        self.zero_rule_stats(buffer)?;
         // The header goes last: it is what makes the buffer's contents meaningful.
         let mut header = image.header;
         header.generation = generation;
@@ -409,19 +453,26 @@ impl Maps {
             bail!("refusing to clear buffer {buffer}: it is the active one");
         }
         let b = buffer as usize;
+        let retired = self.header(buffer);
         self.headers.range_mut(b, 1)[0] = RulesetHeader::default();
-        // Swapping in empty tries releases the old ones in one update each: the kernel frees a
-        // retired trie asynchronously, so even a 1M-prefix buffer costs no long syscall here.
-        self.src_v6.set(buffer, &trie_v6(&[])?, 0)?;
-        self.dst_v6.set(buffer, &trie_v6(&[])?, 0)?;
-        self.src_v4.set(buffer, &dir_array(None)?, 0)?;
-        self.dst_v4.set(buffer, &dir_array(None)?, 0)?;
+        // Its counters start from zero when the buffer is used again.
+        self.zero_rule_stats(buffer, retired.rule_count)?;
+        // Emptying a slot releases its map in one syscall: the kernel frees a retired trie or
+        // table asynchronously, so even a 1M-prefix buffer costs no long syscall here.
+        self.empty_slots(buffer)
+    }
+
+    fn empty_slots(&self, buffer: u32) -> Result<()> {
+        for fd in &self.slot_fds {
+            delete_elem(fd.as_fd(), buffer).context("emptying an array-of-maps slot")?;
+        }
         Ok(())
     }
 
-    fn zero_rule_stats(&mut self, buffer: u32) -> Result<()> {
+    fn zero_rule_stats(&mut self, buffer: u32, rule_count: u32) -> Result<()> {
         let cpus = nr_cpus().map_err(|(_, e)| e)?.get() as usize;
-        for slot in 0..RULE_SLOTS {
+        let slots = (0..rule_count.min(RULE_SLOTS - 1)).chain(std::iter::once(xdpfw_common::DEFAULT_RULE_SLOT));
+        for slot in slots {
             let zero = PerCpuValues::try_from(vec![RuleStats::default(); cpus])?;
             self.rule_stats.set(buffer * RULE_SLOTS + slot, zero, 0)?;
         }

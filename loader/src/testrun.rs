@@ -54,16 +54,17 @@ impl PrivateProgram {
 
     /// Runs `frame` `repeat` times in the kernel; returns the action and the mean time per run.
     pub fn run_repeat(&mut self, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
-        run_frame(&mut self.ebpf, frame, repeat)
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or_else(|| anyhow!("program missing"))?
+            .try_into()?;
+        run_frame(prog, frame, repeat)
     }
 }
 
-/// Runs `frame` through the firewall program of `ebpf` `repeat` times (BPF_PROG_TEST_RUN).
-pub fn run_frame(ebpf: &mut Ebpf, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
-    let prog: &mut Xdp = ebpf
-        .program_mut(PROGRAM_NAME)
-        .ok_or_else(|| anyhow!("program missing"))?
-        .try_into()?;
+/// Runs `frame` through an XDP program `repeat` times (BPF_PROG_TEST_RUN).
+pub fn run_frame(prog: &mut Xdp, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
     let mut out = vec![0u8; frame.len() + 256];
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(frame);
