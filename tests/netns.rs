@@ -273,7 +273,7 @@ fn udp_stream(ns: &str, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> 
                 sock.send_to(&sent.to_be_bytes(), sa(SERVER_V4, port)).unwrap();
             }
             sent += 1;
-            if sent % 5 == 0 {
+            if sent.is_multiple_of(5) {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }

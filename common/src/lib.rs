@@ -240,7 +240,7 @@ const _: () = {
     assert!(core::mem::size_of::<PrefixValue>() == 4);
     assert!(core::mem::size_of::<GlobalStats>() == 96);
     assert!(core::mem::size_of::<RuleStats>() == 16);
-    assert!(MAX_RULES % 64 == 0);
+    assert!(MAX_RULES.is_multiple_of(64));
 };
 
 #[cfg(feature = "user")]

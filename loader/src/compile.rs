@@ -183,7 +183,8 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
     }
 
     // Ports and ICMP type/code: 65536-entry tables filled segment by segment.
-    let port_fields: [(u32, usize, u32, fn(&Rule) -> Option<Vec<RangeInclusive<u32>>>); 3] = [
+    type Ranges = fn(&Rule) -> Option<Vec<RangeInclusive<u32>>>;
+    let port_fields: [(u32, usize, u32, Ranges); 3] = [
         (field::SPORT, absent::SPORT, SPORT_BASE, |r| r.sport.as_ref().map(|v| widen(v))),
         (field::DPORT, absent::DPORT, DPORT_BASE, |r| r.dport.as_ref().map(|v| widen(v))),
         (field::ICMP, absent::ICMP, ICMP_BASE, |r| {

@@ -223,7 +223,7 @@ impl<T: Copy> MmapArray<T> {
 
     fn map(map: &MapData) -> Result<Self> {
         // Mmapable arrays store elements at an 8-byte stride; every shared type is a multiple of 8.
-        assert!(size_of::<T>() % 8 == 0);
+        assert!(size_of::<T>().is_multiple_of(8));
         let len = map.info()?.max_entries() as usize;
         let page = 4096;
         let bytes = (len * size_of::<T>()).div_ceil(page) * page;
@@ -242,10 +242,6 @@ impl<T: Copy> MmapArray<T> {
             return Err(std::io::Error::last_os_error()).context("mmap of a BPF array");
         }
         Ok(Self { ptr: NonNull::new(ptr.cast()).expect("mmap returned null"), len, bytes, _map: None })
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
     }
 
     pub fn read(&self, index: usize) -> T {
@@ -336,8 +332,8 @@ fn dir_array(table: &DirectTable) -> Result<DirArray> {
     let words = map.range_mut(0, elements as usize);
     // Entry i is the low half of element i/2 when even: u32 order on a little-endian host.
     const _: () = assert!(cfg!(target_endian = "little"), "the direct table layout assumes little-endian");
-    for (w, pair) in words.iter_mut().zip(table.entries.chunks_exact(2)) {
-        *w = pair[0] as u64 | (pair[1] as u64) << 32;
+    for (w, [lo, hi]) in words.iter_mut().zip(table.entries.as_chunks::<2>().0) {
+        *w = *lo as u64 | (*hi as u64) << 32;
     }
     Ok(DirArray::try_from(Map::from_map_data(data)?)?)
 }

@@ -74,11 +74,14 @@ pub fn run_frame(prog: &mut Xdp, frame: &[u8], repeat: u32) -> Result<(u32, Dura
     Ok((r.return_value, r.duration))
 }
 
+/// Runs a frame through the kernel and returns the XDP action.
+pub type KernelRun<'a> = dyn FnMut(&[u8]) -> Result<u32> + 'a;
+
 /// The verdicts of a rules file's `[[test]]` packets that do not match what they expect:
 /// `run` gives the kernel's XDP action for a frame (`None` checks the reference matcher only).
 pub fn self_test_failures(
     rs: &Ruleset,
-    mut run: Option<&mut dyn FnMut(&[u8]) -> Result<u32>>,
+    mut run: Option<&mut KernelRun<'_>>,
 ) -> Result<Vec<String>> {
     let mut failures = Vec::new();
     for t in &rs.tests {

@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use topology::{CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6, Topology};
+pub use topology::{SERVER_V4, SERVER_V6, Topology};
 
 pub fn loader_bin() -> &'static str {
     env!("CARGO_BIN_EXE_loader")
