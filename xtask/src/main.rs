@@ -208,9 +208,37 @@ fn build_loader() -> Result<PathBuf> {
 }
 
 fn test(args: &[String]) -> Result<()> {
+    use std::io::{BufRead, BufReader};
     let root = root_dir();
-    run(Command::new("cargo").current_dir(&root).args(["test", "--workspace", "--exclude", "xdp-ebpf", "--no-fail-fast"]).arg("--").args(args))?;
-    leak_check()
+    // Stream cargo's output and add up its "test result" lines, so the run ends with one total.
+    let mut child = Command::new("cargo")
+        .current_dir(&root)
+        .args(["test", "--workspace", "--exclude", "xdp-ebpf", "--no-fail-fast"])
+        .arg("--")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                rest.split(|c| c == ';' || c == '.')
+                    .find_map(|part| part.trim().strip_suffix(word).and_then(|n| n.trim().parse::<u64>().ok()))
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+            ignored += count(" ignored");
+        }
+    }
+    let status = child.wait()?;
+    let leaks = leak_check();
+    println!("summary: {passed} passed, {failed} failed, {ignored} skipped");
+    ensure!(status.success(), "cargo test failed: {status}");
+    leaks
 }
 
 /// After the suite: nothing of ours may remain in the kernel or the namespaces.
