@@ -350,3 +350,45 @@ fn kill_9_during_reload_never_leaves_an_incomplete_ruleset() {
     assert_eq!(udp_delivered(&t, sa(SERVER_V4, 7001), 3), 0);
 }
 
+
+#[test]
+fn history_records_every_attempt_and_rollback_reapplies_a_snapshot() {
+    let mut t = Topology::new("hst").expect("topology");
+    t.detach_on_drop(loader_bin());
+    let dir = std::env::temp_dir().join(format!("xdpfw-history-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("nets")).unwrap();
+    std::fs::write(dir.join("nets/clients.txt"), "# the test client\n192.0.2.1/32\n").unwrap();
+    let first = dir.join("first.toml");
+    std::fs::write(&first, "version = \"first\"\ndefault = \"pass\"\n[sets.clients]\nfile = \"nets/clients.txt\"\n[[rule]]\nname = \"clients-no-9001\"\naction = \"drop\"\nsrc = [\"@clients\"]\nproto = \"udp\"\ndport = 9001\n").unwrap();
+    let broken = dir.join("broken.toml");
+    std::fs::write(&broken, "default = \"maybe\"\n").unwrap();
+    let (ns, iface) = (t.server_ns.clone(), t.server_if.clone());
+
+    loader_ok(&ns, &["attach", &iface, "--rules", &first.to_string_lossy()]);
+    assert_eq!(udp_delivered(&t, sa(SERVER_V4, 9001), 10), 0);
+    loader_ok(&ns, &["reload", &rules("udp-7000-closed.toml"), "--iface", &iface]);
+    assert_eq!(udp_delivered(&t, sa(SERVER_V4, 9001), 10), 10);
+    assert_eq!(loader(&ns, &["reload", &broken.to_string_lossy(), "--iface", &iface]).status.code(), Some(3));
+    // The set file changes on disk; the rollback must bring back what was live, not what is there now.
+    std::fs::write(dir.join("nets/clients.txt"), "198.51.100.0/24\n").unwrap();
+    let out = loader_ok(&ns, &["rollback", "--iface", &iface, "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["ruleset"]["version"], "first");
+    assert_eq!(udp_delivered(&t, sa(SERVER_V4, 9001), 10), 0, "the rolled-back ruleset serves, with its own set file");
+
+    let status: serde_json::Value = serde_json::from_str(&loader_ok(&ns, &["status", "--iface", &iface, "--history", "--json"])).unwrap();
+    assert_eq!(status["state"]["generation"], 3);
+    let history = status["history"].as_array().unwrap();
+    let summary: Vec<(String, String)> = history.iter().map(|e| (e["action"].as_str().unwrap().into(), e["result"].as_str().unwrap().into())).collect();
+    let expect = [("attach", "applied"), ("reload", "applied"), ("reload", "failed"), ("rollback", "applied")];
+    assert_eq!(summary, expect.map(|(a, r)| (a.to_string(), r.to_string())).to_vec());
+    assert!(history[2]["error"].as_str().unwrap().contains("broken.toml:1:11"), "{}", history[2]);
+    assert!(history[1]["times"]["grace_us"].as_u64().is_some());
+
+    // The last good ruleset outlives the instance: detach, then attach from the history alone.
+    loader_ok(&ns, &["detach", &iface]);
+    loader_ok(&ns, &["attach", &iface, "--last-good"]);
+    assert_eq!(stats(&t)["ruleset"]["version"], "first");
+    assert_eq!(udp_delivered(&t, sa(SERVER_V4, 9001), 10), 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -20,6 +20,7 @@ use crate::{
     compile::{Image, compile},
     grace::{self, GraceMethod},
     kernel::{self, AttachMode, Maps},
+    history::{self, History},
     rules::{self, Ruleset},
     testrun,
 };
@@ -257,6 +258,25 @@ pub fn attach(iface: &str, rules_path: Option<&Path>, mode: AttachMode) -> Resul
         kernel::pin_probe(&inst.pin_dir)?;
         kernel::attach_and_pin(&mut ebpf, iface, mode, &inst.pin_dir)?;
         let summary = RulesetSummary::new(&ruleset, &image, from_file);
+        if from_file {
+            let history = History::new(iface);
+            let snapshot = history.snapshot(&ruleset)?;
+            let entry = history::Entry {
+                time: now_secs(),
+                result: "applied".into(),
+                action: "attach".into(),
+                generation: Some(generation),
+                version: ruleset.version.clone(),
+                hash: Some(ruleset.hash.clone()),
+                source: ruleset.path.clone(),
+                snapshot: snapshot.clone().ok(),
+                error: snapshot.err().map(|why| format!("no snapshot: {why}")),
+                times: None,
+            };
+            if let Err(e) = history.append(&entry) {
+                tracing::warn!("could not record the attach in {}: {e:#}", history.dir().display());
+            }
+        }
         inst.write_state(&State {
             iface: iface.to_string(),
             mode,
@@ -304,10 +324,58 @@ impl Default for ReloadOptions {
     }
 }
 
-/// The reload pipeline: parse → compile → lock → write the inactive buffer → flip → grace →
-/// clear the retired buffer → record. Any failure before the flip leaves the active ruleset
-/// untouched; the flip is one atomic store.
+/// The reload pipeline: parse → compile → lock → write the inactive buffer → prove → flip →
+/// grace → clear the retired buffer → record. Any failure before the flip leaves the active
+/// ruleset untouched; the flip is one atomic store. Every attempt goes into the history.
 pub fn reload(inst: &Instance, path: &Path, opts: &ReloadOptions) -> Result<ReloadReport> {
+    reload_as(inst, path, opts, "reload")
+}
+
+/// Re-applies the ruleset applied `back` times before the current one, through the same pipeline.
+pub fn rollback(inst: &Instance, back: usize, opts: &ReloadOptions) -> Result<ReloadReport> {
+    let target = History::new(&inst.iface).rollback_target(back)?;
+    let snapshot = target.snapshot.expect("applied() keeps entries with snapshots");
+    reload_as(inst, &snapshot, opts, "rollback")
+}
+
+fn reload_as(inst: &Instance, path: &Path, opts: &ReloadOptions, action: &str) -> Result<ReloadReport> {
+    let history = History::new(&inst.iface);
+    let result = reload_pipeline(inst, path, opts);
+    let entry = match &result {
+        Ok((report, snapshot)) => history::Entry {
+            time: now_secs(),
+            result: "applied".into(),
+            action: action.into(),
+            generation: Some(report.generation),
+            version: report.ruleset.version.clone(),
+            hash: Some(report.ruleset.hash.clone()),
+            source: path.to_path_buf(),
+            snapshot: snapshot.clone().ok(),
+            error: snapshot.clone().err().map(|why| format!("no snapshot: {why}")),
+            times: Some(report.times.clone()),
+        },
+        Err(e) => history::Entry {
+            time: now_secs(),
+            result: "failed".into(),
+            action: action.into(),
+            generation: None,
+            version: None,
+            hash: None,
+            source: path.to_path_buf(),
+            snapshot: None,
+            error: Some(format!("{e:#}")),
+            times: None,
+        },
+    };
+    if let Err(e) = history.append(&entry) {
+        tracing::warn!("could not record the reload in {}: {e:#}", history.dir().display());
+    }
+    result.map(|(report, _)| report)
+}
+
+type Snapshot = std::result::Result<PathBuf, String>;
+
+fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions) -> Result<(ReloadReport, Snapshot)> {
     let total = Instant::now();
     let mut times = ReloadTimes::default();
     let t = Instant::now();
@@ -388,6 +456,7 @@ pub fn reload(inst: &Instance, path: &Path, opts: &ReloadOptions) -> Result<Relo
         times,
         warnings: ruleset.warnings.iter().map(|w| w.to_string()).collect(),
     };
+    let snapshot = History::new(&inst.iface).snapshot(&ruleset)?;
     next.last_reload = Some(report.clone());
     inst.write_state(&next)?;
     // What any earlier, interrupted reload left is superseded now.
@@ -396,7 +465,7 @@ pub fn reload(inst: &Instance, path: &Path, opts: &ReloadOptions) -> Result<Relo
             let _ = fs::remove_file(entry.path());
         }
     }
-    Ok(report)
+    Ok((report, snapshot))
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -3,6 +3,7 @@
 
 pub mod compile;
 pub mod grace;
+pub mod history;
 pub mod instance;
 pub mod kernel;
 pub mod matcher;

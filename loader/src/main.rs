@@ -36,8 +36,11 @@ enum Command {
     Attach {
         iface: String,
         /// Rules file; without it every packet passes (counters only).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "last_good")]
         rules: Option<PathBuf>,
+        /// Install the last ruleset that went live on IFACE (from the history in /var/lib/xdpfw).
+        #[arg(long)]
+        last_good: bool,
         #[arg(long, value_enum, default_value = "auto")]
         mode: AttachMode,
     },
@@ -55,6 +58,24 @@ enum Command {
         /// Minimum grace period in milliseconds (membarrier's proof is used in any case).
         #[arg(long, default_value = "0")]
         min_grace_ms: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The active ruleset and generation, the last reload, and with --history every attempt.
+    Status {
+        #[arg(long)]
+        iface: Option<String>,
+        #[arg(long)]
+        history: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-apply the ruleset that was live N applied rulesets ago (default 1: the previous one).
+    Rollback {
+        #[arg(default_value = "1")]
+        n: usize,
+        #[arg(long)]
+        iface: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -117,7 +138,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         enter_netns(ns)?;
     }
     match cli.command {
-        Command::Attach { iface, rules, mode } => {
+        Command::Attach { iface, rules, last_good, mode } => {
+            let rules = if last_good {
+                let last = xdpfw::history::History::new(&iface).applied()?.into_iter().next();
+                Some(last.and_then(|e| e.snapshot).ok_or_else(|| anyhow::anyhow!("no ruleset has gone live on {iface} yet (history in {})", xdpfw::history::history_root().display()))?)
+            } else {
+                rules
+            };
             let report = instance::attach(&iface, rules.as_deref(), mode)?;
             println!(
                 "attached to {iface} ({mode:?} mode): generation {}, {} rules, default {}, pinned at {}",
@@ -130,6 +157,43 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Detach { iface } => {
             instance::detach(&iface)?;
             println!("detached from {iface}; pins removed");
+        }
+        Command::Status { iface, history, json } => {
+            let inst = Instance::find(iface.as_deref())?;
+            let state = inst.state()?;
+            let entries = if history { xdpfw::history::History::new(&inst.iface).entries()? } else { Vec::new() };
+            if json {
+                let v = serde_json::json!({ "state": state, "history": history.then_some(&entries) });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let r = &state.ruleset;
+                println!("xdpfw on {} ({:?} mode), attached at {} (unix time)", state.iface, state.mode, state.attached_at);
+                println!("  generation {}: {} {} ({} rules, default {}){}", state.generation, r.version.as_deref().unwrap_or("(no version)"), &r.hash[..12.min(r.hash.len())], r.rules.len(), r.default, r.path.as_ref().map(|p| format!(", from {}", p.display())).unwrap_or_default());
+                if let Some(l) = &state.last_reload {
+                    println!("  last reload: generation {} -> {}, {} us (grace {} us, {:?})", l.previous_generation, l.generation, l.times.total_us, l.times.grace_us, l.grace_method);
+                }
+                for e in &entries {
+                    println!(
+                        "  {}  {:<8} {:<7} gen {:<6} {:<14} {}  {}",
+                        e.time,
+                        e.action,
+                        e.result,
+                        e.generation.map_or("-".into(), |g| g.to_string()),
+                        e.version.as_deref().unwrap_or("-"),
+                        e.hash.as_deref().map_or("-", |h| &h[..12.min(h.len())]),
+                        e.error.as_deref().map(|m| m.lines().next().unwrap_or("")).unwrap_or(&e.source.to_string_lossy())
+                    );
+                }
+            }
+        }
+        Command::Rollback { n, iface, json } => {
+            let inst = Instance::find(iface.as_deref())?;
+            let r = instance::rollback(&inst, n, &ReloadOptions::default())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("rolled back {}: generation {} -> {} ({})", r.iface, r.previous_generation, r.generation, r.ruleset.version.as_deref().unwrap_or("no version"));
+            }
         }
         Command::Reload { file, iface, lock_wait, min_grace_ms, json } => {
             let inst = Instance::find(iface.as_deref())?;

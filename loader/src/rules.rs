@@ -207,6 +207,8 @@ pub struct Ruleset {
     pub warnings: Vec<Warning>,
     /// SHA-256 of the rules file and every set file it reads, hex.
     pub hash: String,
+    /// Set files as written in the rules file, and where they were read from.
+    pub set_files: Vec<(String, PathBuf)>,
 }
 
 impl Ruleset {
@@ -325,7 +327,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Ruleset, RulesError> {
     };
 
     let mut sets = BTreeMap::new();
+    let mut set_files = Vec::new();
     for (name, set) in &raw.sets {
+        if let Some(f) = &set.get_ref().file {
+            set_files.push((f.get_ref().clone(), path.parent().unwrap_or(Path::new(".")).join(f.get_ref())));
+        }
         let prefixes = load_set(&src, name, set, &mut hasher)?;
         sets.insert(name.get_ref().clone(), Arc::new(prefixes));
     }
@@ -382,6 +388,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Ruleset, RulesError> {
         tests,
         warnings,
         hash: hasher.finish(),
+        set_files,
     };
     let shadowed = crate::matcher::shadowed_rules(&ruleset);
     for (rule, by) in shadowed {

@@ -99,6 +99,8 @@ impl Drop for Topology {
             // Ignore "not attached": the test may have detached already.
             let _ = Command::new(loader).args(["--netns", &self.server_ns, "detach", &self.server_if]).output();
         }
+        // The reload history is durable by design; a test's own goes with its interface.
+        let _ = std::fs::remove_dir_all(std::path::Path::new("/var/lib/xdpfw").join(&self.server_if));
         let _ = sh(&["ip", "netns", "del", &self.client_ns]);
         let _ = sh(&["ip", "netns", "del", &self.server_ns]);
     }

@@ -250,6 +250,12 @@ fn leak_check() -> Result<()> {
             leaks.push(format!("pin directory {}", e.path().display()));
         }
     }
+    // Test interfaces are named xs…/xc…; their durable reload history must go with them.
+    if let Ok(entries) = std::fs::read_dir("/var/lib/xdpfw") {
+        for e in entries.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("xs")) {
+            leaks.push(format!("reload history {}", e.path().display()));
+        }
+    }
     let ns = output(Command::new("ip").args(["netns", "list"]))?;
     for line in ns.lines().filter(|l| l.starts_with("xfw")) {
         leaks.push(format!("network namespace {line}"));
