@@ -54,12 +54,15 @@ fn main() -> Result<()> {
         Cmd::Bench { quick } => {
             setup()?;
             require_root("the benchmarks (they load XDP programs)")?;
-            let mut cmd = Command::new("cargo");
-            cmd.current_dir(root_dir()).args(["bench", "-p", "loader", "--bench", "classifier", "--"]);
-            if quick {
-                cmd.arg("--quick");
+            for bench in ["classifier", "reload"] {
+                let mut cmd = Command::new("cargo");
+                cmd.current_dir(root_dir()).args(["bench", "-p", "loader", "--bench", bench, "--"]);
+                if quick {
+                    cmd.arg("--quick");
+                }
+                run(&mut cmd)?;
             }
-            run(&mut cmd)
+            Ok(())
         }
         Cmd::Test { args } => {
             setup()?;
@@ -106,7 +109,7 @@ fn toolchain_channel(file: &Path) -> Result<String> {
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// System tools the demo and tests use, and the Debian package of each.
-const SYSTEM_TOOLS: [(&str, &str); 3] = [("ip", "iproute2"), ("ping", "iputils-ping"), ("bpftool", "bpftool")];
+const SYSTEM_TOOLS: [(&str, &str); 4] = [("ip", "iproute2"), ("ping", "iputils-ping"), ("bpftool", "bpftool"), ("nft", "nftables")];
 
 fn setup() -> Result<()> {
     let root = root_dir();
