@@ -37,6 +37,32 @@ pub struct Entry {
     pub times: Option<ReloadTimes>,
 }
 
+impl Entry {
+    /// A ruleset that went live as `generation`, with its snapshot (or why there is none).
+    pub fn applied(
+        action: &str,
+        generation: u64,
+        version: Option<String>,
+        hash: &str,
+        source: &Path,
+        snapshot: std::result::Result<PathBuf, String>,
+        times: Option<ReloadTimes>,
+    ) -> Self {
+        Self {
+            time: crate::instance::now_secs(),
+            result: "applied".into(),
+            action: action.into(),
+            generation: Some(generation),
+            version,
+            hash: Some(hash.to_string()),
+            source: source.to_path_buf(),
+            error: snapshot.as_ref().err().map(|why| format!("no snapshot: {why}")),
+            snapshot: snapshot.ok(),
+            times,
+        }
+    }
+}
+
 pub struct History {
     dir: PathBuf,
 }

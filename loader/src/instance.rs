@@ -98,7 +98,7 @@ pub struct State {
     pub last_reload: Option<ReloadReport>,
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
@@ -261,18 +261,7 @@ pub fn attach(iface: &str, rules_path: Option<&Path>, mode: AttachMode) -> Resul
         if from_file {
             let history = History::new(iface);
             let snapshot = history.snapshot(&ruleset)?;
-            let entry = history::Entry {
-                time: now_secs(),
-                result: "applied".into(),
-                action: "attach".into(),
-                generation: Some(generation),
-                version: ruleset.version.clone(),
-                hash: Some(ruleset.hash.clone()),
-                source: ruleset.path.clone(),
-                snapshot: snapshot.clone().ok(),
-                error: snapshot.err().map(|why| format!("no snapshot: {why}")),
-                times: None,
-            };
+            let entry = history::Entry::applied("attach", generation, ruleset.version.clone(), &ruleset.hash, &ruleset.path, snapshot, None);
             if let Err(e) = history.append(&entry) {
                 tracing::warn!("could not record the attach in {}: {e:#}", history.dir().display());
             }
@@ -342,18 +331,15 @@ fn reload_as(inst: &Instance, path: &Path, opts: &ReloadOptions, action: &str) -
     let history = History::new(&inst.iface);
     let result = reload_pipeline(inst, path, opts);
     let entry = match &result {
-        Ok((report, snapshot)) => history::Entry {
-            time: now_secs(),
-            result: "applied".into(),
-            action: action.into(),
-            generation: Some(report.generation),
-            version: report.ruleset.version.clone(),
-            hash: Some(report.ruleset.hash.clone()),
-            source: path.to_path_buf(),
-            snapshot: snapshot.clone().ok(),
-            error: snapshot.clone().err().map(|why| format!("no snapshot: {why}")),
-            times: Some(report.times.clone()),
-        },
+        Ok((report, snapshot)) => history::Entry::applied(
+            action,
+            report.generation,
+            report.ruleset.version.clone(),
+            &report.ruleset.hash,
+            path,
+            snapshot.clone(),
+            Some(report.times.clone()),
+        ),
         Err(e) => history::Entry {
             time: now_secs(),
             result: "failed".into(),
