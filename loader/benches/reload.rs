@@ -84,6 +84,61 @@ fn run(t: &topology::Topology, dir: &Path, sizes: &[usize]) -> Result<()> {
         json.push(serde_json::json!({"prefixes": n, "times_us": tm, "to_flip_ms": to_flip, "total_ms": us(tm.total_us), "nft_ms": nft_ms, "ratio_to_nft": to_flip / nft_ms}));
     }
     let _ = Command::new("nft").args(["delete", "table", "inet", "xdpfw_bench"]).output();
+
+    // The fast path while reloads run back to back, against the same program idle: the attached
+    // program itself (opened from its pin) through BPF_PROG_TEST_RUN.
+    let mut prog = aya::programs::Xdp::from_pin(
+        xdpfw::kernel::pin_dir(&t.server_if).join("prog"),
+        aya_obj::programs::XdpAttachType::Interface,
+    )?;
+    let frames: Vec<Vec<u8>> = (0..64u32)
+        .map(|i| {
+            let spec: xdpfw::packet::PacketSpec = format!("tcp 10.{}.{}.7:4000 -> 192.0.2.2:443", i % 200, (i * 7) % 250).parse().unwrap();
+            spec.to_frame()
+        })
+        .collect();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let mut sample = |prog: &mut aya::programs::Xdp| -> Result<f64> {
+        let mut ns = Vec::new();
+        for f in &frames {
+            ns.push(xdpfw::testrun::run_frame(prog, f, 2000)?.1.as_nanos() as f64);
+        }
+        Ok(median(ns))
+    };
+    let idle_before = (0..3).map(|_| sample(&mut prog)).collect::<Result<Vec<_>>>()?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The same ruleset again and again, so each packet's work is the same as when idle.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let reloader = {
+        let (stop, done, rules, iface) = (stop.clone(), done.clone(), dir.join("rules.toml"), t.server_if.clone());
+        std::thread::spawn(move || -> Result<()> {
+            let inst = Instance::find(Some(&iface))?;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                instance::reload(&inst, &rules, &ReloadOptions::default())?;
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            Ok(())
+        })
+    };
+    let mut busy_samples = Vec::new();
+    while busy_samples.len() < 3 || done.load(std::sync::atomic::Ordering::SeqCst) < 10 {
+        busy_samples.push(sample(&mut prog)?);
+    }
+    let busy = median(busy_samples);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    reloader.join().expect("reloader thread")?;
+    let reloads = done.load(std::sync::atomic::Ordering::SeqCst);
+    // Idle both before and after, so a drift of the machine does not pass for an effect.
+    let mut idle_samples = idle_before;
+    for _ in 0..3 {
+        idle_samples.push(sample(&mut prog)?);
+    }
+    let idle = median(idle_samples);
+    println!("\nFast path during continuous reloads: {busy:.1} ns/packet vs {idle:.1} idle (ratio {:.2}; {reloads} reloads ran meanwhile)", busy / idle);
+    json.push(serde_json::json!({"fast_path_idle_ns": idle, "fast_path_during_reloads_ns": busy, "ratio": busy / idle, "reloads_during_sample": reloads}));
     println!("\nReload latency (ms; parse includes reading the set file; the same prefixes for nft, in one transaction):");
     print!("{table}");
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");

@@ -228,7 +228,7 @@ fn test(args: &[String]) -> Result<()> {
         println!("{line}");
         if let Some(rest) = line.strip_prefix("test result: ") {
             let count = |word: &str| {
-                rest.split(|c| c == ';' || c == '.')
+                rest.split([';', '.'])
                     .find_map(|part| part.trim().strip_suffix(word).and_then(|n| n.trim().parse::<u64>().ok()))
                     .unwrap_or(0)
             };
