@@ -139,8 +139,7 @@ pub struct RulesetHeader {
     /// The generation this buffer was written for (its `generation % 2` is this buffer).
     pub generation: u64,
     pub rule_count: u32,
-    /// Bitmap words that hold rules: `ceil(rule_count / 64)`. The AND stops here.
-    pub bitmap_words: u32,
+    pub _pad0: u32,
     /// `field::*` bits: which lookups this ruleset needs.
     pub fields: u32,
     /// `action::*` for packets no rule matches.
@@ -203,6 +202,7 @@ pub type Ipv6Data = [u8; 16];
 /// exactly one of `passed` / `dropped`; the rest explain why.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct GlobalStats {
     pub seen: u64,
     pub passed: u64,
@@ -221,6 +221,24 @@ pub struct GlobalStats {
     /// Packets decided by a rule (the rest got the default action).
     pub rule_hits: u64,
     pub default_hits: u64,
+}
+
+impl GlobalStats {
+    /// Adds another CPU's counters.
+    pub fn add(&mut self, o: &GlobalStats) {
+        self.seen += o.seen;
+        self.passed += o.passed;
+        self.dropped += o.dropped;
+        self.bytes += o.bytes;
+        self.non_ip += o.non_ip;
+        self.malformed += o.malformed;
+        self.ipv4 += o.ipv4;
+        self.ipv6 += o.ipv6;
+        self.fragments += o.fragments;
+        self.neighbor_discovery += o.neighbor_discovery;
+        self.rule_hits += o.rule_hits;
+        self.default_hits += o.default_hits;
+    }
 }
 
 /// Per-CPU per-rule counters, RULE_STATS at `buffer * RULE_SLOTS + rule`.

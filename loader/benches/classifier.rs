@@ -16,10 +16,15 @@ use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf,
     maps::{LpmTrie, lpm_trie::Key},
-    programs::{TestRun, TestRunOptions, Xdp},
+    programs::Xdp,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use xdpfw::{compile::compile, packet::PacketSpec, rules, testrun::PrivateProgram};
+use xdpfw::{
+    compile::compile,
+    packet::PacketSpec,
+    rules,
+    testrun::{PrivateProgram, run_frame},
+};
 
 static FLOOR: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/floor"));
 static PLAIN_LPM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/plain_lpm"));
@@ -57,12 +62,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn run_one(ebpf: &mut Ebpf, name: &str, frame: &[u8], repeat: u32) -> Result<f64> {
     let prog: &mut Xdp = ebpf.program_mut(name).ok_or_else(|| anyhow!("no {name}"))?.try_into()?;
-    let mut out = vec![0u8; frame.len() + 256];
-    let mut opts = TestRunOptions::new();
-    opts.data_in = Some(frame);
-    opts.data_out = Some(&mut out);
-    opts.repeat = repeat;
-    Ok(prog.test_run(opts)?.duration.as_nanos() as f64)
+    Ok(run_frame(prog, frame, repeat)?.1.as_nanos() as f64)
 }
 
 struct Peers {

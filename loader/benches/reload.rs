@@ -101,7 +101,7 @@ fn run(t: &topology::Topology, dir: &Path, sizes: &[usize]) -> Result<()> {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
     };
-    let mut sample = |prog: &mut aya::programs::Xdp| -> Result<f64> {
+    let sample = |prog: &mut aya::programs::Xdp| -> Result<f64> {
         let mut ns = Vec::new();
         for f in &frames {
             ns.push(xdpfw::testrun::run_frame(prog, f, 2000)?.1.as_nanos() as f64);

@@ -9,7 +9,7 @@ use std::{collections::HashMap, net::IpAddr, ops::RangeInclusive};
 
 use anyhow::{Result, bail};
 use xdpfw_common::{
-    BITMAP_ALL, BITMAP_EMPTY, BITMAP_WORDS, Bitmap, FieldEntry, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES, RuleMeta,
+    BITMAP_ALL, BITMAP_EMPTY, Bitmap, FieldEntry, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES, RuleMeta,
     RulesetHeader, absent, dir, field, fields_layout::*, fragment_policy,
 };
 
@@ -242,7 +242,7 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
     let header = RulesetHeader {
         generation: 0,
         rule_count: rules.len() as u32,
-        bitmap_words: rules.len().div_ceil(64).min(BITMAP_WORDS) as u32,
+        _pad0: 0,
         fields: fields_used,
         default_action: rs.default.kernel(),
         fragment_policy: match rs.fragments {

@@ -470,44 +470,8 @@ pub struct Stats {
     pub generation: u64,
     pub buffer: u32,
     pub ruleset: RulesetSummary,
-    pub global: GlobalCountersView,
+    pub global: GlobalStats,
     pub rules: Vec<RuleCounters>,
-}
-
-/// GlobalStats with names for JSON.
-#[derive(Clone, Debug, Serialize)]
-pub struct GlobalCountersView {
-    pub seen: u64,
-    pub passed: u64,
-    pub dropped: u64,
-    pub bytes: u64,
-    pub ipv4: u64,
-    pub ipv6: u64,
-    pub non_ip: u64,
-    pub malformed: u64,
-    pub fragments: u64,
-    pub neighbor_discovery: u64,
-    pub rule_hits: u64,
-    pub default_hits: u64,
-}
-
-impl From<GlobalStats> for GlobalCountersView {
-    fn from(s: GlobalStats) -> Self {
-        Self {
-            seen: s.seen,
-            passed: s.passed,
-            dropped: s.dropped,
-            bytes: s.bytes,
-            ipv4: s.ipv4,
-            ipv6: s.ipv6,
-            non_ip: s.non_ip,
-            malformed: s.malformed,
-            fragments: s.fragments,
-            neighbor_discovery: s.neighbor_discovery,
-            rule_hits: s.rule_hits,
-            default_hits: s.default_hits,
-        }
-    }
 }
 
 pub fn stats(inst: &Instance) -> Result<Stats> {
@@ -533,7 +497,7 @@ pub fn stats(inst: &Instance) -> Result<Stats> {
         generation,
         buffer,
         ruleset: state.ruleset,
-        global: maps.global_stats()?.into(),
+        global: maps.global_stats()?,
         rules,
     })
 }

@@ -101,6 +101,11 @@ fn load_pinned(dir: &Path, probe: bool) -> Result<Ebpf> {
     if probe {
         loader.override_global("PROBE", &1u32, true);
     }
+    load_object(&mut loader)
+}
+
+/// Loads the object with `loader` and the firewall program into the kernel (the verifier runs).
+fn load_object(loader: &mut EbpfLoader) -> Result<Ebpf> {
     let mut ebpf = loader.load(PROGRAM_OBJECT).context("loading the XDP object")?;
     let prog: &mut Xdp = ebpf
         .program_mut(PROGRAM_NAME)
@@ -113,14 +118,7 @@ fn load_pinned(dir: &Path, probe: bool) -> Result<Ebpf> {
 /// Loads the program into the kernel without pinning anything (kernel tests, benchmarks,
 /// `explain --kernel`): the returned handle owns private maps.
 pub fn load_private() -> Result<(Ebpf, Maps)> {
-    let mut ebpf = EbpfLoader::new().load(PROGRAM_OBJECT).context("loading the XDP object")?;
-    {
-        let prog: &mut Xdp = ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing"))?
-            .try_into()?;
-        prog.load().map_err(verifier_error)?;
-    }
+    let mut ebpf = load_object(&mut EbpfLoader::new())?;
     let mut take = |name: &str| -> Result<MapData> {
         let map = ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing"))?;
         map_data(map)
@@ -480,18 +478,7 @@ impl Maps {
         let per_cpu = self.global_stats.get(&0, 0)?;
         let mut sum = GlobalStats::default();
         for s in per_cpu.iter() {
-            sum.seen += s.seen;
-            sum.passed += s.passed;
-            sum.dropped += s.dropped;
-            sum.bytes += s.bytes;
-            sum.non_ip += s.non_ip;
-            sum.malformed += s.malformed;
-            sum.ipv4 += s.ipv4;
-            sum.ipv6 += s.ipv6;
-            sum.fragments += s.fragments;
-            sum.neighbor_discovery += s.neighbor_discovery;
-            sum.rule_hits += s.rule_hits;
-            sum.default_hits += s.default_hits;
+            sum.add(s);
         }
         Ok(sum)
     }

@@ -10,7 +10,7 @@ use std::{fmt, net::IpAddr, str::FromStr};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 
-use crate::rules::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, TCP_FLAG_NAMES};
+use crate::rules::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, TCP_FLAG_NAMES, tcp_flag_by_letter, tcp_flag_by_name};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PacketSpec {
@@ -127,22 +127,15 @@ fn parse_endpoint(s: &str) -> Result<(IpAddr, Option<u16>)> {
     Ok((addr, Some(port.parse().with_context(|| format!("invalid port \"{port}\""))?)))
 }
 
+/// Flags of a packet: letters (`SA`) or comma-separated names (`syn,ack`).
 pub fn parse_flag_letters_or_names(s: &str) -> Result<u8> {
-    if s.contains(',') || s.chars().all(|c| c.is_ascii_lowercase()) && s.len() > 1 && TCP_FLAG_NAMES.iter().any(|(n, _, _)| s.starts_with(n)) {
+    if s.contains(',') || tcp_flag_by_name(s).is_some() {
         return s.split(',').try_fold(0u8, |acc, name| {
-            TCP_FLAG_NAMES
-                .iter()
-                .find(|(n, _, _)| *n == name.trim())
-                .map(|(_, _, b)| acc | b)
-                .ok_or_else(|| anyhow!("unknown TCP flag \"{name}\""))
+            tcp_flag_by_name(name.trim()).map(|b| acc | b).ok_or_else(|| anyhow!("unknown TCP flag \"{name}\""))
         });
     }
     s.chars().try_fold(0u8, |acc, c| {
-        TCP_FLAG_NAMES
-            .iter()
-            .find(|(_, l, _)| *l == c.to_ascii_uppercase())
-            .map(|(_, _, b)| acc | b)
-            .ok_or_else(|| anyhow!("unknown TCP flag letter '{c}'"))
+        tcp_flag_by_letter(c).map(|b| acc | b).ok_or_else(|| anyhow!("unknown TCP flag letter '{c}'"))
     })
 }
 

@@ -149,6 +149,16 @@ pub const TCP_FLAG_NAMES: [(&str, char, u8); 8] = [
     ("cwr", 'C', 0x80),
 ];
 
+/// The bit of a TCP flag by its letter (`S`, case-insensitive).
+pub fn tcp_flag_by_letter(c: char) -> Option<u8> {
+    TCP_FLAG_NAMES.iter().find(|(_, l, _)| *l == c.to_ascii_uppercase()).map(|(_, _, b)| *b)
+}
+
+/// The bit of a TCP flag by its name (`syn`, case-insensitive).
+pub fn tcp_flag_by_name(name: &str) -> Option<u8> {
+    TCP_FLAG_NAMES.iter().find(|(n, _, _)| n.eq_ignore_ascii_case(name)).map(|(_, _, b)| *b)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpFlagsMatch {
     /// Bits that must be set.
@@ -626,10 +636,8 @@ pub fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
 pub fn parse_tcp_flags(s: &str) -> Result<TcpFlagsMatch, String> {
     let letters = |part: &str| -> Result<u8, String> {
         part.chars().try_fold(0u8, |acc, c| {
-            TCP_FLAG_NAMES
-                .iter()
-                .find(|(_, l, _)| *l == c.to_ascii_uppercase())
-                .map(|(_, _, bit)| acc | bit)
+            tcp_flag_by_letter(c)
+                .map(|bit| acc | bit)
                 .ok_or_else(|| format!("unknown TCP flag letter '{c}' in \"{s}\" (use F S R P A U E C)"))
         })
     };
@@ -647,11 +655,7 @@ pub fn parse_tcp_flags(s: &str) -> Result<TcpFlagsMatch, String> {
             Some(n) => (true, n),
             None => (false, word),
         };
-        let bit = TCP_FLAG_NAMES
-            .iter()
-            .find(|(n, _, _)| *n == name.to_ascii_lowercase())
-            .map(|(_, _, b)| *b)
-            .ok_or_else(|| format!("unknown TCP flag \"{name}\" (use fin syn rst psh ack urg ece cwr, ! to negate)"))?;
+        let bit = tcp_flag_by_name(name).ok_or_else(|| format!("unknown TCP flag \"{name}\" (use fin syn rst psh ack urg ece cwr, ! to negate)"))?;
         if neg { m.clear |= bit } else { m.set |= bit }
     }
     if m.set & m.clear != 0 {
