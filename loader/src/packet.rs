@@ -127,8 +127,11 @@ fn parse_endpoint(s: &str) -> Result<(IpAddr, Option<u16>)> {
     Ok((addr, Some(port.parse().with_context(|| format!("invalid port \"{port}\""))?)))
 }
 
-/// Flags of a packet: letters (`SA`) or comma-separated names (`syn,ack`).
+/// Flags of a packet: letters (`SA`), comma-separated names (`syn,ack`), or `none`.
 pub fn parse_flag_letters_or_names(s: &str) -> Result<u8> {
+    if s == "none" {
+        return Ok(0);
+    }
     if s.contains(',') || tcp_flag_by_name(s).is_some() {
         return s.split(',').try_fold(0u8, |acc, name| {
             tcp_flag_by_name(name.trim()).map(|b| acc | b).ok_or_else(|| anyhow!("unknown TCP flag \"{name}\""))
@@ -221,5 +224,26 @@ impl fmt::Display for PacketSpec {
             write!(f, " fragment")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_parses_back() {
+        for text in [
+            "tcp 198.51.100.7:5555 -> 203.0.113.1:22 flags S",
+            "tcp [2001:db8::1]:1 -> [2001:db8::2]:2 flags none",
+            "tcp 192.0.2.1:1 -> 192.0.2.2:2 flags syn,ack fragment",
+            "udp 192.0.2.1:53 -> 192.0.2.2:53",
+            "icmpv6 2001:db8::1 -> 2001:db8::2 type 135",
+            "47 192.0.2.1 -> 192.0.2.2",
+        ] {
+            let p: PacketSpec = text.parse().unwrap();
+            let again: PacketSpec = p.to_string().parse().unwrap_or_else(|e| panic!("{p}: {e}"));
+            assert_eq!(p, again, "{text}");
+        }
     }
 }
