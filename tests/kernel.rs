@@ -235,23 +235,6 @@ fn expected_delta(case: &Case) -> GlobalStats {
     d
 }
 
-fn delta(after: &GlobalStats, before: &GlobalStats) -> GlobalStats {
-    GlobalStats {
-        seen: after.seen - before.seen,
-        passed: after.passed - before.passed,
-        dropped: after.dropped - before.dropped,
-        bytes: after.bytes - before.bytes,
-        non_ip: after.non_ip - before.non_ip,
-        malformed: after.malformed - before.malformed,
-        ipv4: after.ipv4 - before.ipv4,
-        ipv6: after.ipv6 - before.ipv6,
-        fragments: after.fragments - before.fragments,
-        neighbor_discovery: after.neighbor_discovery - before.neighbor_discovery,
-        rule_hits: after.rule_hits - before.rule_hits,
-        default_hits: after.default_hits - before.default_hits,
-    }
-}
-
 const BASIC: &str = r#"
 default = "drop"
 
@@ -673,7 +656,7 @@ fn crafted_frames() {
         let stats_before = prog.maps.global_stats().unwrap();
         let rules_before = prog.maps.rule_stats(*buffer, n).unwrap();
         let verdict = prog.run(&case.frame).unwrap_or_else(|e| panic!("{}: test run failed: {e:#}", case.name));
-        let stats = delta(&prog.maps.global_stats().unwrap(), &stats_before);
+        let stats = prog.maps.global_stats().unwrap().since(&stats_before);
         let rules_after = prog.maps.rule_stats(*buffer, n).unwrap();
 
         if verdict != case.expect.kernel() {
@@ -1257,7 +1240,7 @@ fn differential_random_rulesets() {
         let got_bytes: Vec<u64> = got.iter().map(|s| s.bytes).collect();
         assert_eq!(got_slots, want_slots, "per-rule counters differ (seed {seed}, ruleset #{index}; last slot is the default):\n{text}");
         assert_eq!(got_bytes, want_bytes, "per-rule byte counters differ (ruleset #{index}):\n{text}");
-        let g = delta(&prog.maps.global_stats().unwrap(), &before);
+        let g = prog.maps.global_stats().unwrap().since(&before);
         assert_eq!(g.seen, PACKETS_PER_RULESET as u64);
         assert_eq!(g.malformed, 0, "a generated packet was malformed (ruleset #{index})");
         assert_eq!(g.non_ip, 0);

@@ -18,8 +18,11 @@ pub mod map_names {
     pub const DST_V4_DIR: &str = "DST_V4_DIR";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
     pub const RULE_STATS: &str = "RULE_STATS";
+    pub const VERDICTS: &str = "VERDICTS";
+    pub const PENDING: &str = "PENDING";
+    pub const ESCALATIONS: &str = "ESCALATIONS";
     /// Every map the program owns, in a stable order (pinning, stats, leak checks).
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 14] = [
         ACTIVE,
         HEADERS,
         RULES,
@@ -31,6 +34,9 @@ pub mod map_names {
         DST_V4_DIR,
         GLOBAL_STATS,
         RULE_STATS,
+        VERDICTS,
+        PENDING,
+        ESCALATIONS,
     ];
 }
 
@@ -64,6 +70,23 @@ pub const RULE_SLOTS: u32 = MAX_RULES as u32 + 1;
 pub mod action {
     pub const DROP: u32 = 1;
     pub const PASS: u32 = 2;
+}
+
+/// Bits of [`RuleMeta::flags`].
+pub mod rule_flags {
+    /// The rule has conditions on the owner of the local socket (process, user, …), which only
+    /// userspace can evaluate: the kernel escalates flows whose first matching rule has this.
+    pub const NEEDS_OWNER: u32 = 1 << 0;
+}
+
+/// Escalation: flows whose first matching rule needs the socket owner are decided in userspace.
+pub mod escalation {
+    /// Flows with a userspace verdict (LRU: a flood of new flows evicts the least recent).
+    pub const VERDICT_ENTRIES: u32 = 65536;
+    /// Flows waiting for a verdict.
+    pub const PENDING_ENTRIES: u32 = 65536;
+    /// The event ring buffer; at 72 bytes a record, room for about 3,600 waiting events.
+    pub const RING_BYTES: u32 = 256 * 1024;
 }
 
 /// What happens to a non-first IP fragment, which carries no transport header.
@@ -139,14 +162,17 @@ pub struct RulesetHeader {
     /// The generation this buffer was written for (its `generation % 2` is this buffer).
     pub generation: u64,
     pub rule_count: u32,
-    pub _pad0: u32,
+    /// `action::*` for packets of a flow whose owner verdict is not known yet.
+    pub pending_action: u32,
     /// `field::*` bits: which lookups this ruleset needs.
     pub fields: u32,
     /// `action::*` for packets no rule matches.
     pub default_action: u32,
     /// `fragment_policy::*`.
     pub fragment_policy: u32,
-    pub _pad: u32,
+    /// A flow still pending after this many milliseconds is escalated again (its event may have
+    /// been lost to an overflow, or userspace may have declined it).
+    pub escalation_retry_ms: u32,
     /// Bitmap ids for packets that do not carry a field (see `absent::*`).
     pub absent: [u32; absent::COUNT],
 }
@@ -221,23 +247,41 @@ pub struct GlobalStats {
     /// Packets decided by a rule (the rest got the default action).
     pub rule_hits: u64,
     pub default_hits: u64,
+    /// Escalation events sent to userspace (one per new flow whose rule needs the socket owner).
+    pub escalations: u64,
+    /// Packets decided by a cached userspace verdict.
+    pub cache_hits: u64,
+    /// Packets given the pending action while their flow waited for a verdict.
+    pub pending: u64,
+    /// Escalations lost because the ring buffer was full (the flow retries later).
+    pub ring_overflows: u64,
 }
 
+const GLOBAL_COUNTERS: usize = core::mem::size_of::<GlobalStats>() / 8;
+
 impl GlobalStats {
+    /// The counters as one array: the struct is `repr(C)` and made of u64s only.
+    fn counters(&mut self) -> &mut [u64; GLOBAL_COUNTERS] {
+        // SAFETY: same size and alignment, every bit pattern valid (checked below).
+        unsafe { &mut *(self as *mut GlobalStats as *mut [u64; GLOBAL_COUNTERS]) }
+    }
+
     /// Adds another CPU's counters.
     pub fn add(&mut self, o: &GlobalStats) {
-        self.seen += o.seen;
-        self.passed += o.passed;
-        self.dropped += o.dropped;
-        self.bytes += o.bytes;
-        self.non_ip += o.non_ip;
-        self.malformed += o.malformed;
-        self.ipv4 += o.ipv4;
-        self.ipv6 += o.ipv6;
-        self.fragments += o.fragments;
-        self.neighbor_discovery += o.neighbor_discovery;
-        self.rule_hits += o.rule_hits;
-        self.default_hits += o.default_hits;
+        let mut o = *o;
+        for (a, b) in self.counters().iter_mut().zip(o.counters().iter()) {
+            *a += *b;
+        }
+    }
+
+    /// What was counted since `before`.
+    pub fn since(&self, before: &GlobalStats) -> GlobalStats {
+        let mut out = *self;
+        let mut before = *before;
+        for (a, b) in out.counters().iter_mut().zip(before.counters().iter()) {
+            *a = a.wrapping_sub(*b);
+        }
+        out
     }
 }
 
@@ -249,6 +293,55 @@ pub struct RuleStats {
     pub bytes: u64,
 }
 
+/// A flow as the verdict cache knows it: the packet's addresses (IPv4 in the first 4 bytes, the
+/// rest zero), ports (0 when the protocol has none) and protocol. Every byte is set, padding
+/// included, because the kernel hashes the raw bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub is_v6: u8,
+    pub _pad: [u8; 2],
+}
+
+/// A userspace verdict for one flow (VERDICTS), valid for one generation until `expires_ns`
+/// (CLOCK_MONOTONIC, as `bpf_ktime_get_ns`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Verdict {
+    pub generation: u64,
+    pub expires_ns: u64,
+    /// `action::*`.
+    pub action: u32,
+    /// The deciding rule, or `DEFAULT_RULE_SLOT`: its counters count the flow's packets.
+    pub rule: u32,
+}
+
+/// A flow waiting for a verdict (PENDING): escalated at `since_ns` for `generation`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pending {
+    pub generation: u64,
+    pub since_ns: u64,
+}
+
+/// One escalation, sent through the ESCALATIONS ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EscalationEvent {
+    pub flow: FlowKey,
+    pub generation: u64,
+    /// When the kernel sent it (CLOCK_MONOTONIC): the start of the decision latency.
+    pub sent_ns: u64,
+    /// The rule that needs the owner (the kernel's first match).
+    pub rule: u32,
+    pub _pad: u32,
+}
+
 const _: () = {
     assert!(core::mem::size_of::<RulesetHeader>() == 56);
     assert!(core::mem::size_of::<RuleMeta>() == 8);
@@ -256,7 +349,13 @@ const _: () = {
     assert!(BITMAP_WORDS <= 64);
     assert!(core::mem::size_of::<FieldEntry>() == 8);
     assert!(core::mem::size_of::<PrefixValue>() == 4);
-    assert!(core::mem::size_of::<GlobalStats>() == 96);
+    assert!(core::mem::size_of::<GlobalStats>() == 128);
+    assert!(core::mem::size_of::<GlobalStats>() == GLOBAL_COUNTERS * 8);
+    assert!(core::mem::align_of::<GlobalStats>() == core::mem::align_of::<u64>());
+    assert!(core::mem::size_of::<FlowKey>() == 40);
+    assert!(core::mem::size_of::<Verdict>() == 24);
+    assert!(core::mem::size_of::<Pending>() == 16);
+    assert!(core::mem::size_of::<EscalationEvent>() == 64);
     assert!(core::mem::size_of::<RuleStats>() == 16);
     assert!(MAX_RULES.is_multiple_of(64));
 };
@@ -272,4 +371,8 @@ mod pod {
     unsafe impl aya::Pod for PrefixValue {}
     unsafe impl aya::Pod for GlobalStats {}
     unsafe impl aya::Pod for RuleStats {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Verdict {}
+    unsafe impl aya::Pod for Pending {}
+    unsafe impl aya::Pod for EscalationEvent {}
 }

@@ -10,7 +10,7 @@ use std::{collections::HashMap, net::IpAddr, ops::RangeInclusive};
 use anyhow::{Result, bail};
 use xdpfw_common::{
     BITMAP_ALL, BITMAP_EMPTY, Bitmap, FieldEntry, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES, RuleMeta,
-    RulesetHeader, absent, dir, field, fields_layout::*, fragment_policy,
+    RulesetHeader, absent, dir, field, fields_layout::*, fragment_policy, rule_flags,
 };
 
 use crate::rules::{AddrList, FragmentPolicy, Rule, Ruleset};
@@ -242,7 +242,7 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
     let header = RulesetHeader {
         generation: 0,
         rule_count: rules.len() as u32,
-        _pad0: 0,
+        pending_action: rs.escalation.pending.kernel(),
         fields: fields_used,
         default_action: rs.default.kernel(),
         fragment_policy: match rs.fragments {
@@ -250,12 +250,18 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
             FragmentPolicy::Drop => fragment_policy::DROP,
             FragmentPolicy::Pass => fragment_policy::PASS,
         },
-        _pad: 0,
+        escalation_retry_ms: rs.escalation.retry.as_millis() as u32,
         absent: absent_ids,
     };
     Ok(Image {
         header,
-        rules: rules.iter().map(|r| RuleMeta { action: r.action.kernel(), flags: 0 }).collect(),
+        rules: rules
+            .iter()
+            .map(|r| RuleMeta {
+                action: r.action.kernel(),
+                flags: if r.owner.is_some() { rule_flags::NEEDS_OWNER } else { 0 },
+            })
+            .collect(),
         bitmaps: bitmaps.list,
         fields: table,
         src_v4,

@@ -7,6 +7,7 @@ pub mod history;
 pub mod instance;
 pub mod kernel;
 pub mod matcher;
+pub mod owner;
 pub mod packet;
 pub mod rules;
 pub mod testrun;

@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use crate::{
+    owner::Owner,
     packet::PacketSpec,
     rules::{Action, AddrList, FragmentPolicy, IPPROTO_ICMPV6, Rule, Ruleset},
 };
@@ -21,11 +22,38 @@ pub struct Decision {
     pub rule_name: Option<String>,
     /// Why, one line per field that mattered.
     pub reasons: Vec<String>,
+    /// The deciding rule needs the socket owner, which was not given: `action` is the pending
+    /// action the kernel applies while userspace looks the owner up.
+    pub escalated: bool,
 }
 
-/// Decides `pkt` as the XDP program does.
+/// What is known of the owner of the packet's local socket.
+#[derive(Clone, Copy, Debug)]
+pub enum OwnerView<'a> {
+    /// Not known, as in the kernel: a rule with owner conditions escalates.
+    Unknown,
+    /// Known: `None` when no socket is there to own the flow.
+    Known(Option<&'a Owner>),
+}
+
+/// Decides `pkt` as the XDP program does (escalating where a rule needs the socket owner).
 pub fn decide(rs: &Ruleset, pkt: &PacketSpec) -> Decision {
-    let fixed = |action, why: &str| Decision { action, rule: None, rule_name: None, reasons: vec![why.to_string()] };
+    evaluate(rs, pkt, OwnerView::Unknown)
+}
+
+/// Decides `pkt` as the XDP program and the escalation service together do, with `owner`.
+pub fn decide_with_owner(rs: &Ruleset, pkt: &PacketSpec, owner: Option<&Owner>) -> Decision {
+    evaluate(rs, pkt, OwnerView::Known(owner))
+}
+
+pub fn evaluate(rs: &Ruleset, pkt: &PacketSpec, owner: OwnerView) -> Decision {
+    let fixed = |action, why: &str| Decision {
+        action,
+        rule: None,
+        rule_name: None,
+        reasons: vec![why.to_string()],
+        escalated: false,
+    };
     // Only over IPv6, as in the XDP program: protocol 58 inside IPv4 is not neighbour discovery.
     if pkt.src.is_ipv6() && pkt.is_icmp() && pkt.proto == IPPROTO_ICMPV6 && (133..=137).contains(&pkt.icmp_type) {
         return fixed(Action::Pass, "IPv6 neighbour discovery and router messages always pass");
@@ -38,8 +66,29 @@ pub fn decide(rs: &Ruleset, pkt: &PacketSpec) -> Decision {
         }
     }
     for (i, rule) in rs.rules.iter().enumerate() {
-        if let Some(reasons) = rule_matches(rule, pkt) {
-            return Decision { action: rule.action, rule: Some(i), rule_name: Some(rule.name.clone()), reasons };
+        let Some(mut reasons) = rule_matches(rule, pkt) else { continue };
+        let decision = |action, reasons, escalated| Decision {
+            action,
+            rule: Some(i),
+            rule_name: Some(rule.name.clone()),
+            reasons,
+            escalated,
+        };
+        match (&rule.owner, owner) {
+            (None, _) => return decision(rule.action, reasons, false),
+            (Some(cond), OwnerView::Unknown) => {
+                reasons.push(format!(
+                    "the rule needs the socket owner ({cond}): the kernel escalates the flow and gives it the pending action ({}) until userspace decides",
+                    rs.escalation.pending
+                ));
+                return decision(rs.escalation.pending, reasons, true);
+            }
+            (Some(cond), OwnerView::Known(o)) => {
+                if let Some(why) = cond.matches(o) {
+                    reasons.push(why);
+                    return decision(rule.action, reasons, false);
+                }
+            }
         }
     }
     fixed(rs.default, "no rule matched: the default action")
@@ -136,6 +185,11 @@ fn covers(a: &Rule, b: &Rule) -> bool {
     let ports = |a: &Vec<std::ops::RangeInclusive<u16>>, b: &Vec<std::ops::RangeInclusive<u16>>| {
         b.iter().all(|rb| rb.is_empty() || a.iter().any(|ra| ra.start() <= rb.start() && rb.end() <= ra.end()))
     };
+    // An owner condition may fail where the later rule's holds, unless the later one demands
+    // the very same owner.
+    if a.owner.is_some() && a.owner != b.owner {
+        return false;
+    }
     field(&a.src, &b.src, addrs)
         && field(&a.dst, &b.dst, addrs)
         && field(&a.proto, &b.proto, |a, b| b.iter().all(|p| a.contains(p)))

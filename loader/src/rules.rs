@@ -15,6 +15,16 @@
 //! proto = "tcp"                 # tcp, udp, icmp, icmpv6, a number, "any", or a list
 //! dport = [22, "8000-8100"]
 //! tcp_flags = "syn !ack"
+//! [[rule]]                      # decided in userspace by who owns the local socket
+//! name = "https-only-nginx"
+//! action = "pass"
+//! proto = "tcp"
+//! dport = 443
+//! owner = { process = "nginx", user = "www-data" }   # process exe uid user unit cgroup
+//! [escalation]
+//! pending = "drop"              # while the owner is looked up: drop (TCP retries) | pass
+//! verdict_ttl = "60s"           # how long a flow keeps its owner verdict
+//! retry = "1s"                  # re-escalate a flow still undecided after this
 //! ```
 
 use std::{
@@ -30,7 +40,10 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::packet::PacketSpec;
+use crate::{
+    owner::{OwnerMatch, OwnerSpec, parse_uid_range},
+    packet::PacketSpec,
+};
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -191,6 +204,9 @@ pub struct Rule {
     pub dport: Option<Vec<RangeInclusive<u16>>>,
     pub icmp: Option<IcmpMatch>,
     pub tcp_flags: Option<TcpFlagsMatch>,
+    /// Conditions on the local socket's owner: the kernel escalates the flows this rule would
+    /// decide, and userspace evaluates them.
+    pub owner: Option<OwnerMatch>,
     pub comment: Option<String>,
     pub location: Location,
 }
@@ -202,7 +218,30 @@ pub struct SelfTest {
     pub text: String,
     pub expect: Action,
     pub rule: Option<String>,
+    /// The socket owner to decide with, for packets that owner rules decide (`None`: not given).
+    pub owner: Option<OwnerSpec>,
     pub location: Location,
+}
+
+/// How flows that owner rules decide are handled (`[escalation]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EscalationOptions {
+    /// The action for a flow's packets until userspace has decided it.
+    pub pending: Action,
+    /// How long a decided flow keeps its verdict before it is looked up again.
+    pub verdict_ttl: std::time::Duration,
+    /// A flow still undecided after this is escalated again.
+    pub retry: std::time::Duration,
+}
+
+impl Default for EscalationOptions {
+    fn default() -> Self {
+        Self {
+            pending: Action::Drop,
+            verdict_ttl: std::time::Duration::from_secs(60),
+            retry: std::time::Duration::from_secs(1),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -211,6 +250,7 @@ pub struct Ruleset {
     pub version: Option<String>,
     pub default: Action,
     pub fragments: FragmentPolicy,
+    pub escalation: EscalationOptions,
     pub rules: Vec<Rule>,
     pub sets: BTreeMap<String, Arc<Vec<IpNet>>>,
     pub tests: Vec<SelfTest>,
@@ -228,6 +268,11 @@ impl Ruleset {
             .map(|r| r.src.as_ref().map_or(0, AddrList::len) + r.dst.as_ref().map_or(0, AddrList::len))
             .sum()
     }
+
+    /// Whether any rule needs the socket owner (and so the escalation service).
+    pub fn needs_owner(&self) -> bool {
+        self.rules.iter().any(|r| r.owner.is_some())
+    }
 }
 
 // ---- raw TOML shape ----
@@ -239,6 +284,7 @@ struct RawFile {
     default: Spanned<String>,
     #[serde(default)]
     options: RawOptions,
+    escalation: Option<Spanned<RawEscalation>>,
     #[serde(default)]
     sets: BTreeMap<Spanned<String>, Spanned<RawSet>>,
     #[serde(default)]
@@ -251,6 +297,14 @@ struct RawFile {
 #[serde(deny_unknown_fields)]
 struct RawOptions {
     fragments: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEscalation {
+    pending: Option<Spanned<String>>,
+    verdict_ttl: Option<Spanned<String>>,
+    retry: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -273,6 +327,7 @@ struct RawRule {
     icmp_type: Option<Spanned<i64>>,
     icmp_code: Option<Spanned<i64>>,
     tcp_flags: Option<Spanned<String>>,
+    owner: Option<Spanned<toml::Value>>,
     comment: Option<String>,
 }
 
@@ -282,6 +337,7 @@ struct RawTest {
     packet: Spanned<String>,
     expect: Spanned<String>,
     rule: Option<String>,
+    owner: Option<Spanned<String>>,
 }
 
 /// Maps byte offsets of one file to line:column.
@@ -336,6 +392,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Ruleset, RulesError> {
         },
     };
 
+    let escalation = match &raw.escalation {
+        None => EscalationOptions::default(),
+        Some(e) => parse_escalation(&src, e.get_ref())?,
+    };
+
     let mut sets = BTreeMap::new();
     let mut set_files = Vec::new();
     for (name, set) in &raw.sets {
@@ -384,6 +445,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Ruleset, RulesError> {
             text: t.packet.get_ref().clone(),
             expect: parse_action(&src, &t.expect)?,
             rule: t.rule.clone(),
+            owner: t
+                .owner
+                .as_ref()
+                .map(|o| o.get_ref().parse::<OwnerSpec>().map_err(|e| src.error(o.span(), format!("bad test owner: {e}"))))
+                .transpose()?,
             location: src.location(t.packet.span().start),
         });
     }
@@ -393,6 +459,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Ruleset, RulesError> {
         version: raw.version.map(|v| v.into_inner()),
         default,
         fragments,
+        escalation,
         rules,
         sets,
         tests,
@@ -412,6 +479,81 @@ pub fn parse(path: &Path, text: &str) -> Result<Ruleset, RulesError> {
         });
     }
     Ok(ruleset)
+}
+
+fn parse_escalation(src: &Source, raw: &RawEscalation) -> Result<EscalationOptions, RulesError> {
+    let mut out = EscalationOptions::default();
+    if let Some(p) = &raw.pending {
+        out.pending = parse_action(src, p)?;
+    }
+    let duration = |d: &Spanned<String>, what: &str, min_ms: u64, max: std::time::Duration| -> Result<std::time::Duration, RulesError> {
+        let v = humantime::parse_duration(d.get_ref())
+            .map_err(|e| src.error(d.span(), format!("invalid {what} \"{}\": {e} (e.g. \"500ms\", \"60s\", \"5m\")", d.get_ref())))?;
+        if v.as_millis() < min_ms as u128 || v > max {
+            return Err(src.error(d.span(), format!("{what} must be between {min_ms}ms and {}", humantime::format_duration(max))));
+        }
+        Ok(v)
+    };
+    if let Some(d) = &raw.verdict_ttl {
+        out.verdict_ttl = duration(d, "verdict_ttl", 100, std::time::Duration::from_secs(7 * 24 * 3600))?;
+    }
+    if let Some(d) = &raw.retry {
+        out.retry = duration(d, "retry", 10, std::time::Duration::from_secs(3600))?;
+    }
+    Ok(out)
+}
+
+/// A rule's `owner` table.
+fn parse_owner(src: &Source, v: &Spanned<toml::Value>) -> Result<OwnerMatch, RulesError> {
+    let toml::Value::Table(table) = v.get_ref() else {
+        return Err(src.error(v.span(), "owner must be a table, e.g. owner = { process = \"nginx\" }"));
+    };
+    let mut m = OwnerMatch::default();
+    for (key, value) in table {
+        let items: Vec<toml::Value> = match value {
+            toml::Value::Array(a) => a.clone(),
+            other => vec![other.clone()],
+        };
+        let texts = || -> Result<Vec<String>, RulesError> {
+            items
+                .iter()
+                .map(|i| match i {
+                    toml::Value::String(s) if !s.is_empty() => Ok(s.clone()),
+                    other => Err(src.error(v.span(), format!("owner.{key}: expected a non-empty string, found {other}"))),
+                })
+                .collect()
+        };
+        match key.as_str() {
+            "process" => m.process = texts()?,
+            "exe" => {
+                m.exe = texts()?;
+                if let Some(e) = m.exe.iter().find(|e| !e.starts_with('/')) {
+                    return Err(src.error(v.span(), format!("owner.exe \"{e}\" must be an absolute path")));
+                }
+            }
+            "user" => m.user = texts()?,
+            "unit" => m.unit = texts()?,
+            "cgroup" => m.cgroup = texts()?,
+            "uid" => {
+                for i in &items {
+                    m.uid.push(match i {
+                        toml::Value::Integer(n) if (0..=u32::MAX as i64).contains(n) => (*n as u32)..=(*n as u32),
+                        toml::Value::String(s) => parse_uid_range(s).map_err(|e| src.error(v.span(), format!("owner.uid: {e}")))?,
+                        other => return Err(src.error(v.span(), format!("owner.uid: expected a uid or \"lo-hi\", found {other}"))),
+                    });
+                }
+            }
+            other => {
+                return Err(src.error(v.span(), format!(
+                    "unknown owner condition \"{other}\" (expected process, exe, uid, user, unit or cgroup)"
+                )));
+            }
+        }
+    }
+    if m.is_empty() {
+        return Err(src.error(v.span(), "an empty owner table matches every socket; remove it or name a process, exe, uid, user, unit or cgroup"));
+    }
+    Ok(m)
 }
 
 fn parse_action(src: &Source, s: &Spanned<String>) -> Result<Action, RulesError> {
@@ -592,9 +734,20 @@ fn parse_rule(
             Some(parse_tcp_flags(f.get_ref()).map_err(|m| src.error(f.span(), m))?)
         }
     };
+    let owner = match &r.owner {
+        None => None,
+        Some(o) => {
+            // Only TCP and UDP packets are addressed to a socket whose owner can be looked up.
+            if !only(&[IPPROTO_TCP, IPPROTO_UDP]) {
+                return Err(src.error(o.span(), "owner conditions need proto = \"tcp\", \"udp\" or [\"tcp\", \"udp\"]"));
+            }
+            Some(parse_owner(src, o)?)
+        }
+    };
     Ok(Rule {
         name,
         action: parse_action(src, &r.action)?,
+        owner,
         src: addr(&r.src)?,
         dst: addr(&r.dst)?,
         proto,

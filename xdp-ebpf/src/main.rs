@@ -7,6 +7,9 @@
 //! - truncated or inconsistent headers, or an IPv6 extension chain longer than we walk: drop
 //!   (`malformed`)
 //! - a non-first fragment: per the ruleset's fragment policy (`fragments`)
+//!
+//! A packet whose first matching rule needs the owner of the local socket (a process or user
+//! condition) is escalated: see [`escalate`].
 #![no_std]
 #![no_main]
 
@@ -15,15 +18,17 @@ mod parse;
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_INNER_MAP, BPF_F_MMAPABLE},
     btf_maps::{Array as BtfArray, ArrayOfMaps, LpmTrie},
+    helpers::bpf_ktime_get_ns,
     macros::{btf_map, map, xdp},
-    maps::{lpm_trie::Key, Array, PerCpuArray},
+    maps::{lpm_trie::Key, Array, LruHashMap, PerCpuArray, RingBuf},
     programs::XdpContext,
 };
 use parse::{Packet, ParseOutcome};
 use xdpfw_common::{
-    absent, action, dir, field, fields_layout::*, fragment_policy, Bitmap, FieldEntry, GlobalStats,
-    Ipv6Data, PrefixValue, RuleMeta, RuleStats, RulesetHeader, BITMAP_WORDS, BUFFERS,
-    BITMAP_ALL, DEFAULT_RULE_SLOT, MAX_BITMAPS, MAX_PREFIXES, MAX_RULES, RULE_SLOTS,
+    absent, action, dir, escalation, field, fields_layout::*, fragment_policy, rule_flags, Bitmap,
+    EscalationEvent, FieldEntry, FlowKey, GlobalStats, Ipv6Data, Pending, PrefixValue, RuleMeta,
+    RuleStats, RulesetHeader, Verdict, BITMAP_ALL, BITMAP_WORDS, BUFFERS, DEFAULT_RULE_SLOT,
+    MAX_BITMAPS, MAX_PREFIXES, MAX_RULES, RULE_SLOTS,
 };
 
 /// The current generation; `generation % 2` is the active buffer. Written by userspace with one
@@ -79,6 +84,20 @@ fn probe() -> u32 {
 
 #[map(name = "RULE_STATS")]
 static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(BUFFERS * RULE_SLOTS, 0);
+
+/// Userspace verdicts for escalated flows, tagged with the generation they were decided for.
+#[map(name = "VERDICTS")]
+static VERDICTS: LruHashMap<FlowKey, Verdict> =
+    LruHashMap::with_max_entries(escalation::VERDICT_ENTRIES, 0);
+
+/// Flows escalated and not decided yet: one event per flow, not one per packet. A separate map
+/// from VERDICTS so a flood of new flows evicts other pending flows, never decided ones.
+#[map(name = "PENDING")]
+static PENDING: LruHashMap<FlowKey, Pending> =
+    LruHashMap::with_max_entries(escalation::PENDING_ENTRIES, 0);
+
+#[map(name = "ESCALATIONS")]
+static ESCALATIONS: RingBuf = RingBuf::with_byte_size(escalation::RING_BYTES, 0);
 
 #[xdp]
 pub fn xdpfw(ctx: XdpContext) -> u32 {
@@ -145,31 +164,82 @@ fn decide(ctx: &XdpContext, stats: &mut GlobalStats, len: u64) -> u32 {
         }
     }
 
-    let slot = match classify(buffer, header, &pkt) {
+    let (slot, verdict) = match classify(buffer, header, &pkt) {
         Some(rule) => {
             stats.rule_hits += 1;
-            rule
+            match RULES.get(buffer * MAX_RULES as u32 + rule) {
+                Some(meta) if meta.flags & rule_flags::NEEDS_OWNER != 0 => {
+                    escalate(generation, header, rule, &pkt, stats)
+                }
+                Some(meta) => (rule, meta.action),
+                None => (rule, header.default_action),
+            }
         }
         None => {
             stats.default_hits += 1;
-            DEFAULT_RULE_SLOT
+            (DEFAULT_RULE_SLOT, header.default_action)
         }
     };
     if probe() != 0 {
         // The probe copy must not touch the counters of the live ruleset.
-    } else if let Some(counter) = RULE_STATS.get_ptr_mut(buffer * RULE_SLOTS + slot) {
+    } else if let Some(counter) = RULE_STATS.get_ptr_mut(buffer * RULE_SLOTS + (slot % RULE_SLOTS)) {
         // SAFETY: per-CPU slot, as above.
         let counter = unsafe { &mut *counter };
         counter.packets += 1;
         counter.bytes += len;
     }
-    if slot == DEFAULT_RULE_SLOT {
-        return header.default_action;
+    verdict
+}
+
+/// A packet whose first matching rule needs the socket owner: the flow's cached userspace
+/// verdict if there is one for this generation, else the ruleset's pending action, sending one
+/// event per flow (per retry interval) to userspace. Returns the counted rule slot and the action.
+///
+/// Nothing here can wait: the first packets of a new flow get the pending action (with "drop",
+/// TCP retransmits its SYN and finds the verdict in place).
+#[inline(always)]
+fn escalate(generation: u64, header: &RulesetHeader, rule: u32, pkt: &Packet, stats: &mut GlobalStats) -> (u32, u32) {
+    if probe() != 0 {
+        // Self-tests prove the kernel escalates; they must not touch the live flows' state.
+        return (rule, header.pending_action);
     }
-    match RULES.get(buffer * MAX_RULES as u32 + slot) {
-        Some(rule) => rule.action,
-        None => header.default_action,
+    let key = FlowKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        sport: if pkt.has_ports { pkt.sport } else { 0 },
+        dport: if pkt.has_ports { pkt.dport } else { 0 },
+        proto: pkt.proto,
+        is_v6: pkt.is_v6 as u8,
+        _pad: [0; 2],
+    };
+    // SAFETY: a helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: the value is copied out at once; a concurrent update can at worst give a torn
+    // read of a verdict that is about to be replaced, and both halves carry its generation.
+    if let Some(v) = unsafe { VERDICTS.get(&key) } {
+        if v.generation == generation && v.expires_ns > now {
+            stats.cache_hits += 1;
+            return (v.rule, v.action);
+        }
     }
+    stats.pending += 1;
+    let retry_ns = header.escalation_retry_ms as u64 * 1_000_000;
+    // SAFETY: as above.
+    if let Some(p) = unsafe { PENDING.get(&key) } {
+        if p.generation == generation && now.wrapping_sub(p.since_ns) < retry_ns {
+            return (rule, header.pending_action);
+        }
+    }
+    let _ = PENDING.insert(&key, &Pending { generation, since_ns: now }, 0);
+    match ESCALATIONS.reserve::<EscalationEvent>(0) {
+        Some(mut event) => {
+            event.write(EscalationEvent { flow: key, generation, sent_ns: now, rule, _pad: 0 });
+            event.submit(0);
+            stats.escalations += 1;
+        }
+        None => stats.ring_overflows += 1,
+    }
+    (rule, header.pending_action)
 }
 
 /// First-match classification by bit vectors: each constrained field yields the bitmap of rules
