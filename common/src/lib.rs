@@ -339,7 +339,8 @@ pub struct EscalationEvent {
     pub sent_ns: u64,
     /// The rule that needs the owner (the kernel's first match).
     pub rule: u32,
-    pub _pad: u32,
+    /// The TCP flags of the packet that escalated (later rules may test them).
+    pub tcp_flags: u32,
 }
 
 const _: () = {

@@ -38,15 +38,17 @@ pub enum OwnerView<'a> {
 
 /// Decides `pkt` as the XDP program does (escalating where a rule needs the socket owner).
 pub fn decide(rs: &Ruleset, pkt: &PacketSpec) -> Decision {
-    evaluate(rs, pkt, OwnerView::Unknown)
+    evaluate(rs, pkt, OwnerView::Unknown, 0)
 }
 
 /// Decides `pkt` as the XDP program and the escalation service together do, with `owner`.
 pub fn decide_with_owner(rs: &Ruleset, pkt: &PacketSpec, owner: Option<&Owner>) -> Decision {
-    evaluate(rs, pkt, OwnerView::Known(owner))
+    evaluate(rs, pkt, OwnerView::Known(owner), 0)
 }
 
-pub fn evaluate(rs: &Ruleset, pkt: &PacketSpec, owner: OwnerView) -> Decision {
+/// Decides `pkt` with rules `first..` only: the escalation service starts at the rule the
+/// kernel escalated on, since the kernel has already seen every earlier rule fail.
+pub fn evaluate(rs: &Ruleset, pkt: &PacketSpec, owner: OwnerView, first: usize) -> Decision {
     let fixed = |action, why: &str| Decision {
         action,
         rule: None,
@@ -65,7 +67,7 @@ pub fn evaluate(rs: &Ruleset, pkt: &PacketSpec, owner: OwnerView) -> Decision {
             FragmentPolicy::L3Only => {}
         }
     }
-    for (i, rule) in rs.rules.iter().enumerate() {
+    for (i, rule) in rs.rules.iter().enumerate().skip(first) {
         let Some(mut reasons) = rule_matches(rule, pkt) else { continue };
         let decision = |action, reasons, escalated| Decision {
             action,

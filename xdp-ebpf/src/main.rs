@@ -233,7 +233,7 @@ fn escalate(generation: u64, header: &RulesetHeader, rule: u32, pkt: &Packet, st
     let _ = PENDING.insert(&key, &Pending { generation, since_ns: now }, 0);
     match ESCALATIONS.reserve::<EscalationEvent>(0) {
         Some(mut event) => {
-            event.write(EscalationEvent { flow: key, generation, sent_ns: now, rule, _pad: 0 });
+            event.write(EscalationEvent { flow: key, generation, sent_ns: now, rule, tcp_flags: pkt.tcp_flags as u32 });
             event.submit(0);
             stats.escalations += 1;
         }
