@@ -42,6 +42,9 @@ pub struct RulesetSummary {
     pub actions: Vec<String>,
     pub prefixes: usize,
     pub trie_entries: usize,
+    /// Rules with owner conditions, which need the escalation service.
+    #[serde(default)]
+    pub owner_rules: Vec<String>,
 }
 
 impl RulesetSummary {
@@ -55,6 +58,7 @@ impl RulesetSummary {
             actions: rs.rules.iter().map(|r| r.action.to_string()).collect(),
             prefixes: rs.prefix_count(),
             trie_entries: image.prefix_count(),
+            owner_rules: rs.rules.iter().filter(|r| r.owner.is_some()).map(|r| r.name.clone()).collect(),
         }
     }
 }
@@ -472,6 +476,8 @@ pub struct Stats {
     pub ruleset: RulesetSummary,
     pub global: GlobalStats,
     pub rules: Vec<RuleCounters>,
+    /// The escalation service's report, when one serves this instance.
+    pub escalation: Option<crate::escalation::Report>,
 }
 
 pub fn stats(inst: &Instance) -> Result<Stats> {
@@ -499,6 +505,7 @@ pub fn stats(inst: &Instance) -> Result<Stats> {
         ruleset: state.ruleset,
         global: maps.global_stats()?,
         rules,
+        escalation: crate::escalation::served(inst),
     })
 }
 
@@ -530,6 +537,14 @@ impl Stats {
         let _ = writeln!(s, "  packets    seen {}  passed {}  dropped {}  ({} bytes)", g.seen, g.passed, g.dropped, g.bytes);
         let _ = writeln!(s, "  kinds      ipv4 {}  ipv6 {}  non-ip {}  malformed {}  fragments {}  neighbor-discovery {}", g.ipv4, g.ipv6, g.non_ip, g.malformed, g.fragments, g.neighbor_discovery);
         let _ = writeln!(s, "  decided by rules {}  default {}", g.rule_hits, g.default_hits);
+        if !r.owner_rules.is_empty() || g.escalations + g.pending + g.cache_hits > 0 {
+            let _ = writeln!(
+                s,
+                "  escalation escalated {}  cache-hits {}  pending {}  ring-overflows {}",
+                g.escalations, g.cache_hits, g.pending, g.ring_overflows
+            );
+            let _ = writeln!(s, "             {}", escalation_line(&r.owner_rules, self.escalation.as_ref()));
+        }
         let width = self.rules.iter().map(|r| r.name.len()).max().unwrap_or(4).max(4);
         let _ = writeln!(s, "  {:>4}  {:<width$}  {:<6}  {:>12}  {:>14}", "#", "rule", "action", "packets", "bytes");
         for c in &self.rules {
@@ -537,5 +552,28 @@ impl Stats {
             let _ = writeln!(s, "  {:>4}  {:<width$}  {:<6}  {:>12}  {:>14}", idx, c.name, c.action, c.packets, c.bytes);
         }
         s
+    }
+}
+
+/// One line on who serves the escalations of an instance.
+pub fn escalation_line(owner_rules: &[String], report: Option<&crate::escalation::Report>) -> String {
+    match report {
+        Some(r) => {
+            let c = &r.counters;
+            let lat = match (r.latency_p50_us, r.latency_p99_us) {
+                (Some(p50), Some(p99)) => format!(", decision latency p50 {p50:.0} us p99 {p99:.0} us"),
+                _ => String::new(),
+            };
+            format!(
+                "served by pid {}: {} events, {} passed, {} dropped, {} no socket, {} process gone, {} timeouts, {} source-limited, {} stale, {} errors{lat}",
+                r.pid, c.events, c.decided_pass, c.decided_drop, c.no_socket, c.process_gone, c.lookup_timeouts, c.source_limited, c.stale, c.errors
+            )
+        }
+        None if owner_rules.is_empty() => "not served (no rule of the active ruleset needs it)".to_string(),
+        None => format!(
+            "NOT SERVED: flows that {} decide{} get the pending action until `loader run` serves escalations",
+            owner_rules.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", "),
+            if owner_rules.len() == 1 { "s" } else { "" }
+        ),
     }
 }

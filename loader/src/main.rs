@@ -12,6 +12,7 @@ use xdpfw::{
     instance::{self, Instance, ReloadOptions},
     kernel::AttachMode,
     matcher,
+    owner::OwnerSpec,
     packet::PacketSpec,
     rules::{self, RulesError},
     testrun::PrivateProgram,
@@ -88,6 +89,11 @@ enum Command {
     },
     /// List the interfaces with an attached firewall.
     List,
+    /// Serve escalations only (what `loader run` also does), until SIGINT/SIGTERM.
+    #[command(hide = true)]
+    ServeEscalations {
+        iface: String,
+    },
     /// Validate a rules file without touching the kernel.
     Check {
         file: PathBuf,
@@ -102,6 +108,10 @@ enum Command {
         /// Also run the packet through the real program (BPF_PROG_TEST_RUN); the two must agree.
         #[arg(long)]
         kernel: bool,
+        /// The owner of the local socket, for rules with owner conditions:
+        /// "process=nginx uid=33 user=www-data exe=/usr/sbin/nginx unit=nginx.service", or "none".
+        #[arg(long, value_name = "SPEC")]
+        owner: Option<OwnerSpec>,
         #[arg(long)]
         json: bool,
     },
@@ -163,12 +173,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let state = inst.state()?;
             let entries = if history { xdpfw::history::History::new(&inst.iface).entries()? } else { Vec::new() };
             if json {
-                let v = serde_json::json!({ "state": state, "history": history.then_some(&entries) });
+                let v = serde_json::json!({ "state": state, "escalation": xdpfw::escalation::served(&inst), "history": history.then_some(&entries) });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 let r = &state.ruleset;
                 println!("xdpfw on {} ({:?} mode), attached at {} (unix time)", state.iface, state.mode, state.attached_at);
                 println!("  generation {}: {} {} ({} rules, default {}){}", state.generation, r.version.as_deref().unwrap_or("(no version)"), &r.hash[..12.min(r.hash.len())], r.rules.len(), r.default, r.path.as_ref().map(|p| format!(", from {}", p.display())).unwrap_or_default());
+                if !r.owner_rules.is_empty() || xdpfw::escalation::served(&inst).is_some() {
+                    println!("  escalation: {}", instance::escalation_line(&r.owner_rules, xdpfw::escalation::served(&inst).as_ref()));
+                }
                 if let Some(l) = &state.last_reload {
                     println!("  last reload: generation {} -> {}, {} us (grace {} us, {:?})", l.previous_generation, l.generation, l.times.total_us, l.times.grace_us, l.grace_method);
                 }
@@ -241,6 +254,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", s.render());
             }
         }
+        Command::ServeEscalations { iface } => {
+            let inst = Instance::find(Some(&iface))?;
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(sig, stop.clone())?;
+            }
+            let shared = std::sync::Arc::new(xdpfw::escalation::Shared::default());
+            xdpfw::escalation::serve(&inst, &Default::default(), &stop, &shared)?;
+        }
         Command::List => {
             for name in instance::list()? {
                 println!("{name}");
@@ -273,10 +295,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::from(EXIT_WARNINGS));
             }
         }
-        Command::Explain { file, packet, kernel, json } => {
+        Command::Explain { file, packet, kernel, owner, json } => {
             let rs = rules::load(&file)?;
             let pkt: PacketSpec = packet.parse().context("parsing the packet")?;
-            let d = matcher::decide(&rs, &pkt);
+            // What the kernel decides alone (escalating where a rule needs the owner), and with
+            // the owner given, what the escalation service then decides.
+            let in_kernel = matcher::decide(&rs, &pkt);
+            let d = match &owner {
+                Some(OwnerSpec(o)) if in_kernel.escalated => matcher::decide_with_owner(&rs, &pkt, o.as_ref()),
+                _ => in_kernel.clone(),
+            };
             let kernel_verdict = if kernel {
                 let mut prog = PrivateProgram::load()?;
                 prog.activate(&compile(&rs)?)?;
@@ -285,7 +313,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 None
             };
             if json {
-                let v = serde_json::json!({ "packet": pkt.to_string(), "decision": d, "kernel": kernel_verdict });
+                let v = serde_json::json!({ "packet": pkt.to_string(), "decision": d, "in_kernel": in_kernel, "kernel": kernel_verdict });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 match (&d.rule, &d.rule_name) {
@@ -295,14 +323,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 for r in &d.reasons {
                     println!("    {r}");
                 }
+                if in_kernel.escalated && !d.escalated {
+                    println!("  (the kernel escalates this flow and gives it {} until the owner verdict is in place)", in_kernel.action);
+                } else if in_kernel.escalated {
+                    println!("  (give --owner to see what the escalation service decides)");
+                }
                 if let Some(k) = kernel_verdict {
                     println!("  kernel (BPF_PROG_TEST_RUN): {k}");
                 }
             }
             if let Some(k) = kernel_verdict
-                && k != d.action
+                && k != in_kernel.action
             {
-                anyhow::bail!("the kernel says {k} but the reference matcher says {}", d.action);
+                anyhow::bail!("the kernel says {k} but the reference matcher says {}", in_kernel.action);
             }
         }
     }

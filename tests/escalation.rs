@@ -1,0 +1,366 @@
+//! Escalation with real processes owning real sockets: rules on the owner of the local socket
+//! are decided in userspace by the daemon, only for the flows those rules decide.
+
+mod harness;
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{SocketAddr, UdpSocket},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use harness::*;
+use xdpfw::packet::PacketSpec;
+
+fn sa(addr: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip(addr), port)
+}
+
+const APP_PORT: u16 = 7100;
+const OTHER_PORT: u16 = 7101;
+const ORDINARY_PORT: u16 = 7000;
+const NOBODY: u32 = 65534;
+
+/// A UDP echo and TCP accept server in Python, run under a chosen process name and user.
+const SERVER_PY: &str = r#"
+import os, socket, sys, threading
+port = int(sys.argv[1]); uid = int(sys.argv[2])
+if uid != 0:
+    os.setgroups([]); os.setgid(uid); os.setuid(uid)   # before the sockets: they take this uid
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", port))
+t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); t.bind(("0.0.0.0", port)); t.listen(64)
+def accept():
+    while True:
+        c, _ = t.accept(); c.close()
+threading.Thread(target=accept, daemon=True).start()
+print("ready", flush=True)
+while True:
+    d, a = u.recvfrom(2048); u.sendto(d, a)
+"#;
+
+/// A real process named `name` (its comm) owning udp+tcp `port` in `ns` as `uid`; killed on drop.
+struct OwnerProcess {
+    child: Child,
+    _dir: TempDir,
+}
+
+struct TempDir(PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn python() -> String {
+    let out = Command::new("python3")
+        .args(["-c", "import os, sys; print(os.path.realpath(sys.executable))"])
+        .output()
+        .expect("python3 is needed by this test (installed by `./run setup`)");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+impl OwnerProcess {
+    fn start(ns: &str, name: &str, uid: u32, port: u16) -> Self {
+        let dir = TempDir(std::env::temp_dir().join(format!("xfw-owner-{}-{name}-{port}", std::process::id())));
+        std::fs::create_dir_all(&dir.0).unwrap();
+        // Executed through a link with the wanted name, the process's comm is that name.
+        let exe = dir.0.join(name);
+        std::os::unix::fs::symlink(python(), &exe).unwrap();
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(&exe)
+            .args(["-c", SERVER_PY, &port.to_string(), &uid.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting the owner process");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready", "owner process {name} did not start");
+        Self { child, _dir: dir }
+    }
+}
+
+impl Drop for OwnerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The daemon serving escalations for the instance on the server end; stopped on drop.
+struct Daemon(Child);
+
+impl Daemon {
+    fn start(t: &Topology) -> Self {
+        let child = Command::new(loader_bin())
+            .args(["--netns", &t.server_ns, "serve-escalations", &t.server_if])
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting the daemon");
+        let d = Daemon(child);
+        assert!(
+            eventually(Duration::from_secs(10), || stats(t)["escalation"].is_object()),
+            "the daemon did not report itself serving"
+        );
+        d
+    }
+    fn pid(&self) -> i32 {
+        self.0.id() as i32
+    }
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap();
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), nix::sys::signal::Signal::SIGCONT);
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn attached(tag: &str) -> Topology {
+    let mut t = Topology::new(tag).expect("topology");
+    t.detach_on_drop(loader_bin());
+    let rules = rules_dir().join("owners.toml");
+    loader_ok(&t.server_ns, &["attach", &t.server_if, "--rules", rules.to_str().unwrap()]);
+    t
+}
+
+/// One UDP flow from the client: waits (bounded) until the flow is decided (an echo comes back,
+/// or the escalation service reports it decided), then sends `n` more datagrams on it and
+/// returns how many echoes came back. The socket is returned to reuse the same flow later.
+fn udp_flow(t: &Topology, to: SocketAddr, n: u64, decided: impl Fn() -> bool + Send + 'static) -> (u64, UdpSocket) {
+    in_ns(&t.client_ns, move || {
+        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let mut buf = [0u8; 64];
+        // The first datagrams get the pending action until the verdict is in place.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            sock.send_to(b"hello", to).unwrap();
+            if sock.recv_from(&mut buf).is_ok() || decided() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "flow to {to} never decided");
+        }
+        while sock.recv_from(&mut buf).is_ok() {}
+        (echoes(&sock, to, n), sock)
+    })
+    .join()
+    .unwrap()
+}
+
+/// Sends `n` datagrams on `sock` to `to` and counts the echoes.
+fn echoes(sock: &UdpSocket, to: SocketAddr, n: u64) -> u64 {
+    let mut buf = [0u8; 64];
+    let mut got = 0;
+    for i in 0..n {
+        sock.send_to(&i.to_be_bytes(), to).unwrap();
+        if i % 10 == 9 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while got < n && Instant::now() < deadline {
+        if sock.recv_from(&mut buf).is_ok() {
+            got += 1;
+        }
+    }
+    got
+}
+
+fn global(t: &Topology, key: &str) -> u64 {
+    stats(t)["global"][key].as_u64().unwrap()
+}
+
+fn service(t: &Topology, key: &str) -> u64 {
+    stats(t)["escalation"]["counters"][key].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn owners_decide_process_ruled_ports_and_nothing_else_escalates() {
+    let t = attached("own");
+    let _app = OwnerProcess::start(&t.server_ns, "xfw-app", 0, APP_PORT);
+    let _other = OwnerProcess::start(&t.server_ns, "xfw-other", NOBODY, OTHER_PORT);
+    const N: u64 = 50;
+
+    // No daemon: the flows get the pending action (drop), and status says so.
+    let (got, _) = udp_flow(&t, sa(SERVER_V4, APP_PORT), N, || true);
+    assert_eq!(got, 0, "without a daemon an escalated flow gets the pending action");
+    assert!(global(&t, "pending") >= N, "pending packets counted");
+    assert!(global(&t, "escalations") >= 1);
+    let status = loader_ok(&t.server_ns, &["status", "--iface", &t.server_if]);
+    assert!(status.contains("NOT SERVED"), "status must say escalation is not served:\n{status}");
+
+    let _daemon = Daemon::start(&t);
+    let status = loader_ok(&t.server_ns, &["status", "--iface", &t.server_if]);
+    assert!(status.contains("served by pid"), "{status}");
+
+    // The allowed owner (process xfw-app, root) gets its traffic; the other owner does not.
+    let (ns_t, ns_s) = (t.server_ns.clone(), t.server_if.clone());
+    let decided_drop = move || {
+        let out = loader(&ns_t, &["stats", "--iface", &ns_s, "--json"]);
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        s["escalation"]["counters"]["decided_drop"].as_u64().unwrap_or(0) >= 1
+    };
+    let (got, app_flow) = udp_flow(&t, sa(SERVER_V4, APP_PORT), N, || false);
+    assert_eq!(got, N, "udp/{APP_PORT} owned by xfw-app (root) must pass");
+    let (got, _) = udp_flow(&t, sa(SERVER_V4, OTHER_PORT), N, decided_drop);
+    assert_eq!(got, 0, "udp/{OTHER_PORT} owned by xfw-other (nobody) must be dropped");
+    let s = stats(&t);
+    assert!(rule_packets(&s, "app-ports-xfw-app") >= N, "cached verdicts count under the deciding rule");
+    assert!(rule_packets(&s, "app-ports-others") >= N, "{s}");
+    let c = &s["escalation"]["counters"];
+    assert!(c["decided_pass"].as_u64().unwrap() >= 1 && c["decided_drop"].as_u64().unwrap() >= 1, "{c}");
+    assert!(s["global"]["cache_hits"].as_u64().unwrap() >= 2 * N, "decided flows are served from the cache");
+
+    // TCP: the SYN to the allowed owner is dropped while pending, retransmitted, and then
+    // accepted; to the other owner it never connects.
+    assert!(tcp_connects(&t, sa(SERVER_V4, APP_PORT), Duration::from_secs(4)), "tcp/{APP_PORT} to xfw-app must connect");
+    assert!(!tcp_connects(&t, sa(SERVER_V4, OTHER_PORT), Duration::from_millis(2500)), "tcp/{OTHER_PORT} to xfw-other must not");
+
+    // No socket (nobody listens on IPv6 here): owner conditions cannot hold.
+    let before = service(&t, "no_socket");
+    let to = sa(SERVER_V6, APP_PORT);
+    in_ns(&t.client_ns, move || {
+        let s = UdpSocket::bind("[::]:0").unwrap();
+        s.send_to(b"x", to).unwrap();
+    })
+    .join()
+    .unwrap();
+    assert!(eventually(Duration::from_secs(3), || service(&t, "no_socket") > before), "a flow with no socket is decided without an owner");
+
+    // Ordinary rules never escalate: many new flows to udp/7000, not one event.
+    let escalations = global(&t, "escalations");
+    let rx = UdpCounter::start(&t.server_ns, sa(SERVER_V4, ORDINARY_PORT));
+    for _ in 0..20 {
+        send_udp(&t.client_ns, sa(SERVER_V4, ORDINARY_PORT), 5);
+    }
+    assert_eq!(rx.finish(), 100, "ordinary traffic passes in the kernel");
+    assert_eq!(global(&t, "escalations"), escalations, "flows that match only ordinary rules produce zero escalation events");
+
+    // The decided flow keeps its verdict.
+    let to = sa(SERVER_V4, APP_PORT);
+    assert_eq!(in_ns(&t.client_ns, move || echoes(&app_flow, to, N)).join().unwrap(), N);
+}
+
+/// An Ethernet frame of one UDP flow, sent raw so a flood can have 100,000 distinct flows.
+fn flood_frame(src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
+    let p: PacketSpec = format!("udp {src}:{sport} -> {dst}:{dport}").parse().unwrap();
+    p.to_frame()
+}
+
+/// Sends frames out of `ifname` in the current namespace through an AF_PACKET socket.
+fn send_raw(ifname: &str, frames: impl Iterator<Item = Vec<u8>>, pace_every: usize) -> usize {
+    // SAFETY: plain socket calls with valid, correctly sized arguments.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        assert!(fd >= 0, "AF_PACKET socket");
+        let ifindex = libc::if_nametoindex(std::ffi::CString::new(ifname).unwrap().as_ptr());
+        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = ifindex as i32;
+        addr.sll_halen = 6;
+        let mut sent = 0;
+        for (i, f) in frames.enumerate() {
+            let rc = libc::sendto(fd, f.as_ptr().cast(), f.len(), 0, (&addr as *const libc::sockaddr_ll).cast(), size_of::<libc::sockaddr_ll>() as u32);
+            if rc > 0 {
+                sent += 1;
+            }
+            if pace_every > 0 && i % pace_every == pace_every - 1 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        libc::close(fd);
+        sent
+    }
+}
+
+#[test]
+fn a_flood_of_new_flows_stays_bounded() {
+    let t = attached("fld");
+    let _app = OwnerProcess::start(&t.server_ns, "xfw-app", 0, APP_PORT);
+    let daemon = Daemon::start(&t);
+
+    // A flow decided before the flood.
+    let (got, app_flow) = udp_flow(&t, sa(SERVER_V4, APP_PORT), 20, || false);
+    assert_eq!(got, 20);
+    let rss_before = daemon.rss_kib();
+
+    // Ordinary traffic runs through the whole flood.
+    let rx = UdpCounter::start(&t.server_ns, sa(SERVER_V4, ORDINARY_PORT));
+    let flooding = Arc::new(AtomicBool::new(true));
+    let f = flooding.clone();
+    let client_ns = t.client_ns.clone();
+    let ordinary = std::thread::spawn(move || {
+        let mut sent = 0u64;
+        while f.load(Ordering::SeqCst) && sent < 2000 {
+            send_udp(&client_ns, sa(SERVER_V4, ORDINARY_PORT), 20);
+            sent += 20;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        sent
+    });
+
+    // 100,000 distinct flows (4 sources x 25,000 source ports) to the process-ruled port. For
+    // the first 20,000 the daemon is stopped, so the ring buffer fills and overflows.
+    const FLOWS: usize = 100_000;
+    let sources = ["198.51.100.1", "198.51.100.2", "198.51.100.3", "198.51.100.4"];
+    let frames = move |range: std::ops::Range<usize>| {
+        range.map(move |i| flood_frame(sources[i % 4], 10_000 + (i / 4) as u16, SERVER_V4, APP_PORT))
+    };
+    let started = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.pid()), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let iface = t.client_if.clone();
+    let f1 = frames.clone();
+    let sent1 = in_ns(&t.client_ns, move || send_raw(&iface, f1(0..20_000), 32)).join().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.pid()), nix::sys::signal::Signal::SIGCONT).unwrap();
+    let iface = t.client_if.clone();
+    let sent2 = in_ns(&t.client_ns, move || send_raw(&iface, frames(20_000..FLOWS), 32)).join().unwrap();
+    let flood_time = started.elapsed();
+    flooding.store(false, Ordering::SeqCst);
+    let ordinary_sent = ordinary.join().unwrap();
+    assert_eq!(sent1 + sent2, FLOWS, "every flood frame was sent");
+    assert!(flood_time < Duration::from_secs(60), "the flood is bounded in time: {flood_time:?}");
+
+    // Let the daemon drain what the ring holds, then look.
+    std::thread::sleep(Duration::from_millis(500));
+    let s = stats(&t);
+    let g = &s["global"];
+    let c = &s["escalation"]["counters"];
+    eprintln!("flood of {FLOWS} flows in {flood_time:?}: kernel {g}\nservice {c}");
+    assert!(g["ring_overflows"].as_u64().unwrap() > 0, "overflows of the ring buffer are counted: {g}");
+    assert!(g["escalations"].as_u64().unwrap() + g["ring_overflows"].as_u64().unwrap() >= FLOWS as u64, "each new flow escalated once or was counted as overflow: {g}");
+    assert!(c["source_limited"].as_u64().unwrap() > 0, "per-source limits declined part of the flood: {c}");
+    assert!(s["escalation"]["sources_tracked"].as_u64().unwrap() <= 4096);
+    let rss_after = daemon.rss_kib();
+    eprintln!("daemon RSS {rss_before} KiB before the flood, {rss_after} KiB after");
+    assert!(rss_after < rss_before + 32 * 1024, "daemon memory stays bounded: {rss_before} -> {rss_after} KiB");
+
+    // Ordinary traffic kept flowing: the kernel passed every datagram by its rule.
+    let delivered = rx.finish();
+    assert!(ordinary_sent > 0);
+    assert_eq!(rule_packets(&s, "ordinary-udp"), ordinary_sent, "every ordinary datagram was passed by its rule during the flood");
+    assert!(delivered * 100 >= ordinary_sent * 95, "ordinary traffic delivered: {delivered} of {ordinary_sent}");
+
+    // The flow decided before the flood keeps its verdict.
+    let to = sa(SERVER_V4, APP_PORT);
+    assert_eq!(in_ns(&t.client_ns, move || echoes(&app_flow, to, 20)).join().unwrap(), 20, "a decided flow keeps its verdict");
+}
