@@ -4,10 +4,7 @@
 mod harness;
 
 use std::{
-    io::{BufRead, BufReader},
     net::{SocketAddr, UdpSocket},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -15,8 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::*;
-use xdpfw::packet::PacketSpec;
+use harness::{owners::*, *};
 
 fn sa(addr: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip(addr), port)
@@ -26,114 +22,6 @@ const APP_PORT: u16 = 7100;
 const OTHER_PORT: u16 = 7101;
 const ORDINARY_PORT: u16 = 7000;
 const NOBODY: u32 = 65534;
-
-/// A UDP echo and TCP accept server in Python, run under a chosen process name and user.
-const SERVER_PY: &str = r#"
-import os, socket, sys, threading
-port = int(sys.argv[1]); uid = int(sys.argv[2])
-if uid != 0:
-    os.setgroups([]); os.setgid(uid); os.setuid(uid)   # before the sockets: they take this uid
-u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("0.0.0.0", port))
-t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); t.bind(("0.0.0.0", port)); t.listen(64)
-def accept():
-    while True:
-        c, _ = t.accept(); c.close()
-threading.Thread(target=accept, daemon=True).start()
-print("ready", flush=True)
-while True:
-    d, a = u.recvfrom(2048); u.sendto(d, a)
-"#;
-
-/// A real process named `name` (its comm) owning udp+tcp `port` in `ns` as `uid`; killed on drop.
-struct OwnerProcess {
-    child: Child,
-    _dir: TempDir,
-}
-
-struct TempDir(PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn python() -> String {
-    let out = Command::new("python3")
-        .args(["-c", "import os, sys; print(os.path.realpath(sys.executable))"])
-        .output()
-        .expect("python3 is needed by this test (installed by `./run setup`)");
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-impl OwnerProcess {
-    fn start(ns: &str, name: &str, uid: u32, port: u16) -> Self {
-        let dir = TempDir(std::env::temp_dir().join(format!("xfw-owner-{}-{name}-{port}", std::process::id())));
-        std::fs::create_dir_all(&dir.0).unwrap();
-        // Executed through a link with the wanted name, the process's comm is that name.
-        let exe = dir.0.join(name);
-        std::os::unix::fs::symlink(python(), &exe).unwrap();
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(&exe)
-            .args(["-c", SERVER_PY, &port.to_string(), &uid.to_string()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("starting the owner process");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "ready", "owner process {name} did not start");
-        Self { child, _dir: dir }
-    }
-}
-
-impl Drop for OwnerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The daemon serving escalations for the instance on the server end; stopped on drop.
-struct Daemon(Child);
-
-impl Daemon {
-    fn start(t: &Topology) -> Self {
-        let child = Command::new(loader_bin())
-            .args(["--netns", &t.server_ns, "serve-escalations", &t.server_if])
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting the daemon");
-        let d = Daemon(child);
-        assert!(
-            eventually(Duration::from_secs(10), || stats(t)["escalation"].is_object()),
-            "the daemon did not report itself serving"
-        );
-        d
-    }
-    fn pid(&self) -> i32 {
-        self.0.id() as i32
-    }
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap();
-        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), nix::sys::signal::Signal::SIGCONT);
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn attached(tag: &str) -> Topology {
     let mut t = Topology::new(tag).expect("topology");
@@ -259,38 +147,6 @@ fn owners_decide_process_ruled_ports_and_nothing_else_escalates() {
     // The decided flow keeps its verdict.
     let to = sa(SERVER_V4, APP_PORT);
     assert_eq!(in_ns(&t.client_ns, move || echoes(&app_flow, to, N)).join().unwrap(), N);
-}
-
-/// An Ethernet frame of one UDP flow, sent raw so a flood can have 100,000 distinct flows.
-fn flood_frame(src: &str, sport: u16, dst: &str, dport: u16) -> Vec<u8> {
-    let p: PacketSpec = format!("udp {src}:{sport} -> {dst}:{dport}").parse().unwrap();
-    p.to_frame()
-}
-
-/// Sends frames out of `ifname` in the current namespace through an AF_PACKET socket.
-fn send_raw(ifname: &str, frames: impl Iterator<Item = Vec<u8>>, pace_every: usize) -> usize {
-    // SAFETY: plain socket calls with valid, correctly sized arguments.
-    unsafe {
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-        assert!(fd >= 0, "AF_PACKET socket");
-        let ifindex = libc::if_nametoindex(std::ffi::CString::new(ifname).unwrap().as_ptr());
-        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_ifindex = ifindex as i32;
-        addr.sll_halen = 6;
-        let mut sent = 0;
-        for (i, f) in frames.enumerate() {
-            let rc = libc::sendto(fd, f.as_ptr().cast(), f.len(), 0, (&addr as *const libc::sockaddr_ll).cast(), size_of::<libc::sockaddr_ll>() as u32);
-            if rc > 0 {
-                sent += 1;
-            }
-            if pace_every > 0 && i % pace_every == pace_every - 1 {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-        libc::close(fd);
-        sent
-    }
 }
 
 #[test]

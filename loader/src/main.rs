@@ -317,6 +317,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 match (&d.rule, &d.rule_name) {
+                    (Some(i), Some(name)) if d.escalated => {
+                        println!("{pkt}\n  escalated by rule #{i} \"{name}\": {} (the pending action) until userspace decides", d.action)
+                    }
                     (Some(i), Some(name)) => println!("{pkt}\n  {} by rule #{i} \"{name}\"", d.action),
                     _ => println!("{pkt}\n  {}", d.action),
                 }

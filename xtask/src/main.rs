@@ -54,7 +54,7 @@ fn main() -> Result<()> {
         Cmd::Bench { quick } => {
             setup()?;
             require_root("the benchmarks (they load XDP programs)")?;
-            for bench in ["classifier", "reload"] {
+            for bench in ["classifier", "reload", "escalation"] {
                 let mut cmd = Command::new("cargo");
                 cmd.current_dir(root_dir()).args(["bench", "-p", "loader", "--bench", bench, "--"]);
                 if quick {
@@ -109,7 +109,16 @@ fn toolchain_channel(file: &Path) -> Result<String> {
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// System tools the demo and tests use, and the Debian package of each.
-const SYSTEM_TOOLS: [(&str, &str); 4] = [("ip", "iproute2"), ("ping", "iputils-ping"), ("bpftool", "bpftool"), ("nft", "nftables")];
+/// Commands the tests and benches use, and the Debian packages that provide them. Python runs
+/// the escalation tests' socket owners (Debian's, so the process is the interpreter itself and
+/// not a version-manager shim).
+const SYSTEM_TOOLS: [(&str, &str); 5] = [
+    ("ip", "iproute2"),
+    ("ping", "iputils-ping"),
+    ("bpftool", "bpftool"),
+    ("nft", "nftables"),
+    ("/usr/bin/python3", "python3"),
+];
 
 fn setup() -> Result<()> {
     let root = root_dir();
