@@ -721,7 +721,13 @@ fn rules_files_self_tests() {
         let n = rs.rules.len() as u32;
         for t in &rs.tests {
             total += 1;
-            let d = decide(&rs, &t.packet);
+            // With a test owner, the matcher gives what the escalation service decides; the
+            // kernel alone escalates (pending action, counted on the escalating rule).
+            let in_kernel = decide(&rs, &t.packet);
+            let d = match &t.owner {
+                Some(xdpfw::owner::OwnerSpec(o)) => xdpfw::matcher::decide_with_owner(&rs, &t.packet, o.as_ref()),
+                None => in_kernel.clone(),
+            };
             if d.action != t.expect {
                 failures.push(format!("{}: matcher says {} for \"{}\", expected {}", t.location, d.action, t.text, t.expect));
             }
@@ -733,14 +739,14 @@ fn rules_files_self_tests() {
             let before = prog.maps.rule_stats(buffer, n).unwrap();
             let verdict = prog.run(&t.packet.to_frame()).unwrap();
             let after = prog.maps.rule_stats(buffer, n).unwrap();
-            if verdict != t.expect.kernel() {
-                failures.push(format!("{}: kernel says {} for \"{}\", expected {}", t.location, action_name(verdict), t.text, t.expect));
+            if verdict != in_kernel.action.kernel() {
+                failures.push(format!("{}: kernel says {} for \"{}\", expected {}", t.location, action_name(verdict), t.text, in_kernel.action));
             }
-            if let Some(rule) = &t.rule {
-                let i = rs.rules.iter().position(|r| &r.name == rule).unwrap();
-                if after[i].packets != before[i].packets + 1 {
-                    failures.push(format!("{}: kernel did not count \"{}\" on rule \"{rule}\"", t.location, t.text));
-                }
+            if t.rule.is_some()
+                && let Some(i) = in_kernel.rule
+                && after[i].packets != before[i].packets + 1
+            {
+                failures.push(format!("{}: kernel did not count \"{}\" on rule \"{}\"", t.location, t.text, rs.rules[i].name));
             }
         }
     }
@@ -846,6 +852,10 @@ fn random_ruleset(rng: &mut StdRng) -> String {
         2 => writeln!(t, "[options]\nfragments = \"drop\"").unwrap(),
         _ => writeln!(t, "[options]\nfragments = \"pass\"").unwrap(),
     }
+    // Owner rules (below) make the kernel escalate and apply the pending action.
+    if rng.random_bool(0.5) {
+        writeln!(t, "[escalation]\npending = \"{}\"", if rng.random_bool(0.5) { "pass" } else { "drop" }).unwrap();
+    }
     let mut sets = Vec::new();
     for i in 0..rng.random_range(0..=3) {
         let name = format!("set-{i}_x");
@@ -934,6 +944,9 @@ fn random_ruleset(rng: &mut StdRng) -> String {
             }
             if rng.random_bool(0.7) {
                 writeln!(t, "dport = {}", port_field(rng)).unwrap();
+            }
+            if rng.random_bool(0.15) {
+                writeln!(t, "owner = {{ uid = {} }}", rng.random_range(0..2000)).unwrap();
             }
         }
         if nums.iter().all(|p| [IPPROTO_ICMP, IPPROTO_ICMPV6].contains(p)) && rng.random_bool(0.75) {
@@ -1177,8 +1190,9 @@ fn differential_random_rulesets() {
     let mut packets = 0u64;
     let mut verdicts = [0u64; 2];
     let mut rule_decided = 0u64;
-    // Packets decided by a rule with: addresses, ports, icmp type, tcp flags; not the first rule.
-    let mut decided_by = [0u64; 5];
+    // Packets decided by a rule with: addresses, ports, icmp type, tcp flags, an owner condition
+    // (escalated: the pending action); not the first rule.
+    let mut decided_by = [0u64; 6];
     for index in 0..rulesets {
         let text = random_ruleset(&mut rng);
         let rs = rules::parse(Path::new("random.toml"), &text)
@@ -1189,7 +1203,7 @@ fn differential_random_rulesets() {
         let mut want_slots = vec![0u64; n + 1];
         let mut want_bytes = vec![0u64; n + 1];
         let before = prog.maps.global_stats().unwrap();
-        let (mut frags, mut nd) = (0u64, 0u64);
+        let (mut frags, mut nd, mut escalated) = (0u64, 0u64, 0u64);
         for _ in 0..PACKETS_PER_RULESET {
             let p = if rng.random_bool(0.4) { targeted_packet(&mut rng, &rs) } else { random_packet(&mut rng) };
             let frame = random_encapsulation(&mut rng, &p);
@@ -1214,6 +1228,7 @@ fn differential_random_rulesets() {
             let fixed_fragment = p.fragment && rs.fragments != FragmentPolicy::L3Only;
             frags += p.fragment as u64;
             nd += is_nd as u64;
+            escalated += d.escalated as u64;
             if let Some(i) = d.rule {
                 let r = &rs.rules[i];
                 let used = [
@@ -1221,6 +1236,7 @@ fn differential_random_rulesets() {
                     r.sport.is_some() || r.dport.is_some(),
                     r.icmp.is_some(),
                     r.tcp_flags.is_some(),
+                    d.escalated,
                     i > 0,
                 ];
                 for (k, u) in used.iter().enumerate() {
@@ -1248,6 +1264,8 @@ fn differential_random_rulesets() {
         assert_eq!(g.neighbor_discovery, nd, "neighbour discovery counter (ruleset #{index})");
         assert_eq!(g.rule_hits, want_slots[..n].iter().sum::<u64>(), "rule_hits (ruleset #{index})");
         assert_eq!(g.default_hits, want_slots[n], "default_hits (ruleset #{index})");
+        assert_eq!(g.pending, escalated, "packets given the pending action (ruleset #{index})");
+        assert_eq!(g.cache_hits, 0, "no verdict was ever written (ruleset #{index})");
     }
     assert!(packets >= 100_000 || scale() == 0, "only {packets} packets");
     // The generator must exercise both verdicts and the rules, not just the default action.
@@ -1255,13 +1273,13 @@ fn differential_random_rulesets() {
     assert!(rule_decided > packets / 4, "only {rule_decided} of {packets} packets were decided by a rule");
     eprintln!(
         "differential: {rulesets} rulesets x {PACKETS_PER_RULESET} packets = {packets} packets \
-         (pass {}, drop {}, decided by a rule {rule_decided}: with addresses/ports/icmp/flags/not first \
+         (pass {}, drop {}, decided by a rule {rule_decided}: with addresses/ports/icmp/flags/owner/not first \
          {decided_by:?}) in {:.1?}",
         verdicts[0],
         verdicts[1],
         started.elapsed()
     );
-    for (what, n) in ["addresses", "ports", "icmp type", "tcp flags", "not the first rule"].iter().zip(decided_by) {
+    for (what, n) in ["addresses", "ports", "icmp type", "tcp flags", "an owner condition", "not the first rule"].iter().zip(decided_by) {
         assert!(n > packets / 100, "only {n} of {packets} packets were decided by a rule matching on {what}");
     }
 }

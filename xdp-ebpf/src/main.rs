@@ -214,20 +214,29 @@ fn escalate(generation: u64, header: &RulesetHeader, rule: u32, pkt: &Packet, st
     };
     // SAFETY: a helper with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: the value is copied out at once; a concurrent update can at worst give a torn
-    // read of a verdict that is about to be replaced, and both halves carry its generation.
-    if let Some(v) = unsafe { VERDICTS.get(&key) } {
-        if v.generation == generation && v.expires_ns > now {
+    // SAFETY: a valid value pointer, read at once. LRU maps recycle elements without waiting
+    // for readers, so a rare race with an update can mix two verdicts' fields: that affects
+    // this one packet, and the generation check still keeps other rulesets' verdicts out.
+    let answer = match unsafe { VERDICTS.get(&key) } {
+        Some(v) if v.generation == generation => {
             stats.cache_hits += 1;
-            return (v.rule, v.action);
+            if v.expires_ns > now {
+                return (v.rule, v.action);
+            }
+            // Expired: the flow keeps its verdict while userspace decides it again, so a
+            // long-lived flow sees no pending-action blip at each TTL.
+            (v.rule, v.action)
         }
-    }
-    stats.pending += 1;
+        _ => {
+            stats.pending += 1;
+            (rule, header.pending_action)
+        }
+    };
     let retry_ns = header.escalation_retry_ms as u64 * 1_000_000;
     // SAFETY: as above.
     if let Some(p) = unsafe { PENDING.get(&key) } {
         if p.generation == generation && now.wrapping_sub(p.since_ns) < retry_ns {
-            return (rule, header.pending_action);
+            return answer;
         }
     }
     let _ = PENDING.insert(&key, &Pending { generation, since_ns: now }, 0);
@@ -239,7 +248,7 @@ fn escalate(generation: u64, header: &RulesetHeader, rule: u32, pkt: &Packet, st
         }
         None => stats.ring_overflows += 1,
     }
-    (rule, header.pending_action)
+    answer
 }
 
 /// First-match classification by bit vectors: each constrained field yields the bitmap of rules
