@@ -220,3 +220,54 @@ fn a_flood_of_new_flows_stays_bounded() {
     let to = sa(SERVER_V4, APP_PORT);
     assert_eq!(in_ns(&t.client_ns, move || echoes(&app_flow, to, 20)).join().unwrap(), 20, "a decided flow keeps its verdict");
 }
+
+#[test]
+fn verdicts_expire_without_a_blip_and_reloads_invalidate_them() {
+    // owners.toml with a short verdict TTL.
+    let dir = std::env::temp_dir().join(format!("xfw-ttl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = std::fs::read_to_string(rules_dir().join("owners.toml")).unwrap().replace("verdict_ttl = \"30s\"", "verdict_ttl = \"200ms\"");
+    let rules = dir.join("owners-ttl.toml");
+    std::fs::write(&rules, text).unwrap();
+    let mut t = Topology::new("ttl").expect("topology");
+    t.detach_on_drop(loader_bin());
+    loader_ok(&t.server_ns, &["attach", &t.server_if, "--rules", rules.to_str().unwrap()]);
+    let _app = OwnerProcess::start(&t.server_ns, "xfw-app", 0, APP_PORT);
+    let _daemon = Daemon::start(&t);
+
+    let (got, flow) = udp_flow(&t, sa(SERVER_V4, APP_PORT), 10, || false);
+    assert_eq!(got, 10);
+    let (pending, escalations) = (global(&t, "pending"), global(&t, "escalations"));
+    // Across several TTLs the flow is decided again and again, and never loses a packet.
+    let to = sa(SERVER_V4, APP_PORT);
+    let (flow, got) = in_ns(&t.client_ns, move || {
+        let mut got = 0;
+        for _ in 0..8 {
+            got += echoes(&flow, to, 10);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        (flow, got)
+    })
+    .join()
+    .unwrap();
+    assert_eq!(got, 80, "an expired verdict keeps serving while the flow is re-decided");
+    assert_eq!(global(&t, "pending"), pending, "no packet of the decided flow got the pending action");
+    assert!(global(&t, "escalations") > escalations, "expired verdicts were decided again");
+
+    // A reload starts a new generation: the old verdicts no longer apply, the flow is decided
+    // again (its first packets get the pending action), then passes again.
+    loader_ok(&t.server_ns, &["reload", "--iface", &t.server_if, rules.to_str().unwrap()]);
+    let escalations = global(&t, "escalations");
+    let got = in_ns(&t.client_ns, move || {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while echoes(&flow, to, 1) == 0 {
+            assert!(Instant::now() < deadline, "the flow was never decided again after the reload");
+        }
+        echoes(&flow, to, 10)
+    })
+    .join()
+    .unwrap();
+    assert_eq!(got, 10);
+    assert!(global(&t, "escalations") > escalations, "the reload made the flow escalate again");
+    let _ = std::fs::remove_dir_all(&dir);
+}
