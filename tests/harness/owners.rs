@@ -54,7 +54,9 @@ fn python() -> String {
 
 impl OwnerProcess {
     pub fn start(ns: &str, name: &str, uid: u32, port: u16) -> Self {
-        let dir = TempDir(std::env::temp_dir().join(format!("xfw-owner-{}-{name}-{port}", std::process::id())));
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = TempDir(std::env::temp_dir().join(format!("xfw-owner-{}-{seq}", std::process::id())));
         std::fs::create_dir_all(&dir.0).unwrap();
         // Executed through a link with the wanted name, the process's comm is that name.
         let exe = dir.0.join(name);
