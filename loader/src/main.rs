@@ -88,6 +88,9 @@ enum Command {
     },
     /// List the interfaces with an attached firewall.
     List,
+    /// Keep IFACE's rules in line with a watched file or an HTTP(S) URL, with Prometheus metrics
+    /// (a daemon for systemd: SIGHUP re-reads, SIGTERM stops and leaves the firewall attached).
+    Run(xdpfw::daemon::RunArgs),
     /// Validate a rules file without touching the kernel.
     Check {
         file: PathBuf,
@@ -108,11 +111,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // A daemon's log is its record of what it did: info unless RUST_LOG says otherwise.
+    let filter = match cli.command {
+        Command::Run(_) => tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        _ => tracing_subscriber::EnvFilter::from_default_env(),
+    };
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -241,6 +246,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", s.render());
             }
         }
+        Command::Run(args) => xdpfw::daemon::main(args)?,
         Command::List => {
             for name in instance::list()? {
                 println!("{name}");
