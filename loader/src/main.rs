@@ -117,7 +117,8 @@ fn main() -> ExitCode {
         Command::Run(_) => tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         _ => tracing_subscriber::EnvFilter::from_default_env(),
     };
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

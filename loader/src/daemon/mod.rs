@@ -272,20 +272,24 @@ fn fail_closed_ruleset(server: &[SocketAddr]) -> String {
 
 /// Attaches to the interface unless a firewall is attached already (then it is adopted as is).
 /// With a rules file that is valid, attaches with it directly, so no placeholder ever serves.
-fn attach_or_adopt(args: &RunArgs, inst: &Instance, stats: &ReloadStats, server: &[SocketAddr]) -> Result<()> {
+/// Returns whether the rules file was tried (applied or rejected), so the source need not try
+/// the same content again.
+fn attach_or_adopt(args: &RunArgs, inst: &Instance, stats: &ReloadStats, server: &[SocketAddr]) -> Result<bool> {
     if inst.is_attached() {
         tracing::info!("adopting the firewall already attached to {}", inst.iface);
-        return Ok(());
+        return Ok(false);
     }
+    let mut tried = false;
     if let Some(path) = &args.rules {
         match instance::attach(&inst.iface, Some(path), args.mode) {
             Ok(r) => {
                 tracing::info!("attached to {} with {} (generation {})", inst.iface, path.display(), r.generation);
-                return Ok(());
+                return Ok(true);
             }
             Err(e) if e.is::<RulesError>() => {
                 stats.record(&Err(anyhow::anyhow!("")));
                 tracing::error!("{} is not a valid ruleset: {e:#}", path.display());
+                tried = true;
             }
             Err(e) => return Err(e),
         }
@@ -302,7 +306,7 @@ fn attach_or_adopt(args: &RunArgs, inst: &Instance, stats: &ReloadStats, server:
         instance::attach(&inst.iface, None, args.mode)?;
         tracing::warn!("attached to {} passing everything until a valid ruleset is live", inst.iface);
     }
-    Ok(())
+    Ok(tried)
 }
 
 /// Tells systemd (Type=notify) about our state; a no-op outside systemd.
@@ -352,10 +356,12 @@ async fn run(args: RunArgs) -> Result<()> {
         Some(url) => source_http::server_addrs(url).await?,
         None => Vec::new(),
     };
-    {
+    // Taken before the attach reads the file, so a change during the attach is not missed.
+    let print = args.rules.as_deref().map(source_file::fingerprint_rules);
+    let tried = {
         let (a, i, s, srv) = (args.clone(), inst.clone(), stats.clone(), server.clone());
-        tokio::task::spawn_blocking(move || attach_or_adopt(&a, &i, &s, &srv)).await??;
-    }
+        tokio::task::spawn_blocking(move || attach_or_adopt(&a, &i, &s, &srv)).await??
+    };
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (hup_tx, hup_rx) = watch::channel(0u64);
@@ -372,7 +378,10 @@ async fn run(args: RunArgs) -> Result<()> {
 
     let mut services = Services::default();
     match (&args.rules, &args.url) {
-        (Some(path), _) => services.spawn("file source", source_file::run(ctx.clone(), applier, path.clone(), args.poll_interval)),
+        (Some(path), _) => {
+            let seen = print.filter(|_| tried);
+            services.spawn("file source", source_file::run(ctx.clone(), applier, path.clone(), args.poll_interval, seen));
+        }
         (None, Some(url)) => {
             let http = source_http::HttpSource::new(url, &args, &server, stats.clone())?;
             registry.register(http.metrics());

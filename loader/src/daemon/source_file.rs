@@ -42,6 +42,11 @@ fn fingerprint(rules: &Path, sets: &[PathBuf]) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// The fingerprint of the rules file alone, before its set files are known.
+pub fn fingerprint_rules(rules: &Path) -> [u8; 32] {
+    fingerprint(&std::path::absolute(rules).unwrap_or_else(|_| rules.to_path_buf()), &[])
+}
+
 struct Watched {
     watcher: notify::RecommendedWatcher,
     dirs: HashSet<PathBuf>,
@@ -77,7 +82,13 @@ impl Watched {
     }
 }
 
-pub async fn run(ctx: Context, applier: Arc<Applier>, rules: PathBuf, poll: Duration) -> Result<()> {
+/// Follows `rules` until shutdown. `seen`: the fingerprint of content the attach already
+/// applied or rejected, which needs no second attempt.
+fn set_paths(sets: Vec<(String, PathBuf)>) -> Vec<PathBuf> {
+    sets.into_iter().map(|(_, p)| std::path::absolute(&p).unwrap_or(p)).collect()
+}
+
+pub async fn run(ctx: Context, applier: Arc<Applier>, rules: PathBuf, poll: Duration, seen: Option<[u8; 32]>) -> Result<()> {
     let rules = std::path::absolute(&rules).with_context(|| format!("resolving {}", rules.display()))?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let watcher = notify::recommended_watcher(move |ev| {
@@ -89,10 +100,21 @@ pub async fn run(ctx: Context, applier: Arc<Applier>, rules: PathBuf, poll: Dura
     tracing::info!("watching {}", rules.display());
 
     let mut hup = ctx.hup.clone();
-    let mut last: Option<[u8; 32]> = None;
-    // The first check runs at once: on adoption it applies the file if it differs from what is
-    // live; after an attach with it, it only learns the set files.
-    let mut force = true;
+    let mut last = seen;
+    if seen.is_some() {
+        // Only the set files are new to us; following them changes the fingerprint, so the
+        // next wake-up re-checks (and finds the ruleset live, if it is).
+        let r = rules.clone();
+        if let Some(sets) = tokio::task::spawn_blocking(move || crate::rules::load(&r).ok()).await?.map(|rs| set_paths(rs.set_files))
+            && !sets.is_empty()
+        {
+            w.follow(&rules, sets);
+            last = None;
+        }
+    }
+    // On adoption the first check runs at once and applies the file if it differs from what is
+    // live.
+    let mut force = seen.is_none();
     loop {
         let print = {
             let (r, s) = (rules.clone(), w.sets.clone());
