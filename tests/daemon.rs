@@ -278,12 +278,14 @@ fn fail_closed_drops_until_the_first_valid_ruleset() {
     assert_eq!(metric(&s, "xdpfw_reloads_total{result=\"failed\"}"), Some(1.0), "{s}");
     assert!(s.contains("version=\"fail-closed\""), "{s}");
     assert_eq!(udp_verdicts(&t), (0, 0), "fail-closed: everything dropped");
+    assert_eq!(udp_delivered(&t, sa(SERVER_V6, 7001), N), 0, "IPv6 too");
     assert_eq!(ping(&t, SERVER_V4, 2), 0);
 
     write_atomic(&rules, &rules_text("udp-7000-closed.toml"));
     wait_metric(&t, &d, "xdpfw_fail_closed", 10, |v| v == 0.0);
     assert_eq!(m(&t, "xdpfw_generation"), 2.0);
     assert_eq!(udp_verdicts(&t), CLOSED_7000);
+    assert_eq!(udp_delivered(&t, sa(SERVER_V6, 7001), N), N);
     assert_eq!(ping(&t, SERVER_V4, 2), 2);
 }
 
