@@ -229,6 +229,52 @@ fn file_source_follows_renames_in_place_writes_and_sighup() {
 }
 
 #[test]
+fn a_set_file_change_reloads_and_a_second_daemon_is_refused() {
+    let t = topology("dset");
+    let dir = TempDir::new("set");
+    let rules = dir.0.join("rules.toml");
+    std::fs::create_dir_all(dir.0.join("sets")).unwrap();
+    let set = dir.0.join("sets/blocked.txt");
+    std::fs::write(&set, "198.51.100.0/24\n").unwrap();
+    std::fs::write(
+        &rules,
+        "version = \"set\"\ndefault = \"pass\"\n[sets.blocked]\nfile = \"sets/blocked.txt\"\n\n\
+         [[rule]]\nname = \"blocked-7000\"\naction = \"drop\"\nsrc = [\"@blocked\"]\nproto = \"udp\"\ndport = 7000\n",
+    )
+    .unwrap();
+    let d = Daemon::start(&t, &dir.0, &["--rules", rules.to_str().unwrap(), "--min-interval", "100ms"]);
+    assert_eq!(udp_verdicts(&t), (N, N), "the client is not in the set yet");
+
+    // The set file lives in another directory than the rules file; it is watched too.
+    write_atomic(&set, "198.51.100.0/24\n192.0.2.0/24\n");
+    wait_reloads(&t, &d, 1, 2);
+    assert_eq!(udp_verdicts(&t), CLOSED_7000, "the client's prefix joined the set");
+
+    // One daemon per interface: a second exits at once with a clear error.
+    let mut second = Command::new(loader_bin())
+        .args(["--netns", &t.server_ns, "run", &t.server_if, "--rules", rules.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = second.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("a second daemon kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    second.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(!status.success() && err.contains("already managing"), "{status}: {err}");
+    assert_eq!(m(&t, "xdpfw_generation"), 2.0, "the first daemon's firewall is untouched");
+}
+
+#[test]
 fn a_bad_file_is_rejected_counted_and_the_previous_rules_keep_serving() {
     let t = topology("dbad");
     let dir = TempDir::new("bad");

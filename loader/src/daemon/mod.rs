@@ -258,8 +258,10 @@ impl Applier {
 
 /// The ruleset installed with --fail-closed until the first valid one: default drop, but
 /// replies from the rules server pass, or the daemon could never fetch its way out of it.
+const FAIL_CLOSED_VERSION: &str = "fail-closed";
+
 fn fail_closed_ruleset(server: &[SocketAddr]) -> String {
-    let mut s = String::from("version = \"fail-closed\"\ndefault = \"drop\"\n");
+    let mut s = format!("version = \"{FAIL_CLOSED_VERSION}\"\ndefault = \"drop\"\n");
     for (i, a) in server.iter().enumerate() {
         s.push_str(&format!(
             "\n[[rule]]\nname = \"rules-server-{i}\"\naction = \"pass\"\nproto = \"tcp\"\nsrc = [\"{}\"]\nsport = {}\n",
@@ -277,6 +279,10 @@ fn fail_closed_ruleset(server: &[SocketAddr]) -> String {
 fn attach_or_adopt(args: &RunArgs, inst: &Instance, stats: &ReloadStats, server: &[SocketAddr]) -> Result<bool> {
     if inst.is_attached() {
         tracing::info!("adopting the firewall already attached to {}", inst.iface);
+        // A daemon restarted before its first valid ruleset finds its own placeholder.
+        if inst.state().is_ok_and(|s| s.ruleset.version.as_deref() == Some(FAIL_CLOSED_VERSION)) {
+            stats.fail_closed.store(true, Ordering::Relaxed);
+        }
         return Ok(false);
     }
     let mut tried = false;
