@@ -86,7 +86,7 @@ impl MetricsSource for ReloadMetrics {
         let _ = writeln!(out, "xdpfw_last_reload_timestamp_seconds {}", f64::from_bits(s.last_attempt_unix.load(Ordering::Relaxed)));
         family(out, "xdpfw_last_reload_success_timestamp_seconds", "gauge", "Unix time of the last successful reload (0: none yet).");
         let _ = writeln!(out, "xdpfw_last_reload_success_timestamp_seconds {}", f64::from_bits(s.last_success_unix.load(Ordering::Relaxed)));
-        family(out, "xdpfw_last_reload_success", "gauge", "1 if the last reload attempt succeeded.");
+        family(out, "xdpfw_last_reload_success", "gauge", "1 if the last reload attempt succeeded (1 before any attempt).");
         let _ = writeln!(out, "xdpfw_last_reload_success {}", u8::from(s.last_ok.load(Ordering::Relaxed)));
         family(out, "xdpfw_fail_closed", "gauge", "1 while the built-in drop-all ruleset of --fail-closed is live.");
         let _ = writeln!(out, "xdpfw_fail_closed {}", u8::from(s.fail_closed.load(Ordering::Relaxed)));

@@ -139,7 +139,7 @@ pub struct ReloadStats {
     pub unchanged: AtomicU64,
     pub last_attempt_unix: AtomicU64,
     pub last_success_unix: AtomicU64,
-    /// 1 after a successful attempt, 0 after a failed one.
+    /// Whether the last attempt succeeded (true before any).
     pub last_ok: AtomicBool,
     /// The built-in default-drop ruleset is live (fail-closed, no valid ruleset yet).
     pub fail_closed: AtomicBool,
@@ -151,6 +151,11 @@ fn unix_now_f64() -> f64 {
 }
 
 impl ReloadStats {
+    fn new() -> Self {
+        // Nothing has failed before the first attempt.
+        Self { last_ok: AtomicBool::new(true), ..Default::default() }
+    }
+
     fn record(&self, result: &Result<ReloadReport>) {
         let now = unix_now_f64().to_bits();
         self.last_attempt_unix.store(now, Ordering::Relaxed);
@@ -207,7 +212,6 @@ impl Applier {
             && hash == live
         {
             self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
-            // Whatever is live came from this content, so fail-closed (if it was) is over.
             tracing::debug!("{}: same content as the live ruleset, nothing to do", path.display());
             return (Outcome::Unchanged, set_files);
         }
@@ -293,8 +297,8 @@ fn attach_or_adopt(args: &RunArgs, inst: &Instance, stats: &ReloadStats, server:
                 return Ok(true);
             }
             Err(e) if e.is::<RulesError>() => {
-                stats.record(&Err(anyhow::anyhow!("")));
                 tracing::error!("{} is not a valid ruleset: {e:#}", path.display());
+                stats.record(&Err(e));
                 tried = true;
             }
             Err(e) => return Err(e),
@@ -356,7 +360,7 @@ pub fn main(args: RunArgs) -> Result<()> {
 async fn run(args: RunArgs) -> Result<()> {
     let inst = Arc::new(Instance::new(&args.iface)?);
     let (_lock, lock_path) = daemon_lock(&inst.iface)?;
-    let stats = Arc::new(ReloadStats::default());
+    let stats = Arc::new(ReloadStats::new());
 
     let server = match &args.url {
         Some(url) => source_http::server_addrs(url).await?,
@@ -395,6 +399,8 @@ async fn run(args: RunArgs) -> Result<()> {
         }
         (None, None) => bail!("give --rules FILE or --url URL"),
     }
+    // Further services go here: `services.spawn("name", service(ctx.clone()))`, with
+    // `registry.register(..)` for their metrics. Each returns Ok(()) once ctx.shutdown fires.
     if let Some(addr) = args.metrics {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the metrics endpoint to {addr}"))?;
         tracing::info!("metrics at http://{}/metrics", listener.local_addr()?);

@@ -102,8 +102,8 @@ pub async fn run(ctx: Context, applier: Arc<Applier>, rules: PathBuf, poll: Dura
     let mut hup = ctx.hup.clone();
     let mut last = seen;
     if seen.is_some() {
-        // Only the set files are new to us; following them changes the fingerprint, so the
-        // next wake-up re-checks (and finds the ruleset live, if it is).
+        // Only the set files are new to us. The fingerprint taken before the attach did not
+        // cover them, so the first check runs anyway (and finds the ruleset live, if it is).
         let r = rules.clone();
         if let Some(sets) = tokio::task::spawn_blocking(move || crate::rules::load(&r).ok()).await?.map(|rs| set_paths(rs.set_files))
             && !sets.is_empty()
