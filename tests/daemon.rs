@@ -275,6 +275,36 @@ fn a_set_file_change_reloads_and_a_second_daemon_is_refused() {
 }
 
 #[test]
+fn min_interval_spaces_reloads_and_coalesces_a_burst() {
+    let t = topology("dmin");
+    let dir = TempDir::new("min");
+    let rules = dir.0.join("rules.toml");
+    std::fs::write(&rules, rules_text("udp-7000-closed.toml")).unwrap();
+    let d = Daemon::start(&t, &dir.0, &["--rules", rules.to_str().unwrap(), "--min-interval", "1500ms"]);
+    let info = |s: &str| s.lines().find(|l| l.starts_with("xdpfw_ruleset_info")).unwrap_or("").to_string();
+    let original = info(&scrape(&t).unwrap());
+
+    write_atomic(&rules, &rules_text("udp-7001-closed.toml"));
+    wait_reloads(&t, &d, 1, 2);
+    let first = m(&t, "xdpfw_last_reload_timestamp_seconds");
+    // Six changes 300 ms apart (each its own burst of events), the last one back to the
+    // original file.
+    for i in 0..6 {
+        std::thread::sleep(Duration::from_millis(300));
+        let text = if i == 5 { rules_text("udp-7000-closed.toml") } else { format!("{}# change {i}\n", rules_text("udp-7001-closed.toml")) };
+        write_atomic(&rules, &text);
+    }
+    let settled = eventually(Duration::from_secs(10), || scrape(&t).is_some_and(|s| info(&s) == original));
+    assert!(settled, "the last change went live:\n{}", d.log());
+    let s = scrape(&t).unwrap();
+    let ok = metric(&s, "xdpfw_reloads_total{result=\"ok\"}").unwrap();
+    assert!((2.0..=3.0).contains(&ok), "seven changes in 2 s under a 1.5 s minimum interval: {ok} reloads\n{}", d.log());
+    let last = metric(&s, "xdpfw_last_reload_timestamp_seconds").unwrap();
+    assert!(last - first >= 1.45 * (ok - 1.0), "reloads at least 1.5 s apart: {:.3} s for {ok}", last - first);
+    assert_eq!(udp_verdicts(&t), CLOSED_7000);
+}
+
+#[test]
 fn a_bad_file_is_rejected_counted_and_the_previous_rules_keep_serving() {
     let t = topology("dbad");
     let dir = TempDir::new("bad");
