@@ -373,12 +373,22 @@ struct Nginx {
 }
 
 const NGINX_PORT: u16 = 8080;
+const NGINX_TLS_PORT: u16 = 8443;
 
 impl Nginx {
+    /// Also serves HTTPS on NGINX_TLS_PORT when `dir` holds server.pem and server.key.
     fn start(ns: &str, dir: &Path) -> Self {
         let conf = dir.join("nginx.conf");
         let d = dir.display();
         std::fs::create_dir_all(dir.join("www")).unwrap();
+        let tls = if dir.join("server.pem").exists() {
+            format!(
+                "  server {{ listen {}:{NGINX_TLS_PORT} ssl; ssl_certificate {d}/server.pem; ssl_certificate_key {d}/server.key; root {d}/www; etag on; }}\n",
+                topology::CLIENT_V4
+            )
+        } else {
+            String::new()
+        };
         std::fs::write(
             &conf,
             format!(
@@ -387,7 +397,7 @@ impl Nginx {
                  http {{\n  log_format st '$request_method $uri $status inm=$http_if_none_match';\n  access_log {d}/access.log st;\n\
                    client_body_temp_path {d}/tmp-body; proxy_temp_path {d}/tmp-proxy; fastcgi_temp_path {d}/tmp-fcgi;\n\
                    uwsgi_temp_path {d}/tmp-uwsgi; scgi_temp_path {d}/tmp-scgi;\n\
-                   server {{ listen {}:{NGINX_PORT}; root {d}/www; etag on; }}\n}}\n",
+                   server {{ listen {}:{NGINX_PORT}; root {d}/www; etag on; }}\n{tls}}}\n",
                 topology::CLIENT_V4
             ),
         )
@@ -508,4 +518,49 @@ fn http_source_against_nginx_etag_backoff_and_a_bad_file() {
     wait_reloads(&t, &d, 3, 4);
     assert_eq!(m(&t, &format!("xdpfw_source_consecutive_failures{{url=\"{url}\"}}")), 0.0);
     assert_eq!(udp_verdicts(&t), CLOSED_7000);
+}
+
+/// A private CA and a server certificate for CLIENT_V4 signed by it (openssl, from ./run setup).
+fn make_certificates(dir: &Path) -> PathBuf {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").current_dir(dir).args(args).output().expect("openssl (installed by ./run setup)");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=xdpfw test CA", "-keyout", "ca.key", "-out", "ca.pem"]);
+    run(&["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", "/CN=rules server", "-keyout", "server.key", "-out", "server.csr"]);
+    std::fs::write(dir.join("ext.cnf"), format!("subjectAltName = IP:{}\nbasicConstraints = CA:FALSE\nextendedKeyUsage = serverAuth\n", topology::CLIENT_V4)).unwrap();
+    run(&["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "server.pem"]);
+    dir.join("ca.pem")
+}
+
+#[test]
+fn https_source_with_a_private_ca() {
+    let t = topology("dtls");
+    let dir = TempDir::new("tls");
+    let srv = dir.0.join("srv");
+    std::fs::create_dir_all(srv.join("www")).unwrap();
+    let ca = make_certificates(&srv);
+    publish(&srv, &rules_text("udp-7000-closed.toml"), 1);
+    let nginx = Nginx::start(&t.client_ns, &srv);
+    let url = format!("https://{}:{NGINX_TLS_PORT}/rules.toml", topology::CLIENT_V4);
+    let fast = ["--poll-interval", "200ms", "--backoff-initial", "100ms", "--backoff-max", "400ms", "--fetch-timeout", "2s"];
+
+    // Without the CA the server is not trusted: nothing is applied (it attached passing all).
+    let mut d = Daemon::start(&t, &dir.0, &[&["--url", url.as_str()][..], &fast].concat());
+    wait_metric(&t, &d, &format!("xdpfw_source_consecutive_failures{{url=\"{url}\"}}"), 10, |n| n >= 2.0);
+    assert!(d.log().contains("certificate"), "a certificate error is reported:\n{}", d.log());
+    assert_eq!(m(&t, "xdpfw_generation"), 1.0);
+    assert_eq!(nginx.rules_requests(), (0, 0), "no request got through the TLS handshake");
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(d.wait_exit(Duration::from_secs(10)).success(), "{}", d.log());
+
+    // With it: the daemon adopts the attachment, fetches over TLS, and honours the ETag.
+    let d = Daemon::start(&t, &dir.0, &[&["--url", url.as_str(), "--ca-cert", ca.to_str().unwrap()][..], &fast].concat());
+    assert!(d.log().contains("adopting"), "{}", d.log());
+    wait_reloads(&t, &d, 1, 2);
+    assert_eq!(udp_verdicts(&t), CLOSED_7000);
+    wait_metric(&t, &d, &format!("xdpfw_source_fetches_total{{url=\"{url}\",result=\"not_modified\"}}"), 10, |n| n >= 2.0);
+    let (ok, not_modified) = nginx.rules_requests();
+    assert_eq!(ok, 1, "one download over HTTPS");
+    assert!(not_modified >= 2, "then 304s: {not_modified}");
 }

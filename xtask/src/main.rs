@@ -109,9 +109,16 @@ fn toolchain_channel(file: &Path) -> Result<String> {
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// System tools the demo and tests use, and the Debian package of each. nginx is the real HTTP
-/// server the daemon's tests fetch rules from (run by the tests inside their own namespace).
-const SYSTEM_TOOLS: [(&str, &str); 5] =
-    [("ip", "iproute2"), ("ping", "iputils-ping"), ("bpftool", "bpftool"), ("nft", "nftables"), ("nginx", "nginx")];
+/// server the daemon's tests fetch rules from (run by the tests inside their own namespace);
+/// openssl makes the private CA of its HTTPS test.
+const SYSTEM_TOOLS: [(&str, &str); 6] = [
+    ("ip", "iproute2"),
+    ("ping", "iputils-ping"),
+    ("bpftool", "bpftool"),
+    ("nft", "nftables"),
+    ("nginx", "nginx"),
+    ("openssl", "openssl"),
+];
 
 fn setup() -> Result<()> {
     let root = root_dir();

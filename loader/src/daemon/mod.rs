@@ -66,6 +66,9 @@ pub struct RunArgs {
     /// Timeout of one HTTP request.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub fetch_timeout: Duration,
+    /// Also trust the CA certificates in FILE (PEM) for an https:// URL, e.g. a private CA.
+    #[arg(long, value_name = "FILE", requires = "url")]
+    pub ca_cert: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<SocketAddr>,

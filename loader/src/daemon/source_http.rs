@@ -89,11 +89,26 @@ pub struct HttpSource {
 
 impl HttpSource {
     pub fn new(url: &str, args: &RunArgs, server: &[SocketAddr], reload: Arc<ReloadStats>) -> Result<Self> {
+        let extra_roots = match &args.ca_cert {
+            Some(path) => {
+                let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                let certs = reqwest::Certificate::from_pem_bundle(&pem).with_context(|| format!("{}: not PEM certificates", path.display()))?;
+                if certs.is_empty() {
+                    bail!("{}: no certificate in it", path.display());
+                }
+                certs
+            }
+            None => Vec::new(),
+        };
         let builder = || {
-            reqwest::Client::builder()
+            let mut b = reqwest::Client::builder()
                 .timeout(args.fetch_timeout)
                 .connect_timeout(args.fetch_timeout)
-                .user_agent(concat!("xdpfw-loader/", env!("CARGO_PKG_VERSION")))
+                .user_agent(concat!("xdpfw-loader/", env!("CARGO_PKG_VERSION")));
+            for c in &extra_roots {
+                b = b.add_root_certificate(c.clone());
+            }
+            b
         };
         let host = reqwest::Url::parse(url)?.host_str().unwrap_or_default().trim_matches(['[', ']']).to_string();
         let pinned = if args.fail_closed && host.parse::<std::net::IpAddr>().is_err() {
