@@ -481,6 +481,12 @@ fn http_source_against_nginx_etag_backoff_and_a_bad_file() {
     assert!(not_modified >= 3, "conditional requests answered 304: {not_modified}");
     assert_eq!(m(&t, "xdpfw_generation"), 2.0, "a 304 reloads nothing");
 
+    // SIGHUP asks for the source as it is: one unconditional download, the same ruleset, no reload.
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(eventually(Duration::from_secs(5), || nginx.rules_requests().0 == 2), "SIGHUP downloads again: {:?}", nginx.rules_requests());
+    wait_metric(&t, &d, "xdpfw_reloads_unchanged_total", 5, |n| n >= 1.0);
+    assert_eq!(m(&t, "xdpfw_generation"), 2.0, "the same ruleset is not reloaded");
+
     // A change on the server goes live.
     publish(&www, &rules_text("udp-7001-closed.toml"), 2);
     wait_reloads(&t, &d, 2, 3);
@@ -490,7 +496,8 @@ fn http_source_against_nginx_etag_backoff_and_a_bad_file() {
     publish(&www, "default = \"pass\"\n[[rule]]\naction = \"drop\"\nsrc = [\"192.0.2.0/40\"]\n", 3);
     wait_metric(&t, &d, "xdpfw_reloads_total{result=\"failed\"}", 10, |n| n == 1.0);
     let before = nginx.rules_requests();
-    wait_metric(&t, &d, &key_nm, 10, |n| n >= not_modified as f64 + 3.0);
+    let not_modified = m(&t, &key_nm);
+    wait_metric(&t, &d, &key_nm, 10, |n| n >= not_modified + 3.0);
     assert_eq!(nginx.rules_requests().0, before.0, "the rejected file is not downloaded again");
     assert_eq!(m(&t, "xdpfw_generation"), 3.0);
     assert_eq!(udp_verdicts(&t), CLOSED_7001, "the last good ruleset keeps serving");

@@ -432,8 +432,9 @@ async fn run(args: RunArgs) -> Result<()> {
     sd_notify("STOPPING=1");
     let _ = stop_tx.send(true);
     let drain = async { while services.set.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
-        tracing::warn!("services did not stop within 10 s; leaving them");
+    // Bounded: a scraper holding a keep-alive connection must not hold up the exit.
+    if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+        tracing::warn!("services did not stop within 5 s; leaving them");
     }
     if args.detach_on_exit {
         let iface = inst.iface.clone();
