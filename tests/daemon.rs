@@ -58,8 +58,13 @@ struct Daemon {
 
 impl Daemon {
     fn start(t: &Topology, dir: &Path, args: &[&str]) -> Self {
+        Self::start_with_env(t, dir, args, &[])
+    }
+
+    fn start_with_env(t: &Topology, dir: &Path, args: &[&str], env: &[(&str, &Path)]) -> Self {
         let log = dir.join(format!("daemon-{}.log", rand::random::<u32>()));
         let child = Command::new(loader_bin())
+            .envs(env.iter().map(|(k, v)| (k, v.as_os_str())))
             .args(["--netns", &t.server_ns, "run", &t.server_if, "--metrics", &format!("127.0.0.1:{METRICS_PORT}")])
             .args(args)
             .env("RUST_LOG", "info")
@@ -181,7 +186,14 @@ fn file_source_follows_renames_in_place_writes_and_sighup() {
     let dir = TempDir::new("file");
     let rules = dir.0.join("rules.toml");
     std::fs::write(&rules, rules_text("udp-7000-closed.toml")).unwrap();
-    let mut d = Daemon::start(&t, &dir.0, &["--rules", rules.to_str().unwrap(), "--min-interval", "100ms"]);
+    // systemd's notification socket, as Type=notify sets it up.
+    let notify_path = dir.0.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut d = Daemon::start_with_env(&t, &dir.0, &["--rules", rules.to_str().unwrap(), "--min-interval", "100ms"], &[("NOTIFY_SOCKET", &notify_path)]);
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("READY=1 from the daemon");
+    assert_eq!(&buf[..n], b"READY=1");
     assert_eq!(m(&t, "xdpfw_generation"), 1.0, "attached directly with the file");
     assert_eq!(udp_verdicts(&t), CLOSED_7000);
     let s = scrape(&t).unwrap();
@@ -224,6 +236,8 @@ fn file_source_follows_renames_in_place_writes_and_sighup() {
     // SIGTERM: the daemon stops, the firewall keeps filtering.
     d.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(d.wait_exit(Duration::from_secs(10)).success(), "{}", d.log());
+    let n = notify.recv(&mut buf).expect("STOPPING=1 from the daemon");
+    assert_eq!(&buf[..n], b"STOPPING=1");
     assert!(Path::new("/sys/fs/bpf/xdpfw").join(&t.server_if).join("link").exists(), "still attached after SIGTERM");
     assert_eq!(udp_verdicts(&t), CLOSED_7000, "the last ruleset keeps serving without the daemon");
 }
