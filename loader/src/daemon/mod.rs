@@ -131,6 +131,23 @@ impl Services {
     pub fn spawn(&mut self, name: &'static str, task: impl Future<Output = Result<()>> + Send + 'static) {
         self.set.spawn(async move { (name, task.await) });
     }
+
+    /// Runs a blocking service on its own thread. It gets a flag that is set at shutdown, and
+    /// must return soon after (the shape of a poll loop: `while !stop.load(..) { .. }`).
+    pub fn spawn_blocking(&mut self, name: &'static str, shutdown: Shutdown, task: impl FnOnce(&AtomicBool) -> Result<()> + Send + 'static) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = tokio::task::spawn_blocking(move || task(&flag));
+        self.spawn(name, async move {
+            tokio::pin!(thread);
+            tokio::select! {
+                done = &mut thread => return done?,
+                _ = shutdown.wait() => {}
+            }
+            stop.store(true, Ordering::Relaxed);
+            thread.await?
+        });
+    }
 }
 
 /// Counters of the daemon's reload attempts, shared by the source and the metrics endpoint.
@@ -402,8 +419,10 @@ async fn run(args: RunArgs) -> Result<()> {
         }
         (None, None) => bail!("give --rules FILE or --url URL"),
     }
-    // Further services go here: `services.spawn("name", service(ctx.clone()))`, with
-    // `registry.register(..)` for their metrics. Each returns Ok(()) once ctx.shutdown fires.
+    // Further services go here: `services.spawn("name", service(ctx.clone()))`, or
+    // `services.spawn_blocking("name", ctx.shutdown.clone(), move |stop| serve(.., stop))` for a
+    // blocking loop, with `registry.register(..)` for their metrics. Each returns Ok(()) once
+    // the shutdown fires.
     if let Some(addr) = args.metrics {
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the metrics endpoint to {addr}"))?;
         tracing::info!("metrics at http://{}/metrics", listener.local_addr()?);
@@ -453,6 +472,32 @@ async fn run(args: RunArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blocking_services_stop_with_the_daemon() {
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().worker_threads(1).build().unwrap();
+        rt.block_on(async {
+            let (tx, rx) = watch::channel(false);
+            let mut services = Services::default();
+            let rounds = Arc::new(AtomicU64::new(0));
+            let r = rounds.clone();
+            services.spawn_blocking("poll loop", Shutdown(rx.clone()), move |stop| {
+                while !stop.load(Ordering::Relaxed) {
+                    r.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Ok(())
+            });
+            services.spawn_blocking("fails", Shutdown(rx), |_| anyhow::bail!("no kernel support"));
+            let (name, first) = services.set.join_next().await.unwrap().unwrap();
+            assert_eq!((name, first.unwrap_err().to_string()), ("fails", "no kernel support".to_string()), "an early failure is seen at once");
+            tx.send(true).unwrap();
+            let (name, second) = tokio::time::timeout(Duration::from_secs(5), services.set.join_next()).await.unwrap().unwrap().unwrap();
+            assert_eq!(name, "poll loop");
+            second.unwrap();
+            assert!(rounds.load(Ordering::Relaxed) > 0);
+        });
+    }
 
     #[test]
     fn durations() {
