@@ -198,25 +198,16 @@ mod tests {
     #[test]
     fn reload_metrics_name_every_phase() {
         let stats = Arc::new(ReloadStats::default());
-        let report = crate::instance::ReloadReport {
-            iface: "x".into(),
-            previous_generation: 1,
-            generation: 2,
-            buffer: 0,
-            ruleset: crate::instance::RulesetSummary {
-                path: None,
-                version: None,
-                hash: "h".into(),
-                default: "pass".into(),
-                rules: vec![],
-                actions: vec![],
-                prefixes: 0,
-                trie_entries: 0,
-            },
-            grace_method: crate::grace::GraceMethod::Membarrier,
-            times: crate::instance::ReloadTimes { parse_us: 1500, grace_us: 7000, total_us: 9000, ..Default::default() },
-            warnings: vec![],
-        };
+        // From JSON, so fields added to the report later (with serde defaults) need no change here.
+        let report: crate::instance::ReloadReport = serde_json::from_value(serde_json::json!({
+            "iface": "x", "previous_generation": 1, "generation": 2, "buffer": 0,
+            "ruleset": { "path": null, "version": null, "hash": "h", "default": "pass", "rules": [], "actions": [], "prefixes": 0, "trie_entries": 0 },
+            "grace_method": "membarrier",
+            "times": { "parse_us": 1500, "compile_us": 0, "lock_wait_us": 0, "install_arrays_us": 0, "install_tries_us": 0, "self_tests": 0,
+                       "prove_us": 0, "flip_us": 0, "grace_us": 7000, "clear_us": 0, "total_us": 9000 },
+            "warnings": []
+        }))
+        .expect("a report");
         stats.record(&Ok(report));
         let mut out = String::new();
         ReloadMetrics(stats).render(&mut out);
