@@ -450,7 +450,15 @@ async fn run(args: RunArgs) -> Result<()> {
     }
     sd_notify("STOPPING=1");
     let _ = stop_tx.send(true);
-    let drain = async { while services.set.join_next().await.is_some() {} };
+    let drain = async {
+        while let Some(done) = services.set.join_next().await {
+            match done {
+                Ok((name, Ok(()))) => tracing::debug!("{name} stopped"),
+                Ok((name, Err(e))) => tracing::warn!("{name} stopped with an error: {e:#}"),
+                Err(e) => tracing::warn!("a service panicked: {e}"),
+            }
+        }
+    };
     // Bounded: a scraper holding a keep-alive connection must not hold up the exit.
     if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
         tracing::warn!("services did not stop within 5 s; leaving them");

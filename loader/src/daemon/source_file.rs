@@ -75,6 +75,9 @@ impl Watched {
 
     fn relevant(&self, ev: &notify::Result<notify::Event>) -> bool {
         match ev {
+            // Reads (ours included: every check opens the file) change nothing; without this
+            // filter each check would trigger the next.
+            Ok(ev) if matches!(ev.kind, notify::EventKind::Access(_)) => false,
             // Overflowed queues and rescans carry no paths: anything may have changed.
             Ok(ev) => ev.paths.is_empty() || ev.need_rescan() || ev.paths.iter().any(|p| self.files.contains(p)),
             Err(_) => true,
@@ -152,9 +155,12 @@ pub async fn run(ctx: Context, applier: Arc<Applier>, rules: PathBuf, poll: Dura
                     }
                     let start = Instant::now();
                     while start.elapsed() < DEBOUNCE_MAX {
-                        match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
-                            Ok(Some(_)) => continue,
-                            _ => break,
+                        tokio::select! {
+                            _ = ctx.shutdown.wait() => return Ok(()),
+                            more = tokio::time::timeout(DEBOUNCE, rx.recv()) => match more {
+                                Ok(Some(_)) => continue,
+                                _ => break,
+                            },
                         }
                     }
                     break;
