@@ -216,6 +216,10 @@ fn file_source_follows_renames_in_place_writes_and_sighup() {
     drop(f);
     std::thread::sleep(Duration::from_millis(600));
     assert_eq!(m(&t, "xdpfw_generation"), 3.0, "an unchanged file is not reloaded");
+    // Idle means idle: no check runs without an event (the daemon's own reads are not events).
+    let checks = m(&t, "xdpfw_source_file_checks_total");
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(m(&t, "xdpfw_source_file_checks_total"), checks, "checks without a change:\n{}", d.log());
 
     // `loader reload` still works beside the daemon; SIGHUP makes the daemon re-apply its file.
     loader_ok(&t.server_ns, &["reload", &rules_dir().join("udp-7001-closed.toml").to_string_lossy(), "--iface", &t.server_if]);

@@ -10,7 +10,10 @@
 use std::{
     collections::HashSet,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -19,7 +22,10 @@ use notify::{RecursiveMode, Watcher};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use super::{Applier, Context};
+use super::{
+    Applier, Context,
+    metrics::{MetricsSource, escape_label, family},
+};
 
 /// Quiet time that ends a burst of events, and the longest a burst may delay a check.
 const DEBOUNCE: Duration = Duration::from_millis(150);
@@ -45,6 +51,25 @@ fn fingerprint(rules: &Path, sets: &[PathBuf]) -> [u8; 32] {
 /// The fingerprint of the rules file alone, before its set files are known.
 pub fn fingerprint_rules(rules: &Path) -> [u8; 32] {
     fingerprint(&std::path::absolute(rules).unwrap_or_else(|_| rules.to_path_buf()), &[])
+}
+
+/// How often the file was looked at: a check reads and hashes it, a change is a check that
+/// found new bytes (and went to the applier).
+struct FileMetrics {
+    path: String,
+    checks: AtomicU64,
+    changes: AtomicU64,
+}
+
+impl MetricsSource for FileMetrics {
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let path = escape_label(&self.path);
+        family(out, "xdpfw_source_file_checks_total", "counter", "Times the rules file (and its set files) were read and hashed after an event, SIGHUP or the periodic check.");
+        let _ = writeln!(out, "xdpfw_source_file_checks_total{{path=\"{path}\"}} {}", self.checks.load(Ordering::Relaxed));
+        family(out, "xdpfw_source_file_changes_total", "counter", "Checks that found different content and handed it to the reload pipeline.");
+        let _ = writeln!(out, "xdpfw_source_file_changes_total{{path=\"{path}\"}} {}", self.changes.load(Ordering::Relaxed));
+    }
 }
 
 struct Watched {
@@ -102,6 +127,8 @@ pub async fn run(ctx: Context, applier: Arc<Applier>, rules: PathBuf, poll: Dura
     w.follow(&rules, Vec::new());
     tracing::info!("watching {}", rules.display());
 
+    let stats = Arc::new(FileMetrics { path: rules.display().to_string(), checks: AtomicU64::new(0), changes: AtomicU64::new(0) });
+    ctx.metrics.register(stats.clone());
     let mut hup = ctx.hup.clone();
     let mut last = seen;
     if seen.is_some() {
@@ -123,7 +150,9 @@ pub async fn run(ctx: Context, applier: Arc<Applier>, rules: PathBuf, poll: Dura
             let (r, s) = (rules.clone(), w.sets.clone());
             tokio::task::spawn_blocking(move || fingerprint(&r, &s)).await?
         };
+        stats.checks.fetch_add(1, Ordering::Relaxed);
         if force || last != Some(print) {
+            stats.changes.fetch_add(1, Ordering::Relaxed);
             last = Some(print);
             let (_, sets) = applier.apply(&rules, &ctx.shutdown).await;
             if let Some(sets) = sets {
