@@ -28,6 +28,9 @@ use super::{
 const MAX_BODY: usize = 256 << 20;
 
 /// The addresses the URL's host resolves to, with the port: what --fail-closed lets through.
+/// An invalid URL is an error; a name that does not resolve (DNS down at boot) is not, since
+/// failing here would leave the interface with no firewall at all: the daemon attaches and
+/// retries, without the server's pass rule until a later start resolves it.
 pub async fn server_addrs(url: &str) -> Result<Vec<SocketAddr>> {
     let u = reqwest::Url::parse(url).with_context(|| format!("invalid URL {url}"))?;
     if !matches!(u.scheme(), "http" | "https") {
@@ -35,8 +38,13 @@ pub async fn server_addrs(url: &str) -> Result<Vec<SocketAddr>> {
     }
     let host = u.host_str().context("the URL has no host")?.trim_matches(['[', ']']).to_string();
     let port = u.port_or_known_default().context("the URL has no port")?;
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), port)).await.with_context(|| format!("resolving {host}"))?.collect();
-    Ok(addrs)
+    match tokio::net::lookup_host((host.as_str(), port)).await {
+        Ok(addrs) => Ok(addrs.collect()),
+        Err(e) => {
+            tracing::warn!("cannot resolve {host} now ({e}); a fail-closed ruleset would not let its replies through");
+            Ok(Vec::new())
+        }
+    }
 }
 
 #[derive(Default)]
@@ -111,7 +119,7 @@ impl HttpSource {
             b
         };
         let host = reqwest::Url::parse(url)?.host_str().unwrap_or_default().trim_matches(['[', ']']).to_string();
-        let pinned = if args.fail_closed && host.parse::<std::net::IpAddr>().is_err() {
+        let pinned = if args.fail_closed && !server.is_empty() && host.parse::<std::net::IpAddr>().is_err() {
             Some(builder().resolve_to_addrs(&host, server).build()?)
         } else {
             None
