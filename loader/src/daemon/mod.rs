@@ -4,9 +4,9 @@
 //! The daemon is a set of tokio tasks ([`Services`]) sharing one [`Context`]: the instance, a
 //! shutdown signal, a SIGHUP counter and the metrics [`Registry`]. Every reload goes through
 //! [`instance::reload`], whose lock also serializes it with a `loader reload` from the command
-//! line, so the CLI keeps working beside the daemon. Adding a service is a few lines in [`main`]:
-//! `services.spawn("name", my_service(ctx.clone()))`, and `ctx.metrics.register(..)` for its
-//! counters.
+//! line, so the CLI keeps working beside the daemon. Adding a service is a few lines in `run`:
+//! `services.spawn("name", my_service(ctx.clone()))` (or [`Services::spawn_blocking`] for a
+//! blocking loop with a stop flag), and `ctx.metrics.register(..)` for its counters.
 
 pub mod metrics;
 mod source_file;
@@ -378,9 +378,18 @@ pub fn main(args: RunArgs) -> Result<()> {
 }
 
 async fn run(args: RunArgs) -> Result<()> {
+    // First of all: from here on SIGTERM and SIGHUP (whose default is to kill) are ours, so a
+    // signal during the attach cannot cut it short.
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int, mut hup) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?);
     let inst = Arc::new(Instance::new(&args.iface)?);
     let (_lock, lock_path) = daemon_lock(&inst.iface)?;
     let stats = Arc::new(ReloadStats::new());
+    // Bound before the attach, so a taken port fails the start without touching the interface.
+    let metrics_listener = match args.metrics {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the metrics endpoint to {addr}"))?),
+        None => None,
+    };
 
     let server = match &args.url {
         Some(url) => source_http::server_addrs(url).await?,
@@ -423,15 +432,12 @@ async fn run(args: RunArgs) -> Result<()> {
     // `services.spawn_blocking("name", ctx.shutdown.clone(), move |stop| serve(.., stop))` for a
     // blocking loop, with `registry.register(..)` for their metrics. Each returns Ok(()) once
     // the shutdown fires.
-    if let Some(addr) = args.metrics {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the metrics endpoint to {addr}"))?;
+    if let Some(listener) = metrics_listener {
         tracing::info!("metrics at http://{}/metrics", listener.local_addr()?);
         services.spawn("metrics", metrics::serve(listener, registry.clone(), ctx.shutdown.clone()));
     }
 
     sd_notify("READY=1");
-    use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut int, mut hup) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?);
     let mut failure = None;
     loop {
         tokio::select! {
