@@ -40,11 +40,11 @@ pub struct RunArgs {
     /// The interface: attached if it is not yet, else the existing attachment is adopted.
     pub iface: String,
     /// A rules file to watch (reloaded when it or a set file it names changes, and on SIGHUP).
-    #[arg(long, required_unless_present = "url", conflicts_with = "url")]
+    #[arg(long, value_name = "FILE", required_unless_present = "url", conflicts_with = "url")]
     pub rules: Option<PathBuf>,
     /// An http:// or https:// URL to poll (ETag / If-None-Match); the ruleset must be
     /// self-contained (inline set prefixes), since set files could not be fetched beside it.
-    #[arg(long)]
+    #[arg(long, value_name = "URL")]
     pub url: Option<String>,
     #[arg(long, value_enum, default_value = "auto")]
     pub mode: AttachMode,
@@ -53,18 +53,19 @@ pub struct RunArgs {
     #[arg(long)]
     pub fail_closed: bool,
     /// Shortest time between two reloads; changes in between are coalesced into one.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_name = "DURATION", value_parser = parse_duration)]
     pub min_interval: Duration,
     /// How often the URL is polled; for a file, a check that catches missed notifications.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
     pub poll_interval: Duration,
     /// First backoff after a failed fetch; it doubles per failure up to --backoff-max.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_name = "DURATION", value_parser = parse_duration)]
     pub backoff_initial: Duration,
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    /// The longest backoff (durations: 500ms, 1.5s, 2m, 1h).
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
     pub backoff_max: Duration,
     /// Timeout of one HTTP request.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
     pub fetch_timeout: Duration,
     /// Also trust the CA certificates in FILE (PEM) for an https:// URL, e.g. a private CA.
     #[arg(long, value_name = "FILE", requires = "url")]
