@@ -23,11 +23,14 @@ const OTHER_PORT: u16 = 7101;
 const ORDINARY_PORT: u16 = 7000;
 const NOBODY: u32 = 65534;
 
+fn owners_rules() -> std::path::PathBuf {
+    rules_dir().join("owners.toml")
+}
+
 fn attached(tag: &str) -> Topology {
     let mut t = Topology::new(tag).expect("topology");
     t.detach_on_drop(loader_bin());
-    let rules = rules_dir().join("owners.toml");
-    loader_ok(&t.server_ns, &["attach", &t.server_if, "--rules", rules.to_str().unwrap()]);
+    loader_ok(&t.server_ns, &["attach", &t.server_if, "--rules", owners_rules().to_str().unwrap()]);
     t
 }
 
@@ -97,7 +100,7 @@ fn owners_decide_process_ruled_ports_and_nothing_else_escalates() {
     let status = loader_ok(&t.server_ns, &["status", "--iface", &t.server_if]);
     assert!(status.contains("NOT SERVED"), "status must say escalation is not served:\n{status}");
 
-    let _daemon = Daemon::start(&t);
+    let daemon = Daemon::start(&t, &owners_rules());
     let status = loader_ok(&t.server_ns, &["status", "--iface", &t.server_if]);
     assert!(status.contains("served by pid"), "{status}");
 
@@ -147,13 +150,24 @@ fn owners_decide_process_ruled_ports_and_nothing_else_escalates() {
     // The decided flow keeps its verdict.
     let to = sa(SERVER_V4, APP_PORT);
     assert_eq!(in_ns(&t.client_ns, move || echoes(&app_flow, to, N)).join().unwrap(), N);
+
+    // The daemon's metrics carry the kernel's and the service's escalation counters.
+    let m = daemon.metrics(&t);
+    let value = |line: &str| -> f64 {
+        m.lines().find_map(|l| l.strip_prefix(line)).and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("no {line} in metrics:\n{m}"))
+    };
+    assert!(value("xdpfw_escalation_events_total{outcome=\"decided_pass\"}") >= 2.0);
+    assert!(value("xdpfw_escalation_events_total{outcome=\"decided_drop\"}") >= 2.0);
+    assert!(value("xdpfw_escalation_no_socket_total") >= 1.0);
+    assert!(m.contains("xdpfw_escalation_decision_latency_seconds{quantile=\"0.99\"}"), "{m}");
+    assert!(m.lines().any(|l| l.starts_with("xdpfw_") && l.contains("escalations") && !l.starts_with('#')), "kernel escalation counters in the metrics:\n{m}");
 }
 
 #[test]
 fn a_flood_of_new_flows_stays_bounded() {
     let t = attached("fld");
     let _app = OwnerProcess::start(&t.server_ns, "xfw-app", 0, APP_PORT);
-    let daemon = Daemon::start(&t);
+    let daemon = Daemon::start(&t, &owners_rules());
 
     // A flow decided before the flood.
     let (got, app_flow) = udp_flow(&t, sa(SERVER_V4, APP_PORT), 20, || false);
@@ -185,7 +199,7 @@ fn a_flood_of_new_flows_stays_bounded() {
     let started = Instant::now();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.pid()), nix::sys::signal::Signal::SIGSTOP).unwrap();
     let iface = t.client_if.clone();
-    let f1 = frames.clone();
+    let f1 = frames;
     let sent1 = in_ns(&t.client_ns, move || send_raw(&iface, f1(0..20_000), 32)).join().unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.pid()), nix::sys::signal::Signal::SIGCONT).unwrap();
     let iface = t.client_if.clone();
@@ -233,7 +247,7 @@ fn verdicts_expire_without_a_blip_and_reloads_invalidate_them() {
     t.detach_on_drop(loader_bin());
     loader_ok(&t.server_ns, &["attach", &t.server_if, "--rules", rules.to_str().unwrap()]);
     let _app = OwnerProcess::start(&t.server_ns, "xfw-app", 0, APP_PORT);
-    let _daemon = Daemon::start(&t);
+    let _daemon = Daemon::start(&t, &rules);
 
     let (got, flow) = udp_flow(&t, sa(SERVER_V4, APP_PORT), 10, || false);
     assert_eq!(got, 10);

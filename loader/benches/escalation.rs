@@ -8,7 +8,7 @@
 //!    kernel's event (its bpf_ktime_get_ns) to the verdict written in the map.
 
 #[path = "../../tests/harness/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod harness;
 
 use std::{fmt::Write as _, path::PathBuf, time::Duration};
@@ -98,7 +98,7 @@ fn decision_latency(quick: bool) -> Result<serde_json::Value> {
     let rules = harness::rules_dir().join("owners.toml");
     harness::loader_ok(&t.server_ns, &["attach", &t.server_if, "--rules", rules.to_str().unwrap()]);
     let _app = OwnerProcess::start(&t.server_ns, "xfw-app", 0, 7100);
-    let _daemon = Daemon::start(&t);
+    let _daemon = Daemon::start(&t, &rules);
     // New flows, one a millisecond, each from its own source (so no per-source limit applies).
     let flows: usize = if quick { 500 } else { 2000 };
     let iface = t.client_if.clone();

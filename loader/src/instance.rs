@@ -291,6 +291,10 @@ pub fn attach(iface: &str, rules_path: Option<&Path>, mode: AttachMode) -> Resul
 /// Detaches the program and removes every pin and the state of the instance.
 pub fn detach(iface: &str) -> Result<()> {
     let inst = Instance::new(iface)?;
+    // Checked before taking the lock too, so a detach of nothing leaves no lock file behind.
+    if !inst.pin_dir.exists() {
+        bail!("no firewall is attached to {iface}");
+    }
     let lock = inst.lock(Duration::from_secs(30))?;
     if !inst.pin_dir.exists() {
         bail!("no firewall is attached to {iface}");

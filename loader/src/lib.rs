@@ -2,6 +2,7 @@
 //! the operations on an attached instance (attach, reload, stats, detach).
 
 pub mod compile;
+pub mod daemon;
 pub mod escalation;
 pub mod grace;
 pub mod history;

@@ -89,11 +89,9 @@ enum Command {
     },
     /// List the interfaces with an attached firewall.
     List,
-    /// Serve escalations only (what `loader run` also does), until SIGINT/SIGTERM.
-    #[command(hide = true)]
-    ServeEscalations {
-        iface: String,
-    },
+    /// Keep IFACE's rules in line with a watched file or an HTTP(S) URL, with Prometheus metrics
+    /// (a daemon for systemd: SIGHUP re-reads, SIGTERM stops and leaves the firewall attached).
+    Run(xdpfw::daemon::RunArgs),
     /// Validate a rules file without touching the kernel.
     Check {
         file: PathBuf,
@@ -118,11 +116,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // A daemon's log is its record of what it did: info unless RUST_LOG says otherwise.
+    let filter = match cli.command {
+        Command::Run(_) => tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        _ => tracing_subscriber::EnvFilter::from_default_env(),
+    };
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -254,15 +255,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", s.render());
             }
         }
-        Command::ServeEscalations { iface } => {
-            let inst = Instance::find(Some(&iface))?;
-            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-                signal_hook::flag::register(sig, stop.clone())?;
-            }
-            let shared = std::sync::Arc::new(xdpfw::escalation::Shared::default());
-            xdpfw::escalation::serve(&inst, &Default::default(), &stop, &shared)?;
-        }
+        Command::Run(args) => xdpfw::daemon::main(args)?,
         Command::List => {
             for name in instance::list()? {
                 println!("{name}");

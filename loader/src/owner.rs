@@ -184,7 +184,7 @@ mod tests {
 
     #[test]
     fn conditions_hold_for_one_process() {
-        let m = OwnerMatch { process: vec!["nginx".into()], uid: vec![33..=33], ..Default::default() };
+        let m = OwnerMatch { process: vec!["nginx".into()], uid: vec![RangeInclusive::new(33, 33)], ..Default::default() };
         assert!(m.matches(owner("process=nginx uid=33").as_ref()).is_some());
         assert!(m.matches(owner("process=nginx uid=34").as_ref()).is_none());
         assert!(m.matches(owner("process=caddy uid=33").as_ref()).is_none());

@@ -86,9 +86,13 @@ impl Drop for OwnerProcess {
 pub struct Daemon(Child);
 
 impl Daemon {
-    pub fn start(t: &Topology) -> Self {
+    /// `loader run` following `rules` (the instance is already attached with it) with metrics
+    /// on the server namespace's loopback.
+    pub fn start(t: &Topology, rules: &std::path::Path) -> Self {
         let child = Command::new(loader_bin())
-            .args(["--netns", &t.server_ns, "serve-escalations", &t.server_if])
+            .args(["--netns", &t.server_ns, "run", &t.server_if, "--rules"])
+            .arg(rules)
+            .args(["--metrics", "127.0.0.1:9109"])
             .stderr(Stdio::inherit())
             .spawn()
             .expect("starting the daemon");
@@ -98,6 +102,15 @@ impl Daemon {
             "the daemon did not report itself serving"
         );
         d
+    }
+    /// The daemon's Prometheus metrics (scraped from inside the server namespace).
+    pub fn metrics(&self, t: &Topology) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &t.server_ns, "python3", "-c"])
+            .arg("import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9109/metrics', timeout=5).read().decode())")
+            .output()
+            .expect("scraping the metrics");
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
     pub fn pid(&self) -> i32 {
         self.0.id() as i32

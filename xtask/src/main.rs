@@ -108,16 +108,18 @@ fn toolchain_channel(file: &Path) -> Result<String> {
 }
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// System tools the demo and tests use, and the Debian package of each.
-/// Commands the tests and benches use, and the Debian packages that provide them. Python runs
-/// the escalation tests' socket owners (Debian's, so the process is the interpreter itself and
-/// not a version-manager shim).
-const SYSTEM_TOOLS: [(&str, &str); 5] = [
+/// Commands the demo, tests and benches use, and the Debian package of each. Python runs the
+/// escalation tests' socket owners (Debian's, so the process is the interpreter itself and not a
+/// version-manager shim); nginx is the real HTTP server the daemon's tests fetch rules from (run
+/// by the tests inside their own namespace); openssl makes the private CA of its HTTPS test.
+const SYSTEM_TOOLS: [(&str, &str); 7] = [
     ("ip", "iproute2"),
     ("ping", "iputils-ping"),
     ("bpftool", "bpftool"),
     ("nft", "nftables"),
     ("/usr/bin/python3", "python3"),
+    ("nginx", "nginx"),
+    ("openssl", "openssl"),
 ];
 
 fn setup() -> Result<()> {
@@ -211,7 +213,23 @@ fn ensure_system_tools() -> Result<()> {
     }
     eprintln!("setup: installing {}", missing.join(" "));
     run(Command::new("apt-get").arg("update").arg("-q"))?;
-    run(Command::new("apt-get").args(["install", "-y", "-q"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+    // Packages like nginx start a service on install; the tests want the binary only, never a
+    // server listening in the root namespace. policy-rc.d exit 101 forbids the start.
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let own_policy = !policy.exists();
+    if own_policy {
+        std::fs::write(policy, "#!/bin/sh\n# xtask setup: no service starts while packages install\nexit 101\n")?;
+        std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    let installed = run(Command::new("apt-get").args(["install", "-y", "-q"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"));
+    if own_policy {
+        let _ = std::fs::remove_file(policy);
+    }
+    if missing.contains(&"nginx") {
+        // Nor at the next boot (a no-op without systemd).
+        let _ = Command::new("systemctl").args(["disable", "--now", "nginx"]).output();
+    }
+    installed
 }
 
 fn build_loader() -> Result<PathBuf> {

@@ -177,6 +177,44 @@ impl SourceLimiter {
     }
 }
 
+/// The service's counters and decision latency for the daemon's metrics endpoint.
+pub struct Metrics(pub Arc<Shared>);
+
+impl crate::daemon::MetricsSource for Metrics {
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+
+        use crate::daemon::metrics::family;
+        let r = self.0.report.lock().expect("not poisoned").clone();
+        family(out, "xdpfw_escalation_events_total", "counter", "Escalation events read from the ring buffer, by outcome.");
+        let c = &r.counters;
+        for (outcome, v) in [
+            ("decided_pass", c.decided_pass),
+            ("decided_drop", c.decided_drop),
+            ("lookup_timeout", c.lookup_timeouts),
+            ("source_limited", c.source_limited),
+            ("stale", c.stale),
+            ("error", c.errors),
+        ] {
+            let _ = writeln!(out, "xdpfw_escalation_events_total{{outcome=\"{outcome}\"}} {v}");
+        }
+        family(out, "xdpfw_escalation_no_socket_total", "counter", "Flows decided without an owner: no socket receives them.");
+        let _ = writeln!(out, "xdpfw_escalation_no_socket_total {}", c.no_socket);
+        family(out, "xdpfw_escalation_process_gone_total", "counter", "Flows decided on the socket's uid only: its process had exited.");
+        let _ = writeln!(out, "xdpfw_escalation_process_gone_total {}", c.process_gone);
+        family(out, "xdpfw_escalation_sources_tracked", "gauge", "Source addresses in the per-source limiter.");
+        let _ = writeln!(out, "xdpfw_escalation_sources_tracked {}", r.sources_tracked);
+        family(out, "xdpfw_escalation_decision_latency_seconds", "gauge", "Kernel event to verdict in place: quantiles over the most recent decisions.");
+        for (q, v) in [("0.5", r.latency_p50_us), ("0.99", r.latency_p99_us)] {
+            if let Some(us) = v {
+                let _ = writeln!(out, "xdpfw_escalation_decision_latency_seconds{{quantile=\"{q}\"}} {}", us / 1e6);
+            }
+        }
+        family(out, "xdpfw_escalation_decision_latency_samples", "gauge", "Decisions the latency quantiles are taken over.");
+        let _ = writeln!(out, "xdpfw_escalation_decision_latency_samples {}", r.latency_samples);
+    }
+}
+
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };

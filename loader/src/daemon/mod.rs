@@ -1,0 +1,563 @@
+//! `loader run`: a long-running daemon that keeps an attached firewall in line with a rules
+//! source (a watched file or an HTTP(S) URL) and serves Prometheus metrics.
+//!
+//! The daemon is a set of tokio tasks ([`Services`]) sharing one [`Context`]: the instance, a
+//! shutdown signal, a SIGHUP counter and the metrics [`Registry`]. Every reload goes through
+//! [`instance::reload`], whose lock also serializes it with a `loader reload` from the command
+//! line, so the CLI keeps working beside the daemon. Adding a service is a few lines in `run`:
+//! `services.spawn("name", my_service(ctx.clone()))` (or [`Services::spawn_blocking`] for a
+//! blocking loop with a stop flag), and `ctx.metrics.register(..)` for its counters.
+
+pub mod metrics;
+mod source_file;
+mod source_http;
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result, bail};
+use fs2::FileExt;
+use tokio::{sync::watch, task::JoinSet};
+
+pub use metrics::{MetricsSource, Registry};
+
+use crate::{
+    escalation,
+    instance::{self, Instance, ReloadOptions, ReloadReport},
+    kernel::AttachMode,
+    rules::{self, RulesError},
+};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct RunArgs {
+    /// The interface: attached if it is not yet, else the existing attachment is adopted.
+    pub iface: String,
+    /// A rules file to watch (reloaded when it or a set file it names changes, and on SIGHUP).
+    #[arg(long, value_name = "FILE", required_unless_present = "url", conflicts_with = "url")]
+    pub rules: Option<PathBuf>,
+    /// An http:// or https:// URL to poll (ETag / If-None-Match); the ruleset must be
+    /// self-contained (inline set prefixes), since set files could not be fetched beside it.
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub mode: AttachMode,
+    /// When the daemon attaches: drop everything (but replies from the rules server) until the
+    /// first valid ruleset is live. Without it the interface passes everything until then.
+    #[arg(long)]
+    pub fail_closed: bool,
+    /// Shortest time between two reloads; changes in between are coalesced into one.
+    #[arg(long, default_value = "1s", value_name = "DURATION", value_parser = parse_duration)]
+    pub min_interval: Duration,
+    /// How often the URL is polled; for a file, a check that catches missed notifications.
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+    /// First backoff after a failed fetch; it doubles per failure up to --backoff-max.
+    #[arg(long, default_value = "1s", value_name = "DURATION", value_parser = parse_duration)]
+    pub backoff_initial: Duration,
+    /// The longest backoff (durations: 500ms, 1.5s, 2m, 1h).
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
+    pub backoff_max: Duration,
+    /// Timeout of one HTTP request.
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
+    pub fetch_timeout: Duration,
+    /// Also trust the CA certificates in FILE (PEM) for an https:// URL, e.g. a private CA.
+    #[arg(long, value_name = "FILE", requires = "url")]
+    pub ca_cert: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
+    /// Detach the firewall when the daemon stops (by default it keeps filtering).
+    #[arg(long)]
+    pub detach_on_exit: bool,
+    /// Escalations decided per second per source address (beyond it flows stay pending).
+    #[arg(long, default_value = "200")]
+    pub escalation_rate: f64,
+    /// Burst of escalations a source address may have decided at once.
+    #[arg(long, default_value = "400")]
+    pub escalation_burst: f64,
+    /// Source addresses tracked by the escalation limiter at once.
+    #[arg(long, default_value = "4096")]
+    pub escalation_max_sources: usize,
+    /// The longest one owner lookup (the /proc walk) may take; the flow is retried after it.
+    #[arg(long, default_value = "200ms", value_name = "DURATION", value_parser = parse_duration)]
+    pub owner_lookup_deadline: Duration,
+}
+
+/// "250ms", "1.5s", "2m", "1h", or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("invalid duration \"{s}\" (e.g. 500ms, 1s, 2m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("invalid duration unit in \"{s}\" (ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration \"{s}\": {e}"))
+}
+
+/// Set once, seen by every task; cloning is cheap.
+#[derive(Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+impl Shutdown {
+    /// Resolves when the daemon is stopping.
+    pub async fn wait(&self) {
+        let mut rx = self.0.clone();
+        // An error means the sender is gone, which only happens when the daemon is ending.
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+
+    pub fn is_set(&self) -> bool {
+        *self.0.borrow()
+    }
+}
+
+/// What every service of the daemon gets.
+#[derive(Clone)]
+pub struct Context {
+    pub inst: Arc<Instance>,
+    pub shutdown: Shutdown,
+    /// Counts SIGHUPs; each task can watch it independently (`changed()`).
+    pub hup: watch::Receiver<u64>,
+    pub metrics: Arc<Registry>,
+}
+
+/// The daemon's long-running tasks. Each returns when the shutdown signal is set; one that
+/// ends early (an error, or no reason to run on) stops the whole daemon.
+#[derive(Default)]
+pub struct Services {
+    set: JoinSet<(&'static str, Result<()>)>,
+}
+
+impl Services {
+    pub fn spawn(&mut self, name: &'static str, task: impl Future<Output = Result<()>> + Send + 'static) {
+        self.set.spawn(async move { (name, task.await) });
+    }
+
+    /// Runs a blocking service on its own thread. It gets a flag that is set at shutdown, and
+    /// must return soon after (the shape of a poll loop: `while !stop.load(..) { .. }`).
+    pub fn spawn_blocking(&mut self, name: &'static str, shutdown: Shutdown, task: impl FnOnce(&AtomicBool) -> Result<()> + Send + 'static) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = tokio::task::spawn_blocking(move || task(&flag));
+        self.spawn(name, async move {
+            tokio::pin!(thread);
+            tokio::select! {
+                done = &mut thread => return done?,
+                _ = shutdown.wait() => {}
+            }
+            stop.store(true, Ordering::Relaxed);
+            thread.await?
+        });
+    }
+}
+
+/// Counters of the daemon's reload attempts, shared by the source and the metrics endpoint.
+#[derive(Default)]
+pub struct ReloadStats {
+    pub ok: AtomicU64,
+    pub failed: AtomicU64,
+    /// Content that matched what was already live: nothing to do.
+    pub unchanged: AtomicU64,
+    pub last_attempt_unix: AtomicU64,
+    pub last_success_unix: AtomicU64,
+    /// Whether the last attempt succeeded (true before any).
+    pub last_ok: AtomicBool,
+    /// The built-in default-drop ruleset is live (fail-closed, no valid ruleset yet).
+    pub fail_closed: AtomicBool,
+    pub last_report: std::sync::Mutex<Option<ReloadReport>>,
+}
+
+fn unix_now_f64() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl ReloadStats {
+    fn new() -> Self {
+        // Nothing has failed before the first attempt.
+        Self { last_ok: AtomicBool::new(true), ..Default::default() }
+    }
+
+    fn record(&self, result: &Result<ReloadReport>) {
+        let now = unix_now_f64().to_bits();
+        self.last_attempt_unix.store(now, Ordering::Relaxed);
+        match result {
+            Ok(report) => {
+                self.ok.fetch_add(1, Ordering::Relaxed);
+                self.last_success_unix.store(now, Ordering::Relaxed);
+                self.last_ok.store(true, Ordering::Relaxed);
+                self.fail_closed.store(false, Ordering::Relaxed);
+                *self.last_report.lock().unwrap_or_else(|e| e.into_inner()) = Some(report.clone());
+            }
+            Err(_) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                self.last_ok.store(false, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// What an attempt to apply a rules file did.
+pub enum Outcome {
+    Applied(Box<ReloadReport>),
+    /// The file's ruleset is the one already live.
+    Unchanged,
+    /// Rejected (invalid, a failed self-test, or a kernel error); the live ruleset keeps serving.
+    Failed(String),
+}
+
+/// Applies rules files through the reload pipeline, no more often than `min_interval`.
+pub struct Applier {
+    inst: Arc<Instance>,
+    min_interval: Duration,
+    last_attempt: tokio::sync::Mutex<Option<Instant>>,
+    pub stats: Arc<ReloadStats>,
+}
+
+impl Applier {
+    /// Applies `path` unless its content is what is live. Returns the outcome and, when the
+    /// file parsed, the set files it names (so a watcher can follow them too).
+    pub async fn apply(&self, path: &Path, shutdown: &Shutdown) -> (Outcome, Option<Vec<PathBuf>>) {
+        let (inst, p) = (self.inst.clone(), path.to_path_buf());
+        let pre = tokio::task::spawn_blocking(move || {
+            let parsed = rules::load(&p);
+            let live = inst.state().map(|s| s.ruleset.hash).ok();
+            (parsed.map(|rs| (rs.hash, rs.set_files.into_iter().map(|(_, f)| f).collect::<Vec<_>>())), live)
+        })
+        .await;
+        let (parsed, live) = match pre {
+            Ok(v) => v,
+            Err(e) => return (Outcome::Failed(format!("internal error: {e}")), None),
+        };
+        let set_files = parsed.as_ref().ok().map(|(_, f)| f.clone());
+        if let (Ok((hash, _)), Some(live)) = (&parsed, &live)
+            && hash == live
+        {
+            self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("{}: same content as the live ruleset, nothing to do", path.display());
+            return (Outcome::Unchanged, set_files);
+        }
+
+        // Spacing: changes that arrive within min_interval of the last attempt wait, and the
+        // pipeline then reads the file as it is by then, so a burst becomes one reload.
+        let mut last = self.last_attempt.lock().await;
+        if let Some(t) = *last {
+            let due = t + self.min_interval;
+            if due > Instant::now() {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due.into()) => {}
+                    _ = shutdown.wait() => return (Outcome::Failed("shutting down".into()), set_files),
+                }
+            }
+        }
+        *last = Some(Instant::now());
+        let (inst, p) = (self.inst.clone(), path.to_path_buf());
+        let result = tokio::task::spawn_blocking(move || instance::reload(&inst, &p, &ReloadOptions::default()))
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("reload task failed: {e}")));
+        drop(last);
+        self.stats.record(&result);
+        match result {
+            Ok(r) => {
+                tracing::info!(
+                    "applied {} ({}, {}): generation {} -> {} in {} us",
+                    path.display(),
+                    r.ruleset.version.as_deref().unwrap_or("no version"),
+                    &r.ruleset.hash[..12.min(r.ruleset.hash.len())],
+                    r.previous_generation,
+                    r.generation,
+                    r.times.total_us
+                );
+                for w in &r.warnings {
+                    tracing::warn!("{w}");
+                }
+                (Outcome::Applied(Box::new(r)), set_files)
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                tracing::error!("rejected {}; the live ruleset keeps serving: {msg}", path.display());
+                (Outcome::Failed(msg), set_files)
+            }
+        }
+    }
+}
+
+/// The ruleset installed with --fail-closed until the first valid one: default drop, but
+/// replies from the rules server pass, or the daemon could never fetch its way out of it.
+const FAIL_CLOSED_VERSION: &str = "fail-closed";
+
+fn fail_closed_ruleset(server: &[SocketAddr]) -> String {
+    let mut s = format!("version = \"{FAIL_CLOSED_VERSION}\"\ndefault = \"drop\"\n");
+    for (i, a) in server.iter().enumerate() {
+        s.push_str(&format!(
+            "\n[[rule]]\nname = \"rules-server-{i}\"\naction = \"pass\"\nproto = \"tcp\"\nsrc = [\"{}\"]\nsport = {}\n",
+            a.ip(),
+            a.port()
+        ));
+    }
+    s
+}
+
+/// Attaches to the interface unless a firewall is attached already (then it is adopted as is).
+/// With a rules file that is valid, attaches with it directly, so no placeholder ever serves.
+/// Returns whether the rules file was tried (applied or rejected), so the source need not try
+/// the same content again.
+fn attach_or_adopt(args: &RunArgs, inst: &Instance, stats: &ReloadStats, server: &[SocketAddr]) -> Result<bool> {
+    if inst.is_attached() {
+        tracing::info!("adopting the firewall already attached to {}", inst.iface);
+        // A daemon restarted before its first valid ruleset finds its own placeholder.
+        if inst.state().is_ok_and(|s| s.ruleset.version.as_deref() == Some(FAIL_CLOSED_VERSION)) {
+            stats.fail_closed.store(true, Ordering::Relaxed);
+        }
+        return Ok(false);
+    }
+    let mut tried = false;
+    if let Some(path) = &args.rules {
+        match instance::attach(&inst.iface, Some(path), args.mode) {
+            Ok(r) => {
+                tracing::info!("attached to {} with {} (generation {})", inst.iface, path.display(), r.generation);
+                return Ok(true);
+            }
+            Err(e) if e.is::<RulesError>() => {
+                tracing::error!("{} is not a valid ruleset: {e:#}", path.display());
+                stats.record(&Err(e));
+                tried = true;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if args.fail_closed {
+        let tmp = std::env::temp_dir().join(format!("xdpfw-fail-closed-{}-{}.toml", inst.iface, std::process::id()));
+        std::fs::write(&tmp, fail_closed_ruleset(server))?;
+        let r = instance::attach(&inst.iface, Some(&tmp), args.mode);
+        let _ = std::fs::remove_file(&tmp);
+        r?;
+        stats.fail_closed.store(true, Ordering::Relaxed);
+        tracing::warn!("attached to {} fail-closed: dropping everything until a valid ruleset is live", inst.iface);
+    } else {
+        instance::attach(&inst.iface, None, args.mode)?;
+        tracing::warn!("attached to {} passing everything until a valid ruleset is live", inst.iface);
+    }
+    Ok(tried)
+}
+
+/// Tells systemd (Type=notify) about our state; a no-op outside systemd.
+fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let bytes = path.as_encoded_bytes();
+    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name).and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+    } else {
+        sock.send_to(state.as_bytes(), Path::new(&path))
+    };
+    if let Err(e) = sent {
+        tracing::warn!("could not notify systemd ({state}): {e}");
+    }
+}
+
+/// Holds `/run/xdpfw/<iface>.daemon.lock` for the daemon's lifetime: two daemons feeding one
+/// interface from different sources would undo each other's reloads.
+fn daemon_lock(iface: &str) -> Result<(std::fs::File, PathBuf)> {
+    std::fs::create_dir_all(instance::state_root())?;
+    let path = instance::state_root().join(format!("{iface}.daemon.lock"));
+    let f = std::fs::File::options().create(true).truncate(false).write(true).open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    if f.try_lock_exclusive().is_err() {
+        bail!("another `loader run` is already managing {iface} (lock {})", path.display());
+    }
+    Ok((f, path))
+}
+
+/// `loader run`. Call it after entering the network namespace: the runtime's threads inherit it.
+pub fn main(args: RunArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().worker_threads(2).build()?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    // First of all: from here on SIGTERM and SIGHUP (whose default is to kill) are ours, so a
+    // signal during the attach cannot cut it short.
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int, mut hup) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?);
+    let inst = Arc::new(Instance::new(&args.iface)?);
+    let (_lock, lock_path) = daemon_lock(&inst.iface)?;
+    let stats = Arc::new(ReloadStats::new());
+    // Bound before the attach, so a taken port fails the start without touching the interface.
+    let metrics_listener = match args.metrics {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the metrics endpoint to {addr}"))?),
+        None => None,
+    };
+
+    let server = match &args.url {
+        Some(url) => source_http::server_addrs(url).await?,
+        None => Vec::new(),
+    };
+    // Taken before the attach reads the file, so a change during the attach is not missed.
+    let print = args.rules.as_deref().map(source_file::fingerprint_rules);
+    let tried = {
+        let (a, i, s, srv) = (args.clone(), inst.clone(), stats.clone(), server.clone());
+        tokio::task::spawn_blocking(move || attach_or_adopt(&a, &i, &s, &srv)).await??
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (hup_tx, hup_rx) = watch::channel(0u64);
+    let registry = Arc::new(Registry::default());
+    registry.register(Arc::new(metrics::ReloadMetrics(stats.clone())));
+    registry.register(Arc::new(metrics::KernelMetrics(inst.clone())));
+    let ctx = Context { inst: inst.clone(), shutdown: Shutdown(stop_rx), hup: hup_rx, metrics: registry.clone() };
+    let applier = Arc::new(Applier {
+        inst: inst.clone(),
+        min_interval: args.min_interval,
+        last_attempt: tokio::sync::Mutex::new(None),
+        stats: stats.clone(),
+    });
+
+    let mut services = Services::default();
+    match (&args.rules, &args.url) {
+        (Some(path), _) => {
+            let seen = print.filter(|_| tried);
+            services.spawn("file source", source_file::run(ctx.clone(), applier, path.clone(), args.poll_interval, seen));
+        }
+        (None, Some(url)) => {
+            let http = source_http::HttpSource::new(url, &args, &server, stats.clone())?;
+            registry.register(http.metrics());
+            services.spawn("http source", http.run(ctx.clone(), applier));
+        }
+        (None, None) => bail!("give --rules FILE or --url URL"),
+    }
+    // Escalations: flows whose first matching rule needs the owner of the local socket.
+    // Served whatever the ruleset, so a reload that adds owner rules needs no restart.
+    let shared = Arc::new(escalation::Shared::default());
+    registry.register(Arc::new(escalation::Metrics(shared.clone())));
+    let config = escalation::Config {
+        lookup_deadline: args.owner_lookup_deadline,
+        per_source_rate: args.escalation_rate,
+        per_source_burst: args.escalation_burst,
+        max_sources: args.escalation_max_sources,
+        ..Default::default()
+    };
+    let esc_inst = inst.clone();
+    services.spawn_blocking("escalation", ctx.shutdown.clone(), move |stop| escalation::serve(&esc_inst, &config, stop, &shared));
+    // Further services go here: `services.spawn("name", service(ctx.clone()))`, or
+    // `services.spawn_blocking(..)` for a blocking loop, with `registry.register(..)` for their
+    // metrics. Each returns Ok(()) once the shutdown fires.
+    if let Some(listener) = metrics_listener {
+        tracing::info!("metrics at http://{}/metrics", listener.local_addr()?);
+        services.spawn("metrics", metrics::serve(listener, registry.clone(), ctx.shutdown.clone()));
+    }
+
+    sd_notify("READY=1");
+    let mut failure = None;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: re-reading the rules source");
+                hup_tx.send_modify(|n| *n += 1);
+            }
+            Some(done) = services.set.join_next() => {
+                let (name, result) = done.unwrap_or(("a service", Err(anyhow::anyhow!("panicked"))));
+                failure = Some(result.err().unwrap_or_else(|| anyhow::anyhow!("stopped unexpectedly")).context(name));
+                break;
+            }
+        }
+    }
+    sd_notify("STOPPING=1");
+    let _ = stop_tx.send(true);
+    let drain = async {
+        while let Some(done) = services.set.join_next().await {
+            match done {
+                Ok((name, Ok(()))) => tracing::debug!("{name} stopped"),
+                Ok((name, Err(e))) => tracing::warn!("{name} stopped with an error: {e:#}"),
+                Err(e) => tracing::warn!("a service panicked: {e}"),
+            }
+        }
+    };
+    // Bounded: a scraper holding a keep-alive connection must not hold up the exit.
+    if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+        tracing::warn!("services did not stop within 5 s; leaving them");
+    }
+    if args.detach_on_exit {
+        let iface = inst.iface.clone();
+        tokio::task::spawn_blocking(move || instance::detach(&iface)).await??;
+        tracing::info!("detached from {}", inst.iface);
+    } else {
+        tracing::info!("the firewall stays attached to {} (generation keeps serving)", inst.iface);
+    }
+    let _ = std::fs::remove_file(lock_path);
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocking_services_stop_with_the_daemon() {
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().worker_threads(1).build().unwrap();
+        rt.block_on(async {
+            let (tx, rx) = watch::channel(false);
+            let mut services = Services::default();
+            let rounds = Arc::new(AtomicU64::new(0));
+            let r = rounds.clone();
+            services.spawn_blocking("poll loop", Shutdown(rx.clone()), move |stop| {
+                while !stop.load(Ordering::Relaxed) {
+                    r.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Ok(())
+            });
+            services.spawn_blocking("fails", Shutdown(rx), |_| anyhow::bail!("no kernel support"));
+            let (name, first) = services.set.join_next().await.unwrap().unwrap();
+            assert_eq!((name, first.unwrap_err().to_string()), ("fails", "no kernel support".to_string()), "an early failure is seen at once");
+            tx.send(true).unwrap();
+            let (name, second) = tokio::time::timeout(Duration::from_secs(5), services.set.join_next()).await.unwrap().unwrap().unwrap();
+            assert_eq!(name, "poll loop");
+            second.unwrap();
+            assert!(rounds.load(Ordering::Relaxed) > 0);
+        });
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("1d").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn fail_closed_ruleset_drops_all_but_the_rules_server() {
+        let text = fail_closed_ruleset(&["192.0.2.1:8080".parse().unwrap(), "[2001:db8::1]:443".parse().unwrap()]);
+        let rs = rules::parse(Path::new("fail-closed.toml"), &text).expect("parses");
+        assert_eq!(rs.default.to_string(), "drop");
+        assert_eq!(rs.rules.len(), 2);
+        let pass = crate::matcher::decide(&rs, &"tcp 192.0.2.1:8080 -> 192.0.2.2:40000 flags SA".parse().unwrap());
+        assert_eq!(pass.action.to_string(), "pass");
+        let drop = crate::matcher::decide(&rs, &"udp 192.0.2.1:8080 -> 192.0.2.2:40000".parse().unwrap());
+        assert_eq!(drop.action.to_string(), "drop");
+    }
+}
