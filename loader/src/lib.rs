@@ -3,6 +3,7 @@
 
 pub mod compile;
 pub mod daemon;
+pub mod duration;
 pub mod escalation;
 pub mod grace;
 pub mod history;

@@ -487,10 +487,9 @@ fn parse_escalation(src: &Source, raw: &RawEscalation) -> Result<EscalationOptio
         out.pending = parse_action(src, p)?;
     }
     let duration = |d: &Spanned<String>, what: &str, min_ms: u64, max: std::time::Duration| -> Result<std::time::Duration, RulesError> {
-        let v = humantime::parse_duration(d.get_ref())
-            .map_err(|e| src.error(d.span(), format!("invalid {what} \"{}\": {e} (e.g. \"500ms\", \"60s\", \"5m\")", d.get_ref())))?;
+        let v = crate::duration::parse_duration(d.get_ref()).map_err(|e| src.error(d.span(), format!("{what}: {e}")))?;
         if v.as_millis() < min_ms as u128 || v > max {
-            return Err(src.error(d.span(), format!("{what} must be between {min_ms}ms and {}", humantime::format_duration(max))));
+            return Err(src.error(d.span(), format!("{what} must be between {min_ms}ms and {}s", max.as_secs())));
         }
         Ok(v)
     };
@@ -858,6 +857,33 @@ mod tests {
         assert!(err("default = \"pass\"\n[[rule]]\naction = \"drop\"\nproto = \"udp\"\ntcp_flags = \"syn\"\n").contains("tcp_flags needs proto = \"tcp\""));
         assert!(err("default = \"pass\"\n[[rule]]\naction = \"drop\"\nbogus = 1\n").contains("unknown field `bogus`"));
         assert!(err("[[rule]]\naction = \"drop\"\n").contains("missing field `default`"));
+    }
+
+    #[test]
+    fn owner_and_escalation_errors_say_where() {
+        let rule = "default = \"pass\"\n[[rule]]\naction = \"pass\"\n";
+        assert_eq!(
+            err(&format!("{rule}owner = {{ process = \"nginx\" }}\n")),
+            "r.toml:4:9: error: owner conditions need proto = \"tcp\", \"udp\" or [\"tcp\", \"udp\"]"
+        );
+        assert!(err(&format!("{rule}proto = \"tcp\"\nowner = {{ colour = \"red\" }}\n")).contains("r.toml:5:9: error: unknown owner condition \"colour\""));
+        assert!(err(&format!("{rule}proto = \"tcp\"\nowner = {{}}\n")).contains("an empty owner table"));
+        assert!(err(&format!("{rule}proto = \"tcp\"\nowner = {{ exe = \"nginx\" }}\n")).contains("must be an absolute path"));
+        assert!(err(&format!("{rule}proto = \"tcp\"\nowner = {{ uid = \"9-1\" }}\n")).contains("inverted"));
+        assert!(err("default = \"pass\"\n[escalation]\nverdict_ttl = \"soon\"\n").contains("r.toml:3:15: error: verdict_ttl: invalid duration"));
+        assert!(err("default = \"pass\"\n[escalation]\nretry = \"1ms\"\n").contains("retry must be between"));
+        assert!(err("default = \"pass\"\n[escalation]\npending = \"maybe\"\n").contains("r.toml:3:11: error: unknown action"));
+        let rs = parse(
+            Path::new("r.toml"),
+            "default = \"pass\"\n[escalation]\npending = \"pass\"\nverdict_ttl = \"5m\"\n[[rule]]\naction = \"pass\"\nproto = \"udp\"\nowner = { uid = [0, \"1000-1999\"], user = \"www\" }\n",
+        )
+        .unwrap();
+        assert_eq!(rs.escalation.pending, Action::Pass);
+        assert_eq!(rs.escalation.verdict_ttl, std::time::Duration::from_secs(300));
+        let owner = rs.rules[0].owner.as_ref().unwrap();
+        assert_eq!(owner.uid, vec![0..=0, 1000..=1999]);
+        assert_eq!(owner.user, vec!["www".to_string()]);
+        assert!(rs.needs_owner());
     }
 
     #[test]

@@ -30,6 +30,7 @@ use tokio::{sync::watch, task::JoinSet};
 pub use metrics::{MetricsSource, Registry};
 
 use crate::{
+    duration::parse_duration,
     escalation,
     instance::{self, Instance, ReloadOptions, ReloadReport},
     kernel::AttachMode,
@@ -91,21 +92,6 @@ pub struct RunArgs {
     pub owner_lookup_deadline: Duration,
 }
 
-/// "250ms", "1.5s", "2m", "1h", or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("invalid duration \"{s}\" (e.g. 500ms, 1s, 2m)"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("invalid duration unit in \"{s}\" (ms, s, m or h)")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration \"{s}\": {e}"))
-}
 
 /// Set once, seen by every task; cloning is cheap.
 #[derive(Clone)]
@@ -537,16 +523,6 @@ mod tests {
             second.unwrap();
             assert!(rounds.load(Ordering::Relaxed) > 0);
         });
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert!(parse_duration("1d").is_err());
-        assert!(parse_duration("s").is_err());
     }
 
     #[test]
