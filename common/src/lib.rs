@@ -14,12 +14,16 @@ pub mod map_names {
     pub const BITMAPS: &str = "BITMAPS";
     pub const SRC_V6: &str = "SRC_V6";
     pub const DST_V6: &str = "DST_V6";
+    /// Top levels of the direct IPv4 tables (fixed arrays, both buffers).
+    pub const SRC_V4_TOP: &str = "SRC_V4_TOP";
+    pub const DST_V4_TOP: &str = "DST_V4_TOP";
+    /// Chunks of the direct IPv4 tables (array-of-maps, one inner map per buffer).
     pub const SRC_V4_DIR: &str = "SRC_V4_DIR";
     pub const DST_V4_DIR: &str = "DST_V4_DIR";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
     pub const RULE_STATS: &str = "RULE_STATS";
     /// Every map the program owns, in a stable order (pinning, stats, leak checks).
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 13] = [
         ACTIVE,
         HEADERS,
         RULES,
@@ -27,6 +31,8 @@ pub mod map_names {
         BITMAPS,
         SRC_V6,
         DST_V6,
+        SRC_V4_TOP,
+        DST_V4_TOP,
         SRC_V4_DIR,
         DST_V4_DIR,
         GLOBAL_STATS,
@@ -92,20 +98,27 @@ pub mod field {
 /// bitmap id, or `CHUNK | n` naming chunk `n`. A lookup is one to three array reads, whatever the
 /// number of prefixes, instead of a walk down a trie; memory grows only with the chunks used.
 ///
-/// Entries are u32, stored in a u64 array (mmapable arrays have an 8-byte stride): entry `i` is
-/// the low half of element `i / 2` when `i` is even, the high half when odd, which on a
-/// little-endian host is plain u32 indexing of the mapping.
+/// Both levels are stored as [`DirBlock`]s of 256 entries, so one map lookup yields a block and
+/// the entry is an index into it. The top level (256 blocks per buffer) lives in a fixed array,
+/// `SRC_V4_TOP`/`DST_V4_TOP` at `buffer * TOP_BLOCKS + (address >> 24)`, whose lookups the
+/// verifier inlines (no helper call); the chunks, whose number varies, live in an inner map per
+/// buffer (`SRC_V4_DIR`/`DST_V4_DIR`), chunk `n` at index `n`.
 pub mod dir {
     /// Entries indexed by the top 16 bits of the address.
     pub const TOP_ENTRIES: u32 = 1 << 16;
     pub const CHUNK_ENTRIES: u32 = 256;
+    /// Blocks of the top level in each buffer.
+    pub const TOP_BLOCKS: u32 = TOP_ENTRIES / CHUNK_ENTRIES;
     pub const CHUNK: u32 = 1 << 31;
     /// Chunks per table (a 1M-prefix routing-table-like set needs a few tens of thousands).
     pub const MAX_CHUNKS: u32 = 1 << 18;
-    /// u64 elements of a table with `chunks` chunks.
-    pub const fn elements(chunks: u32) -> u32 {
-        (TOP_ENTRIES + chunks * CHUNK_ENTRIES) / 2
-    }
+}
+
+/// 256 entries of a direct IPv4 table (see [`dir`]): a slice of the top level, or one chunk.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirBlock {
+    pub entries: [u32; dir::CHUNK_ENTRIES as usize],
 }
 
 /// Slots of [`RulesetHeader::absent`]: the bitmap used when the packet does not carry a field.
@@ -258,6 +271,7 @@ const _: () = {
     assert!(core::mem::size_of::<PrefixValue>() == 4);
     assert!(core::mem::size_of::<GlobalStats>() == 96);
     assert!(core::mem::size_of::<RuleStats>() == 16);
+    assert!(core::mem::size_of::<DirBlock>() == 4 * dir::CHUNK_ENTRIES as usize);
     assert!(MAX_RULES.is_multiple_of(64));
 };
 
@@ -272,4 +286,5 @@ mod pod {
     unsafe impl aya::Pod for PrefixValue {}
     unsafe impl aya::Pod for GlobalStats {}
     unsafe impl aya::Pod for RuleStats {}
+    unsafe impl aya::Pod for DirBlock {}
 }

@@ -9,7 +9,7 @@ use std::{collections::HashMap, net::IpAddr, ops::RangeInclusive};
 
 use anyhow::{Result, bail};
 use xdpfw_common::{
-    BITMAP_ALL, BITMAP_EMPTY, Bitmap, FieldEntry, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES, RuleMeta,
+    BITMAP_ALL, BITMAP_EMPTY, Bitmap, DirBlock, FieldEntry, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES, RuleMeta,
     RulesetHeader, absent, dir, field, fields_layout::*, fragment_policy,
 };
 
@@ -36,6 +36,16 @@ pub struct DirectTable {
     pub entries: Vec<u32>,
     pub prefixes: usize,
     pub chunks: u32,
+}
+
+impl DirectTable {
+    /// The entries as blocks of 256: the top level's `dir::TOP_BLOCKS`, then one per chunk.
+    pub fn blocks(&self) -> &[DirBlock] {
+        let (blocks, rest) = self.entries.as_chunks::<{ dir::CHUNK_ENTRIES as usize }>();
+        debug_assert!(rest.is_empty());
+        // SAFETY: DirBlock is repr(C) around exactly such an array.
+        unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast::<DirBlock>(), blocks.len()) }
+    }
 }
 
 impl Image {

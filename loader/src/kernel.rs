@@ -20,7 +20,7 @@ use aya::{
     util::nr_cpus,
 };
 use xdpfw_common::{
-    BUFFERS, Bitmap, FieldEntry, GlobalStats, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES,
+    BUFFERS, Bitmap, DirBlock, FieldEntry, GlobalStats, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES,
     MAX_RULES, PROGRAM_NAME, PrefixValue, RULE_SLOTS, RuleMeta, RuleStats, RulesetHeader,
     dir, fields_layout::FIELDS_PER_BUFFER, map_names,
 };
@@ -283,6 +283,9 @@ pub struct Maps {
     bitmaps: MmapArray<Bitmap>,
     src_v6: ArrayOfMaps<MapData, TrieV6>,
     dst_v6: ArrayOfMaps<MapData, TrieV6>,
+    /// Direct IPv4 tables: top levels (both buffers, written through the mapping) and chunks.
+    src_v4_top: MmapArray<DirBlock>,
+    dst_v4_top: MmapArray<DirBlock>,
     src_v4: ArrayOfMaps<MapData, DirArray>,
     dst_v4: ArrayOfMaps<MapData, DirArray>,
     /// The four array-of-maps above, to empty a slot (aya offers no delete on them).
@@ -291,7 +294,7 @@ pub struct Maps {
     rule_stats: PerCpuArray<MapData, RuleStats>,
 }
 
-type DirArray = Array<MapData, u64>;
+type DirArray = Array<MapData, DirBlock>;
 const DIR_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;
 const BPF_F_INNER_MAP: u32 = 1 << 12;
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -319,20 +322,17 @@ fn delete_elem(fd: std::os::fd::BorrowedFd<'_>, key: u32) -> std::io::Result<()>
     Ok(())
 }
 
-/// A direct IPv4 table as a new map, filled through its mapping.
-fn dir_array(table: &DirectTable) -> Result<DirArray> {
-    let elements = dir::elements(table.chunks);
+/// The chunks of a direct IPv4 table as a new map, filled through its mapping (the top level goes
+/// into the fixed top array instead).
+fn dir_chunks(table: &DirectTable) -> Result<DirArray> {
+    let blocks = table.blocks();
+    let chunks = &blocks[dir::TOP_BLOCKS as usize..];
     // Created as raw MapData (not Array::create) so this process can map it before handing it over.
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
-    let obj = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, 8, elements, DIR_FLAGS);
+    let obj = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, size_of::<DirBlock>() as u32, chunks.len() as u32, DIR_FLAGS);
     let data = MapData::create(obj, "xdpfw_v4_dir", None)?;
-    let mut map = MmapArray::<u64>::map(&data)?;
-    let words = map.range_mut(0, elements as usize);
-    // Entry i is the low half of element i/2 when even: u32 order on a little-endian host.
-    const _: () = assert!(cfg!(target_endian = "little"), "the direct table layout assumes little-endian");
-    for (w, [lo, hi]) in words.iter_mut().zip(table.entries.as_chunks::<2>().0) {
-        *w = *lo as u64 | (*hi as u64) << 32;
-    }
+    let mut map = MmapArray::<DirBlock>::map(&data)?;
+    map.range_mut(0, chunks.len()).copy_from_slice(chunks);
     Ok(DirArray::try_from(Map::from_map_data(data)?)?)
 }
 
@@ -361,6 +361,8 @@ impl Maps {
         Ok(Self {
             active: MmapArray::new(get(ACTIVE)?)?,
             headers: MmapArray::new(get(HEADERS)?)?,
+            src_v4_top: MmapArray::new(get(SRC_V4_TOP)?)?,
+            dst_v4_top: MmapArray::new(get(DST_V4_TOP)?)?,
             rules: MmapArray::new(get(RULES)?)?,
             fields: MmapArray::new(get(FIELDS)?)?,
             bitmaps: MmapArray::new(get(BITMAPS)?)?,
@@ -414,11 +416,16 @@ impl Maps {
         if !image.dst_v6.is_empty() {
             self.dst_v6.set(buffer, &trie_v6(&image.dst_v6)?, 0)?;
         }
-        if let Some(t) = &image.src_v4 {
-            self.src_v4.set(buffer, &dir_array(t)?, 0)?;
-        }
-        if let Some(t) = &image.dst_v4 {
-            self.dst_v4.set(buffer, &dir_array(t)?, 0)?;
+        let top_blocks = dir::TOP_BLOCKS as usize;
+        for (table, top, chunks) in [
+            (&image.src_v4, &mut self.src_v4_top, &mut self.src_v4),
+            (&image.dst_v4, &mut self.dst_v4_top, &mut self.dst_v4),
+        ] {
+            let Some(t) = table else { continue };
+            top.range_mut(b * top_blocks, top_blocks).copy_from_slice(&t.blocks()[..top_blocks]);
+            if t.chunks > 0 {
+                chunks.set(buffer, &dir_chunks(t)?, 0)?;
+            }
         }
         let tries_us = start.elapsed().as_micros() as u64;
 

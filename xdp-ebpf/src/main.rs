@@ -21,7 +21,7 @@ use aya_ebpf::{
 };
 use parse::{Packet, ParseOutcome};
 use xdpfw_common::{
-    absent, action, dir, field, fields_layout::*, fragment_policy, Bitmap, FieldEntry, GlobalStats,
+    absent, action, dir, field, fields_layout::*, fragment_policy, Bitmap, DirBlock, FieldEntry, GlobalStats,
     Ipv6Data, PrefixValue, RuleMeta, RuleStats, RulesetHeader, BITMAP_WORDS, BUFFERS,
     BITMAP_ALL, DEFAULT_RULE_SLOT, MAX_BITMAPS, MAX_PREFIXES, MAX_RULES, RULE_SLOTS,
 };
@@ -53,13 +53,20 @@ static SRC_V6: ArrayOfMaps<TrieV6, { BUFFERS as usize }> = ArrayOfMaps::new();
 #[btf_map]
 static DST_V6: ArrayOfMaps<TrieV6, { BUFFERS as usize }> = ArrayOfMaps::new();
 
-// The direct IPv4 tables (see xdpfw_common::dir), one slot per buffer, swapped like the tries.
-// Inner maps differ in size (BPF_F_INNER_MAP) with the number of chunks they need.
-type DirTable = BtfArray<u64, 1, { (BPF_F_INNER_MAP | BPF_F_MMAPABLE) as usize }>;
+// The direct IPv4 tables (see xdpfw_common::dir). The top levels are fixed arrays holding both
+// buffers, so their lookups are inlined by the verifier; the chunks are inner maps, one slot per
+// buffer, swapped like the tries. Inner maps differ in size (BPF_F_INNER_MAP) with the number of
+// chunks they need, which makes their lookups helper calls: only addresses under a /16 that
+// holds longer prefixes pay for them.
+#[map(name = "SRC_V4_TOP")]
+static SRC_V4_TOP: Array<DirBlock> = Array::with_max_entries(BUFFERS * dir::TOP_BLOCKS, BPF_F_MMAPABLE);
+#[map(name = "DST_V4_TOP")]
+static DST_V4_TOP: Array<DirBlock> = Array::with_max_entries(BUFFERS * dir::TOP_BLOCKS, BPF_F_MMAPABLE);
+type DirChunks = BtfArray<DirBlock, 1, { (BPF_F_INNER_MAP | BPF_F_MMAPABLE) as usize }>;
 #[btf_map]
-static SRC_V4_DIR: ArrayOfMaps<DirTable, { BUFFERS as usize }> = ArrayOfMaps::new();
+static SRC_V4_DIR: ArrayOfMaps<DirChunks, { BUFFERS as usize }> = ArrayOfMaps::new();
 #[btf_map]
-static DST_V4_DIR: ArrayOfMaps<DirTable, { BUFFERS as usize }> = ArrayOfMaps::new();
+static DST_V4_DIR: ArrayOfMaps<DirChunks, { BUFFERS as usize }> = ArrayOfMaps::new();
 
 /// Slot 0 counts traffic; slot 1 is scratch for the probe copy, never reported.
 #[map(name = "GLOBAL_STATS")]
@@ -284,31 +291,30 @@ fn prefix_bitmap(buffer: u32, header: &RulesetHeader, pkt: &Packet, source: bool
     };
     let found = if pkt.is_v6 {
         let trie = if source { &SRC_V6 } else { &DST_V6 };
-        trie.get(buffer)
-            .and_then(|t| t.get(&Key::new(128, *addr)).map(|v| v.bitmap))
+        // SAFETY: four u32 words are sixteen bytes, in the same (network) order.
+        let data: Ipv6Data = unsafe { core::mem::transmute::<[u32; 4], Ipv6Data>(*addr) };
+        trie.get(buffer).and_then(|t| t.get(&Key::new(128, data)).map(|v| v.bitmap))
     } else {
-        let table = if source { &SRC_V4_DIR } else { &DST_V4_DIR };
-        let a = u32::from_be_bytes([addr[0], addr[1], addr[2], addr[3]]);
-        table.get(buffer).and_then(|t| {
-            let chunk = |e: u32, byte: u32| dir::TOP_ENTRIES + (e & !dir::CHUNK) * dir::CHUNK_ENTRIES + (byte & 0xff);
-            let mut e = dir_entry(t, a >> 16)?;
-            if e & dir::CHUNK != 0 {
-                e = dir_entry(t, chunk(e, a >> 8))?;
-                if e & dir::CHUNK != 0 {
-                    e = dir_entry(t, chunk(e, a))?;
-                }
-            }
-            Some(e)
-        })
+        let (top, chunks) = if source { (&SRC_V4_TOP, &SRC_V4_DIR) } else { (&DST_V4_TOP, &DST_V4_DIR) };
+        dir_lookup(top, chunks, buffer, u32::from_be(addr[0]))
     };
     found.unwrap_or(header.absent[slot])
 }
 
-/// Entry `i` of a direct table (two u32 entries per u64 element, low half first).
+/// The entry of `a` (host order) in a direct IPv4 table of `buffer`: the top level, then up to
+/// two chunks.
 #[inline(always)]
-fn dir_entry(table: &DirTable, i: u32) -> Option<u32> {
-    let pair = *table.get(i / 2)?;
-    Some(if i & 1 == 0 { pair as u32 } else { (pair >> 32) as u32 })
+fn dir_lookup(top: &Array<DirBlock>, chunks: &ArrayOfMaps<DirChunks, { BUFFERS as usize }>, buffer: u32, a: u32) -> Option<u32> {
+    let block = top.get(buffer * dir::TOP_BLOCKS + (a >> 24))?;
+    let mut e = block.entries[((a >> 16) & 0xff) as usize];
+    if e & dir::CHUNK != 0 {
+        let t = chunks.get(buffer)?;
+        e = t.get(e & !dir::CHUNK)?.entries[((a >> 8) & 0xff) as usize];
+        if e & dir::CHUNK != 0 {
+            e = t.get(e & !dir::CHUNK)?.entries[(a & 0xff) as usize];
+        }
+    }
+    Some(e)
 }
 
 #[cfg(not(test))]

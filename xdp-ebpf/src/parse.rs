@@ -25,9 +25,10 @@ const MAX_HEADER_OFFSET: usize = 2048;
 
 pub struct Packet {
     pub is_v6: bool,
-    /// Addresses in network byte order; IPv4 uses the first 4 bytes.
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    /// Addresses as the packet carries them (network byte order), four bytes a word, loaded as
+    /// words: byte arrays become one stack slot per byte on BPF. IPv4 uses word 0 only.
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
     /// The transport protocol (for IPv6, the last next-header of the chain).
     pub proto: u8,
     /// Plain integers with presence flags rather than `Option`s: LLVM otherwise merges enum
@@ -59,6 +60,16 @@ fn bytes_at(ctx: &XdpContext, off: usize, len: usize) -> Option<*const u8> {
         return None;
     }
     Some((start + off) as *const u8)
+}
+
+/// The 4 bytes at `p` as they lie in memory (network order in, network order out).
+///
+/// # Safety
+/// `p` must point at 4 readable bytes (a pointer `bytes_at` checked).
+#[inline(always)]
+unsafe fn word_at(p: *const u8) -> u32 {
+    // SAFETY: per the contract; unaligned because headers sit at any even offset.
+    unsafe { (p as *const u32).read_unaligned() }
 }
 
 #[inline(always)]
@@ -114,10 +125,12 @@ fn parse_ipv4(ctx: &XdpContext, off: usize) -> Option<Packet> {
         return None;
     }
     bytes_at(ctx, off, ihl)?;
+    // SAFETY: within the 20 checked bytes.
+    let (src, dst) = unsafe { (word_at(h.add(12)), word_at(h.add(16))) };
     let mut pkt = Packet {
         is_v6: false,
-        src: [0; 16],
-        dst: [0; 16],
+        src: [src, 0, 0, 0],
+        dst: [dst, 0, 0, 0],
         proto,
         has_ports: false,
         sport: 0,
@@ -129,15 +142,6 @@ fn parse_ipv4(ctx: &XdpContext, off: usize) -> Option<Packet> {
         non_first_fragment: frag & 0x1fff != 0,
         neighbor_discovery: false,
     };
-    let mut i = 0;
-    while i < 4 {
-        // SAFETY: within the 20 checked bytes.
-        unsafe {
-            pkt.src[i] = *h.add(12 + i);
-            pkt.dst[i] = *h.add(16 + i);
-        }
-        i += 1;
-    }
     if !pkt.non_first_fragment {
         parse_l4(ctx, off + ihl, &mut pkt)?;
     }
@@ -152,10 +156,17 @@ fn parse_ipv6(ctx: &XdpContext, off: usize) -> Option<Packet> {
     if version != 6 {
         return None;
     }
+    // SAFETY: within the 40 checked bytes.
+    let (src, dst) = unsafe {
+        (
+            [word_at(h.add(8)), word_at(h.add(12)), word_at(h.add(16)), word_at(h.add(20))],
+            [word_at(h.add(24)), word_at(h.add(28)), word_at(h.add(32)), word_at(h.add(36))],
+        )
+    };
     let mut pkt = Packet {
         is_v6: true,
-        src: [0; 16],
-        dst: [0; 16],
+        src,
+        dst,
         proto: 0,
         has_ports: false,
         sport: 0,
@@ -167,15 +178,6 @@ fn parse_ipv6(ctx: &XdpContext, off: usize) -> Option<Packet> {
         non_first_fragment: false,
         neighbor_discovery: false,
     };
-    let mut i = 0;
-    while i < 16 {
-        // SAFETY: within the 40 checked bytes.
-        unsafe {
-            pkt.src[i] = *h.add(8 + i);
-            pkt.dst[i] = *h.add(24 + i);
-        }
-        i += 1;
-    }
     let mut off = off + 40;
     let mut walked = 0;
     loop {
