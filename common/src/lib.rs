@@ -14,10 +14,11 @@ pub mod map_names {
     pub const BITMAPS: &str = "BITMAPS";
     pub const SRC_V6: &str = "SRC_V6";
     pub const DST_V6: &str = "DST_V6";
-    /// Top levels of the direct IPv4 tables (fixed arrays, both buffers).
-    pub const SRC_V4_TOP: &str = "SRC_V4_TOP";
-    pub const DST_V4_TOP: &str = "DST_V4_TOP";
-    /// Chunks of the direct IPv4 tables (array-of-maps, one inner map per buffer).
+    /// Direct IPv4 tables: top level and first chunks (fixed arrays, both buffers).
+    pub const SRC_V4_FIXED: &str = "SRC_V4_FIXED";
+    pub const DST_V4_FIXED: &str = "DST_V4_FIXED";
+    /// Direct IPv4 tables: the chunks beyond the fixed ones (array-of-maps, one inner map per
+    /// buffer).
     pub const SRC_V4_DIR: &str = "SRC_V4_DIR";
     pub const DST_V4_DIR: &str = "DST_V4_DIR";
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
@@ -31,8 +32,8 @@ pub mod map_names {
         BITMAPS,
         SRC_V6,
         DST_V6,
-        SRC_V4_TOP,
-        DST_V4_TOP,
+        SRC_V4_FIXED,
+        DST_V4_FIXED,
         SRC_V4_DIR,
         DST_V4_DIR,
         GLOBAL_STATS,
@@ -98,17 +99,25 @@ pub mod field {
 /// bitmap id, or `CHUNK | n` naming chunk `n`. A lookup is one to three array reads, whatever the
 /// number of prefixes, instead of a walk down a trie; memory grows only with the chunks used.
 ///
-/// Both levels are stored as [`DirBlock`]s of 256 entries, so one map lookup yields a block and
-/// the entry is an index into it. The top level (256 blocks per buffer) lives in a fixed array,
-/// `SRC_V4_TOP`/`DST_V4_TOP` at `buffer * TOP_BLOCKS + (address >> 24)`, whose lookups the
-/// verifier inlines (no helper call); the chunks, whose number varies, live in an inner map per
-/// buffer (`SRC_V4_DIR`/`DST_V4_DIR`), chunk `n` at index `n`.
+/// Every level is stored as [`DirBlock`]s of 256 entries, so one map lookup yields a block and
+/// the entry is an index into it. The top level (`TOP_BLOCKS` blocks) and the first
+/// `FIXED_CHUNKS` chunks live in a fixed array (`SRC_V4_FIXED`/`DST_V4_FIXED`, `BUFFER_BLOCKS`
+/// blocks per buffer: top level first, then chunk `n` at block `TOP_BLOCKS + n`), whose lookups
+/// the verifier inlines; a helper call per lookup is what an inner map of variable size would
+/// cost, and it is most of a lookup's time. Only the chunks beyond those, whose number varies, go
+/// to an inner map per buffer (`SRC_V4_DIR`/`DST_V4_DIR`, chunk `n` at `n - FIXED_CHUNKS`).
+/// The compiler numbers the chunks of /16s before those of /24s, so the fixed ones are the
+/// chunks most addresses go through.
 pub mod dir {
     /// Entries indexed by the top 16 bits of the address.
     pub const TOP_ENTRIES: u32 = 1 << 16;
     pub const CHUNK_ENTRIES: u32 = 256;
     /// Blocks of the top level in each buffer.
     pub const TOP_BLOCKS: u32 = TOP_ENTRIES / CHUNK_ENTRIES;
+    /// Chunks stored in the fixed array (1 KiB each, per buffer and table).
+    pub const FIXED_CHUNKS: u32 = 2048;
+    /// Blocks per buffer in the fixed array: the top level, then the fixed chunks.
+    pub const BUFFER_BLOCKS: u32 = TOP_BLOCKS + FIXED_CHUNKS;
     pub const CHUNK: u32 = 1 << 31;
     /// Chunks per table (a 1M-prefix routing-table-like set needs a few tens of thousands).
     pub const MAX_CHUNKS: u32 = 1 << 18;

@@ -283,9 +283,10 @@ pub struct Maps {
     bitmaps: MmapArray<Bitmap>,
     src_v6: ArrayOfMaps<MapData, TrieV6>,
     dst_v6: ArrayOfMaps<MapData, TrieV6>,
-    /// Direct IPv4 tables: top levels (both buffers, written through the mapping) and chunks.
-    src_v4_top: MmapArray<DirBlock>,
-    dst_v4_top: MmapArray<DirBlock>,
+    /// Direct IPv4 tables: top levels and first chunks (both buffers, written through the
+    /// mapping), and the further chunks.
+    src_v4_fixed: MmapArray<DirBlock>,
+    dst_v4_fixed: MmapArray<DirBlock>,
     src_v4: ArrayOfMaps<MapData, DirArray>,
     dst_v4: ArrayOfMaps<MapData, DirArray>,
     /// The four array-of-maps above, to empty a slot (aya offers no delete on them).
@@ -322,11 +323,9 @@ fn delete_elem(fd: std::os::fd::BorrowedFd<'_>, key: u32) -> std::io::Result<()>
     Ok(())
 }
 
-/// The chunks of a direct IPv4 table as a new map, filled through its mapping (the top level goes
-/// into the fixed top array instead).
-fn dir_chunks(table: &DirectTable) -> Result<DirArray> {
-    let blocks = table.blocks();
-    let chunks = &blocks[dir::TOP_BLOCKS as usize..];
+/// `chunks` (those of a direct IPv4 table beyond the fixed ones) as a new map, filled through
+/// its mapping.
+fn dir_chunks(chunks: &[DirBlock]) -> Result<DirArray> {
     // Created as raw MapData (not Array::create) so this process can map it before handing it over.
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
     let obj = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, size_of::<DirBlock>() as u32, chunks.len() as u32, DIR_FLAGS);
@@ -361,8 +360,8 @@ impl Maps {
         Ok(Self {
             active: MmapArray::new(get(ACTIVE)?)?,
             headers: MmapArray::new(get(HEADERS)?)?,
-            src_v4_top: MmapArray::new(get(SRC_V4_TOP)?)?,
-            dst_v4_top: MmapArray::new(get(DST_V4_TOP)?)?,
+            src_v4_fixed: MmapArray::new(get(SRC_V4_FIXED)?)?,
+            dst_v4_fixed: MmapArray::new(get(DST_V4_FIXED)?)?,
             rules: MmapArray::new(get(RULES)?)?,
             fields: MmapArray::new(get(FIELDS)?)?,
             bitmaps: MmapArray::new(get(BITMAPS)?)?,
@@ -416,15 +415,18 @@ impl Maps {
         if !image.dst_v6.is_empty() {
             self.dst_v6.set(buffer, &trie_v6(&image.dst_v6)?, 0)?;
         }
-        let top_blocks = dir::TOP_BLOCKS as usize;
-        for (table, top, chunks) in [
-            (&image.src_v4, &mut self.src_v4_top, &mut self.src_v4),
-            (&image.dst_v4, &mut self.dst_v4_top, &mut self.dst_v4),
+        let per_buffer = dir::BUFFER_BLOCKS as usize;
+        for (table, fixed, more) in [
+            (&image.src_v4, &mut self.src_v4_fixed, &mut self.src_v4),
+            (&image.dst_v4, &mut self.dst_v4_fixed, &mut self.dst_v4),
         ] {
             let Some(t) = table else { continue };
-            top.range_mut(b * top_blocks, top_blocks).copy_from_slice(&t.blocks()[..top_blocks]);
-            if t.chunks > 0 {
-                chunks.set(buffer, &dir_chunks(t)?, 0)?;
+            // The top level and the first chunks into the fixed array, the rest into a new map.
+            let blocks = t.blocks();
+            let (head, rest) = blocks.split_at(blocks.len().min(per_buffer));
+            fixed.range_mut(b * per_buffer, head.len()).copy_from_slice(head);
+            if !rest.is_empty() {
+                more.set(buffer, &dir_chunks(rest)?, 0)?;
             }
         }
         let tries_us = start.elapsed().as_micros() as u64;

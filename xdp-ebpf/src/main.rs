@@ -53,15 +53,14 @@ static SRC_V6: ArrayOfMaps<TrieV6, { BUFFERS as usize }> = ArrayOfMaps::new();
 #[btf_map]
 static DST_V6: ArrayOfMaps<TrieV6, { BUFFERS as usize }> = ArrayOfMaps::new();
 
-// The direct IPv4 tables (see xdpfw_common::dir). The top levels are fixed arrays holding both
-// buffers, so their lookups are inlined by the verifier; the chunks are inner maps, one slot per
-// buffer, swapped like the tries. Inner maps differ in size (BPF_F_INNER_MAP) with the number of
-// chunks they need, which makes their lookups helper calls: only addresses under a /16 that
-// holds longer prefixes pay for them.
-#[map(name = "SRC_V4_TOP")]
-static SRC_V4_TOP: Array<DirBlock> = Array::with_max_entries(BUFFERS * dir::TOP_BLOCKS, BPF_F_MMAPABLE);
-#[map(name = "DST_V4_TOP")]
-static DST_V4_TOP: Array<DirBlock> = Array::with_max_entries(BUFFERS * dir::TOP_BLOCKS, BPF_F_MMAPABLE);
+// The direct IPv4 tables (see xdpfw_common::dir). The top levels and first chunks are fixed
+// arrays holding both buffers, so their lookups are inlined by the verifier; further chunks are
+// inner maps, one slot per buffer, swapped like the tries. Inner maps differ in size
+// (BPF_F_INNER_MAP) with the number of chunks they need, which makes their lookups helper calls.
+#[map(name = "SRC_V4_FIXED")]
+static SRC_V4_FIXED: Array<DirBlock> = Array::with_max_entries(BUFFERS * dir::BUFFER_BLOCKS, BPF_F_MMAPABLE);
+#[map(name = "DST_V4_FIXED")]
+static DST_V4_FIXED: Array<DirBlock> = Array::with_max_entries(BUFFERS * dir::BUFFER_BLOCKS, BPF_F_MMAPABLE);
 type DirChunks = BtfArray<DirBlock, 1, { (BPF_F_INNER_MAP | BPF_F_MMAPABLE) as usize }>;
 #[btf_map]
 static SRC_V4_DIR: ArrayOfMaps<DirChunks, { BUFFERS as usize }> = ArrayOfMaps::new();
@@ -295,26 +294,40 @@ fn prefix_bitmap(buffer: u32, header: &RulesetHeader, pkt: &Packet, source: bool
         let data: Ipv6Data = unsafe { core::mem::transmute::<[u32; 4], Ipv6Data>(*addr) };
         trie.get(buffer).and_then(|t| t.get(&Key::new(128, data)).map(|v| v.bitmap))
     } else {
-        let (top, chunks) = if source { (&SRC_V4_TOP, &SRC_V4_DIR) } else { (&DST_V4_TOP, &DST_V4_DIR) };
-        dir_lookup(top, chunks, buffer, u32::from_be(addr[0]))
+        let (fixed, chunks) = if source { (&SRC_V4_FIXED, &SRC_V4_DIR) } else { (&DST_V4_FIXED, &DST_V4_DIR) };
+        dir_lookup(fixed, chunks, buffer, u32::from_be(addr[0]))
     };
     found.unwrap_or(header.absent[slot])
 }
 
-/// The entry of `a` (host order) in a direct IPv4 table of `buffer`: the top level, then up to
+type DirFixed = Array<DirBlock>;
+type DirMore = ArrayOfMaps<DirChunks, { BUFFERS as usize }>;
+
+/// The entry of `a` (host order) in the direct IPv4 table of `buffer`: the top level, then up to
 /// two chunks.
 #[inline(always)]
-fn dir_lookup(top: &Array<DirBlock>, chunks: &ArrayOfMaps<DirChunks, { BUFFERS as usize }>, buffer: u32, a: u32) -> Option<u32> {
-    let block = top.get(buffer * dir::TOP_BLOCKS + (a >> 24))?;
-    let mut e = block.entries[((a >> 16) & 0xff) as usize];
+fn dir_lookup(fixed: &DirFixed, more: &DirMore, buffer: u32, a: u32) -> Option<u32> {
+    let base = buffer * dir::BUFFER_BLOCKS;
+    let mut e = fixed.get(base + (a >> 24))?.entries[((a >> 16) & 0xff) as usize];
     if e & dir::CHUNK != 0 {
-        let t = chunks.get(buffer)?;
-        e = t.get(e & !dir::CHUNK)?.entries[((a >> 8) & 0xff) as usize];
+        e = chunk_entry(fixed, more, buffer, e, a >> 8)?;
         if e & dir::CHUNK != 0 {
-            e = t.get(e & !dir::CHUNK)?.entries[(a & 0xff) as usize];
+            e = chunk_entry(fixed, more, buffer, e, a)?;
         }
     }
     Some(e)
+}
+
+/// Entry `byte & 0xff` of the chunk that entry `e` names.
+#[inline(always)]
+fn chunk_entry(fixed: &DirFixed, more: &DirMore, buffer: u32, e: u32, byte: u32) -> Option<u32> {
+    let n = e & !dir::CHUNK;
+    let block = if n < dir::FIXED_CHUNKS {
+        fixed.get(buffer * dir::BUFFER_BLOCKS + dir::TOP_BLOCKS + n)?
+    } else {
+        more.get(buffer)?.get(n - dir::FIXED_CHUNKS)?
+    };
+    Some(block.entries[(byte & 0xff) as usize])
 }
 
 #[cfg(not(test))]
