@@ -25,7 +25,7 @@ use xdpfw_common::{
     dir, fields_layout::FIELDS_PER_BUFFER, map_names,
 };
 
-use crate::compile::{DirectTable, Image};
+use crate::compile::Image;
 
 /// The XDP object, built by build.rs with the pinned eBPF toolchain.
 pub static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdpfw"));

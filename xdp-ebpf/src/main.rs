@@ -151,7 +151,7 @@ fn decide(ctx: &XdpContext, stats: &mut GlobalStats, len: u64) -> u32 {
         }
     }
 
-    let slot = match classify(buffer, header, &pkt) {
+    let slot = match classify(ctx, buffer, header, &pkt) {
         Some(rule) => {
             stats.rule_hits += 1;
             rule
@@ -186,7 +186,7 @@ fn decide(ctx: &XdpContext, stats: &mut GlobalStats, len: u64) -> u32 {
 /// Fields are separate locals, not an array: zero-initialised arrays become byte-by-byte memset
 /// loops on BPF, which cost more than the lookups themselves.
 #[inline(always)]
-fn classify(buffer: u32, header: &RulesetHeader, pkt: &Packet) -> Option<u32> {
+fn classify(ctx: &XdpContext, buffer: u32, header: &RulesetHeader, pkt: &Packet) -> Option<u32> {
     let fields = header.fields;
     if fields == 0 {
         // No rule has any condition: the first rule, if any, matches everything.
@@ -196,12 +196,12 @@ fn classify(buffer: u32, header: &RulesetHeader, pkt: &Packet) -> Option<u32> {
     let bitmap = |id: u32| BITMAPS.get(base + (id % MAX_BITMAPS));
     let all = bitmap(BITMAP_ALL)?;
     let src = if fields & field::SRC != 0 {
-        bitmap(prefix_bitmap(buffer, header, pkt, true))?
+        bitmap(prefix_bitmap(ctx, buffer, header, pkt, true))?
     } else {
         all
     };
     let dst = if fields & field::DST != 0 {
-        bitmap(prefix_bitmap(buffer, header, pkt, false))?
+        bitmap(prefix_bitmap(ctx, buffer, header, pkt, false))?
     } else {
         all
     };
@@ -282,21 +282,17 @@ fn field_bitmap(buffer: u32, index: u32) -> u32 {
 }
 
 #[inline(always)]
-fn prefix_bitmap(buffer: u32, header: &RulesetHeader, pkt: &Packet, source: bool) -> u32 {
-    let (slot, addr) = if source {
-        (absent::SRC, &pkt.src)
-    } else {
-        (absent::DST, &pkt.dst)
-    };
+fn prefix_bitmap(ctx: &XdpContext, buffer: u32, header: &RulesetHeader, pkt: &Packet, source: bool) -> u32 {
     let found = if pkt.is_v6 {
         let trie = if source { &SRC_V6 } else { &DST_V6 };
-        // SAFETY: four u32 words are sixteen bytes, in the same (network) order.
-        let data: Ipv6Data = unsafe { core::mem::transmute::<[u32; 4], Ipv6Data>(*addr) };
-        trie.get(buffer).and_then(|t| t.get(&Key::new(128, data)).map(|v| v.bitmap))
+        let data = parse::v6_addr(ctx, pkt.l3_off, source);
+        trie.get(buffer).zip(data).and_then(|(t, data)| t.get(&Key::new(128, data)).map(|v| v.bitmap))
     } else {
-        let (fixed, chunks) = if source { (&SRC_V4_FIXED, &SRC_V4_DIR) } else { (&DST_V4_FIXED, &DST_V4_DIR) };
-        dir_lookup(fixed, chunks, buffer, u32::from_be(addr[0]))
+        let (fixed, chunks, addr) =
+            if source { (&SRC_V4_FIXED, &SRC_V4_DIR, pkt.src4) } else { (&DST_V4_FIXED, &DST_V4_DIR, pkt.dst4) };
+        dir_lookup(fixed, chunks, buffer, addr)
     };
+    let slot = if source { absent::SRC } else { absent::DST };
     found.unwrap_or(header.absent[slot])
 }
 

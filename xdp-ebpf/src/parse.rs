@@ -25,10 +25,13 @@ const MAX_HEADER_OFFSET: usize = 2048;
 
 pub struct Packet {
     pub is_v6: bool,
-    /// Addresses as the packet carries them (network byte order), four bytes a word, loaded as
-    /// words: byte arrays become one stack slot per byte on BPF. IPv4 uses word 0 only.
-    pub src: [u32; 4],
-    pub dst: [u32; 4],
+    /// IPv4 addresses, host byte order (0 for IPv6).
+    pub src4: u32,
+    pub dst4: u32,
+    /// Offset of the IP header. IPv6 addresses are read from the packet where they are looked up
+    /// (see [`v6_addr`]): copies would be eight more values carried, and spilled, through every
+    /// path of the program, IPv4 ones included.
+    pub l3_off: usize,
     /// The transport protocol (for IPv6, the last next-header of the chain).
     pub proto: u8,
     /// Plain integers with presence flags rather than `Option`s: LLVM otherwise merges enum
@@ -62,14 +65,23 @@ fn bytes_at(ctx: &XdpContext, off: usize, len: usize) -> Option<*const u8> {
     Some((start + off) as *const u8)
 }
 
-/// The 4 bytes at `p` as they lie in memory (network order in, network order out).
+/// The big-endian u32 at `p`.
 ///
 /// # Safety
 /// `p` must point at 4 readable bytes (a pointer `bytes_at` checked).
 #[inline(always)]
-unsafe fn word_at(p: *const u8) -> u32 {
+unsafe fn be32(p: *const u8) -> u32 {
     // SAFETY: per the contract; unaligned because headers sit at any even offset.
-    unsafe { (p as *const u32).read_unaligned() }
+    u32::from_be(unsafe { (p as *const u32).read_unaligned() })
+}
+
+/// The source (or destination) address of the IPv6 packet whose header is at `l3_off`, in
+/// network byte order (the LPM key's order).
+#[inline(always)]
+pub fn v6_addr(ctx: &XdpContext, l3_off: usize, source: bool) -> Option<[u8; 16]> {
+    let p = bytes_at(ctx, l3_off + if source { 8 } else { 24 }, 16)?;
+    // SAFETY: 16 bytes checked above.
+    Some(unsafe { (p as *const [u8; 16]).read_unaligned() })
 }
 
 #[inline(always)]
@@ -126,11 +138,12 @@ fn parse_ipv4(ctx: &XdpContext, off: usize) -> Option<Packet> {
     }
     bytes_at(ctx, off, ihl)?;
     // SAFETY: within the 20 checked bytes.
-    let (src, dst) = unsafe { (word_at(h.add(12)), word_at(h.add(16))) };
+    let (src4, dst4) = unsafe { (be32(h.add(12)), be32(h.add(16))) };
     let mut pkt = Packet {
         is_v6: false,
-        src: [src, 0, 0, 0],
-        dst: [dst, 0, 0, 0],
+        src4,
+        dst4,
+        l3_off: off,
         proto,
         has_ports: false,
         sport: 0,
@@ -156,17 +169,11 @@ fn parse_ipv6(ctx: &XdpContext, off: usize) -> Option<Packet> {
     if version != 6 {
         return None;
     }
-    // SAFETY: within the 40 checked bytes.
-    let (src, dst) = unsafe {
-        (
-            [word_at(h.add(8)), word_at(h.add(12)), word_at(h.add(16)), word_at(h.add(20))],
-            [word_at(h.add(24)), word_at(h.add(28)), word_at(h.add(32)), word_at(h.add(36))],
-        )
-    };
     let mut pkt = Packet {
         is_v6: true,
-        src,
-        dst,
+        src4: 0,
+        dst4: 0,
+        l3_off: off,
         proto: 0,
         has_ports: false,
         sport: 0,
