@@ -1284,12 +1284,23 @@ fn differential_random_rulesets() {
 }
 
 /// Direct IPv4 tables larger than their fixed part: chunks beyond `dir::FIXED_CHUNKS` live in
-/// the inner maps, and lookups through either kind (and through /16 and /24 chunks of both) must
-/// give the matcher's answer. Several rules over overlapping sets make many distinct bitmaps.
+/// inner maps (of two different sizes here), and lookups through either kind (and through /16
+/// and /24 chunks of both) must give the matcher's answer. Several rules over overlapping sets
+/// make many distinct bitmaps.
 #[test]
 fn large_direct_tables_agree_with_the_matcher() {
+    let mut sizes = Vec::new();
+    for per_set in [4000, 12000] {
+        sizes.push(large_direct_tables(per_set));
+    }
+    assert!(sizes[0] != sizes[1], "both tables used inner maps of the same size: {sizes:?}");
+}
+
+/// Runs the large-table check with `per_set` prefixes per set; returns the size index (into
+/// `dir::MORE_SIZES`) of the source table's inner map.
+fn large_direct_tables(per_set: usize) -> usize {
     use xdpfw_common::dir;
-    let mut rng = StdRng::seed_from_u64(SEED ^ 0xd1e);
+    let mut rng = StdRng::seed_from_u64(SEED ^ 0xd1e ^ per_set as u64);
     let dir_path = std::env::temp_dir().join(format!("xdpfw-large-dir-{}", std::process::id()));
     std::fs::create_dir_all(&dir_path).unwrap();
     // Prefixes of every level under 10.0.0.0/8 and 172.16.0.0/12: a few /16s in the top level,
@@ -1297,7 +1308,7 @@ fn large_direct_tables_agree_with_the_matcher() {
     let mut sets: Vec<Vec<IpNet>> = Vec::new();
     for _ in 0..3 {
         let mut set = Vec::new();
-        for k in 0..4000 {
+        for k in 0..per_set {
             let len: u8 = if k < 4 { 16 } else { *[20, 24, 24, 28, 28, 32, 32, 32].choose(&mut rng).unwrap() };
             let base: u32 = if rng.random_bool(0.7) { 0x0a00_0000 } else { 0xac10_0000 };
             let span = if base == 0x0a00_0000 { 24 } else { 20 };
@@ -1324,6 +1335,8 @@ fn large_direct_tables_agree_with_the_matcher() {
         let chunks = t.as_ref().unwrap().chunks;
         assert!(chunks > dir::FIXED_CHUNKS + 500, "the {name} table has only {chunks} chunks: the test must reach the inner map");
     }
+    let more = image.src_v4.as_ref().unwrap().chunks - dir::FIXED_CHUNKS;
+    let size = dir::MORE_SIZES.iter().position(|&s| more <= s).unwrap();
     let mut prog = load();
     let buffer = (prog.activate(&image).unwrap() % xdpfw_common::BUFFERS as u64) as u32;
     let all: Vec<IpNet> = sets.concat();
@@ -1359,4 +1372,5 @@ fn large_direct_tables_agree_with_the_matcher() {
     assert_eq!(got, want_slots, "per-rule counters (last: the default)");
     assert!(want_slots.iter().all(|&c| c > 200), "per-rule counts {want_slots:?}");
     std::fs::remove_dir_all(&dir_path).unwrap();
+    size
 }

@@ -17,14 +17,14 @@ pub mod map_names {
     /// Direct IPv4 tables: top level and first chunks (fixed arrays, both buffers).
     pub const SRC_V4_FIXED: &str = "SRC_V4_FIXED";
     pub const DST_V4_FIXED: &str = "DST_V4_FIXED";
-    /// Direct IPv4 tables: the chunks beyond the fixed ones (array-of-maps, one inner map per
-    /// buffer).
-    pub const SRC_V4_DIR: &str = "SRC_V4_DIR";
-    pub const DST_V4_DIR: &str = "DST_V4_DIR";
+    /// Direct IPv4 tables: the chunks beyond the fixed ones, in an inner map of one of the sizes
+    /// `dir::MORE_SIZES` (one array-of-maps per size, one slot per buffer).
+    pub const SRC_V4_MORE: [&str; 4] = ["SRC_V4_MORE_4K", "SRC_V4_MORE_16K", "SRC_V4_MORE_64K", "SRC_V4_MORE_256K"];
+    pub const DST_V4_MORE: [&str; 4] = ["DST_V4_MORE_4K", "DST_V4_MORE_16K", "DST_V4_MORE_64K", "DST_V4_MORE_256K"];
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
     pub const RULE_STATS: &str = "RULE_STATS";
     /// Every map the program owns, in a stable order (pinning, stats, leak checks).
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 19] = [
         ACTIVE,
         HEADERS,
         RULES,
@@ -34,8 +34,14 @@ pub mod map_names {
         DST_V6,
         SRC_V4_FIXED,
         DST_V4_FIXED,
-        SRC_V4_DIR,
-        DST_V4_DIR,
+        SRC_V4_MORE[0],
+        SRC_V4_MORE[1],
+        SRC_V4_MORE[2],
+        SRC_V4_MORE[3],
+        DST_V4_MORE[0],
+        DST_V4_MORE[1],
+        DST_V4_MORE[2],
+        DST_V4_MORE[3],
         GLOBAL_STATS,
         RULE_STATS,
     ];
@@ -100,14 +106,15 @@ pub mod field {
 /// number of prefixes, instead of a walk down a trie; memory grows only with the chunks used.
 ///
 /// Every level is stored as [`DirBlock`]s of 256 entries, so one map lookup yields a block and
-/// the entry is an index into it. The top level (`TOP_BLOCKS` blocks) and the first
-/// `FIXED_CHUNKS` chunks live in a fixed array (`SRC_V4_FIXED`/`DST_V4_FIXED`, `BUFFER_BLOCKS`
-/// blocks per buffer: top level first, then chunk `n` at block `TOP_BLOCKS + n`), whose lookups
-/// the verifier inlines; a helper call per lookup is what an inner map of variable size would
-/// cost, and it is most of a lookup's time. Only the chunks beyond those, whose number varies, go
-/// to an inner map per buffer (`SRC_V4_DIR`/`DST_V4_DIR`, chunk `n` at `n - FIXED_CHUNKS`).
-/// The compiler numbers the chunks of /16s before those of /24s, so the fixed ones are the
-/// chunks most addresses go through.
+/// the entry is an index into it. Every lookup is one the verifier inlines: a helper call, which a
+/// map of variable size (`BPF_F_INNER_MAP`) would cost, takes longer than the rest of a lookup.
+/// The top level (`TOP_BLOCKS` blocks) and the first `FIXED_CHUNKS` chunks live in a fixed array
+/// (`SRC_V4_FIXED`/`DST_V4_FIXED`, `BUFFER_BLOCKS` blocks per buffer: top level first, then chunk
+/// `n` at block `TOP_BLOCKS + n`). The chunks beyond those go to a new inner map at each reload,
+/// of the smallest size in `MORE_SIZES` that holds them, in the slot of the buffer in that size's
+/// array-of-maps (`SRC_V4_MORE`/`DST_V4_MORE`; chunk `n` at `n - FIXED_CHUNKS`): the other
+/// sizes' slots of the buffer are empty. The compiler numbers the chunks of /16s before those of
+/// /24s, so the fixed ones are the chunks most addresses go through.
 pub mod dir {
     /// Entries indexed by the top 16 bits of the address.
     pub const TOP_ENTRIES: u32 = 1 << 16;
@@ -121,6 +128,9 @@ pub mod dir {
     pub const CHUNK: u32 = 1 << 31;
     /// Chunks per table (a 1M-prefix routing-table-like set needs a few tens of thousands).
     pub const MAX_CHUNKS: u32 = 1 << 18;
+    /// Sizes (in chunks) of the inner maps that hold the chunks beyond the fixed ones: a table
+    /// takes at most four times the memory its chunks need.
+    pub const MORE_SIZES: [u32; 4] = [1 << 12, 1 << 14, 1 << 16, 1 << 18];
 }
 
 /// 256 entries of a direct IPv4 table (see [`dir`]): a slice of the top level, or one chunk.
@@ -281,6 +291,7 @@ const _: () = {
     assert!(core::mem::size_of::<GlobalStats>() == 96);
     assert!(core::mem::size_of::<RuleStats>() == 16);
     assert!(core::mem::size_of::<DirBlock>() == 4 * dir::CHUNK_ENTRIES as usize);
+    assert!(dir::MAX_CHUNKS - dir::FIXED_CHUNKS <= dir::MORE_SIZES[3]);
     assert!(MAX_RULES.is_multiple_of(64));
 };
 

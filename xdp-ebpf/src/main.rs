@@ -13,7 +13,7 @@
 mod parse;
 
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_F_INNER_MAP, BPF_F_MMAPABLE},
+    bindings::{xdp_action, BPF_F_MMAPABLE},
     btf_maps::{Array as BtfArray, ArrayOfMaps, LpmTrie},
     macros::{btf_map, map, xdp},
     maps::{lpm_trie::Key, Array, PerCpuArray},
@@ -54,18 +54,49 @@ static SRC_V6: ArrayOfMaps<TrieV6, { BUFFERS as usize }> = ArrayOfMaps::new();
 static DST_V6: ArrayOfMaps<TrieV6, { BUFFERS as usize }> = ArrayOfMaps::new();
 
 // The direct IPv4 tables (see xdpfw_common::dir). The top levels and first chunks are fixed
-// arrays holding both buffers, so their lookups are inlined by the verifier; further chunks are
-// inner maps, one slot per buffer, swapped like the tries. Inner maps differ in size
-// (BPF_F_INNER_MAP) with the number of chunks they need, which makes their lookups helper calls.
+// arrays holding both buffers; further chunks are inner maps, one slot per buffer, swapped like
+// the tries, in the array-of-maps of their size. Every inner map of one array-of-maps has the
+// same size (no BPF_F_INNER_MAP), so the verifier inlines all these lookups: no helper call.
 #[map(name = "SRC_V4_FIXED")]
 static SRC_V4_FIXED: Array<DirBlock> = Array::with_max_entries(BUFFERS * dir::BUFFER_BLOCKS, BPF_F_MMAPABLE);
 #[map(name = "DST_V4_FIXED")]
 static DST_V4_FIXED: Array<DirBlock> = Array::with_max_entries(BUFFERS * dir::BUFFER_BLOCKS, BPF_F_MMAPABLE);
-type DirChunks = BtfArray<DirBlock, 1, { (BPF_F_INNER_MAP | BPF_F_MMAPABLE) as usize }>;
+type More<const N: usize> = ArrayOfMaps<BtfArray<DirBlock, N, { BPF_F_MMAPABLE as usize }>, { BUFFERS as usize }>;
+const M0: usize = dir::MORE_SIZES[0] as usize;
+const M1: usize = dir::MORE_SIZES[1] as usize;
+const M2: usize = dir::MORE_SIZES[2] as usize;
+const M3: usize = dir::MORE_SIZES[3] as usize;
 #[btf_map]
-static SRC_V4_DIR: ArrayOfMaps<DirChunks, { BUFFERS as usize }> = ArrayOfMaps::new();
+static SRC_V4_MORE_4K: More<M0> = ArrayOfMaps::new();
 #[btf_map]
-static DST_V4_DIR: ArrayOfMaps<DirChunks, { BUFFERS as usize }> = ArrayOfMaps::new();
+static SRC_V4_MORE_16K: More<M1> = ArrayOfMaps::new();
+#[btf_map]
+static SRC_V4_MORE_64K: More<M2> = ArrayOfMaps::new();
+#[btf_map]
+static SRC_V4_MORE_256K: More<M3> = ArrayOfMaps::new();
+#[btf_map]
+static DST_V4_MORE_4K: More<M0> = ArrayOfMaps::new();
+#[btf_map]
+static DST_V4_MORE_16K: More<M1> = ArrayOfMaps::new();
+#[btf_map]
+static DST_V4_MORE_64K: More<M2> = ArrayOfMaps::new();
+#[btf_map]
+static DST_V4_MORE_256K: More<M3> = ArrayOfMaps::new();
+
+/// The maps of one direct IPv4 table.
+struct DirMaps {
+    fixed: &'static Array<DirBlock>,
+    more: (&'static More<M0>, &'static More<M1>, &'static More<M2>, &'static More<M3>),
+}
+
+static SRC_V4: DirMaps = DirMaps {
+    fixed: &SRC_V4_FIXED,
+    more: (&SRC_V4_MORE_4K, &SRC_V4_MORE_16K, &SRC_V4_MORE_64K, &SRC_V4_MORE_256K),
+};
+static DST_V4: DirMaps = DirMaps {
+    fixed: &DST_V4_FIXED,
+    more: (&DST_V4_MORE_4K, &DST_V4_MORE_16K, &DST_V4_MORE_64K, &DST_V4_MORE_256K),
+};
 
 /// Slot 0 counts traffic; slot 1 is scratch for the probe copy, never reported.
 #[map(name = "GLOBAL_STATS")]
@@ -288,40 +319,46 @@ fn prefix_bitmap(ctx: &XdpContext, buffer: u32, header: &RulesetHeader, pkt: &Pa
         let data = parse::v6_addr(ctx, pkt.l3_off, source);
         trie.get(buffer).zip(data).and_then(|(t, data)| t.get(&Key::new(128, data)).map(|v| v.bitmap))
     } else {
-        let (fixed, chunks, addr) =
-            if source { (&SRC_V4_FIXED, &SRC_V4_DIR, pkt.src4) } else { (&DST_V4_FIXED, &DST_V4_DIR, pkt.dst4) };
-        dir_lookup(fixed, chunks, buffer, addr)
+        let (table, addr) = if source { (&SRC_V4, pkt.src4) } else { (&DST_V4, pkt.dst4) };
+        dir_lookup(table, buffer, addr)
     };
     let slot = if source { absent::SRC } else { absent::DST };
     found.unwrap_or(header.absent[slot])
 }
 
-type DirFixed = Array<DirBlock>;
-type DirMore = ArrayOfMaps<DirChunks, { BUFFERS as usize }>;
-
 /// The entry of `a` (host order) in the direct IPv4 table of `buffer`: the top level, then up to
 /// two chunks.
 #[inline(always)]
-fn dir_lookup(fixed: &DirFixed, more: &DirMore, buffer: u32, a: u32) -> Option<u32> {
-    let base = buffer * dir::BUFFER_BLOCKS;
-    let mut e = fixed.get(base + (a >> 24))?.entries[((a >> 16) & 0xff) as usize];
+fn dir_lookup(t: &DirMaps, buffer: u32, a: u32) -> Option<u32> {
+    let mut e = t.fixed.get(buffer * dir::BUFFER_BLOCKS + (a >> 24))?.entries[((a >> 16) & 0xff) as usize];
     if e & dir::CHUNK != 0 {
-        e = chunk_entry(fixed, more, buffer, e, a >> 8)?;
+        e = chunk_entry(t, buffer, e, a >> 8)?;
         if e & dir::CHUNK != 0 {
-            e = chunk_entry(fixed, more, buffer, e, a)?;
+            e = chunk_entry(t, buffer, e, a)?;
         }
     }
     Some(e)
 }
 
-/// Entry `byte & 0xff` of the chunk that entry `e` names.
+/// Entry `byte & 0xff` of the chunk that entry `e` names: in the fixed array, or in the one
+/// inner map (of whichever size) the buffer has.
 #[inline(always)]
-fn chunk_entry(fixed: &DirFixed, more: &DirMore, buffer: u32, e: u32, byte: u32) -> Option<u32> {
+fn chunk_entry(t: &DirMaps, buffer: u32, e: u32, byte: u32) -> Option<u32> {
     let n = e & !dir::CHUNK;
     let block = if n < dir::FIXED_CHUNKS {
-        fixed.get(buffer * dir::BUFFER_BLOCKS + dir::TOP_BLOCKS + n)?
+        t.fixed.get(buffer * dir::BUFFER_BLOCKS + dir::TOP_BLOCKS + n)?
     } else {
-        more.get(buffer)?.get(n - dir::FIXED_CHUNKS)?
+        let i = n - dir::FIXED_CHUNKS;
+        let (m0, m1, m2, m3) = t.more;
+        if let Some(m) = m0.get(buffer) {
+            m.get(i)?
+        } else if let Some(m) = m1.get(buffer) {
+            m.get(i)?
+        } else if let Some(m) = m2.get(buffer) {
+            m.get(i)?
+        } else {
+            m3.get(buffer)?.get(i)?
+        }
     };
     Some(block.entries[(byte & 0xff) as usize])
 }
