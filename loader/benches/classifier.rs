@@ -2,8 +2,10 @@
 //! side in one run with an empty XDP program (the floor) and a plain one-LPM-lookup program over
 //! the same prefixes; plus compile and install times of large rulesets.
 //!
-//! Packets vary (256 distinct frames, half inside the prefix set) so large tries are not measured
+//! Packets vary (64 distinct frames, half inside the prefix set) so large tries are not measured
 //! cache-hot on one path only. Results are medians over frames of the kernel's mean per run.
+//! `--focus` runs only the rows of the performance target, with more rounds;
+//! `XDPFW_BENCH_FRAMES=1` prints each row's per-frame figures (sorted), to tell noise from paths.
 
 use std::{
     fmt::Write as _,
@@ -92,6 +94,11 @@ fn measure(fw: &mut PrivateProgram, peers: &mut Peers, frames: &[Vec<u8>], repea
     // Per frame: the median of its rounds; then medians over frames.
     let per = |v: &Vec<Vec<f64>>| v.iter().map(|r| median(r.clone())).collect::<Vec<f64>>();
     let (fl, ns) = (per(&fl), per(&ns));
+    if std::env::var_os("XDPFW_BENCH_FRAMES").is_some() {
+        let mut v: Vec<(usize, f64)> = ns.iter().copied().enumerate().collect();
+        v.sort_by(|a, b| a.1.partial_cmp(&b.1).unwrap());
+        eprintln!("frames (index:ns, sorted): {:?}", v.iter().map(|(i, n)| format!("{i}:{n}")).collect::<Vec<_>>());
+    }
     let pl = if with_plain { per(&pl) } else { Vec::new() };
     // Ratio of medians: per-frame ratios would pair a cheap miss of one program with a costly hit
     // of the other.
