@@ -1343,7 +1343,7 @@ fn large_direct_tables(per_set: usize) -> usize {
     let n = rs.rules.len();
     let mut want_slots = vec![0u64; n + 1];
     for i in 0..20_000 {
-        let mut addr = |rng: &mut StdRng| match rng.random_range(0..4) {
+        let addr = |rng: &mut StdRng| match rng.random_range(0..4) {
             0 => IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | (rng.random::<u32>() >> 8))),
             1 => IpAddr::V4(Ipv4Addr::from(0xc633_6400 | (rng.random::<u32>() >> 24))),
             _ => {
