@@ -275,6 +275,28 @@ fn main() -> Result<()> {
         let m = measure(&mut fw, &mut peers, &f, repeat, true)?;
         rows.push(Row { name: format!("{big} prefixes + {k} rules"), prefixes: big, rules: k + 1, m, compile_ms: Some(compile_ms), install_ms: Some(install_ms) });
     }
+    // The same prefixes split between a drop and a pass rule, alternately: neighbours select
+    // different rules, so few merge (one random set alone merges into a handful of short
+    // prefixes) and the direct table needs tens of thousands of chunks.
+    if !quick {
+        let k = *rule_counts.last().unwrap();
+        for (name, half) in ["a", "b"].iter().zip([0, 1]) {
+            let mut text = String::with_capacity(set.len() * 9);
+            for (net, len) in set.iter().skip(half).step_by(2) {
+                let _ = writeln!(text, "{net}/{len}");
+            }
+            std::fs::write(dir.join(format!("{name}.txt")), text)?;
+        }
+        let extra = structured_rules(&mut rng, k);
+        let text = format!(
+            "default = \"pass\"\n[sets.a]\nfile = \"a.txt\"\n[sets.b]\nfile = \"b.txt\"\n\
+             [[rule]]\nname = \"a\"\naction = \"drop\"\nsrc = [\"@a\"]\n\
+             [[rule]]\nname = \"b\"\naction = \"pass\"\nsrc = [\"@b\"]\n{extra}"
+        );
+        let (compile_ms, install_ms) = install_text(&mut fw, &dir, &text)?;
+        let m = measure(&mut fw, &mut peers, &f, repeat, true)?;
+        rows.push(Row { name: format!("{big} prefixes in 2 sets + {k} rules"), prefixes: big, rules: k + 2, m, compile_ms: Some(compile_ms), install_ms: Some(install_ms) });
+    }
     if !focus {
         more_rows(&mut fw, &mut peers, &mut rng, &dir, big, &f, repeat, &mut rows)?;
     }
@@ -364,6 +386,9 @@ fn install_text(fw: &mut PrivateProgram, dir: &std::path::Path, text: &str) -> R
     let rs = rules::load(&path)?;
     let image = compile(&rs)?;
     let compile_ms = ms(t.elapsed());
+    if let Some(t) = image.src_v4.as_ref().filter(|t| t.chunks > 0) {
+        eprintln!("{} IPv4 source prefixes after merging, {} table chunks", t.prefixes, t.chunks);
+    }
     let t = Instant::now();
     fw.activate(&image)?;
     Ok((compile_ms, ms(t.elapsed())))
