@@ -1283,3 +1283,95 @@ fn differential_random_rulesets() {
         assert!(n > packets / 100, "only {n} of {packets} packets were decided by a rule matching on {what}");
     }
 }
+
+/// Direct IPv4 tables larger than their fixed part: chunks beyond `dir::FIXED_CHUNKS` live in
+/// inner maps (of two different sizes here), and lookups through either kind (and through /16
+/// and /24 chunks of both) must give the matcher's answer. Several rules over overlapping sets
+/// make many distinct bitmaps.
+#[test]
+fn large_direct_tables_agree_with_the_matcher() {
+    let mut sizes = Vec::new();
+    for per_set in [4000, 12000] {
+        sizes.push(large_direct_tables(per_set));
+    }
+    assert!(sizes[0] != sizes[1], "both tables used inner maps of the same size: {sizes:?}");
+}
+
+/// Runs the large-table check with `per_set` prefixes per set; returns the size index (into
+/// `dir::MORE_SIZES`) of the source table's inner map.
+fn large_direct_tables(per_set: usize) -> usize {
+    use xdpfw_common::dir;
+    let mut rng = StdRng::seed_from_u64(SEED ^ 0xd1e ^ per_set as u64);
+    let dir_path = std::env::temp_dir().join(format!("xdpfw-large-dir-{}", std::process::id()));
+    std::fs::create_dir_all(&dir_path).unwrap();
+    // Prefixes of every level under 10.0.0.0/8 and 172.16.0.0/12: a few /16s in the top level,
+    // /20 and /24 in /16 chunks, /28 and /32 in /24 chunks (about one /24 chunk each).
+    let mut sets: Vec<Vec<IpNet>> = Vec::new();
+    for _ in 0..3 {
+        let mut set = Vec::new();
+        for k in 0..per_set {
+            let len: u8 = if k < 4 { 16 } else { *[20, 24, 24, 28, 28, 32, 32, 32].choose(&mut rng).unwrap() };
+            let base: u32 = if rng.random_bool(0.7) { 0x0a00_0000 } else { 0xac10_0000 };
+            let span = if base == 0x0a00_0000 { 24 } else { 20 };
+            let a = (base | (rng.random::<u32>() & ((1 << span) - 1))) & (u32::MAX << (32 - len));
+            set.push(IpNet::new(IpAddr::V4(a.into()), len).unwrap());
+        }
+        sets.push(set);
+    }
+    for (i, set) in sets.iter().enumerate() {
+        let text: String = set.iter().map(|n| format!("{n}\n")).collect();
+        std::fs::write(dir_path.join(format!("s{i}.txt")), text).unwrap();
+    }
+    let rules_text = "default = \"pass\"\n\
+        [sets.s0]\nfile = \"s0.txt\"\n[sets.s1]\nfile = \"s1.txt\"\n[sets.s2]\nfile = \"s2.txt\"\n\
+        [[rule]]\nname = \"a\"\naction = \"drop\"\nsrc = [\"@s0\"]\ndst = [\"@s1\"]\n\
+        [[rule]]\nname = \"b\"\naction = \"pass\"\nsrc = [\"@s1\", \"10.128.0.0/9\"]\nproto = \"tcp\"\n\
+        [[rule]]\nname = \"c\"\naction = \"drop\"\ndst = [\"@s2\", \"@s0\"]\n\
+        [[rule]]\nname = \"d\"\naction = \"drop\"\nsrc = [\"@s2\"]\n";
+    let path = dir_path.join("large.toml");
+    std::fs::write(&path, rules_text).unwrap();
+    let rs = rules::load(&path).unwrap();
+    let image = compile(&rs).unwrap();
+    for (name, t) in [("source", &image.src_v4), ("destination", &image.dst_v4)] {
+        let chunks = t.as_ref().unwrap().chunks;
+        assert!(chunks > dir::FIXED_CHUNKS + 500, "the {name} table has only {chunks} chunks: the test must reach the inner map");
+    }
+    let more = image.src_v4.as_ref().unwrap().chunks - dir::FIXED_CHUNKS;
+    let size = dir::MORE_SIZES.iter().position(|&s| more <= s).unwrap();
+    let mut prog = load();
+    let buffer = (prog.activate(&image).unwrap() % xdpfw_common::BUFFERS as u64) as u32;
+    let all: Vec<IpNet> = sets.concat();
+    let n = rs.rules.len();
+    let mut want_slots = vec![0u64; n + 1];
+    for i in 0..20_000 {
+        let addr = |rng: &mut StdRng| match rng.random_range(0..4) {
+            0 => IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | (rng.random::<u32>() >> 8))),
+            1 => IpAddr::V4(Ipv4Addr::from(0xc633_6400 | (rng.random::<u32>() >> 24))),
+            _ => {
+                let net = *all.choose(rng).unwrap();
+                addr_near(rng, &net)
+            }
+        };
+        let p = PacketSpec {
+            proto: if i % 2 == 0 { IPPROTO_TCP } else { IPPROTO_UDP },
+            src: addr(&mut rng),
+            dst: addr(&mut rng),
+            sport: rng.random(),
+            dport: rng.random(),
+            tcp_flags: 0x10,
+            icmp_type: 0,
+            icmp_code: 0,
+            fragment: false,
+        };
+        let d = decide(&rs, &p);
+        let kernel = prog.run(&p.to_frame()).unwrap();
+        assert_eq!(action_name(kernel), action_name(d.action.kernel()), "packet {p} (matcher: rule {:?})", d.rule_name);
+        want_slots[d.rule.unwrap_or(n)] += 1;
+    }
+    // The same rules decided, not just the same actions; and every rule and the default did.
+    let got: Vec<u64> = prog.maps.rule_stats(buffer, n as u32).unwrap().iter().map(|s| s.packets).collect();
+    assert_eq!(got, want_slots, "per-rule counters (last: the default)");
+    assert!(want_slots.iter().all(|&c| c > 200), "per-rule counts {want_slots:?}");
+    std::fs::remove_dir_all(&dir_path).unwrap();
+    size
+}

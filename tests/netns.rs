@@ -63,7 +63,7 @@ fn verdicts_on_real_ipv4_and_ipv6_traffic() {
 fn pins_are_visible_to_bpftool_and_detach_removes_everything() {
     let t = attached("pin", "services.toml");
     let dir = std::path::Path::new("/sys/fs/bpf/xdpfw").join(&t.server_if);
-    for name in ["link", "prog", "ACTIVE", "RULES", "BITMAPS", "SRC_V4_DIR", "SRC_V6", "GLOBAL_STATS"] {
+    for name in ["link", "prog", "ACTIVE", "RULES", "BITMAPS", "SRC_V4_FIXED", "SRC_V4_MORE_4K", "SRC_V6", "GLOBAL_STATS"] {
         assert!(dir.join(name).exists(), "{name} is not pinned");
     }
     let prog = Command::new("bpftool").args(["-j", "prog", "show", "pinned"]).arg(dir.join("prog")).output().unwrap();

@@ -14,15 +14,20 @@ pub mod map_names {
     pub const BITMAPS: &str = "BITMAPS";
     pub const SRC_V6: &str = "SRC_V6";
     pub const DST_V6: &str = "DST_V6";
-    pub const SRC_V4_DIR: &str = "SRC_V4_DIR";
-    pub const DST_V4_DIR: &str = "DST_V4_DIR";
+    /// Direct IPv4 tables: top level and first chunks (fixed arrays, both buffers).
+    pub const SRC_V4_FIXED: &str = "SRC_V4_FIXED";
+    pub const DST_V4_FIXED: &str = "DST_V4_FIXED";
+    /// Direct IPv4 tables: the chunks beyond the fixed ones, in an inner map of one of the sizes
+    /// `dir::MORE_SIZES` (one array-of-maps per size, one slot per buffer).
+    pub const SRC_V4_MORE: [&str; 4] = ["SRC_V4_MORE_4K", "SRC_V4_MORE_16K", "SRC_V4_MORE_64K", "SRC_V4_MORE_256K"];
+    pub const DST_V4_MORE: [&str; 4] = ["DST_V4_MORE_4K", "DST_V4_MORE_16K", "DST_V4_MORE_64K", "DST_V4_MORE_256K"];
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
     pub const RULE_STATS: &str = "RULE_STATS";
     pub const VERDICTS: &str = "VERDICTS";
     pub const PENDING: &str = "PENDING";
     pub const ESCALATIONS: &str = "ESCALATIONS";
     /// Every map the program owns, in a stable order (pinning, stats, leak checks).
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 22] = [
         ACTIVE,
         HEADERS,
         RULES,
@@ -30,8 +35,16 @@ pub mod map_names {
         BITMAPS,
         SRC_V6,
         DST_V6,
-        SRC_V4_DIR,
-        DST_V4_DIR,
+        SRC_V4_FIXED,
+        DST_V4_FIXED,
+        SRC_V4_MORE[0],
+        SRC_V4_MORE[1],
+        SRC_V4_MORE[2],
+        SRC_V4_MORE[3],
+        DST_V4_MORE[0],
+        DST_V4_MORE[1],
+        DST_V4_MORE[2],
+        DST_V4_MORE[3],
         GLOBAL_STATS,
         RULE_STATS,
         VERDICTS,
@@ -115,20 +128,39 @@ pub mod field {
 /// bitmap id, or `CHUNK | n` naming chunk `n`. A lookup is one to three array reads, whatever the
 /// number of prefixes, instead of a walk down a trie; memory grows only with the chunks used.
 ///
-/// Entries are u32, stored in a u64 array (mmapable arrays have an 8-byte stride): entry `i` is
-/// the low half of element `i / 2` when `i` is even, the high half when odd, which on a
-/// little-endian host is plain u32 indexing of the mapping.
+/// Every level is stored as [`DirBlock`]s of 256 entries, so one map lookup yields a block and
+/// the entry is an index into it. Every lookup is one the verifier inlines: a helper call, which a
+/// map of variable size (`BPF_F_INNER_MAP`) would cost, takes longer than the rest of a lookup.
+/// The top level (`TOP_BLOCKS` blocks) and the first `FIXED_CHUNKS` chunks live in a fixed array
+/// (`SRC_V4_FIXED`/`DST_V4_FIXED`, `BUFFER_BLOCKS` blocks per buffer: top level first, then chunk
+/// `n` at block `TOP_BLOCKS + n`). The chunks beyond those go to a new inner map at each reload,
+/// of the smallest size in `MORE_SIZES` that holds them, in the slot of the buffer in that size's
+/// array-of-maps (`SRC_V4_MORE`/`DST_V4_MORE`; chunk `n` at `n - FIXED_CHUNKS`): the other
+/// sizes' slots of the buffer are empty. The compiler numbers the chunks of /16s before those of
+/// /24s, so the fixed ones are the chunks most addresses go through.
 pub mod dir {
     /// Entries indexed by the top 16 bits of the address.
     pub const TOP_ENTRIES: u32 = 1 << 16;
     pub const CHUNK_ENTRIES: u32 = 256;
+    /// Blocks of the top level in each buffer.
+    pub const TOP_BLOCKS: u32 = TOP_ENTRIES / CHUNK_ENTRIES;
+    /// Chunks stored in the fixed array (1 KiB each, per buffer and table).
+    pub const FIXED_CHUNKS: u32 = 2048;
+    /// Blocks per buffer in the fixed array: the top level, then the fixed chunks.
+    pub const BUFFER_BLOCKS: u32 = TOP_BLOCKS + FIXED_CHUNKS;
     pub const CHUNK: u32 = 1 << 31;
     /// Chunks per table (a 1M-prefix routing-table-like set needs a few tens of thousands).
     pub const MAX_CHUNKS: u32 = 1 << 18;
-    /// u64 elements of a table with `chunks` chunks.
-    pub const fn elements(chunks: u32) -> u32 {
-        (TOP_ENTRIES + chunks * CHUNK_ENTRIES) / 2
-    }
+    /// Sizes (in chunks) of the inner maps that hold the chunks beyond the fixed ones: a table
+    /// takes at most four times the memory its chunks need.
+    pub const MORE_SIZES: [u32; 4] = [1 << 12, 1 << 14, 1 << 16, 1 << 18];
+}
+
+/// 256 entries of a direct IPv4 table (see [`dir`]): a slice of the top level, or one chunk.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirBlock {
+    pub entries: [u32; dir::CHUNK_ENTRIES as usize],
 }
 
 /// Slots of [`RulesetHeader::absent`]: the bitmap used when the packet does not carry a field.
@@ -358,6 +390,8 @@ const _: () = {
     assert!(core::mem::size_of::<Pending>() == 16);
     assert!(core::mem::size_of::<EscalationEvent>() == 64);
     assert!(core::mem::size_of::<RuleStats>() == 16);
+    assert!(core::mem::size_of::<DirBlock>() == 4 * dir::CHUNK_ENTRIES as usize);
+    assert!(dir::MAX_CHUNKS - dir::FIXED_CHUNKS <= dir::MORE_SIZES[3]);
     assert!(MAX_RULES.is_multiple_of(64));
 };
 
@@ -376,4 +410,5 @@ mod pod {
     unsafe impl aya::Pod for Verdict {}
     unsafe impl aya::Pod for Pending {}
     unsafe impl aya::Pod for EscalationEvent {}
+    unsafe impl aya::Pod for DirBlock {}
 }

@@ -2,8 +2,10 @@
 //! side in one run with an empty XDP program (the floor) and a plain one-LPM-lookup program over
 //! the same prefixes; plus compile and install times of large rulesets.
 //!
-//! Packets vary (256 distinct frames, half inside the prefix set) so large tries are not measured
+//! Packets vary (64 distinct frames, half inside the prefix set) so large tries are not measured
 //! cache-hot on one path only. Results are medians over frames of the kernel's mean per run.
+//! `--focus` runs only the rows of the performance target, with more rounds;
+//! `XDPFW_BENCH_FRAMES=1` prints each row's per-frame figures (sorted), to tell noise from paths.
 
 use std::{
     fmt::Write as _,
@@ -54,6 +56,8 @@ struct Measure {
 }
 
 const ROUNDS: usize = 2;
+/// `--focus`: only the rows of the performance target, with more rounds.
+const FOCUS_ROUNDS: usize = 4;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -73,7 +77,8 @@ struct Peers {
 fn measure(fw: &mut PrivateProgram, peers: &mut Peers, frames: &[Vec<u8>], repeat: u32, with_plain: bool) -> Result<Measure> {
     let n = frames.len();
     let (mut fl, mut ns, mut pl) = (vec![vec![]; n], vec![vec![]; n], vec![vec![]; n]);
-    for _ in 0..ROUNDS {
+    let rounds = if focus() { FOCUS_ROUNDS } else { ROUNDS };
+    for _ in 0..rounds {
         for (i, f) in frames.iter().enumerate() {
             fl[i].push(run_one(&mut peers.floor, "floor", f, repeat)?);
         }
@@ -89,6 +94,11 @@ fn measure(fw: &mut PrivateProgram, peers: &mut Peers, frames: &[Vec<u8>], repea
     // Per frame: the median of its rounds; then medians over frames.
     let per = |v: &Vec<Vec<f64>>| v.iter().map(|r| median(r.clone())).collect::<Vec<f64>>();
     let (fl, ns) = (per(&fl), per(&ns));
+    if std::env::var_os("XDPFW_BENCH_FRAMES").is_some() {
+        let mut v: Vec<(usize, f64)> = ns.iter().copied().enumerate().collect();
+        v.sort_by(|a, b| a.1.partial_cmp(&b.1).unwrap());
+        eprintln!("frames (index:ns, sorted): {:?}", v.iter().map(|(i, n)| format!("{i}:{n}")).collect::<Vec<_>>());
+    }
     let pl = if with_plain { per(&pl) } else { Vec::new() };
     // Ratio of medians: per-frame ratios would pair a cheap miss of one program with a costly hit
     // of the other.
@@ -212,11 +222,22 @@ fn frames(rng: &mut StdRng, prefixes: &[(Ipv4Addr, u8)]) -> Vec<Vec<u8>> {
         .collect()
 }
 
+fn focus() -> bool {
+    std::env::args().any(|a| a == "--focus")
+}
+
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
+    let focus = focus();
     let repeat: u32 = if quick { 1000 } else { 5000 };
-    let scales: &[usize] = if quick { &[0, 1_000] } else { &[0, 1_000, 100_000, 1_000_000] };
-    let rule_counts: &[usize] = if quick { &[10] } else { &[10, 100, 1000] };
+    let scales: &[usize] = if quick {
+        &[0, 1_000]
+    } else if focus {
+        &[0, 1_000_000]
+    } else {
+        &[0, 1_000, 100_000, 1_000_000]
+    };
+    let rule_counts: &[usize] = if quick { &[10] } else if focus { &[1000] } else { &[10, 100, 1000] };
     let big = *scales.last().unwrap();
     let mut rng = StdRng::seed_from_u64(7);
     let dir = std::env::temp_dir().join(format!("xdpfw-bench-{}", std::process::id()));
@@ -254,16 +275,49 @@ fn main() -> Result<()> {
         let m = measure(&mut fw, &mut peers, &f, repeat, true)?;
         rows.push(Row { name: format!("{big} prefixes + {k} rules"), prefixes: big, rules: k + 1, m, compile_ms: Some(compile_ms), install_ms: Some(install_ms) });
     }
+    // The same prefixes split between a drop and a pass rule, alternately: neighbours select
+    // different rules, so few merge (one random set alone merges into a handful of short
+    // prefixes) and the direct table needs tens of thousands of chunks.
+    if !quick {
+        let k = *rule_counts.last().unwrap();
+        for (name, half) in ["a", "b"].iter().zip([0, 1]) {
+            let mut text = String::with_capacity(set.len() * 9);
+            for (net, len) in set.iter().skip(half).step_by(2) {
+                let _ = writeln!(text, "{net}/{len}");
+            }
+            std::fs::write(dir.join(format!("{name}.txt")), text)?;
+        }
+        let extra = structured_rules(&mut rng, k);
+        let text = format!(
+            "default = \"pass\"\n[sets.a]\nfile = \"a.txt\"\n[sets.b]\nfile = \"b.txt\"\n\
+             [[rule]]\nname = \"a\"\naction = \"drop\"\nsrc = [\"@a\"]\n\
+             [[rule]]\nname = \"b\"\naction = \"pass\"\nsrc = [\"@b\"]\n{extra}"
+        );
+        let (compile_ms, install_ms) = install_text(&mut fw, &dir, &text)?;
+        let m = measure(&mut fw, &mut peers, &f, repeat, true)?;
+        rows.push(Row { name: format!("{big} prefixes in 2 sets + {k} rules"), prefixes: big, rules: k + 2, m, compile_ms: Some(compile_ms), install_ms: Some(install_ms) });
+    }
+    if !focus {
+        more_rows(&mut fw, &mut peers, &mut rng, &dir, big, &f, repeat, &mut rows)?;
+    }
+    print_rows(&rows, repeat)?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// The IPv6 row and the per-field rows.
+#[expect(clippy::too_many_arguments, reason = "the bench's shared state, passed through once")]
+fn more_rows(fw: &mut PrivateProgram, peers: &mut Peers, rng: &mut StdRng, dir: &std::path::Path, big: usize, f: &[Vec<u8>], repeat: u32, rows: &mut Vec<Row>) -> Result<()> {
     // IPv6 at the same scale: the trie path (compile and install times, ns on IPv6 frames).
-    let v6 = random_prefixes_v6(&mut rng, big);
+    let v6 = random_prefixes_v6(rng, big);
     let mut text = String::with_capacity(v6.len() * 24);
     for (net, len) in &v6 {
         let _ = writeln!(text, "{net}/{len}");
     }
     std::fs::write(dir.join("set6.txt"), text)?;
-    let (compile_ms, install_ms) = install_text(&mut fw, &dir, "default = \"pass\"\n[sets.big6]\nfile = \"set6.txt\"\n[[rule]]\naction = \"drop\"\nsrc = [\"@big6\"]\n")?;
-    let f6 = frames_v6(&mut rng, &v6);
-    let m = measure(&mut fw, &mut peers, &f6, repeat, false)?;
+    let (compile_ms, install_ms) = install_text(fw, dir, "default = \"pass\"\n[sets.big6]\nfile = \"set6.txt\"\n[[rule]]\naction = \"drop\"\nsrc = [\"@big6\"]\n")?;
+    let f6 = frames_v6(rng, &v6);
+    let m = measure(fw, peers, &f6, repeat, false)?;
     rows.push(Row { name: format!("{big} IPv6 prefixes, 1 rule"), prefixes: big, rules: 1, m, compile_ms: Some(compile_ms), install_ms: Some(install_ms) });
 
     // The fast path pays only for the fields a ruleset uses: add them one at a time.
@@ -278,14 +332,18 @@ fn main() -> Result<()> {
     ] {
         conditions.push_str(cond);
         let text = format!("default = \"pass\"\n[[rule]]\naction = \"drop\"\n{conditions}");
-        install_text(&mut fw, &dir, &text)?;
-        let m = measure(&mut fw, &mut peers, &f, repeat, false)?;
+        install_text(fw, dir, &text)?;
+        let m = measure(fw, peers, f, repeat, false)?;
         rows.push(Row { name: format!("one rule on: {label}"), prefixes: 1, rules: 1, m, compile_ms: None, install_ms: None });
     }
+    Ok(())
+}
 
+fn print_rows(rows: &[Row], repeat: u32) -> Result<()> {
+    let rounds = if focus() { FOCUS_ROUNDS } else { ROUNDS };
     let mut table = String::new();
     let _ = writeln!(table, "{:<40} {:>8} {:>8} {:>8} {:>9} {:>8} {:>11} {:>11}", "classifier ruleset", "ns/pkt", "floor ns", "x floor", "plain ns", "x plain", "compile ms", "install ms");
-    for r in &rows {
+    for r in rows {
         let opt = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:.p$}"));
         let m = &r.m;
         let _ = writeln!(
@@ -297,7 +355,7 @@ fn main() -> Result<()> {
     print!("{table}");
     println!("BPF_PROG_TEST_RUN, {repeat} repeats per frame, {FRAMES} distinct frames (half inside the prefix set).");
     println!("Medians over frames; floor = an empty XDP program, plain = one LPM lookup over the same prefixes,");
-    println!("taking turns with the classifier over the frames, {ROUNDS} rounds; x = ratio of the medians.");
+    println!("taking turns with the classifier over the frames, {rounds} rounds; x = ratio of the medians.");
     let json: Vec<_> = rows
         .iter()
         .map(|r| serde_json::json!({"ruleset": r.name, "prefixes": r.prefixes, "rules": r.rules, "ns_per_packet": r.m.ns, "floor_ns": r.m.floor_ns, "ratio_to_floor": r.m.x_floor, "plain_ns": r.m.plain_ns, "ratio_to_plain": r.m.x_plain, "compile_ms": r.compile_ms, "install_ms": r.install_ms}))
@@ -306,7 +364,6 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("classifier.json"), serde_json::to_string_pretty(&json)?)?;
     println!("JSON: target/bench/classifier.json");
-    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
 
@@ -329,6 +386,9 @@ fn install_text(fw: &mut PrivateProgram, dir: &std::path::Path, text: &str) -> R
     let rs = rules::load(&path)?;
     let image = compile(&rs)?;
     let compile_ms = ms(t.elapsed());
+    if let Some(t) = image.src_v4.as_ref().filter(|t| t.chunks > 0) {
+        eprintln!("{} IPv4 source prefixes after merging, {} table chunks", t.prefixes, t.chunks);
+    }
     let t = Instant::now();
     fw.activate(&image)?;
     Ok((compile_ms, ms(t.elapsed())))

@@ -9,7 +9,7 @@ use std::{collections::HashMap, net::IpAddr, ops::RangeInclusive};
 
 use anyhow::{Result, bail};
 use xdpfw_common::{
-    BITMAP_ALL, BITMAP_EMPTY, Bitmap, FieldEntry, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES, RuleMeta,
+    BITMAP_ALL, BITMAP_EMPTY, Bitmap, DirBlock, FieldEntry, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES, RuleMeta,
     RulesetHeader, absent, dir, field, fields_layout::*, fragment_policy, rule_flags,
 };
 
@@ -36,6 +36,16 @@ pub struct DirectTable {
     pub entries: Vec<u32>,
     pub prefixes: usize,
     pub chunks: u32,
+}
+
+impl DirectTable {
+    /// The entries as blocks of 256: the top level's `dir::TOP_BLOCKS`, then one per chunk.
+    pub fn blocks(&self) -> &[DirBlock] {
+        let (blocks, rest) = self.entries.as_chunks::<{ dir::CHUNK_ENTRIES as usize }>();
+        debug_assert!(rest.is_empty());
+        // SAFETY: DirBlock is repr(C) around exactly such an array.
+        unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast::<DirBlock>(), blocks.len()) }
+    }
 }
 
 impl Image {
@@ -68,7 +78,16 @@ fn direct_table(entries: &[(u128, u8, u32)], miss_id: u32) -> Result<DirectTable
         }
         Ok((dir::TOP_ENTRIES + (t[slot] & !dir::CHUNK) * dir::CHUNK_ENTRIES) as usize)
     };
-    for (len, addr, id) in sorted {
+    // The chunks of /16s are made (and numbered) before any chunk of a /24, so the low-numbered
+    // chunks the kernel keeps in its fixed array are the ones most addresses go through. They
+    // are made once every prefix up to /16 is written, which is what they inherit.
+    let first_long = sorted.partition_point(|&(len, _, _)| len <= 16);
+    for (i, &(len, addr, id)) in sorted.iter().enumerate() {
+        if i == first_long {
+            for &(_, addr, _) in &sorted[first_long..] {
+                chunk_at(&mut t, (addr >> 16) as usize)?;
+            }
+        }
         let top = (addr >> 16) as usize;
         let (start, count) = if len <= 16 {
             (top, 1usize << (16 - len))

@@ -20,12 +20,12 @@ use aya::{
     util::nr_cpus,
 };
 use xdpfw_common::{
-    BUFFERS, Bitmap, FieldEntry, GlobalStats, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES,
+    BUFFERS, Bitmap, DirBlock, FieldEntry, GlobalStats, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES,
     MAX_RULES, PROGRAM_NAME, PrefixValue, RULE_SLOTS, RuleMeta, RuleStats, RulesetHeader,
     dir, fields_layout::FIELDS_PER_BUFFER, map_names,
 };
 
-use crate::compile::{DirectTable, Image};
+use crate::compile::Image;
 
 /// The XDP object, built by build.rs with the pinned eBPF toolchain.
 pub static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdpfw"));
@@ -283,17 +283,20 @@ pub struct Maps {
     bitmaps: MmapArray<Bitmap>,
     src_v6: ArrayOfMaps<MapData, TrieV6>,
     dst_v6: ArrayOfMaps<MapData, TrieV6>,
-    src_v4: ArrayOfMaps<MapData, DirArray>,
-    dst_v4: ArrayOfMaps<MapData, DirArray>,
-    /// The four array-of-maps above, to empty a slot (aya offers no delete on them).
-    slot_fds: [std::os::fd::OwnedFd; 4],
+    /// Direct IPv4 tables: top levels and first chunks (both buffers, written through the
+    /// mapping), and the further chunks.
+    src_v4_fixed: MmapArray<DirBlock>,
+    dst_v4_fixed: MmapArray<DirBlock>,
+    /// One array-of-maps per size of `dir::MORE_SIZES`.
+    src_v4_more: [ArrayOfMaps<MapData, DirArray>; 4],
+    dst_v4_more: [ArrayOfMaps<MapData, DirArray>; 4],
+    /// Every array-of-maps above, to empty a slot (aya offers no delete on them).
+    slot_fds: Vec<std::os::fd::OwnedFd>,
     global_stats: PerCpuArray<MapData, GlobalStats>,
     rule_stats: PerCpuArray<MapData, RuleStats>,
 }
 
-type DirArray = Array<MapData, u64>;
-const DIR_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;
-const BPF_F_INNER_MAP: u32 = 1 << 12;
+type DirArray = Array<MapData, DirBlock>;
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// BPF_MAP_DELETE_ELEM (a missing key is fine).
@@ -319,20 +322,15 @@ fn delete_elem(fd: std::os::fd::BorrowedFd<'_>, key: u32) -> std::io::Result<()>
     Ok(())
 }
 
-/// A direct IPv4 table as a new map, filled through its mapping.
-fn dir_array(table: &DirectTable) -> Result<DirArray> {
-    let elements = dir::elements(table.chunks);
+/// `chunks` (those of a direct IPv4 table beyond the fixed ones) as a new map of `size` chunks,
+/// filled through its mapping.
+fn dir_chunks(chunks: &[DirBlock], size: u32) -> Result<DirArray> {
     // Created as raw MapData (not Array::create) so this process can map it before handing it over.
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
-    let obj = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, 8, elements, DIR_FLAGS);
+    let obj = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, size_of::<DirBlock>() as u32, size, BPF_F_MMAPABLE);
     let data = MapData::create(obj, "xdpfw_v4_dir", None)?;
-    let mut map = MmapArray::<u64>::map(&data)?;
-    let words = map.range_mut(0, elements as usize);
-    // Entry i is the low half of element i/2 when even: u32 order on a little-endian host.
-    const _: () = assert!(cfg!(target_endian = "little"), "the direct table layout assumes little-endian");
-    for (w, [lo, hi]) in words.iter_mut().zip(table.entries.as_chunks::<2>().0) {
-        *w = *lo as u64 | (*hi as u64) << 32;
-    }
+    let mut map = MmapArray::<DirBlock>::map(&data)?;
+    map.range_mut(0, chunks.len()).copy_from_slice(chunks);
     Ok(DirArray::try_from(Map::from_map_data(data)?)?)
 }
 
@@ -355,19 +353,36 @@ impl Maps {
 
     fn from_data(get: &mut dyn FnMut(&str) -> Result<MapData>) -> Result<Self> {
         use map_names::*;
-        let (src_v6, dst_v6, src_v4, dst_v4) = (get(SRC_V6)?, get(DST_V6)?, get(SRC_V4_DIR)?, get(DST_V4_DIR)?);
-        let dup = |m: &MapData| m.fd().as_fd().try_clone_to_owned();
-        let slot_fds = [dup(&src_v6)?, dup(&dst_v6)?, dup(&src_v4)?, dup(&dst_v4)?];
+        let (src_v6, dst_v6) = (get(SRC_V6)?, get(DST_V6)?);
+        let mut slot_fds = Vec::new();
+        let mut dup = |m: &MapData| -> Result<()> {
+            slot_fds.push(m.fd().as_fd().try_clone_to_owned()?);
+            Ok(())
+        };
+        dup(&src_v6)?;
+        dup(&dst_v6)?;
+        let mut more = |names: [&str; 4]| -> Result<[ArrayOfMaps<MapData, DirArray>; 4]> {
+            let mut maps = Vec::new();
+            for name in names {
+                let m = get(name)?;
+                dup(&m)?;
+                maps.push(ArrayOfMaps::try_from(Map::from_map_data(m)?)?);
+            }
+            maps.try_into().map_err(|_| anyhow!("four sizes"))
+        };
+        let (src_v4_more, dst_v4_more) = (more(SRC_V4_MORE)?, more(DST_V4_MORE)?);
         Ok(Self {
             active: MmapArray::new(get(ACTIVE)?)?,
             headers: MmapArray::new(get(HEADERS)?)?,
+            src_v4_fixed: MmapArray::new(get(SRC_V4_FIXED)?)?,
+            dst_v4_fixed: MmapArray::new(get(DST_V4_FIXED)?)?,
             rules: MmapArray::new(get(RULES)?)?,
             fields: MmapArray::new(get(FIELDS)?)?,
             bitmaps: MmapArray::new(get(BITMAPS)?)?,
             src_v6: ArrayOfMaps::try_from(Map::from_map_data(src_v6)?)?,
             dst_v6: ArrayOfMaps::try_from(Map::from_map_data(dst_v6)?)?,
-            src_v4: ArrayOfMaps::try_from(Map::from_map_data(src_v4)?)?,
-            dst_v4: ArrayOfMaps::try_from(Map::from_map_data(dst_v4)?)?,
+            src_v4_more,
+            dst_v4_more,
             slot_fds,
             global_stats: PerCpuArray::try_from(Map::from_map_data(get(GLOBAL_STATS)?)?)?,
             rule_stats: PerCpuArray::try_from(Map::from_map_data(get(RULE_STATS)?)?)?,
@@ -414,11 +429,24 @@ impl Maps {
         if !image.dst_v6.is_empty() {
             self.dst_v6.set(buffer, &trie_v6(&image.dst_v6)?, 0)?;
         }
-        if let Some(t) = &image.src_v4 {
-            self.src_v4.set(buffer, &dir_array(t)?, 0)?;
-        }
-        if let Some(t) = &image.dst_v4 {
-            self.dst_v4.set(buffer, &dir_array(t)?, 0)?;
+        let per_buffer = dir::BUFFER_BLOCKS as usize;
+        for (table, fixed, more) in [
+            (&image.src_v4, &mut self.src_v4_fixed, &mut self.src_v4_more),
+            (&image.dst_v4, &mut self.dst_v4_fixed, &mut self.dst_v4_more),
+        ] {
+            let Some(t) = table else { continue };
+            // The top level and the first chunks into the fixed array, the rest into a new map of
+            // the smallest size that holds them.
+            let blocks = t.blocks();
+            let (head, rest) = blocks.split_at(blocks.len().min(per_buffer));
+            fixed.range_mut(b * per_buffer, head.len()).copy_from_slice(head);
+            if !rest.is_empty() {
+                let size = dir::MORE_SIZES
+                    .iter()
+                    .position(|&s| rest.len() <= s as usize)
+                    .ok_or_else(|| anyhow!("{} chunks beyond the fixed ones: more than the compiler allows", rest.len()))?;
+                more[size].set(buffer, &dir_chunks(rest, dir::MORE_SIZES[size])?, 0)?;
+            }
         }
         let tries_us = start.elapsed().as_micros() as u64;
 

@@ -16,7 +16,7 @@
 mod parse;
 
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_F_INNER_MAP, BPF_F_MMAPABLE},
+    bindings::{xdp_action, BPF_F_MMAPABLE},
     btf_maps::{Array as BtfArray, ArrayOfMaps, LpmTrie},
     helpers::bpf_ktime_get_ns,
     macros::{btf_map, map, xdp},
@@ -26,9 +26,9 @@ use aya_ebpf::{
 use parse::{Packet, ParseOutcome};
 use xdpfw_common::{
     absent, action, dir, escalation, field, fields_layout::*, fragment_policy, rule_flags, Bitmap,
-    EscalationEvent, FieldEntry, FlowKey, GlobalStats, Ipv6Data, Pending, PrefixValue, RuleMeta,
-    RuleStats, RulesetHeader, Verdict, BITMAP_ALL, BITMAP_WORDS, BUFFERS, DEFAULT_RULE_SLOT,
-    MAX_BITMAPS, MAX_PREFIXES, MAX_RULES, RULE_SLOTS,
+    DirBlock, EscalationEvent, FieldEntry, FlowKey, GlobalStats, Ipv6Data, Pending, PrefixValue,
+    RuleMeta, RuleStats, RulesetHeader, Verdict, BITMAP_ALL, BITMAP_WORDS, BUFFERS,
+    DEFAULT_RULE_SLOT, MAX_BITMAPS, MAX_PREFIXES, MAX_RULES, RULE_SLOTS,
 };
 
 /// The current generation; `generation % 2` is the active buffer. Written by userspace with one
@@ -58,13 +58,50 @@ static SRC_V6: ArrayOfMaps<TrieV6, { BUFFERS as usize }> = ArrayOfMaps::new();
 #[btf_map]
 static DST_V6: ArrayOfMaps<TrieV6, { BUFFERS as usize }> = ArrayOfMaps::new();
 
-// The direct IPv4 tables (see xdpfw_common::dir), one slot per buffer, swapped like the tries.
-// Inner maps differ in size (BPF_F_INNER_MAP) with the number of chunks they need.
-type DirTable = BtfArray<u64, 1, { (BPF_F_INNER_MAP | BPF_F_MMAPABLE) as usize }>;
+// The direct IPv4 tables (see xdpfw_common::dir). The top levels and first chunks are fixed
+// arrays holding both buffers; further chunks are inner maps, one slot per buffer, swapped like
+// the tries, in the array-of-maps of their size. Every inner map of one array-of-maps has the
+// same size (no BPF_F_INNER_MAP), so the verifier inlines all these lookups: no helper call.
+#[map(name = "SRC_V4_FIXED")]
+static SRC_V4_FIXED: Array<DirBlock> = Array::with_max_entries(BUFFERS * dir::BUFFER_BLOCKS, BPF_F_MMAPABLE);
+#[map(name = "DST_V4_FIXED")]
+static DST_V4_FIXED: Array<DirBlock> = Array::with_max_entries(BUFFERS * dir::BUFFER_BLOCKS, BPF_F_MMAPABLE);
+type More<const N: usize> = ArrayOfMaps<BtfArray<DirBlock, N, { BPF_F_MMAPABLE as usize }>, { BUFFERS as usize }>;
+const M0: usize = dir::MORE_SIZES[0] as usize;
+const M1: usize = dir::MORE_SIZES[1] as usize;
+const M2: usize = dir::MORE_SIZES[2] as usize;
+const M3: usize = dir::MORE_SIZES[3] as usize;
 #[btf_map]
-static SRC_V4_DIR: ArrayOfMaps<DirTable, { BUFFERS as usize }> = ArrayOfMaps::new();
+static SRC_V4_MORE_4K: More<M0> = ArrayOfMaps::new();
 #[btf_map]
-static DST_V4_DIR: ArrayOfMaps<DirTable, { BUFFERS as usize }> = ArrayOfMaps::new();
+static SRC_V4_MORE_16K: More<M1> = ArrayOfMaps::new();
+#[btf_map]
+static SRC_V4_MORE_64K: More<M2> = ArrayOfMaps::new();
+#[btf_map]
+static SRC_V4_MORE_256K: More<M3> = ArrayOfMaps::new();
+#[btf_map]
+static DST_V4_MORE_4K: More<M0> = ArrayOfMaps::new();
+#[btf_map]
+static DST_V4_MORE_16K: More<M1> = ArrayOfMaps::new();
+#[btf_map]
+static DST_V4_MORE_64K: More<M2> = ArrayOfMaps::new();
+#[btf_map]
+static DST_V4_MORE_256K: More<M3> = ArrayOfMaps::new();
+
+/// The maps of one direct IPv4 table.
+struct DirMaps {
+    fixed: &'static Array<DirBlock>,
+    more: (&'static More<M0>, &'static More<M1>, &'static More<M2>, &'static More<M3>),
+}
+
+static SRC_V4: DirMaps = DirMaps {
+    fixed: &SRC_V4_FIXED,
+    more: (&SRC_V4_MORE_4K, &SRC_V4_MORE_16K, &SRC_V4_MORE_64K, &SRC_V4_MORE_256K),
+};
+static DST_V4: DirMaps = DirMaps {
+    fixed: &DST_V4_FIXED,
+    more: (&DST_V4_MORE_4K, &DST_V4_MORE_16K, &DST_V4_MORE_64K, &DST_V4_MORE_256K),
+};
 
 /// Slot 0 counts traffic; slot 1 is scratch for the probe copy, never reported.
 #[map(name = "GLOBAL_STATS")]
@@ -164,12 +201,12 @@ fn decide(ctx: &XdpContext, stats: &mut GlobalStats, len: u64) -> u32 {
         }
     }
 
-    let (slot, verdict) = match classify(buffer, header, &pkt) {
+    let (slot, verdict) = match classify(ctx, buffer, header, &pkt) {
         Some(rule) => {
             stats.rule_hits += 1;
             match RULES.get(buffer * MAX_RULES as u32 + rule) {
                 Some(meta) if meta.flags & rule_flags::NEEDS_OWNER != 0 => {
-                    escalate(generation, header, rule, &pkt, stats)
+                    escalate(ctx, generation, header, rule, &pkt, stats)
                 }
                 Some(meta) => (rule, meta.action),
                 None => (rule, header.default_action),
@@ -198,14 +235,40 @@ fn decide(ctx: &XdpContext, stats: &mut GlobalStats, len: u64) -> u32 {
 /// Nothing here can wait: the first packets of a new flow get the pending action (with "drop",
 /// TCP retransmits its SYN and finds the verdict in place).
 #[inline(always)]
-fn escalate(generation: u64, header: &RulesetHeader, rule: u32, pkt: &Packet, stats: &mut GlobalStats) -> (u32, u32) {
+fn escalate(
+    ctx: &XdpContext,
+    generation: u64,
+    header: &RulesetHeader,
+    rule: u32,
+    pkt: &Packet,
+    stats: &mut GlobalStats,
+) -> (u32, u32) {
     if probe() != 0 {
         // Self-tests prove the kernel escalates; they must not touch the live flows' state.
         return (rule, header.pending_action);
     }
+    let (src, dst) = if pkt.is_v6 {
+        match (parse::v6_addr(ctx, pkt.l3_off, true), parse::v6_addr(ctx, pkt.l3_off, false)) {
+            (Some(s), Some(d)) => (s, d),
+            _ => return (rule, header.pending_action),
+        }
+    } else {
+        let (s, d) = (pkt.src4.to_be_bytes(), pkt.dst4.to_be_bytes());
+        let mut src = [0u8; 16];
+        let mut dst = [0u8; 16];
+        src[0] = s[0];
+        src[1] = s[1];
+        src[2] = s[2];
+        src[3] = s[3];
+        dst[0] = d[0];
+        dst[1] = d[1];
+        dst[2] = d[2];
+        dst[3] = d[3];
+        (src, dst)
+    };
     let key = FlowKey {
-        src: pkt.src,
-        dst: pkt.dst,
+        src,
+        dst,
         sport: if pkt.has_ports { pkt.sport } else { 0 },
         dport: if pkt.has_ports { pkt.dport } else { 0 },
         proto: pkt.proto,
@@ -259,7 +322,7 @@ fn escalate(generation: u64, header: &RulesetHeader, rule: u32, pkt: &Packet, st
 /// Fields are separate locals, not an array: zero-initialised arrays become byte-by-byte memset
 /// loops on BPF, which cost more than the lookups themselves.
 #[inline(always)]
-fn classify(buffer: u32, header: &RulesetHeader, pkt: &Packet) -> Option<u32> {
+fn classify(ctx: &XdpContext, buffer: u32, header: &RulesetHeader, pkt: &Packet) -> Option<u32> {
     let fields = header.fields;
     if fields == 0 {
         // No rule has any condition: the first rule, if any, matches everything.
@@ -269,12 +332,12 @@ fn classify(buffer: u32, header: &RulesetHeader, pkt: &Packet) -> Option<u32> {
     let bitmap = |id: u32| BITMAPS.get(base + (id % MAX_BITMAPS));
     let all = bitmap(BITMAP_ALL)?;
     let src = if fields & field::SRC != 0 {
-        bitmap(prefix_bitmap(buffer, header, pkt, true))?
+        bitmap(prefix_bitmap(ctx, buffer, header, pkt, true))?
     } else {
         all
     };
     let dst = if fields & field::DST != 0 {
-        bitmap(prefix_bitmap(buffer, header, pkt, false))?
+        bitmap(prefix_bitmap(ctx, buffer, header, pkt, false))?
     } else {
         all
     };
@@ -355,39 +418,54 @@ fn field_bitmap(buffer: u32, index: u32) -> u32 {
 }
 
 #[inline(always)]
-fn prefix_bitmap(buffer: u32, header: &RulesetHeader, pkt: &Packet, source: bool) -> u32 {
-    let (slot, addr) = if source {
-        (absent::SRC, &pkt.src)
-    } else {
-        (absent::DST, &pkt.dst)
-    };
+fn prefix_bitmap(ctx: &XdpContext, buffer: u32, header: &RulesetHeader, pkt: &Packet, source: bool) -> u32 {
     let found = if pkt.is_v6 {
         let trie = if source { &SRC_V6 } else { &DST_V6 };
-        trie.get(buffer)
-            .and_then(|t| t.get(&Key::new(128, *addr)).map(|v| v.bitmap))
+        let data = parse::v6_addr(ctx, pkt.l3_off, source);
+        trie.get(buffer).zip(data).and_then(|(t, data)| t.get(&Key::new(128, data)).map(|v| v.bitmap))
     } else {
-        let table = if source { &SRC_V4_DIR } else { &DST_V4_DIR };
-        let a = u32::from_be_bytes([addr[0], addr[1], addr[2], addr[3]]);
-        table.get(buffer).and_then(|t| {
-            let chunk = |e: u32, byte: u32| dir::TOP_ENTRIES + (e & !dir::CHUNK) * dir::CHUNK_ENTRIES + (byte & 0xff);
-            let mut e = dir_entry(t, a >> 16)?;
-            if e & dir::CHUNK != 0 {
-                e = dir_entry(t, chunk(e, a >> 8))?;
-                if e & dir::CHUNK != 0 {
-                    e = dir_entry(t, chunk(e, a))?;
-                }
-            }
-            Some(e)
-        })
+        let (table, addr) = if source { (&SRC_V4, pkt.src4) } else { (&DST_V4, pkt.dst4) };
+        dir_lookup(table, buffer, addr)
     };
+    let slot = if source { absent::SRC } else { absent::DST };
     found.unwrap_or(header.absent[slot])
 }
 
-/// Entry `i` of a direct table (two u32 entries per u64 element, low half first).
+/// The entry of `a` (host order) in the direct IPv4 table of `buffer`: the top level, then up to
+/// two chunks.
 #[inline(always)]
-fn dir_entry(table: &DirTable, i: u32) -> Option<u32> {
-    let pair = *table.get(i / 2)?;
-    Some(if i & 1 == 0 { pair as u32 } else { (pair >> 32) as u32 })
+fn dir_lookup(t: &DirMaps, buffer: u32, a: u32) -> Option<u32> {
+    let mut e = t.fixed.get(buffer * dir::BUFFER_BLOCKS + (a >> 24))?.entries[((a >> 16) & 0xff) as usize];
+    if e & dir::CHUNK != 0 {
+        e = chunk_entry(t, buffer, e, a >> 8)?;
+        if e & dir::CHUNK != 0 {
+            e = chunk_entry(t, buffer, e, a)?;
+        }
+    }
+    Some(e)
+}
+
+/// Entry `byte & 0xff` of the chunk that entry `e` names: in the fixed array, or in the one
+/// inner map (of whichever size) the buffer has.
+#[inline(always)]
+fn chunk_entry(t: &DirMaps, buffer: u32, e: u32, byte: u32) -> Option<u32> {
+    let n = e & !dir::CHUNK;
+    let block = if n < dir::FIXED_CHUNKS {
+        t.fixed.get(buffer * dir::BUFFER_BLOCKS + dir::TOP_BLOCKS + n)?
+    } else {
+        let i = n - dir::FIXED_CHUNKS;
+        let (m0, m1, m2, m3) = t.more;
+        if let Some(m) = m0.get(buffer) {
+            m.get(i)?
+        } else if let Some(m) = m1.get(buffer) {
+            m.get(i)?
+        } else if let Some(m) = m2.get(buffer) {
+            m.get(i)?
+        } else {
+            m3.get(buffer)?.get(i)?
+        }
+    };
+    Some(block.entries[(byte & 0xff) as usize])
 }
 
 #[cfg(not(test))]

@@ -25,9 +25,13 @@ const MAX_HEADER_OFFSET: usize = 2048;
 
 pub struct Packet {
     pub is_v6: bool,
-    /// Addresses in network byte order; IPv4 uses the first 4 bytes.
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    /// IPv4 addresses, host byte order (0 for IPv6).
+    pub src4: u32,
+    pub dst4: u32,
+    /// Offset of the IP header. IPv6 addresses are read from the packet where they are looked up
+    /// (see [`v6_addr`]): copies would be eight more values carried, and spilled, through every
+    /// path of the program, IPv4 ones included.
+    pub l3_off: usize,
     /// The transport protocol (for IPv6, the last next-header of the chain).
     pub proto: u8,
     /// Plain integers with presence flags rather than `Option`s: LLVM otherwise merges enum
@@ -59,6 +63,25 @@ fn bytes_at(ctx: &XdpContext, off: usize, len: usize) -> Option<*const u8> {
         return None;
     }
     Some((start + off) as *const u8)
+}
+
+/// The big-endian u32 at `p`.
+///
+/// # Safety
+/// `p` must point at 4 readable bytes (a pointer `bytes_at` checked).
+#[inline(always)]
+unsafe fn be32(p: *const u8) -> u32 {
+    // SAFETY: per the contract; unaligned because headers sit at any even offset.
+    u32::from_be(unsafe { (p as *const u32).read_unaligned() })
+}
+
+/// The source (or destination) address of the IPv6 packet whose header is at `l3_off`, in
+/// network byte order (the LPM key's order).
+#[inline(always)]
+pub fn v6_addr(ctx: &XdpContext, l3_off: usize, source: bool) -> Option<[u8; 16]> {
+    let p = bytes_at(ctx, l3_off + if source { 8 } else { 24 }, 16)?;
+    // SAFETY: 16 bytes checked above.
+    Some(unsafe { (p as *const [u8; 16]).read_unaligned() })
 }
 
 #[inline(always)]
@@ -114,10 +137,13 @@ fn parse_ipv4(ctx: &XdpContext, off: usize) -> Option<Packet> {
         return None;
     }
     bytes_at(ctx, off, ihl)?;
+    // SAFETY: within the 20 checked bytes.
+    let (src4, dst4) = unsafe { (be32(h.add(12)), be32(h.add(16))) };
     let mut pkt = Packet {
         is_v6: false,
-        src: [0; 16],
-        dst: [0; 16],
+        src4,
+        dst4,
+        l3_off: off,
         proto,
         has_ports: false,
         sport: 0,
@@ -129,15 +155,6 @@ fn parse_ipv4(ctx: &XdpContext, off: usize) -> Option<Packet> {
         non_first_fragment: frag & 0x1fff != 0,
         neighbor_discovery: false,
     };
-    let mut i = 0;
-    while i < 4 {
-        // SAFETY: within the 20 checked bytes.
-        unsafe {
-            pkt.src[i] = *h.add(12 + i);
-            pkt.dst[i] = *h.add(16 + i);
-        }
-        i += 1;
-    }
     if !pkt.non_first_fragment {
         parse_l4(ctx, off + ihl, &mut pkt)?;
     }
@@ -154,8 +171,9 @@ fn parse_ipv6(ctx: &XdpContext, off: usize) -> Option<Packet> {
     }
     let mut pkt = Packet {
         is_v6: true,
-        src: [0; 16],
-        dst: [0; 16],
+        src4: 0,
+        dst4: 0,
+        l3_off: off,
         proto: 0,
         has_ports: false,
         sport: 0,
@@ -167,15 +185,6 @@ fn parse_ipv6(ctx: &XdpContext, off: usize) -> Option<Packet> {
         non_first_fragment: false,
         neighbor_discovery: false,
     };
-    let mut i = 0;
-    while i < 16 {
-        // SAFETY: within the 40 checked bytes.
-        unsafe {
-            pkt.src[i] = *h.add(8 + i);
-            pkt.dst[i] = *h.add(24 + i);
-        }
-        i += 1;
-    }
     let mut off = off + 40;
     let mut walked = 0;
     loop {
