@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{owners::*, *};
+use harness::{daemon::*, owners::*, *};
 
 fn sa(addr: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip(addr), port)
@@ -100,7 +100,8 @@ fn owners_decide_process_ruled_ports_and_nothing_else_escalates() {
     let status = loader_ok(&t.server_ns, &["status", "--iface", &t.server_if]);
     assert!(status.contains("NOT SERVED"), "status must say escalation is not served:\n{status}");
 
-    let daemon = Daemon::start(&t, &owners_rules());
+    let dir = TempDir::new("own");
+    let _daemon = escalation_daemon(&t, &dir, &owners_rules());
     let status = loader_ok(&t.server_ns, &["status", "--iface", &t.server_if]);
     assert!(status.contains("served by pid"), "{status}");
 
@@ -152,7 +153,7 @@ fn owners_decide_process_ruled_ports_and_nothing_else_escalates() {
     assert_eq!(in_ns(&t.client_ns, move || echoes(&app_flow, to, N)).join().unwrap(), N);
 
     // The daemon's metrics carry the kernel's and the service's escalation counters.
-    let m = daemon.metrics(&t);
+    let m = scrape(&t).expect("the metrics endpoint answers");
     let value = |line: &str| -> f64 {
         m.lines().find_map(|l| l.strip_prefix(line)).and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("no {line} in metrics:\n{m}"))
     };
@@ -167,7 +168,8 @@ fn owners_decide_process_ruled_ports_and_nothing_else_escalates() {
 fn a_flood_of_new_flows_stays_bounded() {
     let t = attached("fld");
     let _app = OwnerProcess::start(&t.server_ns, "xfw-app", 0, APP_PORT);
-    let daemon = Daemon::start(&t, &owners_rules());
+    let dir = TempDir::new("fld");
+    let daemon = escalation_daemon(&t, &dir, &owners_rules());
 
     // A flow decided before the flood.
     let (got, app_flow) = udp_flow(&t, sa(SERVER_V4, APP_PORT), 20, || false);
@@ -197,11 +199,11 @@ fn a_flood_of_new_flows_stays_bounded() {
         range.map(move |i| flood_frame(sources[i % 4], 10_000 + (i / 4) as u16, SERVER_V4, APP_PORT))
     };
     let started = Instant::now();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.pid()), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGSTOP);
     let iface = t.client_if.clone();
     let f1 = frames;
     let sent1 = in_ns(&t.client_ns, move || send_raw(&iface, f1(0..20_000), 32)).join().unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.pid()), nix::sys::signal::Signal::SIGCONT).unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGCONT);
     let iface = t.client_if.clone();
     let sent2 = in_ns(&t.client_ns, move || send_raw(&iface, frames(20_000..FLOWS), 32)).join().unwrap();
     let flood_time = started.elapsed();
@@ -247,7 +249,8 @@ fn verdicts_expire_without_a_blip_and_reloads_invalidate_them() {
     t.detach_on_drop(loader_bin());
     loader_ok(&t.server_ns, &["attach", &t.server_if, "--rules", rules.to_str().unwrap()]);
     let _app = OwnerProcess::start(&t.server_ns, "xfw-app", 0, APP_PORT);
-    let _daemon = Daemon::start(&t, &rules);
+    let log_dir = TempDir::new("ttl");
+    let _daemon = escalation_daemon(&t, &log_dir, &rules);
 
     let (got, flow) = udp_flow(&t, sa(SERVER_V4, APP_PORT), 10, || false);
     assert_eq!(got, 10);

@@ -16,7 +16,8 @@ use std::{fmt::Write as _, path::PathBuf, time::Duration};
 use anyhow::Result;
 use harness::{
     Topology,
-    owners::{Daemon, OwnerProcess, flood_frame, send_raw},
+    daemon::TempDir,
+    owners::{OwnerProcess, escalation_daemon, flood_frame, send_raw},
 };
 use xdpfw::{compile::compile, packet::PacketSpec, rules, testrun::PrivateProgram};
 
@@ -98,7 +99,8 @@ fn decision_latency(quick: bool) -> Result<serde_json::Value> {
     let rules = harness::rules_dir().join("owners.toml");
     harness::loader_ok(&t.server_ns, &["attach", &t.server_if, "--rules", rules.to_str().unwrap()]);
     let _app = OwnerProcess::start(&t.server_ns, "xfw-app", 0, 7100);
-    let _daemon = Daemon::start(&t, &rules);
+    let log_dir = TempDir::new("bench");
+    let _daemon = escalation_daemon(&t, &log_dir, &rules);
     // New flows, one a millisecond, each from its own source (so no per-source limit applies).
     let flows: usize = if quick { 500 } else { 2000 };
     let iface = t.client_if.clone();

@@ -3,6 +3,7 @@
 
 #![allow(dead_code, reason = "each test file uses a different part of the harness")]
 
+pub mod daemon;
 pub mod owners;
 pub mod topology;
 

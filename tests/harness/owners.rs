@@ -3,14 +3,18 @@
 
 use std::{
     io::{BufRead, BufReader},
-    path::PathBuf,
+    path::Path,
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use xdpfw::packet::PacketSpec;
 
-use super::{Topology, eventually, loader_bin, stats};
+use super::{
+    Topology,
+    daemon::{Daemon, TempDir},
+    eventually, stats,
+};
 
 /// A UDP echo and TCP accept server in Python, run under a chosen process name and user.
 const SERVER_PY: &str = r#"
@@ -35,13 +39,6 @@ pub struct OwnerProcess {
     _dir: TempDir,
 }
 
-struct TempDir(PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn python() -> String {
     // Debian's interpreter (installed by setup) rather than whatever shim PATH has first.
     let py = if std::path::Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
@@ -54,10 +51,7 @@ fn python() -> String {
 
 impl OwnerProcess {
     pub fn start(ns: &str, name: &str, uid: u32, port: u16) -> Self {
-        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let dir = TempDir(std::env::temp_dir().join(format!("xfw-owner-{}-{seq}", std::process::id())));
-        std::fs::create_dir_all(&dir.0).unwrap();
+        let dir = TempDir::new("owner");
         // Executed through a link with the wanted name, the process's comm is that name.
         let exe = dir.0.join(name);
         std::os::unix::fs::symlink(python(), &exe).unwrap();
@@ -82,59 +76,16 @@ impl Drop for OwnerProcess {
     }
 }
 
-/// The daemon serving escalations for the instance on the server end; stopped on drop.
-pub struct Daemon(Child);
-
-impl Daemon {
-    /// `loader run` following `rules` (the instance is already attached with it) with metrics
-    /// on the server namespace's loopback.
-    pub fn start(t: &Topology, rules: &std::path::Path) -> Self {
-        let child = Command::new(loader_bin())
-            .args(["--netns", &t.server_ns, "run", &t.server_if, "--rules"])
-            .arg(rules)
-            .args(["--metrics", "127.0.0.1:9109"])
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting the daemon");
-        let d = Daemon(child);
-        assert!(
-            eventually(Duration::from_secs(10), || stats(t)["escalation"].is_object()),
-            "the daemon did not report itself serving"
-        );
-        d
-    }
-    /// The daemon's Prometheus metrics (scraped from inside the server namespace).
-    pub fn metrics(&self, t: &Topology) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &t.server_ns, "python3", "-c"])
-            .arg("import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9109/metrics', timeout=5).read().decode())")
-            .output()
-            .expect("scraping the metrics");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-    pub fn pid(&self) -> i32 {
-        self.0.id() as i32
-    }
-    pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap();
-        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), nix::sys::signal::Signal::SIGCONT);
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// `loader run` following `rules` (the instance is already attached with them), once its
+/// escalation service reports itself serving; its log goes to `dir`.
+pub fn escalation_daemon(t: &Topology, dir: &TempDir, rules: &Path) -> Daemon {
+    let d = Daemon::start(t, &dir.0, &["--rules", rules.to_str().unwrap()]);
+    assert!(
+        eventually(Duration::from_secs(10), || stats(t)["escalation"].is_object()),
+        "the daemon did not report serving escalations:\n{}",
+        d.log()
+    );
+    d
 }
 
 /// An Ethernet frame of one UDP flow, sent raw so a flood can have 100,000 distinct flows.
