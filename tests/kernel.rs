@@ -721,13 +721,9 @@ fn rules_files_self_tests() {
         let n = rs.rules.len() as u32;
         for t in &rs.tests {
             total += 1;
-            // With a test owner, the matcher gives what the escalation service decides; the
-            // kernel alone escalates (pending action, counted on the escalating rule).
-            let in_kernel = decide(&rs, &t.packet);
-            let d = match &t.owner {
-                Some(xdpfw::owner::OwnerSpec(o)) => xdpfw::matcher::decide_with_owner(&rs, &t.packet, o.as_ref()),
-                None => in_kernel.clone(),
-            };
+            // The kernel alone escalates what an owner rule decides (pending action, counted on
+            // the escalating rule); with the test's owner, `d` is what the service decides.
+            let (in_kernel, d) = xdpfw::testrun::test_decisions(&rs, t);
             if d.action != t.expect {
                 failures.push(format!("{}: matcher says {} for \"{}\", expected {}", t.location, d.action, t.text, t.expect));
             }

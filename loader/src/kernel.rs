@@ -341,14 +341,20 @@ pub struct InstallTimes {
     pub tries_us: u64,
 }
 
+fn pinned_data(dir: &Path, name: &str) -> Result<MapData> {
+    let path = dir.join(name);
+    MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))
+}
+
+/// The map `name` pinned in an instance's `dir`.
+pub fn pinned_map(dir: &Path, name: &str) -> Result<Map> {
+    Ok(Map::from_map_data(pinned_data(dir, name)?)?)
+}
+
 impl Maps {
     /// Opens the maps pinned in `dir` (the instance made by `loader attach`).
     pub fn open(dir: &Path) -> Result<Self> {
-        let mut open = |name: &str| -> Result<MapData> {
-            let path = dir.join(name);
-            MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))
-        };
-        Self::from_data(&mut open)
+        Self::from_data(&mut |name| pinned_data(dir, name))
     }
 
     fn from_data(get: &mut dyn FnMut(&str) -> Result<MapData>) -> Result<Self> {

@@ -173,15 +173,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let inst = Instance::find(iface.as_deref())?;
             let state = inst.state()?;
             let entries = if history { xdpfw::history::History::new(&inst.iface).entries()? } else { Vec::new() };
+            let escalation = xdpfw::escalation::served(&inst);
             if json {
-                let v = serde_json::json!({ "state": state, "escalation": xdpfw::escalation::served(&inst), "history": history.then_some(&entries) });
+                let v = serde_json::json!({ "state": state, "escalation": escalation, "history": history.then_some(&entries) });
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 let r = &state.ruleset;
                 println!("xdpfw on {} ({:?} mode), attached at {} (unix time)", state.iface, state.mode, state.attached_at);
                 println!("  generation {}: {} {} ({} rules, default {}){}", state.generation, r.version.as_deref().unwrap_or("(no version)"), &r.hash[..12.min(r.hash.len())], r.rules.len(), r.default, r.path.as_ref().map(|p| format!(", from {}", p.display())).unwrap_or_default());
-                if !r.owner_rules.is_empty() || xdpfw::escalation::served(&inst).is_some() {
-                    println!("  escalation: {}", instance::escalation_line(&r.owner_rules, xdpfw::escalation::served(&inst).as_ref()));
+                if !r.owner_rules.is_empty() || escalation.is_some() {
+                    println!("  escalation: {}", instance::escalation_line(&r.owner_rules, escalation.as_ref()));
                 }
                 if let Some(l) = &state.last_reload {
                     println!("  last reload: generation {} -> {}, {} us (grace {} us, {:?})", l.previous_generation, l.generation, l.times.total_us, l.times.grace_us, l.grace_method);

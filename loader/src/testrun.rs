@@ -16,7 +16,7 @@ use crate::{
     kernel::{self, Maps},
     matcher,
     owner::OwnerSpec,
-    rules::{Action, Ruleset},
+    rules::{Action, Ruleset, SelfTest},
 };
 
 pub struct PrivateProgram {
@@ -78,6 +78,18 @@ pub fn run_frame(prog: &mut Xdp, frame: &[u8], repeat: u32) -> Result<(u32, Dura
 /// Runs a frame through the kernel and returns the XDP action.
 pub type KernelRun<'a> = dyn FnMut(&[u8]) -> Result<u32> + 'a;
 
+/// The decisions of a `[[test]]` packet: the kernel's alone (which gives the pending action to
+/// packets an owner rule decides), and with the test's owner, if it gives one, what the
+/// escalation service then decides.
+pub fn test_decisions(rs: &Ruleset, t: &SelfTest) -> (matcher::Decision, matcher::Decision) {
+    let kernel_view = matcher::decide(rs, &t.packet);
+    let d = match &t.owner {
+        Some(OwnerSpec(owner)) => matcher::decide_with_owner(rs, &t.packet, owner.as_ref()),
+        None => kernel_view.clone(),
+    };
+    (kernel_view, d)
+}
+
 /// The verdicts of a rules file's `[[test]]` packets that do not match what they expect:
 /// `run` gives the kernel's XDP action for a frame (`None` checks the reference matcher only).
 pub fn self_test_failures(
@@ -86,13 +98,7 @@ pub fn self_test_failures(
 ) -> Result<Vec<String>> {
     let mut failures = Vec::new();
     for t in &rs.tests {
-        // The kernel alone gives the pending action to packets an owner rule decides; with the
-        // test's owner, the reference matcher gives what the escalation service will decide.
-        let kernel_view = matcher::decide(rs, &t.packet);
-        let d = match &t.owner {
-            Some(OwnerSpec(owner)) => matcher::decide_with_owner(rs, &t.packet, owner.as_ref()),
-            None => kernel_view.clone(),
-        };
+        let (kernel_view, d) = test_decisions(rs, t);
         let mut problems = Vec::new();
         if d.action != t.expect {
             problems.push(format!("the rules give {} ({})", d.action, d.rule_name.as_deref().unwrap_or("no rule")));

@@ -23,14 +23,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, RingBuf};
+use anyhow::Result;
+use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use serde::{Deserialize, Serialize};
 use xdpfw_common::{DEFAULT_RULE_SLOT, EscalationEvent, FlowKey, Verdict, map_names};
 
 use crate::{
     instance::{Instance, now_secs},
-    kernel::Maps,
+    kernel::{Maps, pinned_map},
     matcher::{self, OwnerView},
     packet::PacketSpec,
     rules::{self, Action, Ruleset},
@@ -263,12 +263,8 @@ fn ruleset_for(inst: &Instance, generation: u64) -> Result<Ruleset> {
 
 /// Serves escalations for `inst` until `stop` is set. Blocking: run it on its own thread.
 pub fn serve(inst: &Instance, cfg: &Config, stop: &AtomicBool, shared: &Arc<Shared>) -> Result<()> {
-    let open = |name: &str| -> Result<Map> {
-        let path = inst.pin_dir.join(name);
-        Ok(Map::from_map_data(MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?)?)
-    };
-    let mut ring = RingBuf::try_from(open(map_names::ESCALATIONS)?)?;
-    let mut verdicts: BpfHashMap<MapData, FlowKey, Verdict> = BpfHashMap::try_from(open(map_names::VERDICTS)?)?;
+    let mut ring = RingBuf::try_from(pinned_map(&inst.pin_dir, map_names::ESCALATIONS)?)?;
+    let mut verdicts: BpfHashMap<MapData, FlowKey, Verdict> = BpfHashMap::try_from(pinned_map(&inst.pin_dir, map_names::VERDICTS)?)?;
     let maps = Maps::open(&inst.pin_dir)?;
     let mut owners = OwnerCache::new(cfg.lookup_deadline);
     let mut limiter = SourceLimiter {
@@ -281,7 +277,10 @@ pub fn serve(inst: &Instance, cfg: &Config, stop: &AtomicBool, shared: &Arc<Shar
     let started_at = now_secs();
     let mut counters = Counters::default();
     let mut batch: Vec<EscalationEvent> = Vec::with_capacity(cfg.batch);
+    // Published soon after the counters change, and every second regardless, so readers can
+    // tell a live service (see `served`) without an idle one rewriting its file constantly.
     let mut published = Instant::now() - Duration::from_secs(10);
+    let mut published_counters: Option<Counters> = None;
     tracing::info!(iface = %inst.iface, "serving escalations");
 
     while !stop.load(Ordering::Relaxed) {
@@ -368,9 +367,11 @@ pub fn serve(inst: &Instance, cfg: &Config, stop: &AtomicBool, shared: &Arc<Shar
                 d.rule_name.as_deref().unwrap_or("the default")
             );
         }
-        if published.elapsed() >= Duration::from_millis(500) || batch.is_empty() && published.elapsed() >= Duration::from_millis(200) {
+        let changed = published_counters.as_ref() != Some(&counters);
+        if published.elapsed() >= Duration::from_secs(1) || changed && published.elapsed() >= Duration::from_millis(200) {
             publish(inst, shared, &counters, started_at, limiter.buckets.len());
             published = Instant::now();
+            published_counters = Some(counters.clone());
         }
     }
     publish(inst, shared, &counters, started_at, limiter.buckets.len());
