@@ -60,6 +60,39 @@ pub const PROGRAM_NAME: &str = "xdpfw";
 /// written by a reload. `buffer = generation % BUFFERS`.
 pub const BUFFERS: u32 = 2;
 
+/// The buffer a generation selects: every lookup of a packet, and every write of a reload,
+/// goes to `buffer_of(generation)`.
+#[inline(always)]
+pub const fn buffer_of(generation: u64) -> u32 {
+    (generation % BUFFERS as u64) as u32
+}
+
+/// Protocol numbers both sides need: the program parses with them, the rules language names
+/// them, the test frames are built from them.
+pub mod proto {
+    /// Ethertypes (host byte order).
+    pub const ETH_P_IP: u16 = 0x0800;
+    pub const ETH_P_IPV6: u16 = 0x86DD;
+    pub const ETH_P_8021Q: u16 = 0x8100;
+    pub const ETH_P_8021AD: u16 = 0x88A8;
+
+    /// IP protocol numbers (IPv4 protocol / IPv6 next header).
+    pub const IPPROTO_HOPOPTS: u8 = 0;
+    pub const IPPROTO_ICMP: u8 = 1;
+    pub const IPPROTO_TCP: u8 = 6;
+    pub const IPPROTO_UDP: u8 = 17;
+    pub const IPPROTO_ROUTING: u8 = 43;
+    pub const IPPROTO_FRAGMENT: u8 = 44;
+    pub const IPPROTO_AH: u8 = 51;
+    pub const IPPROTO_ICMPV6: u8 = 58;
+    pub const IPPROTO_DSTOPTS: u8 = 60;
+
+    /// ICMPv6 types of neighbour discovery (RFC 4861): router solicitation (133), router
+    /// advertisement, neighbour solicitation, neighbour advertisement and redirect (137).
+    pub const ND_FIRST: u8 = 133;
+    pub const ND_LAST: u8 = 137;
+}
+
 /// Highest number of ordered rules in one ruleset. One bit per rule in every bitmap.
 pub const MAX_RULES: usize = 1024;
 pub const BITMAP_WORDS: usize = MAX_RULES / 64;
