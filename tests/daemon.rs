@@ -2,7 +2,7 @@
 //! fed by a watched file or by a real HTTP server (nginx) in the client namespace, judged by
 //! real traffic and by its own Prometheus endpoint. Every wait is bounded.
 
-mod harness;
+use xdpfw_testkit as harness;
 
 use std::{
     io::{Read, Write},

@@ -1,7 +1,7 @@
 //! Escalation with real processes owning real sockets: rules on the owner of the local socket
 //! are decided in userspace by the daemon, only for the flows those rules decide.
 
-mod harness;
+use xdpfw_testkit as harness;
 
 use std::{
     net::{SocketAddr, UdpSocket},

@@ -14,12 +14,12 @@ use std::{
 
 use ipnet::IpNet;
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
-use xdpfw::{
+use xdpfw_kernel::testrun::PrivateProgram;
+use xdpfw_rules::{
+    self as rules, Action, AddrList, FragmentPolicy, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Ruleset,
     compile::compile,
     matcher::decide,
     packet::PacketSpec,
-    rules::{self, Action, AddrList, FragmentPolicy, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Ruleset},
-    testrun::PrivateProgram,
 };
 use xdpfw_common::{GlobalStats, action};
 
@@ -723,7 +723,7 @@ fn rules_files_self_tests() {
             total += 1;
             // The kernel alone escalates what an owner rule decides (pending action, counted on
             // the escalating rule); with the test's owner, `d` is what the service decides.
-            let (in_kernel, d) = xdpfw::testrun::test_decisions(&rs, t);
+            let (in_kernel, d) = xdpfw_rules::selftest::test_decisions(&rs, t);
             if d.action != t.expect {
                 failures.push(format!("{}: matcher says {} for \"{}\", expected {}", t.location, d.action, t.text, t.expect));
             }

@@ -1,7 +1,7 @@
 //! The firewall attached to a veth end inside a network namespace, judged by real traffic from
 //! another namespace, driven through the `loader` binary as an operator would.
 
-mod harness;
+use xdpfw_testkit as harness;
 
 use std::{net::SocketAddr, process::Command, time::Duration};
 
@@ -291,11 +291,11 @@ fn a_thousand_reloads_under_traffic_every_packet_judged_by_a_complete_ruleset() 
     let sender = udp_stream(&t.client_ns, stop.clone());
     // Reload in-process through the library (the CLI path is covered elsewhere) so 1,000 reloads
     // take seconds: the same pipeline, lock, proof, flip, grace period and clear.
-    let inst = xdpfw::instance::Instance::find(Some(&t.server_if)).unwrap();
+    let inst = xdpfw_control::Instance::find(Some(&t.server_if)).unwrap();
     let files = [rules_dir().join("alternate-b.toml"), rules_dir().join("alternate-a.toml")];
-    let opts = xdpfw::instance::ReloadOptions::default();
+    let opts = xdpfw_control::ReloadOptions::default();
     for i in 0..reloads {
-        xdpfw::instance::reload(&inst, &files[i % 2], &opts).unwrap();
+        xdpfw_control::reload(&inst, &files[i % 2], &opts).unwrap();
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let pairs = sender.join().unwrap();

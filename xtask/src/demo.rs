@@ -1,13 +1,9 @@
 //! `cargo xtask demo`: the firewall on a veth pair between two namespaces, with real traffic.
 
-#[path = "../../tests/harness/topology.rs"]
-#[allow(dead_code, reason = "shared with the tests, which use more of it")]
-mod topology;
-
 use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{Context, Result, ensure};
-use topology::{CLIENT_V4, SERVER_V4, SERVER_V6, Topology};
+use xdpfw_testkit::topology::{CLIENT_V4, SERVER_V4, SERVER_V6, Topology};
 
 use crate::{root_dir, run};
 
@@ -37,7 +33,7 @@ fn ping(t: &Topology, addr: &str, count: u32, interval: &str) -> Result<u32> {
     Ok(received)
 }
 
-pub fn run_demo(bin: &Path) -> Result<()> {
+pub(crate) fn run_demo(bin: &Path) -> Result<()> {
     let rules = root_dir().join("rules");
     let first = rules.join("demo.toml");
     let second = rules.join("demo-reloaded.toml");

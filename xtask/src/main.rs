@@ -56,7 +56,7 @@ fn main() -> Result<()> {
             require_root("the benchmarks (they load XDP programs)")?;
             for bench in ["classifier", "reload", "escalation"] {
                 let mut cmd = Command::new("cargo");
-                cmd.current_dir(root_dir()).args(["bench", "-p", "loader", "--bench", bench, "--"]);
+                cmd.current_dir(root_dir()).args(["bench", "-p", "xdpfw-tests", "--bench", bench, "--"]);
                 if quick {
                     cmd.arg("--quick");
                 }
@@ -72,7 +72,7 @@ fn main() -> Result<()> {
     }
 }
 
-pub fn root_dir() -> PathBuf {
+pub(crate) fn root_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").to_path_buf()
 }
 
@@ -86,7 +86,7 @@ fn nix_is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-pub fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     ensure!(status.success(), "{cmd:?} failed: {status}");
     Ok(())
@@ -240,10 +240,15 @@ fn build_loader() -> Result<PathBuf> {
 fn test(args: &[String]) -> Result<()> {
     use std::io::{BufRead, BufReader};
     let root = root_dir();
+    // The integration tests drive the `loader` binary as an operator would; it is a separate
+    // package, so it is built first (testkit finds it beside the test executables).
+    run(Command::new("cargo").current_dir(&root).args(["build", "-p", "loader"]))?;
     // Stream cargo's output and add up its "test result" lines, so the run ends with one total.
+    // XDPFW_REQUIRE_ROOT=1: a root test that cannot run here fails instead of skipping.
     let mut child = Command::new("cargo")
         .current_dir(&root)
         .args(["test", "--workspace", "--exclude", "xdp-ebpf", "--no-fail-fast"])
+        .env("XDPFW_REQUIRE_ROOT", "1")
         .arg("--")
         .args(args)
         .stdout(std::process::Stdio::piped())

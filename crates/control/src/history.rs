@@ -1,0 +1,198 @@
+//! Reload history on disk: every attach and reload attempt, and a snapshot of every ruleset that
+//! went live, so `rollback` can re-apply an earlier one and the last good ruleset outlives the
+//! loader (and a reboot: `/var/lib/xdpfw`, unlike bpffs and /run, is persistent).
+
+use std::{
+    fs,
+    io::Write,
+    path::{Component, Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+use xdpfw_rules::Ruleset;
+
+use crate::{
+    error::{ControlContext, Result, refuse},
+    files::now_secs,
+    instance::ReloadTimes,
+};
+
+pub fn history_root() -> PathBuf {
+    std::env::var_os("XDPFW_HISTORY_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/xdpfw"))
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Entry {
+    /// Seconds since the epoch.
+    pub time: u64,
+    pub result: Outcome,
+    pub action: Operation,
+    pub generation: Option<u64>,
+    pub version: Option<String>,
+    pub hash: Option<String>,
+    pub source: PathBuf,
+    /// Where the applied ruleset was copied, when it could be (see `snapshot`).
+    pub snapshot: Option<PathBuf>,
+    pub error: Option<String>,
+    pub times: Option<ReloadTimes>,
+}
+
+/// Whether an attempt went live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Applied,
+    Failed,
+}
+
+/// What put a ruleset in place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Operation {
+    Attach,
+    Reload,
+    Rollback,
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Applied => "applied",
+            Self::Failed => "failed",
+        })
+    }
+}
+
+impl std::fmt::Display for Operation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Attach => "attach",
+            Self::Reload => "reload",
+            Self::Rollback => "rollback",
+        })
+    }
+}
+
+impl Entry {
+    /// A ruleset that went live as `generation`, with its snapshot (or why there is none).
+    pub fn applied(
+        action: Operation,
+        generation: u64,
+        version: Option<String>,
+        hash: &str,
+        source: &Path,
+        snapshot: std::result::Result<PathBuf, String>,
+        times: Option<ReloadTimes>,
+    ) -> Self {
+        Self {
+            time: now_secs(),
+            result: Outcome::Applied,
+            action,
+            generation: Some(generation),
+            version,
+            hash: Some(hash.to_string()),
+            source: source.to_path_buf(),
+            error: snapshot.as_ref().err().map(|why| format!("no snapshot: {why}")),
+            snapshot: snapshot.ok(),
+            times,
+        }
+    }
+}
+
+pub struct History {
+    dir: PathBuf,
+}
+
+impl History {
+    pub fn new(iface: &str) -> Self {
+        Self { dir: history_root().join(iface) }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn append(&self, entry: &Entry) -> Result<()> {
+        fs::create_dir_all(&self.dir).ctx(|| format!("creating {}", self.dir.display()))?;
+        let mut line = serde_json::to_vec(entry).ctx(|| "serializing a history entry".into())?;
+        line.push(b'\n');
+        let path = self.dir.join("history.jsonl");
+        // One write of one line with O_APPEND: concurrent writers never interleave within it.
+        let mut f = fs::OpenOptions::new().create(true).append(true).open(&path).ctx(|| format!("opening {}", path.display()))?;
+        f.write_all(&line).ctx(|| format!("appending to {}", path.display()))
+    }
+
+    /// Every entry, oldest first. A line that does not parse (a write cut short by a full disk
+    /// or a crash, an edit by hand) is skipped with a warning: one bad line must not take the
+    /// history, rollback and `attach --last-good` with it.
+    pub fn entries(&self) -> Result<Vec<Entry>> {
+        let path = self.dir.join("history.jsonl");
+        let Ok(bytes) = fs::read(&path) else { return Ok(Vec::new()) };
+        let mut entries = Vec::new();
+        for (n, line) in bytes.split(|&b| b == b'\n').enumerate() {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            match serde_json::from_slice(line) {
+                Ok(e) => entries.push(e),
+                Err(e) => tracing::warn!("{}:{}: skipping a corrupt history line: {e}", path.display(), n + 1),
+            }
+        }
+        Ok(entries)
+    }
+
+    /// Copies the rules file and its set files under `snapshots/<hash>/`, keeping their relative
+    /// layout so the copy loads the same. `None` (with the reason) when a set file lies outside
+    /// the rules file's folder, where a copy could not keep the relative path.
+    pub fn snapshot(&self, rs: &Ruleset) -> Result<std::result::Result<PathBuf, String>> {
+        let dir = self.dir.join("snapshots").join(&rs.hash);
+        let rules = dir.join("rules.toml");
+        if rules.exists() {
+            return Ok(Ok(rules));
+        }
+        for (written, _) in &rs.set_files {
+            let p = Path::new(written);
+            if p.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
+                return Ok(Err(format!("set file \"{written}\" is not inside the rules file's folder")));
+            }
+        }
+        let tmp = self.dir.join("snapshots").join(format!(".{}.tmp", rs.hash));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir_all(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
+        fs::copy(&rs.path, tmp.join("rules.toml")).ctx(|| format!("copying {}", rs.path.display()))?;
+        for (written, from) in &rs.set_files {
+            let to = tmp.join(written);
+            if let Some(parent) = to.parent() {
+                fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
+            }
+            fs::copy(from, &to).ctx(|| format!("copying {}", from.display()))?;
+        }
+        fs::rename(&tmp, &dir).ctx(|| format!("renaming {}", tmp.display()))?;
+        Ok(Ok(rules))
+    }
+
+    /// The applied entries with a snapshot, newest first.
+    pub fn applied(&self) -> Result<Vec<Entry>> {
+        let mut v: Vec<Entry> = self.entries()?.into_iter().filter(|e| e.result == Outcome::Applied && e.snapshot.is_some()).collect();
+        v.reverse();
+        Ok(v)
+    }
+
+    /// The snapshot `back` applied rulesets before the newest one (1 = the previous one).
+    pub fn rollback_target(&self, back: usize) -> Result<Entry> {
+        let applied = self.applied()?;
+        if back == 0 {
+            refuse!("rollback needs N >= 1");
+        }
+        match applied.get(back) {
+            Some(e) => Ok(e.clone()),
+            None => refuse!(
+                "there are only {} earlier applied rulesets in {} (asked for {back} back)",
+                applied.len().saturating_sub(1),
+                self.dir.display()
+            ),
+        }
+    }
+}

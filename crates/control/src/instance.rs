@@ -1,0 +1,198 @@
+//! Operations on an attached firewall instance: attach, reload, stats, detach.
+//!
+//! An instance is the program attached to one interface. Its kernel objects are pinned under
+//! `/sys/fs/bpf/xdpfw/<iface>/`; its userspace state (what ruleset is active, the last reload)
+//! lives in `/run/xdpfw/<iface>/state.json`, written atomically. Every mutating operation holds
+//! the instance's lock file, so reloads are serialized.
+
+use std::{
+    fs::{self, File},
+    path::PathBuf,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use xdpfw_kernel::{self as kernel, AttachMode, grace::GraceMethod};
+use xdpfw_rules::{Ruleset, compile::Image};
+
+use crate::{
+    error::{ControlContext, Result, refuse},
+    files,
+};
+
+pub fn state_root() -> PathBuf {
+    std::env::var_os("XDPFW_STATE_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/xdpfw"))
+}
+
+/// What a person needs to recognise a ruleset.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RulesetSummary {
+    pub path: Option<PathBuf>,
+    pub version: Option<String>,
+    pub hash: String,
+    pub default: String,
+    pub rules: Vec<String>,
+    pub actions: Vec<String>,
+    pub prefixes: usize,
+    pub trie_entries: usize,
+    /// Rules with owner conditions, which need the escalation service.
+    #[serde(default)]
+    pub owner_rules: Vec<String>,
+}
+
+impl RulesetSummary {
+    pub(crate) fn new(rs: &Ruleset, image: &Image, from_file: bool) -> Self {
+        Self {
+            path: from_file.then(|| rs.path.clone()),
+            version: rs.version.clone(),
+            hash: rs.hash.clone(),
+            default: rs.default.to_string(),
+            rules: rs.rules.iter().map(|r| r.name.clone()).collect(),
+            actions: rs.rules.iter().map(|r| r.action.to_string()).collect(),
+            prefixes: rs.prefix_count(),
+            trie_entries: image.prefix_count(),
+            owner_rules: rs.rules.iter().filter(|r| r.owner.is_some()).map(|r| r.name.clone()).collect(),
+        }
+    }
+}
+
+/// Durations of each phase of a reload, in microseconds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ReloadTimes {
+    pub parse_us: u64,
+    pub compile_us: u64,
+    pub lock_wait_us: u64,
+    pub install_arrays_us: u64,
+    pub install_tries_us: u64,
+    /// Self-tests run in the kernel against the inactive buffer before the flip.
+    pub self_tests: usize,
+    pub prove_us: u64,
+    pub flip_us: u64,
+    pub grace_us: u64,
+    pub clear_us: u64,
+    pub total_us: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReloadReport {
+    pub iface: String,
+    pub previous_generation: u64,
+    pub generation: u64,
+    pub buffer: u32,
+    pub ruleset: RulesetSummary,
+    pub grace_method: GraceMethod,
+    pub times: ReloadTimes,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct State {
+    pub iface: String,
+    pub mode: AttachMode,
+    pub attached_at: u64,
+    pub generation: u64,
+    pub ruleset: RulesetSummary,
+    pub last_reload: Option<ReloadReport>,
+}
+
+/// Paths of one instance.
+pub struct Instance {
+    pub iface: String,
+    pub pin_dir: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+impl Instance {
+    pub fn new(iface: &str) -> Result<Self> {
+        if iface.is_empty() || iface.len() > 15 || iface.contains(['/', '.', ' ']) || iface == ".." {
+            refuse!("invalid interface name \"{iface}\"");
+        }
+        Ok(Self {
+            iface: iface.to_string(),
+            pin_dir: kernel::pin_dir(iface),
+            state_dir: state_root().join(iface),
+        })
+    }
+
+    /// The single attached instance, or the one named.
+    pub fn find(iface: Option<&str>) -> Result<Self> {
+        if let Some(i) = iface {
+            let inst = Self::new(i)?;
+            if !inst.pin_dir.exists() {
+                refuse!("no firewall is attached to {i} (nothing pinned at {})", inst.pin_dir.display());
+            }
+            return Ok(inst);
+        }
+        let all = list()?;
+        match all.as_slice() {
+            [one] => Self::new(one),
+            [] => refuse!("no firewall is attached (nothing pinned under {})", kernel::pin_root().display()),
+            many => refuse!("several firewalls are attached ({}); choose one with --iface", many.join(", ")),
+        }
+    }
+
+    pub fn is_attached(&self) -> bool {
+        self.pin_dir.exists()
+    }
+
+    /// The instance's reload lock: every change to its kernel state holds it.
+    pub(crate) fn lock(&self, wait: Duration) -> Result<File> {
+        let path = state_root().join(format!("{}.lock", self.iface));
+        files::lock_file(&path, wait, &format!("another reload of {} is in progress", self.iface))
+    }
+
+    pub fn state(&self) -> Result<State> {
+        let path = self.state_dir.join("state.json");
+        let text = fs::read_to_string(&path).ctx(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).ctx(|| format!("parsing {}", path.display()))
+    }
+
+    pub(crate) fn write_state(&self, state: &State) -> Result<()> {
+        self.write_state_file("state.json", state)
+    }
+
+    /// Writes atomically (temporary file, then rename).
+    pub(crate) fn write_state_file(&self, name: &str, state: &State) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(state).ctx(|| "serializing the state".into())?;
+        files::atomic_write(&self.state_dir.join(name), &bytes)
+    }
+
+    /// The state of the generation the kernel serves: `state.json`, or `next-<generation>.json`
+    /// when a reload died between its flip and its final record.
+    pub fn state_for(&self, generation: u64) -> Result<State> {
+        let state = self.state()?;
+        if state.generation == generation {
+            return Ok(state);
+        }
+        let next: Option<State> = fs::read_to_string(self.state_dir.join(format!("next-{generation}.json")))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        match next {
+            Some(n) if n.generation == generation => Ok(n),
+            _ => refuse!(
+                "a reload of {} is in progress (kernel generation {generation}, recorded {}); try again",
+                self.iface,
+                state.generation
+            ),
+        }
+    }
+}
+
+/// Names of the interfaces with an attached instance.
+pub fn list() -> Result<Vec<String>> {
+    let root = kernel::pin_root();
+    if !root.exists() {
+        return Ok(Vec::new());
+    }
+    let mut names: Vec<String> = fs::read_dir(&root)
+        .ctx(|| format!("reading {}", root.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("link").exists())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+

@@ -1,0 +1,17 @@
+//! Attached firewall instances and the state the firewall keeps about them: where each lives
+//! (pins, runtime state, history), what ruleset it serves, the reload pipeline that changes it
+//! and the report of each reload, the history with its snapshots, and the escalation service's
+//! published report. Every fallible operation returns a [`ControlError`].
+
+pub mod error;
+pub mod escalation;
+pub mod files;
+pub mod history;
+pub mod instance;
+pub mod pipeline;
+pub mod stats;
+
+pub use error::{ControlError, Result};
+pub use instance::{Instance, ReloadReport, ReloadTimes, RulesetSummary, State};
+pub use pipeline::{AttachReport, ReloadOptions, attach, attach_ruleset, detach, empty_ruleset, reload, rollback};
+pub use stats::{RuleCounters, Stats, stats};

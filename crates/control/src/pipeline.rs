@@ -1,0 +1,272 @@
+//! The operations that change an instance: attach, detach, reload, rollback. Each holds the
+//! instance's lock; a reload is parse → compile → lock → write the inactive buffer → prove →
+//! flip → grace → clear → record.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use xdpfw_common::buffer_of;
+use xdpfw_kernel::{self as kernel, AttachMode, Maps, grace, testrun};
+use xdpfw_rules::{self as rules, Ruleset, compile::compile, selftest::{self, SelfTestFailures}};
+
+use crate::{
+    error::{ControlContext, ControlError, Result, refuse},
+    files::now_secs,
+    history::{self, History},
+    instance::{Instance, ReloadReport, ReloadTimes, RulesetSummary, State},
+};
+
+fn us(d: Duration) -> u64 {
+    d.as_micros() as u64
+}
+
+/// A ruleset that passes everything: what `attach` installs without `--rules`.
+pub fn empty_ruleset() -> Ruleset {
+    // A constant known to parse (tested below); the fallback is unreachable.
+    rules::parse(Path::new("<built-in: pass all>"), "default = \"pass\"\n").unwrap_or_else(|e| unreachable!("{e}"))
+}
+
+pub struct AttachReport {
+    pub generation: u64,
+    pub ruleset: RulesetSummary,
+}
+
+/// Loads the program, pins it, installs `rules` (or pass-all), then attaches. The first packet
+/// the program sees is classified against the complete ruleset.
+pub fn attach(iface: &str, rules_path: Option<&Path>, mode: AttachMode) -> Result<AttachReport> {
+    let (ruleset, from_file) = match rules_path {
+        Some(p) => (rules::load(p)?, true),
+        None => (empty_ruleset(), false),
+    };
+    attach_ruleset(iface, &ruleset, from_file, mode)
+}
+
+/// Attaches with a ruleset already parsed: `from_file` says whether it came from a file (whose
+/// snapshot goes into the history) or was built in (pass-all, the daemon's fail-closed set).
+pub fn attach_ruleset(iface: &str, ruleset: &Ruleset, from_file: bool, mode: AttachMode) -> Result<AttachReport> {
+    let ruleset = ruleset.clone();
+    let inst = Instance::new(iface)?;
+    let image = compile(&ruleset)?;
+    kernel::ensure_bpffs()?;
+    let _lock = inst.lock(Duration::from_secs(30))?;
+    if inst.is_attached() {
+        refuse!(
+            "a firewall is already attached to {iface} (pinned at {}); use `loader reload` to change its rules or `loader detach {iface}` first",
+            inst.pin_dir.display()
+        );
+    }
+    fs::create_dir_all(&inst.pin_dir).ctx(|| format!("creating {}", inst.pin_dir.display()))?;
+    let result = (|| -> Result<AttachReport> {
+        let mut ebpf = kernel::load_program(&inst.pin_dir)?;
+        let mut maps = Maps::open(&inst.pin_dir)?;
+        let generation = 1;
+        maps.install(buffer_of(generation), generation, &image)?;
+        maps.flip(generation)?;
+        kernel::pin_probe(&inst.pin_dir)?;
+        kernel::attach_and_pin(&mut ebpf, iface, mode, &inst.pin_dir)?;
+        let summary = RulesetSummary::new(&ruleset, &image, from_file);
+        if from_file {
+            let history = History::new(iface);
+            let snapshot = history.snapshot(&ruleset)?;
+            let entry = history::Entry::applied(history::Operation::Attach, generation, ruleset.version.clone(), &ruleset.hash, &ruleset.path, snapshot, None);
+            if let Err(e) = history.append(&entry) {
+                tracing::warn!("could not record the attach in {}: {e}", history.dir().display());
+            }
+        }
+        inst.write_state(&State {
+            iface: iface.to_string(),
+            mode,
+            attached_at: now_secs(),
+            generation,
+            ruleset: summary.clone(),
+            last_reload: None,
+        })?;
+        Ok(AttachReport { generation, ruleset: summary })
+    })();
+    if result.is_err() {
+        // Leave nothing half-made behind: no pins, no state.
+        let _ = kernel::detach_and_unpin(&inst.pin_dir);
+        let _ = fs::remove_dir_all(&inst.state_dir);
+    }
+    result
+}
+
+/// Detaches the program and removes every pin and the state of the instance.
+pub fn detach(iface: &str) -> Result<()> {
+    let inst = Instance::new(iface)?;
+    // Checked before taking the lock too, so a detach of nothing leaves no lock file behind.
+    if !inst.pin_dir.exists() {
+        refuse!("no firewall is attached to {iface}");
+    }
+    let lock = inst.lock(Duration::from_secs(30))?;
+    if !inst.pin_dir.exists() {
+        refuse!("no firewall is attached to {iface}");
+    }
+    kernel::detach_and_unpin(&inst.pin_dir)?;
+    if inst.state_dir.exists() {
+        fs::remove_dir_all(&inst.state_dir).ctx(|| format!("removing {}", inst.state_dir.display()))?;
+    }
+    // The lock file stays: unlinking it while another process waits on it would let a third
+    // lock a new file of the same name at the same time.
+    drop(lock);
+    Ok(())
+}
+
+pub struct ReloadOptions {
+    /// How long to wait for a concurrent reload to finish.
+    pub lock_wait: Duration,
+    /// The shortest grace period, whatever membarrier says.
+    pub min_grace: Duration,
+}
+
+impl Default for ReloadOptions {
+    fn default() -> Self {
+        Self { lock_wait: Duration::from_secs(30), min_grace: Duration::ZERO }
+    }
+}
+
+/// The reload pipeline: parse → compile → lock → write the inactive buffer → prove → flip →
+/// grace → clear the retired buffer → record. Any failure before the flip leaves the active
+/// ruleset untouched; the flip is one atomic store. Every attempt goes into the history.
+pub fn reload(inst: &Instance, path: &Path, opts: &ReloadOptions) -> Result<ReloadReport> {
+    reload_as(inst, path, opts, history::Operation::Reload)
+}
+
+/// Re-applies the ruleset applied `back` times before the current one, through the same pipeline.
+pub fn rollback(inst: &Instance, back: usize, opts: &ReloadOptions) -> Result<ReloadReport> {
+    let target = History::new(&inst.iface).rollback_target(back)?;
+    let Some(snapshot) = target.snapshot else { refuse!("the history entry to roll back to has no snapshot") };
+    reload_as(inst, &snapshot, opts, history::Operation::Rollback)
+}
+
+fn reload_as(inst: &Instance, path: &Path, opts: &ReloadOptions, action: history::Operation) -> Result<ReloadReport> {
+    let history = History::new(&inst.iface);
+    let result = reload_pipeline(inst, path, opts);
+    let entry = match &result {
+        Ok((report, snapshot)) => history::Entry::applied(
+            action,
+            report.generation,
+            report.ruleset.version.clone(),
+            &report.ruleset.hash,
+            path,
+            snapshot.clone(),
+            Some(report.times.clone()),
+        ),
+        Err(e) => history::Entry {
+            time: now_secs(),
+            result: history::Outcome::Failed,
+            action,
+            generation: None,
+            version: None,
+            hash: None,
+            source: path.to_path_buf(),
+            snapshot: None,
+            error: Some(e.to_string()),
+            times: None,
+        },
+    };
+    if let Err(e) = history.append(&entry) {
+        tracing::warn!("could not record the reload in {}: {e}", history.dir().display());
+    }
+    result.map(|(report, _)| report)
+}
+
+type Snapshot = std::result::Result<PathBuf, String>;
+
+fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions) -> Result<(ReloadReport, Snapshot)> {
+    let total = Instant::now();
+    let mut times = ReloadTimes::default();
+    let t = Instant::now();
+    let ruleset = rules::load(path)?;
+    times.parse_us = us(t.elapsed());
+    let t = Instant::now();
+    let image = compile(&ruleset)?;
+    times.compile_us = us(t.elapsed());
+
+    let t = Instant::now();
+    let _lock = inst.lock(opts.lock_wait)?;
+    times.lock_wait_us = us(t.elapsed());
+    if !inst.is_attached() {
+        refuse!("no firewall is attached to {}", inst.iface);
+    }
+    let mut maps = Maps::open(&inst.pin_dir)?;
+    let previous = maps.generation();
+    let generation = previous + 1;
+    let buffer = buffer_of(generation);
+
+    // A reload that died after its flip left this buffer uncleared, possibly moments ago: wait
+    // out a grace period before overwriting it, so no packet can still be reading it.
+    if maps.header(buffer).generation != 0 {
+        grace::wait(opts.min_grace);
+        maps.clear(buffer)?;
+    }
+    let installed = maps.install(buffer, generation, &image)?;
+    times.install_arrays_us = installed.arrays_us;
+    times.install_tries_us = installed.tries_us;
+
+    // Prove the new ruleset where it will run: its own [[test]] packets through a copy of the
+    // program that reads the inactive buffer. A failure leaves the active ruleset untouched.
+    if !ruleset.tests.is_empty() {
+        let t = Instant::now();
+        let mut probe = kernel::open_probe(&inst.pin_dir)?;
+        let mut run = |frame: &[u8]| testrun::run_frame(&mut probe, frame, 1).map(|r| r.0);
+        let failures = selftest::self_test_failures(&ruleset, Some(&mut run))?;
+        if !failures.is_empty() {
+            return Err(ControlError::SelfTests {
+                file: ruleset.path.clone(),
+                failures: SelfTestFailures { total: ruleset.tests.len(), failures },
+            });
+        }
+        times.prove_us = us(t.elapsed());
+        times.self_tests = ruleset.tests.len();
+    }
+
+    // Recorded before the flip, so `stats` can name the rules even if this process dies between
+    // the flip and the final record (the next reload replaces both files).
+    let summary = RulesetSummary::new(&ruleset, &image, true);
+    let mut next = inst.state()?;
+    next.generation = generation;
+    next.ruleset = summary.clone();
+    inst.write_state_file(&format!("next-{generation}.json"), &next)?;
+
+    let t = Instant::now();
+    maps.flip(generation)?;
+    times.flip_us = us(t.elapsed());
+
+    let (grace_time, grace_method) = grace::wait(opts.min_grace);
+    times.grace_us = us(grace_time);
+
+    let t = Instant::now();
+    maps.clear(buffer_of(previous))?;
+    times.clear_us = us(t.elapsed());
+    times.total_us = us(total.elapsed());
+
+    let report = ReloadReport {
+        iface: inst.iface.clone(),
+        previous_generation: previous,
+        generation,
+        buffer,
+        ruleset: summary.clone(),
+        grace_method,
+        times,
+        warnings: ruleset.warnings.iter().map(|w| w.to_string()).collect(),
+    };
+    // The new ruleset is live from the flip on: a failure to record it (a full disk) must say
+    // so, not claim the reload failed.
+    let snapshot = History::new(&inst.iface).snapshot(&ruleset).unwrap_or_else(|e| Err(e.to_string()));
+    next.last_reload = Some(report.clone());
+    if let Err(e) = inst.write_state(&next) {
+        return Err(ControlError::LiveButUnrecorded { report: Box::new(report), source: Box::new(e) });
+    }
+    // What any earlier, interrupted reload left is superseded now.
+    for entry in fs::read_dir(&inst.state_dir).ctx(|| format!("reading {}", inst.state_dir.display()))?.flatten() {
+        if entry.file_name().to_string_lossy().starts_with("next-") {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    Ok((report, snapshot))
+}
+

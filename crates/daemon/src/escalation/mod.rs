@@ -1,0 +1,382 @@
+//! The userspace half of escalation: flows whose first matching rule needs the owner of the
+//! local socket arrive here as ring-buffer events (one per flow); we find the owner, evaluate the
+//! ruleset with it from the escalating rule on, and write the verdict, with a TTL, into the
+//! kernel's verdict cache. Every other flow is decided in the kernel and never comes here.
+//!
+//! Bounded under floods: the ring buffer is fixed-size (the kernel counts what it cannot send),
+//! a batch is at most `Config::batch` events, each source address has a token bucket (and the
+//! table of buckets a fixed size), owner lookups share snapshots with a deadline, and the
+//! latency window is fixed. A flow we decline stays pending in the kernel and is retried.
+
+pub mod owners;
+
+use std::{
+    collections::HashMap,
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::{AsFd, AsRawFd},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
+use xdpfw_common::{DEFAULT_RULE_SLOT, EscalationEvent, FlowKey, Verdict, map_names};
+use xdpfw_control::{
+    Instance,
+    escalation::{self as report, Counters, Report},
+    files::now_secs,
+    history::History,
+};
+use xdpfw_kernel::{Maps, pinned_map};
+use xdpfw_rules::{
+    self as rules, Action, Ruleset,
+    matcher::{self, OwnerView},
+    packet::PacketSpec,
+    short_hash,
+};
+use owners::{Lookup, OwnerCache};
+
+/// Tuning of the service (command-line flags of `loader run`).
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The longest one /proc walk may take before the decision is abandoned.
+    pub lookup_deadline: Duration,
+    /// Escalations decided per second per source address (token bucket rate and burst).
+    pub per_source_rate: f64,
+    pub per_source_burst: f64,
+    /// Source addresses tracked at once; new sources beyond it are declined (and counted).
+    pub max_sources: usize,
+    /// Events taken from the ring buffer before deciding them.
+    pub batch: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            lookup_deadline: Duration::from_millis(200),
+            per_source_rate: 200.0,
+            per_source_burst: 400.0,
+            max_sources: 4096,
+            batch: 256,
+        }
+    }
+}
+
+/// Shared between the service thread and readers (the metrics endpoint).
+#[derive(Default)]
+pub struct Shared {
+    pub report: Mutex<Report>,
+    latencies: Mutex<Latencies>,
+}
+
+/// The most recent decision latencies, in nanoseconds (a fixed window).
+#[derive(Default)]
+struct Latencies {
+    samples: Vec<u64>,
+    next: usize,
+}
+
+const LATENCY_WINDOW: usize = 4096;
+
+impl Latencies {
+    fn push(&mut self, ns: u64) {
+        if self.samples.len() < LATENCY_WINDOW {
+            self.samples.push(ns);
+        } else {
+            self.samples[self.next] = ns;
+        }
+        self.next = (self.next + 1) % LATENCY_WINDOW;
+    }
+    fn quantile(&self, q: f64) -> Option<f64> {
+        if self.samples.is_empty() {
+            return None;
+        }
+        let mut v = self.samples.clone();
+        v.sort_unstable();
+        let i = ((v.len() - 1) as f64 * q).round() as usize;
+        Some(v[i] as f64 / 1000.0)
+    }
+}
+
+/// Token buckets per source address, in a table of bounded size.
+struct SourceLimiter {
+    buckets: HashMap<IpAddr, (f64, Instant)>,
+    rate: f64,
+    burst: f64,
+    max: usize,
+}
+
+impl SourceLimiter {
+    fn allow(&mut self, src: IpAddr) -> bool {
+        let now = Instant::now();
+        if !self.buckets.contains_key(&src) && self.buckets.len() >= self.max {
+            // Forget sources whose bucket has refilled: they are indistinguishable from new ones.
+            let (rate, burst) = (self.rate, self.burst);
+            self.buckets.retain(|_, (tokens, at)| *tokens + at.elapsed().as_secs_f64() * rate < burst);
+            if self.buckets.len() >= self.max {
+                return false;
+            }
+        }
+        let (tokens, at) = self.buckets.entry(src).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The service's counters and decision latency for the daemon's metrics endpoint.
+pub struct Metrics(pub Arc<Shared>);
+
+impl crate::MetricsSource for Metrics {
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+
+        use crate::metrics::family;
+        let r = self.0.report.lock().expect("not poisoned").clone();
+        family(out, "xdpfw_escalation_events_total", "counter", "Escalation events read from the ring buffer, by outcome.");
+        let c = &r.counters;
+        for (outcome, v) in [
+            ("decided_pass", c.decided_pass),
+            ("decided_drop", c.decided_drop),
+            ("lookup_timeout", c.lookup_timeouts),
+            ("source_limited", c.source_limited),
+            ("stale", c.stale),
+            ("error", c.errors),
+        ] {
+            let _ = writeln!(out, "xdpfw_escalation_events_total{{outcome=\"{outcome}\"}} {v}");
+        }
+        family(out, "xdpfw_escalation_no_socket_total", "counter", "Flows decided without an owner: no socket receives them.");
+        let _ = writeln!(out, "xdpfw_escalation_no_socket_total {}", c.no_socket);
+        family(out, "xdpfw_escalation_process_gone_total", "counter", "Flows decided on the socket's uid only: its process had exited.");
+        let _ = writeln!(out, "xdpfw_escalation_process_gone_total {}", c.process_gone);
+        family(out, "xdpfw_escalation_sources_tracked", "gauge", "Source addresses in the per-source limiter.");
+        let _ = writeln!(out, "xdpfw_escalation_sources_tracked {}", r.sources_tracked);
+        family(out, "xdpfw_escalation_decision_latency_seconds", "gauge", "Kernel event to verdict in place: quantiles over the most recent decisions.");
+        for (q, v) in [("0.5", r.latency_p50_us), ("0.99", r.latency_p99_us)] {
+            if let Some(us) = v {
+                let _ = writeln!(out, "xdpfw_escalation_decision_latency_seconds{{quantile=\"{q}\"}} {}", us / 1e6);
+            }
+        }
+        family(out, "xdpfw_escalation_decision_latency_samples", "gauge", "Decisions the latency quantiles are taken over.");
+        let _ = writeln!(out, "xdpfw_escalation_decision_latency_samples {}", r.latency_samples);
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+pub fn flow_packet(ev: &EscalationEvent) -> PacketSpec {
+    let f = &ev.flow;
+    let addr = |b: &[u8; 16]| -> IpAddr {
+        if f.is_v6 != 0 {
+            IpAddr::V6(Ipv6Addr::from(*b))
+        } else {
+            IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+        }
+    };
+    PacketSpec {
+        proto: f.proto,
+        src: addr(&f.src),
+        dst: addr(&f.dst),
+        sport: f.sport,
+        dport: f.dport,
+        tcp_flags: ev.tcp_flags as u8,
+        icmp_type: 0,
+        icmp_code: 0,
+        fragment: false,
+    }
+}
+
+/// The ruleset a generation was compiled from: its snapshot in the history (by content hash),
+/// or the file it was read from if that still has the same content.
+fn ruleset_for(inst: &Instance, generation: u64) -> Result<Ruleset> {
+    let state = inst.state_for(generation)?;
+    let hash = &state.ruleset.hash;
+    let snapshot = History::new(&inst.iface).dir().join("snapshots").join(hash).join("rules.toml");
+    for path in [Some(snapshot), state.ruleset.path.clone()].into_iter().flatten() {
+        if let Ok(rs) = rules::load(&path)
+            && &rs.hash == hash
+        {
+            return Ok(rs);
+        }
+    }
+    anyhow::bail!("the ruleset of generation {generation} (hash {}) is neither in the history nor at its path", short_hash(hash))
+}
+
+/// Serves escalations for `inst` until `stop` is set. Blocking: run it on its own thread.
+pub fn serve(inst: &Instance, cfg: &Config, stop: &AtomicBool, shared: &Arc<Shared>) -> Result<()> {
+    let mut ring = RingBuf::try_from(pinned_map(&inst.pin_dir, map_names::ESCALATIONS)?)?;
+    let mut verdicts: BpfHashMap<MapData, FlowKey, Verdict> = BpfHashMap::try_from(pinned_map(&inst.pin_dir, map_names::VERDICTS)?)?;
+    let maps = Maps::open(&inst.pin_dir)?;
+    let mut owners = OwnerCache::new(cfg.lookup_deadline);
+    let mut limiter = SourceLimiter {
+        buckets: HashMap::new(),
+        rate: cfg.per_source_rate,
+        burst: cfg.per_source_burst,
+        max: cfg.max_sources,
+    };
+    let mut ruleset: Option<(u64, Ruleset)> = None;
+    let started_at = now_secs();
+    let mut counters = Counters::default();
+    let mut batch: Vec<EscalationEvent> = Vec::with_capacity(cfg.batch);
+    // Published soon after the counters change, and every second regardless, so readers can
+    // tell a live service (see `served`) without an idle one rewriting its file constantly.
+    let mut published = Instant::now() - Duration::from_secs(10);
+    let mut published_counters: Option<Counters> = None;
+    tracing::info!(iface = %inst.iface, "serving escalations");
+
+    while !stop.load(Ordering::Relaxed) {
+        let mut pfd = libc::pollfd { fd: ring.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd. A short timeout so `stop` and publishing are timely.
+        unsafe { libc::poll(&mut pfd, 1, 100) };
+        batch.clear();
+        while batch.len() < cfg.batch {
+            let Some(item) = ring.next() else { break };
+            if item.len() >= size_of::<EscalationEvent>() {
+                // SAFETY: the kernel wrote an EscalationEvent; read_unaligned copes with any alignment.
+                batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const EscalationEvent) });
+            }
+        }
+        for ev in &batch {
+            counters.events += 1;
+            let generation = maps.generation();
+            if ev.generation != generation {
+                counters.stale += 1;
+                continue;
+            }
+            if ruleset.as_ref().is_none_or(|(g, _)| *g != generation) {
+                match ruleset_for(inst, generation) {
+                    Ok(rs) => ruleset = Some((generation, rs)),
+                    Err(e) => {
+                        counters.errors += 1;
+                        tracing::warn!("escalation: {e:#}");
+                        continue;
+                    }
+                }
+            }
+            let rs = &ruleset.as_ref().expect("set above").1;
+            let pkt = flow_packet(ev);
+            if !limiter.allow(pkt.src) {
+                counters.source_limited += 1;
+                continue;
+            }
+            let owner = match owners.lookup(pkt.proto, pkt.dst, pkt.dport, ev.sent_ns) {
+                Ok(Lookup::Owner(o)) => Some(o),
+                Ok(Lookup::ProcessGone(o)) => {
+                    counters.process_gone += 1;
+                    Some(o)
+                }
+                Ok(Lookup::NoSocket) => {
+                    counters.no_socket += 1;
+                    None
+                }
+                Ok(Lookup::TimedOut) => {
+                    counters.lookup_timeouts += 1;
+                    continue;
+                }
+                Err(e) => {
+                    counters.errors += 1;
+                    tracing::warn!("escalation: owner lookup: {e:#}");
+                    continue;
+                }
+            };
+            let d = matcher::evaluate(rs, &pkt, OwnerView::Known(owner.as_ref()), ev.rule as usize);
+            let now = monotonic_ns();
+            let verdict = Verdict {
+                generation,
+                expires_ns: now + rs.escalation.verdict_ttl.as_nanos() as u64,
+                action: d.action.kernel(),
+                rule: d.rule.map_or(DEFAULT_RULE_SLOT, |r| r as u32),
+            };
+            if let Err(e) = verdicts.insert(&ev.flow, &verdict, 0) {
+                counters.errors += 1;
+                tracing::warn!("escalation: writing a verdict: {e}");
+                continue;
+            }
+            match d.action {
+                Action::Pass => counters.decided_pass += 1,
+                Action::Drop => counters.decided_drop += 1,
+            }
+            shared.latencies.lock().expect("not poisoned").push(monotonic_ns().saturating_sub(ev.sent_ns));
+            tracing::debug!(
+                "{} {}:{} -> {}:{}: {} by {}",
+                pkt.proto,
+                pkt.src,
+                pkt.sport,
+                pkt.dst,
+                pkt.dport,
+                d.action,
+                d.rule_name.as_deref().unwrap_or("the default")
+            );
+        }
+        let changed = published_counters.as_ref() != Some(&counters);
+        if published.elapsed() >= Duration::from_secs(1) || changed && published.elapsed() >= Duration::from_millis(200) {
+            publish(inst, shared, &counters, started_at, limiter.buckets.len());
+            published = Instant::now();
+            published_counters = Some(counters.clone());
+        }
+    }
+    publish(inst, shared, &counters, started_at, limiter.buckets.len());
+    let _ = fs::remove_file(report::report_path(inst));
+    Ok(())
+}
+
+fn publish(inst: &Instance, shared: &Shared, counters: &Counters, started_at: u64, sources: usize) {
+    let lat = shared.latencies.lock().expect("not poisoned");
+    let report = Report {
+        pid: std::process::id(),
+        started_at,
+        updated_at: now_secs(),
+        counters: counters.clone(),
+        latency_p50_us: lat.quantile(0.5),
+        latency_p99_us: lat.quantile(0.99),
+        latency_samples: lat.samples.len(),
+        sources_tracked: sources,
+    };
+    drop(lat);
+    report::publish(inst, &report);
+    *shared.report.lock().expect("not poisoned") = report;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_source_limiter_is_bounded() {
+        let mut l = SourceLimiter { buckets: HashMap::new(), rate: 0.0, burst: 2.0, max: 3 };
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        assert!(l.allow(a) && l.allow(a));
+        assert!(!l.allow(a), "a source over its burst is declined");
+        for i in 2..4u8 {
+            assert!(l.allow(IpAddr::V4(Ipv4Addr::new(192, 0, 2, i))));
+        }
+        assert!(!l.allow("192.0.2.9".parse().unwrap()), "a full table declines new sources");
+        assert_eq!(l.buckets.len(), 3);
+    }
+
+    #[test]
+    fn latency_quantiles_use_a_fixed_window() {
+        let mut l = Latencies::default();
+        for i in 1..=10_000u64 {
+            l.push(i * 1000);
+        }
+        assert_eq!(l.samples.len(), LATENCY_WINDOW);
+        assert!(l.quantile(0.5).unwrap() > 5000.0, "old samples left the window");
+        assert!(l.quantile(0.99).unwrap() <= 10_000.0);
+    }
+}

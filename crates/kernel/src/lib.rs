@@ -1,0 +1,21 @@
+//! The only crate that talks to the kernel: it embeds the XDP object (built by `build.rs` with
+//! the pinned eBPF toolchain), loads and pins it, attaches it, writes a compiled ruleset into the
+//! inactive buffer of the maps and flips the generation ([`Maps`]), waits for a provable grace
+//! period ([`grace`]), and runs frames through BPF_PROG_TEST_RUN ([`testrun`]).
+
+mod error;
+pub mod grace;
+mod maps;
+pub mod testrun;
+
+pub use error::{KernelError, Result};
+pub use maps::*;
+
+/// The peers the classifier benchmark runs beside the firewall, built with it: an XDP program
+/// that only returns (the floor) and one that makes a single LPM lookup (the plain program).
+pub mod peers {
+    /// The empty XDP program.
+    pub static FLOOR: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/floor"));
+    /// One LPM-trie lookup on the source address.
+    pub static PLAIN_LPM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/plain_lpm"));
+}

@@ -1,0 +1,541 @@
+//! The kernel side as userspace sees it: loading and pinning the XDP program, the pinned maps, and
+//! the primitive operations of a reload (write the inactive buffer, flip, clear).
+
+use std::{
+    fs,
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+    ptr::NonNull,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use crate::error::{KernelContext, KernelError, Result, kbail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{
+        Array, ArrayOfMaps, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues,
+        lpm_trie::Key,
+    },
+    programs::{Xdp, XdpMode, links::FdLink, links::PinnedLink},
+    util::nr_cpus,
+};
+use xdpfw_common::{
+    BUFFERS, Bitmap, buffer_of, DirBlock, FieldEntry, GlobalStats, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES,
+    MAX_RULES, PROGRAM_NAME, PrefixValue, RULE_SLOTS, RuleMeta, RuleStats, RulesetHeader,
+    dir, fields_layout::FIELDS_PER_BUFFER, map_names,
+};
+
+use xdpfw_rules::compile::Image;
+
+/// The XDP object, built by build.rs with the pinned eBPF toolchain.
+pub static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdpfw"));
+
+/// Where an attached instance lives in bpffs: `<root>/<iface>/{link,prog,<MAP>...}`.
+pub fn pin_root() -> PathBuf {
+    std::env::var_os("XDPFW_PIN_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/xdpfw"))
+}
+
+pub fn pin_dir(iface: &str) -> PathBuf {
+    pin_root().join(iface)
+}
+
+/// Mounts bpffs on /sys/fs/bpf when nothing is mounted there (it is not mounted at boot on
+/// every distribution).
+pub fn ensure_bpffs() -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let path = Path::new("/sys/fs/bpf");
+    let stat = nix::sys::statfs::statfs(path).kctx(|| "statfs /sys/fs/bpf".into())?;
+    if stat.filesystem_type().0 as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .kctx(|| "mounting bpffs on /sys/fs/bpf (are you root?)".into())
+}
+
+/// XDP attach mode as the CLI names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Native (driver) mode where the driver supports it, generic otherwise.
+    Auto,
+    Native,
+    Skb,
+}
+
+impl AttachMode {
+    fn xdp_mode(self) -> XdpMode {
+        match self {
+            AttachMode::Auto => XdpMode::Default,
+            AttachMode::Native => XdpMode::Driver,
+            AttachMode::Skb => XdpMode::Skb,
+        }
+    }
+}
+
+/// Loads the program with every map created and pinned under `dir`, or reused from there when
+/// already pinned (how `attach` creates an instance).
+pub fn load_program(dir: &Path) -> Result<Ebpf> {
+    load_pinned(dir, false)
+}
+
+/// Loads the probe copy of the program: it shares the pinned maps in `dir` with the attached
+/// program, reads the inactive buffer, and is never attached (reload self-tests run through it).
+pub fn load_probe(dir: &Path) -> Result<Ebpf> {
+    load_pinned(dir, true)
+}
+
+fn load_pinned(dir: &Path, probe: bool) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    let paths: Vec<(&str, PathBuf)> = map_names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    if probe {
+        loader.override_global("PROBE", &1u32, true);
+    }
+    load_object(&mut loader)
+}
+
+/// Loads the object with `loader` and the firewall program into the kernel (the verifier runs).
+fn load_object(loader: &mut EbpfLoader) -> Result<Ebpf> {
+    let mut ebpf = loader.load(PROGRAM_OBJECT).kctx(|| "loading the XDP object".into())?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(PROGRAM_NAME)
+        .ok_or_else(|| KernelError::msg(format!("program {PROGRAM_NAME} missing from the object")))?
+        .try_into()?;
+    prog.load().map_err(verifier_error)?;
+    Ok(ebpf)
+}
+
+/// Loads the program into the kernel without pinning anything (kernel tests, benchmarks,
+/// `explain --kernel`): the returned handle owns private maps.
+pub fn load_private() -> Result<(Ebpf, Maps)> {
+    let mut ebpf = load_object(&mut EbpfLoader::new())?;
+    let mut take = |name: &str| -> Result<MapData> {
+        let map = ebpf.take_map(name).ok_or_else(|| KernelError::msg(format!("map {name} missing")))?;
+        map_data(map)
+    };
+    let maps = Maps::from_data(&mut take)?;
+    Ok((ebpf, maps))
+}
+
+fn verifier_error(e: aya::programs::ProgramError) -> KernelError {
+    match e {
+        aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
+            KernelError::msg(format!("the kernel verifier rejected the program: {io_error}\n{verifier_log}"))
+        }
+        other => KernelError::new("loading the program", other),
+    }
+}
+
+fn map_data(map: Map) -> Result<MapData> {
+    Ok(match map {
+        Map::Array(m) | Map::PerCpuArray(m) | Map::LpmTrie(m) | Map::ArrayOfMaps(m) => m,
+        other => kbail!("unexpected map type {other:?}"),
+    })
+}
+
+/// Loads the probe copy and pins it as `dir/probe`, so every reload can prove its ruleset without
+/// paying for a verifier run.
+pub fn pin_probe(dir: &Path) -> Result<()> {
+    let mut ebpf = load_probe(dir)?;
+    let prog: &mut Xdp = ebpf.program_mut(PROGRAM_NAME).ok_or_else(|| KernelError::msg(format!("program missing")))?.try_into()?;
+    prog.pin(dir.join("probe")).kctx(|| "pinning the probe program".into())?;
+    Ok(())
+}
+
+/// Opens the pinned probe copy of an instance.
+pub fn open_probe(dir: &Path) -> Result<Xdp> {
+    Xdp::from_pin(dir.join("probe"), aya_obj::programs::XdpAttachType::Interface).kctx(|| "opening the pinned probe program".into())
+}
+
+/// Attaches a loaded program to `iface` and pins the link and program in `dir`.
+pub fn attach_and_pin(ebpf: &mut Ebpf, iface: &str, mode: AttachMode, dir: &Path) -> Result<()> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(PROGRAM_NAME)
+        .ok_or_else(|| KernelError::msg(format!("program missing")))?
+        .try_into()?;
+    let name = std::ffi::CString::new(iface)?;
+    let link_id = prog.attach(name.as_c_str(), mode.xdp_mode()).map_err(|e| {
+        let busy = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| io.raw_os_error() == Some(libc::EBUSY));
+        if busy {
+            KernelError::msg(format!("{iface} already has an XDP program attached by another tool; detach it first"))
+        } else {
+            KernelError::msg(format!("attaching to {iface} in {mode:?} mode: {e}"))
+        }
+    })?;
+    prog.pin(dir.join("prog")).kctx(|| "pinning the program".into())?;
+    let link = prog.take_link(link_id)?;
+    let link: FdLink = link
+        .try_into()
+        .map_err(|_| KernelError::msg(format!("the kernel attached {iface} without a BPF link (kernel older than 5.9?)")))?;
+    link.pin(dir.join("link")).kctx(|| "pinning the link".into())?;
+    Ok(())
+}
+
+/// Removes the link (which detaches the program) and every pin under `dir`.
+pub fn detach_and_unpin(dir: &Path) -> Result<()> {
+    let link = dir.join("link");
+    if link.exists() {
+        let pinned = PinnedLink::from_pin(&link).kctx(|| "opening the pinned link".into())?;
+        // Dropping the unpinned link closes its last reference, which detaches the program.
+        drop(pinned.unpin().kctx(|| "unpinning the link".into())?);
+    }
+    for entry in fs::read_dir(dir).kctx(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        fs::remove_file(&path).kctx(|| format!("removing {}", path.display()))?;
+    }
+    fs::remove_dir(dir).kctx(|| format!("removing {}", dir.display()))?;
+    Ok(())
+}
+
+/// A BPF array created with BPF_F_MMAPABLE, mapped into this process. Userspace writes a whole
+/// buffer's worth of entries with plain stores instead of one syscall per entry.
+pub struct MmapArray<T> {
+    ptr: NonNull<T>,
+    len: usize,
+    bytes: usize,
+    /// The mapping itself keeps the map alive; this keeps its fd too when we own it.
+    _map: Option<MapData>,
+}
+
+// SAFETY: the mapping is process-wide shared memory; access is coordinated by the reload lock.
+unsafe impl<T> Send for MmapArray<T> {}
+
+impl<T: Copy> MmapArray<T> {
+    fn new(map: MapData) -> Result<Self> {
+        let mut m = Self::map(&map)?;
+        m._map = Some(map);
+        Ok(m)
+    }
+
+    fn map(map: &MapData) -> Result<Self> {
+        // Mmapable arrays store elements at an 8-byte stride; every shared type is a multiple of 8.
+        assert!(size_of::<T>().is_multiple_of(8));
+        let len = map.info()?.max_entries() as usize;
+        let page = 4096;
+        let bytes = (len * size_of::<T>()).div_ceil(page) * page;
+        // SAFETY: mapping a BPF array fd shared, sized to its elements.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).kctx(|| "mmap of a BPF array".into());
+        }
+        Ok(Self { ptr: NonNull::new(ptr.cast()).expect("mmap returned null"), len, bytes, _map: None })
+    }
+
+    pub fn read(&self, index: usize) -> T {
+        assert!(index < self.len);
+        // SAFETY: in bounds; volatile because the kernel may write concurrently.
+        unsafe { self.ptr.as_ptr().add(index).read_volatile() }
+    }
+
+    /// The entries `[start, start + len)`. Only ever called on the inactive buffer, which no
+    /// packet reads.
+    pub fn range_mut(&mut self, start: usize, len: usize) -> &mut [T] {
+        assert!(start + len <= self.len);
+        // SAFETY: in bounds, and exclusive through &mut self plus the reload lock.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(start), len) }
+    }
+}
+
+impl MmapArray<u64> {
+    fn atomic(&self, index: usize) -> &AtomicU64 {
+        assert!(index < self.len);
+        // SAFETY: 8-byte aligned (page-aligned mapping, 8-byte stride) and in bounds.
+        unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(index)) }
+    }
+}
+
+impl<T> Drop for MmapArray<T> {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what new() mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+    }
+}
+
+type TrieV6 = LpmTrie<MapData, Ipv6Data, PrefixValue>;
+
+/// Every map of one firewall instance.
+pub struct Maps {
+    active: MmapArray<u64>,
+    headers: MmapArray<RulesetHeader>,
+    rules: MmapArray<RuleMeta>,
+    fields: MmapArray<FieldEntry>,
+    bitmaps: MmapArray<Bitmap>,
+    src_v6: ArrayOfMaps<MapData, TrieV6>,
+    dst_v6: ArrayOfMaps<MapData, TrieV6>,
+    /// Direct IPv4 tables: top levels and first chunks (both buffers, written through the
+    /// mapping), and the further chunks.
+    src_v4_fixed: MmapArray<DirBlock>,
+    dst_v4_fixed: MmapArray<DirBlock>,
+    /// One array-of-maps per size of `dir::MORE_SIZES`.
+    src_v4_more: [ArrayOfMaps<MapData, DirArray>; 4],
+    dst_v4_more: [ArrayOfMaps<MapData, DirArray>; 4],
+    /// Every array-of-maps above, to empty a slot (aya offers no delete on them).
+    slot_fds: Vec<std::os::fd::OwnedFd>,
+    global_stats: PerCpuArray<MapData, GlobalStats>,
+    rule_stats: PerCpuArray<MapData, RuleStats>,
+}
+
+type DirArray = Array<MapData, DirBlock>;
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// BPF_MAP_DELETE_ELEM (a missing key is fine).
+fn delete_elem(fd: std::os::fd::BorrowedFd<'_>, key: u32) -> std::io::Result<()> {
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    let attr = ElemAttr { map_fd: fd.as_raw_fd() as u32, _pad: 0, key: &key as *const u32 as u64, value: 0, flags: 0 };
+    // SAFETY: a bpf(2) call with a properly sized attribute pointing at a live key.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_DELETE_ELEM, &attr as *const ElemAttr, size_of::<ElemAttr>()) };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENOENT) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// `chunks` (those of a direct IPv4 table beyond the fixed ones) as a new map of `size` chunks,
+/// filled through its mapping.
+fn dir_chunks(chunks: &[DirBlock], size: u32) -> Result<DirArray> {
+    // Created as raw MapData (not Array::create) so this process can map it before handing it over.
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    let obj = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, size_of::<DirBlock>() as u32, size, BPF_F_MMAPABLE);
+    let data = MapData::create(obj, "xdpfw_v4_dir", None)?;
+    let mut map = MmapArray::<DirBlock>::map(&data)?;
+    map.range_mut(0, chunks.len()).copy_from_slice(chunks);
+    Ok(DirArray::try_from(Map::from_map_data(data)?)?)
+}
+
+/// Time spent in each part of writing a buffer.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct InstallTimes {
+    pub arrays_us: u64,
+    pub tries_us: u64,
+}
+
+fn pinned_data(dir: &Path, name: &str) -> Result<MapData> {
+    let path = dir.join(name);
+    MapData::from_pin(&path).kctx(|| format!("opening pinned map {}", path.display()))
+}
+
+/// The map `name` pinned in an instance's `dir`.
+pub fn pinned_map(dir: &Path, name: &str) -> Result<Map> {
+    Ok(Map::from_map_data(pinned_data(dir, name)?)?)
+}
+
+impl Maps {
+    /// Opens the maps pinned in `dir` (the instance made by `loader attach`).
+    pub fn open(dir: &Path) -> Result<Self> {
+        Self::from_data(&mut |name| pinned_data(dir, name))
+    }
+
+    fn from_data(get: &mut dyn FnMut(&str) -> Result<MapData>) -> Result<Self> {
+        use map_names::*;
+        let (src_v6, dst_v6) = (get(SRC_V6)?, get(DST_V6)?);
+        let mut slot_fds = Vec::new();
+        let mut dup = |m: &MapData| -> Result<()> {
+            slot_fds.push(m.fd().as_fd().try_clone_to_owned()?);
+            Ok(())
+        };
+        dup(&src_v6)?;
+        dup(&dst_v6)?;
+        let mut more = |names: [&str; 4]| -> Result<[ArrayOfMaps<MapData, DirArray>; 4]> {
+            let mut maps = Vec::new();
+            for name in names {
+                let m = get(name)?;
+                dup(&m)?;
+                maps.push(ArrayOfMaps::try_from(Map::from_map_data(m)?)?);
+            }
+            maps.try_into().map_err(|_| KernelError::msg(format!("four sizes")))
+        };
+        let (src_v4_more, dst_v4_more) = (more(SRC_V4_MORE)?, more(DST_V4_MORE)?);
+        Ok(Self {
+            active: MmapArray::new(get(ACTIVE)?)?,
+            headers: MmapArray::new(get(HEADERS)?)?,
+            src_v4_fixed: MmapArray::new(get(SRC_V4_FIXED)?)?,
+            dst_v4_fixed: MmapArray::new(get(DST_V4_FIXED)?)?,
+            rules: MmapArray::new(get(RULES)?)?,
+            fields: MmapArray::new(get(FIELDS)?)?,
+            bitmaps: MmapArray::new(get(BITMAPS)?)?,
+            src_v6: ArrayOfMaps::try_from(Map::from_map_data(src_v6)?)?,
+            dst_v6: ArrayOfMaps::try_from(Map::from_map_data(dst_v6)?)?,
+            src_v4_more,
+            dst_v4_more,
+            slot_fds,
+            global_stats: PerCpuArray::try_from(Map::from_map_data(get(GLOBAL_STATS)?)?)?,
+            rule_stats: PerCpuArray::try_from(Map::from_map_data(get(RULE_STATS)?)?)?,
+        })
+    }
+
+    /// The generation packets are classified against now.
+    pub fn generation(&self) -> u64 {
+        self.active.atomic(0).load(Ordering::SeqCst)
+    }
+
+    pub fn header(&self, buffer: u32) -> RulesetHeader {
+        self.headers.read(buffer as usize)
+    }
+
+    /// Writes a complete ruleset into `buffer`, which must not be the active one.
+    pub fn install(&mut self, buffer: u32, generation: u64, image: &Image) -> Result<InstallTimes> {
+        assert!(buffer < BUFFERS);
+        if buffer == buffer_of(self.generation()) {
+            kbail!("refusing to write buffer {buffer}: it is the active one");
+        }
+        let start = std::time::Instant::now();
+        let b = buffer as usize;
+
+        let rules = self.rules.range_mut(b * MAX_RULES, MAX_RULES);
+        rules.fill(RuleMeta::default());
+        rules[..image.rules.len()].copy_from_slice(&image.rules);
+
+        let bitmaps = self.bitmaps.range_mut(b * MAX_BITMAPS as usize, image.bitmaps.len());
+        bitmaps.copy_from_slice(&image.bitmaps);
+
+        let per = FIELDS_PER_BUFFER as usize;
+        let fields = self.fields.range_mut(b * per, per);
+        fields.copy_from_slice(&image.fields);
+        let arrays_us = start.elapsed().as_micros() as u64;
+
+        let start = std::time::Instant::now();
+        // Only fields with prefixes get a map; an empty slot makes the lookup fall back to the
+        // field's "no prefix matched" bitmap, which is what an empty map would give.
+        self.empty_slots(buffer)?;
+        if !image.src_v6.is_empty() {
+            self.src_v6.set(buffer, &trie_v6(&image.src_v6)?, 0)?;
+        }
+        if !image.dst_v6.is_empty() {
+            self.dst_v6.set(buffer, &trie_v6(&image.dst_v6)?, 0)?;
+        }
+        let per_buffer = dir::BUFFER_BLOCKS as usize;
+        for (table, fixed, more) in [
+            (&image.src_v4, &mut self.src_v4_fixed, &mut self.src_v4_more),
+            (&image.dst_v4, &mut self.dst_v4_fixed, &mut self.dst_v4_more),
+        ] {
+            let Some(t) = table else { continue };
+            // The top level and the first chunks into the fixed array, the rest into a new map of
+            // the smallest size that holds them.
+            let blocks = t.blocks();
+            let (head, rest) = blocks.split_at(blocks.len().min(per_buffer));
+            fixed.range_mut(b * per_buffer, head.len()).copy_from_slice(head);
+            if !rest.is_empty() {
+                let size = dir::MORE_SIZES
+                    .iter()
+                    .position(|&s| rest.len() <= s as usize)
+                    .ok_or_else(|| KernelError::msg(format!("{} chunks beyond the fixed ones: more than the compiler allows", rest.len())))?;
+                more[size].set(buffer, &dir_chunks(rest, dir::MORE_SIZES[size])?, 0)?;
+            }
+        }
+        let tries_us = start.elapsed().as_micros() as u64;
+
+        // The header goes last: it is what makes the buffer's contents meaningful.
+        let mut header = image.header;
+        header.generation = generation;
+        self.headers.range_mut(b, 1)[0] = header;
+        Ok(InstallTimes { arrays_us, tries_us })
+    }
+
+    /// Publishes `generation` (whose buffer must hold a complete ruleset) with one atomic store.
+    pub fn flip(&mut self, generation: u64) -> Result<()> {
+        let buffer = buffer_of(generation);
+        let header = self.header(buffer);
+        if header.generation != generation {
+            kbail!("buffer {buffer} holds generation {}, not {generation}", header.generation);
+        }
+        self.active.atomic(0).store(generation, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Empties a retired buffer. Call only after a grace period since it stopped being active.
+    pub fn clear(&mut self, buffer: u32) -> Result<()> {
+        assert!(buffer < BUFFERS);
+        if buffer == buffer_of(self.generation()) {
+            kbail!("refusing to clear buffer {buffer}: it is the active one");
+        }
+        let b = buffer as usize;
+        let retired = self.header(buffer);
+        self.headers.range_mut(b, 1)[0] = RulesetHeader::default();
+        // Its counters start from zero when the buffer is used again.
+        self.zero_rule_stats(buffer, retired.rule_count)?;
+        // Emptying a slot releases its map in one syscall: the kernel frees a retired trie or
+        // table asynchronously, so even a 1M-prefix buffer costs no long syscall here.
+        self.empty_slots(buffer)
+    }
+
+    fn empty_slots(&self, buffer: u32) -> Result<()> {
+        for fd in &self.slot_fds {
+            delete_elem(fd.as_fd(), buffer).kctx(|| "emptying an array-of-maps slot".into())?;
+        }
+        Ok(())
+    }
+
+    fn zero_rule_stats(&mut self, buffer: u32, rule_count: u32) -> Result<()> {
+        let cpus = nr_cpus().map_err(|(_, e)| e)?.get() as usize;
+        let slots = (0..rule_count.min(RULE_SLOTS - 1)).chain(std::iter::once(xdpfw_common::DEFAULT_RULE_SLOT));
+        for slot in slots {
+            let zero = PerCpuValues::try_from(vec![RuleStats::default(); cpus])?;
+            self.rule_stats.set(buffer * RULE_SLOTS + slot, zero, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Global counters summed over CPUs.
+    pub fn global_stats(&self) -> Result<GlobalStats> {
+        let per_cpu = self.global_stats.get(&0, 0)?;
+        let mut sum = GlobalStats::default();
+        for s in per_cpu.iter() {
+            sum.add(s);
+        }
+        Ok(sum)
+    }
+
+    /// Per-rule counters of `buffer`, summed over CPUs: `rule_count` rules, then the default.
+    pub fn rule_stats(&self, buffer: u32, rule_count: u32) -> Result<Vec<RuleStats>> {
+        let slots = (0..rule_count).chain(std::iter::once(xdpfw_common::DEFAULT_RULE_SLOT));
+        slots
+            .map(|slot| {
+                let per_cpu = self.rule_stats.get(&(buffer * RULE_SLOTS + slot), 0)?;
+                Ok(per_cpu.iter().fold(RuleStats::default(), |a, s| RuleStats {
+                    packets: a.packets + s.packets,
+                    bytes: a.bytes + s.bytes,
+                }))
+            })
+            .collect()
+    }
+}
+
+fn trie_v6(prefixes: &[(u32, Ipv6Data, u32)]) -> Result<TrieV6> {
+    let mut trie = TrieV6::create(MAX_PREFIXES, xdpfw_common::LPM_FLAGS)?;
+    for (len, addr, bitmap) in prefixes {
+        trie.insert(&Key::new(*len, *addr), &PrefixValue { bitmap: *bitmap }, 0)?;
+    }
+    Ok(trie)
+}

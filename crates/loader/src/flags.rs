@@ -1,0 +1,258 @@
+//! The command line as clap sees it, and its conversion into the typed configs of the library
+//! crates. Every value is validated here (durations bounded, numbers in range), so nothing
+//! beyond this module can be handed something that panics.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use xdpfw_daemon::{RunConfig, SourceConfig, escalation};
+use xdpfw_kernel::AttachMode;
+use xdpfw_rules::{duration::parse_duration, owner::OwnerSpec};
+
+#[derive(Parser)]
+#[command(name = "loader", version, about = "An XDP fast-path firewall with atomic rule reloads")]
+pub(crate) struct Cli {
+    /// Run in the network namespace /run/netns/NAME (as `ip -n NAME`); pins stay in the host's bpffs.
+    #[arg(long, global = true, value_name = "NAME")]
+    pub netns: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// XDP attach mode.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub(crate) enum Mode {
+    /// Native (driver) mode where the driver supports it, generic otherwise.
+    Auto,
+    /// Native (driver) mode only.
+    Native,
+    /// Generic (skb) mode.
+    Skb,
+}
+
+impl From<Mode> for AttachMode {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::Auto => AttachMode::Auto,
+            Mode::Native => AttachMode::Native,
+            Mode::Skb => AttachMode::Skb,
+        }
+    }
+}
+
+/// Seconds, at most 30 days.
+fn bounded_secs(s: &str) -> Result<u64, String> {
+    let n: u64 = s.parse().map_err(|_| format!("\"{s}\" is not a number of seconds"))?;
+    if n > 30 * 86400 {
+        return Err(format!("{n} seconds is longer than the limit of 30 days"));
+    }
+    Ok(n)
+}
+
+/// Milliseconds, at most a minute.
+fn bounded_ms(s: &str) -> Result<u64, String> {
+    let n: u64 = s.parse().map_err(|_| format!("\"{s}\" is not a number of milliseconds"))?;
+    if n > 60_000 {
+        return Err(format!("{n} ms is longer than the limit of 60000 ms"));
+    }
+    Ok(n)
+}
+
+/// A positive, finite rate.
+fn positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 1e9 => Ok(v),
+        _ => Err(format!("\"{s}\" is not a positive number up to 1e9")),
+    }
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Load the program, pin it and its maps, install the rules, attach to IFACE.
+    Attach {
+        /// The network interface (in the current or --netns namespace).
+        iface: String,
+        /// Rules file; without it every packet passes (counters only).
+        #[arg(long, conflicts_with = "last_good", value_name = "FILE")]
+        rules: Option<PathBuf>,
+        /// Install the last ruleset that went live on IFACE (from the history in /var/lib/xdpfw).
+        #[arg(long)]
+        last_good: bool,
+        /// How the program is attached.
+        #[arg(long, value_enum, default_value = "auto")]
+        mode: Mode,
+    },
+    /// Detach from IFACE and remove every pin.
+    Detach {
+        /// The network interface.
+        iface: String,
+    },
+    /// Atomically replace the active rules with FILE.
+    Reload {
+        /// The rules file.
+        file: PathBuf,
+        /// The interface (needed when several are attached).
+        #[arg(long)]
+        iface: Option<String>,
+        /// Seconds to wait for a concurrent reload before giving up (at most 30 days).
+        #[arg(long, default_value = "30", value_name = "SECONDS", value_parser = bounded_secs)]
+        lock_wait: u64,
+        /// Minimum grace period in milliseconds (membarrier's proof is used in any case).
+        #[arg(long, default_value = "0", value_name = "MS", value_parser = bounded_ms)]
+        min_grace_ms: u64,
+        /// Print the reload report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The active ruleset and generation, the last reload, and with --history every attempt.
+    Status {
+        /// The interface (needed when several are attached).
+        #[arg(long)]
+        iface: Option<String>,
+        /// Also list every attach, reload and rollback attempt.
+        #[arg(long)]
+        history: bool,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-apply the ruleset that was live N applied rulesets ago (default 1: the previous one).
+    Rollback {
+        /// How many applied rulesets back.
+        #[arg(default_value = "1")]
+        n: usize,
+        /// The interface (needed when several are attached).
+        #[arg(long)]
+        iface: Option<String>,
+        /// Print the reload report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Counters, the active generation and the ruleset.
+    Stats {
+        /// The interface (needed when several are attached).
+        #[arg(long)]
+        iface: Option<String>,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the interfaces with an attached firewall.
+    List,
+    /// Keep IFACE's rules in line with a watched file or an HTTP(S) URL, with Prometheus metrics
+    /// (a daemon for systemd: SIGHUP re-reads, SIGTERM stops and leaves the firewall attached).
+    Run(RunArgs),
+    /// Validate a rules file without touching the kernel.
+    Check {
+        /// The rules file.
+        file: PathBuf,
+        /// Exit with 4 when there are warnings.
+        #[arg(long)]
+        strict: bool,
+    },
+    /// Which rule decides PACKET, and why, e.g. "tcp 198.51.100.7:5555 -> 203.0.113.1:22 flags S".
+    Explain {
+        /// The rules file.
+        file: PathBuf,
+        /// The packet: "PROTO SRC[:PORT] -> DST[:PORT] [flags F] [type T code C] [fragment]".
+        packet: String,
+        /// Also run the packet through the real program (BPF_PROG_TEST_RUN); the two must agree.
+        #[arg(long)]
+        kernel: bool,
+        /// The owner of the local socket, for rules with owner conditions:
+        /// "process=nginx uid=33 user=www-data exe=/usr/sbin/nginx unit=nginx.service", or "none".
+        #[arg(long, value_name = "SPEC")]
+        owner: Option<OwnerSpec>,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub(crate) struct RunArgs {
+    /// The interface: attached if it is not yet, else the existing attachment is adopted.
+    pub iface: String,
+    /// A rules file to watch (reloaded when it or a set file it names changes, and on SIGHUP).
+    #[arg(long, value_name = "FILE", required_unless_present = "url", conflicts_with = "url")]
+    pub rules: Option<PathBuf>,
+    /// An http:// or https:// URL to poll (ETag / If-None-Match); the ruleset must be
+    /// self-contained (inline set prefixes), since set files could not be fetched beside it.
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+    /// How the program is attached.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub mode: Mode,
+    /// When the daemon attaches: drop everything (but replies from the rules server) until the
+    /// first valid ruleset is live. Without it the interface passes everything until then.
+    #[arg(long)]
+    pub fail_closed: bool,
+    /// Shortest time between two reloads; changes in between are coalesced into one.
+    #[arg(long, default_value = "1s", value_name = "DURATION", value_parser = parse_duration)]
+    pub min_interval: Duration,
+    /// How often the URL is polled; for a file, a check that catches missed notifications.
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+    /// First backoff after a failed fetch; it doubles per failure up to --backoff-max.
+    #[arg(long, default_value = "1s", value_name = "DURATION", value_parser = parse_duration)]
+    pub backoff_initial: Duration,
+    /// The longest backoff (durations: 500ms, 1.5s, 2m, 1h; at most 30 days).
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
+    pub backoff_max: Duration,
+    /// Timeout of one HTTP request.
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
+    pub fetch_timeout: Duration,
+    /// Also trust the CA certificates in FILE (PEM) for an https:// URL, e.g. a private CA.
+    #[arg(long, value_name = "FILE", requires = "url")]
+    pub ca_cert: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
+    /// Detach the firewall when the daemon stops (by default it keeps filtering).
+    #[arg(long)]
+    pub detach_on_exit: bool,
+    /// Escalations decided per second per source address (beyond it flows stay pending).
+    #[arg(long, default_value = "200", value_parser = positive)]
+    pub escalation_rate: f64,
+    /// Burst of escalations a source address may have decided at once.
+    #[arg(long, default_value = "400", value_parser = positive)]
+    pub escalation_burst: f64,
+    /// Source addresses tracked by the escalation limiter at once.
+    #[arg(long, default_value = "4096", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub escalation_max_sources: u32,
+    /// The longest one owner lookup (the /proc walk) may take; the flow is retried after it.
+    #[arg(long, default_value = "200ms", value_name = "DURATION", value_parser = parse_duration)]
+    pub owner_lookup_deadline: Duration,
+}
+
+impl RunArgs {
+    /// The daemon's config. clap guarantees one of --rules and --url.
+    pub(crate) fn into_config(self) -> RunConfig {
+        let source = match (self.rules, self.url) {
+            (Some(path), _) => SourceConfig::File(path),
+            (None, Some(url)) => SourceConfig::Url(url),
+            (None, None) => unreachable!("clap requires --rules or --url"),
+        };
+        RunConfig {
+            iface: self.iface,
+            source,
+            mode: self.mode.into(),
+            fail_closed: self.fail_closed,
+            min_interval: self.min_interval,
+            poll_interval: self.poll_interval,
+            backoff_initial: self.backoff_initial,
+            backoff_max: self.backoff_max,
+            fetch_timeout: self.fetch_timeout,
+            ca_cert: self.ca_cert,
+            metrics: self.metrics,
+            detach_on_exit: self.detach_on_exit,
+            escalation: escalation::Config {
+                lookup_deadline: self.owner_lookup_deadline,
+                per_source_rate: self.escalation_rate,
+                per_source_burst: self.escalation_burst,
+                max_sources: self.escalation_max_sources as usize,
+                ..Default::default()
+            },
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Everything the command line prints for people, in one place. Commands hand data here and
+//! print what comes back; `--json` output is serialized by the commands themselves.
+
+use std::fmt::Write;
+
+use xdpfw_control::{
+    ReloadReport, State, Stats,
+    escalation::Report,
+    history::Entry,
+};
+use xdpfw_rules::{matcher::Decision, packet::PacketSpec, short_hash};
+
+/// The table `loader stats` prints.
+pub(crate) fn stats(st: &Stats) -> String {
+    {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let r = &st.ruleset;
+        let _ = writeln!(s, "xdpfw on {} ({:?} mode)", st.iface, st.mode);
+        let _ = writeln!(
+            s,
+            "  ruleset    {} {}  generation {} (buffer {})",
+            r.version.as_deref().unwrap_or("(no version)"),
+            short_hash(&r.hash),
+            st.generation,
+            st.buffer
+        );
+        let _ = writeln!(
+            s,
+            "             {} rules, {} prefixes ({} trie entries), default {}{}",
+            r.rules.len(),
+            r.prefixes,
+            r.trie_entries,
+            r.default,
+            r.path.as_ref().map(|p| format!(", from {}", p.display())).unwrap_or_default()
+        );
+        let g = &st.global;
+        let _ = writeln!(s, "  packets    seen {}  passed {}  dropped {}  ({} bytes)", g.seen, g.passed, g.dropped, g.bytes);
+        let _ = writeln!(s, "  kinds      ipv4 {}  ipv6 {}  non-ip {}  malformed {}  fragments {}  neighbor-discovery {}", g.ipv4, g.ipv6, g.non_ip, g.malformed, g.fragments, g.neighbor_discovery);
+        let _ = writeln!(s, "  decided by rules {}  default {}", g.rule_hits, g.default_hits);
+        if !r.owner_rules.is_empty() || g.escalations + g.pending + g.cache_hits > 0 {
+            let _ = writeln!(
+                s,
+                "  escalation escalated {}  cache-hits {}  pending {}  ring-overflows {}",
+                g.escalations, g.cache_hits, g.pending, g.ring_overflows
+            );
+            let _ = writeln!(s, "             {}", escalation_line(&r.owner_rules, st.escalation.as_ref()));
+        }
+        let width = st.rules.iter().map(|r| r.name.len()).max().unwrap_or(4).max(4);
+        let _ = writeln!(s, "  {:>4}  {:<width$}  {:<6}  {:>12}  {:>14}", "#", "rule", "action", "packets", "bytes");
+        for c in &st.rules {
+            let idx = c.index.map(|i| i.to_string()).unwrap_or_else(|| "-".into());
+            let _ = writeln!(s, "  {:>4}  {:<width$}  {:<6}  {:>12}  {:>14}", idx, c.name, c.action, c.packets, c.bytes);
+        }
+        s
+    }
+}
+
+/// One line on who serves the escalations of an instance.
+pub(crate) fn escalation_line(owner_rules: &[String], report: Option<&Report>) -> String {
+    match report {
+        Some(r) => {
+            let c = &r.counters;
+            let lat = match (r.latency_p50_us, r.latency_p99_us) {
+                (Some(p50), Some(p99)) => format!(", decision latency p50 {p50:.0} us p99 {p99:.0} us"),
+                _ => String::new(),
+            };
+            format!(
+                "served by pid {}: {} events, {} passed, {} dropped, {} no socket, {} process gone, {} timeouts, {} source-limited, {} stale, {} errors{lat}",
+                r.pid, c.events, c.decided_pass, c.decided_drop, c.no_socket, c.process_gone, c.lookup_timeouts, c.source_limited, c.stale, c.errors
+            )
+        }
+        None if owner_rules.is_empty() => "not served (no rule of the active ruleset needs it)".to_string(),
+        None => format!(
+            "NOT SERVED: flows that {} decide{} get the pending action until `loader run` serves escalations",
+            owner_rules.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", "),
+            if owner_rules.len() == 1 { "s" } else { "" }
+        ),
+    }
+}
+
+/// `loader status`: the live ruleset, the last reload and, with --history, every attempt.
+pub(crate) fn status(state: &State, escalation: Option<&Report>, entries: &[Entry]) -> String {
+    let mut s = String::new();
+    let r = &state.ruleset;
+    let _ = writeln!(s, "xdpfw on {} ({:?} mode), attached at {} (unix time)", state.iface, state.mode, state.attached_at);
+    let _ = writeln!(
+        s,
+        "  generation {}: {} {} ({} rules, default {}){}",
+        state.generation,
+        r.version.as_deref().unwrap_or("(no version)"),
+        short_hash(&r.hash),
+        r.rules.len(),
+        r.default,
+        r.path.as_ref().map(|p| format!(", from {}", p.display())).unwrap_or_default()
+    );
+    if !r.owner_rules.is_empty() || escalation.is_some() {
+        let _ = writeln!(s, "  escalation: {}", escalation_line(&r.owner_rules, escalation));
+    }
+    if let Some(l) = &state.last_reload {
+        let _ = writeln!(
+            s,
+            "  last reload: generation {} -> {}, {} us (grace {} us, {:?})",
+            l.previous_generation, l.generation, l.times.total_us, l.times.grace_us, l.grace_method
+        );
+    }
+    for e in entries {
+        let _ = writeln!(
+            s,
+            "  {}  {:<8} {:<7} gen {:<6} {:<14} {}  {}",
+            e.time,
+            e.action.to_string(),
+            e.result.to_string(),
+            e.generation.map_or("-".into(), |g| g.to_string()),
+            e.version.as_deref().unwrap_or("-"),
+            e.hash.as_deref().map_or("-", short_hash),
+            e.error.as_deref().map(|m| m.lines().next().unwrap_or("")).unwrap_or(&e.source.to_string_lossy())
+        );
+    }
+    s
+}
+
+/// `loader reload`: what changed and what each phase took.
+pub(crate) fn reload(r: &ReloadReport) -> String {
+    let t = &r.times;
+    format!(
+        "reloaded {}: generation {} -> {} ({} rules, {} prefixes)\n  parse {}us  compile {}us  install {}us  prove {}us ({} self-tests)  flip {}us  grace {}us ({:?})  clear {}us  total {}us\n",
+        r.iface,
+        r.previous_generation,
+        r.generation,
+        r.ruleset.rules.len(),
+        r.ruleset.prefixes,
+        t.parse_us,
+        t.compile_us,
+        t.install_arrays_us + t.install_tries_us,
+        t.prove_us,
+        t.self_tests,
+        t.flip_us,
+        t.grace_us,
+        r.grace_method,
+        t.clear_us,
+        t.total_us
+    )
+}
+
+/// `loader rollback`.
+pub(crate) fn rollback(r: &ReloadReport) -> String {
+    format!(
+        "rolled back {}: generation {} -> {} ({})\n",
+        r.iface,
+        r.previous_generation,
+        r.generation,
+        r.ruleset.version.as_deref().unwrap_or("no version")
+    )
+}
+
+/// `loader explain`: the decision with its reasons, what the kernel does alone, and the
+/// kernel's own verdict when it was asked.
+pub(crate) fn explain(pkt: &PacketSpec, d: &Decision, in_kernel: &Decision, kernel: Option<xdpfw_rules::Action>) -> String {
+    let mut s = String::new();
+    match (&d.rule, &d.rule_name) {
+        (Some(i), Some(name)) if d.escalated => {
+            let _ = writeln!(s, "{pkt}\n  escalated by rule #{i} \"{name}\": {} (the pending action) until userspace decides", d.action);
+        }
+        (Some(i), Some(name)) => {
+            let _ = writeln!(s, "{pkt}\n  {} by rule #{i} \"{name}\"", d.action);
+        }
+        _ => {
+            let _ = writeln!(s, "{pkt}\n  {}", d.action);
+        }
+    }
+    for r in &d.reasons {
+        let _ = writeln!(s, "    {r}");
+    }
+    if in_kernel.escalated && !d.escalated {
+        let _ = writeln!(s, "  (the kernel escalates this flow and gives it {} until the owner verdict is in place)", in_kernel.action);
+    } else if in_kernel.escalated {
+        let _ = writeln!(s, "  (give --owner to see what the escalation service decides)");
+    }
+    if let Some(k) = kernel {
+        let _ = writeln!(s, "  kernel (BPF_PROG_TEST_RUN): {k}");
+    }
+    s
+}

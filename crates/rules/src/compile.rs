@@ -1,0 +1,577 @@
+//! The compiler: a pure function from a validated ruleset to the image of one map buffer.
+//!
+//! Every field a ruleset constrains becomes a lookup that returns a bitmap of the rules whose
+//! condition on that field the packet satisfies (rules that don't constrain the field are in
+//! every bitmap of it). Bitmaps are deduplicated; the kernel ANDs one bitmap per field and takes
+//! the lowest set bit as the first matching rule.
+
+use std::{collections::HashMap, net::IpAddr, ops::RangeInclusive, path::PathBuf};
+
+use crate::error::CompileError;
+
+type Result<T> = std::result::Result<T, CompileError>;
+use xdpfw_common::{
+    BITMAP_ALL, BITMAP_EMPTY, Bitmap, DirBlock, FieldEntry, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES, RuleMeta,
+    RulesetHeader, absent, dir, field, fields_layout::*, fragment_policy, rule_flags,
+};
+
+use crate::{AddrList, FragmentPolicy, Rule, Ruleset};
+
+/// Everything one buffer holds, ready to be written.
+pub struct Image {
+    pub header: RulesetHeader,
+    pub rules: Vec<RuleMeta>,
+    pub bitmaps: Vec<Bitmap>,
+    /// The whole FIELDS table of one buffer (`FIELDS_PER_BUFFER` entries).
+    pub fields: Vec<FieldEntry>,
+    /// IPv4 prefixes, as direct tables (see `xdpfw_common::dir`).
+    pub src_v4: Option<DirectTable>,
+    pub dst_v4: Option<DirectTable>,
+    /// IPv6 prefixes, `(prefix length, network address, bitmap id)` for each trie.
+    pub src_v6: Vec<(u32, Ipv6Data, u32)>,
+    pub dst_v6: Vec<(u32, Ipv6Data, u32)>,
+}
+
+/// The u32 entries of a direct IPv4 table (top level, then chunks), and how many
+/// longest-prefix-match entries it was built from.
+pub struct DirectTable {
+    pub entries: Vec<u32>,
+    pub prefixes: usize,
+    pub chunks: u32,
+}
+
+impl DirectTable {
+    /// The entries as blocks of 256: the top level's `dir::TOP_BLOCKS`, then one per chunk.
+    pub fn blocks(&self) -> &[DirBlock] {
+        let (blocks, rest) = self.entries.as_chunks::<{ dir::CHUNK_ENTRIES as usize }>();
+        debug_assert!(rest.is_empty());
+        // SAFETY: DirBlock is repr(C) around exactly such an array.
+        unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast::<DirBlock>(), blocks.len()) }
+    }
+}
+
+impl Image {
+    /// Prefixes the kernel holds after merging (IPv6 trie entries plus IPv4 table prefixes).
+    pub fn prefix_count(&self) -> usize {
+        let dir = |d: &Option<DirectTable>| d.as_ref().map_or(0, |d| d.prefixes);
+        dir(&self.src_v4) + dir(&self.dst_v4) + self.src_v6.len() + self.dst_v6.len()
+    }
+}
+
+/// Builds a direct table from longest-prefix-match entries `(address, length, bitmap id)`
+/// (address in the top 32 bits of a u128). Shorter prefixes are written first so longer ones
+/// overwrite them; a prefix longer than /16 (/24) goes into the chunk of its /16 (/24), created
+/// from the entry it refines.
+fn direct_table(entries: &[(u128, u8, u32)], miss_id: u32) -> Result<DirectTable> {
+    let mut sorted: Vec<(u8, u32, u32)> = entries.iter().map(|&(a, l, id)| (l, (a >> 96) as u32, id)).collect();
+    sorted.sort_unstable();
+    let mut t = vec![miss_id; dir::TOP_ENTRIES as usize];
+    let mut chunks = 0u32;
+    // The chunk under entry `slot`, made on first use from the value it refines.
+    let mut chunk_at = |t: &mut Vec<u32>, slot: usize| -> Result<usize> {
+        if t[slot] & dir::CHUNK == 0 {
+            if chunks >= dir::MAX_CHUNKS {
+                return Err(CompileError::TooManyChunks { file: PathBuf::new(), max: dir::MAX_CHUNKS });
+            }
+            let inherited = t[slot];
+            t.extend(std::iter::repeat_n(inherited, dir::CHUNK_ENTRIES as usize));
+            t[slot] = dir::CHUNK | chunks;
+            chunks += 1;
+        }
+        Ok((dir::TOP_ENTRIES + (t[slot] & !dir::CHUNK) * dir::CHUNK_ENTRIES) as usize)
+    };
+    // The chunks of /16s are made (and numbered) before any chunk of a /24, so the low-numbered
+    // chunks the kernel keeps in its fixed array are the ones most addresses go through. They
+    // are made once every prefix up to /16 is written, which is what they inherit.
+    let first_long = sorted.partition_point(|&(len, _, _)| len <= 16);
+    for (i, &(len, addr, id)) in sorted.iter().enumerate() {
+        if i == first_long {
+            for &(_, addr, _) in &sorted[first_long..] {
+                chunk_at(&mut t, (addr >> 16) as usize)?;
+            }
+        }
+        let top = (addr >> 16) as usize;
+        let (start, count) = if len <= 16 {
+            (top, 1usize << (16 - len))
+        } else {
+            let second = chunk_at(&mut t, top)? + ((addr >> 8) & 0xff) as usize;
+            if len <= 24 {
+                (second, 1usize << (24 - len))
+            } else {
+                (chunk_at(&mut t, second)? + (addr & 0xff) as usize, 1usize << (32 - len))
+            }
+        };
+        t[start..start + count].fill(id);
+    }
+    Ok(DirectTable { entries: t, prefixes: entries.len(), chunks })
+}
+
+/// Interns bitmaps so each distinct rule set is stored once. The reserved ids come first:
+/// BITMAP_EMPTY, then BITMAP_ALL (every rule; the kernel ANDs it for unconstrained fields).
+struct Bitmaps {
+    ids: HashMap<Bitmap, u32>,
+    list: Vec<Bitmap>,
+}
+
+impl Bitmaps {
+    fn new(rule_count: usize) -> Self {
+        let mut b = Self { ids: HashMap::new(), list: Vec::new() };
+        let empty = b.intern(Bitmap::EMPTY);
+        let mut all = Bitmap::EMPTY;
+        for i in 0..rule_count {
+            set_bit(&mut all, i);
+        }
+        // With no rules, "all" is the empty set again: store it anyway so its id is fixed.
+        b.list.push(all);
+        b.ids.entry(all).or_insert(BITMAP_ALL);
+        debug_assert_eq!((empty, b.list.len() as u32 - 1), (BITMAP_EMPTY, BITMAP_ALL));
+        b
+    }
+    fn intern(&mut self, bm: Bitmap) -> u32 {
+        *self.ids.entry(bm).or_insert_with(|| {
+            self.list.push(bm);
+            (self.list.len() - 1) as u32
+        })
+    }
+}
+
+fn set_bit(bm: &mut Bitmap, rule: usize) {
+    bm.set(rule);
+}
+
+fn union(a: &Bitmap, b: &Bitmap) -> Bitmap {
+    let mut out = *a;
+    for (o, w) in out.words.iter_mut().zip(b.words.iter()) {
+        *o |= w;
+    }
+    out.summary |= b.summary;
+    out
+}
+
+/// Rules that do not constrain a field: they are in every bitmap of that field.
+fn unconstrained(rules: &[Rule], constrained: impl Fn(&Rule) -> bool) -> Bitmap {
+    let mut bm = Bitmap::EMPTY;
+    for (i, r) in rules.iter().enumerate() {
+        if !constrained(r) {
+            set_bit(&mut bm, i);
+        }
+    }
+    bm
+}
+
+pub fn compile(rs: &Ruleset) -> Result<Image> {
+    let rules = &rs.rules;
+    let mut bitmaps = Bitmaps::new(rules.len());
+    let mut fields_used = 0u32;
+    let mut absent_ids = [0u32; absent::COUNT];
+    let mut table = vec![FieldEntry::default(); FIELDS_PER_BUFFER as usize];
+
+    // Address fields: LPM tries.
+    let mut tries = [None, None];
+    let mut tries6 = [Vec::new(), Vec::new()];
+    for (slot, (bit, get)) in [
+        (field::SRC, (|r: &Rule| r.src.as_ref()) as fn(&Rule) -> Option<&AddrList>),
+        (field::DST, |r: &Rule| r.dst.as_ref()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if rules.iter().all(|r| get(r).is_none()) {
+            continue;
+        }
+        fields_used |= bit;
+        let base = unconstrained(rules, |r| get(r).is_some());
+        absent_ids[if slot == 0 { absent::SRC } else { absent::DST }] = bitmaps.intern(base);
+        let (v4, v6) = prefix_tables(rules, get, &base, &mut bitmaps);
+        let miss = bitmaps.intern(base);
+        tries[slot] = Some(direct_table(&v4, miss).map_err(|_| CompileError::TooManyChunks { file: rs.path.clone(), max: dir::MAX_CHUNKS })?);
+        tries6[slot] = v6;
+    }
+
+    // Protocol: a 256-entry table.
+    if rules.iter().any(|r| r.proto.is_some()) {
+        fields_used |= field::PROTO;
+        let base = unconstrained(rules, |r| r.proto.is_some());
+        for p in 0..=255u8 {
+            let mut bm = base;
+            for (i, r) in rules.iter().enumerate() {
+                if r.proto.as_ref().is_some_and(|ps| ps.contains(&p)) {
+                    set_bit(&mut bm, i);
+                }
+            }
+            table[(PROTO_BASE + p as u32) as usize].bitmap = bitmaps.intern(bm);
+        }
+    }
+
+    // Ports and ICMP type/code: 65536-entry tables filled segment by segment.
+    type Ranges = fn(&Rule) -> Option<Vec<RangeInclusive<u32>>>;
+    let port_fields: [(u32, usize, u32, Ranges); 3] = [
+        (field::SPORT, absent::SPORT, SPORT_BASE, |r| r.sport.as_ref().map(|v| widen(v))),
+        (field::DPORT, absent::DPORT, DPORT_BASE, |r| r.dport.as_ref().map(|v| widen(v))),
+        (field::ICMP, absent::ICMP, ICMP_BASE, |r| {
+            r.icmp.map(|m| {
+                let t = (m.icmp_type as u32) << 8;
+                vec![match m.code {
+                    Some(c) => (t | c as u32)..=(t | c as u32),
+                    None => t..=(t | 0xff),
+                }]
+            })
+        }),
+    ];
+    for (bit, absent_slot, base_index, get) in port_fields {
+        let ranges: Vec<Option<Vec<RangeInclusive<u32>>>> = rules.iter().map(get).collect();
+        if ranges.iter().all(Option::is_none) {
+            continue;
+        }
+        fields_used |= bit;
+        let base = unconstrained(rules, |r| get(r).is_some());
+        absent_ids[absent_slot] = bitmaps.intern(base);
+        fill_ranges(&ranges, &base, &mut bitmaps, &mut table[base_index as usize..(base_index + 65536) as usize]);
+    }
+
+    // TCP flags: 256 values.
+    if rules.iter().any(|r| r.tcp_flags.is_some()) {
+        fields_used |= field::TCP_FLAGS;
+        let base = unconstrained(rules, |r| r.tcp_flags.is_some());
+        absent_ids[absent::TCP_FLAGS] = bitmaps.intern(base);
+        for v in 0..=255u8 {
+            let mut bm = base;
+            for (i, r) in rules.iter().enumerate() {
+                if r.tcp_flags.is_some_and(|f| f.matches(v)) {
+                    set_bit(&mut bm, i);
+                }
+            }
+            table[(TCP_FLAGS_BASE + v as u32) as usize].bitmap = bitmaps.intern(bm);
+        }
+    }
+
+    if bitmaps.list.len() > MAX_BITMAPS as usize {
+        return Err(CompileError::TooManyBitmaps { file: rs.path.clone(), needed: bitmaps.list.len(), max: MAX_BITMAPS });
+    }
+    let [src_v4, dst_v4] = tries;
+    let [src_v6, dst_v6] = tries6;
+    for (name, n) in [("source IPv6", src_v6.len()), ("destination IPv6", dst_v6.len())] {
+        if n > MAX_PREFIXES as usize {
+            return Err(CompileError::TooManyPrefixes { file: rs.path.clone(), which: name, count: n, max: MAX_PREFIXES });
+        }
+    }
+
+    let header = RulesetHeader {
+        generation: 0,
+        rule_count: rules.len() as u32,
+        pending_action: rs.escalation.pending.kernel(),
+        fields: fields_used,
+        default_action: rs.default.kernel(),
+        fragment_policy: match rs.fragments {
+            FragmentPolicy::L3Only => fragment_policy::L3_ONLY,
+            FragmentPolicy::Drop => fragment_policy::DROP,
+            FragmentPolicy::Pass => fragment_policy::PASS,
+        },
+        escalation_retry_ms: rs.escalation.retry.as_millis() as u32,
+        absent: absent_ids,
+    };
+    Ok(Image {
+        header,
+        rules: rules
+            .iter()
+            .map(|r| RuleMeta {
+                action: r.action.kernel(),
+                flags: if r.owner.is_some() { rule_flags::NEEDS_OWNER } else { 0 },
+            })
+            .collect(),
+        bitmaps: bitmaps.list,
+        fields: table,
+        src_v4,
+        dst_v4,
+        src_v6,
+        dst_v6,
+    })
+}
+
+fn widen(v: &[RangeInclusive<u16>]) -> Vec<RangeInclusive<u32>> {
+    v.iter().map(|r| (*r.start() as u32)..=(*r.end() as u32)).collect()
+}
+
+/// Fills a table indexed by value with bitmaps, one segment between range boundaries at a time.
+fn fill_ranges(ranges: &[Option<Vec<RangeInclusive<u32>>>], base: &Bitmap, bitmaps: &mut Bitmaps, table: &mut [FieldEntry]) {
+    let mut cuts: Vec<u32> = vec![0, table.len() as u32];
+    for r in ranges.iter().flatten().flatten() {
+        if !r.is_empty() {
+            cuts.push(*r.start());
+            cuts.push(r.end() + 1);
+        }
+    }
+    cuts.sort_unstable();
+    cuts.dedup();
+    for seg in cuts.windows(2) {
+        let (lo, hi) = (seg[0], seg[1]);
+        let mut bm = *base;
+        for (i, rs) in ranges.iter().enumerate() {
+            if rs.as_ref().is_some_and(|rs| rs.iter().any(|r| r.contains(&lo))) {
+                set_bit(&mut bm, i);
+            }
+        }
+        let id = bitmaps.intern(bm);
+        for e in &mut table[lo as usize..hi as usize] {
+            e.bitmap = id;
+        }
+    }
+}
+
+/// Builds the longest-prefix-match entries of one address field, for IPv4 and IPv6. Each prefix's bitmap is the rules that
+/// name it or any prefix containing it, plus the unconstrained rules, so the longest match alone
+/// is the answer. A prefix whose bitmap equals its parent's adds nothing and is left out.
+#[expect(clippy::type_complexity, reason = "the two families' entries, each in its kernel form")]
+fn prefix_tables(
+    rules: &[Rule],
+    get: fn(&Rule) -> Option<&AddrList>,
+    base: &Bitmap,
+    bitmaps: &mut Bitmaps,
+) -> (Vec<(u128, u8, u32)>, Vec<(u32, Ipv6Data, u32)>) {
+    // (address as u128 in the family's top bits, prefix length, is_v6, rule)
+    let mut entries: Vec<(bool, u128, u8, u32)> = Vec::new();
+    for (i, r) in rules.iter().enumerate() {
+        if let Some(list) = get(r) {
+            entries.extend(list.iter().map(|n| {
+                let (v6, bits) = match n.network() {
+                    IpAddr::V4(a) => (false, (u32::from(a) as u128) << 96),
+                    IpAddr::V6(a) => (true, u128::from(a)),
+                };
+                (v6, bits, n.prefix_len(), i as u32)
+            }));
+        }
+    }
+    // Sorted by family, address, then length: every prefix comes after the prefixes containing it.
+    entries.sort_unstable();
+
+    let base_id = bitmaps.intern(*base);
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    // Ancestors of the current prefix: (family, address, length, bitmap, id).
+    let mut stack: Vec<(bool, u128, u8, Bitmap, u32)> = Vec::new();
+    let mut i = 0;
+    while i < entries.len() {
+        let (is_v6, addr, len, _) = entries[i];
+        let mut own = Bitmap::EMPTY;
+        while i < entries.len() && entries[i].0 == is_v6 && entries[i].1 == addr && entries[i].2 == len {
+            set_bit(&mut own, entries[i].3 as usize);
+            i += 1;
+        }
+        while let Some(&(f, a, l, _, _)) = stack.last() {
+            let contains = f == is_v6 && (l == 0 || (a ^ addr) >> (128 - l as u32) == 0);
+            if contains {
+                break;
+            }
+            stack.pop();
+        }
+        let (parent, parent_id) = stack.last().map(|&(_, _, _, bm, id)| (bm, Some(id))).unwrap_or((*base, None));
+        let bm = union(&parent, &own);
+        let id = bitmaps.intern(bm);
+        stack.push((is_v6, addr, len, bm, id));
+        // Without a stored parent, a miss yields `base`, so a prefix equal to base is redundant too.
+        let redundant = match parent_id {
+            Some(pid) => pid == id,
+            None => bm == *base,
+        };
+        if redundant {
+            continue;
+        }
+        if is_v6 {
+            v6.push((addr, len, id));
+        } else {
+            v4.push((addr, len, id));
+        }
+    }
+    let v4 = merge_siblings(v4, base_id);
+    let v6 = merge_siblings(v6, base_id).into_iter().map(|(a, l, id)| (l as u32, a.to_be_bytes(), id)).collect();
+    (v4, v6)
+}
+
+/// Replaces two sibling prefixes that select the same bitmap by their parent, and drops any
+/// prefix that selects the same bitmap as its nearest enclosing one (or, without one, as a miss:
+/// `miss_id`), repeatedly. Each step leaves the longest-prefix-match answer for every address
+/// unchanged, so a blocklist of adjacent networks shrinks to the few prefixes that cover it.
+/// Addresses are left-aligned in a u128 (IPv4 in the top 32 bits).
+fn merge_siblings(entries: Vec<(u128, u8, u32)>, miss_id: u32) -> Vec<(u128, u8, u32)> {
+    let mut by_prefix: HashMap<(u128, u8), u32> = entries.iter().map(|&(a, l, id)| ((a, l), id)).collect();
+    let bit = |len: u8| -> u128 { 1u128 << (128 - len as u32) };
+    let parent = |a: u128, len: u8| -> u128 { if len <= 1 { 0 } else { a & (u128::MAX << (129 - len as u32)) } };
+    let max_len = entries.iter().map(|e| e.1).max().unwrap_or(0);
+    // Longest first, so merged parents are examined at their own length.
+    let mut by_len: Vec<Vec<u128>> = vec![Vec::new(); max_len as usize + 1];
+    for &(a, l, _) in &entries {
+        by_len[l as usize].push(a);
+    }
+    for len in (1..=max_len).rev() {
+        let level = std::mem::take(&mut by_len[len as usize]);
+        for a in level {
+            let Some(&id) = by_prefix.get(&(a, len)) else { continue };
+            let sibling = a ^ bit(len);
+            let p = parent(a, len);
+            if by_prefix.get(&(sibling, len)) != Some(&id) || by_prefix.contains_key(&(p, len - 1)) {
+                continue;
+            }
+            by_prefix.remove(&(a, len));
+            by_prefix.remove(&(sibling, len));
+            // The nearest enclosing prefix decides whether the merged parent is needed at all.
+            let enclosing = (0..len - 1)
+                .rev()
+                .find_map(|l| by_prefix.get(&(parent(p, l + 1), l)).copied())
+                .unwrap_or(miss_id);
+            if enclosing != id {
+                by_prefix.insert((p, len - 1), id);
+                by_len[len as usize - 1].push(p);
+            }
+        }
+    }
+    let mut out: Vec<(u128, u8, u32)> = by_prefix.into_iter().map(|((a, l), id)| (a, l, id)).collect();
+    out.sort_unstable();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse;
+    use std::path::Path;
+
+    fn compile_str(s: &str) -> Image {
+        compile(&parse(Path::new("t.toml"), s).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn nested_prefixes_inherit_and_redundant_ones_drop() {
+        let img = compile_str(
+            r#"default = "pass"
+            [[rule]]
+            action = "drop"
+            src = ["10.0.0.0/8", "10.1.0.0/16"]
+            [[rule]]
+            action = "pass"
+            src = ["10.1.2.0/24"]
+            "#,
+        );
+        // 10.1.0.0/16 selects the same rules as 10.0.0.0/8, so only /8 and /24 remain.
+        let t = img.src_v4.as_ref().unwrap();
+        assert_eq!(t.prefixes, 2);
+        let at = |a: [u8; 4]| lookup_direct(t, u32::from_be_bytes(a));
+        assert_eq!(img.bitmaps[at([10, 9, 9, 9]) as usize].words[0], 0b01);
+        assert_eq!(img.bitmaps[at([10, 1, 2, 3]) as usize].words[0], 0b11);
+        assert_eq!(img.bitmaps[at([11, 0, 0, 1]) as usize].words[0], 0b00);
+    }
+
+    /// The longest-prefix-match answer of a table, by brute force.
+    fn lpm(table: &[(u128, u8, u32)], addr: u128, miss: u32) -> u32 {
+        table
+            .iter()
+            .filter(|(a, l, _)| *l == 0 || (a ^ addr) >> (128 - *l as u32) == 0)
+            .max_by_key(|(_, l, _)| *l)
+            .map_or(miss, |e| e.2)
+    }
+
+    /// The kernel's lookup, in Rust.
+    fn lookup_direct(t: &DirectTable, a: u32) -> u32 {
+        let chunk = |e: u32, byte: u32| (dir::TOP_ENTRIES + (e & !dir::CHUNK) * dir::CHUNK_ENTRIES + (byte & 0xff)) as usize;
+        let mut e = t.entries[(a >> 16) as usize];
+        if e & dir::CHUNK != 0 {
+            e = t.entries[chunk(e, a >> 8)];
+            if e & dir::CHUNK != 0 {
+                e = t.entries[chunk(e, a)];
+            }
+        }
+        e
+    }
+
+    #[test]
+    fn direct_table_answers_like_longest_prefix_match() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for _ in 0..50 {
+            let mut table: Vec<(u128, u8, u32)> = Vec::new();
+            for _ in 0..rng.random_range(1..60) {
+                let len = rng.random_range(0..=32u8);
+                // Few distinct top bits so prefixes nest.
+                let a: u32 = (rng.random::<u32>() & 0x0301_0f0f) | 0x0a00_0000;
+                let a = if len == 0 { 0 } else { a & (u32::MAX << (32 - len)) };
+                let addr = (a as u128) << 96;
+                if !table.iter().any(|e| e.0 == addr && e.1 == len) {
+                    table.push((addr, len, rng.random_range(2..9)));
+                }
+            }
+            let t = direct_table(&table, 1).unwrap();
+            for _ in 0..2000 {
+                let a: u32 = (rng.random::<u32>() & 0x0301_0f0f) | 0x0a00_0000;
+                let a = if rng.random_bool(0.1) { rng.random() } else { a };
+                assert_eq!(lookup_direct(&t, a), lpm(&table, (a as u128) << 96, 1), "{table:?} {a:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn sibling_merge_keeps_every_answer() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for _ in 0..300 {
+            let mut table: Vec<(u128, u8, u32)> = Vec::new();
+            for _ in 0..rng.random_range(1..40) {
+                let len = rng.random_range(0..=8u8);
+                let addr = if len == 0 { 0 } else { (rng.random::<u128>() >> 120 << 120) & (u128::MAX << (128 - len as u32)) };
+                if !table.iter().any(|e| e.0 == addr && e.1 == len) {
+                    table.push((addr, len, rng.random_range(0..3)));
+                }
+            }
+            let merged = merge_siblings(table.clone(), 0);
+            for top in 0..=255u128 {
+                let addr = top << 120;
+                assert_eq!(lpm(&table, addr, 0), lpm(&merged, addr, 0), "table {table:?} merged {merged:?} addr {top}");
+            }
+            assert!(merged.len() <= table.len());
+        }
+    }
+
+    #[test]
+    fn adjacent_networks_merge() {
+        let img = compile_str(
+            r#"default = "pass"
+            [[rule]]
+            action = "drop"
+            src = ["192.0.2.0/25", "192.0.2.128/25", "198.51.100.0/24", "198.51.101.0/24"]
+            "#,
+        );
+        // Two prefixes remain: 192.0.2.0/24 and 198.51.100.0/23.
+        assert_eq!(img.src_v4.as_ref().unwrap().prefixes, 2);
+    }
+
+    #[test]
+    fn unused_fields_are_not_looked_up() {
+        let img = compile_str(
+            r#"default = "drop"
+            [[rule]]
+            action = "pass"
+            dst = ["2001:db8::/32"]
+            "#,
+        );
+        assert_eq!(img.header.fields, field::DST);
+        assert_eq!(img.dst_v6.len(), 1);
+        assert!(img.src_v4.is_none());
+    }
+
+    #[test]
+    fn port_ranges_fill_segments() {
+        let img = compile_str(
+            r#"default = "drop"
+            [[rule]]
+            action = "pass"
+            proto = "tcp"
+            dport = [22, "8000-8100"]
+            "#,
+        );
+        let at = |p: u32| img.bitmaps[img.fields[(DPORT_BASE + p) as usize].bitmap as usize].words[0];
+        assert_eq!(at(22), 1);
+        assert_eq!(at(23), 0);
+        assert_eq!(at(8000), 1);
+        assert_eq!(at(8100), 1);
+        assert_eq!(at(8101), 0);
+        assert_eq!(img.bitmaps[img.header.absent[absent::DPORT] as usize].words[0], 0);
+    }
+}

@@ -1,0 +1,202 @@
+//! The reference matcher: the rules evaluated directly, in plain Rust, with no compilation.
+//!
+//! It is the oracle of the differential tests (the kernel must agree with it on every packet),
+//! the engine of `loader explain`, and it decides what the kernel does before classification
+//! (neighbour discovery, the fragment policy) exactly as the XDP program does.
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::{
+    owner::Owner,
+    packet::PacketSpec,
+    Action, AddrList, FragmentPolicy, IPPROTO_ICMPV6, Rule, Ruleset,
+};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    pub action: Action,
+    /// Index of the deciding rule; `None` for the default action and the fixed policies.
+    pub rule: Option<usize>,
+    pub rule_name: Option<String>,
+    /// Why, one line per field that mattered.
+    pub reasons: Vec<String>,
+    /// The deciding rule needs the socket owner, which was not given: `action` is the pending
+    /// action the kernel applies while userspace looks the owner up.
+    pub escalated: bool,
+}
+
+/// What is known of the owner of the packet's local socket.
+#[derive(Clone, Copy, Debug)]
+pub enum OwnerView<'a> {
+    /// Not known, as in the kernel: a rule with owner conditions escalates.
+    Unknown,
+    /// Known: `None` when no socket is there to own the flow.
+    Known(Option<&'a Owner>),
+}
+
+/// Decides `pkt` as the XDP program does (escalating where a rule needs the socket owner).
+pub fn decide(rs: &Ruleset, pkt: &PacketSpec) -> Decision {
+    evaluate(rs, pkt, OwnerView::Unknown, 0)
+}
+
+/// Decides `pkt` as the XDP program and the escalation service together do, with `owner`.
+pub fn decide_with_owner(rs: &Ruleset, pkt: &PacketSpec, owner: Option<&Owner>) -> Decision {
+    evaluate(rs, pkt, OwnerView::Known(owner), 0)
+}
+
+/// Decides `pkt` with rules `first..` only: the escalation service starts at the rule the
+/// kernel escalated on, since the kernel has already seen every earlier rule fail.
+pub fn evaluate(rs: &Ruleset, pkt: &PacketSpec, owner: OwnerView, first: usize) -> Decision {
+    let fixed = |action, why: &str| Decision {
+        action,
+        rule: None,
+        rule_name: None,
+        reasons: vec![why.to_string()],
+        escalated: false,
+    };
+    // Only over IPv6, as in the XDP program: protocol 58 inside IPv4 is not neighbour discovery.
+    if pkt.src.is_ipv6() && pkt.is_icmp() && pkt.proto == IPPROTO_ICMPV6 && (133..=137).contains(&pkt.icmp_type) {
+        return fixed(Action::Pass, "IPv6 neighbour discovery and router messages always pass");
+    }
+    if pkt.fragment {
+        match rs.fragments {
+            FragmentPolicy::Drop => return fixed(Action::Drop, "non-first fragment: options.fragments = \"drop\""),
+            FragmentPolicy::Pass => return fixed(Action::Pass, "non-first fragment: options.fragments = \"pass\""),
+            FragmentPolicy::L3Only => {}
+        }
+    }
+    for (i, rule) in rs.rules.iter().enumerate().skip(first) {
+        let Some(mut reasons) = rule_matches(rule, pkt) else { continue };
+        let decision = |action, reasons, escalated| Decision {
+            action,
+            rule: Some(i),
+            rule_name: Some(rule.name.clone()),
+            reasons,
+            escalated,
+        };
+        match (&rule.owner, owner) {
+            (None, _) => return decision(rule.action, reasons, false),
+            (Some(cond), OwnerView::Unknown) => {
+                reasons.push(format!(
+                    "the rule needs the socket owner ({cond}): the kernel escalates the flow and gives it the pending action ({}) until userspace decides",
+                    rs.escalation.pending
+                ));
+                return decision(rs.escalation.pending, reasons, true);
+            }
+            (Some(cond), OwnerView::Known(o)) => {
+                if let Some(why) = cond.matches(o) {
+                    reasons.push(why);
+                    return decision(rule.action, reasons, false);
+                }
+            }
+        }
+    }
+    fixed(rs.default, "no rule matched: the default action")
+}
+
+/// `Some(reasons)` when every condition of `rule` holds for `pkt`.
+pub fn rule_matches(rule: &Rule, pkt: &PacketSpec) -> Option<Vec<String>> {
+    let mut why = Vec::new();
+    let addr = |list: &Option<AddrList>, a: IpAddr, field: &str, why: &mut Vec<String>| -> bool {
+        match list {
+            None => true,
+            Some(list) => match list.find(a) {
+                Some((net, None)) => {
+                    why.push(format!("{field} {a} is in {net}"));
+                    true
+                }
+                Some((net, Some(set))) => {
+                    why.push(format!("{field} {a} is in {net} of set @{set}"));
+                    true
+                }
+                None => false,
+            },
+        }
+    };
+    if !addr(&rule.src, pkt.src, "src", &mut why) || !addr(&rule.dst, pkt.dst, "dst", &mut why) {
+        return None;
+    }
+    if let Some(protos) = &rule.proto {
+        if !protos.contains(&pkt.proto) {
+            return None;
+        }
+        why.push(format!("protocol {} is one of {protos:?}", pkt.proto));
+    }
+    let port = |ranges: &Option<Vec<std::ops::RangeInclusive<u16>>>, p: u16, field: &str, why: &mut Vec<String>| match ranges {
+        None => true,
+        Some(ranges) => {
+            if !pkt.has_ports() {
+                return false;
+            }
+            match ranges.iter().find(|r| r.contains(&p)) {
+                Some(r) => {
+                    why.push(format!("{field} {p} is in {}-{}", r.start(), r.end()));
+                    true
+                }
+                None => false,
+            }
+        }
+    };
+    if !port(&rule.sport, pkt.sport, "sport", &mut why) || !port(&rule.dport, pkt.dport, "dport", &mut why) {
+        return None;
+    }
+    if let Some(icmp) = &rule.icmp {
+        if !pkt.is_icmp() || pkt.icmp_type != icmp.icmp_type || icmp.code.is_some_and(|c| c != pkt.icmp_code) {
+            return None;
+        }
+        why.push(format!("icmp type {} code {}", pkt.icmp_type, pkt.icmp_code));
+    }
+    if let Some(flags) = &rule.tcp_flags {
+        if !pkt.is_tcp() || !flags.matches(pkt.tcp_flags) {
+            return None;
+        }
+        why.push(format!("tcp flags {:#04x} have {:#04x} set and {:#04x} clear", pkt.tcp_flags, flags.set, flags.clear));
+    }
+    if why.is_empty() {
+        why.push("the rule has no conditions".into());
+    }
+    Some(why)
+}
+
+/// Rules that can never match because one earlier rule matches a superset of their packets:
+/// `(shadowed, by)`. Conservative: it reports only what it can prove field by field.
+pub fn shadowed_rules(rs: &Ruleset) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    for j in 0..rs.rules.len() {
+        if let Some(i) = (0..j).find(|&i| covers(&rs.rules[i], &rs.rules[j])) {
+            out.push((j, i));
+        }
+    }
+    out
+}
+
+fn covers(a: &Rule, b: &Rule) -> bool {
+    fn field<T>(a: &Option<T>, b: &Option<T>, f: impl Fn(&T, &T) -> bool) -> bool {
+        match (a, b) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(a), Some(b)) => f(a, b),
+        }
+    }
+    let addrs = |a: &AddrList, b: &AddrList| {
+        // Bounded so that huge sets cost no more than a million containment checks.
+        a.len().saturating_mul(b.len()) <= 1_000_000 && b.iter().all(|nb| a.iter().any(|na| na.contains(nb)))
+    };
+    let ports = |a: &Vec<std::ops::RangeInclusive<u16>>, b: &Vec<std::ops::RangeInclusive<u16>>| {
+        b.iter().all(|rb| rb.is_empty() || a.iter().any(|ra| ra.start() <= rb.start() && rb.end() <= ra.end()))
+    };
+    // An owner condition may fail where the later rule's holds, unless the later one demands
+    // the very same owner.
+    if a.owner.is_some() && a.owner != b.owner {
+        return false;
+    }
+    field(&a.src, &b.src, addrs)
+        && field(&a.dst, &b.dst, addrs)
+        && field(&a.proto, &b.proto, |a, b| b.iter().all(|p| a.contains(p)))
+        && field(&a.sport, &b.sport, ports)
+        && field(&a.dport, &b.dport, ports)
+        && field(&a.icmp, &b.icmp, |a, b| a.icmp_type == b.icmp_type && (a.code.is_none() || a.code == b.code))
+        && field(&a.tcp_flags, &b.tcp_flags, |a, b| a.set & b.set == a.set && a.clear & b.clear == a.clear)
+}

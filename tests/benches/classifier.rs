@@ -1,0 +1,395 @@
+//! `cargo xtask bench`: ns per packet of the real XDP program through BPF_PROG_TEST_RUN, side by
+//! side in one run with an empty XDP program (the floor) and a plain one-LPM-lookup program over
+//! the same prefixes; plus compile and install times of large rulesets.
+//!
+//! Packets vary (64 distinct frames, half inside the prefix set) so large tries are not measured
+//! cache-hot on one path only. Results are medians over frames of the kernel's mean per run.
+//! `--focus` runs only the rows of the performance target, with more rounds;
+//! `XDPFW_BENCH_FRAMES=1` prints each row's per-frame figures (sorted), to tell noise from paths.
+
+use std::{
+    fmt::Write as _,
+    net::Ipv4Addr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow};
+use aya::{
+    Ebpf,
+    maps::{LpmTrie, lpm_trie::Key},
+    programs::Xdp,
+};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use xdpfw_kernel::{
+    peers::{FLOOR, PLAIN_LPM},
+    testrun::{PrivateProgram, run_frame},
+};
+use xdpfw_rules::{self as rules, compile::compile, packet::PacketSpec};
+
+// Each BPF_PROG_TEST_RUN call swaps the program into the XDP dispatcher and back, two RCU grace
+// periods, so the number of calls (frames x rounds x programs) bounds the run time.
+const FRAMES: usize = 64;
+
+struct Row {
+    name: String,
+    prefixes: usize,
+    rules: usize,
+    m: Measure,
+    compile_ms: Option<f64>,
+    install_ms: Option<f64>,
+}
+
+/// Medians over frames. The programs take turns over the whole frame list, several rounds, so
+/// the ratios compare runs made under the same machine noise. (Not frame by frame: switching the
+/// program BPF_PROG_TEST_RUN runs costs an RCU grace period in the kernel's XDP dispatcher.)
+struct Measure {
+    ns: f64,
+    floor_ns: f64,
+    x_floor: f64,
+    plain_ns: Option<f64>,
+    x_plain: Option<f64>,
+}
+
+const ROUNDS: usize = 2;
+/// `--focus`: only the rows of the performance target, with more rounds.
+const FOCUS_ROUNDS: usize = 4;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn run_one(ebpf: &mut Ebpf, name: &str, frame: &[u8], repeat: u32) -> Result<f64> {
+    let prog: &mut Xdp = ebpf.program_mut(name).ok_or_else(|| anyhow!("no {name}"))?.try_into()?;
+    Ok(run_frame(prog, frame, repeat)?.1.as_nanos() as f64)
+}
+
+struct Peers {
+    floor: Ebpf,
+    plain: Ebpf,
+}
+
+fn measure(fw: &mut PrivateProgram, peers: &mut Peers, frames: &[Vec<u8>], repeat: u32, with_plain: bool) -> Result<Measure> {
+    let n = frames.len();
+    let (mut fl, mut ns, mut pl) = (vec![vec![]; n], vec![vec![]; n], vec![vec![]; n]);
+    let rounds = if focus() { FOCUS_ROUNDS } else { ROUNDS };
+    for _ in 0..rounds {
+        for (i, f) in frames.iter().enumerate() {
+            fl[i].push(run_one(&mut peers.floor, "floor", f, repeat)?);
+        }
+        for (i, f) in frames.iter().enumerate() {
+            ns[i].push(fw.run_repeat(f, repeat)?.1.as_nanos() as f64);
+        }
+        if with_plain {
+            for (i, f) in frames.iter().enumerate() {
+                pl[i].push(run_one(&mut peers.plain, "plain_lpm", f, repeat)?);
+            }
+        }
+    }
+    // Per frame: the median of its rounds; then medians over frames.
+    let per = |v: &Vec<Vec<f64>>| v.iter().map(|r| median(r.clone())).collect::<Vec<f64>>();
+    let (fl, ns) = (per(&fl), per(&ns));
+    if std::env::var_os("XDPFW_BENCH_FRAMES").is_some() {
+        let mut v: Vec<(usize, f64)> = ns.iter().copied().enumerate().collect();
+        v.sort_by(|a, b| a.1.partial_cmp(&b.1).unwrap());
+        eprintln!("frames (index:ns, sorted): {:?}", v.iter().map(|(i, n)| format!("{i}:{n}")).collect::<Vec<_>>());
+    }
+    let pl = if with_plain { per(&pl) } else { Vec::new() };
+    // Ratio of medians: per-frame ratios would pair a cheap miss of one program with a costly hit
+    // of the other.
+    let ratio = |a: &[f64], b: &[f64]| median(a.to_vec()) / median(b.to_vec());
+    Ok(Measure {
+        ns: median(ns.clone()),
+        floor_ns: median(fl.clone()),
+        x_floor: ratio(&ns, &fl),
+        plain_ns: with_plain.then(|| median(pl.clone())),
+        x_plain: with_plain.then(|| ratio(&ns, &pl)),
+    })
+}
+
+fn load(object: &[u8], name: &str) -> Result<Ebpf> {
+    let mut ebpf = Ebpf::load(object)?;
+    let prog: &mut Xdp = ebpf.program_mut(name).ok_or_else(|| anyhow!("no {name}"))?.try_into()?;
+    prog.load()?;
+    Ok(ebpf)
+}
+
+/// `n` distinct IPv4 prefixes, mostly /24 as in real routing tables, inside 10.0.0.0/8 and
+/// 100.64.0.0/10 so the probes outside them miss.
+fn random_prefixes(rng: &mut StdRng, n: usize) -> Vec<(Ipv4Addr, u8)> {
+    let mut seen = std::collections::HashSet::with_capacity(n);
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let len: u8 = match rng.random_range(0..100) {
+            0..70 => 24,
+            70..80 => 22,
+            80..88 => 20,
+            88..96 => 28,
+            _ => 32,
+        };
+        let base: u32 = if rng.random_bool(0.5) { 0x0a00_0000 } else { 0x6440_0000 };
+        let span = if base == 0x0a00_0000 { 24 } else { 22 };
+        let addr = base | (rng.random::<u32>() & ((1 << span) - 1));
+        let addr = addr & (u32::MAX << (32 - len));
+        if seen.insert((addr, len)) {
+            out.push((Ipv4Addr::from(addr), len));
+        }
+    }
+    out
+}
+
+/// `n` distinct IPv6 prefixes, /32 to /64, inside 2001:db8::/32 and 2001:db9::/32.
+fn random_prefixes_v6(rng: &mut StdRng, n: usize) -> Vec<(std::net::Ipv6Addr, u8)> {
+    let mut seen = std::collections::HashSet::with_capacity(n);
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let len: u8 = [32, 40, 48, 48, 48, 56, 64][rng.random_range(0..7)];
+        let base: u128 = if rng.random_bool(0.5) { 0x2001_0db8 << 96 } else { 0x2001_0db9 << 96 };
+        let addr = (base | (rng.random::<u128>() >> 32)) & (u128::MAX << (128 - len as u32));
+        if seen.insert((addr, len)) {
+            out.push((addr.into(), len));
+        }
+    }
+    out
+}
+
+fn frames_v6(rng: &mut StdRng, prefixes: &[(std::net::Ipv6Addr, u8)]) -> Vec<Vec<u8>> {
+    (0..FRAMES)
+        .map(|i| {
+            let src: u128 = if i % 2 == 0 {
+                let (net, len) = prefixes[rng.random_range(0..prefixes.len())];
+                u128::from(net) | (rng.random::<u128>() >> len)
+            } else {
+                0x2001_0db7 << 96 | rng.random::<u32>() as u128
+            };
+            PacketSpec {
+                proto: 6,
+                src: std::net::Ipv6Addr::from(src).into(),
+                dst: "2001:db8:ffff::1".parse::<std::net::Ipv6Addr>().unwrap().into(),
+                sport: rng.random_range(1024..65535),
+                dport: 443,
+                tcp_flags: 0x02,
+                icmp_type: 0,
+                icmp_code: 0,
+                fragment: false,
+            }
+            .to_frame()
+        })
+        .collect()
+}
+
+fn structured_rules(rng: &mut StdRng, k: usize) -> String {
+    let mut s = String::new();
+    for i in 0..k {
+        let proto = if rng.random_bool(0.5) { "tcp" } else { "udp" };
+        let lo: u16 = rng.random_range(1..60000);
+        let hi = lo + rng.random_range(0..200);
+        let net = format!("192.168.{}.0/24", rng.random_range(0..256));
+        let action = if rng.random_bool(0.5) { "pass" } else { "drop" };
+        let _ = writeln!(s, "[[rule]]\nname = \"r{i}\"\naction = \"{action}\"\nproto = \"{proto}\"\ndport = \"{lo}-{hi}\"\ndst = [\"{net}\"]\n");
+    }
+    s
+}
+
+fn frames(rng: &mut StdRng, prefixes: &[(Ipv4Addr, u8)]) -> Vec<Vec<u8>> {
+    (0..FRAMES)
+        .map(|i| {
+            let src = if i % 2 == 0 && !prefixes.is_empty() {
+                let (net, len) = prefixes[rng.random_range(0..prefixes.len())];
+                let host = if len == 32 { 0 } else { rng.random::<u32>() & ((1u32 << (32 - len)) - 1) };
+                Ipv4Addr::from(u32::from(net) | host)
+            } else {
+                Ipv4Addr::new(203, 0, 113, rng.random())
+            };
+            let spec = PacketSpec {
+                proto: 6,
+                src: src.into(),
+                dst: Ipv4Addr::new(192, 168, rng.random(), 1).into(),
+                sport: rng.random_range(1024..65535),
+                dport: rng.random_range(1..65535),
+                tcp_flags: 0x02,
+                icmp_type: 0,
+                icmp_code: 0,
+                fragment: false,
+            };
+            spec.to_frame()
+        })
+        .collect()
+}
+
+fn focus() -> bool {
+    std::env::args().any(|a| a == "--focus")
+}
+
+fn main() -> Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let focus = focus();
+    let repeat: u32 = if quick { 1000 } else { 5000 };
+    let scales: &[usize] = if quick {
+        &[0, 1_000]
+    } else if focus {
+        &[0, 1_000_000]
+    } else {
+        &[0, 1_000, 100_000, 1_000_000]
+    };
+    let rule_counts: &[usize] = if quick { &[10] } else if focus { &[1000] } else { &[10, 100, 1000] };
+    let big = *scales.last().unwrap();
+    let mut rng = StdRng::seed_from_u64(7);
+    let dir = std::env::temp_dir().join(format!("xdpfw-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+
+    let mut peers = Peers { floor: load(FLOOR, "floor")?, plain: load(PLAIN_LPM, "plain_lpm")? };
+    let mut fw = PrivateProgram::load()?;
+    let mut rows = Vec::new();
+    let all = random_prefixes(&mut rng, big);
+
+    let set_plain = |peers: &mut Peers, set: &[(Ipv4Addr, u8)]| -> Result<()> {
+        let mut trie: LpmTrie<_, [u8; 4], u32> = LpmTrie::try_from(peers.plain.map_mut("PLAIN_V4").context("PLAIN_V4")?)?;
+        for k in trie.keys().collect::<Result<Vec<_>, _>>()? {
+            trie.remove(&k)?;
+        }
+        for (net, len) in set {
+            trie.insert(&Key::new(*len as u32, net.octets()), &1, 0)?;
+        }
+        Ok(())
+    };
+    for &n in scales {
+        let set = &all[..n];
+        set_plain(&mut peers, set)?;
+        let f = frames(&mut rng, set);
+        let (compile_ms, install_ms) = install(&mut fw, &dir, set, "")?;
+        let m = measure(&mut fw, &mut peers, &f, repeat, true)?;
+        rows.push(Row { name: format!("{n} prefixes, 1 rule"), prefixes: n, rules: 1, m, compile_ms: Some(compile_ms), install_ms: Some(install_ms) });
+    }
+    let set = &all[..big];
+    set_plain(&mut peers, set)?;
+    let f = frames(&mut rng, set);
+    for &k in rule_counts {
+        let extra = structured_rules(&mut rng, k);
+        let (compile_ms, install_ms) = install(&mut fw, &dir, set, &extra)?;
+        let m = measure(&mut fw, &mut peers, &f, repeat, true)?;
+        rows.push(Row { name: format!("{big} prefixes + {k} rules"), prefixes: big, rules: k + 1, m, compile_ms: Some(compile_ms), install_ms: Some(install_ms) });
+    }
+    // The same prefixes split between a drop and a pass rule, alternately: neighbours select
+    // different rules, so few merge (one random set alone merges into a handful of short
+    // prefixes) and the direct table needs tens of thousands of chunks.
+    if !quick {
+        let k = *rule_counts.last().unwrap();
+        for (name, half) in ["a", "b"].iter().zip([0, 1]) {
+            let mut text = String::with_capacity(set.len() * 9);
+            for (net, len) in set.iter().skip(half).step_by(2) {
+                let _ = writeln!(text, "{net}/{len}");
+            }
+            std::fs::write(dir.join(format!("{name}.txt")), text)?;
+        }
+        let extra = structured_rules(&mut rng, k);
+        let text = format!(
+            "default = \"pass\"\n[sets.a]\nfile = \"a.txt\"\n[sets.b]\nfile = \"b.txt\"\n\
+             [[rule]]\nname = \"a\"\naction = \"drop\"\nsrc = [\"@a\"]\n\
+             [[rule]]\nname = \"b\"\naction = \"pass\"\nsrc = [\"@b\"]\n{extra}"
+        );
+        let (compile_ms, install_ms) = install_text(&mut fw, &dir, &text)?;
+        let m = measure(&mut fw, &mut peers, &f, repeat, true)?;
+        rows.push(Row { name: format!("{big} prefixes in 2 sets + {k} rules"), prefixes: big, rules: k + 2, m, compile_ms: Some(compile_ms), install_ms: Some(install_ms) });
+    }
+    if !focus {
+        more_rows(&mut fw, &mut peers, &mut rng, &dir, big, &f, repeat, &mut rows)?;
+    }
+    print_rows(&rows, repeat)?;
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// The IPv6 row and the per-field rows.
+#[expect(clippy::too_many_arguments, reason = "the bench's shared state, passed through once")]
+fn more_rows(fw: &mut PrivateProgram, peers: &mut Peers, rng: &mut StdRng, dir: &std::path::Path, big: usize, f: &[Vec<u8>], repeat: u32, rows: &mut Vec<Row>) -> Result<()> {
+    // IPv6 at the same scale: the trie path (compile and install times, ns on IPv6 frames).
+    let v6 = random_prefixes_v6(rng, big);
+    let mut text = String::with_capacity(v6.len() * 24);
+    for (net, len) in &v6 {
+        let _ = writeln!(text, "{net}/{len}");
+    }
+    std::fs::write(dir.join("set6.txt"), text)?;
+    let (compile_ms, install_ms) = install_text(fw, dir, "default = \"pass\"\n[sets.big6]\nfile = \"set6.txt\"\n[[rule]]\naction = \"drop\"\nsrc = [\"@big6\"]\n")?;
+    let f6 = frames_v6(rng, &v6);
+    let m = measure(fw, peers, &f6, repeat, false)?;
+    rows.push(Row { name: format!("{big} IPv6 prefixes, 1 rule"), prefixes: big, rules: 1, m, compile_ms: Some(compile_ms), install_ms: Some(install_ms) });
+
+    // The fast path pays only for the fields a ruleset uses: add them one at a time.
+    let mut conditions = String::new();
+    for (label, cond) in [
+        ("src", "src = [\"10.0.0.0/8\"]\n"),
+        ("+ dst", "dst = [\"192.168.0.0/16\"]\n"),
+        ("+ proto", "proto = \"tcp\"\n"),
+        ("+ dport", "dport = \"1-30000\"\n"),
+        ("+ sport", "sport = \"1-30000\"\n"),
+        ("+ tcp_flags", "tcp_flags = \"syn\"\n"),
+    ] {
+        conditions.push_str(cond);
+        let text = format!("default = \"pass\"\n[[rule]]\naction = \"drop\"\n{conditions}");
+        install_text(fw, dir, &text)?;
+        let m = measure(fw, peers, f, repeat, false)?;
+        rows.push(Row { name: format!("one rule on: {label}"), prefixes: 1, rules: 1, m, compile_ms: None, install_ms: None });
+    }
+    Ok(())
+}
+
+fn print_rows(rows: &[Row], repeat: u32) -> Result<()> {
+    let rounds = if focus() { FOCUS_ROUNDS } else { ROUNDS };
+    let mut table = String::new();
+    let _ = writeln!(table, "{:<40} {:>8} {:>8} {:>8} {:>9} {:>8} {:>11} {:>11}", "classifier ruleset", "ns/pkt", "floor ns", "x floor", "plain ns", "x plain", "compile ms", "install ms");
+    for r in rows {
+        let opt = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:.p$}"));
+        let m = &r.m;
+        let _ = writeln!(
+            table,
+            "{:<40} {:>8.1} {:>8.1} {:>8.2} {:>9} {:>8} {:>11} {:>11}",
+            r.name, m.ns, m.floor_ns, m.x_floor, opt(m.plain_ns, 1), opt(m.x_plain, 2), opt(r.compile_ms, 0), opt(r.install_ms, 0)
+        );
+    }
+    print!("{table}");
+    println!("BPF_PROG_TEST_RUN, {repeat} repeats per frame, {FRAMES} distinct frames (half inside the prefix set).");
+    println!("Medians over frames; floor = an empty XDP program, plain = one LPM lookup over the same prefixes,");
+    println!("taking turns with the classifier over the frames, {rounds} rounds; x = ratio of the medians.");
+    let json: Vec<_> = rows
+        .iter()
+        .map(|r| serde_json::json!({"ruleset": r.name, "prefixes": r.prefixes, "rules": r.rules, "ns_per_packet": r.m.ns, "floor_ns": r.m.floor_ns, "ratio_to_floor": r.m.x_floor, "plain_ns": r.m.plain_ns, "ratio_to_plain": r.m.x_plain, "compile_ms": r.compile_ms, "install_ms": r.install_ms}))
+        .collect();
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("classifier.json"), serde_json::to_string_pretty(&json)?)?;
+    println!("JSON: target/bench/classifier.json");
+    Ok(())
+}
+
+/// Writes the prefixes as a set file, builds a ruleset dropping them plus `extra` rules, and
+/// installs it; returns compile (parse included) and install times.
+fn install(fw: &mut PrivateProgram, dir: &std::path::Path, set: &[(Ipv4Addr, u8)], extra: &str) -> Result<(f64, f64)> {
+    let mut text = String::with_capacity(set.len() * 18);
+    for (net, len) in set {
+        let _ = writeln!(text, "{net}/{len}");
+    }
+    std::fs::write(dir.join("set.txt"), text)?;
+    let src = if set.is_empty() { String::new() } else { "[sets.big]\nfile = \"set.txt\"\n[[rule]]\nname = \"big\"\naction = \"drop\"\nsrc = [\"@big\"]\n".to_string() };
+    install_text(fw, dir, &format!("default = \"pass\"\n{src}\n{extra}"))
+}
+
+fn install_text(fw: &mut PrivateProgram, dir: &std::path::Path, text: &str) -> Result<(f64, f64)> {
+    let path = dir.join("bench.toml");
+    std::fs::write(&path, text)?;
+    let t = Instant::now();
+    let rs = rules::load(&path)?;
+    let image = compile(&rs)?;
+    let compile_ms = ms(t.elapsed());
+    if let Some(t) = image.src_v4.as_ref().filter(|t| t.chunks > 0) {
+        eprintln!("{} IPv4 source prefixes after merging, {} table chunks", t.prefixes, t.chunks);
+    }
+    let t = Instant::now();
+    fw.activate(&image)?;
+    Ok((compile_ms, ms(t.elapsed())))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}

@@ -1,0 +1,1 @@
+//! The integration suite lives in the test and bench targets of this package.
