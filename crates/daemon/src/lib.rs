@@ -547,9 +547,9 @@ mod tests {
         let rs = rules::parse(Path::new("fail-closed.toml"), &text).expect("parses");
         assert_eq!(rs.default.to_string(), "drop");
         assert_eq!(rs.rules.len(), 2);
-        let pass = crate::matcher::decide(&rs, &"tcp 192.0.2.1:8080 -> 192.0.2.2:40000 flags SA".parse().unwrap());
+        let pass = xdpfw_rules::matcher::decide(&rs, &"tcp 192.0.2.1:8080 -> 192.0.2.2:40000 flags SA".parse().unwrap());
         assert_eq!(pass.action.to_string(), "pass");
-        let drop = crate::matcher::decide(&rs, &"udp 192.0.2.1:8080 -> 192.0.2.2:40000".parse().unwrap());
+        let drop = xdpfw_rules::matcher::decide(&rs, &"udp 192.0.2.1:8080 -> 192.0.2.2:40000".parse().unwrap());
         assert_eq!(drop.action.to_string(), "drop");
     }
 }
