@@ -16,11 +16,10 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = flags::Cli::parse();
-    // A daemon's log is its record of what it did: info unless RUST_LOG says otherwise.
-    let filter = match cli.command {
-        flags::Command::Run(_) => tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        _ => tracing_subscriber::EnvFilter::from_default_env(),
-    };
+    // A daemon's log is its record of what it did: info unless RUST_LOG says otherwise. A
+    // command shows warnings (a skipped history line, a failed record) and errors.
+    let default = if matches!(cli.command, flags::Command::Run(_)) { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
     let mutates = commands::mutates(&cli.command);

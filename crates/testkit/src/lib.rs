@@ -22,6 +22,22 @@ use std::{
 
 pub use topology::{SERVER_V4, SERVER_V6, Topology};
 
+/// Whether this test can run: root tests skip without root, with the reason on stderr, and fail
+/// instead when `XDPFW_REQUIRE_ROOT=1` (as `./run test` and CI set it), so a CI that lost its
+/// privileges cannot pass by skipping everything.
+pub fn root_or_skip() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var("XDPFW_REQUIRE_ROOT").as_deref() != Ok("1"),
+        "this test needs root (network namespaces, BPF) and XDPFW_REQUIRE_ROOT=1 forbids skipping it"
+    );
+    eprintln!("skipped: this test needs root (network namespaces, BPF); run it with sudo ./run test");
+    false
+}
+
 /// The `loader` binary under test: `$XDPFW_LOADER`, else the one cargo built beside this test
 /// executable (`target/<profile>/loader`; `./run test` builds it first).
 pub fn loader_bin() -> &'static str {
