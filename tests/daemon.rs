@@ -69,6 +69,9 @@ fn topology(tag: &str) -> Topology {
 
 #[test]
 fn file_source_follows_renames_in_place_writes_and_sighup() {
+    if !harness::root_or_skip() {
+        return;
+    }
     let t = topology("dfil");
     let dir = TempDir::new("file");
     let rules = dir.0.join("rules.toml");
@@ -135,6 +138,9 @@ fn file_source_follows_renames_in_place_writes_and_sighup() {
 
 #[test]
 fn a_set_file_change_reloads_and_a_second_daemon_is_refused() {
+    if !harness::root_or_skip() {
+        return;
+    }
     let t = topology("dset");
     let dir = TempDir::new("set");
     let rules = dir.0.join("rules.toml");
@@ -181,6 +187,9 @@ fn a_set_file_change_reloads_and_a_second_daemon_is_refused() {
 
 #[test]
 fn min_interval_spaces_reloads_and_coalesces_a_burst() {
+    if !harness::root_or_skip() {
+        return;
+    }
     let t = topology("dmin");
     let dir = TempDir::new("min");
     let rules = dir.0.join("rules.toml");
@@ -211,6 +220,9 @@ fn min_interval_spaces_reloads_and_coalesces_a_burst() {
 
 #[test]
 fn a_bad_file_is_rejected_counted_and_the_previous_rules_keep_serving() {
+    if !harness::root_or_skip() {
+        return;
+    }
     let t = topology("dbad");
     let dir = TempDir::new("bad");
     let rules = dir.0.join("rules.toml");
@@ -249,6 +261,9 @@ fn a_bad_file_is_rejected_counted_and_the_previous_rules_keep_serving() {
 
 #[test]
 fn fail_closed_drops_until_the_first_valid_ruleset() {
+    if !harness::root_or_skip() {
+        return;
+    }
     let t = topology("dfcl");
     let dir = TempDir::new("fcl");
     let rules = dir.0.join("rules.toml");
@@ -355,6 +370,9 @@ fn publish(dir: &Path, text: &str, serial: usize) {
 
 #[test]
 fn http_source_against_nginx_etag_backoff_and_a_bad_file() {
+    if !harness::root_or_skip() {
+        return;
+    }
     let t = topology("dhtp");
     let dir = TempDir::new("http");
     let www = dir.0.join("srv");
@@ -447,6 +465,9 @@ fn make_certificates(dir: &Path) -> PathBuf {
 
 #[test]
 fn https_source_with_a_private_ca() {
+    if !harness::root_or_skip() {
+        return;
+    }
     let t = topology("dtls");
     let dir = TempDir::new("tls");
     let srv = dir.0.join("srv");

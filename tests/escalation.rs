@@ -87,6 +87,9 @@ fn service(t: &Topology, key: &str) -> u64 {
 
 #[test]
 fn owners_decide_process_ruled_ports_and_nothing_else_escalates() {
+    if !harness::root_or_skip() {
+        return;
+    }
     let t = attached("own");
     let _app = OwnerProcess::start(&t.server_ns, "xfw-app", 0, APP_PORT);
     let _other = OwnerProcess::start(&t.server_ns, "xfw-other", NOBODY, OTHER_PORT);
@@ -166,6 +169,9 @@ fn owners_decide_process_ruled_ports_and_nothing_else_escalates() {
 
 #[test]
 fn a_flood_of_new_flows_stays_bounded() {
+    if !harness::root_or_skip() {
+        return;
+    }
     let t = attached("fld");
     let _app = OwnerProcess::start(&t.server_ns, "xfw-app", 0, APP_PORT);
     let dir = TempDir::new("fld");
@@ -239,6 +245,9 @@ fn a_flood_of_new_flows_stays_bounded() {
 
 #[test]
 fn verdicts_expire_without_a_blip_and_reloads_invalidate_them() {
+    if !harness::root_or_skip() {
+        return;
+    }
     // owners.toml with a short verdict TTL.
     let dir = std::env::temp_dir().join(format!("xfw-ttl-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -25,6 +25,9 @@ fn attached(tag: &str, rules_file: &str) -> Topology {
 
 #[test]
 fn verdicts_on_real_ipv4_and_ipv6_traffic() {
+    if !harness::root_or_skip() {
+        return;
+    }
     let t = attached("vrd", "services.toml");
     const N: u64 = 40;
 
@@ -61,6 +64,9 @@ fn verdicts_on_real_ipv4_and_ipv6_traffic() {
 
 #[test]
 fn pins_are_visible_to_bpftool_and_detach_removes_everything() {
+    if !harness::root_or_skip() {
+        return;
+    }
     let t = attached("pin", "services.toml");
     let dir = std::path::Path::new("/sys/fs/bpf/xdpfw").join(&t.server_if);
     for name in ["link", "prog", "ACTIVE", "RULES", "BITMAPS", "SRC_V4_FIXED", "SRC_V4_MORE_4K", "SRC_V6", "GLOBAL_STATS"] {
@@ -99,6 +105,9 @@ fn pins_are_visible_to_bpftool_and_detach_removes_everything() {
 
 #[test]
 fn a_broken_rules_file_changes_nothing() {
+    if !harness::root_or_skip() {
+        return;
+    }
     let t = attached("bad", "services.toml");
     let dir = std::env::temp_dir().join(format!("xdpfw-bad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -126,6 +135,9 @@ fn a_broken_rules_file_changes_nothing() {
 
 #[test]
 fn reloads_under_traffic_count_every_packet() {
+    if !harness::root_or_skip() {
+        return;
+    }
     let t = attached("rld", "udp-7000-closed.toml");
     let rx0 = UdpCounter::start(&t.server_ns, sa(SERVER_V4, 7000));
     let rx1 = UdpCounter::start(&t.server_ns, sa(SERVER_V4, 7001));
@@ -160,6 +172,9 @@ fn reloads_under_traffic_count_every_packet() {
 
 #[test]
 fn stats_json_names_the_active_ruleset() {
+    if !harness::root_or_skip() {
+        return;
+    }
     let t = attached("sts", "services.toml");
     let s = stats(&t);
     assert_eq!(s["ruleset"]["version"], "services-1");
@@ -178,6 +193,9 @@ fn stats_json_names_the_active_ruleset() {
 
 #[test]
 fn default_drop_never_cuts_arp_or_neighbour_discovery() {
+    if !harness::root_or_skip() {
+        return;
+    }
     let t = attached("arp", "ping-only.toml");
     t.flush_neighbours().unwrap();
     // Both pings need a fresh ARP / neighbour solicitation through the firewall first.
@@ -194,6 +212,9 @@ fn default_drop_never_cuts_arp_or_neighbour_discovery() {
 
 #[test]
 fn failing_self_tests_abort_the_reload_before_the_flip() {
+    if !harness::root_or_skip() {
+        return;
+    }
     let t = attached("prv", "services.toml");
     let dir = std::env::temp_dir().join(format!("xdpfw-prove-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -226,6 +247,9 @@ fn failing_self_tests_abort_the_reload_before_the_flip() {
 
 #[test]
 fn concurrent_reloads_are_serialized() {
+    if !harness::root_or_skip() {
+        return;
+    }
     let t = attached("cnc", "udp-7000-closed.toml");
     // Eight reloads at once: each waits for the lock, none is lost, generations advance by one each.
     let handles: Vec<_> = (0..8)
@@ -283,6 +307,9 @@ fn udp_stream(ns: &str, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> 
 
 #[test]
 fn a_thousand_reloads_under_traffic_every_packet_judged_by_a_complete_ruleset() {
+    if !harness::root_or_skip() {
+        return;
+    }
     let reloads: usize = std::env::var("XDPFW_RELOADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
     let t = attached("thd", "alternate-a.toml");
     let rx0 = UdpCounter::start(&t.server_ns, sa(SERVER_V4, 7000));
@@ -316,6 +343,9 @@ fn a_thousand_reloads_under_traffic_every_packet_judged_by_a_complete_ruleset() 
 
 #[test]
 fn kill_9_during_reload_never_leaves_an_incomplete_ruleset() {
+    if !harness::root_or_skip() {
+        return;
+    }
     use rand::{Rng, SeedableRng};
     let runs: usize = std::env::var("XDPFW_KILL_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
     let t = attached("kil", "alternate-a.toml");
@@ -353,6 +383,9 @@ fn kill_9_during_reload_never_leaves_an_incomplete_ruleset() {
 
 #[test]
 fn history_records_every_attempt_and_rollback_reapplies_a_snapshot() {
+    if !harness::root_or_skip() {
+        return;
+    }
     let mut t = Topology::new("hst").expect("topology");
     t.detach_on_drop(loader_bin());
     let dir = std::env::temp_dir().join(format!("xdpfw-history-{}", std::process::id()));
