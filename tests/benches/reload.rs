@@ -64,14 +64,14 @@ fn run(t: &topology::Topology, dir: &Path, sizes: &[usize]) -> Result<()> {
         let r = instance::reload(&inst, &rules, &ReloadOptions::default())?;
         let tm = &r.times;
         let us = |v: u64| v as f64 / 1000.0;
-        let to_flip = us(tm.parse_us + tm.compile_us + tm.lock_wait_us + tm.install_arrays_us + tm.install_tries_us + tm.prove_us + tm.flip_us);
+        let to_flip = us(tm.parse_us + tm.compile_us + tm.lock_wait_us + tm.install_arrays_us + tm.install_tables_us + tm.prove_us + tm.flip_us);
         let nft_ms = nft(&format!("flush set inet xdpfw_bench blocklist\nadd element inet xdpfw_bench blocklist {{ {elements} }}\n"))?;
         let _ = writeln!(
             table,
             "{n:>9} {:>8.1} {:>8.1} {:>8.1} {:>7.1} {:>6.2} {:>8.1} {:>7.1} {to_flip:>13.1} {:>10.1} {nft_ms:>9.1} {:>15.3}",
             us(tm.parse_us),
             us(tm.compile_us),
-            us(tm.install_arrays_us + tm.install_tries_us),
+            us(tm.install_arrays_us + tm.install_tables_us),
             us(tm.prove_us),
             us(tm.flip_us),
             us(tm.grace_us),

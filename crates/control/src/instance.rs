@@ -36,7 +36,9 @@ pub struct RulesetSummary {
     pub rules: Vec<String>,
     pub actions: Vec<String>,
     pub prefixes: usize,
-    pub trie_entries: usize,
+    /// Prefix entries after merging, in the direct IPv4 tables and the IPv6 tries.
+    #[serde(alias = "trie_entries")]
+    pub table_entries: usize,
     /// Rules with owner conditions, which need the escalation service.
     #[serde(default)]
     pub owner_rules: Vec<String>,
@@ -52,7 +54,7 @@ impl RulesetSummary {
             rules: rs.rules.iter().map(|r| r.name.clone()).collect(),
             actions: rs.rules.iter().map(|r| r.action.to_string()).collect(),
             prefixes: rs.prefix_count(),
-            trie_entries: image.prefix_count(),
+            table_entries: image.prefix_count(),
             owner_rules: rs.rules.iter().filter(|r| r.owner.is_some()).map(|r| r.name.clone()).collect(),
         }
     }
@@ -65,7 +67,9 @@ pub struct ReloadTimes {
     pub compile_us: u64,
     pub lock_wait_us: u64,
     pub install_arrays_us: u64,
-    pub install_tries_us: u64,
+    /// Writing the prefix tables (direct IPv4 chunks beyond the fixed ones, IPv6 tries).
+    #[serde(alias = "install_tries_us")]
+    pub install_tables_us: u64,
     /// Self-tests run in the kernel against the inactive buffer before the flip.
     pub self_tests: usize,
     pub prove_us: u64,

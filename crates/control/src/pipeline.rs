@@ -205,7 +205,7 @@ fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions) -> Result
     }
     let installed = maps.install(buffer, generation, &image)?;
     times.install_arrays_us = installed.arrays_us;
-    times.install_tries_us = installed.tries_us;
+    times.install_tables_us = installed.tables_us;
 
     // Prove the new ruleset where it will run: its own [[test]] packets through a copy of the
     // program that reads the inactive buffer. A failure leaves the active ruleset untouched.

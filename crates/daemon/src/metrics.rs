@@ -201,9 +201,9 @@ mod tests {
         // From JSON, so fields added to the report later (with serde defaults) need no change here.
         let report: xdpfw_control::ReloadReport = serde_json::from_value(serde_json::json!({
             "iface": "x", "previous_generation": 1, "generation": 2, "buffer": 0,
-            "ruleset": { "path": null, "version": null, "hash": "h", "default": "pass", "rules": [], "actions": [], "prefixes": 0, "trie_entries": 0 },
+            "ruleset": { "path": null, "version": null, "hash": "h", "default": "pass", "rules": [], "actions": [], "prefixes": 0, "table_entries": 0 },
             "grace_method": "membarrier",
-            "times": { "parse_us": 1500, "compile_us": 0, "lock_wait_us": 0, "install_arrays_us": 0, "install_tries_us": 0, "self_tests": 0,
+            "times": { "parse_us": 1500, "compile_us": 0, "lock_wait_us": 0, "install_arrays_us": 0, "install_tables_us": 0, "self_tests": 0,
                        "prove_us": 0, "flip_us": 0, "grace_us": 7000, "clear_us": 0, "total_us": 9000 },
             "warnings": []
         }))

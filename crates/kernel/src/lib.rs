@@ -6,10 +6,14 @@
 mod error;
 pub mod grace;
 mod maps;
+mod object;
+mod pins;
 pub mod testrun;
 
 pub use error::{KernelError, Result};
-pub use maps::*;
+pub use maps::{InstallTimes, Maps, MmapArray, pinned_map};
+pub use object::{PROGRAM_OBJECT, load_private, load_probe, load_program};
+pub use pins::{AttachMode, attach_and_pin, detach_and_unpin, ensure_bpffs, open_probe, pin_dir, pin_probe, pin_root};
 
 /// The peers the classifier benchmark runs beside the firewall, built with it: an XDP program
 /// that only returns (the floor) and one that makes a single LPM lookup (the plain program).

@@ -1,206 +1,31 @@
-//! The kernel side as userspace sees it: loading and pinning the XDP program, the pinned maps, and
-//! the primitive operations of a reload (write the inactive buffer, flip, clear).
+//! The maps of an instance as userspace sees them, and the primitive operations of a reload:
+//! write the inactive buffer, flip the generation, clear the retired buffer.
 
 use std::{
-    fs,
     os::fd::{AsFd, AsRawFd},
-    path::{Path, PathBuf},
+    path::Path,
     ptr::NonNull,
     sync::atomic::{AtomicU64, Ordering},
 };
 
 use crate::error::{KernelContext, KernelError, Result, kbail};
 use aya::{
-    Ebpf, EbpfLoader,
     maps::{
         Array, ArrayOfMaps, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues,
         lpm_trie::Key,
     },
-    programs::{Xdp, XdpMode, links::FdLink, links::PinnedLink},
     util::nr_cpus,
 };
 use xdpfw_common::{
     BUFFERS, Bitmap, buffer_of, DirBlock, FieldEntry, GlobalStats, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES,
-    MAX_RULES, PROGRAM_NAME, PrefixValue, RULE_SLOTS, RuleMeta, RuleStats, RulesetHeader,
+    MAX_RULES, PrefixValue, RULE_SLOTS, RuleMeta, RuleStats, RulesetHeader,
     dir, fields_layout::FIELDS_PER_BUFFER, map_names,
 };
 
 use xdpfw_rules::compile::Image;
 
-/// The XDP object, built by build.rs with the pinned eBPF toolchain.
-pub static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdpfw"));
-
-/// Where an attached instance lives in bpffs: `<root>/<iface>/{link,prog,<MAP>...}`.
-pub fn pin_root() -> PathBuf {
-    std::env::var_os("XDPFW_PIN_ROOT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/xdpfw"))
-}
-
-pub fn pin_dir(iface: &str) -> PathBuf {
-    pin_root().join(iface)
-}
-
-/// Mounts bpffs on /sys/fs/bpf when nothing is mounted there (it is not mounted at boot on
-/// every distribution).
-pub fn ensure_bpffs() -> Result<()> {
-    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-    let path = Path::new("/sys/fs/bpf");
-    let stat = nix::sys::statfs::statfs(path).kctx(|| "statfs /sys/fs/bpf".into())?;
-    if stat.filesystem_type().0 as i64 == BPF_FS_MAGIC {
-        return Ok(());
-    }
-    nix::mount::mount(
-        Some("bpf"),
-        path,
-        Some("bpf"),
-        nix::mount::MsFlags::empty(),
-        None::<&str>,
-    )
-    .kctx(|| "mounting bpffs on /sys/fs/bpf (are you root?)".into())
-}
-
-/// XDP attach mode as the CLI names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AttachMode {
-    /// Native (driver) mode where the driver supports it, generic otherwise.
-    Auto,
-    Native,
-    Skb,
-}
-
-impl AttachMode {
-    fn xdp_mode(self) -> XdpMode {
-        match self {
-            AttachMode::Auto => XdpMode::Default,
-            AttachMode::Native => XdpMode::Driver,
-            AttachMode::Skb => XdpMode::Skb,
-        }
-    }
-}
-
-/// Loads the program with every map created and pinned under `dir`, or reused from there when
-/// already pinned (how `attach` creates an instance).
-pub fn load_program(dir: &Path) -> Result<Ebpf> {
-    load_pinned(dir, false)
-}
-
-/// Loads the probe copy of the program: it shares the pinned maps in `dir` with the attached
-/// program, reads the inactive buffer, and is never attached (reload self-tests run through it).
-pub fn load_probe(dir: &Path) -> Result<Ebpf> {
-    load_pinned(dir, true)
-}
-
-fn load_pinned(dir: &Path, probe: bool) -> Result<Ebpf> {
-    let mut loader = EbpfLoader::new();
-    let paths: Vec<(&str, PathBuf)> = map_names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
-    for (name, path) in &paths {
-        loader.map_pin_path(name, path.as_path());
-    }
-    if probe {
-        loader.override_global("PROBE", &1u32, true);
-    }
-    load_object(&mut loader)
-}
-
-/// Loads the object with `loader` and the firewall program into the kernel (the verifier runs).
-fn load_object(loader: &mut EbpfLoader) -> Result<Ebpf> {
-    let mut ebpf = loader.load(PROGRAM_OBJECT).kctx(|| "loading the XDP object".into())?;
-    let prog: &mut Xdp = ebpf
-        .program_mut(PROGRAM_NAME)
-        .ok_or_else(|| KernelError::msg(format!("program {PROGRAM_NAME} missing from the object")))?
-        .try_into()?;
-    prog.load().map_err(verifier_error)?;
-    Ok(ebpf)
-}
-
-/// Loads the program into the kernel without pinning anything (kernel tests, benchmarks,
-/// `explain --kernel`): the returned handle owns private maps.
-pub fn load_private() -> Result<(Ebpf, Maps)> {
-    let mut ebpf = load_object(&mut EbpfLoader::new())?;
-    let mut take = |name: &str| -> Result<MapData> {
-        let map = ebpf.take_map(name).ok_or_else(|| KernelError::msg(format!("map {name} missing")))?;
-        map_data(map)
-    };
-    let maps = Maps::from_data(&mut take)?;
-    Ok((ebpf, maps))
-}
-
-fn verifier_error(e: aya::programs::ProgramError) -> KernelError {
-    match e {
-        aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
-            KernelError::msg(format!("the kernel verifier rejected the program: {io_error}\n{verifier_log}"))
-        }
-        other => KernelError::new("loading the program", other),
-    }
-}
-
-fn map_data(map: Map) -> Result<MapData> {
-    Ok(match map {
-        Map::Array(m) | Map::PerCpuArray(m) | Map::LpmTrie(m) | Map::ArrayOfMaps(m) => m,
-        other => kbail!("unexpected map type {other:?}"),
-    })
-}
-
-/// Loads the probe copy and pins it as `dir/probe`, so every reload can prove its ruleset without
-/// paying for a verifier run.
-pub fn pin_probe(dir: &Path) -> Result<()> {
-    let mut ebpf = load_probe(dir)?;
-    let prog: &mut Xdp = ebpf.program_mut(PROGRAM_NAME).ok_or_else(|| KernelError::msg(format!("program missing")))?.try_into()?;
-    prog.pin(dir.join("probe")).kctx(|| "pinning the probe program".into())?;
-    Ok(())
-}
-
-/// Opens the pinned probe copy of an instance.
-pub fn open_probe(dir: &Path) -> Result<Xdp> {
-    Xdp::from_pin(dir.join("probe"), aya_obj::programs::XdpAttachType::Interface).kctx(|| "opening the pinned probe program".into())
-}
-
-/// Attaches a loaded program to `iface` and pins the link and program in `dir`.
-pub fn attach_and_pin(ebpf: &mut Ebpf, iface: &str, mode: AttachMode, dir: &Path) -> Result<()> {
-    let prog: &mut Xdp = ebpf
-        .program_mut(PROGRAM_NAME)
-        .ok_or_else(|| KernelError::msg(format!("program missing")))?
-        .try_into()?;
-    let name = std::ffi::CString::new(iface)?;
-    let link_id = prog.attach(name.as_c_str(), mode.xdp_mode()).map_err(|e| {
-        let busy = std::error::Error::source(&e)
-            .and_then(|s| s.downcast_ref::<std::io::Error>())
-            .is_some_and(|io| io.raw_os_error() == Some(libc::EBUSY));
-        if busy {
-            KernelError::msg(format!("{iface} already has an XDP program attached by another tool; detach it first"))
-        } else {
-            KernelError::msg(format!("attaching to {iface} in {mode:?} mode: {e}"))
-        }
-    })?;
-    prog.pin(dir.join("prog")).kctx(|| "pinning the program".into())?;
-    let link = prog.take_link(link_id)?;
-    let link: FdLink = link
-        .try_into()
-        .map_err(|_| KernelError::msg(format!("the kernel attached {iface} without a BPF link (kernel older than 5.9?)")))?;
-    link.pin(dir.join("link")).kctx(|| "pinning the link".into())?;
-    Ok(())
-}
-
-/// Removes the link (which detaches the program) and every pin under `dir`.
-pub fn detach_and_unpin(dir: &Path) -> Result<()> {
-    let link = dir.join("link");
-    if link.exists() {
-        let pinned = PinnedLink::from_pin(&link).kctx(|| "opening the pinned link".into())?;
-        // Dropping the unpinned link closes its last reference, which detaches the program.
-        drop(pinned.unpin().kctx(|| "unpinning the link".into())?);
-    }
-    for entry in fs::read_dir(dir).kctx(|| format!("reading {}", dir.display()))? {
-        let path = entry?.path();
-        fs::remove_file(&path).kctx(|| format!("removing {}", path.display()))?;
-    }
-    fs::remove_dir(dir).kctx(|| format!("removing {}", dir.display()))?;
-    Ok(())
-}
-
-/// A BPF array created with BPF_F_MMAPABLE, mapped into this process. Userspace writes a whole
 /// buffer's worth of entries with plain stores instead of one syscall per entry.
+/// A BPF array created with BPF_F_MMAPABLE, mapped into this process. Userspace writes a whole
 pub struct MmapArray<T> {
     ptr: NonNull<T>,
     len: usize,
@@ -338,7 +163,7 @@ fn dir_chunks(chunks: &[DirBlock], size: u32) -> Result<DirArray> {
 #[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct InstallTimes {
     pub arrays_us: u64,
-    pub tries_us: u64,
+    pub tables_us: u64,
 }
 
 fn pinned_data(dir: &Path, name: &str) -> Result<MapData> {
@@ -357,7 +182,7 @@ impl Maps {
         Self::from_data(&mut |name| pinned_data(dir, name))
     }
 
-    fn from_data(get: &mut dyn FnMut(&str) -> Result<MapData>) -> Result<Self> {
+    pub(crate) fn from_data(get: &mut dyn FnMut(&str) -> Result<MapData>) -> Result<Self> {
         use map_names::*;
         let (src_v6, dst_v6) = (get(SRC_V6)?, get(DST_V6)?);
         let mut slot_fds = Vec::new();
@@ -454,13 +279,13 @@ impl Maps {
                 more[size].set(buffer, &dir_chunks(rest, dir::MORE_SIZES[size])?, 0)?;
             }
         }
-        let tries_us = start.elapsed().as_micros() as u64;
+        let tables_us = start.elapsed().as_micros() as u64;
 
         // The header goes last: it is what makes the buffer's contents meaningful.
         let mut header = image.header;
         header.generation = generation;
         self.headers.range_mut(b, 1)[0] = header;
-        Ok(InstallTimes { arrays_us, tries_us })
+        Ok(InstallTimes { arrays_us, tables_us })
     }
 
     /// Publishes `generation` (whose buffer must hold a complete ruleset) with one atomic store.
@@ -539,3 +364,4 @@ fn trie_v6(prefixes: &[(u32, Ipv6Data, u32)]) -> Result<TrieV6> {
     }
     Ok(trie)
 }
+

@@ -27,10 +27,10 @@ pub(crate) fn stats(st: &Stats) -> String {
         );
         let _ = writeln!(
             s,
-            "             {} rules, {} prefixes ({} trie entries), default {}{}",
+            "             {} rules, {} prefixes ({} table entries), default {}{}",
             r.rules.len(),
             r.prefixes,
-            r.trie_entries,
+            r.table_entries,
             r.default,
             r.path.as_ref().map(|p| format!(", from {}", p.display())).unwrap_or_default()
         );
@@ -132,7 +132,7 @@ pub(crate) fn reload(r: &ReloadReport) -> String {
         r.ruleset.prefixes,
         t.parse_us,
         t.compile_us,
-        t.install_arrays_us + t.install_tries_us,
+        t.install_arrays_us + t.install_tables_us,
         t.prove_us,
         t.self_tests,
         t.flip_us,

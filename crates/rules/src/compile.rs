@@ -166,9 +166,9 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
     let mut absent_ids = [0u32; absent::COUNT];
     let mut table = vec![FieldEntry::default(); FIELDS_PER_BUFFER as usize];
 
-    // Address fields: LPM tries.
-    let mut tries = [None, None];
-    let mut tries6 = [Vec::new(), Vec::new()];
+    // Address fields: LPM v4_tables.
+    let mut v4_tables = [None, None];
+    let mut v6_prefixes = [Vec::new(), Vec::new()];
     for (slot, (bit, get)) in [
         (field::SRC, (|r: &Rule| r.src.as_ref()) as fn(&Rule) -> Option<&AddrList>),
         (field::DST, |r: &Rule| r.dst.as_ref()),
@@ -184,8 +184,8 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
         absent_ids[if slot == 0 { absent::SRC } else { absent::DST }] = bitmaps.intern(base);
         let (v4, v6) = prefix_tables(rules, get, &base, &mut bitmaps);
         let miss = bitmaps.intern(base);
-        tries[slot] = Some(direct_table(&v4, miss).map_err(|_| CompileError::TooManyChunks { file: rs.path.clone(), max: dir::MAX_CHUNKS })?);
-        tries6[slot] = v6;
+        v4_tables[slot] = Some(direct_table(&v4, miss).map_err(|_| CompileError::TooManyChunks { file: rs.path.clone(), max: dir::MAX_CHUNKS })?);
+        v6_prefixes[slot] = v6;
     }
 
     // Protocol: a 256-entry table.
@@ -248,8 +248,8 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
     if bitmaps.list.len() > MAX_BITMAPS as usize {
         return Err(CompileError::TooManyBitmaps { file: rs.path.clone(), needed: bitmaps.list.len(), max: MAX_BITMAPS });
     }
-    let [src_v4, dst_v4] = tries;
-    let [src_v6, dst_v6] = tries6;
+    let [src_v4, dst_v4] = v4_tables;
+    let [src_v6, dst_v6] = v6_prefixes;
     for (name, n) in [("source IPv6", src_v6.len()), ("destination IPv6", dst_v6.len())] {
         if n > MAX_PREFIXES as usize {
             return Err(CompileError::TooManyPrefixes { file: rs.path.clone(), which: name, count: n, max: MAX_PREFIXES });

@@ -1,0 +1,122 @@
+//! Where an instance lives in bpffs, and the operations on its pins: mounting bpffs, attaching
+//! and pinning the program and its link, the probe copy, detaching and unpinning.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use crate::error::{KernelContext, KernelError, Result};
+use crate::object::load_probe;
+use aya::{
+    Ebpf,
+    programs::{Xdp, XdpMode, links::FdLink, links::PinnedLink},
+};
+use xdpfw_common::PROGRAM_NAME;
+
+
+/// Where an attached instance lives in bpffs: `<root>/<iface>/{link,prog,<MAP>...}`.
+pub fn pin_root() -> PathBuf {
+    std::env::var_os("XDPFW_PIN_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/xdpfw"))
+}
+
+pub fn pin_dir(iface: &str) -> PathBuf {
+    pin_root().join(iface)
+}
+
+/// Mounts bpffs on /sys/fs/bpf when nothing is mounted there (it is not mounted at boot on
+/// every distribution).
+pub fn ensure_bpffs() -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let path = Path::new("/sys/fs/bpf");
+    let stat = nix::sys::statfs::statfs(path).kctx(|| "statfs /sys/fs/bpf".into())?;
+    if stat.filesystem_type().0 as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .kctx(|| "mounting bpffs on /sys/fs/bpf (are you root?)".into())
+}
+
+/// XDP attach mode as the CLI names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Native (driver) mode where the driver supports it, generic otherwise.
+    Auto,
+    Native,
+    Skb,
+}
+
+impl AttachMode {
+    fn xdp_mode(self) -> XdpMode {
+        match self {
+            AttachMode::Auto => XdpMode::Default,
+            AttachMode::Native => XdpMode::Driver,
+            AttachMode::Skb => XdpMode::Skb,
+        }
+    }
+}
+/// Loads the probe copy and pins it as `dir/probe`, so every reload can prove its ruleset without
+/// paying for a verifier run.
+pub fn pin_probe(dir: &Path) -> Result<()> {
+    let mut ebpf = load_probe(dir)?;
+    let prog: &mut Xdp = ebpf.program_mut(PROGRAM_NAME).ok_or_else(|| KernelError::msg(format!("program missing")))?.try_into()?;
+    prog.pin(dir.join("probe")).kctx(|| "pinning the probe program".into())?;
+    Ok(())
+}
+
+/// Opens the pinned probe copy of an instance.
+pub fn open_probe(dir: &Path) -> Result<Xdp> {
+    Xdp::from_pin(dir.join("probe"), aya_obj::programs::XdpAttachType::Interface).kctx(|| "opening the pinned probe program".into())
+}
+
+/// Attaches a loaded program to `iface` and pins the link and program in `dir`.
+pub fn attach_and_pin(ebpf: &mut Ebpf, iface: &str, mode: AttachMode, dir: &Path) -> Result<()> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(PROGRAM_NAME)
+        .ok_or_else(|| KernelError::msg(format!("program missing")))?
+        .try_into()?;
+    let name = std::ffi::CString::new(iface)?;
+    let link_id = prog.attach(name.as_c_str(), mode.xdp_mode()).map_err(|e| {
+        let busy = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| io.raw_os_error() == Some(libc::EBUSY));
+        if busy {
+            KernelError::msg(format!("{iface} already has an XDP program attached by another tool; detach it first"))
+        } else {
+            KernelError::msg(format!("attaching to {iface} in {mode:?} mode: {e}"))
+        }
+    })?;
+    prog.pin(dir.join("prog")).kctx(|| "pinning the program".into())?;
+    let link = prog.take_link(link_id)?;
+    let link: FdLink = link
+        .try_into()
+        .map_err(|_| KernelError::msg(format!("the kernel attached {iface} without a BPF link (kernel older than 5.9?)")))?;
+    link.pin(dir.join("link")).kctx(|| "pinning the link".into())?;
+    Ok(())
+}
+
+/// Removes the link (which detaches the program) and every pin under `dir`.
+pub fn detach_and_unpin(dir: &Path) -> Result<()> {
+    let link = dir.join("link");
+    if link.exists() {
+        let pinned = PinnedLink::from_pin(&link).kctx(|| "opening the pinned link".into())?;
+        // Dropping the unpinned link closes its last reference, which detaches the program.
+        drop(pinned.unpin().kctx(|| "unpinning the link".into())?);
+    }
+    for entry in fs::read_dir(dir).kctx(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        fs::remove_file(&path).kctx(|| format!("removing {}", path.display()))?;
+    }
+    fs::remove_dir(dir).kctx(|| format!("removing {}", dir.display()))?;
+    Ok(())
+}
+
