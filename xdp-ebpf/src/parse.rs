@@ -14,8 +14,8 @@ use aya_ebpf::programs::XdpContext;
 use core::mem::{align_of, offset_of, size_of};
 use xdpfw_common::proto::{
     ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPPROTO_AH, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT,
-    IPPROTO_HOPOPTS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP, ND_FIRST,
-    ND_LAST,
+    IPPROTO_HOPOPTS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP,
+    ND_FIRST, ND_LAST,
 };
 
 /// VLAN tags we walk; the ethertype after the last of them is the one classified.
@@ -297,7 +297,11 @@ pub enum ParseOutcome {
 /// network byte order (the LPM key's order).
 #[inline(always)]
 pub fn v6_addr(ctx: &XdpContext, l3_off: usize, source: bool) -> Option<[u8; 16]> {
-    let field = if source { offset_of!(Ipv6Hdr, saddr) } else { offset_of!(Ipv6Hdr, daddr) };
+    let field = if source {
+        offset_of!(Ipv6Hdr, saddr)
+    } else {
+        offset_of!(Ipv6Hdr, daddr)
+    };
     header_at::<[u8; 16]>(ctx, l3_off + field).copied()
 }
 
@@ -342,7 +346,9 @@ fn parse_iphdr<'a>(c: &mut Cursor<'a>) -> Option<&'a Ipv4Hdr> {
     // The fixed header through one checked pointer, then the options as a separate check.
     let iph = c.peek::<Ipv4Hdr>()?;
     let ihl = (iph.version_ihl & 0x0f) as usize * 4;
-    if iph.version_ihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() || (u16::from_be_bytes(iph.tot_len) as usize) < ihl
+    if iph.version_ihl >> 4 != 4
+        || ihl < size_of::<Ipv4Hdr>()
+        || (u16::from_be_bytes(iph.tot_len) as usize) < ihl
     {
         return None;
     }
@@ -377,7 +383,10 @@ fn parse_ip6hdr(c: &mut Cursor) -> Option<u8> {
 
 #[inline(always)]
 fn is_ipv6_ext(next: u8) -> bool {
-    matches!(next, IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT)
+    matches!(
+        next,
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT
+    )
 }
 
 #[inline(always)]
