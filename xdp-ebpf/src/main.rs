@@ -25,13 +25,13 @@ use aya_ebpf::{
 };
 use parse::{Packet, ParseOutcome};
 use xdpfw_common::{
-    absent, action, dir, escalation, field, fields_layout::*, fragment_policy, rule_flags, Bitmap,
+    absent, buffer_of, action, dir, escalation, field, fields_layout::*, fragment_policy, rule_flags, Bitmap,
     DirBlock, EscalationEvent, FieldEntry, FlowKey, GlobalStats, Ipv6Data, Pending, PrefixValue,
     RuleMeta, RuleStats, RulesetHeader, Verdict, BITMAP_ALL, BITMAP_WORDS, BUFFERS,
     DEFAULT_RULE_SLOT, MAX_BITMAPS, MAX_PREFIXES, MAX_RULES, RULE_SLOTS,
 };
 
-/// The current generation; `generation % 2` is the active buffer. Written by userspace with one
+/// The current generation; `buffer_of(generation)` is the active buffer. Written by userspace with one
 /// atomic 8-byte store through its mapping, read exactly once per packet.
 #[map(name = "ACTIVE")]
 static ACTIVE: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
@@ -187,7 +187,7 @@ fn decide(ctx: &XdpContext, stats: &mut GlobalStats, len: u64) -> u32 {
     };
     // SAFETY: a valid map value pointer; a volatile 8-byte load is one atomic read.
     let generation = unsafe { core::ptr::read_volatile(generation) };
-    let buffer = ((generation + probe() as u64) & 1) as u32;
+    let buffer = buffer_of(generation + probe() as u64);
     let Some(header) = HEADERS.get(buffer) else {
         return action::PASS;
     };
