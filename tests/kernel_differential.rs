@@ -610,7 +610,7 @@ fn large_direct_tables(per_set: usize) -> usize {
     let more = image.src_v4.as_ref().unwrap().chunks - dir::FIXED_CHUNKS;
     let size = dir::MORE_SIZES.iter().position(|&s| more <= s).unwrap();
     let mut prog = load();
-    let buffer = (prog.activate(&image).unwrap() % xdpfw_common::BUFFERS as u64) as u32;
+    let buffer = xdpfw_common::buffer_of(prog.activate(&image).unwrap());
     let all: Vec<IpNet> = sets.concat();
     let n = rs.rules.len();
     let mut want_slots = vec![0u64; n + 1];

@@ -36,7 +36,7 @@ pub(crate) fn load() -> PrivateProgram {
 pub(crate) fn activate(prog: &mut PrivateProgram, rs: &Ruleset) -> u32 {
     let image = compile(rs).unwrap_or_else(|e| panic!("compile failed: {e:#}"));
     let generation = prog.activate(&image).expect("activate");
-    (generation % xdpfw_common::BUFFERS as u64) as u32
+    xdpfw_common::buffer_of(generation)
 }
 
 pub(crate) fn action_name(xdp: u32) -> &'static str {
