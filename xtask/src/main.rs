@@ -3,6 +3,7 @@
 //! `./run` (the README's entry point) installs the pinned userspace toolchain, which rustup here
 //! does not do on its own, and then calls this.
 
+mod architecture;
 mod demo;
 
 use std::{

@@ -432,6 +432,29 @@ fn merge_siblings(entries: Vec<(u128, u8, u32)>, miss_id: u32) -> Vec<(u128, u8,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A seeded generator (splitmix64) for the randomized tables below: the rules crate keeps
+    /// its dependency tree free of libc, which `rand` would bring even as a dev-dependency.
+    struct TestRng(u64);
+
+    impl TestRng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        fn u32(&mut self) -> u32 {
+            self.next() as u32
+        }
+        fn u128(&mut self) -> u128 {
+            (u128::from(self.next()) << 64) | u128::from(self.next())
+        }
+    }
     use crate::parse;
     use std::path::Path;
 
@@ -484,24 +507,23 @@ mod tests {
 
     #[test]
     fn direct_table_answers_like_longest_prefix_match() {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut rng = TestRng(5);
         for _ in 0..50 {
             let mut table: Vec<(u128, u8, u32)> = Vec::new();
-            for _ in 0..rng.random_range(1..60) {
-                let len = rng.random_range(0..=32u8);
+            for _ in 0..1 + rng.below(59) {
+                let len = rng.below(33) as u8;
                 // Few distinct top bits so prefixes nest.
-                let a: u32 = (rng.random::<u32>() & 0x0301_0f0f) | 0x0a00_0000;
+                let a: u32 = (rng.u32() & 0x0301_0f0f) | 0x0a00_0000;
                 let a = if len == 0 { 0 } else { a & (u32::MAX << (32 - len)) };
                 let addr = (a as u128) << 96;
                 if !table.iter().any(|e| e.0 == addr && e.1 == len) {
-                    table.push((addr, len, rng.random_range(2..9)));
+                    table.push((addr, len, 2 + rng.below(7) as u32));
                 }
             }
             let t = direct_table(&table, 1).unwrap();
             for _ in 0..2000 {
-                let a: u32 = (rng.random::<u32>() & 0x0301_0f0f) | 0x0a00_0000;
-                let a = if rng.random_bool(0.1) { rng.random() } else { a };
+                let a: u32 = (rng.u32() & 0x0301_0f0f) | 0x0a00_0000;
+                let a = if rng.below(10) == 0 { rng.u32() } else { a };
                 assert_eq!(lookup_direct(&t, a), lpm(&table, (a as u128) << 96, 1), "{table:?} {a:#x}");
             }
         }
@@ -509,15 +531,14 @@ mod tests {
 
     #[test]
     fn sibling_merge_keeps_every_answer() {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut rng = TestRng(3);
         for _ in 0..300 {
             let mut table: Vec<(u128, u8, u32)> = Vec::new();
-            for _ in 0..rng.random_range(1..40) {
-                let len = rng.random_range(0..=8u8);
-                let addr = if len == 0 { 0 } else { (rng.random::<u128>() >> 120 << 120) & (u128::MAX << (128 - len as u32)) };
+            for _ in 0..1 + rng.below(39) {
+                let len = rng.below(9) as u8;
+                let addr = if len == 0 { 0 } else { (rng.u128() >> 120 << 120) & (u128::MAX << (128 - len as u32)) };
                 if !table.iter().any(|e| e.0 == addr && e.1 == len) {
-                    table.push((addr, len, rng.random_range(0..3)));
+                    table.push((addr, len, rng.below(3) as u32));
                 }
             }
             let merged = merge_siblings(table.clone(), 0);
