@@ -431,17 +431,26 @@ const _: () = {
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
-    // SAFETY: all of these are repr(C), Copy, contain only integers and have no implicit padding.
-    unsafe impl aya::Pod for RulesetHeader {}
-    unsafe impl aya::Pod for RuleMeta {}
-    unsafe impl aya::Pod for Bitmap {}
-    unsafe impl aya::Pod for FieldEntry {}
-    unsafe impl aya::Pod for PrefixValue {}
-    unsafe impl aya::Pod for GlobalStats {}
-    unsafe impl aya::Pod for RuleStats {}
-    unsafe impl aya::Pod for FlowKey {}
-    unsafe impl aya::Pod for Verdict {}
-    unsafe impl aya::Pod for Pending {}
-    unsafe impl aya::Pod for EscalationEvent {}
-    unsafe impl aya::Pod for DirBlock {}
+    /// Marks types aya may copy to and from maps as bytes.
+    macro_rules! pod {
+        ($($t:ty),* $(,)?) => {$(
+            // SAFETY: every type listed is repr(C) and Copy, holds only integers (and arrays of
+            // them), and has no implicit padding (the size asserts above prove the layout).
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+    pod!(
+        RulesetHeader,
+        RuleMeta,
+        Bitmap,
+        FieldEntry,
+        PrefixValue,
+        GlobalStats,
+        RuleStats,
+        FlowKey,
+        Verdict,
+        Pending,
+        EscalationEvent,
+        DirBlock,
+    );
 }

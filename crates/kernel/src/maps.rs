@@ -199,7 +199,7 @@ impl Maps {
                 dup(&m)?;
                 maps.push(ArrayOfMaps::try_from(Map::from_map_data(m)?)?);
             }
-            maps.try_into().map_err(|_| KernelError::msg(format!("four sizes")))
+            maps.try_into().map_err(|_| KernelError::msg("four sizes".to_string()))
         };
         let (src_v4_more, dst_v4_more) = (more(SRC_V4_MORE)?, more(DST_V4_MORE)?);
         Ok(Self {

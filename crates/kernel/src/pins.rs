@@ -68,7 +68,7 @@ impl AttachMode {
 /// paying for a verifier run.
 pub fn pin_probe(dir: &Path) -> Result<()> {
     let mut ebpf = load_probe(dir)?;
-    let prog: &mut Xdp = ebpf.program_mut(PROGRAM_NAME).ok_or_else(|| KernelError::msg(format!("program missing")))?.try_into()?;
+    let prog: &mut Xdp = ebpf.program_mut(PROGRAM_NAME).ok_or_else(|| KernelError::msg("program missing".to_string()))?.try_into()?;
     prog.pin(dir.join("probe")).kctx(|| "pinning the probe program".into())?;
     Ok(())
 }
@@ -82,7 +82,7 @@ pub fn open_probe(dir: &Path) -> Result<Xdp> {
 pub fn attach_and_pin(ebpf: &mut Ebpf, iface: &str, mode: AttachMode, dir: &Path) -> Result<()> {
     let prog: &mut Xdp = ebpf
         .program_mut(PROGRAM_NAME)
-        .ok_or_else(|| KernelError::msg(format!("program missing")))?
+        .ok_or_else(|| KernelError::msg("program missing".to_string()))?
         .try_into()?;
     let name = std::ffi::CString::new(iface)?;
     let link_id = prog.attach(name.as_c_str(), mode.xdp_mode()).map_err(|e| {
