@@ -58,7 +58,22 @@ pub(crate) fn run(cli: Cli) -> Result<Output> {
         Command::List => Ok(Output::ok(control::instance::list()?.iter().map(|n| format!("{n}\n")).collect())),
         Command::Check { file, strict } => check(&file, strict),
         Command::Explain { file, packet, kernel, owner, json } => explain(&file, &packet, kernel, owner, json),
+        Command::Man { dir } => man(&dir),
+        Command::Completions { shell } => {
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut crate::flags::definition(), "loader", &mut buf);
+            Ok(Output::ok(String::from_utf8(buf)?))
+        }
     }
+}
+
+/// Man pages from the clap definition: `loader.1` and one page per visible subcommand.
+fn man(dir: &std::path::Path) -> Result<Output> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    clap_mangen::generate_to(crate::flags::definition(), dir).with_context(|| format!("writing man pages into {}", dir.display()))?;
+    let mut pages: Vec<String> = std::fs::read_dir(dir)?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    pages.sort();
+    Ok(Output::ok(pages.iter().map(|p| format!("{}\n", dir.join(p).display())).collect()))
 }
 
 fn json_text(v: &impl serde::Serialize) -> Result<String> {

@@ -167,6 +167,24 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write the man pages (loader.1 and loader-COMMAND.1) into DIR; used by `./run install`.
+    #[command(hide = true)]
+    Man {
+        /// The folder to write into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Print the completion script for SHELL; used by `./run install`.
+    #[command(hide = true)]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// The command line's definition, for the man pages and completions generated from it.
+pub(crate) fn definition() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }
 
 #[derive(clap::Args, Clone, Debug)]
