@@ -117,3 +117,146 @@ fn deb_installs_into_a_clean_root_and_runs_there() {
     assert_eq!(out.status.code(), Some(3), "a missing rules file is an invalid ruleset: {}", String::from_utf8_lossy(&out.stderr));
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+fn rules(name: &str) -> String {
+    rules_dir().join(name).to_string_lossy().into_owned()
+}
+
+/// Attaches with `rules_file` and arranges for detach on drop.
+fn attached(tag: &str, rules_file: &str) -> Topology {
+    let mut t = Topology::new(tag).expect("topology");
+    t.detach_on_drop(loader_bin());
+    loader_ok(&t.server_ns, &["attach", &t.server_if, "--rules", &rules(rules_file)]);
+    t
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` somewhere in `s`.
+fn has_rfc3339(s: &str) -> bool {
+    s.as_bytes().windows(20).any(|w| {
+        w.iter().enumerate().all(|(i, &c)| match i {
+            4 | 7 => c == b'-',
+            10 => c == b'T',
+            13 | 16 => c == b':',
+            19 => c == b'Z',
+            _ => c.is_ascii_digit(),
+        })
+    })
+}
+
+#[test]
+fn list_status_and_stats_show_the_mode_in_effect_and_utc_times() {
+    let t = attached("mode", "services.toml");
+    let ns = &t.server_ns;
+    let iface = t.server_if.as_str();
+    // veth has a native XDP implementation: `auto` attaches natively.
+    let list = loader_ok(ns, &["list"]);
+    let row = list.lines().find(|l| l.starts_with(iface)).unwrap_or_else(|| panic!("{iface} not in:\n{list}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(&cols[1..4], ["native", "1", "4"], "mode, generation, rules: {list}");
+    assert!(row.ends_with("services-1"), "{list}");
+    let doc = json(&loader_ok(ns, &["list", "--json"]));
+    assert_eq!(doc["schema"], 1);
+    let inst = doc["instances"].as_array().unwrap().iter().find(|i| i["iface"] == iface).expect("the instance").clone();
+    assert_eq!(inst["mode"], "native");
+    assert_eq!(inst["generation"], 1);
+    assert_eq!(inst["version"], "services-1");
+
+    let status = loader_ok(ns, &["status", "--iface", iface, "--history"]);
+    assert!(status.contains("(native mode)") && !status.contains("Auto"), "{status}");
+    assert!(has_rfc3339(status.lines().next().unwrap()), "attached at in RFC 3339: {status}");
+    assert!(status.lines().skip(2).any(has_rfc3339), "history times in RFC 3339: {status}");
+    assert!(!status.contains("unix time"));
+    let stats_text = loader_ok(ns, &["stats", "--iface", iface]);
+    assert!(stats_text.starts_with(&format!("xdpfw on {iface} (native mode)")), "{stats_text}");
+    for cmd in ["stats", "status"] {
+        let doc = json(&loader_ok(ns, &[cmd, "--iface", iface, "--json"]));
+        assert_eq!(doc["schema"], 1, "{cmd}");
+        assert_eq!(doc["mode_in_effect"], "native", "{cmd}");
+    }
+
+    // Generic mode when asked for.
+    loader_ok(ns, &["detach", iface]);
+    loader_ok(ns, &["attach", iface, "--rules", &rules("services.toml"), "--mode", "skb"]);
+    let status = loader_ok(ns, &["status", "--iface", iface]);
+    assert!(status.contains("(skb mode)"), "{status}");
+}
+
+#[test]
+fn check_prints_json_and_never_says_nothing_was_changed() {
+    let out = Command::new(loader_bin()).args(["check", "--json", &rules("services.toml")]).output().unwrap();
+    assert!(out.status.success());
+    let doc = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(doc["schema"], 1);
+    assert_eq!(doc["ok"], true);
+    assert_eq!(doc["version"], "services-1");
+    assert_eq!(doc["rules"], 4);
+    assert!(doc["hash"].as_str().is_some_and(|h| h.len() >= 12));
+
+    let dir = tempdir("check");
+    let failing = dir.join("failing.toml");
+    std::fs::write(&failing, "default = \"drop\"\n[[test]]\npacket = \"udp 192.0.2.1:1 -> 192.0.2.2:2\"\nexpect = \"pass\"\n").unwrap();
+    let out = Command::new(loader_bin()).args(["check", "--json"]).arg(&failing).output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let doc = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(doc["ok"], false);
+    assert_eq!(doc["self_test_failures"].as_array().unwrap().len(), 1, "{doc}");
+
+    let broken = dir.join("broken.toml");
+    std::fs::write(&broken, "default = \"pass\"\n[[rule]\n").unwrap();
+    let out = Command::new(loader_bin()).args(["check"]).arg(&broken).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(!err.contains("nothing was changed"), "check changes nothing anyway: {err}");
+    // A packet that does not parse is a usage error.
+    let out = Command::new(loader_bin()).args(["explain", &rules("services.toml"), "udp nonsense"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn rollback_to_a_version_or_a_hash() {
+    let t = attached("rbto", "alternate-a.toml");
+    let ns = &t.server_ns;
+    let iface = t.server_if.as_str();
+    let hash_a = json(&loader_ok(ns, &["status", "--iface", iface, "--json"]))["state"]["ruleset"]["hash"].as_str().unwrap().to_string();
+    loader_ok(ns, &["reload", &rules("alternate-b.toml"), "--iface", iface]);
+    loader_ok(ns, &["reload", &rules("ping-only.toml"), "--iface", iface]);
+    let live = |ns: &str| json(&loader_ok(ns, &["status", "--iface", iface, "--json"]))["state"]["ruleset"]["version"].as_str().unwrap().to_string();
+
+    let out = loader_ok(ns, &["rollback", "--to", "alternate-b", "--iface", iface]);
+    assert!(out.contains("rolled back"), "{out}");
+    assert_eq!(live(ns), "alternate-b");
+    loader_ok(ns, &["rollback", "--to", &hash_a[..8], "--iface", iface]);
+    assert_eq!(live(ns), "alternate-a");
+
+    let out = loader(ns, &["rollback", "--to", "no-such-version", "--iface", iface]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no applied ruleset with version \"no-such-version\""), "{err}");
+    assert_eq!(live(ns), "alternate-a", "a failed rollback changes nothing");
+    let out = loader(ns, &["rollback", "2", "--to", "alternate-b", "--iface", iface]);
+    assert_eq!(out.status.code(), Some(2), "N and --to together are a usage error");
+}
+
+#[test]
+fn control_characters_in_version_labels_are_escaped_when_printed() {
+    let t = attached("ctl", "services.toml");
+    let dir = tempdir("ctl");
+    let file = dir.join("evil.toml");
+    std::fs::write(&file, "version = \"v1\\u001b[2J\\u0007\"\ndefault = \"pass\"\n[[rule]]\nname = \"r\\u001b[31m\"\naction = \"drop\"\nproto = \"udp\"\ndport = 9\n").unwrap();
+    loader_ok(&t.server_ns, &["reload", file.to_str().unwrap(), "--iface", &t.server_if]);
+    for args in [&["status", "--history"][..], &["stats"], &["list"]] {
+        let mut a = args.to_vec();
+        if args[0] != "list" {
+            a.extend(["--iface", &t.server_if]);
+        }
+        let out = loader_ok(&t.server_ns, &a);
+        assert!(!out.contains('\u{1b}') && !out.contains('\u{7}'), "{args:?} printed a control character: {out:?}");
+        assert!(out.contains("v1\\u{1b}[2J\\u{7}"), "{args:?}: {out}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

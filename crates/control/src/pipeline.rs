@@ -142,6 +142,14 @@ pub fn rollback(inst: &Instance, back: usize, opts: &ReloadOptions) -> Result<Re
     reload_as(inst, &snapshot, opts, history::Operation::Rollback)
 }
 
+/// Re-applies the newest applied ruleset whose version label is `target` or whose hash starts
+/// with it (see [`History::find`]), through the same pipeline.
+pub fn rollback_to(inst: &Instance, target: &str, opts: &ReloadOptions) -> Result<ReloadReport> {
+    let entry = History::new(&inst.iface).find(target)?;
+    let Some(snapshot) = entry.snapshot else { refuse!("the history entry to roll back to has no snapshot") };
+    reload_as(inst, &snapshot, opts, history::Operation::Rollback)
+}
+
 fn reload_as(inst: &Instance, path: &Path, opts: &ReloadOptions, action: history::Operation) -> Result<ReloadReport> {
     let history = History::new(&inst.iface);
     let result = reload_pipeline(inst, path, opts);

@@ -6,6 +6,7 @@
 mod error;
 pub mod grace;
 mod maps;
+pub mod netlink;
 pub mod testrun;
 
 pub use error::{KernelError, Result};

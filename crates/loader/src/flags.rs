@@ -116,11 +116,16 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Re-apply the ruleset that was live N applied rulesets ago (default 1: the previous one).
+    /// Re-apply the ruleset that was live N applied rulesets ago (default 1: the previous one),
+    /// or with --to the one with that version label or hash.
     Rollback {
         /// How many applied rulesets back.
         #[arg(default_value = "1")]
         n: usize,
+        /// The version label of an applied ruleset, or the start of its hash (at least 6 hex
+        /// digits), as `loader status --history` shows them.
+        #[arg(long, value_name = "VERSION|HASH", conflicts_with = "n")]
+        to: Option<String>,
         /// The interface (needed when several are attached).
         #[arg(long)]
         iface: Option<String>,
@@ -137,8 +142,12 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List the interfaces with an attached firewall.
-    List,
+    /// The interfaces with an attached firewall: mode in effect, generation, live ruleset.
+    List {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Keep IFACE's rules in line with a watched file or an HTTP(S) URL, with Prometheus metrics
     /// (a daemon for systemd: SIGHUP re-reads, SIGTERM stops and leaves the firewall attached).
     Run(RunArgs),
@@ -149,6 +158,9 @@ pub(crate) enum Command {
         /// Exit with 4 when there are warnings.
         #[arg(long)]
         strict: bool,
+        /// Print the summary, warnings and self-test failures as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Which rule decides PACKET, and why, e.g. "tcp 198.51.100.7:5555 -> 203.0.113.1:22 flags S".
     Explain {
@@ -272,5 +284,28 @@ impl RunArgs {
                 ..Default::default()
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                if a.get_help().is_none() && !a.is_hide_set() && !matches!(a.get_id().as_str(), "help" | "version") {
+                    missing.push(format!("{path} {}", a.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(format!("{path} {}", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::definition(), "loader", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
     }
 }

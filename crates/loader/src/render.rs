@@ -10,17 +10,90 @@ use xdpfw_control::{
 };
 use xdpfw_rules::{matcher::Decision, packet::PacketSpec, short_hash};
 
-/// The table `loader stats` prints.
-pub(crate) fn stats(st: &Stats) -> String {
+/// `s` with control characters (terminal escapes, newlines, NULs) shown as escapes, for text
+/// that comes from a rules file or the history and goes to a terminal.
+pub(crate) fn clean(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+}
+
+fn version(v: Option<&str>) -> String {
+    v.map_or_else(|| "(no version)".to_string(), clean)
+}
+
+/// Seconds since the epoch as RFC 3339 UTC (`2026-11-23T14:05:09Z`).
+pub(crate) fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// One attached instance, as `loader list` shows it.
+#[derive(serde::Serialize)]
+pub(crate) struct ListRow {
+    pub iface: String,
+    pub mode: String,
+    pub generation: Option<u64>,
+    pub version: Option<String>,
+    pub hash: Option<String>,
+    pub rules: Option<usize>,
+    /// Why the state could not be read (a reload in progress, a damaged state file).
+    pub error: Option<String>,
+}
+
+/// `loader list`.
+pub(crate) fn list(rows: &[ListRow]) -> String {
+    let mut s = String::new();
+    if rows.is_empty() {
+        return s;
+    }
+    let w = rows.iter().map(|r| r.iface.len()).max().unwrap_or(5).max(5);
+    let _ = writeln!(s, "{:<w$}  {:<6}  {:>10}  {:>5}  {:<12}  version", "iface", "mode", "generation", "rules", "hash");
+    for r in rows {
+        match &r.error {
+            Some(e) => {
+                let _ = writeln!(s, "{:<w$}  {}", r.iface, clean(e));
+            }
+            None => {
+                let _ = writeln!(
+                    s,
+                    "{:<w$}  {:<6}  {:>10}  {:>5}  {:<12}  {}",
+                    r.iface,
+                    r.mode,
+                    r.generation.unwrap_or(0),
+                    r.rules.unwrap_or(0),
+                    r.hash.as_deref().map_or("-", short_hash),
+                    version(r.version.as_deref())
+                );
+            }
+        }
+    }
+    s
+}
+
+/// The table `loader stats` prints; `mode` is the mode in effect.
+pub(crate) fn stats(st: &Stats, mode: &str) -> String {
     {
         use std::fmt::Write;
         let mut s = String::new();
         let r = &st.ruleset;
-        let _ = writeln!(s, "xdpfw on {} ({:?} mode)", st.iface, st.mode);
+        let _ = writeln!(s, "xdpfw on {} ({mode} mode)", st.iface);
         let _ = writeln!(
             s,
             "  ruleset    {} {}  generation {} (buffer {})",
-            r.version.as_deref().unwrap_or("(no version)"),
+            version(r.version.as_deref()),
             short_hash(&r.hash),
             st.generation,
             st.buffer
@@ -50,7 +123,7 @@ pub(crate) fn stats(st: &Stats) -> String {
         let _ = writeln!(s, "  {:>4}  {:<width$}  {:<6}  {:>12}  {:>14}", "#", "rule", "action", "packets", "bytes");
         for c in &st.rules {
             let idx = c.index.map(|i| i.to_string()).unwrap_or_else(|| "-".into());
-            let _ = writeln!(s, "  {:>4}  {:<width$}  {:<6}  {:>12}  {:>14}", idx, c.name, c.action, c.packets, c.bytes);
+            let _ = writeln!(s, "  {:>4}  {:<width$}  {:<6}  {:>12}  {:>14}", idx, clean(&c.name), c.action, c.packets, c.bytes);
         }
         s
     }
@@ -79,16 +152,17 @@ pub(crate) fn escalation_line(owner_rules: &[String], report: Option<&Report>) -
     }
 }
 
-/// `loader status`: the live ruleset, the last reload and, with --history, every attempt.
-pub(crate) fn status(state: &State, escalation: Option<&Report>, entries: &[Entry]) -> String {
+/// `loader status`: the live ruleset, the last reload and, with --history, every attempt;
+/// `mode` is the mode in effect.
+pub(crate) fn status(state: &State, mode: &str, escalation: Option<&Report>, entries: &[Entry]) -> String {
     let mut s = String::new();
     let r = &state.ruleset;
-    let _ = writeln!(s, "xdpfw on {} ({:?} mode), attached at {} (unix time)", state.iface, state.mode, state.attached_at);
+    let _ = writeln!(s, "xdpfw on {} ({mode} mode), attached at {}", state.iface, rfc3339(state.attached_at));
     let _ = writeln!(
         s,
         "  generation {}: {} {} ({} rules, default {}){}",
         state.generation,
-        r.version.as_deref().unwrap_or("(no version)"),
+        version(r.version.as_deref()),
         short_hash(&r.hash),
         r.rules.len(),
         r.default,
@@ -108,13 +182,13 @@ pub(crate) fn status(state: &State, escalation: Option<&Report>, entries: &[Entr
         let _ = writeln!(
             s,
             "  {}  {:<8} {:<7} gen {:<6} {:<14} {}  {}",
-            e.time,
+            rfc3339(e.time),
             e.action.to_string(),
             e.result.to_string(),
             e.generation.map_or("-".into(), |g| g.to_string()),
-            e.version.as_deref().unwrap_or("-"),
+            e.version.as_deref().map_or_else(|| "-".to_string(), clean),
             e.hash.as_deref().map_or("-", short_hash),
-            e.error.as_deref().map(|m| m.lines().next().unwrap_or("")).unwrap_or(&e.source.to_string_lossy())
+            clean(e.error.as_deref().map(|m| m.lines().next().unwrap_or("")).unwrap_or(&e.source.to_string_lossy()))
         );
     }
     s
@@ -150,7 +224,7 @@ pub(crate) fn rollback(r: &ReloadReport) -> String {
         r.iface,
         r.previous_generation,
         r.generation,
-        r.ruleset.version.as_deref().unwrap_or("no version")
+        version(r.ruleset.version.as_deref())
     )
 }
 
@@ -181,4 +255,23 @@ pub(crate) fn explain(pkt: &PacketSpec, d: &Decision, in_kernel: &Decision, kern
         let _ = writeln!(s, "  kernel (BPF_PROG_TEST_RUN): {k}");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_442_709), "2026-11-23T14:05:09Z");
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(clean("v1\u{1b}[31mred"), "v1\\u{1b}[31mred");
+        assert_eq!(clean("a\nb"), "a\\nb");
+        assert_eq!(clean("plain-1.2"), "plain-1.2");
+    }
 }
