@@ -260,3 +260,65 @@ fn control_characters_in_version_labels_are_escaped_when_printed() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+fn sa(addr: &str, port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(ip(addr), port)
+}
+
+/// alternate-a.toml with a rule inserted before its two.
+const INSERTED: &str = "version = \"inserted\"\ndefault = \"drop\"\n\n[[rule]]\nname = \"new-first\"\naction = \"drop\"\nproto = \"udp\"\ndport = 7002\n\n[[rule]]\nname = \"a-drop-7000\"\naction = \"drop\"\nproto = \"udp\"\ndport = 7000\n\n[[rule]]\nname = \"a-pass-7001\"\naction = \"pass\"\nproto = \"udp\"\ndport = 7001\n";
+
+#[test]
+fn a_reload_that_keeps_rule_names_keeps_their_counters() {
+    let t = attached("keep", "alternate-a.toml");
+    let (ns, iface) = (&t.server_ns, t.server_if.as_str());
+    assert_eq!(udp_delivered(&t, sa(SERVER_V4, 7000), 30), 0);
+    assert_eq!(udp_delivered(&t, sa(SERVER_V4, 7001), 20), 20);
+    let dir = tempdir("keep");
+    let inserted = dir.join("inserted.toml");
+    std::fs::write(&inserted, INSERTED).unwrap();
+    loader_ok(ns, &["reload", inserted.to_str().unwrap(), "--iface", iface]);
+    let s = stats(&t);
+    assert_eq!(s["generation"], 2);
+    assert_eq!(rule_packets(&s, "a-drop-7000"), 30, "kept its name, kept its count (now rule #1): {s}");
+    assert_eq!(rule_packets(&s, "a-pass-7001"), 20);
+    assert_eq!(rule_packets(&s, "new-first"), 0);
+    assert_eq!(udp_delivered(&t, sa(SERVER_V4, 7000), 10), 0);
+    assert_eq!(rule_packets(&stats(&t), "a-drop-7000"), 40, "and counts on from there");
+    // Bytes too: 8-byte payloads, 50-byte frames (14 + 20 + 8 + 8).
+    let bytes = stats(&t)["rules"].as_array().unwrap().iter().find(|r| r["name"] == "a-drop-7000").unwrap()["bytes"].as_u64().unwrap();
+    assert_eq!(bytes, 40 * 50);
+
+    // A name that goes away takes its counts with it.
+    loader_ok(ns, &["reload", &rules("alternate-b.toml"), "--iface", iface]);
+    loader_ok(ns, &["reload", &rules("alternate-a.toml"), "--iface", iface]);
+    assert_eq!(rule_packets(&stats(&t), "a-drop-7000"), 0, "{}", stats(&t));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn prometheus_series_keep_their_labels_across_an_inserted_rule() {
+    use harness::daemon::{Daemon, TempDir, metric, scrape};
+    let t = Topology::new("prom").expect("topology");
+    let dir = TempDir::new("prom");
+    let file = dir.0.join("rules.toml");
+    std::fs::write(&file, read(&rules_dir().join("alternate-a.toml"))).unwrap();
+    let _d = Daemon::start(&t, &dir.0, &["--rules", file.to_str().unwrap(), "--min-interval", "100ms", "--detach-on-exit"]);
+    assert_eq!(udp_delivered(&t, sa(SERVER_V4, 7000), 30), 0);
+    let series = format!("xdpfw_rule_packets_total{{iface=\"{}\",rule=\"a-drop-7000\"}}", t.server_if);
+    let s = scrape(&t).unwrap();
+    assert_eq!(metric(&s, &series), Some(30.0), "{s}");
+    assert!(s.contains(&format!("xdpfw_build_info{{version=\"{}\"}} 1\n", env!("CARGO_PKG_VERSION"))), "{s}");
+    assert!(s.contains("# TYPE xdpfw_build_info gauge"));
+    assert!(s.contains(&format!("xdpfw_rule_info{{iface=\"{}\",rule=\"a-drop-7000\",index=\"0\",action=\"drop\"}} 1", t.server_if)), "{s}");
+
+    // Insert a rule before it: the series keeps its labels and its value.
+    std::fs::write(&file, INSERTED).unwrap();
+    assert!(eventually(std::time::Duration::from_secs(10), || scrape(&t).and_then(|s| metric(&s, "xdpfw_generation")) == Some(2.0)), "the daemon reloaded");
+    let s = scrape(&t).unwrap();
+    assert_eq!(metric(&s, &series), Some(30.0), "{s}");
+    assert!(s.contains(&format!("xdpfw_rule_info{{iface=\"{}\",rule=\"a-drop-7000\",index=\"1\",action=\"drop\"}} 1", t.server_if)), "{s}");
+    assert!(!s.lines().any(|l| l.starts_with("xdpfw_rule_packets_total") && l.contains("index=")), "no index label on counters: {s}");
+    assert_eq!(udp_delivered(&t, sa(SERVER_V4, 7000), 5), 0);
+    assert_eq!(metric(&scrape(&t).unwrap(), &series), Some(35.0));
+}
