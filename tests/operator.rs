@@ -322,3 +322,81 @@ fn prometheus_series_keep_their_labels_across_an_inserted_rule() {
     assert_eq!(udp_delivered(&t, sa(SERVER_V4, 7000), 5), 0);
     assert_eq!(metric(&scrape(&t).unwrap(), &series), Some(35.0));
 }
+
+const LIVE_RULES: &str = "version = \"live-1\"\ndefault = \"pass\"\n\n[sets.bad]\nfile = \"bad.txt\"\n\n# the client is in @bad\n[[rule]]\nname = \"from-bad\"\naction = \"drop\"\nproto = \"udp\"\nsrc = [\"@bad\"]\ndport = 7000\n\n[[rule]]\nname = \"no-7001\"\naction = \"drop\"\nproto = \"udp\"\ndport = 7001\n";
+const BAD_SET: &str = "# addresses\n192.0.2.1\n198.51.100.77\n203.0.113.0/24\n";
+
+#[test]
+fn show_diff_and_explain_answer_for_the_live_ruleset() {
+    let mut t = Topology::new("show").expect("topology");
+    t.detach_on_drop(loader_bin());
+    let (ns, iface) = (t.server_ns.clone(), t.server_if.clone());
+    let dir = tempdir("show");
+    let file = dir.join("rules.toml");
+    std::fs::write(&file, LIVE_RULES).unwrap();
+    std::fs::write(dir.join("bad.txt"), BAD_SET).unwrap();
+    loader_ok(&ns, &["attach", &iface, "--rules", file.to_str().unwrap()]);
+
+    // A rejected edit: the file no longer holds the live rules, `show` still does.
+    std::fs::write(&file, "default = \"pass\"\n[[rule]\n").unwrap();
+    assert_eq!(loader(&ns, &["reload", file.to_str().unwrap(), "--iface", &iface]).status.code(), Some(3));
+    let shown = loader_ok(&ns, &["show", "--iface", &iface]);
+    assert!(shown.starts_with(&format!("# live on {iface}: generation 1, version live-1, hash ")), "{shown}");
+    assert!(shown.contains("# set @bad: 3 prefixes\n"), "{shown}");
+    assert!(shown.ends_with(LIVE_RULES), "the text exactly as it went live:\n{shown}");
+    assert!(!shown.contains("198.51.100.77"), "set contents only with --sets");
+    let with_sets = loader_ok(&ns, &["show", "--iface", &iface, "--sets"]);
+    assert!(with_sets.contains("# ---- set file bad.txt ----\n") && with_sets.ends_with(BAD_SET), "{with_sets}");
+    let doc = json(&loader_ok(&ns, &["show", "--iface", &iface, "--json"]));
+    assert_eq!(doc["schema"], 1);
+    assert_eq!(doc["text"], LIVE_RULES);
+    assert_eq!(doc["sets"][0]["name"], "bad");
+    assert_eq!(doc["sets"][0]["prefixes"], 3);
+    // The output is itself a rules file (the header is comments) that loads to the same hash,
+    // beside the set file.
+    let again = dir.join("shown.toml");
+    std::fs::write(&again, &shown).unwrap();
+    let checked = json(&String::from_utf8_lossy(&Command::new(loader_bin()).args(["check", "--json"]).arg(&again).output().unwrap().stdout));
+    assert_eq!(checked["rules"], 2);
+
+    // explain --iface answers for the live rules, and real packets agree with it.
+    let ex = loader_ok(&ns, &["explain", "--iface", &iface, "udp 192.0.2.1:5000 -> 192.0.2.2:7000"]);
+    assert!(ex.contains("drop by rule #0 \"from-bad\""), "{ex}");
+    let ex = loader_ok(&ns, &["explain", "--iface", &iface, "udp 192.0.2.1:5000 -> 192.0.2.2:7002", "--json"]);
+    assert_eq!(json(&ex)["decision"]["action"], "pass", "{ex}");
+    assert_eq!(udp_delivered(&t, sa(SERVER_V4, 7000), 20), 0);
+    assert_eq!(udp_delivered(&t, sa(SERVER_V4, 7002), 20), 20);
+    assert_eq!(rule_packets(&stats(&t), "from-bad"), 20);
+    let out = loader(&ns, &["explain", "--iface", &iface, "udp nonsense"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = loader(&ns, &["explain", "--iface", &iface, file.to_str().unwrap(), "udp 192.0.2.1:1 -> 192.0.2.2:2"]);
+    assert_eq!(out.status.code(), Some(2), "a file and --iface together: {}", String::from_utf8_lossy(&out.stderr));
+
+    // diff: a rule inserted, one removed, one moved below another, a set grown.
+    let next = dir.join("next.toml");
+    std::fs::write(&next, "version = \"live-2\"\ndefault = \"pass\"\n\n[sets.bad]\nfile = \"bad2.txt\"\n\n[[rule]]\nname = \"new-7003\"\naction = \"drop\"\nproto = \"udp\"\ndport = 7003\n\n[[rule]]\nname = \"from-bad\"\naction = \"drop\"\nproto = \"udp\"\nsrc = [\"@bad\"]\ndport = 7000\n").unwrap();
+    std::fs::write(dir.join("bad2.txt"), format!("{BAD_SET}10.0.0.0/8\n10.1.0.0/16\n")).unwrap();
+    let d = loader_ok(&ns, &["diff", next.to_str().unwrap(), "--iface", &iface]);
+    assert!(d.contains("  + rule #0 \"new-7003\" (drop)\n"), "{d}");
+    assert!(d.contains("  - rule #1 \"no-7001\" (drop)\n"), "{d}");
+    assert!(d.contains("  set @bad: 3 -> 5 prefixes (+2)\n"), "{d}");
+    assert!(!d.contains("moved") && !d.contains("changed"), "an insertion moves nothing: {d}");
+    let moved = dir.join("moved.toml");
+    std::fs::write(&moved, LIVE_RULES.replace("version = \"live-1\"", "version = \"m\"").replace("dport = 7001", "dport = 7011")).unwrap();
+    // Swap the two rules: one of them moved; and the other's port changed.
+    let text = read(&moved);
+    let (head, rest) = text.split_at(text.find("# the client").unwrap());
+    let (a, b) = rest.split_at(rest.find("[[rule]]\nname = \"no-7001\"").unwrap());
+    std::fs::write(&moved, format!("{head}{b}\n{a}")).unwrap();
+    let dj = json(&loader_ok(&ns, &["diff", moved.to_str().unwrap(), "--iface", &iface, "--json"]));
+    assert_eq!(dj["schema"], 1);
+    assert_eq!(dj["moved"].as_array().unwrap().len(), 1, "{dj}");
+    assert_eq!(dj["changed"], serde_json::json!(["no-7001"]), "{dj}");
+    assert_eq!(dj["added"].as_array().unwrap().len(), 0);
+    let same = loader_ok(&ns, &["diff", dir.join("shown.toml").to_str().unwrap(), "--iface", &iface]);
+    // The shown text differs from the live file by its header comments only.
+    assert!(same.contains("same rules and sets"), "{same}");
+    // Nothing of this changed the live ruleset.
+    assert_eq!(stats(&t)["generation"], 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

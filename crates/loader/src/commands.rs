@@ -17,7 +17,7 @@ use xdpfw_rules::{
 
 use crate::{
     exit::{INVALID_RULESET, Output, UsageError, WARNINGS},
-    flags::{Cli, Command},
+    flags::{Cli, Command, ExplainTarget},
     render,
 };
 
@@ -61,7 +61,16 @@ pub(crate) fn run(cli: Cli) -> Result<Output> {
         }
         Command::List { json } => list(json),
         Command::Check { file, strict, json } => check(&file, strict, json),
-        Command::Explain { file, packet, kernel, owner, json } => explain(&file, &packet, kernel, owner, json),
+        Command::Explain { args, iface, kernel, owner, json } => {
+            let (target, packet) = crate::flags::explain_target(args, iface).map_err(UsageError)?;
+            let rs = match target {
+                ExplainTarget::File(file) => rules::load(&file)?,
+                ExplainTarget::Live(iface) => live_ruleset(iface.as_deref())?.2,
+            };
+            explain(&rs, &packet, kernel, owner, json)
+        }
+        Command::Show { iface, sets, json } => show(iface.as_deref(), sets, json),
+        Command::Diff { file, iface, json } => diff(&file, iface.as_deref(), json),
         Command::Man { dir } => man(&dir),
         Command::Completions { shell } => {
             let mut buf = Vec::new();
@@ -234,8 +243,8 @@ fn check(file: &std::path::Path, strict: bool, json: bool) -> Result<Output> {
     Ok(Output { text, code })
 }
 
-fn explain(file: &std::path::Path, packet: &str, kernel: bool, owner: Option<OwnerSpec>, json: bool) -> Result<Output> {
-    let rs = rules::load(file)?;
+fn explain(rs: &rules::Ruleset, packet: &str, kernel: bool, owner: Option<OwnerSpec>, json: bool) -> Result<Output> {
+    let rs = rs.clone();
     let pkt: PacketSpec = packet.parse().map_err(|e| UsageError(format!("parsing the packet \"{packet}\": {e}")))?;
     // What the kernel decides alone (escalating where a rule needs the owner), and with the
     // owner given, what the escalation service then decides.
@@ -262,4 +271,74 @@ fn explain(file: &std::path::Path, packet: &str, kernel: bool, owner: Option<Own
         bail!("{text}the kernel says {k} but the reference matcher says {}", in_kernel.action);
     }
     Ok(Output::ok(text))
+}
+
+/// The live ruleset of an instance, loaded from its snapshot in the history (exactly the bytes
+/// that went live: the rules file and its set files), checked against the live hash.
+fn live_ruleset(iface: Option<&str>) -> Result<(Instance, control::State, rules::Ruleset, PathBuf)> {
+    let inst = Instance::find(iface)?;
+    let state = inst.state()?;
+    let hash = &state.ruleset.hash;
+    if state.ruleset.path.is_none() {
+        bail!(
+            "the live ruleset of {} is built in ({}, {} rules, default {}), not from a rules file",
+            inst.iface,
+            short_hash_of(hash),
+            state.ruleset.rules.len(),
+            state.ruleset.default
+        );
+    }
+    let snapshot = History::new(&inst.iface).dir().join("snapshots").join(hash).join("rules.toml");
+    if !snapshot.exists() {
+        bail!("no snapshot of the live ruleset {} of {} at {}", short_hash_of(hash), inst.iface, snapshot.display());
+    }
+    let rs = rules::load(&snapshot)?;
+    if &rs.hash != hash {
+        bail!("the snapshot {} does not hash to the live ruleset's {} (edited by hand?)", snapshot.display(), short_hash_of(hash));
+    }
+    Ok((inst, state, rs, snapshot))
+}
+
+fn short_hash_of(h: &str) -> &str {
+    rules::short_hash(h)
+}
+
+/// `loader show`: the live ruleset's text as it went live, set sizes, and set files on request.
+fn show(iface: Option<&str>, with_sets: bool, json: bool) -> Result<Output> {
+    let (inst, state, rs, snapshot) = live_ruleset(iface)?;
+    let text = std::fs::read_to_string(&snapshot).with_context(|| format!("reading {}", snapshot.display()))?;
+    let dir = snapshot.parent().unwrap_or(std::path::Path::new("."));
+    let sets: Vec<render::SetSize> = rs.sets.iter().map(|(name, p)| render::SetSize { name: name.clone(), prefixes: p.len() }).collect();
+    let mut files = Vec::new();
+    if with_sets {
+        for (written, _) in &rs.set_files {
+            let path = dir.join(written);
+            files.push((written.clone(), std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?));
+        }
+    }
+    let out = if json {
+        json_text(&serde_json::json!({
+            "iface": inst.iface,
+            "generation": state.generation,
+            "version": rs.version,
+            "hash": rs.hash,
+            "snapshot": snapshot,
+            "source": state.ruleset.path,
+            "text": text,
+            "sets": sets,
+            "set_files": with_sets.then(|| files.iter().map(|(n, c)| serde_json::json!({ "file": n, "text": c })).collect::<Vec<_>>()),
+        }))?
+    } else {
+        render::show(&inst.iface, &state, &snapshot, &text, &sets, &files)
+    };
+    Ok(Output::ok(out))
+}
+
+/// `loader diff FILE`: what reloading FILE would change against the live ruleset.
+fn diff(file: &std::path::Path, iface: Option<&str>, json: bool) -> Result<Output> {
+    let (_, _, live, _) = live_ruleset(iface)?;
+    let new = rules::load(file)?;
+    compile(&new)?;
+    let d = render::RulesetDiff::new(&live, &new);
+    Ok(Output::ok(if json { json_text(&d)? } else { render::diff(&d) }))
 }

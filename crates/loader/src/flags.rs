@@ -162,12 +162,16 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Which rule decides PACKET, and why, e.g. "tcp 198.51.100.7:5555 -> 203.0.113.1:22 flags S".
+    /// Which rule decides PACKET, and why, e.g. "tcp 198.51.100.7:5555 -> 203.0.113.1:22 flags S",
+    /// against a rules file (`explain FILE PACKET`) or the live ruleset (`explain --iface IFACE PACKET`).
     Explain {
-        /// The rules file.
-        file: PathBuf,
+        /// The rules file, then the packet; with --iface only the packet.
         /// The packet: "PROTO SRC[:PORT] -> DST[:PORT] [flags F] [type T code C] [fragment]".
-        packet: String,
+        #[arg(num_args = 1..=2, required = true, value_names = ["FILE", "PACKET"])]
+        args: Vec<String>,
+        /// Explain against the ruleset live on IFACE (as `loader show` prints it) instead of a file.
+        #[arg(long, value_name = "IFACE")]
+        iface: Option<String>,
         /// Also run the packet through the real program (BPF_PROG_TEST_RUN); the two must agree.
         #[arg(long)]
         kernel: bool,
@@ -175,6 +179,29 @@ pub(crate) enum Command {
         /// "process=nginx uid=33 user=www-data exe=/usr/sbin/nginx unit=nginx.service", or "none".
         #[arg(long, value_name = "SPEC")]
         owner: Option<OwnerSpec>,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The live ruleset exactly as it went live (its snapshot in the history), with set sizes.
+    Show {
+        /// The interface (needed when several are attached).
+        #[arg(long)]
+        iface: Option<String>,
+        /// Also print the contents of the set files.
+        #[arg(long)]
+        sets: bool,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What reloading FILE would change: rules added, removed, changed and moved, set sizes.
+    Diff {
+        /// The rules file a reload would apply.
+        file: PathBuf,
+        /// The interface (needed when several are attached).
+        #[arg(long)]
+        iface: Option<String>,
         /// Print as JSON.
         #[arg(long)]
         json: bool,
@@ -192,6 +219,24 @@ pub(crate) enum Command {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+}
+
+/// What `explain` explains against.
+pub(crate) enum ExplainTarget {
+    File(PathBuf),
+    Live(Option<String>),
+}
+
+/// `explain`'s positionals: FILE PACKET, or PACKET alone with --iface.
+pub(crate) fn explain_target(args: Vec<String>, iface: Option<String>) -> Result<(ExplainTarget, String), String> {
+    let mut args = args.into_iter();
+    match (args.next(), args.next(), iface) {
+        (Some(file), Some(packet), None) => Ok((ExplainTarget::File(file.into()), packet)),
+        (Some(packet), None, Some(iface)) => Ok((ExplainTarget::Live(Some(iface)), packet)),
+        (Some(_), None, None) => Err("explain needs a rules file and a packet, or --iface IFACE and a packet".into()),
+        (Some(_), Some(_), Some(_)) => Err("with --iface, explain takes the packet only (the rules are the live ones)".into()),
+        (None, _, _) => Err("explain needs a packet".into()),
+    }
 }
 
 /// The command line's definition, for the man pages and completions generated from it.

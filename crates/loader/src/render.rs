@@ -40,6 +40,186 @@ pub(crate) fn rfc3339(secs: u64) -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// A named set and how many prefixes it holds.
+#[derive(serde::Serialize)]
+pub(crate) struct SetSize {
+    pub name: String,
+    pub prefixes: usize,
+}
+
+/// `loader show`: a header of comments (so the output is itself a valid rules file), the text.
+pub(crate) fn show(iface: &str, state: &State, snapshot: &std::path::Path, text: &str, sets: &[SetSize], files: &[(String, String)]) -> String {
+    let r = &state.ruleset;
+    let mut s = String::new();
+    let _ = writeln!(s, "# live on {iface}: generation {}, version {}, hash {}", state.generation, version(r.version.as_deref()), r.hash);
+    if let Some(p) = &r.path {
+        let _ = writeln!(s, "# applied from {} (the file may have changed since); snapshot {}", clean(&p.to_string_lossy()), snapshot.display());
+    }
+    for set in sets {
+        let _ = writeln!(s, "# set @{}: {} prefixes", clean(&set.name), set.prefixes);
+    }
+    s.push_str(text);
+    if !text.ends_with('\n') {
+        s.push('\n');
+    }
+    for (name, content) in files {
+        let _ = writeln!(s, "# ---- set file {} ----", clean(name));
+        s.push_str(content);
+    }
+    s
+}
+
+/// What a reload from the live ruleset to a new one would change.
+#[derive(serde::Serialize)]
+pub(crate) struct RulesetDiff {
+    pub from: DiffSide,
+    pub to: DiffSide,
+    /// Rules of the new ruleset whose name the live one lacks, with their new index.
+    pub added: Vec<DiffRule>,
+    /// Rules of the live ruleset whose name the new one lacks, with their live index.
+    pub removed: Vec<DiffRule>,
+    /// Rules in both whose conditions or action differ.
+    pub changed: Vec<String>,
+    /// Rules in both whose order relative to the other kept rules changed (the fewest such).
+    pub moved: Vec<DiffMove>,
+    pub sets: Vec<SetDelta>,
+    pub default: Option<(String, String)>,
+}
+
+#[derive(serde::Serialize)]
+pub(crate) struct DiffSide {
+    pub version: Option<String>,
+    pub hash: String,
+    pub rules: usize,
+}
+
+#[derive(serde::Serialize)]
+pub(crate) struct DiffRule {
+    pub index: usize,
+    pub name: String,
+    pub action: String,
+}
+
+#[derive(serde::Serialize)]
+pub(crate) struct DiffMove {
+    pub name: String,
+    pub from: usize,
+    pub to: usize,
+}
+
+#[derive(serde::Serialize)]
+pub(crate) struct SetDelta {
+    pub name: String,
+    pub from: Option<usize>,
+    pub to: Option<usize>,
+}
+
+/// A rule's meaning without its place in the file (location, comment), naming its sets rather
+/// than their contents (set changes are reported per set).
+fn meaning(r: &xdpfw_rules::Rule) -> String {
+    let addrs = |a: &Option<xdpfw_rules::AddrList>| a.as_ref().map(|a| (a.inline.clone(), a.sets.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>()));
+    format!("{:?}", (&r.action, addrs(&r.src), addrs(&r.dst), &r.proto, &r.sport, &r.dport, &r.icmp, &r.tcp_flags, &r.owner))
+}
+
+impl RulesetDiff {
+    pub(crate) fn new(old: &xdpfw_rules::Ruleset, new: &xdpfw_rules::Ruleset) -> Self {
+        use std::collections::HashMap;
+        let side = |rs: &xdpfw_rules::Ruleset| DiffSide { version: rs.version.clone(), hash: rs.hash.clone(), rules: rs.rules.len() };
+        let old_at: HashMap<&str, usize> = old.rules.iter().enumerate().map(|(i, r)| (r.name.as_str(), i)).collect();
+        let new_at: HashMap<&str, usize> = new.rules.iter().enumerate().map(|(i, r)| (r.name.as_str(), i)).collect();
+        let rule = |i: usize, r: &xdpfw_rules::Rule| DiffRule { index: i, name: r.name.clone(), action: r.action.to_string() };
+        let added = new.rules.iter().enumerate().filter(|(_, r)| !old_at.contains_key(r.name.as_str())).map(|(i, r)| rule(i, r)).collect();
+        let removed = old.rules.iter().enumerate().filter(|(_, r)| !new_at.contains_key(r.name.as_str())).map(|(i, r)| rule(i, r)).collect();
+        let changed = old
+            .rules
+            .iter()
+            .filter_map(|r| new_at.get(r.name.as_str()).map(|&j| (r, &new.rules[j])))
+            .filter(|(a, b)| meaning(a) != meaning(b))
+            .map(|(a, _)| a.name.clone())
+            .collect();
+        // Kept rules in live order, with their new index: those outside a longest increasing
+        // run of new indices are the ones that moved.
+        let kept: Vec<(&str, usize, usize)> = old.rules.iter().enumerate().filter_map(|(i, r)| new_at.get(r.name.as_str()).map(|&j| (r.name.as_str(), i, j))).collect();
+        let in_order = longest_increasing(&kept.iter().map(|k| k.2).collect::<Vec<_>>());
+        let moved = kept
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| !in_order.contains(k))
+            .map(|(_, (name, from, to))| DiffMove { name: (*name).to_string(), from: *from, to: *to })
+            .collect();
+        let mut names: Vec<&String> = old.sets.keys().chain(new.sets.keys()).collect();
+        names.sort();
+        names.dedup();
+        let sets = names
+            .into_iter()
+            .map(|n| SetDelta { name: n.clone(), from: old.sets.get(n).map(|s| s.len()), to: new.sets.get(n).map(|s| s.len()) })
+            .filter(|d| d.from != d.to)
+            .collect();
+        let default = (old.default != new.default).then(|| (old.default.to_string(), new.default.to_string()));
+        Self { from: side(old), to: side(new), added, removed, changed, moved, sets, default }
+    }
+}
+
+/// Indices (into `v`) of one longest strictly increasing subsequence.
+fn longest_increasing(v: &[usize]) -> std::collections::BTreeSet<usize> {
+    let n = v.len();
+    let (mut len, mut prev) = (vec![1usize; n], vec![usize::MAX; n]);
+    for i in 0..n {
+        for j in 0..i {
+            if v[j] < v[i] && len[j] + 1 > len[i] {
+                len[i] = len[j] + 1;
+                prev[i] = j;
+            }
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    let mut at = (0..n).max_by_key(|&i| (len[i], std::cmp::Reverse(i)));
+    while let Some(i) = at {
+        out.insert(i);
+        at = (prev[i] != usize::MAX).then(|| prev[i]);
+    }
+    out
+}
+
+/// `loader diff`.
+pub(crate) fn diff(d: &RulesetDiff) -> String {
+    let mut s = String::new();
+    let side = |x: &DiffSide| format!("{} {} ({} rules)", version(x.version.as_deref()), short_hash(&x.hash), x.rules);
+    let _ = writeln!(s, "live {} -> {}", side(&d.from), side(&d.to));
+    if d.from.hash == d.to.hash {
+        let _ = writeln!(s, "  identical: a reload would change nothing");
+        return s;
+    }
+    for r in &d.added {
+        let _ = writeln!(s, "  + rule #{} \"{}\" ({})", r.index, clean(&r.name), r.action);
+    }
+    for r in &d.removed {
+        let _ = writeln!(s, "  - rule #{} \"{}\" ({})", r.index, clean(&r.name), r.action);
+    }
+    for n in &d.changed {
+        let _ = writeln!(s, "  ~ rule \"{}\" changed", clean(n));
+    }
+    for m in &d.moved {
+        let _ = writeln!(s, "  > rule \"{}\" moved #{} -> #{}", clean(&m.name), m.from, m.to);
+    }
+    for set in &d.sets {
+        let (a, b) = (set.from.unwrap_or(0), set.to.unwrap_or(0));
+        let what = match (set.from, set.to) {
+            (None, _) => "new".to_string(),
+            (_, None) => "removed".to_string(),
+            _ => format!("{:+}", b as i64 - a as i64),
+        };
+        let _ = writeln!(s, "  set @{}: {a} -> {b} prefixes ({what})", clean(&set.name));
+    }
+    if let Some((a, b)) = &d.default {
+        let _ = writeln!(s, "  default: {a} -> {b}");
+    }
+    if d.added.is_empty() && d.removed.is_empty() && d.changed.is_empty() && d.moved.is_empty() && d.sets.is_empty() && d.default.is_none() {
+        let _ = writeln!(s, "  same rules and sets (the files differ in labels, comments, tests or options)");
+    }
+    s
+}
+
 /// One attached instance, as `loader list` shows it.
 #[derive(serde::Serialize)]
 pub(crate) struct ListRow {
