@@ -299,7 +299,10 @@ fn a_reload_that_keeps_rule_names_keeps_their_counters() {
 #[test]
 fn prometheus_series_keep_their_labels_across_an_inserted_rule() {
     use harness::daemon::{Daemon, TempDir, metric, scrape};
-    let t = Topology::new("prom").expect("topology");
+    let mut t = Topology::new("prom").expect("topology");
+    // Declared before the daemon, so dropped after it: the daemon is killed, then the firewall
+    // it attached is detached.
+    t.detach_on_drop(loader_bin());
     let dir = TempDir::new("prom");
     let file = dir.0.join("rules.toml");
     std::fs::write(&file, read(&rules_dir().join("alternate-a.toml"))).unwrap();
