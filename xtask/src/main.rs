@@ -1,10 +1,11 @@
-//! Project automation: `cargo xtask setup | demo | test`.
+//! Project automation: `cargo xtask setup | demo | test | bench | install | deb`.
 //!
 //! `./run` (the README's entry point) installs the pinned userspace toolchain, which rustup here
 //! does not do on its own, and then calls this.
 
 mod architecture;
 mod demo;
+mod install;
 
 use std::{
     path::{Path, PathBuf},
@@ -40,6 +41,25 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Build release binaries and install `loader`, its man pages, bash/zsh/fish completions
+    /// and the systemd unit under $DESTDIR$PREFIX (PREFIX defaults to /usr/local).
+    Install {
+        /// Installation prefix [default: $PREFIX, else /usr/local].
+        #[arg(long, value_name = "DIR")]
+        prefix: Option<PathBuf>,
+        /// Staging root prepended to every path, for packaging [default: $DESTDIR, else none].
+        #[arg(long, value_name = "DIR")]
+        destdir: Option<PathBuf>,
+        /// Install the debug build (what the tests use: no release build needed).
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Build the Debian package target/debian/xdpfw_VERSION_ARCH.deb (PREFIX /usr).
+    Deb {
+        /// Package the debug build (what the tests use).
+        #[arg(long)]
+        debug: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -63,6 +83,32 @@ fn main() -> Result<()> {
                 }
                 run(&mut cmd)?;
             }
+            Ok(())
+        }
+        Cmd::Install { prefix, destdir, debug } => {
+            setup_build()?;
+            let env_path = |v: &str| std::env::var_os(v).filter(|s| !s.is_empty()).map(PathBuf::from);
+            let layout = install::Layout {
+                prefix: prefix.or_else(|| env_path("PREFIX")).unwrap_or_else(|| "/usr/local".into()),
+                destdir: destdir.or_else(|| env_path("DESTDIR")).unwrap_or_else(|| "/".into()),
+            };
+            let binary = install::build(!debug)?;
+            let files = install::install(&binary, &layout)?;
+            for f in &files {
+                println!("installed {}", f.display());
+            }
+            if layout.destdir == Path::new("/") {
+                // A no-op without systemd; makes the new unit visible with it.
+                let _ = Command::new("systemctl").arg("daemon-reload").output();
+                println!("`loader` is in {}; `man loader`, and `systemctl enable --now xdpfw@IFACE` with /etc/xdpfw/IFACE.toml", layout.prefix.join("bin").display());
+            }
+            Ok(())
+        }
+        Cmd::Deb { debug } => {
+            setup_build()?;
+            let binary = install::build(!debug)?;
+            let deb = install::deb(&binary)?;
+            println!("{}", deb.display());
             Ok(())
         }
         Cmd::Test { args } => {
@@ -124,6 +170,12 @@ const SYSTEM_TOOLS: [(&str, &str); 7] = [
 ];
 
 fn setup() -> Result<()> {
+    setup_build()?;
+    ensure_system_tools()
+}
+
+/// What building the binaries needs: the pinned toolchains and bpf-linker.
+fn setup_build() -> Result<()> {
     let root = root_dir();
     if Command::new("rustup").arg("--version").output().is_err() {
         bail!("rustup is required (https://rustup.rs); the build pins its toolchains through it");
@@ -132,9 +184,7 @@ fn setup() -> Result<()> {
     let ebpf = toolchain_channel(&root.join("xdp-ebpf/rust-toolchain.toml"))?;
     ensure_toolchain(&user, &["clippy", "rustfmt"])?;
     ensure_toolchain(&ebpf, &["rust-src"])?;
-    ensure_bpf_linker(&root, &ebpf)?;
-    ensure_system_tools()?;
-    Ok(())
+    ensure_bpf_linker(&root, &ebpf)
 }
 
 fn ensure_toolchain(name: &str, components: &[&str]) -> Result<()> {

@@ -195,4 +195,29 @@ impl History {
             ),
         }
     }
+
+    /// The newest applied ruleset (with a snapshot) whose version label is `target`, or whose
+    /// hash starts with `target` (at least 6 characters). Refused when nothing matches or a hash
+    /// prefix names several rulesets.
+    pub fn find(&self, target: &str) -> Result<Entry> {
+        let applied = self.applied()?;
+        if let Some(e) = applied.iter().find(|e| e.version.as_deref() == Some(target)) {
+            return Ok(e.clone());
+        }
+        if target.len() >= 6 && target.chars().all(|c| c.is_ascii_hexdigit()) {
+            let mut hashes: Vec<&str> = applied.iter().filter_map(|e| e.hash.as_deref()).filter(|h| h.starts_with(target)).collect();
+            hashes.sort_unstable();
+            hashes.dedup();
+            match hashes.as_slice() {
+                [one] => return Ok(applied.iter().find(|e| e.hash.as_deref() == Some(*one)).cloned().unwrap_or_else(|| unreachable!())),
+                [] => {}
+                many => refuse!("\"{target}\" is the start of {} ruleset hashes in {}; give more of it", many.len(), self.dir.display()),
+            }
+        }
+        refuse!(
+            "no applied ruleset with version \"{}\" or a hash starting with it in {} (`loader status --history` lists them)",
+            target.escape_debug(),
+            self.dir.display()
+        )
+    }
 }

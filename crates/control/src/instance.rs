@@ -99,6 +99,44 @@ pub struct State {
     pub generation: u64,
     pub ruleset: RulesetSummary,
     pub last_reload: Option<ReloadReport>,
+    /// Counts of earlier generations carried by rule name: the kernel's per-rule counters
+    /// belong to a buffer and start at zero with each reload, so a reload adds the retired
+    /// buffer's final counts (read after the grace period, when they can no longer change) to
+    /// the entry of each rule name the new ruleset keeps; `stats` reports kernel + carried.
+    /// "(default)" carries the default action's counts.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub carried: std::collections::BTreeMap<String, CarriedCounts>,
+}
+
+/// Packets and bytes of one rule name from generations before the live one.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CarriedCounts {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The name the default action's counters are carried under.
+pub const DEFAULT_RULE_NAME: &str = "(default)";
+
+/// What the new ruleset (`new_rules`) carries: for each of its rule names (and the default),
+/// what `old` carried plus what the retired buffer counted (`retired`, one entry per rule of
+/// `old_rules` and then the default, as [`xdpfw_kernel::Maps::rule_stats`] returns them).
+pub fn carry(
+    old: &std::collections::BTreeMap<String, CarriedCounts>,
+    old_rules: &[String],
+    retired: &[xdpfw_common::RuleStats],
+    new_rules: &[String],
+) -> std::collections::BTreeMap<String, CarriedCounts> {
+    let mut totals = old.clone();
+    let names = old_rules.iter().map(String::as_str).chain(std::iter::once(DEFAULT_RULE_NAME));
+    for (name, c) in names.zip(retired) {
+        let e = totals.entry(name.to_string()).or_default();
+        e.packets = e.packets.saturating_add(c.packets);
+        e.bytes = e.bytes.saturating_add(c.bytes);
+    }
+    let keep: std::collections::BTreeSet<&str> = new_rules.iter().map(String::as_str).chain(std::iter::once(DEFAULT_RULE_NAME)).collect();
+    totals.retain(|name, c| keep.contains(name.as_str()) && *c != CarriedCounts::default());
+    totals
 }
 
 /// Paths of one instance.
@@ -200,3 +238,31 @@ pub fn list() -> Result<Vec<String>> {
     Ok(names)
 }
 
+
+#[cfg(test)]
+mod carry_tests {
+    use super::*;
+    use xdpfw_common::RuleStats;
+
+    fn names(n: &[&str]) -> Vec<String> {
+        n.iter().map(|s| (*s).to_string()).collect()
+    }
+
+    #[test]
+    fn counts_follow_rule_names_across_reloads() {
+        let c = |packets, bytes| CarriedCounts { packets, bytes };
+        let r = |packets, bytes| RuleStats { packets, bytes };
+        // Generation 1: a, b, then the default.
+        let g2 = carry(&Default::default(), &names(&["a", "b"]), &[r(10, 100), r(5, 50), r(1, 60)], &names(&["new", "b", "a"]));
+        assert_eq!(g2.get("a"), Some(&c(10, 100)));
+        assert_eq!(g2.get("b"), Some(&c(5, 50)));
+        assert_eq!(g2.get(DEFAULT_RULE_NAME), Some(&c(1, 60)));
+        assert_eq!(g2.get("new"), None, "nothing counted yet is not stored");
+        // Generation 2 dropped "b": its counts go with it; "a" keeps adding up.
+        let g3 = carry(&g2, &names(&["new", "b", "a"]), &[r(2, 20), r(3, 30), r(4, 40), r(0, 0)], &names(&["a", "new"]));
+        assert_eq!(g3.get("a"), Some(&c(14, 140)));
+        assert_eq!(g3.get("new"), Some(&c(2, 20)));
+        assert_eq!(g3.get("b"), None);
+        assert_eq!(g3.get(DEFAULT_RULE_NAME), Some(&c(1, 60)));
+    }
+}

@@ -12,6 +12,6 @@ pub mod pipeline;
 pub mod stats;
 
 pub use error::{ControlError, Result};
-pub use instance::{Instance, ReloadReport, ReloadTimes, RulesetSummary, State};
-pub use pipeline::{AttachReport, ReloadOptions, attach, attach_ruleset, detach, empty_ruleset, reload, rollback};
+pub use instance::{CarriedCounts, Instance, ReloadReport, ReloadTimes, RulesetSummary, State};
+pub use pipeline::{AttachReport, ReloadOptions, attach, attach_ruleset, detach, empty_ruleset, reload, rollback, rollback_to};
 pub use stats::{RuleCounters, Stats, stats};

@@ -83,6 +83,7 @@ pub fn attach_ruleset(iface: &str, ruleset: &Ruleset, from_file: bool, mode: Att
             generation,
             ruleset: summary.clone(),
             last_reload: None,
+            carried: Default::default(),
         })?;
         Ok(AttachReport { generation, ruleset: summary })
     })();
@@ -139,6 +140,14 @@ pub fn reload(inst: &Instance, path: &Path, opts: &ReloadOptions) -> Result<Relo
 pub fn rollback(inst: &Instance, back: usize, opts: &ReloadOptions) -> Result<ReloadReport> {
     let target = History::new(&inst.iface).rollback_target(back)?;
     let Some(snapshot) = target.snapshot else { refuse!("the history entry to roll back to has no snapshot") };
+    reload_as(inst, &snapshot, opts, history::Operation::Rollback)
+}
+
+/// Re-applies the newest applied ruleset whose version label is `target` or whose hash starts
+/// with it (see [`History::find`]), through the same pipeline.
+pub fn rollback_to(inst: &Instance, target: &str, opts: &ReloadOptions) -> Result<ReloadReport> {
+    let entry = History::new(&inst.iface).find(target)?;
+    let Some(snapshot) = entry.snapshot else { refuse!("the history entry to roll back to has no snapshot") };
     reload_as(inst, &snapshot, opts, history::Operation::Rollback)
 }
 
@@ -228,6 +237,10 @@ fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions) -> Result
     // the flip and the final record (the next reload replaces both files).
     let summary = RulesetSummary::new(&ruleset, &image, true);
     let mut next = inst.state()?;
+    let (old_rules, old_carried) = (next.ruleset.rules.clone(), std::mem::take(&mut next.carried));
+    // Until the retired buffer's final counts are in (after the grace period), the names kept
+    // carry what they carried before.
+    next.carried = crate::instance::carry(&old_carried, &[], &[], &summary.rules);
     next.generation = generation;
     next.ruleset = summary.clone();
     inst.write_state_file(&format!("next-{generation}.json"), &next)?;
@@ -238,6 +251,13 @@ fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions) -> Result
 
     let (grace_time, grace_method) = grace::wait(opts.min_grace);
     times.grace_us = us(grace_time);
+
+    // The retired buffer's counters are final now: carry them by rule name (see State::carried).
+    let retired = buffer_of(previous);
+    match maps.rule_stats(retired, maps.header(retired).rule_count) {
+        Ok(counts) => next.carried = crate::instance::carry(&old_carried, &old_rules, &counts, &summary.rules),
+        Err(e) => tracing::warn!("per-rule counters of generation {previous} could not be read; they are not carried over: {e}"),
+    }
 
     let t = Instant::now();
     maps.clear(buffer_of(previous))?;

@@ -45,9 +45,11 @@ pub fn stats(inst: &Instance) -> Result<Stats> {
         let (index, name, action) = if i < header.rule_count as usize {
             (Some(i), state.ruleset.rules.get(i).cloned().unwrap_or_default(), state.ruleset.actions.get(i).cloned().unwrap_or_default())
         } else {
-            (None, "(default)".to_string(), state.ruleset.default.clone())
+            (None, crate::instance::DEFAULT_RULE_NAME.to_string(), state.ruleset.default.clone())
         };
-        rules.push(RuleCounters { index, name, action, packets: c.packets, bytes: c.bytes });
+        // Counts of earlier generations under the same rule name (State::carried).
+        let carried = state.carried.get(&name).copied().unwrap_or_default();
+        rules.push(RuleCounters { index, name, action, packets: c.packets + carried.packets, bytes: c.bytes + carried.bytes });
     }
     Ok(Stats {
         iface: inst.iface.clone(),

@@ -429,6 +429,7 @@ async fn run(args: RunConfig) -> Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (hup_tx, hup_rx) = watch::channel(0u64);
     let registry = Arc::new(Registry::default());
+    registry.register(Arc::new(metrics::BuildInfo));
     registry.register(Arc::new(metrics::ReloadMetrics(stats.clone())));
     registry.register(Arc::new(metrics::KernelMetrics(inst.clone())));
     let ctx = Context { inst: inst.clone(), shutdown: Shutdown(stop_rx), hup: hup_rx, metrics: registry.clone() };

@@ -145,25 +145,46 @@ impl MetricsSource for KernelMetrics {
             }
         }
 
-        // Per-rule counters belong to the buffer of the live generation, so they restart at 0
-        // with each reload (a counter reset, which rate() handles).
+        // Per-rule counters carry over reloads by rule name (control's State::carried), so a
+        // series is identified by the rule's name alone: inserting or moving a rule moves no
+        // series, and a rule that keeps its name keeps counting up. Its index and action are in
+        // xdpfw_rule_info, joined on `rule` when wanted.
         for (metric, help, bytes) in [
-            ("xdpfw_rule_packets_total", "Packets decided by each rule of the live ruleset (rule=\"(default)\": no rule matched).", false),
-            ("xdpfw_rule_bytes_total", "Bytes of the packets decided by each rule of the live ruleset.", true),
+            ("xdpfw_rule_packets_total", "Packets decided by each rule, by name, over every generation that had a rule of that name (rule=\"(default)\": no rule matched).", false),
+            ("xdpfw_rule_bytes_total", "Bytes of the packets decided by each rule, by name, over every generation that had a rule of that name.", true),
         ] {
             family(out, metric, "counter", help);
             for c in &stats.rules {
                 let _ = writeln!(
                     out,
-                    "{metric}{{iface=\"{}\",index=\"{}\",rule=\"{}\",action=\"{}\"}} {}",
+                    "{metric}{{iface=\"{}\",rule=\"{}\"}} {}",
                     escape_label(&stats.iface),
-                    c.index.map_or("default".to_string(), |i| i.to_string()),
                     escape_label(&c.name),
-                    escape_label(&c.action),
                     if bytes { c.bytes } else { c.packets }
                 );
             }
         }
+        family(out, "xdpfw_rule_info", "gauge", "Each rule of the live ruleset: its position (index, \"default\" for the default action) and action.");
+        for c in &stats.rules {
+            let _ = writeln!(
+                out,
+                "xdpfw_rule_info{{iface=\"{}\",rule=\"{}\",index=\"{}\",action=\"{}\"}} 1",
+                escape_label(&stats.iface),
+                escape_label(&c.name),
+                c.index.map_or("default".to_string(), |i| i.to_string()),
+                escape_label(&c.action)
+            );
+        }
+    }
+}
+
+/// `xdpfw_build_info`: the running binary's version, as Prometheus convention has it.
+pub struct BuildInfo;
+
+impl MetricsSource for BuildInfo {
+    fn render(&self, out: &mut String) {
+        family(out, "xdpfw_build_info", "gauge", "The running loader: its version (always 1).");
+        let _ = writeln!(out, "xdpfw_build_info{{version=\"{}\"}} 1", escape_label(env!("CARGO_PKG_VERSION")));
     }
 }
 

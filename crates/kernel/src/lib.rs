@@ -6,6 +6,7 @@
 mod error;
 pub mod grace;
 mod maps;
+pub mod netlink;
 mod object;
 mod pins;
 pub mod testrun;

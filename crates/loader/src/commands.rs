@@ -17,7 +17,7 @@ use xdpfw_rules::{
 
 use crate::{
     exit::{INVALID_RULESET, Output, UsageError, WARNINGS},
-    flags::{Cli, Command},
+    flags::{Cli, Command, ExplainTarget},
     render,
 };
 
@@ -41,28 +41,108 @@ pub(crate) fn run(cli: Cli) -> Result<Output> {
             reload(&file, iface.as_deref(), &opts, json)
         }
         Command::Status { iface, history, json } => status(iface.as_deref(), history, json),
-        Command::Rollback { n, iface, json } => {
+        Command::Rollback { n, to, iface, json } => {
             let inst = Instance::find(iface.as_deref())?;
-            let r = control::rollback(&inst, n, &ReloadOptions::default())?;
+            let r = match to {
+                Some(target) => control::rollback_to(&inst, &target, &ReloadOptions::default())?,
+                None => control::rollback(&inst, n, &ReloadOptions::default())?,
+            };
             Ok(Output::ok(if json { json_text(&r)? } else { render::rollback(&r) }))
         }
         Command::Stats { iface, json } => {
             let inst = Instance::find(iface.as_deref())?;
             let s = control::stats(&inst)?;
-            Ok(Output::ok(if json { json_text(&s)? } else { render::stats(&s) }))
+            let mode = mode_in_effect(&inst.iface, s.mode);
+            Ok(Output::ok(if json { json_text_with(&s, &[("mode_in_effect", serde_json::json!(mode))])? } else { render::stats(&s, &mode) }))
         }
         Command::Run(args) => {
             xdpfw_daemon::main(args.into_config())?;
             Ok(Output::ok(String::new()))
         }
-        Command::List => Ok(Output::ok(control::instance::list()?.iter().map(|n| format!("{n}\n")).collect())),
-        Command::Check { file, strict } => check(&file, strict),
-        Command::Explain { file, packet, kernel, owner, json } => explain(&file, &packet, kernel, owner, json),
+        Command::List { json } => list(json),
+        Command::Check { file, strict, json } => check(&file, strict, json),
+        Command::Explain { args, iface, kernel, owner, json } => {
+            let (target, packet) = crate::flags::explain_target(args, iface).map_err(UsageError)?;
+            let rs = match target {
+                ExplainTarget::File(file) => rules::load(&file)?,
+                ExplainTarget::Live(iface) => live_ruleset(iface.as_deref())?.2,
+            };
+            explain(&rs, &packet, kernel, owner, json)
+        }
+        Command::Show { iface, sets, json } => show(iface.as_deref(), sets, json),
+        Command::Diff { file, iface, json } => diff(&file, iface.as_deref(), json),
+        Command::Man { dir } => man(&dir),
+        Command::Completions { shell } => {
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut crate::flags::definition(), "loader", &mut buf);
+            Ok(Output::ok(String::from_utf8(buf)?))
+        }
     }
 }
 
+/// Man pages from the clap definition: `loader.1` and one page per visible subcommand.
+fn man(dir: &std::path::Path) -> Result<Output> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    clap_mangen::generate_to(crate::flags::definition(), dir).with_context(|| format!("writing man pages into {}", dir.display()))?;
+    let mut pages: Vec<String> = std::fs::read_dir(dir)?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    pages.sort();
+    Ok(Output::ok(pages.iter().map(|p| format!("{}\n", dir.join(p).display())).collect()))
+}
+
+/// The version of every JSON document the CLI prints (the `schema` field; docs/json.md). It
+/// goes up when a field changes meaning or disappears, not when one is added.
+pub(crate) const JSON_SCHEMA: u32 = 1;
+
 fn json_text(v: &impl serde::Serialize) -> Result<String> {
-    Ok(serde_json::to_string_pretty(v)? + "\n")
+    json_text_with(v, &[])
+}
+
+/// `v` as pretty JSON with `"schema"` and the `extra` fields added to its top-level object.
+fn json_text_with(v: &impl serde::Serialize, extra: &[(&str, serde_json::Value)]) -> Result<String> {
+    let mut value = serde_json::to_value(v)?;
+    if let serde_json::Value::Object(map) = &mut value {
+        map.insert("schema".into(), JSON_SCHEMA.into());
+        for (k, v) in extra {
+            map.insert((*k).into(), v.clone());
+        }
+    }
+    Ok(serde_json::to_string_pretty(&value)? + "\n")
+}
+
+/// The XDP mode the kernel attached in ("native" or "skb"), asked of rtnetlink; what was
+/// requested when the kernel cannot say (another namespace, the link going away).
+fn mode_in_effect(iface: &str, requested: AttachMode) -> String {
+    let mode = match xdpfw_kernel::netlink::attached_mode(iface) {
+        Ok(Some(m)) => m,
+        _ => requested,
+    };
+    match mode {
+        AttachMode::Auto => "auto".into(),
+        AttachMode::Native => "native".into(),
+        AttachMode::Skb => "skb".into(),
+    }
+}
+
+/// `loader list`: every attached instance with its mode, generation and live ruleset.
+fn list(json: bool) -> Result<Output> {
+    let mut rows = Vec::new();
+    for name in control::instance::list()? {
+        let inst = Instance::new(&name)?;
+        let row = match inst.state() {
+            Ok(st) => render::ListRow {
+                mode: mode_in_effect(&name, st.mode),
+                generation: Some(st.generation),
+                version: st.ruleset.version.clone(),
+                hash: Some(st.ruleset.hash.clone()),
+                rules: Some(st.ruleset.rules.len()),
+                iface: name,
+                error: None,
+            },
+            Err(e) => render::ListRow { mode: "-".into(), generation: None, version: None, hash: None, rules: None, iface: name, error: Some(e.to_string()) },
+        };
+        rows.push(row);
+    }
+    Ok(Output::ok(if json { json_text(&serde_json::json!({ "instances": rows }))? } else { render::list(&rows) }))
 }
 
 fn enter_netns(name: &str) -> Result<()> {
@@ -81,8 +161,9 @@ fn attach(iface: &str, rules: Option<PathBuf>, last_good: bool, mode: AttachMode
         rules
     };
     let report = control::attach(iface, rules.as_deref(), mode)?;
+    let mode = mode_in_effect(iface, mode);
     Ok(Output::ok(format!(
-        "attached to {iface} ({mode:?} mode): generation {}, {} rules, default {}, pinned at {}\n",
+        "attached to {iface} ({mode} mode): generation {}, {} rules, default {}, pinned at {}\n",
         report.generation,
         report.ruleset.rules.len(),
         report.ruleset.default,
@@ -104,26 +185,51 @@ fn status(iface: Option<&str>, history: bool, json: bool) -> Result<Output> {
     let state = inst.state()?;
     let entries = if history { History::new(&inst.iface).entries()? } else { Vec::new() };
     let served = escalation::served(&inst);
+    let mode = mode_in_effect(&inst.iface, state.mode);
     let text = if json {
-        json_text(&serde_json::json!({ "state": state, "escalation": served, "history": history.then_some(&entries) }))?
+        json_text(&serde_json::json!({ "state": state, "mode_in_effect": mode, "escalation": served, "history": history.then_some(&entries) }))?
     } else {
-        render::status(&state, served.as_ref(), &entries)
+        render::status(&state, &mode, served.as_ref(), &entries)
     };
     Ok(Output::ok(text))
 }
 
-fn check(file: &std::path::Path, strict: bool) -> Result<Output> {
+fn check(file: &std::path::Path, strict: bool, json: bool) -> Result<Output> {
     let rs = rules::load(file)?;
     let image = compile(&rs)?;
+    let failures = selftest::check_self_tests(&rs).err();
+    let code = if failures.is_some() {
+        INVALID_RULESET
+    } else if strict && !rs.warnings.is_empty() {
+        WARNINGS
+    } else {
+        0
+    };
+    if json {
+        let doc = serde_json::json!({
+            "file": file,
+            "ok": failures.is_none(),
+            "version": rs.version,
+            "hash": rs.hash,
+            "rules": rs.rules.len(),
+            "prefixes": rs.prefix_count(),
+            "table_entries": image.prefix_count(),
+            "bitmaps": image.bitmaps.len(),
+            "tests": rs.tests.len(),
+            "warnings": rs.warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "self_test_failures": failures.as_ref().map(|f| f.failures.iter().map(ToString::to_string).collect::<Vec<_>>()).unwrap_or_default(),
+        });
+        return Ok(Output { text: json_text(&doc)?, code });
+    }
     for w in &rs.warnings {
         eprintln!("{w}");
     }
-    if let Err(failures) = selftest::check_self_tests(&rs) {
+    if let Some(failures) = failures {
         for f in &failures.failures {
             eprintln!("{f}");
         }
         eprintln!("{}: {} of {} self-tests failed", file.display(), failures.failures.len(), failures.total);
-        return Ok(Output { text: String::new(), code: INVALID_RULESET });
+        return Ok(Output { text: String::new(), code });
     }
     let text = format!(
         "{}: ok: {} rules, {} prefixes ({} table entries after merging), {} bitmaps, {} tests\n",
@@ -134,12 +240,11 @@ fn check(file: &std::path::Path, strict: bool) -> Result<Output> {
         image.bitmaps.len(),
         rs.tests.len()
     );
-    let code = if strict && !rs.warnings.is_empty() { WARNINGS } else { 0 };
     Ok(Output { text, code })
 }
 
-fn explain(file: &std::path::Path, packet: &str, kernel: bool, owner: Option<OwnerSpec>, json: bool) -> Result<Output> {
-    let rs = rules::load(file)?;
+fn explain(rs: &rules::Ruleset, packet: &str, kernel: bool, owner: Option<OwnerSpec>, json: bool) -> Result<Output> {
+    let rs = rs.clone();
     let pkt: PacketSpec = packet.parse().map_err(|e| UsageError(format!("parsing the packet \"{packet}\": {e}")))?;
     // What the kernel decides alone (escalating where a rule needs the owner), and with the
     // owner given, what the escalation service then decides.
@@ -166,4 +271,74 @@ fn explain(file: &std::path::Path, packet: &str, kernel: bool, owner: Option<Own
         bail!("{text}the kernel says {k} but the reference matcher says {}", in_kernel.action);
     }
     Ok(Output::ok(text))
+}
+
+/// The live ruleset of an instance, loaded from its snapshot in the history (exactly the bytes
+/// that went live: the rules file and its set files), checked against the live hash.
+fn live_ruleset(iface: Option<&str>) -> Result<(Instance, control::State, rules::Ruleset, PathBuf)> {
+    let inst = Instance::find(iface)?;
+    let state = inst.state()?;
+    let hash = &state.ruleset.hash;
+    if state.ruleset.path.is_none() {
+        bail!(
+            "the live ruleset of {} is built in ({}, {} rules, default {}), not from a rules file",
+            inst.iface,
+            short_hash_of(hash),
+            state.ruleset.rules.len(),
+            state.ruleset.default
+        );
+    }
+    let snapshot = History::new(&inst.iface).dir().join("snapshots").join(hash).join("rules.toml");
+    if !snapshot.exists() {
+        bail!("no snapshot of the live ruleset {} of {} at {}", short_hash_of(hash), inst.iface, snapshot.display());
+    }
+    let rs = rules::load(&snapshot)?;
+    if &rs.hash != hash {
+        bail!("the snapshot {} does not hash to the live ruleset's {} (edited by hand?)", snapshot.display(), short_hash_of(hash));
+    }
+    Ok((inst, state, rs, snapshot))
+}
+
+fn short_hash_of(h: &str) -> &str {
+    rules::short_hash(h)
+}
+
+/// `loader show`: the live ruleset's text as it went live, set sizes, and set files on request.
+fn show(iface: Option<&str>, with_sets: bool, json: bool) -> Result<Output> {
+    let (inst, state, rs, snapshot) = live_ruleset(iface)?;
+    let text = std::fs::read_to_string(&snapshot).with_context(|| format!("reading {}", snapshot.display()))?;
+    let dir = snapshot.parent().unwrap_or(std::path::Path::new("."));
+    let sets: Vec<render::SetSize> = rs.sets.iter().map(|(name, p)| render::SetSize { name: name.clone(), prefixes: p.len() }).collect();
+    let mut files = Vec::new();
+    if with_sets {
+        for (written, _) in &rs.set_files {
+            let path = dir.join(written);
+            files.push((written.clone(), std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?));
+        }
+    }
+    let out = if json {
+        json_text(&serde_json::json!({
+            "iface": inst.iface,
+            "generation": state.generation,
+            "version": rs.version,
+            "hash": rs.hash,
+            "snapshot": snapshot,
+            "source": state.ruleset.path,
+            "text": text,
+            "sets": sets,
+            "set_files": with_sets.then(|| files.iter().map(|(n, c)| serde_json::json!({ "file": n, "text": c })).collect::<Vec<_>>()),
+        }))?
+    } else {
+        render::show(&inst.iface, &state, &snapshot, &text, &sets, &files)
+    };
+    Ok(Output::ok(out))
+}
+
+/// `loader diff FILE`: what reloading FILE would change against the live ruleset.
+fn diff(file: &std::path::Path, iface: Option<&str>, json: bool) -> Result<Output> {
+    let (_, _, live, _) = live_ruleset(iface)?;
+    let new = rules::load(file)?;
+    compile(&new)?;
+    let d = render::RulesetDiff::new(&live, &new);
+    Ok(Output::ok(if json { json_text(&d)? } else { render::diff(&d) }))
 }

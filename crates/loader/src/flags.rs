@@ -116,11 +116,16 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Re-apply the ruleset that was live N applied rulesets ago (default 1: the previous one).
+    /// Re-apply the ruleset that was live N applied rulesets ago (default 1: the previous one),
+    /// or with --to the one with that version label or hash.
     Rollback {
         /// How many applied rulesets back.
         #[arg(default_value = "1")]
         n: usize,
+        /// The version label of an applied ruleset, or the start of its hash (at least 6 hex
+        /// digits), as `loader status --history` shows them.
+        #[arg(long, value_name = "VERSION|HASH", conflicts_with = "n")]
+        to: Option<String>,
         /// The interface (needed when several are attached).
         #[arg(long)]
         iface: Option<String>,
@@ -137,8 +142,12 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List the interfaces with an attached firewall.
-    List,
+    /// The interfaces with an attached firewall: mode in effect, generation, live ruleset.
+    List {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Keep IFACE's rules in line with a watched file or an HTTP(S) URL, with Prometheus metrics
     /// (a daemon for systemd: SIGHUP re-reads, SIGTERM stops and leaves the firewall attached).
     Run(RunArgs),
@@ -149,13 +158,20 @@ pub(crate) enum Command {
         /// Exit with 4 when there are warnings.
         #[arg(long)]
         strict: bool,
+        /// Print the summary, warnings and self-test failures as JSON.
+        #[arg(long)]
+        json: bool,
     },
-    /// Which rule decides PACKET, and why, e.g. "tcp 198.51.100.7:5555 -> 203.0.113.1:22 flags S".
+    /// Which rule decides PACKET, and why, e.g. "tcp 198.51.100.7:5555 -> 203.0.113.1:22 flags S",
+    /// against a rules file (`explain FILE PACKET`) or the live ruleset (`explain --iface IFACE PACKET`).
     Explain {
-        /// The rules file.
-        file: PathBuf,
+        /// The rules file, then the packet; with --iface only the packet.
         /// The packet: "PROTO SRC[:PORT] -> DST[:PORT] [flags F] [type T code C] [fragment]".
-        packet: String,
+        #[arg(num_args = 1..=2, required = true, value_names = ["FILE", "PACKET"])]
+        args: Vec<String>,
+        /// Explain against the ruleset live on IFACE (as `loader show` prints it) instead of a file.
+        #[arg(long, value_name = "IFACE")]
+        iface: Option<String>,
         /// Also run the packet through the real program (BPF_PROG_TEST_RUN); the two must agree.
         #[arg(long)]
         kernel: bool,
@@ -167,6 +183,65 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The live ruleset exactly as it went live (its snapshot in the history), with set sizes.
+    Show {
+        /// The interface (needed when several are attached).
+        #[arg(long)]
+        iface: Option<String>,
+        /// Also print the contents of the set files.
+        #[arg(long)]
+        sets: bool,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What reloading FILE would change: rules added, removed, changed and moved, set sizes.
+    Diff {
+        /// The rules file a reload would apply.
+        file: PathBuf,
+        /// The interface (needed when several are attached).
+        #[arg(long)]
+        iface: Option<String>,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the man pages (loader.1 and loader-COMMAND.1) into DIR; used by `./run install`.
+    #[command(hide = true)]
+    Man {
+        /// The folder to write into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Print the completion script for SHELL; used by `./run install`.
+    #[command(hide = true)]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// What `explain` explains against.
+pub(crate) enum ExplainTarget {
+    File(PathBuf),
+    Live(Option<String>),
+}
+
+/// `explain`'s positionals: FILE PACKET, or PACKET alone with --iface.
+pub(crate) fn explain_target(args: Vec<String>, iface: Option<String>) -> Result<(ExplainTarget, String), String> {
+    let mut args = args.into_iter();
+    match (args.next(), args.next(), iface) {
+        (Some(file), Some(packet), None) => Ok((ExplainTarget::File(file.into()), packet)),
+        (Some(packet), None, Some(iface)) => Ok((ExplainTarget::Live(Some(iface)), packet)),
+        (Some(_), None, None) => Err("explain needs a rules file and a packet, or --iface IFACE and a packet".into()),
+        (Some(_), Some(_), Some(_)) => Err("with --iface, explain takes the packet only (the rules are the live ones)".into()),
+        (None, _, _) => Err("explain needs a packet".into()),
+    }
+}
+
+/// The command line's definition, for the man pages and completions generated from it.
+pub(crate) fn definition() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -254,5 +329,28 @@ impl RunArgs {
                 ..Default::default()
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                if a.get_help().is_none() && !a.is_hide_set() && !matches!(a.get_id().as_str(), "help" | "version") {
+                    missing.push(format!("{path} {}", a.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(format!("{path} {}", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::definition(), "loader", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
     }
 }

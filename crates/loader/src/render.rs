@@ -10,17 +10,270 @@ use xdpfw_control::{
 };
 use xdpfw_rules::{matcher::Decision, packet::PacketSpec, short_hash};
 
-/// The table `loader stats` prints.
-pub(crate) fn stats(st: &Stats) -> String {
+/// `s` with control characters (terminal escapes, newlines, NULs) shown as escapes, for text
+/// that comes from a rules file or the history and goes to a terminal.
+pub(crate) fn clean(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+}
+
+fn version(v: Option<&str>) -> String {
+    v.map_or_else(|| "(no version)".to_string(), clean)
+}
+
+/// Seconds since the epoch as RFC 3339 UTC (`2026-11-23T14:05:09Z`).
+pub(crate) fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Howard Hinnant's days-to-civil.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// A named set and how many prefixes it holds.
+#[derive(serde::Serialize)]
+pub(crate) struct SetSize {
+    pub name: String,
+    pub prefixes: usize,
+}
+
+/// `loader show`: a header of comments (so the output is itself a valid rules file), the text.
+pub(crate) fn show(iface: &str, state: &State, snapshot: &std::path::Path, text: &str, sets: &[SetSize], files: &[(String, String)]) -> String {
+    let r = &state.ruleset;
+    let mut s = String::new();
+    let _ = writeln!(s, "# live on {iface}: generation {}, version {}, hash {}", state.generation, version(r.version.as_deref()), r.hash);
+    if let Some(p) = &r.path {
+        let _ = writeln!(s, "# applied from {} (the file may have changed since); snapshot {}", clean(&p.to_string_lossy()), snapshot.display());
+    }
+    for set in sets {
+        let _ = writeln!(s, "# set @{}: {} prefixes", clean(&set.name), set.prefixes);
+    }
+    s.push_str(text);
+    if !text.ends_with('\n') {
+        s.push('\n');
+    }
+    for (name, content) in files {
+        let _ = writeln!(s, "# ---- set file {} ----", clean(name));
+        s.push_str(content);
+    }
+    s
+}
+
+/// What a reload from the live ruleset to a new one would change.
+#[derive(serde::Serialize)]
+pub(crate) struct RulesetDiff {
+    pub from: DiffSide,
+    pub to: DiffSide,
+    /// Rules of the new ruleset whose name the live one lacks, with their new index.
+    pub added: Vec<DiffRule>,
+    /// Rules of the live ruleset whose name the new one lacks, with their live index.
+    pub removed: Vec<DiffRule>,
+    /// Rules in both whose conditions or action differ.
+    pub changed: Vec<String>,
+    /// Rules in both whose order relative to the other kept rules changed (the fewest such).
+    pub moved: Vec<DiffMove>,
+    pub sets: Vec<SetDelta>,
+    pub default: Option<(String, String)>,
+}
+
+#[derive(serde::Serialize)]
+pub(crate) struct DiffSide {
+    pub version: Option<String>,
+    pub hash: String,
+    pub rules: usize,
+}
+
+#[derive(serde::Serialize)]
+pub(crate) struct DiffRule {
+    pub index: usize,
+    pub name: String,
+    pub action: String,
+}
+
+#[derive(serde::Serialize)]
+pub(crate) struct DiffMove {
+    pub name: String,
+    pub from: usize,
+    pub to: usize,
+}
+
+#[derive(serde::Serialize)]
+pub(crate) struct SetDelta {
+    pub name: String,
+    pub from: Option<usize>,
+    pub to: Option<usize>,
+}
+
+/// A rule's meaning without its place in the file (location, comment), naming its sets rather
+/// than their contents (set changes are reported per set).
+fn meaning(r: &xdpfw_rules::Rule) -> String {
+    let addrs = |a: &Option<xdpfw_rules::AddrList>| a.as_ref().map(|a| (a.inline.clone(), a.sets.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>()));
+    format!("{:?}", (&r.action, addrs(&r.src), addrs(&r.dst), &r.proto, &r.sport, &r.dport, &r.icmp, &r.tcp_flags, &r.owner))
+}
+
+impl RulesetDiff {
+    pub(crate) fn new(old: &xdpfw_rules::Ruleset, new: &xdpfw_rules::Ruleset) -> Self {
+        use std::collections::HashMap;
+        let side = |rs: &xdpfw_rules::Ruleset| DiffSide { version: rs.version.clone(), hash: rs.hash.clone(), rules: rs.rules.len() };
+        let old_at: HashMap<&str, usize> = old.rules.iter().enumerate().map(|(i, r)| (r.name.as_str(), i)).collect();
+        let new_at: HashMap<&str, usize> = new.rules.iter().enumerate().map(|(i, r)| (r.name.as_str(), i)).collect();
+        let rule = |i: usize, r: &xdpfw_rules::Rule| DiffRule { index: i, name: r.name.clone(), action: r.action.to_string() };
+        let added = new.rules.iter().enumerate().filter(|(_, r)| !old_at.contains_key(r.name.as_str())).map(|(i, r)| rule(i, r)).collect();
+        let removed = old.rules.iter().enumerate().filter(|(_, r)| !new_at.contains_key(r.name.as_str())).map(|(i, r)| rule(i, r)).collect();
+        let changed = old
+            .rules
+            .iter()
+            .filter_map(|r| new_at.get(r.name.as_str()).map(|&j| (r, &new.rules[j])))
+            .filter(|(a, b)| meaning(a) != meaning(b))
+            .map(|(a, _)| a.name.clone())
+            .collect();
+        // Kept rules in live order, with their new index: those outside a longest increasing
+        // run of new indices are the ones that moved.
+        let kept: Vec<(&str, usize, usize)> = old.rules.iter().enumerate().filter_map(|(i, r)| new_at.get(r.name.as_str()).map(|&j| (r.name.as_str(), i, j))).collect();
+        let in_order = longest_increasing(&kept.iter().map(|k| k.2).collect::<Vec<_>>());
+        let moved = kept
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| !in_order.contains(k))
+            .map(|(_, (name, from, to))| DiffMove { name: (*name).to_string(), from: *from, to: *to })
+            .collect();
+        let mut names: Vec<&String> = old.sets.keys().chain(new.sets.keys()).collect();
+        names.sort();
+        names.dedup();
+        let sets = names
+            .into_iter()
+            .map(|n| SetDelta { name: n.clone(), from: old.sets.get(n).map(|s| s.len()), to: new.sets.get(n).map(|s| s.len()) })
+            .filter(|d| d.from != d.to)
+            .collect();
+        let default = (old.default != new.default).then(|| (old.default.to_string(), new.default.to_string()));
+        Self { from: side(old), to: side(new), added, removed, changed, moved, sets, default }
+    }
+}
+
+/// Indices (into `v`) of one longest strictly increasing subsequence.
+fn longest_increasing(v: &[usize]) -> std::collections::BTreeSet<usize> {
+    let n = v.len();
+    let (mut len, mut prev) = (vec![1usize; n], vec![usize::MAX; n]);
+    for i in 0..n {
+        for j in 0..i {
+            if v[j] < v[i] && len[j] + 1 > len[i] {
+                len[i] = len[j] + 1;
+                prev[i] = j;
+            }
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    let mut at = (0..n).max_by_key(|&i| (len[i], std::cmp::Reverse(i)));
+    while let Some(i) = at {
+        out.insert(i);
+        at = (prev[i] != usize::MAX).then(|| prev[i]);
+    }
+    out
+}
+
+/// `loader diff`.
+pub(crate) fn diff(d: &RulesetDiff) -> String {
+    let mut s = String::new();
+    let side = |x: &DiffSide| format!("{} {} ({} rules)", version(x.version.as_deref()), short_hash(&x.hash), x.rules);
+    let _ = writeln!(s, "live {} -> {}", side(&d.from), side(&d.to));
+    if d.from.hash == d.to.hash {
+        let _ = writeln!(s, "  identical: a reload would change nothing");
+        return s;
+    }
+    for r in &d.added {
+        let _ = writeln!(s, "  + rule #{} \"{}\" ({})", r.index, clean(&r.name), r.action);
+    }
+    for r in &d.removed {
+        let _ = writeln!(s, "  - rule #{} \"{}\" ({})", r.index, clean(&r.name), r.action);
+    }
+    for n in &d.changed {
+        let _ = writeln!(s, "  ~ rule \"{}\" changed", clean(n));
+    }
+    for m in &d.moved {
+        let _ = writeln!(s, "  > rule \"{}\" moved #{} -> #{}", clean(&m.name), m.from, m.to);
+    }
+    for set in &d.sets {
+        let (a, b) = (set.from.unwrap_or(0), set.to.unwrap_or(0));
+        let what = match (set.from, set.to) {
+            (None, _) => "new".to_string(),
+            (_, None) => "removed".to_string(),
+            _ => format!("{:+}", b as i64 - a as i64),
+        };
+        let _ = writeln!(s, "  set @{}: {a} -> {b} prefixes ({what})", clean(&set.name));
+    }
+    if let Some((a, b)) = &d.default {
+        let _ = writeln!(s, "  default: {a} -> {b}");
+    }
+    if d.added.is_empty() && d.removed.is_empty() && d.changed.is_empty() && d.moved.is_empty() && d.sets.is_empty() && d.default.is_none() {
+        let _ = writeln!(s, "  same rules and sets (the files differ in labels, comments, tests or options)");
+    }
+    s
+}
+
+/// One attached instance, as `loader list` shows it.
+#[derive(serde::Serialize)]
+pub(crate) struct ListRow {
+    pub iface: String,
+    pub mode: String,
+    pub generation: Option<u64>,
+    pub version: Option<String>,
+    pub hash: Option<String>,
+    pub rules: Option<usize>,
+    /// Why the state could not be read (a reload in progress, a damaged state file).
+    pub error: Option<String>,
+}
+
+/// `loader list`.
+pub(crate) fn list(rows: &[ListRow]) -> String {
+    let mut s = String::new();
+    if rows.is_empty() {
+        return s;
+    }
+    let w = rows.iter().map(|r| r.iface.len()).max().unwrap_or(5).max(5);
+    let _ = writeln!(s, "{:<w$}  {:<6}  {:>10}  {:>5}  {:<12}  version", "iface", "mode", "generation", "rules", "hash");
+    for r in rows {
+        match &r.error {
+            Some(e) => {
+                let _ = writeln!(s, "{:<w$}  {}", r.iface, clean(e));
+            }
+            None => {
+                let _ = writeln!(
+                    s,
+                    "{:<w$}  {:<6}  {:>10}  {:>5}  {:<12}  {}",
+                    r.iface,
+                    r.mode,
+                    r.generation.unwrap_or(0),
+                    r.rules.unwrap_or(0),
+                    r.hash.as_deref().map_or("-", short_hash),
+                    version(r.version.as_deref())
+                );
+            }
+        }
+    }
+    s
+}
+
+/// The table `loader stats` prints; `mode` is the mode in effect.
+pub(crate) fn stats(st: &Stats, mode: &str) -> String {
     {
         use std::fmt::Write;
         let mut s = String::new();
         let r = &st.ruleset;
-        let _ = writeln!(s, "xdpfw on {} ({:?} mode)", st.iface, st.mode);
+        let _ = writeln!(s, "xdpfw on {} ({mode} mode)", st.iface);
         let _ = writeln!(
             s,
             "  ruleset    {} {}  generation {} (buffer {})",
-            r.version.as_deref().unwrap_or("(no version)"),
+            version(r.version.as_deref()),
             short_hash(&r.hash),
             st.generation,
             st.buffer
@@ -50,7 +303,7 @@ pub(crate) fn stats(st: &Stats) -> String {
         let _ = writeln!(s, "  {:>4}  {:<width$}  {:<6}  {:>12}  {:>14}", "#", "rule", "action", "packets", "bytes");
         for c in &st.rules {
             let idx = c.index.map(|i| i.to_string()).unwrap_or_else(|| "-".into());
-            let _ = writeln!(s, "  {:>4}  {:<width$}  {:<6}  {:>12}  {:>14}", idx, c.name, c.action, c.packets, c.bytes);
+            let _ = writeln!(s, "  {:>4}  {:<width$}  {:<6}  {:>12}  {:>14}", idx, clean(&c.name), c.action, c.packets, c.bytes);
         }
         s
     }
@@ -79,16 +332,17 @@ pub(crate) fn escalation_line(owner_rules: &[String], report: Option<&Report>) -
     }
 }
 
-/// `loader status`: the live ruleset, the last reload and, with --history, every attempt.
-pub(crate) fn status(state: &State, escalation: Option<&Report>, entries: &[Entry]) -> String {
+/// `loader status`: the live ruleset, the last reload and, with --history, every attempt;
+/// `mode` is the mode in effect.
+pub(crate) fn status(state: &State, mode: &str, escalation: Option<&Report>, entries: &[Entry]) -> String {
     let mut s = String::new();
     let r = &state.ruleset;
-    let _ = writeln!(s, "xdpfw on {} ({:?} mode), attached at {} (unix time)", state.iface, state.mode, state.attached_at);
+    let _ = writeln!(s, "xdpfw on {} ({mode} mode), attached at {}", state.iface, rfc3339(state.attached_at));
     let _ = writeln!(
         s,
         "  generation {}: {} {} ({} rules, default {}){}",
         state.generation,
-        r.version.as_deref().unwrap_or("(no version)"),
+        version(r.version.as_deref()),
         short_hash(&r.hash),
         r.rules.len(),
         r.default,
@@ -108,13 +362,13 @@ pub(crate) fn status(state: &State, escalation: Option<&Report>, entries: &[Entr
         let _ = writeln!(
             s,
             "  {}  {:<8} {:<7} gen {:<6} {:<14} {}  {}",
-            e.time,
+            rfc3339(e.time),
             e.action.to_string(),
             e.result.to_string(),
             e.generation.map_or("-".into(), |g| g.to_string()),
-            e.version.as_deref().unwrap_or("-"),
+            e.version.as_deref().map_or_else(|| "-".to_string(), clean),
             e.hash.as_deref().map_or("-", short_hash),
-            e.error.as_deref().map(|m| m.lines().next().unwrap_or("")).unwrap_or(&e.source.to_string_lossy())
+            clean(e.error.as_deref().map(|m| m.lines().next().unwrap_or("")).unwrap_or(&e.source.to_string_lossy()))
         );
     }
     s
@@ -150,7 +404,7 @@ pub(crate) fn rollback(r: &ReloadReport) -> String {
         r.iface,
         r.previous_generation,
         r.generation,
-        r.ruleset.version.as_deref().unwrap_or("no version")
+        version(r.ruleset.version.as_deref())
     )
 }
 
@@ -181,4 +435,23 @@ pub(crate) fn explain(pkt: &PacketSpec, d: &Decision, in_kernel: &Decision, kern
         let _ = writeln!(s, "  kernel (BPF_PROG_TEST_RUN): {k}");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_442_709), "2026-11-23T14:05:09Z");
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(clean("v1\u{1b}[31mred"), "v1\\u{1b}[31mred");
+        assert_eq!(clean("a\nb"), "a\\nb");
+        assert_eq!(clean("plain-1.2"), "plain-1.2");
+    }
 }
