@@ -133,8 +133,10 @@ impl Instance {
         }
     }
 
+    /// Whether a complete instance is attached: its link is pinned (the last step of an attach).
+    /// A pin folder without it is what a killed attach left; `attach` removes it.
     pub fn is_attached(&self) -> bool {
-        self.pin_dir.exists()
+        self.pin_dir.join("link").exists()
     }
 
     /// The instance's reload lock: every change to its kernel state holds it.
@@ -145,7 +147,15 @@ impl Instance {
 
     pub fn state(&self) -> Result<State> {
         let path = self.state_dir.join("state.json");
-        let text = fs::read_to_string(&path).ctx(|| format!("reading {}", path.display()))?;
+        let text = match fs::read_to_string(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.is_attached() => refuse!(
+                "the firewall on {} is attached and filtering, but its record {} is missing (deleted, or a full disk); `loader reload RULES --iface {}` records it again",
+                self.iface,
+                path.display(),
+                self.iface
+            ),
+            other => other.ctx(|| format!("reading {}", path.display()))?,
+        };
         serde_json::from_str(&text).ctx(|| format!("parsing {}", path.display()))
     }
 
@@ -156,7 +166,17 @@ impl Instance {
     /// Writes atomically (temporary file, then rename).
     pub(crate) fn write_state_file(&self, name: &str, state: &State) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(state).ctx(|| "serializing the state".into())?;
+        self.ensure_state_dir()?;
         files::atomic_write(&self.state_dir.join(name), &bytes)
+    }
+
+    /// Creates (or checks) the runtime root and this instance's folder in it: both root-only
+    /// (0700, owned by us, not symlinks). Whatever the daemon writes there (a fetched ruleset)
+    /// is out of reach of other users.
+    pub fn ensure_state_dir(&self) -> Result<&std::path::Path> {
+        files::private_dir(&state_root())?;
+        files::private_dir(&self.state_dir)?;
+        Ok(&self.state_dir)
     }
 
     /// The state of the generation the kernel serves: `state.json`, or `next-<generation>.json`

@@ -13,5 +13,5 @@ pub mod stats;
 
 pub use error::{ControlError, Result};
 pub use instance::{Instance, ReloadReport, ReloadTimes, RulesetSummary, State};
-pub use pipeline::{AttachReport, ReloadOptions, attach, attach_ruleset, detach, empty_ruleset, reload, rollback};
+pub use pipeline::{AttachReport, ReloadOptions, attach, attach_ruleset, detach, empty_ruleset, reload, reload_remote, rollback, validate_pins};
 pub use stats::{RuleCounters, Stats, stats};

@@ -14,7 +14,7 @@ use xdpfw_rules::{self as rules, Ruleset, compile::compile, selftest::{self, Sel
 
 use crate::{
     error::{ControlContext, ControlError, Result, refuse},
-    files::now_secs,
+    files::{self, now_secs},
     history::{self, History},
     instance::{Instance, ReloadReport, ReloadTimes, RulesetSummary, State},
 };
@@ -58,7 +58,7 @@ pub fn attach_ruleset(iface: &str, ruleset: &Ruleset, from_file: bool, mode: Att
             inst.pin_dir.display()
         );
     }
-    fs::create_dir_all(&inst.pin_dir).ctx(|| format!("creating {}", inst.pin_dir.display()))?;
+    prepare_pin_dir(&inst)?;
     let result = (|| -> Result<AttachReport> {
         let mut ebpf = kernel::load_program(&inst.pin_dir)?;
         let mut maps = Maps::open(&inst.pin_dir)?;
@@ -92,6 +92,63 @@ pub fn attach_ruleset(iface: &str, ruleset: &Ruleset, from_file: bool, mode: Att
         let _ = fs::remove_dir_all(&inst.state_dir);
     }
     result
+}
+
+/// What may be pinned in an instance's folder: the link, the program, its probe copy, the maps.
+fn known_pin(name: &str) -> bool {
+    matches!(name, "link" | "prog" | "probe") || xdpfw_common::map_names::ALL.contains(&name)
+}
+
+/// Makes a fresh, private pin folder for an attach (the lock is held, nothing is attached).
+/// The root of the pins must be root's own; a pin folder without a link is what an attach
+/// killed midway (or another user, on a bpffs open to all) left: it is removed first, so the
+/// attach proceeds instead of being refused for ever.
+fn prepare_pin_dir(inst: &Instance) -> Result<()> {
+    files::private_dir(&kernel::pin_root())?;
+    match fs::symlink_metadata(&inst.pin_dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).ctx(|| format!("inspecting {}", inst.pin_dir.display())),
+        Ok(meta) => {
+            tracing::warn!(
+                "removing {} ({}), left without a link by an interrupted attach",
+                inst.pin_dir.display(),
+                if meta.is_dir() { "a partial pin folder" } else { "not a folder" }
+            );
+            let removed = if meta.is_dir() { fs::remove_dir_all(&inst.pin_dir) } else { fs::remove_file(&inst.pin_dir) };
+            removed.ctx(|| format!("removing the partial pin folder {}", inst.pin_dir.display()))?;
+        }
+    }
+    files::private_dir(&inst.pin_dir)
+}
+
+/// Checks an attached instance's pin folder before it is adopted: a folder owned by root (by
+/// us), not writable by others, holding nothing but the firewall's own pins.
+pub fn validate_pins(inst: &Instance) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::symlink_metadata(&inst.pin_dir).ctx(|| format!("inspecting {}", inst.pin_dir.display()))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o022 != 0 {
+        refuse!(
+            "{} is not a private folder of uid {me} (uid {}, mode {:o}): it was not made by `loader attach`; remove it (`loader detach {}`) and attach again",
+            inst.pin_dir.display(),
+            meta.uid(),
+            meta.mode() & 0o7777,
+            inst.iface
+        );
+    }
+    for entry in fs::read_dir(&inst.pin_dir).ctx(|| format!("reading {}", inst.pin_dir.display()))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let owner = entry.metadata().map(|m| m.uid()).unwrap_or(u32::MAX);
+        if !known_pin(&name) || owner != me {
+            refuse!(
+                "{} holds \"{name}\" (uid {owner}), which `loader attach` never pins: refusing to adopt it; remove it (`loader detach {}`) and attach again",
+                inst.pin_dir.display(),
+                inst.iface
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Detaches the program and removes every pin and the state of the instance.
@@ -132,19 +189,25 @@ impl Default for ReloadOptions {
 /// grace → clear the retired buffer → record. Any failure before the flip leaves the active
 /// ruleset untouched; the flip is one atomic store. Every attempt goes into the history.
 pub fn reload(inst: &Instance, path: &Path, opts: &ReloadOptions) -> Result<ReloadReport> {
-    reload_as(inst, path, opts, history::Operation::Reload)
+    reload_as(inst, path, opts, history::Operation::Reload, rules::Origin::Local)
+}
+
+/// [`reload`] of a ruleset that came from a rules server (stored at `path`): it must be
+/// self-contained, so a `file =` in it is an error and no local file is read on its behalf.
+pub fn reload_remote(inst: &Instance, path: &Path, opts: &ReloadOptions) -> Result<ReloadReport> {
+    reload_as(inst, path, opts, history::Operation::Reload, rules::Origin::Remote)
 }
 
 /// Re-applies the ruleset applied `back` times before the current one, through the same pipeline.
 pub fn rollback(inst: &Instance, back: usize, opts: &ReloadOptions) -> Result<ReloadReport> {
     let target = History::new(&inst.iface).rollback_target(back)?;
     let Some(snapshot) = target.snapshot else { refuse!("the history entry to roll back to has no snapshot") };
-    reload_as(inst, &snapshot, opts, history::Operation::Rollback)
+    reload_as(inst, &snapshot, opts, history::Operation::Rollback, rules::Origin::Local)
 }
 
-fn reload_as(inst: &Instance, path: &Path, opts: &ReloadOptions, action: history::Operation) -> Result<ReloadReport> {
+fn reload_as(inst: &Instance, path: &Path, opts: &ReloadOptions, action: history::Operation, origin: rules::Origin) -> Result<ReloadReport> {
     let history = History::new(&inst.iface);
-    let result = reload_pipeline(inst, path, opts);
+    let result = reload_pipeline(inst, path, opts, origin);
     let entry = match &result {
         Ok((report, snapshot)) => history::Entry::applied(
             action,
@@ -176,11 +239,11 @@ fn reload_as(inst: &Instance, path: &Path, opts: &ReloadOptions, action: history
 
 type Snapshot = std::result::Result<PathBuf, String>;
 
-fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions) -> Result<(ReloadReport, Snapshot)> {
+fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions, origin: rules::Origin) -> Result<(ReloadReport, Snapshot)> {
     let total = Instant::now();
     let mut times = ReloadTimes::default();
     let t = Instant::now();
-    let ruleset = rules::load(path)?;
+    let ruleset = rules::load_from(path, origin)?;
     times.parse_us = us(t.elapsed());
     let t = Instant::now();
     let image = compile(&ruleset)?;
@@ -227,7 +290,16 @@ fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions) -> Result
     // Recorded before the flip, so `stats` can name the rules even if this process dies between
     // the flip and the final record (the next reload replaces both files).
     let summary = RulesetSummary::new(&ruleset, &image, true);
-    let mut next = inst.state()?;
+    // A deleted state.json (by hand, or lost to a full disk) is rebuilt from what is known, so
+    // one lost file does not block every reload until a detach.
+    let mut next = match inst.state() {
+        Ok(s) => s,
+        Err(e) if !inst.state_dir.join("state.json").exists() => {
+            tracing::warn!("{e}; rebuilding it with this reload");
+            State { iface: inst.iface.clone(), mode: AttachMode::Auto, attached_at: now_secs(), generation: previous, ruleset: summary.clone(), last_reload: None }
+        }
+        Err(e) => return Err(e),
+    };
     next.generation = generation;
     next.ruleset = summary.clone();
     inst.write_state_file(&format!("next-{generation}.json"), &next)?;
