@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{daemon::*, *};
+use harness::{daemon::*, topology::CLIENT_V4, *};
 
 const N: u64 = 30;
 const USER: &str = "xdpfw-test";
