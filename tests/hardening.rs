@@ -453,7 +453,9 @@ fn an_attached_instance_with_foreign_pins_is_not_adopted() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("\"planted\"") && err.contains("refusing to adopt"), "{err}");
     assert_eq!(udp_verdicts(&t), (0, N), "still filtering");
-    std::fs::remove_dir(pins.join("planted")).unwrap();
+    // As the error says, `detach` removes it all, planted entries included.
+    loader_ok(&t.server_ns, &["detach", &t.server_if]);
+    assert!(!pins.exists());
 }
 
 // ---- 6. lost state ----

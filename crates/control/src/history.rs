@@ -255,3 +255,39 @@ impl History {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_capped_and_the_file_is_rotated() {
+        let root = std::env::temp_dir().join(format!("xdpfw-history-test-{}", std::process::id()));
+        let history = History { dir: root.join("eth9") };
+        let entry = |i: usize| Entry {
+            time: i as u64,
+            result: Outcome::Failed,
+            action: Operation::Reload,
+            generation: None,
+            version: None,
+            hash: None,
+            source: PathBuf::from("fetched.toml"),
+            snapshot: None,
+            error: Some(format!("{i}: {}", "é".repeat(1 << 20))),
+            times: None,
+        };
+        for i in 0..2000 {
+            history.append(&entry(i)).unwrap();
+        }
+        let path = history.dir().join("history.jsonl");
+        let len = fs::metadata(&path).unwrap().len();
+        assert!(len <= MAX_BYTES + 2 * MAX_ERROR as u64, "{len} bytes");
+        let entries = history.entries().unwrap();
+        assert!(!entries.is_empty() && entries.len() <= KEEP_ENTRIES, "{}", entries.len());
+        assert_eq!(entries.last().unwrap().time, 1999, "the newest entries are kept");
+        assert!(entries.iter().all(|e| e.error.as_ref().unwrap().len() <= MAX_ERROR + 40));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(&root).unwrap().permissions().mode() & 0o777, 0o700);
+        fs::remove_dir_all(&root).unwrap();
+    }
+}

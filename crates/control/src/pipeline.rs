@@ -162,7 +162,14 @@ pub fn detach(iface: &str) -> Result<()> {
     if !inst.pin_dir.exists() {
         refuse!("no firewall is attached to {iface}");
     }
-    kernel::detach_and_unpin(&inst.pin_dir)?;
+    if let Err(e) = kernel::detach_and_unpin(&inst.pin_dir) {
+        // Once the link is gone nothing is attached; what else is in the folder (a partial
+        // attach, entries another user planted, a folder) goes with it.
+        if inst.pin_dir.join("link").exists() {
+            return Err(e.into());
+        }
+        fs::remove_dir_all(&inst.pin_dir).ctx(|| format!("removing {}", inst.pin_dir.display()))?;
+    }
     if inst.state_dir.exists() {
         fs::remove_dir_all(&inst.state_dir).ctx(|| format!("removing {}", inst.state_dir.display()))?;
     }
