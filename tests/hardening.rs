@@ -486,3 +486,67 @@ fn a_deleted_state_file_is_reported_and_rebuilt() {
     loader_ok(&t.server_ns, &["reload", rules_dir().join("udp-7000-closed.toml").to_str().unwrap(), "--iface", &t.server_if]);
     loader_ok(&t.server_ns, &["stats", "--iface", &t.server_if]);
 }
+
+/// A small tmpfs, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn new(at: PathBuf, size: &str) -> Self {
+        std::fs::create_dir_all(&at).unwrap();
+        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"]).arg(&at).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        Self(at)
+    }
+
+    /// Writes a file until the filesystem is full.
+    fn fill(&self) {
+        let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
+        let chunk = [0u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+    }
+}
+
+#[test]
+fn a_full_disk_keeps_the_firewall_and_says_what_went_live() {
+    let t = topology("hful");
+    let dir = TempDir::new("hful");
+    let fs = Tmpfs::new(dir.0.join("mnt"), "256k");
+    let (run, lib) = (fs.0.join("run"), fs.0.join("lib"));
+    let loader_env = |args: &[&str]| -> Output {
+        Command::new(loader_bin()).env("XDPFW_STATE_ROOT", &run).env("XDPFW_HISTORY_ROOT", &lib).args(["--netns", &t.server_ns]).args(args).output().unwrap()
+    };
+    let (a, b) = (dir.0.join("a.toml"), dir.0.join("b.toml"));
+    std::fs::write(&a, CLOSE_7000).unwrap();
+    std::fs::write(&b, CLOSE_7001).unwrap();
+    fs.fill();
+
+    // The attach stands (the interface is filtered), and says its record failed.
+    let out = loader_env(&["attach", &t.server_if, "--rules", a.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("recording it failed"), "{out:?}");
+    assert_eq!(udp_verdicts(&t), (0, N));
+    let out = loader_env(&["stats", "--iface", &t.server_if]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("attached and filtering"), "{out:?}");
+    // A reload on the full disk fails before its flip: nothing changed, and it says so.
+    let out = loader_env(&["reload", b.to_str().unwrap(), "--iface", &t.server_if]);
+    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(udp_verdicts(&t), (0, N), "the failed reload changed nothing");
+
+    // Room again: the next reload records everything, and every command works.
+    std::fs::remove_file(fs.0.join("filler")).unwrap();
+    let out = loader_env(&["reload", b.to_str().unwrap(), "--iface", &t.server_if]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(udp_verdicts(&t), (N, 0));
+    let out = loader_env(&["stats", "--iface", &t.server_if]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("close-7001"), "{out:?}");
+    let out = loader_env(&["status", "--iface", &t.server_if, "--history"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = loader_env(&["detach", &t.server_if]);
+    assert!(out.status.success(), "{out:?}");
+}

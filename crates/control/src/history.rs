@@ -219,16 +219,23 @@ impl History {
         self.ensure_dir()?;
         let tmp = self.dir.join("snapshots").join(format!(".{}.tmp", rs.hash));
         let _ = fs::remove_dir_all(&tmp);
-        fs::create_dir_all(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
-        fs::copy(&rs.path, tmp.join("rules.toml")).ctx(|| format!("copying {}", rs.path.display()))?;
-        for (written, from) in &rs.set_files {
-            let to = tmp.join(written);
-            if let Some(parent) = to.parent() {
-                fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
+        let copied = (|| -> Result<()> {
+            fs::create_dir_all(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
+            fs::copy(&rs.path, tmp.join("rules.toml")).ctx(|| format!("copying {}", rs.path.display()))?;
+            for (written, from) in &rs.set_files {
+                let to = tmp.join(written);
+                if let Some(parent) = to.parent() {
+                    fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
+                }
+                fs::copy(from, &to).ctx(|| format!("copying {}", from.display()))?;
             }
-            fs::copy(from, &to).ctx(|| format!("copying {}", from.display()))?;
+            fs::rename(&tmp, &dir).ctx(|| format!("renaming {}", tmp.display()))
+        })();
+        if let Err(e) = copied {
+            // No half copy left behind to take a full disk's last bytes.
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
         }
-        fs::rename(&tmp, &dir).ctx(|| format!("renaming {}", tmp.display()))?;
         Ok(Ok(rules))
     }
 

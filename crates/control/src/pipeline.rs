@@ -70,20 +70,27 @@ pub fn attach_ruleset(iface: &str, ruleset: &Ruleset, from_file: bool, mode: Att
         let summary = RulesetSummary::new(&ruleset, &image, from_file);
         if from_file {
             let history = History::new(iface);
-            let snapshot = history.snapshot(&ruleset)?;
+            // A snapshot that cannot be written (a full disk) is said in the history, but the
+            // attach stands: the ruleset is live.
+            let snapshot = history.snapshot(&ruleset).unwrap_or_else(|e| Err(e.to_string()));
             let entry = history::Entry::applied(history::Operation::Attach, generation, ruleset.version.clone(), &ruleset.hash, &ruleset.path, snapshot, None);
             if let Err(e) = history.append(&entry) {
                 tracing::warn!("could not record the attach in {}: {e}", history.dir().display());
             }
         }
-        inst.write_state(&State {
+        // From the pinned link on, the interface is filtered by the complete ruleset: a failure
+        // to record it (a full disk) must not take the firewall down again. `state()` then says
+        // the record is missing, and the next reload writes it.
+        if let Err(e) = inst.write_state(&State {
             iface: iface.to_string(),
             mode,
             attached_at: now_secs(),
             generation,
             ruleset: summary.clone(),
             last_reload: None,
-        })?;
+        }) {
+            tracing::error!("{iface} is attached and filtering as generation {generation}, but recording it failed: {e}");
+        }
         Ok(AttachReport { generation, ruleset: summary })
     })();
     if result.is_err() {
