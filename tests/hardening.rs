@@ -550,3 +550,24 @@ fn a_full_disk_keeps_the_firewall_and_says_what_went_live() {
     let out = loader_env(&["detach", &t.server_if]);
     assert!(out.status.success(), "{out:?}");
 }
+
+// ---- 7. instance identity (first part): `ip netns exec` with a private bpffs ----
+
+#[test]
+fn ip_netns_exec_with_a_private_bpffs_is_refused_clearly() {
+    let t = topology("hipx");
+    let dir = TempDir::new("hipx");
+    let rules = dir.0.join("rules.toml");
+    std::fs::write(&rules, CLOSE_7000).unwrap();
+    let exec = |args: &[&str]| Command::new("ip").args(["netns", "exec", &t.server_ns, loader_bin()]).args(args).output().unwrap();
+    let out = exec(&["attach", &t.server_if, "--rules", rules.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("ip netns exec") && err.contains("--netns"), "{out:?}");
+    assert_eq!(udp_verdicts(&t), (N, N), "nothing attached");
+    // Attached the right way, it is not reported as absent from under `ip netns exec`.
+    loader_ok(&t.server_ns, &["attach", &t.server_if, "--rules", rules.to_str().unwrap()]);
+    let out = exec(&["stats", "--iface", &t.server_if]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("not the host's BPF filesystem") && !err.contains("no firewall is attached"), "{out:?}");
+    assert_eq!(udp_verdicts(&t), (0, N));
+}

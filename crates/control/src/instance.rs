@@ -118,6 +118,7 @@ impl Instance {
 
     /// The single attached instance, or the one named.
     pub fn find(iface: Option<&str>) -> Result<Self> {
+        refuse_private_bpffs()?;
         if let Some(i) = iface {
             let inst = Self::new(i)?;
             if !inst.pin_dir.exists() {
@@ -198,6 +199,27 @@ impl Instance {
             ),
         }
     }
+}
+
+/// Refuses to work under `ip netns exec` (or any private mount namespace) when /sys/fs/bpf there
+/// is not the host's bpffs: `ip netns exec` mounts a fresh /sys, so pins made there vanish when
+/// the command exits (an attach that "succeeds" and leaves nothing attached) and pins made by
+/// others are not seen (`stats` saying nothing is attached while something is).
+pub fn refuse_private_bpffs() -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let ns = |p: &str| fs::read_link(p).ok();
+    // `ip netns exec` unshares the mount namespace and then runs us: our parent (or init, when
+    // it can be read) is in the one we came from.
+    let parent = format!("/proc/{}/ns/mnt", std::os::unix::process::parent_id());
+    let private_mounts =
+        ns("/proc/self/ns/mnt").is_some_and(|me| [parent.as_str(), "/proc/1/ns/mnt"].iter().filter_map(|p| ns(p)).any(|other| other != me));
+    let bpffs = nix::sys::statfs::statfs("/sys/fs/bpf").is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC);
+    if private_mounts && !bpffs {
+        refuse!(
+            "/sys/fs/bpf is not the host's BPF filesystem here (a private mount namespace, as `ip netns exec` makes): pins would vanish when this command exits, and existing ones are not visible; use `loader --netns NAME ...` instead of `ip netns exec NAME loader ...`"
+        );
+    }
+    Ok(())
 }
 
 /// Names of the interfaces with an attached instance.

@@ -50,6 +50,7 @@ pub fn attach_ruleset(iface: &str, ruleset: &Ruleset, from_file: bool, mode: Att
     let ruleset = ruleset.clone();
     let inst = Instance::new(iface)?;
     let image = compile(&ruleset)?;
+    crate::instance::refuse_private_bpffs()?;
     kernel::ensure_bpffs()?;
     let _lock = inst.lock(Duration::from_secs(30))?;
     if inst.is_attached() {
@@ -161,6 +162,7 @@ pub fn validate_pins(inst: &Instance) -> Result<()> {
 /// Detaches the program and removes every pin and the state of the instance.
 pub fn detach(iface: &str) -> Result<()> {
     let inst = Instance::new(iface)?;
+    crate::instance::refuse_private_bpffs()?;
     // Checked before taking the lock too, so a detach of nothing leaves no lock file behind.
     if !inst.pin_dir.exists() {
         refuse!("no firewall is attached to {iface}");
