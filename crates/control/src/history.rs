@@ -5,7 +5,9 @@
 use std::{
     fs,
     io::Write,
+    os::unix::fs::OpenOptionsExt,
     path::{Component, Path, PathBuf},
+    time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
@@ -13,9 +15,16 @@ use xdpfw_rules::Ruleset;
 
 use crate::{
     error::{ControlContext, Result, refuse},
-    files::now_secs,
+    files::{self, now_secs},
     instance::ReloadTimes,
 };
+
+/// The longest error text kept in one history entry.
+pub const MAX_ERROR: usize = 4096;
+/// The size past which `history.jsonl` is rotated.
+pub const MAX_BYTES: u64 = 4 << 20;
+/// How many entries a rotation keeps.
+pub const KEEP_ENTRIES: usize = 1000;
 
 pub fn history_root() -> PathBuf {
     std::env::var_os("XDPFW_HISTORY_ROOT")
@@ -114,14 +123,63 @@ impl History {
         &self.dir
     }
 
+    /// The history folder, created (or checked) root-only, like the root it is in: error texts
+    /// and snapshots are the operator's business alone.
+    fn ensure_dir(&self) -> Result<()> {
+        if let Some(root) = self.dir.parent() {
+            files::private_dir(root)?;
+        }
+        files::private_dir(&self.dir)
+    }
+
+    /// Appends one entry (its error text capped to [`MAX_ERROR`]), then keeps the file bounded:
+    /// past [`MAX_BYTES`] it is rewritten with the newest [`KEEP_ENTRIES`] entries.
     pub fn append(&self, entry: &Entry) -> Result<()> {
-        fs::create_dir_all(&self.dir).ctx(|| format!("creating {}", self.dir.display()))?;
-        let mut line = serde_json::to_vec(entry).ctx(|| "serializing a history entry".into())?;
+        self.ensure_dir()?;
+        let mut entry = entry.clone();
+        entry.error = entry.error.map(|e| xdpfw_rules::cap_text(e, MAX_ERROR));
+        let mut line = serde_json::to_vec(&entry).ctx(|| "serializing a history entry".into())?;
         line.push(b'\n');
         let path = self.dir.join("history.jsonl");
+        // Appends and the rotation hold this lock, so a rotation never drops a concurrent line.
+        let _lock = files::lock_file(&self.dir.join("history.lock"), Duration::from_secs(10), "the history is being rotated")?;
         // One write of one line with O_APPEND: concurrent writers never interleave within it.
-        let mut f = fs::OpenOptions::new().create(true).append(true).open(&path).ctx(|| format!("opening {}", path.display()))?;
-        f.write_all(&line).ctx(|| format!("appending to {}", path.display()))
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .ctx(|| format!("opening {}", path.display()))?;
+        f.write_all(&line).ctx(|| format!("appending to {}", path.display()))?;
+        let len = f.metadata().map_or(0, |m| m.len());
+        drop(f);
+        if len > MAX_BYTES {
+            self.rotate(&path)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps the newest [`KEEP_ENTRIES`] lines (at most half of [`MAX_BYTES`]).
+    fn rotate(&self, path: &Path) -> Result<()> {
+        let bytes = fs::read(path).ctx(|| format!("reading {}", path.display()))?;
+        let lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
+        let mut keep = Vec::new();
+        let mut size = 0u64;
+        for line in lines.iter().rev().take(KEEP_ENTRIES) {
+            size += line.len() as u64 + 1;
+            if size > MAX_BYTES / 2 {
+                break;
+            }
+            keep.push(*line);
+        }
+        keep.reverse();
+        let mut out = Vec::with_capacity(size as usize);
+        for line in keep {
+            out.extend_from_slice(line);
+            out.push(b'\n');
+        }
+        files::atomic_write(path, &out)
     }
 
     /// Every entry, oldest first. A line that does not parse (a write cut short by a full disk
@@ -158,18 +216,26 @@ impl History {
                 return Ok(Err(format!("set file \"{written}\" is not inside the rules file's folder")));
             }
         }
+        self.ensure_dir()?;
         let tmp = self.dir.join("snapshots").join(format!(".{}.tmp", rs.hash));
         let _ = fs::remove_dir_all(&tmp);
-        fs::create_dir_all(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
-        fs::copy(&rs.path, tmp.join("rules.toml")).ctx(|| format!("copying {}", rs.path.display()))?;
-        for (written, from) in &rs.set_files {
-            let to = tmp.join(written);
-            if let Some(parent) = to.parent() {
-                fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
+        let copied = (|| -> Result<()> {
+            fs::create_dir_all(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
+            fs::copy(&rs.path, tmp.join("rules.toml")).ctx(|| format!("copying {}", rs.path.display()))?;
+            for (written, from) in &rs.set_files {
+                let to = tmp.join(written);
+                if let Some(parent) = to.parent() {
+                    fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
+                }
+                fs::copy(from, &to).ctx(|| format!("copying {}", from.display()))?;
             }
-            fs::copy(from, &to).ctx(|| format!("copying {}", from.display()))?;
+            fs::rename(&tmp, &dir).ctx(|| format!("renaming {}", tmp.display()))
+        })();
+        if let Err(e) = copied {
+            // No half copy left behind to take a full disk's last bytes.
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
         }
-        fs::rename(&tmp, &dir).ctx(|| format!("renaming {}", tmp.display()))?;
         Ok(Ok(rules))
     }
 
@@ -219,5 +285,41 @@ impl History {
             target.escape_debug(),
             self.dir.display()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_capped_and_the_file_is_rotated() {
+        let root = std::env::temp_dir().join(format!("xdpfw-history-test-{}", std::process::id()));
+        let history = History { dir: root.join("eth9") };
+        let entry = |i: usize| Entry {
+            time: i as u64,
+            result: Outcome::Failed,
+            action: Operation::Reload,
+            generation: None,
+            version: None,
+            hash: None,
+            source: PathBuf::from("fetched.toml"),
+            snapshot: None,
+            error: Some(format!("{i}: {}", "é".repeat(1 << 20))),
+            times: None,
+        };
+        for i in 0..2000 {
+            history.append(&entry(i)).unwrap();
+        }
+        let path = history.dir().join("history.jsonl");
+        let len = fs::metadata(&path).unwrap().len();
+        assert!(len <= MAX_BYTES + 2 * MAX_ERROR as u64, "{len} bytes");
+        let entries = history.entries().unwrap();
+        assert!(!entries.is_empty() && entries.len() <= KEEP_ENTRIES, "{}", entries.len());
+        assert_eq!(entries.last().unwrap().time, 1999, "the newest entries are kept");
+        assert!(entries.iter().all(|e| e.error.as_ref().unwrap().len() <= MAX_ERROR + 40));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(&root).unwrap().permissions().mode() & 0o777, 0o700);
+        fs::remove_dir_all(&root).unwrap();
     }
 }

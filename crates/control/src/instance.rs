@@ -160,6 +160,7 @@ impl Instance {
 
     /// The single attached instance, or the one named.
     pub fn find(iface: Option<&str>) -> Result<Self> {
+        refuse_private_bpffs()?;
         if let Some(i) = iface {
             let inst = Self::new(i)?;
             if !inst.pin_dir.exists() {
@@ -175,8 +176,10 @@ impl Instance {
         }
     }
 
+    /// Whether a complete instance is attached: its link is pinned (the last step of an attach).
+    /// A pin folder without it is what a killed attach left; `attach` removes it.
     pub fn is_attached(&self) -> bool {
-        self.pin_dir.exists()
+        self.pin_dir.join("link").exists()
     }
 
     /// The instance's reload lock: every change to its kernel state holds it.
@@ -187,7 +190,15 @@ impl Instance {
 
     pub fn state(&self) -> Result<State> {
         let path = self.state_dir.join("state.json");
-        let text = fs::read_to_string(&path).ctx(|| format!("reading {}", path.display()))?;
+        let text = match fs::read_to_string(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.is_attached() => refuse!(
+                "the firewall on {} is attached and filtering, but its record {} is missing (deleted, or a full disk); `loader reload RULES --iface {}` records it again",
+                self.iface,
+                path.display(),
+                self.iface
+            ),
+            other => other.ctx(|| format!("reading {}", path.display()))?,
+        };
         serde_json::from_str(&text).ctx(|| format!("parsing {}", path.display()))
     }
 
@@ -198,7 +209,17 @@ impl Instance {
     /// Writes atomically (temporary file, then rename).
     pub(crate) fn write_state_file(&self, name: &str, state: &State) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(state).ctx(|| "serializing the state".into())?;
+        self.ensure_state_dir()?;
         files::atomic_write(&self.state_dir.join(name), &bytes)
+    }
+
+    /// Creates (or checks) the runtime root and this instance's folder in it: both root-only
+    /// (0700, owned by us, not symlinks). Whatever the daemon writes there (a fetched ruleset)
+    /// is out of reach of other users.
+    pub fn ensure_state_dir(&self) -> Result<&std::path::Path> {
+        files::private_dir(&state_root())?;
+        files::private_dir(&self.state_dir)?;
+        Ok(&self.state_dir)
     }
 
     /// The state of the generation the kernel serves: `state.json`, or `next-<generation>.json`
@@ -220,6 +241,27 @@ impl Instance {
             ),
         }
     }
+}
+
+/// Refuses to work under `ip netns exec` (or any private mount namespace) when /sys/fs/bpf there
+/// is not the host's bpffs: `ip netns exec` mounts a fresh /sys, so pins made there vanish when
+/// the command exits (an attach that "succeeds" and leaves nothing attached) and pins made by
+/// others are not seen (`stats` saying nothing is attached while something is).
+pub fn refuse_private_bpffs() -> Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let ns = |p: &str| fs::read_link(p).ok();
+    // `ip netns exec` unshares the mount namespace and then runs us: our parent (or init, when
+    // it can be read) is in the one we came from.
+    let parent = format!("/proc/{}/ns/mnt", std::os::unix::process::parent_id());
+    let private_mounts =
+        ns("/proc/self/ns/mnt").is_some_and(|me| [parent.as_str(), "/proc/1/ns/mnt"].iter().filter_map(|p| ns(p)).any(|other| other != me));
+    let bpffs = nix::sys::statfs::statfs("/sys/fs/bpf").is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC);
+    if private_mounts && !bpffs {
+        refuse!(
+            "/sys/fs/bpf is not the host's BPF filesystem here (a private mount namespace, as `ip netns exec` makes): pins would vanish when this command exits, and existing ones are not visible; use `loader --netns NAME ...` instead of `ip netns exec NAME loader ...`"
+        );
+    }
+    Ok(())
 }
 
 /// Names of the interfaces with an attached instance.

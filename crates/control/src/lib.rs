@@ -13,5 +13,7 @@ pub mod stats;
 
 pub use error::{ControlError, Result};
 pub use instance::{CarriedCounts, Instance, ReloadReport, ReloadTimes, RulesetSummary, State};
-pub use pipeline::{AttachReport, ReloadOptions, attach, attach_ruleset, detach, empty_ruleset, reload, rollback, rollback_to};
+pub use pipeline::{
+    AttachReport, ReloadOptions, attach, attach_ruleset, detach, empty_ruleset, reload, reload_remote, rollback, rollback_to, validate_pins,
+};
 pub use stats::{RuleCounters, Stats, stats};

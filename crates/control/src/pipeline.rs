@@ -14,7 +14,7 @@ use xdpfw_rules::{self as rules, Ruleset, compile::compile, selftest::{self, Sel
 
 use crate::{
     error::{ControlContext, ControlError, Result, refuse},
-    files::now_secs,
+    files::{self, now_secs},
     history::{self, History},
     instance::{Instance, ReloadReport, ReloadTimes, RulesetSummary, State},
 };
@@ -50,6 +50,7 @@ pub fn attach_ruleset(iface: &str, ruleset: &Ruleset, from_file: bool, mode: Att
     let ruleset = ruleset.clone();
     let inst = Instance::new(iface)?;
     let image = compile(&ruleset)?;
+    crate::instance::refuse_private_bpffs()?;
     kernel::ensure_bpffs()?;
     let _lock = inst.lock(Duration::from_secs(30))?;
     if inst.is_attached() {
@@ -58,7 +59,7 @@ pub fn attach_ruleset(iface: &str, ruleset: &Ruleset, from_file: bool, mode: Att
             inst.pin_dir.display()
         );
     }
-    fs::create_dir_all(&inst.pin_dir).ctx(|| format!("creating {}", inst.pin_dir.display()))?;
+    prepare_pin_dir(&inst)?;
     let result = (|| -> Result<AttachReport> {
         let mut ebpf = kernel::load_program(&inst.pin_dir)?;
         let mut maps = Maps::open(&inst.pin_dir)?;
@@ -70,13 +71,18 @@ pub fn attach_ruleset(iface: &str, ruleset: &Ruleset, from_file: bool, mode: Att
         let summary = RulesetSummary::new(&ruleset, &image, from_file);
         if from_file {
             let history = History::new(iface);
-            let snapshot = history.snapshot(&ruleset)?;
+            // A snapshot that cannot be written (a full disk) is said in the history, but the
+            // attach stands: the ruleset is live.
+            let snapshot = history.snapshot(&ruleset).unwrap_or_else(|e| Err(e.to_string()));
             let entry = history::Entry::applied(history::Operation::Attach, generation, ruleset.version.clone(), &ruleset.hash, &ruleset.path, snapshot, None);
             if let Err(e) = history.append(&entry) {
                 tracing::warn!("could not record the attach in {}: {e}", history.dir().display());
             }
         }
-        inst.write_state(&State {
+        // From the pinned link on, the interface is filtered by the complete ruleset: a failure
+        // to record it (a full disk) must not take the firewall down again. `state()` then says
+        // the record is missing, and the next reload writes it.
+        if let Err(e) = inst.write_state(&State {
             iface: iface.to_string(),
             mode,
             attached_at: now_secs(),
@@ -84,7 +90,9 @@ pub fn attach_ruleset(iface: &str, ruleset: &Ruleset, from_file: bool, mode: Att
             ruleset: summary.clone(),
             last_reload: None,
             carried: Default::default(),
-        })?;
+        }) {
+            tracing::error!("{iface} is attached and filtering as generation {generation}, but recording it failed: {e}");
+        }
         Ok(AttachReport { generation, ruleset: summary })
     })();
     if result.is_err() {
@@ -95,9 +103,67 @@ pub fn attach_ruleset(iface: &str, ruleset: &Ruleset, from_file: bool, mode: Att
     result
 }
 
+/// What may be pinned in an instance's folder: the link, the program, its probe copy, the maps.
+fn known_pin(name: &str) -> bool {
+    matches!(name, "link" | "prog" | "probe") || xdpfw_common::map_names::ALL.contains(&name)
+}
+
+/// Makes a fresh, private pin folder for an attach (the lock is held, nothing is attached).
+/// The root of the pins must be root's own; a pin folder without a link is what an attach
+/// killed midway (or another user, on a bpffs open to all) left: it is removed first, so the
+/// attach proceeds instead of being refused for ever.
+fn prepare_pin_dir(inst: &Instance) -> Result<()> {
+    files::private_dir(&kernel::pin_root())?;
+    match fs::symlink_metadata(&inst.pin_dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).ctx(|| format!("inspecting {}", inst.pin_dir.display())),
+        Ok(meta) => {
+            tracing::warn!(
+                "removing {} ({}), left without a link by an interrupted attach",
+                inst.pin_dir.display(),
+                if meta.is_dir() { "a partial pin folder" } else { "not a folder" }
+            );
+            let removed = if meta.is_dir() { fs::remove_dir_all(&inst.pin_dir) } else { fs::remove_file(&inst.pin_dir) };
+            removed.ctx(|| format!("removing the partial pin folder {}", inst.pin_dir.display()))?;
+        }
+    }
+    files::private_dir(&inst.pin_dir)
+}
+
+/// Checks an attached instance's pin folder before it is adopted: a folder owned by root (by
+/// us), not writable by others, holding nothing but the firewall's own pins.
+pub fn validate_pins(inst: &Instance) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::symlink_metadata(&inst.pin_dir).ctx(|| format!("inspecting {}", inst.pin_dir.display()))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o022 != 0 {
+        refuse!(
+            "{} is not a private folder of uid {me} (uid {}, mode {:o}): it was not made by `loader attach`; remove it (`loader detach {}`) and attach again",
+            inst.pin_dir.display(),
+            meta.uid(),
+            meta.mode() & 0o7777,
+            inst.iface
+        );
+    }
+    for entry in fs::read_dir(&inst.pin_dir).ctx(|| format!("reading {}", inst.pin_dir.display()))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let owner = entry.metadata().map(|m| m.uid()).unwrap_or(u32::MAX);
+        if !known_pin(&name) || owner != me {
+            refuse!(
+                "{} holds \"{name}\" (uid {owner}), which `loader attach` never pins: refusing to adopt it; remove it (`loader detach {}`) and attach again",
+                inst.pin_dir.display(),
+                inst.iface
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Detaches the program and removes every pin and the state of the instance.
 pub fn detach(iface: &str) -> Result<()> {
     let inst = Instance::new(iface)?;
+    crate::instance::refuse_private_bpffs()?;
     // Checked before taking the lock too, so a detach of nothing leaves no lock file behind.
     if !inst.pin_dir.exists() {
         refuse!("no firewall is attached to {iface}");
@@ -106,7 +172,14 @@ pub fn detach(iface: &str) -> Result<()> {
     if !inst.pin_dir.exists() {
         refuse!("no firewall is attached to {iface}");
     }
-    kernel::detach_and_unpin(&inst.pin_dir)?;
+    if let Err(e) = kernel::detach_and_unpin(&inst.pin_dir) {
+        // Once the link is gone nothing is attached; what else is in the folder (a partial
+        // attach, entries another user planted, a folder) goes with it.
+        if inst.pin_dir.join("link").exists() {
+            return Err(e.into());
+        }
+        fs::remove_dir_all(&inst.pin_dir).ctx(|| format!("removing {}", inst.pin_dir.display()))?;
+    }
     if inst.state_dir.exists() {
         fs::remove_dir_all(&inst.state_dir).ctx(|| format!("removing {}", inst.state_dir.display()))?;
     }
@@ -133,14 +206,20 @@ impl Default for ReloadOptions {
 /// grace → clear the retired buffer → record. Any failure before the flip leaves the active
 /// ruleset untouched; the flip is one atomic store. Every attempt goes into the history.
 pub fn reload(inst: &Instance, path: &Path, opts: &ReloadOptions) -> Result<ReloadReport> {
-    reload_as(inst, path, opts, history::Operation::Reload)
+    reload_as(inst, path, opts, history::Operation::Reload, rules::Origin::Local)
+}
+
+/// [`reload`] of a ruleset that came from a rules server (stored at `path`): it must be
+/// self-contained, so a `file =` in it is an error and no local file is read on its behalf.
+pub fn reload_remote(inst: &Instance, path: &Path, opts: &ReloadOptions) -> Result<ReloadReport> {
+    reload_as(inst, path, opts, history::Operation::Reload, rules::Origin::Remote)
 }
 
 /// Re-applies the ruleset applied `back` times before the current one, through the same pipeline.
 pub fn rollback(inst: &Instance, back: usize, opts: &ReloadOptions) -> Result<ReloadReport> {
     let target = History::new(&inst.iface).rollback_target(back)?;
     let Some(snapshot) = target.snapshot else { refuse!("the history entry to roll back to has no snapshot") };
-    reload_as(inst, &snapshot, opts, history::Operation::Rollback)
+    reload_as(inst, &snapshot, opts, history::Operation::Rollback, rules::Origin::Local)
 }
 
 /// Re-applies the newest applied ruleset whose version label is `target` or whose hash starts
@@ -148,12 +227,12 @@ pub fn rollback(inst: &Instance, back: usize, opts: &ReloadOptions) -> Result<Re
 pub fn rollback_to(inst: &Instance, target: &str, opts: &ReloadOptions) -> Result<ReloadReport> {
     let entry = History::new(&inst.iface).find(target)?;
     let Some(snapshot) = entry.snapshot else { refuse!("the history entry to roll back to has no snapshot") };
-    reload_as(inst, &snapshot, opts, history::Operation::Rollback)
+    reload_as(inst, &snapshot, opts, history::Operation::Rollback, rules::Origin::Local)
 }
 
-fn reload_as(inst: &Instance, path: &Path, opts: &ReloadOptions, action: history::Operation) -> Result<ReloadReport> {
+fn reload_as(inst: &Instance, path: &Path, opts: &ReloadOptions, action: history::Operation, origin: rules::Origin) -> Result<ReloadReport> {
     let history = History::new(&inst.iface);
-    let result = reload_pipeline(inst, path, opts);
+    let result = reload_pipeline(inst, path, opts, origin);
     let entry = match &result {
         Ok((report, snapshot)) => history::Entry::applied(
             action,
@@ -185,11 +264,11 @@ fn reload_as(inst: &Instance, path: &Path, opts: &ReloadOptions, action: history
 
 type Snapshot = std::result::Result<PathBuf, String>;
 
-fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions) -> Result<(ReloadReport, Snapshot)> {
+fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions, origin: rules::Origin) -> Result<(ReloadReport, Snapshot)> {
     let total = Instant::now();
     let mut times = ReloadTimes::default();
     let t = Instant::now();
-    let ruleset = rules::load(path)?;
+    let ruleset = rules::load_from(path, origin)?;
     times.parse_us = us(t.elapsed());
     let t = Instant::now();
     let image = compile(&ruleset)?;
@@ -236,7 +315,24 @@ fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions) -> Result
     // Recorded before the flip, so `stats` can name the rules even if this process dies between
     // the flip and the final record (the next reload replaces both files).
     let summary = RulesetSummary::new(&ruleset, &image, true);
-    let mut next = inst.state()?;
+    // A deleted state.json (by hand, or lost to a full disk) is rebuilt from what is known, so
+    // one lost file does not block every reload until a detach.
+    let mut next = match inst.state() {
+        Ok(s) => s,
+        Err(e) if !inst.state_dir.join("state.json").exists() => {
+            tracing::warn!("{e}; rebuilding it with this reload");
+            State {
+                iface: inst.iface.clone(),
+                mode: AttachMode::Auto,
+                attached_at: now_secs(),
+                generation: previous,
+                ruleset: summary.clone(),
+                last_reload: None,
+                carried: Default::default(),
+            }
+        }
+        Err(e) => return Err(e),
+    };
     let (old_rules, old_carried) = (next.ruleset.rules.clone(), std::mem::take(&mut next.carried));
     // Until the retired buffer's final counts are in (after the grace period), the names kept
     // carry what they carried before.

@@ -222,6 +222,8 @@ pub enum Outcome {
 /// Applies rules files through the reload pipeline, no more often than `min_interval`.
 pub struct Applier {
     inst: Arc<Instance>,
+    /// Where the rules come from: a remote ruleset must be self-contained.
+    origin: rules::Origin,
     min_interval: Duration,
     last_attempt: tokio::sync::Mutex<Option<Instant>>,
     pub stats: Arc<ReloadStats>,
@@ -231,9 +233,9 @@ impl Applier {
     /// Applies `path` unless its content is what is live. Returns the outcome and, when the
     /// file parsed, the set files it names (so a watcher can follow them too).
     pub async fn apply(&self, path: &Path, shutdown: &Shutdown) -> (Outcome, Option<Vec<PathBuf>>) {
-        let (inst, p) = (self.inst.clone(), path.to_path_buf());
+        let (inst, p, origin) = (self.inst.clone(), path.to_path_buf(), self.origin);
         let pre = tokio::task::spawn_blocking(move || {
-            let parsed = rules::load(&p);
+            let parsed = rules::load_from(&p, origin);
             let live = inst.state().map(|s| s.ruleset.hash).ok();
             (parsed.map(|rs| (rs.hash, rs.set_files.into_iter().map(|(_, f)| f).collect::<Vec<_>>())), live)
         })
@@ -266,8 +268,11 @@ impl Applier {
             }
         }
         *last = Some(Instant::now());
-        let (inst, p) = (self.inst.clone(), path.to_path_buf());
-        let result = tokio::task::spawn_blocking(move || control::reload(&inst, &p, &ReloadOptions::default()))
+        let (inst, p, origin) = (self.inst.clone(), path.to_path_buf(), self.origin);
+        let result = tokio::task::spawn_blocking(move || match origin {
+            rules::Origin::Local => control::reload(&inst, &p, &ReloadOptions::default()),
+            rules::Origin::Remote => control::reload_remote(&inst, &p, &ReloadOptions::default()),
+        })
             .await
             .unwrap_or_else(|e| Err(ControlError::Refused(format!("reload task failed: {e}"))));
         drop(last);
@@ -297,13 +302,17 @@ impl Applier {
                 (Outcome::Applied(Box::new(r)), set_files)
             }
             Err(e) => {
-                let msg = e.to_string();
+                // Capped: a hostile rules server must not fill the log.
+                let msg = rules::cap_text(e.to_string(), MAX_LOG_ERROR);
                 tracing::error!("rejected {}; the live ruleset keeps serving: {msg}", path.display());
                 (Outcome::Failed(msg), set_files)
             }
         }
     }
 }
+
+/// The longest error text the daemon logs for one rejected ruleset.
+const MAX_LOG_ERROR: usize = 4096;
 
 /// The ruleset installed with --fail-closed until the first valid one: default drop, but
 /// replies from the rules server pass, or the daemon could never fetch its way out of it.
@@ -327,6 +336,9 @@ fn fail_closed_ruleset(server: &[SocketAddr]) -> String {
 /// the same content again.
 fn attach_or_adopt(cfg: &RunConfig, inst: &Instance, stats: &ReloadStats, server: &[SocketAddr]) -> Result<bool, ControlError> {
     if inst.is_attached() {
+        // Only what `loader attach` made: a pin folder another user could have planted or
+        // filled is refused, not served from.
+        control::validate_pins(inst)?;
         tracing::info!("adopting the firewall already attached to {}", inst.iface);
         // A daemon restarted before its first valid ruleset finds its own placeholder.
         if inst.state().is_ok_and(|s| s.ruleset.version.as_deref() == Some(FAIL_CLOSED_VERSION)) {
@@ -435,6 +447,7 @@ async fn run(args: RunConfig) -> Result<()> {
     let ctx = Context { inst: inst.clone(), shutdown: Shutdown(stop_rx), hup: hup_rx, metrics: registry.clone() };
     let applier = Arc::new(Applier {
         inst: inst.clone(),
+        origin: if args.url().is_some() { rules::Origin::Remote } else { rules::Origin::Local },
         min_interval: args.min_interval,
         last_attempt: tokio::sync::Mutex::new(None),
         stats: stats.clone(),

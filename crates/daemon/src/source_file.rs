@@ -37,10 +37,12 @@ fn fingerprint(rules: &Path, sets: &[PathBuf]) -> [u8; 32] {
     let mut h = Sha256::new();
     for p in std::iter::once(rules).chain(sets.iter().map(PathBuf::as_path)) {
         h.update(p.as_os_str().as_encoded_bytes());
-        match std::fs::read(p) {
-            Ok(bytes) => {
-                h.update((bytes.len() as u64).to_le_bytes());
-                h.update(&bytes);
+        // Bounded like the parser's reads: a FIFO or a device in place of a file must neither
+        // hang the watcher nor fill the memory.
+        match xdpfw_rules::read_bounded(p, xdpfw_rules::MAX_SET_FILE) {
+            Ok(text) => {
+                h.update((text.len() as u64).to_le_bytes());
+                h.update(text.as_bytes());
             }
             Err(e) => h.update(format!("unreadable: {e}").as_bytes()),
         }

@@ -24,8 +24,9 @@ use super::{
     metrics::{MetricsSource, escape_label, family},
 };
 
-/// A ruleset larger than this is refused rather than buffered (1M prefixes inline are ~25 MB).
-const MAX_BODY: usize = 256 << 20;
+/// A ruleset larger than this is refused rather than buffered (1M prefixes inline are ~25 MB):
+/// the largest rules text the parser accepts.
+const MAX_BODY: usize = xdpfw_rules::MAX_RULES_TEXT as usize;
 
 /// The addresses the URL's host resolves to, with the port: what --fail-closed lets through.
 /// An invalid URL is an error; a name that does not resolve (DNS down at boot) is not, since
@@ -174,6 +175,7 @@ impl HttpSource {
     }
 
     pub(crate) async fn run(self, ctx: Context, applier: Arc<Applier>) -> Result<()> {
+        // In the instance's root-only runtime folder: no other user can plant, read or swap it.
         let body_path: PathBuf = ctx.inst.state_dir.join("fetched.toml");
         let mut hup = ctx.hup.clone();
         let mut etag: Option<String> = None;
@@ -196,7 +198,7 @@ impl HttpSource {
                         }
                         Fetched::Body(body, tag) => {
                             self.stats.ok.fetch_add(1, Ordering::Relaxed);
-                            if let Err(e) = store(&body_path, &body).await {
+                            if let Err(e) = store(&ctx.inst, &body_path, body).await {
                                 // The ETag is not remembered, so the next poll downloads it again.
                                 tracing::error!("cannot store the ruleset from {}: {e:#}", self.url);
                             } else {
@@ -239,15 +241,16 @@ impl HttpSource {
     }
 }
 
-/// Writes atomically, so the pipeline (or `rollback`) never reads half a body.
-async fn store(path: &std::path::Path, body: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("toml.tmp");
-    if let Some(dir) = path.parent() {
-        tokio::fs::create_dir_all(dir).await?;
-    }
-    tokio::fs::write(&tmp, body).await.with_context(|| format!("writing {}", tmp.display()))?;
-    tokio::fs::rename(&tmp, path).await?;
-    Ok(())
+/// Writes atomically (a temporary file created exclusively, never through a symlink, in the
+/// private folder), so the pipeline (or `rollback`) never reads half a body.
+async fn store(inst: &Arc<xdpfw_control::Instance>, path: &std::path::Path, body: Vec<u8>) -> Result<()> {
+    let (inst, path) = (inst.clone(), path.to_path_buf());
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        inst.ensure_state_dir()?;
+        xdpfw_control::files::atomic_write(&path, &body)?;
+        Ok(())
+    })
+    .await?
 }
 
 #[cfg(test)]

@@ -337,42 +337,184 @@ struct RawTest {
     owner: Option<Spanned<String>>,
 }
 
-/// Maps byte offsets of one file to line:column.
+/// Maps byte offsets of one file to line:column. The offsets of the line starts are indexed
+/// once, so each lookup is a binary search: locating every rule stays linear in the file.
 struct Source<'a> {
     path: &'a Path,
     text: &'a str,
+    line_starts: Vec<usize>,
 }
 
-impl Source<'_> {
+impl<'a> Source<'a> {
+    fn new(path: &'a Path, text: &'a str) -> Self {
+        let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
+        Self { path, text, line_starts }
+    }
     fn location(&self, offset: usize) -> Location {
-        let before = &self.text[..offset.min(self.text.len())];
-        let line = before.matches('\n').count() + 1;
-        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        let offset = offset.min(self.text.len());
+        let line = self.line_starts.partition_point(|&s| s <= offset);
+        let start = self.line_starts[line - 1];
+        let column = self.text.get(start..offset).map_or(0, |l| l.chars().count()) + 1;
         Location { file: self.path.to_path_buf(), line, column }
     }
     fn error(&self, span: Range<usize>, message: impl Into<String>) -> RulesError {
-        RulesError { location: self.location(span.start), message: message.into() }
+        RulesError { location: self.location(span.start), message: cap_text(message.into(), MAX_MESSAGE) }
     }
+}
+
+/// The longest rules file (or body from a rules server) read: 1M inline prefixes are ~25 MB.
+pub const MAX_RULES_TEXT: u64 = 64 << 20;
+/// The longest set file read (2M prefixes, one a line with a comment, fit easily).
+pub const MAX_SET_FILE: u64 = 128 << 20;
+/// The most lines a set file may have.
+pub const MAX_SET_LINES: usize = 4 * xdpfw_common::MAX_PREFIXES as usize;
+/// The most `[[test]]` entries in a ruleset (each is run in the kernel on every reload).
+pub const MAX_TESTS: usize = 4096;
+/// The longest diagnostic message: a hostile file can put megabytes in one string.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// `text` cut to at most `max` bytes at a character boundary, saying it was cut.
+pub fn cap_text(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut cut = max;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let dropped = text.len() - cut;
+    text.truncate(cut);
+    text.push_str(&format!("… ({dropped} more bytes)"));
+    text
+}
+
+/// What a ruleset may refer to outside its own text.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Origin {
+    /// A local rules file: set files are read relative to it.
+    #[default]
+    Local,
+    /// A body from a rules server: it must be self-contained, a `file =` is an error and no
+    /// local file is ever read on its behalf.
+    Remote,
+}
+
+/// Reads a regular file of at most `max` bytes, once: FIFOs, devices and directories are
+/// refused before any read (opened non-blocking, so a FIFO without a writer cannot hang us).
+pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut opts = std::fs::File::options();
+    opts.read(true);
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        const O_NONBLOCK: i32 = 0o4000;
+        opts.custom_flags(O_NONBLOCK);
+    }
+    let file = opts.open(path)?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_file() {
+        let kind = if meta.is_dir() { "a directory" } else { "not a regular file (a FIFO, socket or device)" };
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, kind));
+    }
+    if meta.len() > max {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{} bytes, more than the limit of {max}", meta.len())));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("grew beyond the limit of {max} bytes while read")));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not UTF-8 (byte {at})"))
+    })
 }
 
 /// Reads and validates a rules file (and the set files it names).
 pub fn load(path: &Path) -> Result<Ruleset, RulesError> {
-    let text = std::fs::read_to_string(path).map_err(|e| RulesError {
+    load_from(path, Origin::Local)
+}
+
+/// Reads and validates a rules file that came from `origin` (a remote one names no set file).
+pub fn load_from(path: &Path, origin: Origin) -> Result<Ruleset, RulesError> {
+    let text = read_bounded(path, MAX_RULES_TEXT).map_err(|e| RulesError {
         location: Location { file: path.to_path_buf(), line: 0, column: 0 },
-        message: format!("cannot read: {e}"),
+        message: cap_text(format!("cannot read: {e}"), MAX_MESSAGE),
     })?;
-    parse(path, &text)
+    parse_from(path, &text, origin)
 }
 
 /// Parses rules text as if read from `path` (set files resolve relative to its directory).
 pub fn parse(path: &Path, text: &str) -> Result<Ruleset, RulesError> {
-    let src = Source { path, text };
+    parse_from(path, text, Origin::Local)
+}
+
+/// The `[[rule]]` and `[[test]]` headers of a text, counted in one pass before the TOML parse, so
+/// a file with far too many is refused before any work that grows with them.
+fn count_headers(text: &str) -> (usize, usize, Option<usize>, Option<usize>) {
+    let (mut rules, mut tests, mut over_rule, mut over_test) = (0, 0, None, None);
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        match line.trim() {
+            "[[rule]]" => {
+                rules += 1;
+                if rules == xdpfw_common::MAX_RULES + 1 {
+                    over_rule = Some(offset + line.find('[').unwrap_or(0));
+                }
+            }
+            "[[test]]" => {
+                tests += 1;
+                if tests == MAX_TESTS + 1 {
+                    over_test = Some(offset + line.find('[').unwrap_or(0));
+                }
+            }
+            _ => {}
+        }
+        offset += line.len();
+    }
+    (rules, tests, over_rule, over_test)
+}
+
+/// Parses rules text from `origin`: a [`Origin::Remote`] text may not name set files.
+pub fn parse_from(path: &Path, text: &str, origin: Origin) -> Result<Ruleset, RulesError> {
+    let src = Source::new(path, text);
+    if text.len() as u64 > MAX_RULES_TEXT {
+        return Err(src.error(0..0, format!("the ruleset is {} bytes (the limit is {MAX_RULES_TEXT})", text.len())));
+    }
+    let (rule_headers, test_headers, over_rule, over_test) = count_headers(text);
+    if let Some(at) = over_rule {
+        return Err(src.error(at..at, format!("too many rules: {rule_headers} (the limit is {})", xdpfw_common::MAX_RULES)));
+    }
+    if let Some(at) = over_test {
+        return Err(src.error(at..at, format!("too many tests: {test_headers} (the limit is {MAX_TESTS})")));
+    }
     let raw: RawFile = toml::from_str(text).map_err(|e| {
         let start = e.span().map_or(0, |s| s.start);
         src.error(start..start, e.message().trim().to_string())
     })?;
+    // Counted again on the parsed file (inline-table arrays escape the header count), still
+    // before any per-rule work.
+    if raw.rule.len() > xdpfw_common::MAX_RULES {
+        return Err(src.error(
+            raw.rule[xdpfw_common::MAX_RULES].span(),
+            format!("too many rules: {} (the limit is {})", raw.rule.len(), xdpfw_common::MAX_RULES),
+        ));
+    }
+    if raw.test.len() > MAX_TESTS {
+        return Err(src.error(raw.test[MAX_TESTS].span(), format!("too many tests: {} (the limit is {MAX_TESTS})", raw.test.len())));
+    }
+    if origin == Origin::Remote
+        && let Some((name, set)) = raw.sets.iter().find(|(_, s)| s.get_ref().file.is_some())
+    {
+        let span = set.get_ref().file.as_ref().map_or(set.span(), Spanned::span);
+        return Err(src.error(span, format!(
+            "set \"{}\" names a file, but a ruleset from a URL must be self-contained (inline `prefixes` only); no local file is read for it",
+            name.get_ref()
+        )));
+    }
     let mut hasher = Sha256Hasher::new();
-    hasher.update(text.as_bytes());
+    hasher.part(b"rules", text.as_bytes());
 
     let default = parse_action(&src, &raw.default)?;
     let fragments = match &raw.options.fragments {
@@ -417,13 +559,6 @@ pub fn parse(path: &Path, text: &str) -> Result<Ruleset, RulesError> {
         }
         rules.push(rule);
     }
-    if rules.len() > xdpfw_common::MAX_RULES {
-        return Err(src.error(
-            raw.rule[xdpfw_common::MAX_RULES].span(),
-            format!("too many rules: {} (the limit is {})", rules.len(), xdpfw_common::MAX_RULES),
-        ));
-    }
-
     let mut tests = Vec::new();
     for t in &raw.test {
         let t = t.get_ref();
@@ -578,11 +713,17 @@ fn load_set(
     if let Some(file) = &raw.file {
         let base = src.path.parent().unwrap_or(Path::new("."));
         let path = base.join(file.get_ref());
-        let text = std::fs::read_to_string(&path)
+        let text = read_bounded(&path, MAX_SET_FILE)
             .map_err(|e| src.error(file.span(), format!("cannot read set file {}: {e}", path.display())))?;
-        hasher.update(text.as_bytes());
+        hasher.part(file.get_ref().as_bytes(), text.as_bytes());
         out.reserve(text.len() / 16);
         for (i, line) in text.lines().enumerate() {
+            if i >= MAX_SET_LINES {
+                return Err(RulesError {
+                    location: Location { file: path.clone(), line: i + 1, column: 1 },
+                    message: format!("set file has more than {MAX_SET_LINES} lines"),
+                });
+            }
             let body = line.split('#').next().unwrap_or("").trim();
             if body.is_empty() {
                 continue;
@@ -590,7 +731,7 @@ fn load_set(
             let column = line.find(body).unwrap_or(0) + 1;
             out.push(parse_cidr(body).map_err(|message| RulesError {
                 location: Location { file: path.clone(), line: i + 1, column },
-                message,
+                message: cap_text(message, MAX_MESSAGE),
             })?);
         }
     }
@@ -816,16 +957,23 @@ pub fn parse_tcp_flags(s: &str) -> Result<TcpFlagsMatch, String> {
     Ok(m)
 }
 
-/// Content hash of a ruleset and its set files.
+/// Content hash of a ruleset and its set files. Unambiguous: each part is hashed with its name
+/// (the set file as written) and both lengths, so no two different rulesets (say, a line moved
+/// from one set file to the next) hash the same input.
 struct Sha256Hasher(sha2::Sha256);
 
 impl Sha256Hasher {
     fn new() -> Self {
         use sha2::Digest;
-        Self(sha2::Sha256::new())
+        let mut h = sha2::Sha256::new();
+        h.update(b"xdpfw-ruleset-v2\0");
+        Self(h)
     }
-    fn update(&mut self, data: &[u8]) {
+    fn part(&mut self, name: &[u8], data: &[u8]) {
         use sha2::Digest;
+        self.0.update((name.len() as u64).to_le_bytes());
+        self.0.update(name);
+        self.0.update((data.len() as u64).to_le_bytes());
         self.0.update(data);
     }
     fn finish(self) -> String {
@@ -931,5 +1079,60 @@ dport = "200-100"
         let rs = parse(&dir.join("r.toml"), text).unwrap();
         assert_eq!(rs.sets["b"].len(), 2);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_hash_names_and_lengths_each_set_file() {
+        let dir = std::env::temp_dir().join(format!("xdpfw-rules-hash-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = "default = \"pass\"\n[sets.a]\nfile = \"a.txt\"\n[sets.b]\nfile = \"b.txt\"\n";
+        let hash = |a: &str, b: &str| {
+            std::fs::write(dir.join("a.txt"), a).unwrap();
+            std::fs::write(dir.join("b.txt"), b).unwrap();
+            parse(&dir.join("r.toml"), text).unwrap().hash
+        };
+        // The same bytes in sequence, split differently between the two files.
+        let before = hash("192.0.2.0/24\n198.51.100.0/24\n", "203.0.113.0/24\n");
+        let after = hash("192.0.2.0/24\n", "198.51.100.0/24\n203.0.113.0/24\n");
+        assert_ne!(before, after);
+        assert_eq!(after, hash("192.0.2.0/24\n", "198.51.100.0/24\n203.0.113.0/24\n"), "stable");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_remote_ruleset_names_no_file() {
+        let text = "default = \"pass\"\n[sets.s]\nfile = \"/etc/shadow\"\n";
+        let e = parse_from(Path::new("fetched.toml"), text, Origin::Remote).unwrap_err().to_string();
+        assert!(e.starts_with("fetched.toml:3:8: error: set \"s\" names a file") && e.contains("self-contained"), "{e}");
+        assert!(parse_from(Path::new("f.toml"), "default = \"pass\"\n[sets.s]\nprefixes = [\"192.0.2.0/24\"]\n", Origin::Remote).is_ok());
+    }
+
+    #[test]
+    fn counts_are_refused_before_any_work_and_messages_are_capped() {
+        let mut text = String::from("default = \"pass\"\n");
+        for i in 0..50_000 {
+            text.push_str(&format!("[[rule]]\nname = \"r{i}\"\naction = \"drop\"\nsrc = [\"192.0.2.{}/32\"]\n", i % 256));
+        }
+        let t = std::time::Instant::now();
+        let e = err(&text);
+        assert!(e.contains("too many rules: 50000 (the limit is 1024)") && e.starts_with("r.toml:4098:1:"), "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(1), "{:?}", t.elapsed());
+        let mut tests = String::from("default = \"pass\"\n");
+        for _ in 0..=MAX_TESTS {
+            tests.push_str("[[test]]\npacket = \"udp 192.0.2.1:1 -> 192.0.2.2:2\"\nexpect = \"pass\"\n");
+        }
+        assert!(err(&tests).contains("too many tests"), "{}", err(&tests));
+        let long = format!("default = \"pass\"\n[[rule]]\naction = \"drop\"\nsrc = [\"{}\"]\n", "é".repeat(1 << 20));
+        let e = err(&long);
+        assert!(e.len() < 2 * MAX_MESSAGE && e.contains("more bytes)"), "{}", e.len());
+    }
+
+    #[test]
+    fn set_files_must_be_regular_files() {
+        let text = |f: &str| format!("default = \"pass\"\n[sets.s]\nfile = \"{f}\"\n");
+        let e = parse(Path::new("/r.toml"), &text("/dev/zero")).unwrap_err().to_string();
+        assert!(e.contains("cannot read set file /dev/zero: not a regular file"), "{e}");
+        let e = parse(Path::new("/r.toml"), &text("/tmp")).unwrap_err().to_string();
+        assert!(e.contains("cannot read set file /tmp: a directory"), "{e}");
     }
 }

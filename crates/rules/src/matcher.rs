@@ -163,26 +163,37 @@ pub fn rule_matches(rule: &Rule, pkt: &PacketSpec) -> Option<Vec<String>> {
 /// Rules that can never match because one earlier rule matches a superset of their packets:
 /// `(shadowed, by)`. Conservative: it reports only what it can prove field by field.
 pub fn shadowed_rules(rs: &Ruleset) -> Vec<(usize, usize)> {
+    // One budget of prefix containment checks for the whole lint: every pair of rules is
+    // looked at, so a per-pair bound alone would still let 1,024 rules with large address
+    // lists cost hundreds of billions of checks. Past the budget, address lists are no longer
+    // compared (the lint may then miss a shadowed rule; it never reports a wrong one).
+    let mut budget: usize = 20_000_000;
     let mut out = Vec::new();
     for j in 0..rs.rules.len() {
-        if let Some(i) = (0..j).find(|&i| covers(&rs.rules[i], &rs.rules[j])) {
+        if let Some(i) = (0..j).find(|&i| covers(&rs.rules[i], &rs.rules[j], &mut budget)) {
             out.push((j, i));
         }
     }
     out
 }
 
-fn covers(a: &Rule, b: &Rule) -> bool {
-    fn field<T>(a: &Option<T>, b: &Option<T>, f: impl Fn(&T, &T) -> bool) -> bool {
+fn covers(a: &Rule, b: &Rule, budget: &mut usize) -> bool {
+    fn field<T>(a: &Option<T>, b: &Option<T>, mut f: impl FnMut(&T, &T) -> bool) -> bool {
         match (a, b) {
             (None, _) => true,
             (Some(_), None) => false,
             (Some(a), Some(b)) => f(a, b),
         }
     }
-    let addrs = |a: &AddrList, b: &AddrList| {
-        // Bounded so that huge sets cost no more than a million containment checks.
-        a.len().saturating_mul(b.len()) <= 1_000_000 && b.iter().all(|nb| a.iter().any(|na| na.contains(nb)))
+    let mut addrs = |a: &AddrList, b: &AddrList| {
+        // Bounded so that huge sets cost no more than a million containment checks, and all
+        // pairs together no more than the budget.
+        let cost = a.len().saturating_mul(b.len());
+        if cost > 1_000_000 || cost > *budget {
+            return false;
+        }
+        *budget -= cost;
+        b.iter().all(|nb| a.iter().any(|na| na.contains(nb)))
     };
     let ports = |a: &Vec<std::ops::RangeInclusive<u16>>, b: &Vec<std::ops::RangeInclusive<u16>>| {
         b.iter().all(|rb| rb.is_empty() || a.iter().any(|ra| ra.start() <= rb.start() && rb.end() <= ra.end()))
@@ -192,8 +203,8 @@ fn covers(a: &Rule, b: &Rule) -> bool {
     if a.owner.is_some() && a.owner != b.owner {
         return false;
     }
-    field(&a.src, &b.src, addrs)
-        && field(&a.dst, &b.dst, addrs)
+    field(&a.src, &b.src, &mut addrs)
+        && field(&a.dst, &b.dst, &mut addrs)
         && field(&a.proto, &b.proto, |a, b| b.iter().all(|p| a.contains(p)))
         && field(&a.sport, &b.sport, ports)
         && field(&a.dport, &b.dport, ports)
