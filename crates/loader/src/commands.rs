@@ -58,6 +58,7 @@ pub(crate) fn run(cli: Cli) -> Result<Output> {
         Command::List => Ok(Output::ok(control::instance::list()?.iter().map(|n| format!("{n}\n")).collect())),
         Command::Check { file, strict } => check(&file, strict),
         Command::Explain { file, packet, kernel, owner, json } => explain(&file, &packet, kernel, owner, json),
+        Command::Fleet(cmd) => crate::fleet::run(cmd),
     }
 }
 
