@@ -6,8 +6,17 @@ mod tests {
     use std::process::Command;
 
     /// Bottom to top; a crate may depend only on crates earlier in this list.
-    const LAYERS: [&str; 8] =
-        ["xdpfw-common", "xdpfw-rules", "xdpfw-kernel", "xdpfw-control", "xdpfw-daemon", "loader", "xdpfw-testkit", "xdpfw-tests"];
+    const LAYERS: [&str; 9] = [
+        "xdpfw-common",
+        "xdpfw-rules",
+        "xdpfw-kernel",
+        "xdpfw-control",
+        "xdpfw-fleet",
+        "xdpfw-daemon",
+        "loader",
+        "xdpfw-testkit",
+        "xdpfw-tests",
+    ];
 
     fn metadata() -> serde_json::Value {
         let out = Command::new(env!("CARGO"))

