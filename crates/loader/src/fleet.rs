@@ -95,10 +95,13 @@ pub(crate) struct Target {
     /// NATS server URLs, comma-separated.
     #[arg(long, value_name = "URL")]
     pub nats: String,
+    /// The rules bucket.
     #[arg(long, default_value = DEFAULT_BUCKET)]
     pub bucket: String,
+    /// The key every node follows (a group's is KEY.GROUP).
     #[arg(long, default_value = DEFAULT_KEY)]
     pub key: String,
+    /// The bucket the nodes report their status to.
     #[arg(long, default_value = DEFAULT_STATUS_BUCKET)]
     pub status_bucket: String,
     #[command(flatten)]
@@ -122,9 +125,13 @@ pub(crate) struct Wait {
 #[derive(Subcommand, Clone, Debug)]
 pub(crate) enum FleetCommand {
     /// Write a new ed25519 key pair: PREFIX.key (secret, mode 0600) and PREFIX.pub.
-    Keygen { prefix: PathBuf },
+    Keygen {
+        /// Where to write the pair: PREFIX.key and PREFIX.pub.
+        prefix: PathBuf,
+    },
     /// Validate FILE (parse, compile, self-tests), sign it and publish it as a new revision.
     Publish {
+        /// The rules file (self-contained: inline set prefixes).
         file: PathBuf,
         /// The signing key (from `fleet keygen`).
         #[arg(long, value_name = "FILE")]
@@ -141,11 +148,13 @@ pub(crate) enum FleetCommand {
     Status {
         #[command(flatten)]
         target: Target,
+        /// Print as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Publish the group's ruleset to every node once every node of the group runs it healthy.
     Promote {
+        /// The group whose ruleset goes to every node.
         #[arg(long, default_value = "canary")]
         group: String,
         /// How long the group must have run it first.
@@ -158,6 +167,7 @@ pub(crate) enum FleetCommand {
     },
     /// Republish an earlier revision from the bucket's history (default: the previous ruleset).
     Rollback {
+        /// The bucket revision to republish (default: the one before the current ruleset).
         revision: Option<u64>,
         /// Roll back a group's key (KEY.GROUP) instead of the common one.
         #[arg(long, value_name = "GROUP")]
