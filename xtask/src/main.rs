@@ -34,6 +34,16 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Fuzz the rules parser, the set-file reader and the command-line specs (cargo-fuzz with
+    /// libFuzzer on the pinned nightly), each target for SECONDS; findings land in
+    /// fuzz/artifacts/TARGET and make the command fail.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value = "60")]
+        seconds: u64,
+        /// The targets (default: all).
+        targets: Vec<String>,
+    },
     /// Benchmarks: ns per packet through BPF_PROG_TEST_RUN beside an empty program and a plain
     /// LPM program, compile and install times up to 1M prefixes (table and JSON). Needs root.
     Bench {
@@ -71,6 +81,10 @@ fn main() -> Result<()> {
             require_root("the demo")?;
             let loader = build_loader()?;
             demo::run_demo(&loader)
+        }
+        Cmd::Fuzz { seconds, targets } => {
+            setup_build()?;
+            fuzz(seconds, &targets)
         }
         Cmd::Bench { quick } => {
             setup()?;
@@ -345,6 +359,41 @@ fn which(cmd: &std::path::Path) -> Option<PathBuf> {
         return Some(PathBuf::from(real.trim()));
     }
     p.is_absolute().then_some(p)
+}
+
+const FUZZ_TARGETS: [&str; 3] = ["rules_parser", "set_file", "specs"];
+
+/// `cargo fuzz run` of each target for `seconds`, bounded in memory and time per input, with the
+/// shipped rulesets as the parser's seed corpus.
+fn fuzz(seconds: u64, targets: &[String]) -> Result<()> {
+    let root = root_dir();
+    let nightly = toolchain_channel(&root.join("xdp-ebpf/rust-toolchain.toml"))?;
+    let tools = root.join(".tools");
+    let cargo_fuzz = tools.join("bin/cargo-fuzz");
+    if !cargo_fuzz.exists() {
+        eprintln!("fuzz: installing cargo-fuzz into .tools");
+        run(Command::new("cargo").arg(format!("+{nightly}")).args(["install", "--locked", "cargo-fuzz", "--root"]).arg(&tools))?;
+    }
+    let corpus = root.join("fuzz/corpus/rules_parser");
+    std::fs::create_dir_all(&corpus)?;
+    for e in std::fs::read_dir(root.join("rules"))?.flatten() {
+        if e.path().extension().is_some_and(|x| x == "toml") {
+            std::fs::copy(e.path(), corpus.join(e.file_name()))?;
+        }
+    }
+    let chosen: Vec<&str> = if targets.is_empty() { FUZZ_TARGETS.to_vec() } else { targets.iter().map(String::as_str).collect() };
+    for target in chosen {
+        ensure!(FUZZ_TARGETS.contains(&target), "unknown fuzz target {target} (one of {})", FUZZ_TARGETS.join(", "));
+        eprintln!("fuzz: {target} for {seconds} s");
+        std::fs::create_dir_all(root.join("fuzz/corpus").join(target))?;
+        run(Command::new(&cargo_fuzz)
+            .current_dir(root.join("fuzz"))
+            .env("RUSTUP_TOOLCHAIN", &nightly)
+            .args(["run", "--fuzz-dir", ".", target])
+            .arg(format!("corpus/{target}"))
+            .args(["--", &format!("-max_total_time={seconds}"), "-rss_limit_mb=2048", "-timeout=10", "-max_len=65536", "-print_final_stats=1"]))?;
+    }
+    Ok(())
 }
 
 fn build_loader() -> Result<PathBuf> {
