@@ -704,7 +704,8 @@ fn host_route_heavy_set_agrees_with_the_matcher() {
     let mut rng = StdRng::seed_from_u64(SEED ^ 11);
     let nrules = rs.rules.len();
     let mut want_slots = vec![0u64; nrules + 1];
-    for i in 0..20_000 {
+    // The matcher scans the sets linearly: 4,000 packets keep this test to seconds.
+    for i in 0..4_000 {
         let src = match i % 4 {
             0 => {
                 let net = *allow.choose(&mut rng).unwrap();
@@ -734,6 +735,6 @@ fn host_route_heavy_set_agrees_with_the_matcher() {
     }
     let got: Vec<u64> = prog.maps.rule_stats(buffer, nrules as u32).unwrap().iter().map(|s| s.packets).collect();
     assert_eq!(got, want_slots, "per-rule counters (last: the default)");
-    assert!(want_slots.iter().all(|&c| c > 1000), "per-rule counts {want_slots:?}");
+    assert!(want_slots.iter().all(|&c| c > 500), "per-rule counts {want_slots:?}");
     std::fs::remove_dir_all(&dir_path).unwrap();
 }
