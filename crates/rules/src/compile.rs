@@ -144,17 +144,16 @@ fn direct_table(entries: &[(u128, u8, u32)], miss_id: u32) -> Result<DirectTable
     // Chunks are made once every prefix up to /16 is written, which is what they inherit.
     let first_long = sorted.partition_point(|&(len, _, _)| len <= 16);
     let first_leaf = sorted.partition_point(|&(len, _, _)| len <= 24);
+    for &(len, addr, id) in &sorted[..first_long] {
+        let top = (addr >> 16) as usize;
+        t[top..top + (1usize << (16 - len))].fill(id);
+    }
     for &(_, addr, _) in &sorted[first_long..] {
         chunk_at(&mut t, (addr >> 16) as usize);
     }
-    for &(len, addr, id) in &sorted[..first_leaf] {
-        let top = (addr >> 16) as usize;
-        let (start, count) = if len <= 16 {
-            (top, 1usize << (16 - len))
-        } else {
-            (chunk_at(&mut t, top) + ((addr >> 8) & 0xff) as usize, 1usize << (24 - len))
-        };
-        t[start..start + count].fill(id);
+    for &(len, addr, id) in &sorted[first_long..first_leaf] {
+        let start = chunk_at(&mut t, (addr >> 16) as usize) + ((addr >> 8) & 0xff) as usize;
+        t[start..start + (1usize << (24 - len))].fill(id);
     }
     // The leaves, /24 by /24 (each group shortest first).
     let mut long: Vec<(u32, u8, u32, u32)> = sorted[first_leaf..].iter().map(|&(l, a, id)| (a >> 8, l, a, id)).collect();
@@ -589,10 +588,59 @@ mod tests {
                 }
             }
             let t = direct_table(&table, 1).unwrap();
+            // One chunk per /16 holding longer prefixes, one leaf per /24 holding longer ones.
+            let distinct = |min: u8, shift: u32| {
+                table.iter().filter(|e| e.1 > min).map(|e| (e.0 >> 96) as u32 >> shift).collect::<std::collections::HashSet<_>>().len() as u32
+            };
+            assert_eq!((t.chunks, t.leaves), (distinct(16, 16), distinct(24, 8)), "{table:?}");
             for _ in 0..2000 {
                 let a: u32 = (rng.u32() & 0x0301_0f0f) | 0x0a00_0000;
                 let a = if rng.below(10) == 0 { rng.u32() } else { a };
                 assert_eq!(lookup_direct(&t, a), lpm(&table, (a as u128) << 96, 1), "{table:?} {a:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn leaves_are_compact_and_answer_every_byte() {
+        // Three host routes in one /24: one leaf of one line (7 runs at most inline).
+        let a = |o: [u8; 4]| (u32::from_be_bytes(o) as u128) << 96;
+        let table = vec![(a([10, 0, 0, 0]), 16, 2), (a([10, 0, 1, 3]), 32, 3), (a([10, 0, 1, 9]), 32, 4), (a([10, 0, 1, 255]), 32, 3)];
+        let t = direct_table(&table, 1).unwrap();
+        assert_eq!((t.chunks, t.leaves, t.lines.len()), (1, 1, 1));
+        for b in 0..=255u8 {
+            assert_eq!(t.lookup(u32::from_be_bytes([10, 0, 1, b])), lpm(&table, a([10, 0, 1, b]), 1), "byte {b}");
+        }
+        // Every byte its own value: 256 runs, 7 inline and 249 in 16 further lines.
+        let table: Vec<(u128, u8, u32)> = (0..=255u8).map(|b| (a([10, 0, 2, b]), 32, 2 + b as u32 % 5 + (b as u32 / 5) % 2 * 5)).collect();
+        let t = direct_table(&table, 1).unwrap();
+        assert_eq!((t.leaves, t.lines.len()), (1, 17));
+        for b in 0..=255u8 {
+            assert_eq!(t.lookup(u32::from_be_bytes([10, 0, 2, b])), lpm(&table, a([10, 0, 2, b]), 1), "byte {b}");
+        }
+        assert_eq!(t.lookup(u32::from_be_bytes([10, 0, 3, 0])), 1);
+    }
+
+    #[test]
+    fn leaf_lines_never_exceed_prefixes() {
+        // The memory bound of `dir`: a table of P prefixes needs at most P leaf lines.
+        let mut rng = TestRng(11);
+        for _ in 0..200 {
+            let mut table: Vec<(u128, u8, u32)> = Vec::new();
+            let block = rng.u32() & 0xffff_f000;
+            for _ in 0..1 + rng.below(300) {
+                let len = 25 + rng.below(8) as u8;
+                let addr = (block | (rng.u32() & 0xfff)) & (u32::MAX << (32 - len));
+                let addr = (addr as u128) << 96;
+                if !table.iter().any(|e| e.0 == addr && e.1 == len) {
+                    table.push((addr, len, 2 + rng.below(4) as u32));
+                }
+            }
+            let t = direct_table(&table, 1).unwrap();
+            assert!(t.lines.len() <= table.len(), "{} lines for {} prefixes", t.lines.len(), table.len());
+            for _ in 0..500 {
+                let x = block | (rng.u32() & 0xfff);
+                assert_eq!(t.lookup(x), lpm(&table, (x as u128) << 96, 1));
             }
         }
     }
