@@ -700,7 +700,8 @@ fn host_route_heavy_set_agrees_with_the_matcher() {
         t.lines.len(),
         t.bytes_per_buffer() as f64 / (1 << 20) as f64
     );
-    assert!(t.leaves > (n / 3) as u32, "most /32s sit in leaves of their own: {} leaves", t.leaves);
+    // Of the 45% /32s, those outside the set's shorter prefixes each need a leaf of their own.
+    assert!(t.leaves > (n / 4) as u32, "the /32s sit in leaves: only {} leaves", t.leaves);
     let mut rng = StdRng::seed_from_u64(SEED ^ 11);
     let nrules = rs.rules.len();
     let mut want_slots = vec![0u64; nrules + 1];
