@@ -2,6 +2,8 @@
 //! exactly with the reference matcher; large direct IPv4 tables too. Needs root.
 
 mod kernel_support;
+#[path = "kernel_support/host_routes.rs"]
+mod host_routes;
 
 use std::{
     fmt::Write as _,
@@ -553,38 +555,44 @@ fn differential_random_rulesets() {
 }
 
 /// Direct IPv4 tables larger than their fixed part: chunks beyond `dir::FIXED_CHUNKS` live in
-/// inner maps (of two different sizes here), and lookups through either kind (and through /16
-/// and /24 chunks of both) must give the matcher's answer. Several rules over overlapping sets
-/// make many distinct bitmaps.
+/// inner maps (of two different sizes here), /24s with longer prefixes in compressed leaves, and
+/// lookups through every kind (fixed chunks, chunks of both inner maps, leaves of one and of
+/// several lines) must give the matcher's answer. Several rules over overlapping sets make many
+/// distinct bitmaps.
 #[test]
 fn large_direct_tables_agree_with_the_matcher() {
     if !harness::root_or_skip() {
         return;
     }
     let mut sizes = Vec::new();
-    for per_set in [4000, 12000] {
-        sizes.push(large_direct_tables(per_set));
+    for (per_set, span) in [(4000, 28), (12000, 30)] {
+        sizes.push(large_direct_tables(per_set, span));
     }
     assert!(sizes[0] != sizes[1], "both tables used inner maps of the same size: {sizes:?}");
 }
 
-/// Runs the large-table check with `per_set` prefixes per set; returns the size index (into
-/// `dir::MORE_SIZES`) of the source table's inner map.
-fn large_direct_tables(per_set: usize) -> usize {
+/// Runs the large-table check with `per_set` prefixes per set, most of them in a block of
+/// `2^span` addresses; returns the size index (into `dir::MORE_SIZES`) of the source table's
+/// inner map of chunks.
+fn large_direct_tables(per_set: usize, span: u32) -> usize {
     use xdpfw_common::dir;
     let mut rng = StdRng::seed_from_u64(SEED ^ 0xd1e ^ per_set as u64);
     let dir_path = std::env::temp_dir().join(format!("xdpfw-large-dir-{}", std::process::id()));
     std::fs::create_dir_all(&dir_path).unwrap();
-    // Prefixes of every level under 10.0.0.0/8 and 172.16.0.0/12: a few /16s in the top level,
-    // /20 and /24 in /16 chunks, /28 and /32 in /24 chunks (about one /24 chunk each).
+    // Prefixes of every level under 16.0.0.0 (a block of 2^span addresses: that many /16 chunks)
+    // and 172.16.0.0/12 (denser): a few /16s in the top level, /20 and /24 in /16 chunks, /28
+    // and /32 in leaves; in 172.16.0.0/12, /30 to /32 close together, so some leaves take several lines.
+    let low = 0x1000_0000u32;
     let mut sets: Vec<Vec<IpNet>> = Vec::new();
     for _ in 0..3 {
         let mut set = Vec::new();
         for k in 0..per_set {
-            let len: u8 = if k < 4 { 16 } else { *[20, 24, 24, 28, 28, 32, 32, 32].choose(&mut rng).unwrap() };
-            let base: u32 = if rng.random_bool(0.7) { 0x0a00_0000 } else { 0xac10_0000 };
-            let span = if base == 0x0a00_0000 { 24 } else { 20 };
-            let a = (base | (rng.random::<u32>() & ((1 << span) - 1))) & (u32::MAX << (32 - len));
+            let dense = rng.random_bool(0.3);
+            let lens: &[u8] = if dense { &[20, 24, 30, 30, 31, 32, 32, 32] } else { &[20, 24, 24, 28, 28, 32, 32, 32] };
+            let len: u8 = if k < 4 { 16 } else { *lens.choose(&mut rng).unwrap() };
+            let (base, bits) = if dense { (0xac10_0000u32, 12) } else { (low, span) };
+            let bits = if dense && len > 24 { 16 } else { bits };
+            let a = (base | (rng.random::<u32>() & ((1 << bits) - 1))) & (u32::MAX << (32 - len));
             set.push(IpNet::new(IpAddr::V4(a.into()), len).unwrap());
         }
         sets.push(set);
@@ -596,7 +604,7 @@ fn large_direct_tables(per_set: usize) -> usize {
     let rules_text = "default = \"pass\"\n\
         [sets.s0]\nfile = \"s0.txt\"\n[sets.s1]\nfile = \"s1.txt\"\n[sets.s2]\nfile = \"s2.txt\"\n\
         [[rule]]\nname = \"a\"\naction = \"drop\"\nsrc = [\"@s0\"]\ndst = [\"@s1\"]\n\
-        [[rule]]\nname = \"b\"\naction = \"pass\"\nsrc = [\"@s1\", \"10.128.0.0/9\"]\nproto = \"tcp\"\n\
+        [[rule]]\nname = \"b\"\naction = \"pass\"\nsrc = [\"@s1\", \"16.128.0.0/9\"]\nproto = \"tcp\"\n\
         [[rule]]\nname = \"c\"\naction = \"drop\"\ndst = [\"@s2\", \"@s0\"]\n\
         [[rule]]\nname = \"d\"\naction = \"drop\"\nsrc = [\"@s2\"]\n";
     let path = dir_path.join("large.toml");
@@ -604,9 +612,12 @@ fn large_direct_tables(per_set: usize) -> usize {
     let rs = rules::load(&path).unwrap();
     let image = compile(&rs).unwrap();
     for (name, t) in [("source", &image.src_v4), ("destination", &image.dst_v4)] {
-        let chunks = t.as_ref().unwrap().chunks;
-        assert!(chunks > dir::FIXED_CHUNKS + 500, "the {name} table has only {chunks} chunks: the test must reach the inner map");
+        let t = t.as_ref().unwrap();
+        eprintln!("{name}: {} prefixes, {} chunks, {} leaves, {} lines", t.prefixes, t.chunks, t.leaves, t.lines.len());
+        assert!(t.chunks > dir::FIXED_CHUNKS + 500, "the {name} table has only {} chunks: the test must reach the inner map", t.chunks);
     }
+    let t = image.src_v4.as_ref().unwrap();
+    assert!(t.lines.len() > t.leaves as usize + 100, "the source table's leaves ({}, {} lines) must include some of several lines", t.leaves, t.lines.len());
     let more = image.src_v4.as_ref().unwrap().chunks - dir::FIXED_CHUNKS;
     let size = dir::MORE_SIZES.iter().position(|&s| more <= s).unwrap();
     let mut prog = load();
@@ -616,7 +627,7 @@ fn large_direct_tables(per_set: usize) -> usize {
     let mut want_slots = vec![0u64; n + 1];
     for i in 0..20_000 {
         let addr = |rng: &mut StdRng| match rng.random_range(0..4) {
-            0 => IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | (rng.random::<u32>() >> 8))),
+            0 => IpAddr::V4(Ipv4Addr::from(low | (rng.random::<u32>() >> (32 - span)))),
             1 => IpAddr::V4(Ipv4Addr::from(0xc633_6400 | (rng.random::<u32>() >> 24))),
             _ => {
                 let net = *all.choose(rng).unwrap();
@@ -645,4 +656,86 @@ fn large_direct_tables(per_set: usize) -> usize {
     assert!(want_slots.iter().all(|&c| c > 200), "per-rule counts {want_slots:?}");
     std::fs::remove_dir_all(&dir_path).unwrap();
     size
+}
+
+/// Issue 11's host-route-heavy IPv4 set (10% /16-/23, 45% /24, 45% /32 over the whole space)
+/// loads, and the kernel agrees with the matcher on it: 100k prefixes in the normal run, 1M with
+/// `XDPFW_DIFF_SCALE=10` (100k x the scale). A small allowlist cut from the blocklist comes
+/// first, so bitmaps differ inside the set. Prints the table's memory per buffer.
+#[test]
+fn host_route_heavy_set_agrees_with_the_matcher() {
+    if !harness::root_or_skip() {
+        return;
+    }
+    let n = 100_000 * scale().max(1);
+    let set = host_routes::host_route_heavy(11, n);
+    let allow: Vec<(Ipv4Addr, u8)> = set.iter().step_by(97).copied().collect();
+    let dir_path = std::env::temp_dir().join(format!("xdpfw-host-routes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir_path).unwrap();
+    std::fs::write(dir_path.join("block.txt"), host_routes::set_file(&set)).unwrap();
+    std::fs::write(dir_path.join("allow.txt"), host_routes::set_file(&allow)).unwrap();
+    let path = dir_path.join("hosts.toml");
+    std::fs::write(
+        &path,
+        "default = \"pass\"\n[sets.block]\nfile = \"block.txt\"\n[sets.allow]\nfile = \"allow.txt\"\n\
+         [[rule]]\nname = \"allow\"\naction = \"pass\"\nsrc = [\"@allow\"]\nproto = \"tcp\"\n\
+         [[rule]]\nname = \"block\"\naction = \"drop\"\nsrc = [\"@block\"]\n",
+    )
+    .unwrap();
+    let started = Instant::now();
+    let rs = rules::load(&path).unwrap();
+    let image = compile(&rs).unwrap_or_else(|e| panic!("the host-route-heavy set of {n} prefixes must compile: {e}"));
+    let compiled = started.elapsed();
+    let t = image.src_v4.as_ref().unwrap();
+    let mut prog = load();
+    let started = Instant::now();
+    let buffer = xdpfw_common::buffer_of(prog.activate(&image).unwrap());
+    let installed = started.elapsed();
+    eprintln!(
+        "host-route-heavy: {n} prefixes -> {} after merging, {} chunks, {} leaves in {} lines; \
+         {:.1} MiB per buffer; parse+compile {compiled:.1?}, install {installed:.1?}",
+        t.prefixes,
+        t.chunks,
+        t.leaves,
+        t.lines.len(),
+        t.bytes_per_buffer() as f64 / (1 << 20) as f64
+    );
+    // Of the 45% /32s, those outside the set's shorter prefixes each need a leaf of their own.
+    assert!(t.leaves > (n / 4) as u32, "the /32s sit in leaves: only {} leaves", t.leaves);
+    let mut rng = StdRng::seed_from_u64(SEED ^ 11);
+    let nrules = rs.rules.len();
+    let mut want_slots = vec![0u64; nrules + 1];
+    // The matcher scans the sets linearly: 4,000 packets keep this test to seconds.
+    for i in 0..4_000 {
+        let src = match i % 4 {
+            0 => {
+                let net = *allow.choose(&mut rng).unwrap();
+                host_routes::inside(&mut rng, net)
+            }
+            1 | 2 => {
+                let net = *set.choose(&mut rng).unwrap();
+                host_routes::inside(&mut rng, net)
+            }
+            _ => Ipv4Addr::from(rng.random::<u32>()),
+        };
+        let p = PacketSpec {
+            proto: if rng.random_bool(0.5) { IPPROTO_TCP } else { IPPROTO_UDP },
+            src: src.into(),
+            dst: Ipv4Addr::new(192, 0, 2, 1).into(),
+            sport: rng.random(),
+            dport: rng.random(),
+            tcp_flags: 0x10,
+            icmp_type: 0,
+            icmp_code: 0,
+            fragment: false,
+        };
+        let d = decide(&rs, &p);
+        let kernel = prog.run(&p.to_frame()).unwrap();
+        assert_eq!(action_name(kernel), action_name(d.action.kernel()), "packet {p} (matcher: rule {:?})", d.rule_name);
+        want_slots[d.rule.unwrap_or(nrules)] += 1;
+    }
+    let got: Vec<u64> = prog.maps.rule_stats(buffer, nrules as u32).unwrap().iter().map(|s| s.packets).collect();
+    assert_eq!(got, want_slots, "per-rule counters (last: the default)");
+    assert!(want_slots.iter().all(|&c| c > 500), "per-rule counts {want_slots:?}");
+    std::fs::remove_dir_all(&dir_path).unwrap();
 }

@@ -27,6 +27,16 @@ use xdpfw_kernel::{
 };
 use xdpfw_rules::{self as rules, compile::compile, packet::PacketSpec};
 
+#[path = "../kernel_support/host_routes.rs"]
+mod host_routes;
+
+/// Frames of the random-source rows: sources drawn over the whole IPv4 space, each frame run
+/// once per round (repeat 1), so the tables' lines are as cold as traffic from many sources
+/// makes them, and then 16 times.
+const RANDOM_FRAMES: usize = 4096;
+/// Prefixes of the host-route-heavy set of the random-source row.
+const HOST_ROUTES: usize = 1_000_000;
+
 // Each BPF_PROG_TEST_RUN call swaps the program into the XDP dispatcher and back, two RCU grace
 // periods, so the number of calls (frames x rounds x programs) bounds the run time.
 const FRAMES: usize = 64;
@@ -296,8 +306,60 @@ fn main() -> Result<()> {
     if !focus {
         more_rows(&mut fw, &mut peers, &mut rng, &dir, big, &f, repeat, &mut rows)?;
     }
+    random_source_row(&mut fw, &mut peers, &mut rng, &dir, &mut rows)?;
     print_rows(&rows, repeat)?;
     std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// Issue 11's host-route-heavy 1M-prefix set (45% /32 over the whole space) and 1,000
+/// structured rules, with `RANDOM_FRAMES` frames whose sources are random over the whole space,
+/// each run once per round: the classifier beside the floor and the plain LPM program over the
+/// same 1M prefixes.
+fn random_source_row(fw: &mut PrivateProgram, peers: &mut Peers, rng: &mut StdRng, dir: &std::path::Path, rows: &mut Vec<Row>) -> Result<()> {
+    let set = host_routes::host_route_heavy(11, HOST_ROUTES);
+    let t = Instant::now();
+    let mut trie: LpmTrie<_, [u8; 4], u32> = LpmTrie::try_from(peers.plain.map_mut("PLAIN_V4").context("PLAIN_V4")?)?;
+    for k in trie.keys().collect::<Result<Vec<_>, _>>()? {
+        trie.remove(&k)?;
+    }
+    for (net, len) in &set {
+        trie.insert(&Key::new(*len as u32, net.octets()), &1, 0)?;
+    }
+    eprintln!("plain LPM trie: {} host-route-heavy prefixes inserted in {:.1?}", set.len(), t.elapsed());
+    std::fs::write(dir.join("hosts.txt"), host_routes::set_file(&set))?;
+    let extra = structured_rules(rng, 1000);
+    let text = format!("default = \"pass\"\n[sets.hosts]\nfile = \"hosts.txt\"\n[[rule]]\nname = \"hosts\"\naction = \"drop\"\nsrc = [\"@hosts\"]\n{extra}");
+    let (compile_ms, install_ms) = install_text(fw, dir, &text)?;
+    let frames: Vec<Vec<u8>> = (0..RANDOM_FRAMES)
+        .map(|_| {
+            PacketSpec {
+                proto: 6,
+                src: Ipv4Addr::from(rng.random::<u32>()).into(),
+                dst: Ipv4Addr::new(192, 168, rng.random(), 1).into(),
+                sport: rng.random_range(1024..65535),
+                dport: rng.random_range(1..65535),
+                tcp_flags: 0x02,
+                icmp_type: 0,
+                icmp_code: 0,
+                fragment: false,
+            }
+            .to_frame()
+        })
+        .collect();
+    // Once cold (1 repeat: each frame's lines as the previous frames and the syscall left the
+    // caches), then with 16 repeats (each frame's own lines warm after its first run).
+    for (repeat, label) in [(1, "random src"), (16, "random src x16")] {
+        let m = measure(fw, peers, &frames, repeat, true)?;
+        rows.push(Row {
+            name: format!("{HOST_ROUTES} host-route-heavy + 1000 rules, {label}"),
+            prefixes: HOST_ROUTES,
+            rules: 1001,
+            m,
+            compile_ms: Some(compile_ms),
+            install_ms: Some(install_ms),
+        });
+    }
     Ok(())
 }
 
@@ -338,13 +400,13 @@ fn more_rows(fw: &mut PrivateProgram, peers: &mut Peers, rng: &mut StdRng, dir: 
 fn print_rows(rows: &[Row], repeat: u32) -> Result<()> {
     let rounds = if focus() { FOCUS_ROUNDS } else { ROUNDS };
     let mut table = String::new();
-    let _ = writeln!(table, "{:<40} {:>8} {:>8} {:>8} {:>9} {:>8} {:>11} {:>11}", "classifier ruleset", "ns/pkt", "floor ns", "x floor", "plain ns", "x plain", "compile ms", "install ms");
+    let _ = writeln!(table, "{:<52} {:>8} {:>8} {:>8} {:>9} {:>8} {:>11} {:>11}", "classifier ruleset", "ns/pkt", "floor ns", "x floor", "plain ns", "x plain", "compile ms", "install ms");
     for r in rows {
         let opt = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:.p$}"));
         let m = &r.m;
         let _ = writeln!(
             table,
-            "{:<40} {:>8.1} {:>8.1} {:>8.2} {:>9} {:>8} {:>11} {:>11}",
+            "{:<52} {:>8.1} {:>8.1} {:>8.2} {:>9} {:>8} {:>11} {:>11}",
             r.name, m.ns, m.floor_ns, m.x_floor, opt(m.plain_ns, 1), opt(m.x_plain, 2), opt(r.compile_ms, 0), opt(r.install_ms, 0)
         );
     }
@@ -352,6 +414,7 @@ fn print_rows(rows: &[Row], repeat: u32) -> Result<()> {
     println!("BPF_PROG_TEST_RUN, {repeat} repeats per frame, {FRAMES} distinct frames (half inside the prefix set).");
     println!("Medians over frames; floor = an empty XDP program, plain = one LPM lookup over the same prefixes,");
     println!("taking turns with the classifier over the frames, {rounds} rounds; x = ratio of the medians.");
+    println!("The random-src rows: {RANDOM_FRAMES} frames with sources random over the whole IPv4 space, 1 (x16: 16) repeats each.");
     let json: Vec<_> = rows
         .iter()
         .map(|r| serde_json::json!({"ruleset": r.name, "prefixes": r.prefixes, "rules": r.rules, "ns_per_packet": r.m.ns, "floor_ns": r.m.floor_ns, "ratio_to_floor": r.m.x_floor, "plain_ns": r.m.plain_ns, "ratio_to_plain": r.m.x_plain, "compile_ms": r.compile_ms, "install_ms": r.install_ms}))
@@ -383,7 +446,14 @@ fn install_text(fw: &mut PrivateProgram, dir: &std::path::Path, text: &str) -> R
     let image = compile(&rs)?;
     let compile_ms = ms(t.elapsed());
     if let Some(t) = image.src_v4.as_ref().filter(|t| t.chunks > 0) {
-        eprintln!("{} IPv4 source prefixes after merging, {} table chunks", t.prefixes, t.chunks);
+        eprintln!(
+            "{} IPv4 source prefixes after merging, {} table chunks, {} leaves in {} lines: {:.1} MiB per buffer",
+            t.prefixes,
+            t.chunks,
+            t.leaves,
+            t.lines.len(),
+            t.bytes_per_buffer() as f64 / (1 << 20) as f64
+        );
     }
     let t = Instant::now();
     fw.activate(&image)?;

@@ -26,7 +26,7 @@ use aya_ebpf::{
 use parse::{Packet, ParseOutcome};
 use xdpfw_common::{
     absent, buffer_of, action, dir, escalation, field, fields_layout::*, fragment_policy, rule_flags, Bitmap,
-    DirBlock, EscalationEvent, FieldEntry, FlowKey, GlobalStats, Ipv6Data, Pending, PrefixValue,
+    DirBlock, DirLine, EscalationEvent, FieldEntry, FlowKey, GlobalStats, Ipv6Data, Pending, PrefixValue,
     RuleMeta, RuleStats, RulesetHeader, Verdict, BITMAP_ALL, BITMAP_WORDS, BUFFERS,
     DEFAULT_RULE_SLOT, MAX_BITMAPS, MAX_PREFIXES, MAX_RULES, RULE_SLOTS,
 };
@@ -70,7 +70,6 @@ type More<const N: usize> = ArrayOfMaps<BtfArray<DirBlock, N, { BPF_F_MMAPABLE a
 const M0: usize = dir::MORE_SIZES[0] as usize;
 const M1: usize = dir::MORE_SIZES[1] as usize;
 const M2: usize = dir::MORE_SIZES[2] as usize;
-const M3: usize = dir::MORE_SIZES[3] as usize;
 #[btf_map]
 static SRC_V4_MORE_4K: More<M0> = ArrayOfMaps::new();
 #[btf_map]
@@ -78,29 +77,50 @@ static SRC_V4_MORE_16K: More<M1> = ArrayOfMaps::new();
 #[btf_map]
 static SRC_V4_MORE_64K: More<M2> = ArrayOfMaps::new();
 #[btf_map]
-static SRC_V4_MORE_256K: More<M3> = ArrayOfMaps::new();
-#[btf_map]
 static DST_V4_MORE_4K: More<M0> = ArrayOfMaps::new();
 #[btf_map]
 static DST_V4_MORE_16K: More<M1> = ArrayOfMaps::new();
 #[btf_map]
 static DST_V4_MORE_64K: More<M2> = ArrayOfMaps::new();
+// The compressed leaves, in inner maps of 64-byte lines, one fixed size per array-of-maps.
+type Leaves<const N: usize> = ArrayOfMaps<BtfArray<DirLine, N, { BPF_F_MMAPABLE as usize }>, { BUFFERS as usize }>;
+const L0: usize = dir::LEAF_SIZES[0] as usize;
+const L1: usize = dir::LEAF_SIZES[1] as usize;
+const L2: usize = dir::LEAF_SIZES[2] as usize;
+const L3: usize = dir::LEAF_SIZES[3] as usize;
 #[btf_map]
-static DST_V4_MORE_256K: More<M3> = ArrayOfMaps::new();
+static SRC_V4_LEAVES_4K: Leaves<L0> = ArrayOfMaps::new();
+#[btf_map]
+static SRC_V4_LEAVES_64K: Leaves<L1> = ArrayOfMaps::new();
+#[btf_map]
+static SRC_V4_LEAVES_512K: Leaves<L2> = ArrayOfMaps::new();
+#[btf_map]
+static SRC_V4_LEAVES_2M: Leaves<L3> = ArrayOfMaps::new();
+#[btf_map]
+static DST_V4_LEAVES_4K: Leaves<L0> = ArrayOfMaps::new();
+#[btf_map]
+static DST_V4_LEAVES_64K: Leaves<L1> = ArrayOfMaps::new();
+#[btf_map]
+static DST_V4_LEAVES_512K: Leaves<L2> = ArrayOfMaps::new();
+#[btf_map]
+static DST_V4_LEAVES_2M: Leaves<L3> = ArrayOfMaps::new();
 
 /// The maps of one direct IPv4 table.
 struct DirMaps {
     fixed: &'static Array<DirBlock>,
-    more: (&'static More<M0>, &'static More<M1>, &'static More<M2>, &'static More<M3>),
+    more: (&'static More<M0>, &'static More<M1>, &'static More<M2>),
+    leaves: (&'static Leaves<L0>, &'static Leaves<L1>, &'static Leaves<L2>, &'static Leaves<L3>),
 }
 
 static SRC_V4: DirMaps = DirMaps {
     fixed: &SRC_V4_FIXED,
-    more: (&SRC_V4_MORE_4K, &SRC_V4_MORE_16K, &SRC_V4_MORE_64K, &SRC_V4_MORE_256K),
+    more: (&SRC_V4_MORE_4K, &SRC_V4_MORE_16K, &SRC_V4_MORE_64K),
+    leaves: (&SRC_V4_LEAVES_4K, &SRC_V4_LEAVES_64K, &SRC_V4_LEAVES_512K, &SRC_V4_LEAVES_2M),
 };
 static DST_V4: DirMaps = DirMaps {
     fixed: &DST_V4_FIXED,
-    more: (&DST_V4_MORE_4K, &DST_V4_MORE_16K, &DST_V4_MORE_64K, &DST_V4_MORE_256K),
+    more: (&DST_V4_MORE_4K, &DST_V4_MORE_16K, &DST_V4_MORE_64K),
+    leaves: (&DST_V4_LEAVES_4K, &DST_V4_LEAVES_64K, &DST_V4_LEAVES_512K, &DST_V4_LEAVES_2M),
 };
 
 /// Slot 0 counts traffic; slot 1 is scratch for the probe copy, never reported.
@@ -431,15 +451,15 @@ fn prefix_bitmap(ctx: &XdpContext, buffer: u32, header: &RulesetHeader, pkt: &Pa
     found.unwrap_or(header.absent[slot])
 }
 
-/// The entry of `a` (host order) in the direct IPv4 table of `buffer`: the top level, then up to
-/// two chunks.
+/// The entry of `a` (host order) in the direct IPv4 table of `buffer`: the top level, then a
+/// chunk, then a compressed leaf.
 #[inline(always)]
 fn dir_lookup(t: &DirMaps, buffer: u32, a: u32) -> Option<u32> {
     let mut e = t.fixed.get(buffer * dir::BUFFER_BLOCKS + (a >> 24))?.entries[((a >> 16) & 0xff) as usize];
     if e & dir::CHUNK != 0 {
         e = chunk_entry(t, buffer, e, a >> 8)?;
         if e & dir::CHUNK != 0 {
-            e = chunk_entry(t, buffer, e, a)?;
+            e = leaf_entry(t, buffer, e & !dir::CHUNK, a & 0xff)?;
         }
     }
     Some(e)
@@ -454,18 +474,51 @@ fn chunk_entry(t: &DirMaps, buffer: u32, e: u32, byte: u32) -> Option<u32> {
         t.fixed.get(buffer * dir::BUFFER_BLOCKS + dir::TOP_BLOCKS + n)?
     } else {
         let i = n - dir::FIXED_CHUNKS;
-        let (m0, m1, m2, m3) = t.more;
+        let (m0, m1, m2) = t.more;
         if let Some(m) = m0.get(buffer) {
             m.get(i)?
         } else if let Some(m) = m1.get(buffer) {
             m.get(i)?
-        } else if let Some(m) = m2.get(buffer) {
-            m.get(i)?
         } else {
-            m3.get(buffer)?.get(i)?
+            m2.get(buffer)?.get(i)?
         }
     };
     Some(block.entries[(byte & 0xff) as usize])
+}
+
+/// Line `i` of the buffer's leaves, in the one inner map (of whichever size) the buffer has.
+#[inline(always)]
+fn leaf_line(t: &DirMaps, buffer: u32, i: u32) -> Option<&'static DirLine> {
+    let (l0, l1, l2, l3) = t.leaves;
+    if let Some(m) = l0.get(buffer) {
+        m.get(i)
+    } else if let Some(m) = l1.get(buffer) {
+        m.get(i)
+    } else if let Some(m) = l2.get(buffer) {
+        m.get(i)
+    } else {
+        l3.get(buffer)?.get(i)
+    }
+}
+
+/// Entry `b` (0..=255) of the leaf whose first line is `n`: the value of run
+/// `popcount(bitmap[0..=b]) - 1`, in the first line (runs below `LEAF_INLINE`) or a further one.
+/// One popcount of one 64-bit word: the ranks give the bits set below it.
+#[inline(always)]
+fn leaf_entry(t: &DirMaps, buffer: u32, n: u32, b: u32) -> Option<u32> {
+    let head = leaf_line(t, buffer, n)?;
+    let k = ((b >> 6) & 3) as usize;
+    let bits = head.words[2 * k] as u64 | (head.words[2 * k + 1] as u64) << 32;
+    let below = (head.words[dir::RANKS_WORD] >> (8 * k as u32)) & 0xff;
+    let rank = below + (bits & (u64::MAX >> (63 - (b & 63)))).count_ones();
+    // Bit 0 is always set, so rank >= 1.
+    let rank = rank.wrapping_sub(1);
+    if rank < dir::LEAF_INLINE {
+        return Some(head.words[(dir::RANKS_WORD as u32 + 1 + rank) as usize & 15]);
+    }
+    let r = (rank - dir::LEAF_INLINE) & 0xff;
+    let line = leaf_line(t, buffer, n + 1 + r / dir::LINE_VALUES)?;
+    Some(line.words[(r % dir::LINE_VALUES) as usize])
 }
 
 #[cfg(not(test))]

@@ -19,15 +19,19 @@ pub mod map_names {
     pub const DST_V4_FIXED: &str = "DST_V4_FIXED";
     /// Direct IPv4 tables: the chunks beyond the fixed ones, in an inner map of one of the sizes
     /// `dir::MORE_SIZES` (one array-of-maps per size, one slot per buffer).
-    pub const SRC_V4_MORE: [&str; 4] = ["SRC_V4_MORE_4K", "SRC_V4_MORE_16K", "SRC_V4_MORE_64K", "SRC_V4_MORE_256K"];
-    pub const DST_V4_MORE: [&str; 4] = ["DST_V4_MORE_4K", "DST_V4_MORE_16K", "DST_V4_MORE_64K", "DST_V4_MORE_256K"];
+    pub const SRC_V4_MORE: [&str; 3] = ["SRC_V4_MORE_4K", "SRC_V4_MORE_16K", "SRC_V4_MORE_64K"];
+    pub const DST_V4_MORE: [&str; 3] = ["DST_V4_MORE_4K", "DST_V4_MORE_16K", "DST_V4_MORE_64K"];
+    /// Direct IPv4 tables: the compressed leaves (the /24s that hold longer prefixes), in an inner
+    /// map of one of the sizes `dir::LEAF_SIZES` (one array-of-maps per size, one slot per buffer).
+    pub const SRC_V4_LEAVES: [&str; 4] = ["SRC_V4_LEAVES_4K", "SRC_V4_LEAVES_64K", "SRC_V4_LEAVES_512K", "SRC_V4_LEAVES_2M"];
+    pub const DST_V4_LEAVES: [&str; 4] = ["DST_V4_LEAVES_4K", "DST_V4_LEAVES_64K", "DST_V4_LEAVES_512K", "DST_V4_LEAVES_2M"];
     pub const GLOBAL_STATS: &str = "GLOBAL_STATS";
     pub const RULE_STATS: &str = "RULE_STATS";
     pub const VERDICTS: &str = "VERDICTS";
     pub const PENDING: &str = "PENDING";
     pub const ESCALATIONS: &str = "ESCALATIONS";
     /// Every map the program owns, in a stable order (pinning, stats, leak checks).
-    pub const ALL: [&str; 22] = [
+    pub const ALL: [&str; 28] = [
         ACTIVE,
         HEADERS,
         RULES,
@@ -40,11 +44,17 @@ pub mod map_names {
         SRC_V4_MORE[0],
         SRC_V4_MORE[1],
         SRC_V4_MORE[2],
-        SRC_V4_MORE[3],
         DST_V4_MORE[0],
         DST_V4_MORE[1],
         DST_V4_MORE[2],
-        DST_V4_MORE[3],
+        SRC_V4_LEAVES[0],
+        SRC_V4_LEAVES[1],
+        SRC_V4_LEAVES[2],
+        SRC_V4_LEAVES[3],
+        DST_V4_LEAVES[0],
+        DST_V4_LEAVES[1],
+        DST_V4_LEAVES[2],
+        DST_V4_LEAVES[3],
         GLOBAL_STATS,
         RULE_STATS,
         VERDICTS,
@@ -101,7 +111,8 @@ pub const MAX_BITMAPS: u32 = 32768;
 /// Bitmap ids every buffer reserves: the empty set and the set of all rules.
 pub const BITMAP_EMPTY: u32 = 0;
 pub const BITMAP_ALL: u32 = 1;
-/// Prefixes per IPv6 LPM trie (one each for source and destination, per buffer).
+/// Prefixes per IPv6 LPM trie (one each for source and destination, per buffer), and per direct
+/// IPv4 table after merging (which bounds its leaf lines: see [`dir`]).
 pub const MAX_PREFIXES: u32 = 2 * 1024 * 1024;
 
 /// Map flags of the LPM tries (BPF_F_NO_PREALLOC, which the kernel requires for them).
@@ -155,22 +166,37 @@ pub mod field {
     pub const TCP_FLAGS: u32 = 1 << 6;
 }
 
-/// The direct IPv4 table (DIR-16-8-8), which IPv4 prefixes use instead of an LPM trie: one entry
-/// per /16, then 256-entry chunks for the /16s that hold longer prefixes (indexed by the third
-/// octet) and for the /24s that hold prefixes longer than /24 (by the fourth). Each entry is a
-/// bitmap id, or `CHUNK | n` naming chunk `n`. A lookup is one to three array reads, whatever the
-/// number of prefixes, instead of a walk down a trie; memory grows only with the chunks used.
+/// The direct IPv4 table (DIR-16-8-8 with compressed leaves), which IPv4 prefixes use instead
+/// of an LPM trie: one entry per /16, then 256-entry chunks for the /16s that hold longer
+/// prefixes (indexed by the third octet), then, for the /24s that hold prefixes longer than /24,
+/// a compressed *leaf* indexed by the fourth octet. Each entry of the top level and of a chunk is
+/// a bitmap id, or `CHUNK | n`: in the top level, chunk `n`; in a chunk, the leaf whose first
+/// line is `n`. A lookup is one to three map reads, whatever the number of prefixes.
 ///
-/// Every level is stored as [`DirBlock`]s of 256 entries, so one map lookup yields a block and
-/// the entry is an index into it. Every lookup is one the verifier inlines: a helper call, which a
-/// map of variable size (`BPF_F_INNER_MAP`) would cost, takes longer than the rest of a lookup.
-/// The top level (`TOP_BLOCKS` blocks) and the first `FIXED_CHUNKS` chunks live in a fixed array
+/// Leaves are Poptrie-style (Asai & Ohara, SIGCOMM 2015): a 256-bit bitmap with bit `b` set
+/// where the entry of byte `b` differs from that of byte `b - 1` (bit 0 always set), and the
+/// dense array of those runs' values; the entry of byte `b` is the value of run
+/// `popcount(bits[0..=b]) - 1`. A leaf is stored in 64-byte [`DirLine`]s: the first holds the
+/// bitmap, the ranks (bits set before each 64-bit word, one byte each) and the first
+/// `LEAF_INLINE` values; each further line 16 values. So a /24 with up to three host routes
+/// costs one 64-byte line (one cache line, one map read) instead of a 1 KiB chunk, and a leaf
+/// with `p` prefixes never takes more than `p` lines: a table of `P` prefixes needs at most `P`
+/// lines.
+///
+/// Every level is read by map lookups the verifier inlines: a helper call, which a map of
+/// variable size (`BPF_F_INNER_MAP`) would cost, takes longer than the rest of a lookup. The
+/// top level (`TOP_BLOCKS` blocks) and the first `FIXED_CHUNKS` chunks live in a fixed array
 /// (`SRC_V4_FIXED`/`DST_V4_FIXED`, `BUFFER_BLOCKS` blocks per buffer: top level first, then chunk
 /// `n` at block `TOP_BLOCKS + n`). The chunks beyond those go to a new inner map at each reload,
 /// of the smallest size in `MORE_SIZES` that holds them, in the slot of the buffer in that size's
-/// array-of-maps (`SRC_V4_MORE`/`DST_V4_MORE`; chunk `n` at `n - FIXED_CHUNKS`): the other
-/// sizes' slots of the buffer are empty. The compiler numbers the chunks of /16s before those of
-/// /24s, so the fixed ones are the chunks most addresses go through.
+/// array-of-maps (`SRC_V4_MORE`/`DST_V4_MORE`; chunk `n` at `n - FIXED_CHUNKS`); the leaf lines
+/// likewise in one of `LEAF_SIZES` (`SRC_V4_LEAVES`/`DST_V4_LEAVES`). The other sizes' slots of
+/// the buffer are empty.
+///
+/// Memory per table and buffer is bounded: the fixed part (2.25 MiB), at most `MAX_CHUNKS`
+/// chunks (64 MiB: there is one /16 per chunk) and at most `MAX_LINES` lines (128 MiB), about
+/// 194 MiB for any set of up to `MAX_LINES` (2M) prefixes; a size class is at most 4× (chunks)
+/// or 8× (leaves) what it holds.
 pub mod dir {
     /// Entries indexed by the top 16 bits of the address.
     pub const TOP_ENTRIES: u32 = 1 << 16;
@@ -182,11 +208,51 @@ pub mod dir {
     /// Blocks per buffer in the fixed array: the top level, then the fixed chunks.
     pub const BUFFER_BLOCKS: u32 = TOP_BLOCKS + FIXED_CHUNKS;
     pub const CHUNK: u32 = 1 << 31;
-    /// Chunks per table (a 1M-prefix routing-table-like set needs a few tens of thousands).
-    pub const MAX_CHUNKS: u32 = 1 << 18;
+    /// Chunks per table: one per /16 at most.
+    pub const MAX_CHUNKS: u32 = TOP_ENTRIES;
     /// Sizes (in chunks) of the inner maps that hold the chunks beyond the fixed ones: a table
     /// takes at most four times the memory its chunks need.
-    pub const MORE_SIZES: [u32; 4] = [1 << 12, 1 << 14, 1 << 16, 1 << 18];
+    pub const MORE_SIZES: [u32; 3] = [1 << 12, 1 << 14, 1 << 16];
+    /// Values in the first line of a leaf (after the bitmap and the ranks).
+    pub const LEAF_INLINE: u32 = 7;
+    /// Values in each further line of a leaf.
+    pub const LINE_VALUES: u32 = 16;
+    /// Word of a leaf's first line that holds the ranks; its values follow.
+    pub const RANKS_WORD: usize = 8;
+    /// Leaf lines per table (enough for any set of as many IPv4 prefixes after merging).
+    pub const MAX_LINES: u32 = 1 << 21;
+    /// Sizes (in 64-byte lines) of the inner maps that hold the leaves: 256 KiB, 4, 32, 128 MiB.
+    pub const LEAF_SIZES: [u32; 4] = [1 << 12, 1 << 16, 1 << 19, 1 << 21];
+
+    /// The index of the smallest of `sizes` that holds `n` items, if any does.
+    pub const fn size_class(n: u32, sizes: &[u32]) -> Option<usize> {
+        let mut i = 0;
+        while i < sizes.len() {
+            if n <= sizes[i] {
+                return Some(i);
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// Bytes one table takes per buffer with `chunks` chunks and `lines` leaf lines: the fixed
+    /// part, and the inner maps of the size classes that hold the rest.
+    pub const fn table_bytes(chunks: u32, lines: u32) -> u64 {
+        let block = 4 * CHUNK_ENTRIES as u64;
+        let mut bytes = BUFFER_BLOCKS as u64 * block;
+        if chunks > FIXED_CHUNKS {
+            if let Some(c) = size_class(chunks - FIXED_CHUNKS, &MORE_SIZES) {
+                bytes += MORE_SIZES[c] as u64 * block;
+            }
+        }
+        if lines > 0 {
+            if let Some(c) = size_class(lines, &LEAF_SIZES) {
+                bytes += LEAF_SIZES[c] as u64 * 64;
+            }
+        }
+        bytes
+    }
 }
 
 /// 256 entries of a direct IPv4 table (see [`dir`]): a slice of the top level, or one chunk.
@@ -194,6 +260,16 @@ pub mod dir {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DirBlock {
     pub entries: [u32; dir::CHUNK_ENTRIES as usize],
+}
+
+/// 64 bytes of a compressed leaf of a direct IPv4 table (see [`dir`]). The first line of a leaf:
+/// `words[0..8]` the bitmap (bit `b` in word `b / 32`, bit `b % 32`), `words[8]` the ranks (byte
+/// `k`: the bits set below bit `64 k`), `words[9..16]` the values of runs 0 to 6. A further line:
+/// 16 values.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirLine {
+    pub words: [u32; 16],
 }
 
 /// Slots of [`RulesetHeader::absent`]: the bitmap used when the packet does not carry a field.
@@ -424,7 +500,10 @@ const _: () = {
     assert!(core::mem::size_of::<EscalationEvent>() == 64);
     assert!(core::mem::size_of::<RuleStats>() == 16);
     assert!(core::mem::size_of::<DirBlock>() == 4 * dir::CHUNK_ENTRIES as usize);
-    assert!(dir::MAX_CHUNKS - dir::FIXED_CHUNKS <= dir::MORE_SIZES[3]);
+    assert!(core::mem::size_of::<DirLine>() == 64);
+    assert!(dir::MAX_CHUNKS - dir::FIXED_CHUNKS <= dir::MORE_SIZES[2]);
+    assert!(dir::MAX_LINES <= dir::LEAF_SIZES[3]);
+    assert!(dir::RANKS_WORD + 1 + dir::LEAF_INLINE as usize == 16);
     assert!(MAX_RULES.is_multiple_of(64));
 };
 
@@ -452,5 +531,6 @@ mod pod {
         Pending,
         EscalationEvent,
         DirBlock,
+        DirLine,
     );
 }

@@ -17,7 +17,7 @@ use aya::{
     util::nr_cpus,
 };
 use xdpfw_common::{
-    BUFFERS, Bitmap, buffer_of, DirBlock, FieldEntry, GlobalStats, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES,
+    BUFFERS, Bitmap, buffer_of, DirBlock, DirLine, FieldEntry, GlobalStats, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES,
     MAX_RULES, PrefixValue, RULE_SLOTS, RuleMeta, RuleStats, RulesetHeader,
     dir, fields_layout::FIELDS_PER_BUFFER, map_names,
 };
@@ -113,8 +113,11 @@ pub struct Maps {
     src_v4_fixed: MmapArray<DirBlock>,
     dst_v4_fixed: MmapArray<DirBlock>,
     /// One array-of-maps per size of `dir::MORE_SIZES`.
-    src_v4_more: [ArrayOfMaps<MapData, DirArray>; 4],
-    dst_v4_more: [ArrayOfMaps<MapData, DirArray>; 4],
+    src_v4_more: [ArrayOfMaps<MapData, DirArray>; 3],
+    dst_v4_more: [ArrayOfMaps<MapData, DirArray>; 3],
+    /// One array-of-maps per size of `dir::LEAF_SIZES`.
+    src_v4_leaves: [ArrayOfMaps<MapData, LeafArray>; 4],
+    dst_v4_leaves: [ArrayOfMaps<MapData, LeafArray>; 4],
     /// Every array-of-maps above, to empty a slot (aya offers no delete on them).
     slot_fds: Vec<std::os::fd::OwnedFd>,
     global_stats: PerCpuArray<MapData, GlobalStats>,
@@ -122,6 +125,7 @@ pub struct Maps {
 }
 
 type DirArray = Array<MapData, DirBlock>;
+type LeafArray = Array<MapData, DirLine>;
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// BPF_MAP_DELETE_ELEM (a missing key is fine).
@@ -147,16 +151,17 @@ fn delete_elem(fd: std::os::fd::BorrowedFd<'_>, key: u32) -> std::io::Result<()>
     Ok(())
 }
 
-/// `chunks` (those of a direct IPv4 table beyond the fixed ones) as a new map of `size` chunks,
-/// filled through its mapping.
-fn dir_chunks(chunks: &[DirBlock], size: u32) -> Result<DirArray> {
+/// `items` (the chunks of a direct IPv4 table beyond the fixed ones, or its leaf lines) as a new
+/// map of `size` elements, filled through its mapping.
+fn inner_array<T: Copy + aya::Pod>(items: &[T], size: u32) -> Result<Array<MapData, T>> {
     // Created as raw MapData (not Array::create) so this process can map it before handing it over.
     const BPF_MAP_TYPE_ARRAY: u32 = 2;
-    let obj = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, size_of::<DirBlock>() as u32, size, BPF_F_MMAPABLE);
+    let obj = aya_obj::Map::new_from_params(BPF_MAP_TYPE_ARRAY, 4, size_of::<T>() as u32, size, BPF_F_MMAPABLE);
     let data = MapData::create(obj, "xdpfw_v4_dir", None)?;
-    let mut map = MmapArray::<DirBlock>::map(&data)?;
-    map.range_mut(0, chunks.len()).copy_from_slice(chunks);
-    Ok(DirArray::try_from(Map::from_map_data(data)?)?)
+    let mut map = MmapArray::<T>::map(&data)?;
+    map.range_mut(0, items.len()).copy_from_slice(items);
+    drop(map);
+    Ok(Array::try_from(Map::from_map_data(data)?)?)
 }
 
 /// Time spent in each part of writing a buffer.
@@ -192,16 +197,22 @@ impl Maps {
         };
         dup(&src_v6)?;
         dup(&dst_v6)?;
-        let mut more = |names: [&str; 4]| -> Result<[ArrayOfMaps<MapData, DirArray>; 4]> {
-            let mut maps = Vec::new();
-            for name in names {
-                let m = get(name)?;
-                dup(&m)?;
-                maps.push(ArrayOfMaps::try_from(Map::from_map_data(m)?)?);
-            }
-            maps.try_into().map_err(|_| KernelError::msg("four sizes".to_string()))
-        };
-        let (src_v4_more, dst_v4_more) = (more(SRC_V4_MORE)?, more(DST_V4_MORE)?);
+        // One array-of-maps per size class (aya's inner-map trait is sealed, hence the macro).
+        macro_rules! of_maps {
+            ($names:expr) => {{
+                let mut maps = Vec::new();
+                for name in $names {
+                    let m = get(name)?;
+                    slot_fds.push(m.fd().as_fd().try_clone_to_owned()?);
+                    maps.push(ArrayOfMaps::try_from(Map::from_map_data(m)?)?);
+                }
+                maps.try_into().map_err(|_| KernelError::msg("one map per size".to_string()))?
+            }};
+        }
+        let src_v4_more = of_maps!(SRC_V4_MORE);
+        let dst_v4_more = of_maps!(DST_V4_MORE);
+        let src_v4_leaves = of_maps!(SRC_V4_LEAVES);
+        let dst_v4_leaves = of_maps!(DST_V4_LEAVES);
         Ok(Self {
             active: MmapArray::new(get(ACTIVE)?)?,
             headers: MmapArray::new(get(HEADERS)?)?,
@@ -214,6 +225,8 @@ impl Maps {
             dst_v6: ArrayOfMaps::try_from(Map::from_map_data(dst_v6)?)?,
             src_v4_more,
             dst_v4_more,
+            src_v4_leaves,
+            dst_v4_leaves,
             slot_fds,
             global_stats: PerCpuArray::try_from(Map::from_map_data(get(GLOBAL_STATS)?)?)?,
             rule_stats: PerCpuArray::try_from(Map::from_map_data(get(RULE_STATS)?)?)?,
@@ -261,9 +274,9 @@ impl Maps {
             self.dst_v6.set(buffer, &trie_v6(&image.dst_v6)?, 0)?;
         }
         let per_buffer = dir::BUFFER_BLOCKS as usize;
-        for (table, fixed, more) in [
-            (&image.src_v4, &mut self.src_v4_fixed, &mut self.src_v4_more),
-            (&image.dst_v4, &mut self.dst_v4_fixed, &mut self.dst_v4_more),
+        for (table, fixed, more, leaves) in [
+            (&image.src_v4, &mut self.src_v4_fixed, &mut self.src_v4_more, &mut self.src_v4_leaves),
+            (&image.dst_v4, &mut self.dst_v4_fixed, &mut self.dst_v4_more, &mut self.dst_v4_leaves),
         ] {
             let Some(t) = table else { continue };
             // The top level and the first chunks into the fixed array, the rest into a new map of
@@ -276,7 +289,12 @@ impl Maps {
                     .iter()
                     .position(|&s| rest.len() <= s as usize)
                     .ok_or_else(|| KernelError::msg(format!("{} chunks beyond the fixed ones: more than the compiler allows", rest.len())))?;
-                more[size].set(buffer, &dir_chunks(rest, dir::MORE_SIZES[size])?, 0)?;
+                more[size].set(buffer, &inner_array(rest, dir::MORE_SIZES[size])?, 0)?;
+            }
+            if !t.lines.is_empty() {
+                let size = dir::size_class(t.lines.len() as u32, &dir::LEAF_SIZES)
+                    .ok_or_else(|| KernelError::msg(format!("{} leaf lines: more than the compiler allows", t.lines.len())))?;
+                leaves[size].set(buffer, &inner_array(&t.lines, dir::LEAF_SIZES[size])?, 0)?;
             }
         }
         let tables_us = start.elapsed().as_micros() as u64;

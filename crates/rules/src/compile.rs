@@ -11,7 +11,7 @@ use crate::error::CompileError;
 
 type Result<T> = std::result::Result<T, CompileError>;
 use xdpfw_common::{
-    BITMAP_ALL, BITMAP_EMPTY, Bitmap, DirBlock, FieldEntry, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES, RuleMeta,
+    BITMAP_ALL, BITMAP_EMPTY, Bitmap, DirBlock, DirLine, FieldEntry, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES, RuleMeta,
     RulesetHeader, absent, dir, field, fields_layout::*, fragment_policy, rule_flags,
 };
 
@@ -32,12 +32,15 @@ pub struct Image {
     pub dst_v6: Vec<(u32, Ipv6Data, u32)>,
 }
 
-/// The u32 entries of a direct IPv4 table (top level, then chunks), and how many
-/// longest-prefix-match entries it was built from.
+/// A direct IPv4 table (see `xdpfw_common::dir`): the u32 entries of the top level and the
+/// chunks, the leaf lines, and how many longest-prefix-match entries it was built from.
 pub struct DirectTable {
     pub entries: Vec<u32>,
+    pub lines: Vec<DirLine>,
     pub prefixes: usize,
     pub chunks: u32,
+    /// Compressed leaves (the /24s that hold longer prefixes).
+    pub leaves: u32,
 }
 
 impl DirectTable {
@@ -47,6 +50,24 @@ impl DirectTable {
         debug_assert!(rest.is_empty());
         // SAFETY: DirBlock is repr(C) around exactly such an array.
         unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast::<DirBlock>(), blocks.len()) }
+    }
+
+    /// Bytes the kernel holds for this table in one buffer (fixed part and inner maps).
+    pub fn bytes_per_buffer(&self) -> u64 {
+        dir::table_bytes(self.chunks, self.lines.len() as u32)
+    }
+
+    /// The entry of `a`, as the kernel looks it up (the top level, a chunk, a leaf).
+    pub fn lookup(&self, a: u32) -> u32 {
+        let chunk = |e: u32, byte: u32| (dir::TOP_ENTRIES + (e & !dir::CHUNK) * dir::CHUNK_ENTRIES + (byte & 0xff)) as usize;
+        let mut e = self.entries[(a >> 16) as usize];
+        if e & dir::CHUNK != 0 {
+            e = self.entries[chunk(e, a >> 8)];
+            if e & dir::CHUNK != 0 {
+                e = leaf_entry(&self.lines, e & !dir::CHUNK, a & 0xff);
+            }
+        }
+        e
     }
 }
 
@@ -58,52 +79,103 @@ impl Image {
     }
 }
 
+/// Entry `b` of the leaf whose first line is `n` (the kernel's `leaf_entry`, in Rust).
+fn leaf_entry(lines: &[DirLine], n: u32, b: u32) -> u32 {
+    let head = &lines[n as usize];
+    let k = ((b >> 6) & 3) as usize;
+    let bits = head.words[2 * k] as u64 | (head.words[2 * k + 1] as u64) << 32;
+    let rank = ((head.words[dir::RANKS_WORD] >> (8 * k)) & 0xff) + (bits & (u64::MAX >> (63 - (b & 63)))).count_ones() - 1;
+    if rank < dir::LEAF_INLINE {
+        return head.words[dir::RANKS_WORD + 1 + rank as usize];
+    }
+    let r = rank - dir::LEAF_INLINE;
+    lines[(n + 1 + r / dir::LINE_VALUES) as usize].words[(r % dir::LINE_VALUES) as usize]
+}
+
+/// Appends the leaf of `values` (the 256 entries of a /24) to `lines`; returns its first line.
+fn push_leaf(values: &[u32; 256], lines: &mut Vec<DirLine>) -> u32 {
+    let first = lines.len() as u32;
+    let mut head = DirLine::default();
+    let mut runs = Vec::with_capacity(8);
+    for (b, &v) in values.iter().enumerate() {
+        if b == 0 || v != values[b - 1] {
+            head.words[b / 32] |= 1 << (b % 32);
+            runs.push(v);
+        }
+    }
+    let mut ranks = 0u32;
+    let mut below = 0u32;
+    for k in 0..4 {
+        ranks |= below << (8 * k);
+        below += head.words[2 * k].count_ones() + head.words[2 * k + 1].count_ones();
+    }
+    head.words[dir::RANKS_WORD] = ranks;
+    let inline = runs.len().min(dir::LEAF_INLINE as usize);
+    head.words[dir::RANKS_WORD + 1..dir::RANKS_WORD + 1 + inline].copy_from_slice(&runs[..inline]);
+    lines.push(head);
+    for rest in runs[inline..].chunks(dir::LINE_VALUES as usize) {
+        let mut line = DirLine::default();
+        line.words[..rest.len()].copy_from_slice(rest);
+        lines.push(line);
+    }
+    first
+}
+
 /// Builds a direct table from longest-prefix-match entries `(address, length, bitmap id)`
-/// (address in the top 32 bits of a u128). Shorter prefixes are written first so longer ones
-/// overwrite them; a prefix longer than /16 (/24) goes into the chunk of its /16 (/24), created
-/// from the entry it refines.
+/// (address in the top 32 bits of a u128). Prefixes up to /24 are written shortest first, so
+/// longer ones overwrite them; one longer than /16 goes into the chunk of its /16, made from the
+/// entry it refines. Then the prefixes longer than /24 are grouped by /24: each group is written
+/// over the /24's final entry into 256 scratch entries, which become a compressed leaf.
 fn direct_table(entries: &[(u128, u8, u32)], miss_id: u32) -> Result<DirectTable> {
     let mut sorted: Vec<(u8, u32, u32)> = entries.iter().map(|&(a, l, id)| (l, (a >> 96) as u32, id)).collect();
     sorted.sort_unstable();
     let mut t = vec![miss_id; dir::TOP_ENTRIES as usize];
     let mut chunks = 0u32;
-    // The chunk under entry `slot`, made on first use from the value it refines.
-    let mut chunk_at = |t: &mut Vec<u32>, slot: usize| -> Result<usize> {
+    // The chunk under top-level entry `slot`, made on first use from the value it refines.
+    let mut chunk_at = |t: &mut Vec<u32>, slot: usize| -> usize {
         if t[slot] & dir::CHUNK == 0 {
-            if chunks >= dir::MAX_CHUNKS {
-                return Err(CompileError::TooManyChunks { file: PathBuf::new(), max: dir::MAX_CHUNKS });
-            }
             let inherited = t[slot];
             t.extend(std::iter::repeat_n(inherited, dir::CHUNK_ENTRIES as usize));
             t[slot] = dir::CHUNK | chunks;
             chunks += 1;
         }
-        Ok((dir::TOP_ENTRIES + (t[slot] & !dir::CHUNK) * dir::CHUNK_ENTRIES) as usize)
+        (dir::TOP_ENTRIES + (t[slot] & !dir::CHUNK) * dir::CHUNK_ENTRIES) as usize
     };
-    // The chunks of /16s are made (and numbered) before any chunk of a /24, so the low-numbered
-    // chunks the kernel keeps in its fixed array are the ones most addresses go through. They
-    // are made once every prefix up to /16 is written, which is what they inherit.
+    // Chunks are made once every prefix up to /16 is written, which is what they inherit.
     let first_long = sorted.partition_point(|&(len, _, _)| len <= 16);
-    for (i, &(len, addr, id)) in sorted.iter().enumerate() {
-        if i == first_long {
-            for &(_, addr, _) in &sorted[first_long..] {
-                chunk_at(&mut t, (addr >> 16) as usize)?;
-            }
-        }
+    let first_leaf = sorted.partition_point(|&(len, _, _)| len <= 24);
+    for &(len, addr, id) in &sorted[..first_long] {
         let top = (addr >> 16) as usize;
-        let (start, count) = if len <= 16 {
-            (top, 1usize << (16 - len))
-        } else {
-            let second = chunk_at(&mut t, top)? + ((addr >> 8) & 0xff) as usize;
-            if len <= 24 {
-                (second, 1usize << (24 - len))
-            } else {
-                (chunk_at(&mut t, second)? + (addr & 0xff) as usize, 1usize << (32 - len))
-            }
-        };
-        t[start..start + count].fill(id);
+        t[top..top + (1usize << (16 - len))].fill(id);
     }
-    Ok(DirectTable { entries: t, prefixes: entries.len(), chunks })
+    for &(_, addr, _) in &sorted[first_long..] {
+        chunk_at(&mut t, (addr >> 16) as usize);
+    }
+    for &(len, addr, id) in &sorted[first_long..first_leaf] {
+        let start = chunk_at(&mut t, (addr >> 16) as usize) + ((addr >> 8) & 0xff) as usize;
+        t[start..start + (1usize << (24 - len))].fill(id);
+    }
+    // The leaves, /24 by /24 (each group shortest first).
+    let mut long: Vec<(u32, u8, u32, u32)> = sorted[first_leaf..].iter().map(|&(l, a, id)| (a >> 8, l, a, id)).collect();
+    long.sort_unstable();
+    let mut lines = Vec::new();
+    let mut leaves = 0u32;
+    let mut scratch = [0u32; 256];
+    for group in long.chunk_by(|a, b| a.0 == b.0) {
+        let slot = chunk_at(&mut t, (group[0].2 >> 16) as usize) + (group[0].0 & 0xff) as usize;
+        scratch.fill(t[slot]);
+        for &(_, len, addr, id) in group {
+            let start = (addr & 0xff) as usize;
+            scratch[start..start + (1usize << (32 - len))].fill(id);
+        }
+        t[slot] = dir::CHUNK | push_leaf(&scratch, &mut lines);
+        leaves += 1;
+    }
+    // A leaf of `p` prefixes takes at most `p` lines, so this holds for up to MAX_LINES prefixes.
+    if lines.len() > dir::MAX_LINES as usize {
+        return Err(CompileError::TooManyChunks { file: PathBuf::new(), max: dir::MAX_LINES });
+    }
+    Ok(DirectTable { entries: t, lines, prefixes: entries.len(), chunks, leaves })
 }
 
 /// Interns bitmaps so each distinct rule set is stored once. The reserved ids come first:
@@ -184,7 +256,11 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
         absent_ids[if slot == 0 { absent::SRC } else { absent::DST }] = bitmaps.intern(base);
         let (v4, v6) = prefix_tables(rules, get, &base, &mut bitmaps);
         let miss = bitmaps.intern(base);
-        v4_tables[slot] = Some(direct_table(&v4, miss).map_err(|_| CompileError::TooManyChunks { file: rs.path.clone(), max: dir::MAX_CHUNKS })?);
+        if v4.len() > MAX_PREFIXES as usize {
+            let which = if slot == 0 { "source IPv4" } else { "destination IPv4" };
+            return Err(CompileError::TooManyPrefixes { file: rs.path.clone(), which, count: v4.len(), max: MAX_PREFIXES });
+        }
+        v4_tables[slot] = Some(direct_table(&v4, miss).map_err(|_| CompileError::TooManyChunks { file: rs.path.clone(), max: dir::MAX_LINES })?);
         v6_prefixes[slot] = v6;
     }
 
@@ -492,17 +568,8 @@ mod tests {
             .map_or(miss, |e| e.2)
     }
 
-    /// The kernel's lookup, in Rust.
     fn lookup_direct(t: &DirectTable, a: u32) -> u32 {
-        let chunk = |e: u32, byte: u32| (dir::TOP_ENTRIES + (e & !dir::CHUNK) * dir::CHUNK_ENTRIES + (byte & 0xff)) as usize;
-        let mut e = t.entries[(a >> 16) as usize];
-        if e & dir::CHUNK != 0 {
-            e = t.entries[chunk(e, a >> 8)];
-            if e & dir::CHUNK != 0 {
-                e = t.entries[chunk(e, a)];
-            }
-        }
-        e
+        t.lookup(a)
     }
 
     #[test]
@@ -521,10 +588,59 @@ mod tests {
                 }
             }
             let t = direct_table(&table, 1).unwrap();
+            // One chunk per /16 holding longer prefixes, one leaf per /24 holding longer ones.
+            let distinct = |min: u8, shift: u32| {
+                table.iter().filter(|e| e.1 > min).map(|e| (e.0 >> 96) as u32 >> shift).collect::<std::collections::HashSet<_>>().len() as u32
+            };
+            assert_eq!((t.chunks, t.leaves), (distinct(16, 16), distinct(24, 8)), "{table:?}");
             for _ in 0..2000 {
                 let a: u32 = (rng.u32() & 0x0301_0f0f) | 0x0a00_0000;
                 let a = if rng.below(10) == 0 { rng.u32() } else { a };
                 assert_eq!(lookup_direct(&t, a), lpm(&table, (a as u128) << 96, 1), "{table:?} {a:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn leaves_are_compact_and_answer_every_byte() {
+        // Three host routes in one /24: one leaf of one line (7 runs at most inline).
+        let a = |o: [u8; 4]| (u32::from_be_bytes(o) as u128) << 96;
+        let table = vec![(a([10, 0, 0, 0]), 16, 2), (a([10, 0, 1, 3]), 32, 3), (a([10, 0, 1, 9]), 32, 4), (a([10, 0, 1, 255]), 32, 3)];
+        let t = direct_table(&table, 1).unwrap();
+        assert_eq!((t.chunks, t.leaves, t.lines.len()), (1, 1, 1));
+        for b in 0..=255u8 {
+            assert_eq!(t.lookup(u32::from_be_bytes([10, 0, 1, b])), lpm(&table, a([10, 0, 1, b]), 1), "byte {b}");
+        }
+        // Every byte its own value: 256 runs, 7 inline and 249 in 16 further lines.
+        let table: Vec<(u128, u8, u32)> = (0..=255u8).map(|b| (a([10, 0, 2, b]), 32, 2 + b as u32 % 5 + (b as u32 / 5) % 2 * 5)).collect();
+        let t = direct_table(&table, 1).unwrap();
+        assert_eq!((t.leaves, t.lines.len()), (1, 17));
+        for b in 0..=255u8 {
+            assert_eq!(t.lookup(u32::from_be_bytes([10, 0, 2, b])), lpm(&table, a([10, 0, 2, b]), 1), "byte {b}");
+        }
+        assert_eq!(t.lookup(u32::from_be_bytes([10, 0, 3, 0])), 1);
+    }
+
+    #[test]
+    fn leaf_lines_never_exceed_prefixes() {
+        // The memory bound of `dir`: a table of P prefixes needs at most P leaf lines.
+        let mut rng = TestRng(11);
+        for _ in 0..200 {
+            let mut table: Vec<(u128, u8, u32)> = Vec::new();
+            let block = rng.u32() & 0xffff_f000;
+            for _ in 0..1 + rng.below(300) {
+                let len = 25 + rng.below(8) as u8;
+                let addr = (block | (rng.u32() & 0xfff)) & (u32::MAX << (32 - len));
+                let addr = (addr as u128) << 96;
+                if !table.iter().any(|e| e.0 == addr && e.1 == len) {
+                    table.push((addr, len, 2 + rng.below(4) as u32));
+                }
+            }
+            let t = direct_table(&table, 1).unwrap();
+            assert!(t.lines.len() <= table.len(), "{} lines for {} prefixes", t.lines.len(), table.len());
+            for _ in 0..500 {
+                let x = block | (rng.u32() & 0xfff);
+                assert_eq!(t.lookup(x), lpm(&table, (x as u128) << 96, 1));
             }
         }
     }
