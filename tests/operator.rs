@@ -403,3 +403,141 @@ fn show_diff_and_explain_answer_for_the_live_ruleset() {
     assert_eq!(stats(&t)["generation"], 1);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// UDP datagrams from the client to `to`, about `per_100ms` every 100 ms, until dropped.
+struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(t: &Topology, flows: &[(std::net::SocketAddr, u64)]) -> Self {
+        use std::sync::{Arc, atomic::{AtomicBool, Ordering}};
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, ns, flows) = (stop.clone(), t.client_ns.clone(), flows.to_vec());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                for &(to, n) in &flows {
+                    send_udp(&ns, to, n);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+        Self { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A tmux server of our own (its own socket), killed on drop: a pseudo-terminal for `loader top`.
+struct Tmux(String);
+
+impl Tmux {
+    fn start(command: &str) -> Self {
+        let t = Tmux(format!("xdpfw-test-{}-{}", std::process::id(), rand::random::<u32>()));
+        let out = t.cmd(&["new-session", "-d", "-s", "top", "-x", "110", "-y", "30", command]);
+        assert!(out.status.success(), "tmux new-session: {}", String::from_utf8_lossy(&out.stderr));
+        t
+    }
+
+    fn cmd(&self, args: &[&str]) -> std::process::Output {
+        Command::new("tmux").args(["-L", &self.0, "-f", "/dev/null"]).args(args).output().expect("running tmux (apt-get install tmux)")
+    }
+
+    /// What the terminal shows now.
+    fn screen(&self) -> String {
+        String::from_utf8_lossy(&self.cmd(&["capture-pane", "-p", "-t", "top"]).stdout).into_owned()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.cmd(&["kill-server"]);
+    }
+}
+
+/// The row of rule `name` in a `loader top` screen, split into columns
+/// (#, rule, action, pkt/s, bit/s, drop/s, packets).
+fn top_row<'a>(screen: &'a str, name: &str) -> Option<Vec<&'a str>> {
+    screen.lines().map(|l| l.split_whitespace().collect::<Vec<_>>()).find(|c| c.len() == 7 && c[1] == name)
+}
+
+#[test]
+fn top_shows_live_per_rule_rates_on_a_terminal_and_as_snapshots() {
+    if !harness::root_or_skip() {
+        return;
+    }
+    let t = attached("top", "alternate-a.toml");
+    let (ns, iface) = (t.server_ns.as_str(), t.server_if.as_str());
+    // More to the dropped port than to the passed one, so the drop rule is the busiest.
+    let _traffic = Traffic::start(&t, &[(sa(SERVER_V4, 7000), 100), (sa(SERVER_V4, 7001), 20)]);
+
+    // On a terminal: one screen, redrawn in place every 300 ms.
+    let tmux = Tmux::start(&format!("{} --netns {ns} top {iface} --interval 300ms", loader_bin()));
+    let mut screen = String::new();
+    let live = eventually(std::time::Duration::from_secs(10), || {
+        screen = tmux.screen();
+        top_row(&screen, "a-drop-7000").is_some_and(|c| c[3] != "0") && top_row(&screen, "a-pass-7001").is_some_and(|c| c[3] != "0")
+    });
+    assert!(live, "no rate for the rules that carry traffic:\n{screen}");
+    assert_eq!(screen.matches("xdpfw top on").count(), 1, "redrawn in place, not scrolled:\n{screen}");
+    assert!(screen.contains(&format!("xdpfw top on {iface} (native mode)")), "{screen}");
+    assert!(screen.contains("ruleset alternate-a ") && screen.contains("generation 1"), "{screen}");
+    let dropped = top_row(&screen, "a-drop-7000").unwrap();
+    assert_eq!((dropped[0], dropped[2]), ("0", "drop"), "{screen}");
+    assert_eq!(dropped[3], dropped[5], "a drop rule's packets are its drops: {screen}");
+    let pass = top_row(&screen, "a-pass-7001").unwrap();
+    assert_eq!(pass[5], "0", "a pass rule drops nothing: {screen}");
+    let rows: Vec<&str> = screen.lines().filter(|l| top_row(l, "a-drop-7000").is_some() || top_row(l, "a-pass-7001").is_some() || top_row(l, "(default)").is_some()).collect();
+    assert!(rows[0].contains("a-drop-7000") && rows[1].contains("a-pass-7001"), "busiest first:\n{screen}");
+    let total = screen.lines().find(|l| l.starts_with("total ")).unwrap_or_else(|| panic!("{screen}"));
+    assert!(!total.starts_with("total 0 pkt/s"), "{total}");
+    drop(tmux);
+
+    // --count on a terminal: N refreshes, then exit 0.
+    let tmux = Tmux::start(&format!("{} --netns {ns} top --iface {iface} --interval 200ms --count 3; echo exit=$?; sleep 60", loader_bin()));
+    assert!(eventually(std::time::Duration::from_secs(10), || tmux.screen().contains("exit=0")), "{}", tmux.screen());
+    drop(tmux);
+
+    // Not a terminal: N snapshots one after another.
+    let out = loader_ok(ns, &["top", iface, "--interval", "300ms", "--count", "3"]);
+    assert_eq!(out.matches("xdpfw top on").count(), 3, "{out}");
+    assert!(!out.contains('\u{1b}'), "no terminal escapes in plain output: {out:?}");
+    assert!(top_row(&out, "a-drop-7000").is_some(), "{out}");
+    // JSON Lines: one document per refresh.
+    let out = loader_ok(ns, &["top", iface, "--interval", "300ms", "--count", "2", "--json"]);
+    let docs: Vec<serde_json::Value> = out.lines().map(json).collect();
+    assert_eq!(docs.len(), 2, "{out}");
+    for d in &docs {
+        assert_eq!(d["schema"], 1);
+        assert_eq!(d["generation"], 1);
+        assert_eq!(d["rules"][0]["name"], "a-drop-7000", "{d}");
+        assert!(d["rules"][0]["pps"].as_f64().unwrap() > 0.0, "{d}");
+        assert!(d["dropped_pps"].as_f64().unwrap() > 0.0, "{d}");
+    }
+
+    // A reload between two refreshes says so, and the rates go on by rule name.
+    let out = in_ns_reload_during_top(&t);
+    assert!(out.contains("(reloaded from 1)"), "{out}");
+}
+
+/// `loader top --count 4` with a reload to alternate-b after its first refresh.
+fn in_ns_reload_during_top(t: &Topology) -> String {
+    let child = Command::new(loader_bin())
+        .args(["--netns", &t.server_ns, "top", &t.server_if, "--interval", "400ms", "--count", "4"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    loader_ok(&t.server_ns, &["reload", &rules("alternate-b.toml"), "--iface", &t.server_if]);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

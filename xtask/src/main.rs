@@ -159,7 +159,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// escalation tests' socket owners (Debian's, so the process is the interpreter itself and not a
 /// version-manager shim); nginx is the real HTTP server the daemon's tests fetch rules from (run
 /// by the tests inside their own namespace); openssl makes the private CA of its HTTPS test.
-const SYSTEM_TOOLS: [(&str, &str); 8] = [
+const SYSTEM_TOOLS: [(&str, &str); 9] = [
     ("ip", "iproute2"),
     ("ping", "iputils-ping"),
     ("bpftool", "bpftool"),
@@ -168,6 +168,8 @@ const SYSTEM_TOOLS: [(&str, &str); 8] = [
     ("nginx", "nginx"),
     ("openssl", "openssl"),
     ("nats-server", "nats-server"),
+    // `loader top` is tested under a pseudo-terminal.
+    ("tmux", "tmux"),
 ];
 
 fn setup() -> Result<()> {

@@ -44,6 +44,17 @@ pub(crate) fn print(out: &Output) -> ExitCode {
     }
 }
 
+/// Writes `text` now, for commands that print as they go (`top`). Returns false when the reader
+/// went away (`loader top | head`): the command should stop, and that is not an error.
+pub(crate) fn print_now(text: &str) -> std::io::Result<bool> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Prints an error and returns its exit code.
 pub(crate) fn report(e: &anyhow::Error, mutates: bool) -> ExitCode {
     let code = code_of(e);
