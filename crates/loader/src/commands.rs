@@ -55,6 +55,7 @@ pub(crate) fn run(cli: Cli) -> Result<Output> {
             let mode = mode_in_effect(&inst.iface, s.mode);
             Ok(Output::ok(if json { json_text_with(&s, &[("mode_in_effect", serde_json::json!(mode))])? } else { render::stats(&s, &mode) }))
         }
+        Command::Run(args) if args.check => check_run_source(&args),
         Command::Run(args) => {
             xdpfw_daemon::main(args.into_config())?;
             Ok(Output::ok(String::new()))
@@ -177,7 +178,7 @@ fn reload(file: &std::path::Path, iface: Option<&str>, opts: &ReloadOptions, jso
     let inst = Instance::find(iface)?;
     let r = control::reload(&inst, file, opts)?;
     for w in &r.warnings {
-        eprintln!("{w}");
+        crate::journal::eprint(crate::journal::WARNING, &w.to_string());
     }
     Ok(Output::ok(if json { json_text(&r)? } else { render::reload(&r) }))
 }
@@ -194,6 +195,15 @@ fn status(iface: Option<&str>, history: bool, json: bool) -> Result<Output> {
         render::status(&state, &mode, served.as_ref(), &entries)
     };
     Ok(Output::ok(text))
+}
+
+/// `loader run … --check` (the unit's ExecStartPre=): the rules file `run` would watch, checked
+/// as `loader check` checks it; a remote source is checked at every fetch instead.
+fn check_run_source(args: &crate::flags::RunArgs) -> Result<Output> {
+    match &args.rules {
+        Some(file) => check(file, false, false),
+        None => Ok(Output::ok(format!("{}: the source is remote; every ruleset fetched is checked before it goes live\n", args.iface))),
+    }
 }
 
 fn check(file: &std::path::Path, strict: bool, json: bool) -> Result<Output> {
@@ -224,13 +234,13 @@ fn check(file: &std::path::Path, strict: bool, json: bool) -> Result<Output> {
         return Ok(Output { text: json_text(&doc)?, code });
     }
     for w in &rs.warnings {
-        eprintln!("{w}");
+        crate::journal::eprint(crate::journal::WARNING, &w.to_string());
     }
     if let Some(failures) = failures {
         for f in &failures.failures {
-            eprintln!("{f}");
+            crate::journal::eprint(crate::journal::ERR, &f.to_string());
         }
-        eprintln!("{}: {} of {} self-tests failed", file.display(), failures.failures.len(), failures.total);
+        crate::journal::eprint(crate::journal::ERR, &format!("{}: {} of {} self-tests failed", file.display(), failures.failures.len(), failures.total));
         return Ok(Output { text: String::new(), code });
     }
     let text = format!(

@@ -345,6 +345,11 @@ pub(crate) struct RunArgs {
     /// The longest one owner lookup (the /proc walk) may take; the flow is retried after it.
     #[arg(long, default_value = "200ms", value_name = "DURATION", value_parser = parse_duration)]
     pub owner_lookup_deadline: Duration,
+    /// Check the source and exit without starting (the unit's ExecStartPre=): a rules file as
+    /// `loader check` does (exit 3 when invalid); a URL or NATS source has nothing to check
+    /// before it is fetched (every fetched ruleset is checked before it goes live).
+    #[arg(long)]
+    pub check: bool,
 }
 
 impl RunArgs {
