@@ -71,6 +71,7 @@ fn install_into_destdir_puts_binary_man_pages_completions_and_unit_in_place() {
     let unit = read(&root.join("lib/systemd/system/xdpfw@.service"));
     assert!(unit.contains("ExecStart=/usr/local/bin/loader run %i"), "{unit}");
     assert!(root.join("share/doc/xdpfw/xdpfw.env.example").exists());
+    assert!(root.join("share/doc/xdpfw/xdpfw-alerts.yml").exists() && root.join("share/doc/xdpfw/xdpfw-dashboard.json").exists());
     std::fs::remove_dir_all(&dest).unwrap();
 }
 
@@ -540,4 +541,100 @@ fn in_ns_reload_during_top(t: &Topology) -> String {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Metric names (`xdpfw_…`) and the label names each is selected by (`name{label=…}`) in a PromQL
+/// expression; `instance` and `job` are Prometheus's own.
+fn promql_metrics(expr: &str, out: &mut std::collections::BTreeMap<String, std::collections::BTreeSet<String>>) {
+    let mut rest = expr;
+    while let Some(at) = rest.find("xdpfw_") {
+        let tail = &rest[at..];
+        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+        let labels = out.entry(tail[..end].to_string()).or_default();
+        if let Some(sel) = tail[end..].strip_prefix('{') {
+            let sel = &sel[..sel.find('}').expect("a closed selector")];
+            for m in sel.split(',').filter(|m| !m.trim().is_empty()) {
+                let name = m.split(['=', '!']).next().unwrap().trim();
+                if !["instance", "job"].contains(&name) {
+                    labels.insert(name.to_string());
+                }
+            }
+        }
+        rest = &tail[end..];
+    }
+}
+
+#[test]
+fn alert_rules_and_dashboard_parse_and_name_only_exported_metrics() {
+    use harness::daemon::{Daemon, TempDir, scrape};
+    if !harness::root_or_skip() {
+        return;
+    }
+    // The alert rules: YAML (parsed by PyYAML; promtool is not at hand) of the rule-file shape.
+    let alerts_file = repo().join("dist/prometheus/xdpfw-alerts.yml");
+    let out = Command::new("/usr/bin/python3")
+        .args(["-c", "import sys, json, yaml; json.dump(yaml.safe_load(open(sys.argv[1])), sys.stdout)"])
+        .arg(&alerts_file)
+        .output()
+        .expect("python3 (apt-get install python3 python3-yaml)");
+    assert!(out.status.success(), "{} does not parse: {}", alerts_file.display(), String::from_utf8_lossy(&out.stderr));
+    let alerts = json(&String::from_utf8_lossy(&out.stdout));
+    let rules = alerts["groups"][0]["rules"].as_array().expect("groups[0].rules");
+    let mut exprs = Vec::new();
+    let mut names = Vec::new();
+    for r in rules {
+        let name = r["alert"].as_str().unwrap_or_else(|| panic!("an alert name: {r}"));
+        names.push(name.to_string());
+        let expr = r["expr"].as_str().unwrap_or_else(|| panic!("{name}: expr"));
+        assert_eq!(expr.matches('(').count(), expr.matches(')').count(), "{name}: {expr}");
+        assert!(r["labels"]["severity"].is_string() && r["annotations"]["summary"].is_string(), "{name}: {r}");
+        if let Some(f) = r.get("for") {
+            let f = f.as_str().unwrap();
+            assert!(f.ends_with(['s', 'm', 'h']) && f[..f.len() - 1].parse::<u32>().is_ok(), "{name}: for {f}");
+        }
+        exprs.push(expr.to_string());
+    }
+    for wanted in ["XdpfwReloadFailed", "XdpfwFailClosed", "XdpfwRingOverflows", "XdpfwRuleDropsHigh"] {
+        assert!(names.iter().any(|n| n == wanted), "{wanted} in {names:?}");
+    }
+    // The dashboard: JSON whose every query is PromQL over the daemon's metrics.
+    let dash = json(&read(&repo().join("dist/grafana/xdpfw-dashboard.json")));
+    assert_eq!(dash["uid"], "xdpfw");
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            exprs.push(t["expr"].as_str().unwrap_or_else(|| panic!("panel {}: expr", p["title"])).to_string());
+        }
+    }
+    for v in dash["templating"]["list"].as_array().unwrap() {
+        exprs.push(v["definition"].as_str().unwrap().to_string());
+    }
+    let mut wanted = std::collections::BTreeMap::new();
+    for e in &exprs {
+        promql_metrics(e, &mut wanted);
+    }
+    assert!(wanted.len() >= 15, "{wanted:?}");
+
+    // A running daemon exports every one, with the labels they are selected by.
+    let mut t = Topology::new("alrt").expect("topology");
+    t.detach_on_drop(loader_bin());
+    let dir = TempDir::new("alrt");
+    let file = dir.0.join("rules.toml");
+    std::fs::write(&file, read(&rules_dir().join("alternate-a.toml"))).unwrap();
+    let _d = Daemon::start(&t, &dir.0, &["--rules", file.to_str().unwrap(), "--detach-on-exit"]);
+    assert_eq!(udp_delivered(&t, sa(SERVER_V4, 7000), 10), 0);
+    // One reload, so the last reload's phases are there too.
+    std::fs::write(&file, read(&rules_dir().join("alternate-b.toml"))).unwrap();
+    assert!(eventually(std::time::Duration::from_secs(10), || scrape(&t).is_some_and(|s| s.contains("xdpfw_last_reload_phase_seconds{"))), "the daemon reloaded");
+    let s = scrape(&t).unwrap();
+    for (metric, labels) in &wanted {
+        let samples: Vec<&str> = s.lines().filter(|l| !l.starts_with('#') && (l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} ")))).collect();
+        assert!(!samples.is_empty(), "{metric} (named by the alert rules or the dashboard) is not exported:\n{s}");
+        for label in labels {
+            assert!(samples.iter().any(|l| l.contains(&format!("{label}=\""))), "{metric} has no label {label}: {samples:?}");
+        }
+    }
+    // Proper types: counters, and the decision latency as a summary.
+    assert!(s.contains("# TYPE xdpfw_escalation_decision_latency_seconds summary\n"), "{s}");
+    assert!(s.contains("xdpfw_escalation_decision_latency_seconds_count 0\n") && s.contains("xdpfw_escalation_decision_latency_seconds_sum 0\n"), "{s}");
+    assert!(s.contains("# TYPE xdpfw_ring_overflows_total counter\n") && s.contains("# TYPE xdpfw_rule_packets_total counter\n"));
 }

@@ -159,7 +159,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// escalation tests' socket owners (Debian's, so the process is the interpreter itself and not a
 /// version-manager shim); nginx is the real HTTP server the daemon's tests fetch rules from (run
 /// by the tests inside their own namespace); openssl makes the private CA of its HTTPS test.
-const SYSTEM_TOOLS: [(&str, &str); 9] = [
+const SYSTEM_TOOLS: [(&str, &str); 10] = [
     ("ip", "iproute2"),
     ("ping", "iputils-ping"),
     ("bpftool", "bpftool"),
@@ -170,6 +170,8 @@ const SYSTEM_TOOLS: [(&str, &str); 9] = [
     ("nats-server", "nats-server"),
     // `loader top` is tested under a pseudo-terminal.
     ("tmux", "tmux"),
+    // The Prometheus alert rules in dist/ are parsed by a test.
+    ("/usr/lib/python3/dist-packages/yaml/__init__.py", "python3-yaml"),
 ];
 
 fn setup() -> Result<()> {
@@ -256,7 +258,15 @@ fn ensure_bpf_linker(root: &Path, toolchain: &str) -> Result<()> {
 fn ensure_system_tools() -> Result<()> {
     let missing: Vec<&str> = SYSTEM_TOOLS
         .iter()
-        .filter(|(cmd, _)| !Command::new("sh").args(["-c", &format!("command -v {cmd}")]).output().is_ok_and(|o| o.status.success()))
+        .filter(|(cmd, _)| {
+            // A path is a file the package installs (a module, not a command); else a command.
+            let present = if cmd.starts_with('/') {
+                Path::new(cmd).exists()
+            } else {
+                Command::new("sh").args(["-c", &format!("command -v {cmd}")]).output().is_ok_and(|o| o.status.success())
+            };
+            !present
+        })
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {
