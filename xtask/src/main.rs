@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask setup | demo | test | bench | install | deb`.
+//! Project automation: `cargo xtask setup | demo | test | bench | plot | install | deb`.
 //!
 //! `./run` (the README's entry point) installs the pinned userspace toolchain, which rustup here
 //! does not do on its own, and then calls this.
@@ -6,6 +6,7 @@
 mod architecture;
 mod demo;
 mod install;
+mod plot;
 
 use std::{
     path::{Path, PathBuf},
@@ -54,6 +55,16 @@ enum Cmd {
         #[arg(long)]
         debug: bool,
     },
+    /// Draw the classifier bench's ns/packet against set size, beside the floor and a plain LPM
+    /// program, as an SVG (the bench writes target/bench/classifier.svg this way).
+    Plot {
+        /// The bench's JSON.
+        #[arg(long, default_value = "target/bench/classifier.json")]
+        input: PathBuf,
+        /// Where to write the SVG.
+        #[arg(long, default_value = "target/bench/classifier.svg")]
+        output: PathBuf,
+    },
     /// Build the Debian package target/debian/xdpfw_VERSION_ARCH.deb (PREFIX /usr).
     Deb {
         /// Package the debug build (what the tests use).
@@ -82,9 +93,14 @@ fn main() -> Result<()> {
                     cmd.arg("--quick");
                 }
                 run(&mut cmd)?;
+                if bench == "classifier" {
+                    let dir = root_dir().join("target/bench");
+                    plot::plot(&dir.join("classifier.json"), &dir.join("classifier.svg"))?;
+                }
             }
             Ok(())
         }
+        Cmd::Plot { input, output } => plot::plot(&root_dir().join(input), &root_dir().join(output)),
         Cmd::Install { prefix, destdir, debug } => {
             setup_build()?;
             let env_path = |v: &str| std::env::var_os(v).filter(|s| !s.is_empty()).map(PathBuf::from);
