@@ -10,10 +10,7 @@ use xdpfw_rules::short_hash;
 /// Sends one notification (`KEY=value` lines) to `$NOTIFY_SOCKET`.
 pub(crate) fn notify(state: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
-    let sock = match std::os::unix::net::UnixDatagram::unbound() {
-        Ok(s) => s,
-        Err(_) => return,
-    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else { return };
     let bytes = path.as_encoded_bytes();
     let sent = if let Some(name) = bytes.strip_prefix(b"@") {
         use std::os::linux::net::SocketAddrExt;
@@ -69,9 +66,7 @@ pub(crate) fn status(inst: &Instance, rejected: Option<&str>) {
 /// The watchdog interval systemd asks for (`WATCHDOG_USEC`, for this process: `WATCHDOG_PID`
 /// unset or ours), if any.
 pub(crate) fn watchdog_interval() -> Option<Duration> {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
-        return None;
-    }
+    std::env::var_os("NOTIFY_SOCKET")?;
     if let Ok(pid) = std::env::var("WATCHDOG_PID")
         && pid.trim().parse::<u32>().ok() != Some(std::process::id())
     {

@@ -28,7 +28,7 @@ pub(crate) fn stderr_is_journal() -> bool {
         let Some(v) = std::env::var_os("JOURNAL_STREAM") else { return false };
         let Some((dev, ino)) = v.to_str().and_then(|v| v.split_once(':')) else { return false };
         let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else { return false };
-        nix::sys::stat::fstat(std::io::stderr()).is_ok_and(|st| st.st_dev as u64 == dev && st.st_ino as u64 == ino)
+        nix::sys::stat::fstat(std::io::stderr()).is_ok_and(|st| st.st_dev == dev && st.st_ino == ino)
     })
 }
 
