@@ -318,8 +318,11 @@ fn prometheus_series_keep_their_labels_across_an_inserted_rule() {
 
     // Insert a rule before it: the series keeps its labels and its value.
     std::fs::write(&file, INSERTED).unwrap();
-    assert!(eventually(std::time::Duration::from_secs(10), || scrape(&t).and_then(|s| metric(&s, "xdpfw_generation")) == Some(2.0)), "the daemon reloaded");
+    // Waits for the end of the pipeline (the counts are carried after the grace period; the
+    // generation flips before it).
+    assert!(eventually(std::time::Duration::from_secs(10), || scrape(&t).and_then(|s| metric(&s, "xdpfw_reloads_total{result=\"ok\"")) == Some(1.0)), "the daemon reloaded");
     let s = scrape(&t).unwrap();
+    assert_eq!(metric(&s, "xdpfw_generation"), Some(2.0), "{s}");
     assert_eq!(metric(&s, &series), Some(30.0), "{s}");
     assert!(s.contains(&format!("xdpfw_rule_info{{iface=\"{}\",rule=\"a-drop-7000\",index=\"1\",action=\"drop\"}} 1", t.server_if)), "{s}");
     assert!(!s.lines().any(|l| l.starts_with("xdpfw_rule_packets_total") && l.contains("index=")), "no index label on counters: {s}");
