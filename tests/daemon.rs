@@ -130,8 +130,18 @@ fn file_source_follows_renames_in_place_writes_and_sighup() {
     // SIGTERM: the daemon stops, the firewall keeps filtering.
     d.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(d.wait_exit(Duration::from_secs(10)).success(), "{}", d.log());
-    let n = notify.recv(&mut buf).expect("STOPPING=1 from the daemon");
-    assert_eq!(&buf[..n], b"STOPPING=1");
+    // STATUS= lines (one per reload, see tests/systemd.rs) come before it.
+    let mut statuses = 0;
+    loop {
+        let n = notify.recv(&mut buf).expect("STOPPING=1 from the daemon");
+        if buf[..n].starts_with(b"STATUS=") {
+            statuses += 1;
+            continue;
+        }
+        assert_eq!(&buf[..n], b"STOPPING=1");
+        break;
+    }
+    assert!(statuses >= 4, "STATUS= at the start and after each of the 3 reloads: {statuses}");
     assert!(Path::new("/sys/fs/bpf/xdpfw").join(&t.server_if).join("link").exists(), "still attached after SIGTERM");
     assert_eq!(udp_verdicts(&t), CLOSED_7000, "the last ruleset keeps serving without the daemon");
 }

@@ -71,6 +71,7 @@ fn install_into_destdir_puts_binary_man_pages_completions_and_unit_in_place() {
     let unit = read(&root.join("lib/systemd/system/xdpfw@.service"));
     assert!(unit.contains("ExecStart=/usr/local/bin/loader run %i"), "{unit}");
     assert!(root.join("share/doc/xdpfw/xdpfw.env.example").exists());
+    assert!(root.join("share/doc/xdpfw/xdpfw-alerts.yml").exists() && root.join("share/doc/xdpfw/xdpfw-dashboard.json").exists());
     std::fs::remove_dir_all(&dest).unwrap();
 }
 
@@ -317,8 +318,11 @@ fn prometheus_series_keep_their_labels_across_an_inserted_rule() {
 
     // Insert a rule before it: the series keeps its labels and its value.
     std::fs::write(&file, INSERTED).unwrap();
-    assert!(eventually(std::time::Duration::from_secs(10), || scrape(&t).and_then(|s| metric(&s, "xdpfw_generation")) == Some(2.0)), "the daemon reloaded");
+    // Waits for the end of the pipeline (the counts are carried after the grace period; the
+    // generation flips before it).
+    assert!(eventually(std::time::Duration::from_secs(10), || scrape(&t).and_then(|s| metric(&s, "xdpfw_reloads_total{result=\"ok\"")) == Some(1.0)), "the daemon reloaded");
     let s = scrape(&t).unwrap();
+    assert_eq!(metric(&s, "xdpfw_generation"), Some(2.0), "{s}");
     assert_eq!(metric(&s, &series), Some(30.0), "{s}");
     assert!(s.contains(&format!("xdpfw_rule_info{{iface=\"{}\",rule=\"a-drop-7000\",index=\"1\",action=\"drop\"}} 1", t.server_if)), "{s}");
     assert!(!s.lines().any(|l| l.starts_with("xdpfw_rule_packets_total") && l.contains("index=")), "no index label on counters: {s}");
@@ -402,4 +406,238 @@ fn show_diff_and_explain_answer_for_the_live_ruleset() {
     // Nothing of this changed the live ruleset.
     assert_eq!(stats(&t)["generation"], 1);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// UDP datagrams from the client to `to`, about `per_100ms` every 100 ms, until dropped.
+struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(t: &Topology, flows: &[(std::net::SocketAddr, u64)]) -> Self {
+        use std::sync::{Arc, atomic::{AtomicBool, Ordering}};
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, ns, flows) = (stop.clone(), t.client_ns.clone(), flows.to_vec());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                for &(to, n) in &flows {
+                    send_udp(&ns, to, n);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+        Self { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A tmux server of our own (its own socket), killed on drop: a pseudo-terminal for `loader top`.
+struct Tmux(String);
+
+impl Tmux {
+    fn start(command: &str) -> Self {
+        let t = Tmux(format!("xdpfw-test-{}-{}", std::process::id(), rand::random::<u32>()));
+        let out = t.cmd(&["new-session", "-d", "-s", "top", "-x", "110", "-y", "30", command]);
+        assert!(out.status.success(), "tmux new-session: {}", String::from_utf8_lossy(&out.stderr));
+        t
+    }
+
+    fn cmd(&self, args: &[&str]) -> std::process::Output {
+        Command::new("tmux").args(["-L", &self.0, "-f", "/dev/null"]).args(args).output().expect("running tmux (apt-get install tmux)")
+    }
+
+    /// What the terminal shows now.
+    fn screen(&self) -> String {
+        String::from_utf8_lossy(&self.cmd(&["capture-pane", "-p", "-t", "top"]).stdout).into_owned()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.cmd(&["kill-server"]);
+    }
+}
+
+/// The row of rule `name` in a `loader top` screen, split into columns
+/// (#, rule, action, pkt/s, bit/s, drop/s, packets).
+fn top_row<'a>(screen: &'a str, name: &str) -> Option<Vec<&'a str>> {
+    screen.lines().map(|l| l.split_whitespace().collect::<Vec<_>>()).find(|c| c.len() == 7 && c[1] == name)
+}
+
+#[test]
+fn top_shows_live_per_rule_rates_on_a_terminal_and_as_snapshots() {
+    if !harness::root_or_skip() {
+        return;
+    }
+    let t = attached("top", "alternate-a.toml");
+    let (ns, iface) = (t.server_ns.as_str(), t.server_if.as_str());
+    // More to the dropped port than to the passed one, so the drop rule is the busiest.
+    let _traffic = Traffic::start(&t, &[(sa(SERVER_V4, 7000), 100), (sa(SERVER_V4, 7001), 20)]);
+
+    // On a terminal: one screen, redrawn in place every 300 ms.
+    let tmux = Tmux::start(&format!("{} --netns {ns} top {iface} --interval 300ms", loader_bin()));
+    let mut screen = String::new();
+    let live = eventually(std::time::Duration::from_secs(10), || {
+        screen = tmux.screen();
+        top_row(&screen, "a-drop-7000").is_some_and(|c| c[3] != "0") && top_row(&screen, "a-pass-7001").is_some_and(|c| c[3] != "0")
+    });
+    assert!(live, "no rate for the rules that carry traffic:\n{screen}");
+    assert_eq!(screen.matches("xdpfw top on").count(), 1, "redrawn in place, not scrolled:\n{screen}");
+    assert!(screen.contains(&format!("xdpfw top on {iface} (native mode)")), "{screen}");
+    assert!(screen.contains("ruleset alternate-a ") && screen.contains("generation 1"), "{screen}");
+    let dropped = top_row(&screen, "a-drop-7000").unwrap();
+    assert_eq!((dropped[0], dropped[2]), ("0", "drop"), "{screen}");
+    assert_eq!(dropped[3], dropped[5], "a drop rule's packets are its drops: {screen}");
+    let pass = top_row(&screen, "a-pass-7001").unwrap();
+    assert_eq!(pass[5], "0", "a pass rule drops nothing: {screen}");
+    let rows: Vec<&str> = screen.lines().filter(|l| top_row(l, "a-drop-7000").is_some() || top_row(l, "a-pass-7001").is_some() || top_row(l, "(default)").is_some()).collect();
+    assert!(rows[0].contains("a-drop-7000") && rows[1].contains("a-pass-7001"), "busiest first:\n{screen}");
+    let total = screen.lines().find(|l| l.starts_with("total ")).unwrap_or_else(|| panic!("{screen}"));
+    assert!(!total.starts_with("total 0 pkt/s"), "{total}");
+    drop(tmux);
+
+    // --count on a terminal: N refreshes, then exit 0.
+    let tmux = Tmux::start(&format!("{} --netns {ns} top --iface {iface} --interval 200ms --count 3; echo exit=$?; sleep 60", loader_bin()));
+    assert!(eventually(std::time::Duration::from_secs(10), || tmux.screen().contains("exit=0")), "{}", tmux.screen());
+    drop(tmux);
+
+    // Not a terminal: N snapshots one after another.
+    let out = loader_ok(ns, &["top", iface, "--interval", "300ms", "--count", "3"]);
+    assert_eq!(out.matches("xdpfw top on").count(), 3, "{out}");
+    assert!(!out.contains('\u{1b}'), "no terminal escapes in plain output: {out:?}");
+    assert!(top_row(&out, "a-drop-7000").is_some(), "{out}");
+    // JSON Lines: one document per refresh.
+    let out = loader_ok(ns, &["top", iface, "--interval", "300ms", "--count", "2", "--json"]);
+    let docs: Vec<serde_json::Value> = out.lines().map(json).collect();
+    assert_eq!(docs.len(), 2, "{out}");
+    for d in &docs {
+        assert_eq!(d["schema"], 1);
+        assert_eq!(d["generation"], 1);
+        assert_eq!(d["rules"][0]["name"], "a-drop-7000", "{d}");
+        assert!(d["rules"][0]["pps"].as_f64().unwrap() > 0.0, "{d}");
+        assert!(d["dropped_pps"].as_f64().unwrap() > 0.0, "{d}");
+    }
+
+    // A reload between two refreshes says so, and the rates go on by rule name.
+    let out = in_ns_reload_during_top(&t);
+    assert!(out.contains("(reloaded from 1)"), "{out}");
+}
+
+/// `loader top --count 4` with a reload to alternate-b after its first refresh.
+fn in_ns_reload_during_top(t: &Topology) -> String {
+    let child = Command::new(loader_bin())
+        .args(["--netns", &t.server_ns, "top", &t.server_if, "--interval", "400ms", "--count", "4"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    loader_ok(&t.server_ns, &["reload", &rules("alternate-b.toml"), "--iface", &t.server_if]);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Metric names (`xdpfw_…`) and the label names each is selected by (`name{label=…}`) in a PromQL
+/// expression; `instance` and `job` are Prometheus's own.
+fn promql_metrics(expr: &str, out: &mut std::collections::BTreeMap<String, std::collections::BTreeSet<String>>) {
+    let mut rest = expr;
+    while let Some(at) = rest.find("xdpfw_") {
+        let tail = &rest[at..];
+        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+        let labels = out.entry(tail[..end].to_string()).or_default();
+        if let Some(sel) = tail[end..].strip_prefix('{') {
+            let sel = &sel[..sel.find('}').expect("a closed selector")];
+            for m in sel.split(',').filter(|m| !m.trim().is_empty()) {
+                let name = m.split(['=', '!']).next().unwrap().trim();
+                if !["instance", "job"].contains(&name) {
+                    labels.insert(name.to_string());
+                }
+            }
+        }
+        rest = &tail[end..];
+    }
+}
+
+#[test]
+fn alert_rules_and_dashboard_parse_and_name_only_exported_metrics() {
+    use harness::daemon::{Daemon, TempDir, scrape};
+    if !harness::root_or_skip() {
+        return;
+    }
+    // The alert rules: YAML (parsed by PyYAML; promtool is not at hand) of the rule-file shape.
+    let alerts_file = repo().join("dist/prometheus/xdpfw-alerts.yml");
+    let out = Command::new("/usr/bin/python3")
+        .args(["-c", "import sys, json, yaml; json.dump(yaml.safe_load(open(sys.argv[1])), sys.stdout)"])
+        .arg(&alerts_file)
+        .output()
+        .expect("python3 (apt-get install python3 python3-yaml)");
+    assert!(out.status.success(), "{} does not parse: {}", alerts_file.display(), String::from_utf8_lossy(&out.stderr));
+    let alerts = json(&String::from_utf8_lossy(&out.stdout));
+    let rules = alerts["groups"][0]["rules"].as_array().expect("groups[0].rules");
+    let mut exprs = Vec::new();
+    let mut names = Vec::new();
+    for r in rules {
+        let name = r["alert"].as_str().unwrap_or_else(|| panic!("an alert name: {r}"));
+        names.push(name.to_string());
+        let expr = r["expr"].as_str().unwrap_or_else(|| panic!("{name}: expr"));
+        assert_eq!(expr.matches('(').count(), expr.matches(')').count(), "{name}: {expr}");
+        assert!(r["labels"]["severity"].is_string() && r["annotations"]["summary"].is_string(), "{name}: {r}");
+        if let Some(f) = r.get("for") {
+            let f = f.as_str().unwrap();
+            assert!(f.ends_with(['s', 'm', 'h']) && f[..f.len() - 1].parse::<u32>().is_ok(), "{name}: for {f}");
+        }
+        exprs.push(expr.to_string());
+    }
+    for wanted in ["XdpfwReloadFailed", "XdpfwFailClosed", "XdpfwRingOverflows", "XdpfwRuleDropsHigh"] {
+        assert!(names.iter().any(|n| n == wanted), "{wanted} in {names:?}");
+    }
+    // The dashboard: JSON whose every query is PromQL over the daemon's metrics.
+    let dash = json(&read(&repo().join("dist/grafana/xdpfw-dashboard.json")));
+    assert_eq!(dash["uid"], "xdpfw");
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            exprs.push(t["expr"].as_str().unwrap_or_else(|| panic!("panel {}: expr", p["title"])).to_string());
+        }
+    }
+    for v in dash["templating"]["list"].as_array().unwrap() {
+        exprs.push(v["definition"].as_str().unwrap().to_string());
+    }
+    let mut wanted = std::collections::BTreeMap::new();
+    for e in &exprs {
+        promql_metrics(e, &mut wanted);
+    }
+    assert!(wanted.len() >= 15, "{wanted:?}");
+
+    // A running daemon exports every one, with the labels they are selected by.
+    let mut t = Topology::new("alrt").expect("topology");
+    t.detach_on_drop(loader_bin());
+    let dir = TempDir::new("alrt");
+    let file = dir.0.join("rules.toml");
+    std::fs::write(&file, read(&rules_dir().join("alternate-a.toml"))).unwrap();
+    let _d = Daemon::start(&t, &dir.0, &["--rules", file.to_str().unwrap(), "--detach-on-exit"]);
+    assert_eq!(udp_delivered(&t, sa(SERVER_V4, 7000), 10), 0);
+    // One reload, so the last reload's phases are there too.
+    std::fs::write(&file, read(&rules_dir().join("alternate-b.toml"))).unwrap();
+    assert!(eventually(std::time::Duration::from_secs(10), || scrape(&t).is_some_and(|s| s.contains("xdpfw_last_reload_phase_seconds{"))), "the daemon reloaded");
+    let s = scrape(&t).unwrap();
+    for (metric, labels) in &wanted {
+        let samples: Vec<&str> = s.lines().filter(|l| !l.starts_with('#') && (l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} ")))).collect();
+        assert!(!samples.is_empty(), "{metric} (named by the alert rules or the dashboard) is not exported:\n{s}");
+        for label in labels {
+            assert!(samples.iter().any(|l| l.contains(&format!("{label}=\""))), "{metric} has no label {label}: {samples:?}");
+        }
+    }
+    // Proper types: counters, and the decision latency as a summary.
+    assert!(s.contains("# TYPE xdpfw_escalation_decision_latency_seconds summary\n"), "{s}");
+    assert!(s.contains("xdpfw_escalation_decision_latency_seconds_count 0\n") && s.contains("xdpfw_escalation_decision_latency_seconds_sum 0\n"), "{s}");
+    assert!(s.contains("# TYPE xdpfw_ring_overflows_total counter\n") && s.contains("# TYPE xdpfw_rule_packets_total counter\n"));
 }

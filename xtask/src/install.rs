@@ -86,6 +86,11 @@ pub(crate) fn install(binary: &Path, layout: &Layout) -> Result<Vec<PathBuf>> {
     written.push(write_file(&layout.staged("lib/systemd/system/xdpfw@.service"), unit.as_bytes(), 0o644)?);
     let env = fs::read(root_dir().join("dist/systemd/xdpfw.env.example"))?;
     written.push(write_file(&layout.staged("share/doc/xdpfw/xdpfw.env.example"), &env, 0o644)?);
+    // Monitoring: Prometheus alert rules and a Grafana dashboard, to copy where they are read.
+    for (from, to) in [("dist/prometheus/xdpfw-alerts.yml", "share/doc/xdpfw/xdpfw-alerts.yml"), ("dist/grafana/xdpfw-dashboard.json", "share/doc/xdpfw/xdpfw-dashboard.json")] {
+        let bytes = fs::read(root_dir().join(from))?;
+        written.push(write_file(&layout.staged(to), &bytes, 0o644)?);
+    }
     Ok(written)
 }
 

@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask setup | demo | test | bench | install | deb`.
+//! Project automation: `cargo xtask setup | demo | test | bench | plot | install | deb`.
 //!
 //! `./run` (the README's entry point) installs the pinned userspace toolchain, which rustup here
 //! does not do on its own, and then calls this.
@@ -6,6 +6,7 @@
 mod architecture;
 mod demo;
 mod install;
+mod plot;
 
 use std::{
     path::{Path, PathBuf},
@@ -64,6 +65,16 @@ enum Cmd {
         #[arg(long)]
         debug: bool,
     },
+    /// Draw the classifier bench's ns/packet against set size, beside the floor and a plain LPM
+    /// program, as an SVG (the bench writes target/bench/classifier.svg this way).
+    Plot {
+        /// The bench's JSON.
+        #[arg(long, default_value = "target/bench/classifier.json")]
+        input: PathBuf,
+        /// Where to write the SVG.
+        #[arg(long, default_value = "target/bench/classifier.svg")]
+        output: PathBuf,
+    },
     /// Build the Debian package target/debian/xdpfw_VERSION_ARCH.deb (PREFIX /usr).
     Deb {
         /// Package the debug build (what the tests use).
@@ -96,9 +107,14 @@ fn main() -> Result<()> {
                     cmd.arg("--quick");
                 }
                 run(&mut cmd)?;
+                if bench == "classifier" {
+                    let dir = root_dir().join("target/bench");
+                    plot::plot(&dir.join("classifier.json"), &dir.join("classifier.svg"))?;
+                }
             }
             Ok(())
         }
+        Cmd::Plot { input, output } => plot::plot(&root_dir().join(input), &root_dir().join(output)),
         Cmd::Install { prefix, destdir, debug } => {
             setup_build()?;
             let env_path = |v: &str| std::env::var_os(v).filter(|s| !s.is_empty()).map(PathBuf::from);
@@ -173,7 +189,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// escalation tests' socket owners (Debian's, so the process is the interpreter itself and not a
 /// version-manager shim); nginx is the real HTTP server the daemon's tests fetch rules from (run
 /// by the tests inside their own namespace); openssl makes the private CA of its HTTPS test.
-const SYSTEM_TOOLS: [(&str, &str); 8] = [
+const SYSTEM_TOOLS: [(&str, &str); 10] = [
     ("ip", "iproute2"),
     ("ping", "iputils-ping"),
     ("bpftool", "bpftool"),
@@ -182,6 +198,10 @@ const SYSTEM_TOOLS: [(&str, &str); 8] = [
     ("nginx", "nginx"),
     ("openssl", "openssl"),
     ("nats-server", "nats-server"),
+    // `loader top` is tested under a pseudo-terminal.
+    ("tmux", "tmux"),
+    // The Prometheus alert rules in dist/ are parsed by a test.
+    ("/usr/lib/python3/dist-packages/yaml/__init__.py", "python3-yaml"),
 ];
 
 fn setup() -> Result<()> {
@@ -269,7 +289,15 @@ fn ensure_bpf_linker(root: &Path, toolchain: &str) -> Result<()> {
 fn ensure_system_tools() -> Result<()> {
     let missing: Vec<&str> = SYSTEM_TOOLS
         .iter()
-        .filter(|(cmd, _)| !Command::new("sh").args(["-c", &format!("command -v {cmd}")]).output().is_ok_and(|o| o.status.success()))
+        .filter(|(cmd, _)| {
+            // A path is a file the package installs (a module, not a command); else a command.
+            let present = if cmd.starts_with('/') {
+                Path::new(cmd).exists()
+            } else {
+                Command::new("sh").args(["-c", &format!("command -v {cmd}")]).output().is_ok_and(|o| o.status.success())
+            };
+            !present
+        })
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {

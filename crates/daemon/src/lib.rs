@@ -10,6 +10,7 @@
 
 pub mod escalation;
 pub mod metrics;
+mod notify;
 mod source_file;
 mod source_http;
 mod source_nats;
@@ -293,6 +294,7 @@ impl Applier {
         self.stats.record(&result);
         match result {
             Ok(r) => {
+                notify::status(&self.inst, None);
                 tracing::info!(
                     "applied {} ({}, {}): generation {} -> {} in {} us",
                     path.display(),
@@ -311,6 +313,7 @@ impl Applier {
                 // Capped: a hostile rules server must not fill the log.
                 let msg = rules::cap_text(e.to_string(), MAX_LOG_ERROR);
                 tracing::error!("rejected {}; the live ruleset keeps serving: {msg}", path.display());
+                notify::status(&self.inst, Some(&msg));
                 (Outcome::Failed(msg), set_files)
             }
         }
@@ -381,25 +384,6 @@ fn attach_or_adopt(cfg: &RunConfig, inst: &Instance, stats: &ReloadStats, server
         tracing::warn!("attached to {} passing everything until a valid ruleset is live", inst.iface);
     }
     Ok(tried)
-}
-
-/// Tells systemd (Type=notify) about our state; a no-op outside systemd.
-fn sd_notify(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
-    let sock = match std::os::unix::net::UnixDatagram::unbound() {
-        Ok(s) => s,
-        Err(_) => return,
-    };
-    let bytes = path.as_encoded_bytes();
-    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(name).and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
-    } else {
-        sock.send_to(state.as_bytes(), Path::new(&path))
-    };
-    if let Err(e) = sent {
-        tracing::warn!("could not notify systemd ({state}): {e}");
-    }
 }
 
 /// Holds `<runtime>/<iface>.daemon.lock` for the daemon's lifetime: two daemons feeding one
@@ -492,7 +476,14 @@ async fn run(args: RunConfig) -> Result<()> {
         services.spawn("metrics", metrics::serve(listener, registry.clone(), ctx.shutdown.clone()));
     }
 
-    sd_notify("READY=1");
+    // systemd's watchdog (WatchdogSec=): pinged from this runtime at half the interval.
+    if let Some(every) = notify::watchdog_interval() {
+        tracing::info!("systemd watchdog: WATCHDOG=1 every {:?}", every / 2);
+        services.spawn("watchdog", notify::watchdog(every, ctx.shutdown.clone()));
+    }
+
+    notify::notify("READY=1");
+    notify::status(&inst, (!stats.last_ok.load(Ordering::Relaxed)).then_some("see the log"));
     let mut failure = None;
     loop {
         tokio::select! {
@@ -509,7 +500,7 @@ async fn run(args: RunConfig) -> Result<()> {
             }
         }
     }
-    sd_notify("STOPPING=1");
+    notify::notify("STOPPING=1");
     let _ = stop_tx.send(true);
     let drain = async {
         while let Some(done) = services.set.join_next().await {

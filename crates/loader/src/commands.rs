@@ -17,7 +17,7 @@ use xdpfw_rules::{
 
 use crate::{
     exit::{INVALID_RULESET, Output, UsageError, WARNINGS},
-    flags::{Cli, Command, ExplainTarget},
+    flags::{Cli, Command, ExplainTarget, TopArgs},
     render,
 };
 
@@ -55,6 +55,7 @@ pub(crate) fn run(cli: Cli) -> Result<Output> {
             let mode = mode_in_effect(&inst.iface, s.mode);
             Ok(Output::ok(if json { json_text_with(&s, &[("mode_in_effect", serde_json::json!(mode))])? } else { render::stats(&s, &mode) }))
         }
+        Command::Run(args) if args.check => check_run_source(&args),
         Command::Run(args) => {
             xdpfw_daemon::main(args.into_config())?;
             Ok(Output::ok(String::new()))
@@ -71,6 +72,7 @@ pub(crate) fn run(cli: Cli) -> Result<Output> {
         }
         Command::Show { iface, sets, json } => show(iface.as_deref(), sets, json),
         Command::Diff { file, iface, json } => diff(&file, iface.as_deref(), json),
+        Command::Top(args) => top(&args),
         Command::Man { dir } => man(&dir),
         Command::Completions { shell } => {
             let mut buf = Vec::new();
@@ -176,7 +178,7 @@ fn reload(file: &std::path::Path, iface: Option<&str>, opts: &ReloadOptions, jso
     let inst = Instance::find(iface)?;
     let r = control::reload(&inst, file, opts)?;
     for w in &r.warnings {
-        eprintln!("{w}");
+        crate::journal::eprint(crate::journal::WARNING, &w.to_string());
     }
     Ok(Output::ok(if json { json_text(&r)? } else { render::reload(&r) }))
 }
@@ -193,6 +195,15 @@ fn status(iface: Option<&str>, history: bool, json: bool) -> Result<Output> {
         render::status(&state, &mode, served.as_ref(), &entries)
     };
     Ok(Output::ok(text))
+}
+
+/// `loader run … --check` (the unit's ExecStartPre=): the rules file `run` would watch, checked
+/// as `loader check` checks it; a remote source is checked at every fetch instead.
+fn check_run_source(args: &crate::flags::RunArgs) -> Result<Output> {
+    match &args.rules {
+        Some(file) => check(file, false, false),
+        None => Ok(Output::ok(format!("{}: the source is remote; every ruleset fetched is checked before it goes live\n", args.iface))),
+    }
 }
 
 fn check(file: &std::path::Path, strict: bool, json: bool) -> Result<Output> {
@@ -223,13 +234,13 @@ fn check(file: &std::path::Path, strict: bool, json: bool) -> Result<Output> {
         return Ok(Output { text: json_text(&doc)?, code });
     }
     for w in &rs.warnings {
-        eprintln!("{w}");
+        crate::journal::eprint(crate::journal::WARNING, &w.to_string());
     }
     if let Some(failures) = failures {
         for f in &failures.failures {
-            eprintln!("{f}");
+            crate::journal::eprint(crate::journal::ERR, &f.to_string());
         }
-        eprintln!("{}: {} of {} self-tests failed", file.display(), failures.failures.len(), failures.total);
+        crate::journal::eprint(crate::journal::ERR, &format!("{}: {} of {} self-tests failed", file.display(), failures.failures.len(), failures.total));
         return Ok(Output { text: String::new(), code });
     }
     let text = format!(
@@ -342,4 +353,57 @@ fn diff(file: &std::path::Path, iface: Option<&str>, json: bool) -> Result<Outpu
     compile(&new)?;
     let d = render::RulesetDiff::new(&live, &new);
     Ok(Output::ok(if json { json_text(&d)? } else { render::diff(&d) }))
+}
+
+/// `loader top`: samples the counters every interval and prints the rates between the last two
+/// samples, as a screen redrawn in place on a terminal, else as snapshots one after another
+/// (or JSON Lines), until interrupted or `--count` refreshes.
+fn top(args: &TopArgs) -> Result<Output> {
+    use std::io::IsTerminal;
+    let inst = Instance::find(args.iface())?;
+    let screen = !args.plain && !args.json && std::io::stdout().is_terminal();
+    let mut prev = control::stats(&inst)?;
+    let mode = mode_in_effect(&inst.iface, prev.mode);
+    let mut at = std::time::Instant::now();
+    let (mut shown, mut misses) = (0u64, 0u32);
+    while args.count.is_none_or(|n| shown < n) {
+        std::thread::sleep(args.interval);
+        let cur = match control::stats(&inst) {
+            Ok(s) => s,
+            // A reload writing the state between our two reads: the next refresh will see it.
+            Err(_) if inst.is_attached() && misses < 5 => {
+                misses += 1;
+                continue;
+            }
+            Err(e) => return Err(anyhow::Error::from(e).context(format!("reading the counters of {}", inst.iface))),
+        };
+        misses = 0;
+        let now = std::time::Instant::now();
+        let frame = render::TopFrame::new(&prev, &cur, now.duration_since(at).as_secs_f64(), &mode, control::files::now_secs());
+        let text = if args.json {
+            let mut v = serde_json::to_value(&frame)?;
+            if let serde_json::Value::Object(m) = &mut v {
+                m.insert("schema".into(), JSON_SCHEMA.into());
+            }
+            serde_json::to_string(&v)? + "\n"
+        } else if screen {
+            render::top_screen(&frame, terminal_size())
+        } else {
+            render::top(&frame, usize::MAX) + "\n"
+        };
+        if !crate::exit::print_now(&text)? {
+            break;
+        }
+        (prev, at) = (cur, now);
+        shown += 1;
+    }
+    Ok(Output::ok(String::new()))
+}
+
+/// Rows and columns of the terminal on stdout (24x80 when it cannot say).
+fn terminal_size() -> (usize, usize) {
+    let mut ws = nix::libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCGWINSZ writes one winsize into the struct we pass; fd 1 is ours to query.
+    let ok = unsafe { nix::libc::ioctl(1, nix::libc::TIOCGWINSZ, &mut ws) } == 0;
+    if ok && ws.ws_row > 0 && ws.ws_col > 0 { (usize::from(ws.ws_row), usize::from(ws.ws_col)) } else { (24, 80) }
 }

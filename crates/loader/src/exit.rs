@@ -44,21 +44,35 @@ pub(crate) fn print(out: &Output) -> ExitCode {
     }
 }
 
+/// Writes `text` now, for commands that print as they go (`top`). Returns false when the reader
+/// went away (`loader top | head`): the command should stop, and that is not an error.
+pub(crate) fn print_now(text: &str) -> std::io::Result<bool> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Prints an error and returns its exit code.
 pub(crate) fn report(e: &anyhow::Error, mutates: bool) -> ExitCode {
     let code = code_of(e);
+    let mut text = String::new();
     if code == INVALID_RULESET {
         // These errors carry their own location (file:line:column or the file).
-        eprintln!("{e}");
+        text.push_str(&format!("{e}\n"));
         if mutates {
-            eprintln!("nothing was changed");
+            text.push_str("nothing was changed\n");
         }
     } else {
-        eprintln!("error: {e:#}");
+        text.push_str(&format!("error: {e:#}\n"));
         if permission_denied(e) {
-            eprintln!("hint: the firewall's pins and maps need root (CAP_BPF and CAP_NET_ADMIN); try sudo");
+            text.push_str("hint: the firewall's pins and maps need root (CAP_BPF and CAP_NET_ADMIN); try sudo\n");
         }
     }
+    // Under journald at priority err, so `journalctl -p err` finds it.
+    crate::journal::eprint(crate::journal::ERR, &text);
     ExitCode::from(code)
 }
 

@@ -195,6 +195,9 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A live view of the traffic on IFACE: packets/s, bits/s and drops/s per rule (the change of
+    /// its counters between refreshes, busiest first), the totals, the generation and ruleset.
+    Top(TopArgs),
     /// What reloading FILE would change: rules added, removed, changed and moved, set sizes.
     Diff {
         /// The rules file a reload would apply.
@@ -240,6 +243,44 @@ pub(crate) fn explain_target(args: Vec<String>, iface: Option<String>) -> Result
         (Some(_), None, None) => Err("explain needs a rules file and a packet, or --iface IFACE and a packet".into()),
         (Some(_), Some(_), Some(_)) => Err("with --iface, explain takes the packet only (the rules are the live ones)".into()),
         (None, _, _) => Err("explain needs a packet".into()),
+    }
+}
+
+/// At least 100 ms (rates over shorter intervals are noise), at most a day.
+fn refresh_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(100) || d > Duration::from_secs(86400) {
+        return Err(format!("{s}: the interval must be between 100ms and 24h"));
+    }
+    Ok(d)
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub(crate) struct TopArgs {
+    /// The interface (needed when several are attached); the same as --iface.
+    #[arg(value_name = "IFACE", conflicts_with = "iface")]
+    pub iface_arg: Option<String>,
+    /// The interface (needed when several are attached).
+    #[arg(long)]
+    pub iface: Option<String>,
+    /// Time between refreshes; rates are over this interval (durations: 500ms, 2s; at least 100ms).
+    #[arg(long, default_value = "1s", value_name = "DURATION", value_parser = refresh_interval)]
+    pub interval: Duration,
+    /// Stop after N refreshes (by default: until interrupted).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+    /// Print each refresh below the previous one, without clearing the screen (what `top` does
+    /// anyway when its output is not a terminal).
+    #[arg(long)]
+    pub plain: bool,
+    /// One JSON document per refresh, one per line (JSON Lines).
+    #[arg(long, conflicts_with = "plain")]
+    pub json: bool,
+}
+
+impl TopArgs {
+    pub(crate) fn iface(&self) -> Option<&str> {
+        self.iface_arg.as_deref().or(self.iface.as_deref())
     }
 }
 
@@ -304,6 +345,11 @@ pub(crate) struct RunArgs {
     /// The longest one owner lookup (the /proc walk) may take; the flow is retried after it.
     #[arg(long, default_value = "200ms", value_name = "DURATION", value_parser = parse_duration)]
     pub owner_lookup_deadline: Duration,
+    /// Check the source and exit without starting (the unit's ExecStartPre=): a rules file as
+    /// `loader check` does (exit 3 when invalid); a URL or NATS source has nothing to check
+    /// before it is fetched (every fetched ruleset is checked before it goes live).
+    #[arg(long)]
+    pub check: bool,
 }
 
 impl RunArgs {

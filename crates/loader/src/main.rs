@@ -9,6 +9,7 @@ mod commands;
 mod exit;
 mod fleet;
 mod flags;
+mod journal;
 mod render;
 
 use std::process::ExitCode;
@@ -20,9 +21,8 @@ fn main() -> ExitCode {
     // A daemon's log is its record of what it did: info unless RUST_LOG says otherwise. A
     // command shows warnings (a skipped history line, a failed record) and errors.
     let default = if matches!(cli.command, flags::Command::Run(_)) { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default.into());
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    // Under systemd (stderr is journald's stream): syslog priorities, no timestamps.
+    journal::init(default);
     let mutates = commands::mutates(&cli.command);
     match commands::run(cli) {
         Ok(out) => exit::print(&out),

@@ -437,6 +437,152 @@ pub(crate) fn explain(pkt: &PacketSpec, d: &Decision, in_kernel: &Decision, kern
     s
 }
 
+/// One refresh of `loader top`: rates between two samples of the counters.
+#[derive(serde::Serialize)]
+pub(crate) struct TopFrame {
+    pub iface: String,
+    pub mode: String,
+    /// When the second sample was taken (RFC 3339 UTC).
+    pub time: String,
+    /// Seconds between the two samples.
+    pub interval: f64,
+    pub generation: u64,
+    /// The generation at the first sample (another one: a reload in between).
+    pub previous_generation: u64,
+    pub version: Option<String>,
+    pub hash: String,
+    /// Every packet the program saw, per second, and the bits of their frames per second.
+    pub pps: f64,
+    pub bps: f64,
+    pub passed_pps: f64,
+    pub dropped_pps: f64,
+    /// Busiest first: packets/s, then bits/s, then rule order (the default action last).
+    pub rules: Vec<TopRule>,
+}
+
+#[derive(serde::Serialize)]
+pub(crate) struct TopRule {
+    pub index: Option<usize>,
+    pub name: String,
+    pub action: String,
+    pub pps: f64,
+    pub bps: f64,
+    /// Packets/s the rule dropped (its packets/s for a drop rule).
+    pub dropped_pps: f64,
+    /// Packets and bytes since the rule's name went live (carried across reloads).
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl TopFrame {
+    /// Rates from `prev` to `cur`, `secs` apart. Per-rule counters are matched by rule name (they
+    /// are carried across reloads by name); a counter that went down (a name that left and came
+    /// back) counts from zero.
+    pub(crate) fn new(prev: &Stats, cur: &Stats, secs: f64, mode: &str, now: u64) -> Self {
+        let secs = secs.max(1e-3);
+        let per_sec = |a: u64, b: u64| b.saturating_sub(a) as f64 / secs;
+        let before: std::collections::HashMap<&str, (u64, u64)> = prev.rules.iter().map(|r| (r.name.as_str(), (r.packets, r.bytes))).collect();
+        let mut rules: Vec<TopRule> = cur
+            .rules
+            .iter()
+            .map(|r| {
+                let (p0, b0) = before.get(r.name.as_str()).copied().filter(|&(p, _)| p <= r.packets).unwrap_or((0, 0));
+                let pps = per_sec(p0, r.packets);
+                TopRule {
+                    index: r.index,
+                    name: r.name.clone(),
+                    action: r.action.clone(),
+                    pps,
+                    bps: per_sec(b0, r.bytes) * 8.0,
+                    dropped_pps: if r.action == "drop" { pps } else { 0.0 },
+                    packets: r.packets,
+                    bytes: r.bytes,
+                }
+            })
+            .collect();
+        rules.sort_by(|a, b| {
+            b.pps.total_cmp(&a.pps).then(b.bps.total_cmp(&a.bps)).then(a.index.unwrap_or(usize::MAX).cmp(&b.index.unwrap_or(usize::MAX)))
+        });
+        let (g0, g1) = (&prev.global, &cur.global);
+        Self {
+            iface: cur.iface.clone(),
+            mode: mode.to_string(),
+            time: rfc3339(now),
+            interval: secs,
+            generation: cur.generation,
+            previous_generation: prev.generation,
+            version: cur.ruleset.version.clone(),
+            hash: cur.ruleset.hash.clone(),
+            pps: per_sec(g0.seen, g1.seen),
+            bps: per_sec(g0.bytes, g1.bytes) * 8.0,
+            passed_pps: per_sec(g0.passed, g1.passed),
+            dropped_pps: per_sec(g0.dropped, g1.dropped),
+            rules,
+        }
+    }
+}
+
+/// A rate with an SI suffix: `0`, `950`, `12.3k`, `1.50M`, `2.10G`.
+pub(crate) fn si(v: f64) -> String {
+    let v = if v.is_finite() { v.max(0.0) } else { 0.0 };
+    match v {
+        v if v < 0.5 => "0".to_string(),
+        v if v < 1e3 => format!("{v:.0}"),
+        v if v < 1e4 => format!("{:.2}k", v / 1e3),
+        v if v < 1e6 => format!("{:.1}k", v / 1e3),
+        v if v < 1e7 => format!("{:.2}M", v / 1e6),
+        v if v < 1e9 => format!("{:.1}M", v / 1e6),
+        v => format!("{:.2}G", v / 1e9),
+    }
+}
+
+/// `loader top`, one refresh: a header and at most `max_rules` rules (the busiest).
+pub(crate) fn top(f: &TopFrame, max_rules: usize) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "xdpfw top on {} ({} mode), every {:.1}s, {}", f.iface, f.mode, f.interval, f.time);
+    let reloaded = if f.generation != f.previous_generation { format!(" (reloaded from {})", f.previous_generation) } else { String::new() };
+    let _ = writeln!(s, "ruleset {} {}, generation {}{reloaded}", version(f.version.as_deref()), short_hash(&f.hash), f.generation);
+    let _ = writeln!(
+        s,
+        "total {} pkt/s  {} bit/s  passed {} pkt/s  dropped {} pkt/s",
+        si(f.pps),
+        si(f.bps),
+        si(f.passed_pps),
+        si(f.dropped_pps)
+    );
+    let width = f.rules.iter().map(|r| clean(&r.name).len()).max().unwrap_or(4).max(4);
+    let _ = writeln!(s, "{:>4}  {:<width$}  {:<6}  {:>8}  {:>8}  {:>8}  {:>12}", "#", "rule", "action", "pkt/s", "bit/s", "drop/s", "packets");
+    for r in f.rules.iter().take(max_rules) {
+        let idx = r.index.map_or_else(|| "-".to_string(), |i| i.to_string());
+        let _ = writeln!(
+            s,
+            "{idx:>4}  {:<width$}  {:<6}  {:>8}  {:>8}  {:>8}  {:>12}",
+            clean(&r.name),
+            r.action,
+            si(r.pps),
+            si(r.bps),
+            si(r.dropped_pps),
+            r.packets
+        );
+    }
+    if f.rules.len() > max_rules {
+        let _ = writeln!(s, "      ({} more rules, quieter)", f.rules.len() - max_rules);
+    }
+    s
+}
+
+/// `loader top` on a terminal: the screen cleared and redrawn, fitted to `(rows, columns)`.
+pub(crate) fn top_screen(f: &TopFrame, (rows, cols): (usize, usize)) -> String {
+    // Four header lines, one for "more rules", one spare so the terminal does not scroll.
+    let text = top(f, rows.saturating_sub(6).max(1));
+    let mut s = String::from("\x1b[H\x1b[2J");
+    for line in text.lines() {
+        s.extend(line.chars().take(cols));
+        s.push_str("\r\n");
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -446,6 +592,16 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_795_442_709), "2026-11-23T14:05:09Z");
+    }
+
+    #[test]
+    fn si_rates() {
+        assert_eq!(si(0.2), "0");
+        assert_eq!(si(950.0), "950");
+        assert_eq!(si(1234.0), "1.23k");
+        assert_eq!(si(12_345.0), "12.3k");
+        assert_eq!(si(1_500_000.0), "1.50M");
+        assert_eq!(si(f64::NAN), "0");
     }
 
     #[test]

@@ -73,17 +73,22 @@ pub struct Shared {
     latencies: Mutex<Latencies>,
 }
 
-/// The most recent decision latencies, in nanoseconds (a fixed window).
+/// The most recent decision latencies, in nanoseconds (a fixed window), and the sum and count of
+/// every one since the start (a Prometheus summary's `_sum` and `_count`).
 #[derive(Default)]
 struct Latencies {
     samples: Vec<u64>,
     next: usize,
+    sum_ns: u128,
+    count: u64,
 }
 
 const LATENCY_WINDOW: usize = 4096;
 
 impl Latencies {
     fn push(&mut self, ns: u64) {
+        self.sum_ns += u128::from(ns);
+        self.count += 1;
         if self.samples.len() < LATENCY_WINDOW {
             self.samples.push(ns);
         } else {
@@ -160,12 +165,25 @@ impl crate::MetricsSource for Metrics {
         let _ = writeln!(out, "xdpfw_escalation_process_gone_total {}", c.process_gone);
         family(out, "xdpfw_escalation_sources_tracked", "gauge", "Source addresses in the per-source limiter.");
         let _ = writeln!(out, "xdpfw_escalation_sources_tracked {}", r.sources_tracked);
-        family(out, "xdpfw_escalation_decision_latency_seconds", "gauge", "Kernel event to verdict in place: quantiles over the most recent decisions.");
+        // A summary: quantiles over the most recent decisions (NaN before the first, as client
+        // libraries write them), and the cumulative sum and count, so `rate(_sum) / rate(_count)`
+        // is the mean latency over any range.
+        let (sum_ns, count) = {
+            let l = self.0.latencies.lock().expect("not poisoned");
+            (l.sum_ns, l.count)
+        };
+        family(
+            out,
+            "xdpfw_escalation_decision_latency_seconds",
+            "summary",
+            "Kernel event to verdict in place: quantiles over the most recent 4096 decisions; sum and count over every decision.",
+        );
         for (q, v) in [("0.5", r.latency_p50_us), ("0.99", r.latency_p99_us)] {
-            if let Some(us) = v {
-                let _ = writeln!(out, "xdpfw_escalation_decision_latency_seconds{{quantile=\"{q}\"}} {}", us / 1e6);
-            }
+            let v = v.map_or_else(|| "NaN".to_string(), |us| (us / 1e6).to_string());
+            let _ = writeln!(out, "xdpfw_escalation_decision_latency_seconds{{quantile=\"{q}\"}} {v}");
         }
+        let _ = writeln!(out, "xdpfw_escalation_decision_latency_seconds_sum {}", sum_ns as f64 / 1e9);
+        let _ = writeln!(out, "xdpfw_escalation_decision_latency_seconds_count {count}");
         family(out, "xdpfw_escalation_decision_latency_samples", "gauge", "Decisions the latency quantiles are taken over.");
         let _ = writeln!(out, "xdpfw_escalation_decision_latency_samples {}", r.latency_samples);
     }
@@ -378,5 +396,22 @@ mod tests {
         assert_eq!(l.samples.len(), LATENCY_WINDOW);
         assert!(l.quantile(0.5).unwrap() > 5000.0, "old samples left the window");
         assert!(l.quantile(0.99).unwrap() <= 10_000.0);
+        assert_eq!((l.count, l.sum_ns), (10_000, 1000 * 10_000 * 10_001 / 2), "the summary's count and sum cover every decision");
+    }
+
+    #[test]
+    fn decision_latency_is_a_summary() {
+        let shared = Arc::new(Shared::default());
+        let mut out = String::new();
+        crate::MetricsSource::render(&Metrics(shared.clone()), &mut out);
+        assert!(out.contains("# TYPE xdpfw_escalation_decision_latency_seconds summary\n"), "{out}");
+        assert!(out.contains("xdpfw_escalation_decision_latency_seconds{quantile=\"0.99\"} NaN\n"), "{out}");
+        assert!(out.contains("xdpfw_escalation_decision_latency_seconds_count 0\n"), "{out}");
+        shared.latencies.lock().unwrap().push(2_000_000);
+        shared.latencies.lock().unwrap().push(4_000_000);
+        let mut out = String::new();
+        crate::MetricsSource::render(&Metrics(shared), &mut out);
+        assert!(out.contains("xdpfw_escalation_decision_latency_seconds_sum 0.006\n"), "{out}");
+        assert!(out.contains("xdpfw_escalation_decision_latency_seconds_count 2\n"), "{out}");
     }
 }
