@@ -115,8 +115,11 @@ pub struct History {
 }
 
 impl History {
-    pub fn new(iface: &str) -> Self {
-        Self { dir: history_root().join(iface) }
+    /// The history of `inst`: `<root>/<namespace's stable name>/<interface name>` (see
+    /// [`crate::instance::Netns::stable_name`]): the namespace inode and the ifindex that key
+    /// the instance's runtime state change with every reboot, the names do not.
+    pub fn new(inst: &crate::Instance) -> Self {
+        Self { dir: history_root().join(inst.netns.stable_name()).join(&inst.iface) }
     }
 
     pub fn dir(&self) -> &Path {
@@ -126,10 +129,22 @@ impl History {
     /// The history folder, created (or checked) root-only, like the root it is in: error texts
     /// and snapshots are the operator's business alone.
     fn ensure_dir(&self) -> Result<()> {
-        if let Some(root) = self.dir.parent() {
-            files::private_dir(root)?;
+        let root = history_root();
+        let Ok(below) = self.dir.strip_prefix(&root) else {
+            // Not under the root (a test's folder): its parent and itself.
+            if let Some(parent) = self.dir.parent() {
+                files::private_dir(parent)?;
+            }
+            return files::private_dir(&self.dir);
+        };
+        files::private_dir(&root)?;
+        // Every folder from the root down to ours.
+        let mut dir = root.clone();
+        for c in below.components() {
+            dir.push(c);
+            files::private_dir(&dir)?;
         }
-        files::private_dir(&self.dir)
+        Ok(())
     }
 
     /// Appends one entry (its error text capped to [`MAX_ERROR`]), then keeps the file bounded:
