@@ -159,3 +159,69 @@ fn a_fail_closed_daemon_attaches_the_fail_closed_ruleset_again() {
     assert_eq!(udp_verdicts(&t), (0, 0), "fail-closed again\n{}", d.log());
     assert_eq!(metric_of(&t, "xdpfw_fail_closed"), Some(1.0));
 }
+
+// ---- 7. snapshots of exactly the bytes that were parsed ----
+
+#[test]
+fn rollback_and_last_good_restore_exactly_the_bytes_that_went_live() {
+    let t = topology("hsnp");
+    let dir = TempDir::new("hsnp");
+    let (rules_dir, sets_dir) = (dir.0.join("rules"), dir.0.join("sets"));
+    std::fs::create_dir_all(&rules_dir).unwrap();
+    std::fs::create_dir_all(&sets_dir).unwrap();
+    let pass = rules_dir.join("pass.toml");
+    std::fs::write(&pass, "version = \"pass\"\ndefault = \"pass\"\n").unwrap();
+    // Set files outside the rules file's folder: one by absolute path, one through "..".
+    let (s, u) = (sets_dir.join("s.txt"), sets_dir.join("u.txt"));
+    std::fs::write(&s, "192.0.2.0/24\n").unwrap();
+    std::fs::write(&u, "198.51.100.0/24\n").unwrap();
+    let rules = rules_dir.join("rules.toml");
+    std::fs::write(
+        &rules,
+        format!(
+            "version = \"sets\"\ndefault = \"pass\"\n[sets.s]\nfile = \"{}\"\n[sets.u]\nfile = \"../sets/u.txt\"\n\
+             [[rule]]\nname = \"s-7000\"\naction = \"drop\"\nproto = \"udp\"\ndport = 7000\nsrc = [\"@s\"]\n\
+             [[rule]]\nname = \"u-7001\"\naction = \"drop\"\nproto = \"udp\"\ndport = 7001\nsrc = [\"@u\"]\n",
+            s.display()
+        ),
+    )
+    .unwrap();
+    loader_ok(&t.server_ns, &["attach", &t.server_if, "--rules", pass.to_str().unwrap()]);
+
+    // A reload that parses, then waits for the lock: the set files change in between.
+    let lock = std::fs::File::options().write(true).open(t.lock_path()).unwrap();
+    let held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock).unwrap_or_else(|(_, e)| panic!("lock: {e}"));
+    let reload = std::process::Command::new(loader_bin())
+        .args(["--netns", &t.server_ns, "reload", rules.to_str().unwrap(), "--iface", &t.server_if])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    std::fs::write(&s, "198.51.100.0/24\n").unwrap();
+    std::fs::write(&u, "192.0.2.0/24\n").unwrap();
+    drop(held);
+    let out = reload.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(udp_verdicts(&t), (0, N), "what was parsed went live: the client is in s");
+    let shown = json(&loader_ok(&t.server_ns, &["show", "--iface", &t.server_if, "--sets", "--json"]));
+    let text_of = |name: &str| -> String {
+        shown["set_files"].as_array().unwrap().iter().find(|f| f["file"].as_str().unwrap().ends_with(name)).unwrap()["text"].as_str().unwrap().to_string()
+    };
+    assert_eq!(text_of("s.txt"), "192.0.2.0/24\n", "show says what went live: {shown}");
+    assert_eq!(text_of("u.txt"), "198.51.100.0/24\n");
+
+    // Something else, then back: the rollback restores the bytes that were live, not the files.
+    loader_ok(&t.server_ns, &["reload", pass.to_str().unwrap(), "--iface", &t.server_if]);
+    assert_eq!(udp_verdicts(&t), (N, N));
+    loader_ok(&t.server_ns, &["rollback", "--iface", &t.server_if]);
+    assert_eq!(udp_verdicts(&t), (0, N), "the rollback restores what was live");
+
+    // The set files gone altogether: `attach --last-good` still restores it.
+    std::fs::remove_dir_all(&sets_dir).unwrap();
+    loader_ok(&t.server_ns, &["detach", &t.server_if]);
+    loader_ok(&t.server_ns, &["attach", &t.server_if, "--last-good"]);
+    assert_eq!(udp_verdicts(&t), (0, N), "--last-good restores what was live");
+    let status = json(&loader_ok(&t.server_ns, &["status", "--iface", &t.server_if, "--json"]));
+    assert_eq!(status["state"]["ruleset"]["version"], "sets");
+}

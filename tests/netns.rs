@@ -318,12 +318,19 @@ fn a_thousand_reloads_under_traffic_every_packet_judged_by_a_complete_ruleset() 
     let sender = udp_stream(&t.client_ns, stop.clone());
     // Reload in-process through the library (the CLI path is covered elsewhere) so 1,000 reloads
     // take seconds: the same pipeline, lock, proof, flip, grace period and clear.
-    let inst = xdpfw_control::Instance::find(Some(&t.server_if)).unwrap();
-    let files = [rules_dir().join("alternate-b.toml"), rules_dir().join("alternate-a.toml")];
-    let opts = xdpfw_control::ReloadOptions::default();
-    for i in 0..reloads {
-        xdpfw_control::reload(&inst, &files[i % 2], &opts).unwrap();
-    }
+    // An instance is found in the network namespace of the calling thread: the reloads run in
+    // a thread in the server's.
+    let iface = t.server_if.clone();
+    in_ns(&t.server_ns, move || {
+        let inst = xdpfw_control::Instance::find(Some(&iface)).unwrap();
+        let files = [rules_dir().join("alternate-b.toml"), rules_dir().join("alternate-a.toml")];
+        let opts = xdpfw_control::ReloadOptions::default();
+        for i in 0..reloads {
+            xdpfw_control::reload(&inst, &files[i % 2], &opts).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let pairs = sender.join().unwrap();
     let (got0, got1) = (rx0.finish(), rx1.finish());

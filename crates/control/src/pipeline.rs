@@ -38,7 +38,7 @@ pub struct AttachReport {
 /// the program sees is classified against the complete ruleset.
 pub fn attach(iface: &str, rules_path: Option<&Path>, mode: AttachMode) -> Result<AttachReport> {
     let (ruleset, from_file) = match rules_path {
-        Some(p) => (rules::load(p)?, true),
+        Some(p) => (history::load_rules(p, rules::Origin::Local)?, true),
         None => (empty_ruleset(), false),
     };
     attach_ruleset(iface, &ruleset, from_file, mode)
@@ -298,7 +298,7 @@ fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions, origin: r
     let total = Instant::now();
     let mut times = ReloadTimes::default();
     let t = Instant::now();
-    let ruleset = rules::load_from(path, origin)?;
+    let ruleset = history::load_rules(path, origin)?;
     times.parse_us = us(t.elapsed());
     let t = Instant::now();
     let image = compile(&ruleset)?;
@@ -375,6 +375,11 @@ fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions, origin: r
     (next.iface, next.netns, next.ifindex) = (inst.iface.clone(), Some(inst.netns.clone()), inst.ifindex);
     inst.write_state_file(&format!("next-{generation}.json"), &next)?;
 
+    // The snapshot (exactly the bytes parsed) is stored before the ruleset goes live, so a
+    // rollback to it is possible from the moment it serves; one that cannot be written (a full
+    // disk) is said in the history, and the reload goes on.
+    let snapshot = inst.history().snapshot(&ruleset).unwrap_or_else(|e| Err(e.to_string()));
+
     let t = Instant::now();
     maps.flip(generation)?;
     times.flip_us = us(t.elapsed());
@@ -406,7 +411,6 @@ fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions, origin: r
     };
     // The new ruleset is live from the flip on: a failure to record it (a full disk) must say
     // so, not claim the reload failed.
-    let snapshot = inst.history().snapshot(&ruleset).unwrap_or_else(|e| Err(e.to_string()));
     next.last_reload = Some(report.clone());
     if let Err(e) = inst.write_state(&next) {
         return Err(ControlError::LiveButUnrecorded { report: Box::new(report), source: Box::new(e) });

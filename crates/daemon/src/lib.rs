@@ -395,7 +395,7 @@ const GUARD_INTERVAL: Duration = Duration::from_secs(1);
 fn last_good(cfg: &RunConfig, inst: &Instance, live: Option<&control::RulesetSummary>, server: &[SocketAddr]) -> Result<(rules::Ruleset, bool, String)> {
     if let Some(l) = live.filter(|l| l.path.is_some()) {
         let snapshot = inst.history().dir().join("snapshots").join(&l.hash).join("rules.toml");
-        match rules::load(&snapshot) {
+        match control::history::load_rules(&snapshot, rules::Origin::Local) {
             Ok(rs) if rs.hash == l.hash => return Ok((rs, true, format!("its last live ruleset {}", short_hash(&l.hash)))),
             Ok(_) => tracing::warn!("{} does not hash to the live ruleset {}", snapshot.display(), short_hash(&l.hash)),
             Err(e) => tracing::warn!("the snapshot of the live ruleset {} cannot be loaded: {e}", short_hash(&l.hash)),

@@ -306,7 +306,7 @@ fn live_ruleset(iface: Option<&str>) -> Result<(Instance, control::State, rules:
     if !snapshot.exists() {
         bail!("no snapshot of the live ruleset {} of {} at {}", short_hash_of(hash), inst.iface, snapshot.display());
     }
-    let rs = rules::load(&snapshot)?;
+    let rs = control::history::load_rules(&snapshot, rules::Origin::Local)?;
     if &rs.hash != hash {
         bail!("the snapshot {} does not hash to the live ruleset's {} (edited by hand?)", snapshot.display(), short_hash_of(hash));
     }
@@ -320,14 +320,13 @@ fn short_hash_of(h: &str) -> &str {
 /// `loader show`: the live ruleset's text as it went live, set sizes, and set files on request.
 fn show(iface: Option<&str>, with_sets: bool, json: bool) -> Result<Output> {
     let (inst, state, rs, snapshot) = live_ruleset(iface)?;
-    let text = std::fs::read_to_string(&snapshot).with_context(|| format!("reading {}", snapshot.display()))?;
-    let dir = snapshot.parent().unwrap_or(std::path::Path::new("."));
+    // Exactly the bytes that went live, as parsed from the snapshot.
+    let text = rs.sources.rules.to_string();
     let sets: Vec<render::SetSize> = rs.sets.iter().map(|(name, p)| render::SetSize { name: name.clone(), prefixes: p.len() }).collect();
     let mut files = Vec::new();
     if with_sets {
-        for (written, _) in &rs.set_files {
-            let path = dir.join(written);
-            files.push((written.clone(), std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?));
+        for (written, text) in &rs.sources.sets {
+            files.push((written.clone(), text.to_string()));
         }
     }
     let out = if json {

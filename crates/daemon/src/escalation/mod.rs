@@ -207,7 +207,7 @@ fn ruleset_for(inst: &Instance, generation: u64) -> Result<Ruleset> {
     let hash = &state.ruleset.hash;
     let snapshot = inst.history().dir().join("snapshots").join(hash).join("rules.toml");
     for path in [Some(snapshot), state.ruleset.path.clone()].into_iter().flatten() {
-        if let Ok(rs) = rules::load(&path)
+        if let Ok(rs) = xdpfw_control::history::load_rules(&path, rules::Origin::Local)
             && &rs.hash == hash
         {
             return Ok(rs);
