@@ -225,3 +225,137 @@ fn rollback_and_last_good_restore_exactly_the_bytes_that_went_live() {
     let status = json(&loader_ok(&t.server_ns, &["status", "--iface", &t.server_if, "--json"]));
     assert_eq!(status["state"]["ruleset"]["version"], "sets");
 }
+
+// ---- 14. secrets and exposure ----
+
+/// A minimal HTTP server in the client namespace: `route(path)` gives the whole response.
+struct MiniHttp {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl MiniHttp {
+    fn start(t: &Topology, port: u16, route: fn(&str) -> String) -> Self {
+        use std::io::{Read, Write};
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = in_ns(&t.client_ns, move || {
+            let listener = std::net::TcpListener::bind(sa(harness::topology::CLIENT_V4, port)).unwrap();
+            listener.set_nonblocking(true).unwrap();
+            ready_tx.send(()).unwrap();
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                let Ok((mut conn, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                conn.set_nonblocking(false).unwrap();
+                conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut buf = [0u8; 4096];
+                let n = conn.read(&mut buf).unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                let path = req.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let _ = conn.write_all(route(&path).as_bytes());
+            }
+        });
+        ready_rx.recv_timeout(Duration::from_secs(5)).expect("server up");
+        Self { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for MiniHttp {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn ok_body(body: &str) -> String {
+    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+}
+
+fn redirect(to: &str) -> String {
+    format!("HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+}
+
+fn route_a(path: &str) -> String {
+    match path.split('?').next().unwrap_or("") {
+        "/same" => redirect("/rules.toml"),
+        "/away" => redirect("http://192.0.2.1:8090/rules.toml"),
+        "/rules.toml" => ok_body(CLOSE_7000),
+        _ => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into(),
+    }
+}
+
+fn route_b(_: &str) -> String {
+    ok_body(CLOSE_7001)
+}
+
+#[test]
+fn url_secrets_stay_out_of_logs_and_labels_and_redirects_stay_on_the_host() {
+    let t = topology("hsec");
+    let dir = TempDir::new("hsec");
+    let _a = MiniHttp::start(&t, 8089, route_a);
+    let _b = MiniHttp::start(&t, 8090, route_b);
+
+    // Credentials and a token in the URL; a redirect on the same host is followed.
+    let url = "http://alice:SECRETPW@192.0.2.1:8089/same?token=SECRETTOK";
+    let d = Daemon::start(&t, &dir.0, &["--url", url, "--poll-interval", "200ms"]);
+    wait_for(&t, &d, "xdpfw_reloads_total{result=\"ok\"}", 1.0, 10);
+    assert_eq!(udp_verdicts(&t), (0, N));
+    let metrics = scrape(&t).unwrap();
+    assert!(metrics.contains("url=\"http://***:***@192.0.2.1:8089/same?token=***\""), "{metrics}");
+    assert!(!metrics.contains("SECRET") && !d.log().contains("SECRET"), "{metrics}\n{}", d.log());
+    drop(d);
+
+    // A failing fetch (nothing listens) says so without the secrets.
+    let d = Daemon::start(&t, &dir.0, &["--url", "http://bob:SECRETPW@192.0.2.1:8099/r?sig=SECRETTOK", "--poll-interval", "200ms", "--backoff-max", "200ms"]);
+    assert!(eventually(Duration::from_secs(10), || d.log().contains("failed")), "{}", d.log());
+    assert!(!d.log().contains("SECRET") && !scrape(&t).unwrap().contains("SECRET"), "{}", d.log());
+    drop(d);
+
+    // A redirect to another host (here: another port) is refused, the live ruleset stays.
+    let d = Daemon::start(&t, &dir.0, &["--url", "http://192.0.2.1:8089/away", "--poll-interval", "200ms", "--backoff-max", "200ms"]);
+    assert!(eventually(Duration::from_secs(10), || d.log().contains("another host")), "{}", d.log());
+    assert_eq!(metric_of(&t, "xdpfw_reloads_total{result=\"ok\"}"), Some(0.0));
+    assert_eq!(udp_verdicts(&t), (0, N), "the ruleset live before keeps serving");
+    drop(d);
+    // Unless allowed.
+    let d = Daemon::start(&t, &dir.0, &["--url", "http://192.0.2.1:8089/away", "--allow-redirect-host", "--poll-interval", "200ms"]);
+    wait_for(&t, &d, "xdpfw_reloads_total{result=\"ok\"}", 1.0, 10);
+    assert_eq!(udp_verdicts(&t), (N, 0));
+}
+
+#[test]
+fn metrics_on_a_public_address_need_metrics_public() {
+    let t = topology("hmet");
+    let dir = TempDir::new("hmet");
+    let rules = dir.0.join("rules.toml");
+    std::fs::write(&rules, CLOSE_7000).unwrap();
+    let run = |extra: &[&str]| {
+        std::process::Command::new(loader_bin())
+            .args(["--netns", &t.server_ns, "run", &t.server_if, "--rules", rules.to_str().unwrap(), "--metrics", "0.0.0.0:9465"])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut refused = run(&[]);
+    assert!(eventually(Duration::from_secs(10), || refused.try_wait().unwrap().is_some()), "still running");
+    let out = refused.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--metrics-public"), "{err}");
+    assert!(!t.pin_dir().exists(), "nothing was attached");
+
+    let mut public = run(&["--metrics-public"]);
+    let reachable = eventually(Duration::from_secs(10), || {
+        let addr = sa(SERVER_V4, 9465);
+        in_ns(&t.client_ns, move || std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()).join().unwrap()
+    });
+    let _ = public.kill();
+    let _ = public.wait();
+    assert!(reachable, "--metrics-public serves on all addresses");
+}

@@ -57,8 +57,14 @@ pub struct RunConfig {
     pub fetch_timeout: Duration,
     /// Extra CA certificates (PEM) trusted for an https:// URL.
     pub ca_cert: Option<PathBuf>,
-    /// Where to serve Prometheus metrics.
+    /// Where to serve Prometheus metrics: a loopback address unless `metrics_public`.
     pub metrics: Option<SocketAddr>,
+    /// Allow `metrics` on an address other hosts can reach (the metrics name rules, counts and
+    /// the rules server).
+    pub metrics_public: bool,
+    /// Follow an HTTP redirect of the rules URL to another host (by default only redirects to
+    /// the same host and port are followed).
+    pub allow_redirect_host: bool,
     /// Detach the firewall when the daemon stops (by default it keeps filtering).
     pub detach_on_exit: bool,
     pub escalation: escalation::Config,
@@ -508,6 +514,15 @@ async fn run(args: RunConfig) -> Result<()> {
     let _lock = daemon_lock(&inst)?;
     let stats = Arc::new(ReloadStats::new());
     // Bound before the attach, so a taken port fails the start without touching the interface.
+    if let Some(addr) = args.metrics
+        && !addr.ip().is_loopback()
+        && !args.metrics_public
+    {
+        anyhow::bail!(
+            "refusing to serve metrics on {addr}, which other hosts can reach (they name the rules, their counts and the rules server): use a loopback address such as 127.0.0.1:{}, or pass --metrics-public",
+            addr.port()
+        );
+    }
     let metrics_listener = match args.metrics {
         Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the metrics endpoint to {addr}"))?),
         None => None,
