@@ -111,7 +111,7 @@ fn invalid_rulesets_exit_3_from_reload_and_attach_and_change_nothing() {
     let out = loader(&t.server_ns, &["attach", &t.server_if, "--rules", big.to_str().unwrap()]);
     assert_eq!(code(&out), 3, "{}", stderr(&out));
     assert!(stderr(&out).contains("nothing was changed"), "{}", stderr(&out));
-    assert_no_instance(&t.server_if);
+    assert_no_instance(&t);
 
     let basic = harness::rules_dir().join("basic.toml");
     loader_ok(&t.server_ns, &["attach", &t.server_if, "--rules", basic.to_str().unwrap()]);
@@ -140,7 +140,7 @@ fn a_corrupt_history_line_is_skipped_not_fatal() {
     loader_ok(&t.server_ns, &["attach", &t.server_if, "--rules", a.to_str().unwrap()]);
     loader_ok(&t.server_ns, &["reload", b.to_str().unwrap(), "--iface", &t.server_if]);
     // A line cut short (a full disk, a crash mid-write) and one edited by hand.
-    let history = Path::new("/var/lib/xdpfw").join(&t.server_if).join("history.jsonl");
+    let history = t.history_dir().join("history.jsonl");
     let mut text = std::fs::read_to_string(&history).unwrap();
     text.push_str("{\"time\": 17, \"result\": \"appl\n not json at all\n");
     std::fs::write(&history, text).unwrap();

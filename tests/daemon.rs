@@ -142,7 +142,7 @@ fn file_source_follows_renames_in_place_writes_and_sighup() {
         break;
     }
     assert!(statuses >= 4, "STATUS= at the start and after each of the 3 reloads: {statuses}");
-    assert!(Path::new("/sys/fs/bpf/xdpfw").join(&t.server_if).join("link").exists(), "still attached after SIGTERM");
+    assert!(t.pin_dir().join("link").exists(), "still attached after SIGTERM");
     assert_eq!(udp_verdicts(&t), CLOSED_7000, "the last ruleset keeps serving without the daemon");
 }
 
@@ -265,7 +265,7 @@ fn a_bad_file_is_rejected_counted_and_the_previous_rules_keep_serving() {
     // --detach-on-exit: SIGTERM removes the firewall.
     d.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(d.wait_exit(Duration::from_secs(10)).success(), "{}", d.log());
-    assert_no_instance(&t.server_if);
+    assert_no_instance(&t);
     assert_eq!(udp_verdicts(&t), (N, N), "nothing filters after the daemon detached");
 }
 

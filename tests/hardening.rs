@@ -120,9 +120,9 @@ fn runtime_state_is_root_only_and_other_users_cannot_hold_the_locks() {
     loader_ok(&t.server_ns, &["attach", &t.server_if, "--rules", rules.to_str().unwrap()]);
     assert_eq!(mode(runtime), 0o700, "the runtime folder is made private again");
     assert_eq!(std::fs::metadata(runtime).unwrap().uid(), 0);
-    let lock = runtime.join(format!("{}.lock", t.server_if));
+    let lock = t.lock_path();
     assert_eq!(mode(&lock) & 0o077, 0, "the lock file is root's alone");
-    assert_eq!(mode(&runtime.join(&t.server_if)), 0o700);
+    assert_eq!(mode(&t.state_dir()), 0o700);
     assert_eq!(mode(Path::new("/var/lib/xdpfw")), 0o700, "history and snapshots are root's alone");
 
     // An unprivileged user can neither open nor lock the instance's lock.
@@ -134,7 +134,7 @@ fn runtime_state_is_root_only_and_other_users_cannot_hold_the_locks() {
     let mut d = Daemon::start(&t, &dir.0, &["--rules", rules.to_str().unwrap()]);
     d.signal(nix::sys::signal::Signal::SIGKILL);
     d.wait_exit(Duration::from_secs(5));
-    let daemon_lock = runtime.join(format!("{}.daemon.lock", t.server_if));
+    let daemon_lock = t.daemon_lock_path();
     assert!(daemon_lock.exists());
     let holder = Command::new("runuser")
         .args(["-u", user(), "--", "flock", "--nonblock", "--exclusive", daemon_lock.to_str().unwrap(), "sleep", "20"])
@@ -300,7 +300,7 @@ fn a_url_ruleset_names_no_local_file_and_its_errors_are_capped() {
     let url = format!("http://{CLIENT_V4}:8089/rules.toml");
     let d = Daemon::start(&t, &dir.0, &["--url", &url, "--poll-interval", "100ms", "--min-interval", "50ms"]);
     wait_metric(&t, &d, "xdpfw_reloads_total{result=\"failed\"}", 10, |n| n >= 1.0);
-    let history_file = Path::new("/var/lib/xdpfw").join(&t.server_if).join("history.jsonl");
+    let history_file = t.history_dir().join("history.jsonl");
     let history = std::fs::read_to_string(&history_file).unwrap();
     assert!(!history.contains("SECRET-TOKEN") && !d.log().contains("SECRET-TOKEN"), "the file was read:\n{history}\n{}", d.log());
     assert!(history.contains("self-contained"), "{history}");
@@ -387,17 +387,13 @@ fn a_fifo_set_file_does_not_hang_reload_or_the_daemon() {
 
 // ---- 5. partial pin folders ----
 
-fn pin_dir(iface: &str) -> PathBuf {
-    Path::new("/sys/fs/bpf/xdpfw").join(iface)
-}
-
 #[test]
 fn a_partial_pin_folder_does_not_block_attach() {
     let t = topology("hpin");
     let dir = TempDir::new("hpin");
     let rules = dir.0.join("rules.toml");
     std::fs::write(&rules, CLOSE_7000).unwrap();
-    let pins = pin_dir(&t.server_if);
+    let pins = t.pin_dir();
 
     // An empty folder (what an attach killed right after its mkdir leaves).
     std::fs::create_dir_all(&pins).unwrap();
@@ -447,7 +443,7 @@ fn an_attached_instance_with_foreign_pins_is_not_adopted() {
     let rules = dir.0.join("rules.toml");
     std::fs::write(&rules, CLOSE_7000).unwrap();
     loader_ok(&t.server_ns, &["attach", &t.server_if, "--rules", rules.to_str().unwrap()]);
-    let pins = pin_dir(&t.server_if);
+    let pins = t.pin_dir();
     std::fs::create_dir(pins.join("planted")).unwrap();
     let (out, _) = loader_within(&["--netns", &t.server_ns, "run", &t.server_if, "--rules", rules.to_str().unwrap()], Duration::from_secs(10));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -467,7 +463,7 @@ fn a_deleted_state_file_is_reported_and_rebuilt() {
     let rules = dir.0.join("rules.toml");
     std::fs::write(&rules, CLOSE_7000).unwrap();
     let d = Daemon::start(&t, &dir.0, &["--rules", rules.to_str().unwrap(), "--min-interval", "100ms"]);
-    let state = Path::new("/run/xdpfw").join(&t.server_if).join("state.json");
+    let state = t.state_dir().join("state.json");
     std::fs::remove_file(&state).unwrap();
     let out = loader(&t.server_ns, &["stats", "--iface", &t.server_if]);
     let err = String::from_utf8_lossy(&out.stderr);

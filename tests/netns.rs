@@ -68,7 +68,7 @@ fn pins_are_visible_to_bpftool_and_detach_removes_everything() {
         return;
     }
     let t = attached("pin", "services.toml");
-    let dir = std::path::Path::new("/sys/fs/bpf/xdpfw").join(&t.server_if);
+    let dir = t.pin_dir();
     for name in ["link", "prog", "ACTIVE", "RULES", "BITMAPS", "SRC_V4_FIXED", "SRC_V4_MORE_4K", "SRC_V6", "GLOBAL_STATS"] {
         assert!(dir.join(name).exists(), "{name} is not pinned");
     }
@@ -93,7 +93,7 @@ fn pins_are_visible_to_bpftool_and_detach_removes_everything() {
     assert_eq!(udp_delivered(&t, sa(SERVER_V4, 9000), 10), 0, "the first instance still filters");
 
     loader_ok(&t.server_ns, &["detach", &t.server_if]);
-    assert_no_instance(&t.server_if);
+    assert_no_instance(&t);
     let link = Command::new("ip").args(["-n", &t.server_ns, "-d", "link", "show", &t.server_if]).output().unwrap();
     assert!(!String::from_utf8_lossy(&link.stdout).contains("prog/xdp"), "program still attached after detach");
     assert!(
@@ -272,7 +272,7 @@ fn concurrent_reloads_are_serialized() {
     assert_eq!(stats(&t)["generation"], 9);
 
     // While another holder keeps the lock, a reload that may not wait fails clearly and changes nothing.
-    let lock = std::fs::File::options().write(true).open(format!("/run/xdpfw/{}.lock", t.server_if)).unwrap();
+    let lock = std::fs::File::options().write(true).open(t.lock_path()).unwrap();
     nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
         .map(|held| {
             let out = loader(&t.server_ns, &["reload", &rules("udp-7001-closed.toml"), "--iface", &t.server_if, "--lock-wait", "0"]);
@@ -318,12 +318,19 @@ fn a_thousand_reloads_under_traffic_every_packet_judged_by_a_complete_ruleset() 
     let sender = udp_stream(&t.client_ns, stop.clone());
     // Reload in-process through the library (the CLI path is covered elsewhere) so 1,000 reloads
     // take seconds: the same pipeline, lock, proof, flip, grace period and clear.
-    let inst = xdpfw_control::Instance::find(Some(&t.server_if)).unwrap();
-    let files = [rules_dir().join("alternate-b.toml"), rules_dir().join("alternate-a.toml")];
-    let opts = xdpfw_control::ReloadOptions::default();
-    for i in 0..reloads {
-        xdpfw_control::reload(&inst, &files[i % 2], &opts).unwrap();
-    }
+    // An instance is found in the network namespace of the calling thread: the reloads run in
+    // a thread in the server's.
+    let iface = t.server_if.clone();
+    in_ns(&t.server_ns, move || {
+        let inst = xdpfw_control::Instance::find(Some(&iface)).unwrap();
+        let files = [rules_dir().join("alternate-b.toml"), rules_dir().join("alternate-a.toml")];
+        let opts = xdpfw_control::ReloadOptions::default();
+        for i in 0..reloads {
+            xdpfw_control::reload(&inst, &files[i % 2], &opts).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let pairs = sender.join().unwrap();
     let (got0, got1) = (rx0.finish(), rx1.finish());

@@ -157,7 +157,8 @@ fn list_status_and_stats_show_the_mode_in_effect_and_utc_times() {
     let list = loader_ok(ns, &["list"]);
     let row = list.lines().find(|l| l.starts_with(iface)).unwrap_or_else(|| panic!("{iface} not in:\n{list}"));
     let cols: Vec<&str> = row.split_whitespace().collect();
-    assert_eq!(&cols[1..4], ["native", "1", "4"], "mode, generation, rules: {list}");
+    assert_eq!(&cols[2..5], ["native", "1", "4"], "mode, generation, rules (after the namespace): {list}");
+    assert_eq!(cols[1], ns.as_str(), "the namespace: {list}");
     assert!(row.ends_with("services-1"), "{list}");
     let doc = json(&loader_ok(ns, &["list", "--json"]));
     assert_eq!(doc["schema"], 1);

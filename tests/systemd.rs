@@ -168,13 +168,12 @@ impl Notifications {
 }
 
 /// The unit's main process, killed on drop.
-struct Main(Child, String);
+struct Main(Child);
 
 impl Drop for Main {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-        let _ = std::fs::remove_file(Path::new("/run/xdpfw").join(format!("{}.daemon.lock", self.1)));
     }
 }
 
@@ -272,7 +271,7 @@ fn the_unit_runs_as_systemd_would_with_status_watchdog_and_journal_priorities() 
     daemon_env.insert("WATCHDOG_USEC".into(), "400000".into());
     daemon_env.insert("JOURNAL_STREAM".into(), journal_stream(&journal));
     let child = unit_process(&t.server_ns, &start, &daemon_env).stdin(Stdio::null()).stdout(Stdio::null()).stderr(journal).spawn().unwrap();
-    let main = Main(child, iface.clone());
+    let main = Main(child);
     let log = || std::fs::read_to_string(&journal_path).unwrap_or_default();
 
     notes.wait(10, |m| m == "READY=1");
@@ -335,7 +334,7 @@ fn the_unit_runs_as_systemd_would_with_status_watchdog_and_journal_priorities() 
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{}", log());
-    assert!(Path::new("/sys/fs/bpf/xdpfw").join(&iface).exists(), "stopping leaves the firewall attached");
+    assert!(t.pin_dir().join("link").exists(), "stopping leaves the firewall attached");
 }
 
 /// The pid of `loader run` itself (nsenter execs it, so it is the child's).

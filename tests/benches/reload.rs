@@ -23,7 +23,7 @@ fn main() -> Result<()> {
     let result = run(&t, &dir, sizes);
     let _ = instance::detach(&t.server_if);
     let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::remove_dir_all(Path::new("/var/lib/xdpfw").join(&t.server_if));
+    let _ = std::fs::remove_dir_all(t.history_dir());
     result
 }
 
@@ -86,7 +86,7 @@ fn run(t: &topology::Topology, dir: &Path, sizes: &[usize]) -> Result<()> {
     // The fast path while reloads run back to back, against the same program idle: the attached
     // program itself (opened from its pin) through BPF_PROG_TEST_RUN.
     let mut prog = aya::programs::Xdp::from_pin(
-        xdpfw_kernel::pin_dir(&t.server_if).join("prog"),
+        t.pin_dir().join("prog"),
         aya_obj::programs::XdpAttachType::Interface,
     )?;
     let frames: Vec<Vec<u8>> = (0..64u32)

@@ -480,9 +480,10 @@ fn leak_check() -> Result<()> {
             leaks.push(format!("pin directory {}", e.path().display()));
         }
     }
-    // Test interfaces are named xs…/xc…; their durable reload history must go with them.
+    // Test namespaces are named xfw-…; the durable reload history of their interfaces (kept by
+    // namespace name, `/var/lib/xdpfw/netns-<name>/<iface>`) must go with them.
     if let Ok(entries) = std::fs::read_dir("/var/lib/xdpfw") {
-        for e in entries.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("xs")) {
+        for e in entries.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("netns-xfw-")) {
             leaks.push(format!("reload history {}", e.path().display()));
         }
     }

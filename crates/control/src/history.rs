@@ -6,7 +6,7 @@ use std::{
     fs,
     io::Write,
     os::unix::fs::OpenOptionsExt,
-    path::{Component, Path, PathBuf},
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -25,6 +25,35 @@ pub const MAX_ERROR: usize = 4096;
 pub const MAX_BYTES: u64 = 4 << 20;
 /// How many entries a rotation keeps.
 pub const KEEP_ENTRIES: usize = 1000;
+
+/// The file beside a snapshot's `rules.toml` holding its set files' texts.
+pub const SNAPSHOT_SETS: &str = "sets.json";
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotSet {
+    /// The name the rules text gives the set file.
+    file: String,
+    text: String,
+}
+
+/// Loads a rules file; a snapshot in the history (a `rules.toml` with a `sets.json` beside it)
+/// is loaded from the texts it holds, exactly the bytes that went live, whatever has become of
+/// the set files it was made from.
+pub fn load_rules(path: &Path, origin: xdpfw_rules::Origin) -> std::result::Result<Ruleset, xdpfw_rules::RulesError> {
+    let sets = path.with_file_name(SNAPSHOT_SETS);
+    if !(path.starts_with(history_root()) && path.file_name().is_some_and(|n| n == "rules.toml") && sets.exists()) {
+        return xdpfw_rules::load_from(path, origin);
+    }
+    let error = |what: String| xdpfw_rules::RulesError {
+        location: xdpfw_rules::Location { file: sets.clone(), line: 0, column: 0 },
+        message: xdpfw_rules::cap_text(what, 4096),
+    };
+    let text = xdpfw_rules::read_bounded(path, xdpfw_rules::MAX_RULES_TEXT).map_err(|e| error(format!("cannot read {}: {e}", path.display())))?;
+    let json = fs::read(&sets).map_err(|e| error(format!("cannot read: {e}")))?;
+    let given: Vec<SnapshotSet> = serde_json::from_slice(&json).map_err(|e| error(format!("not a snapshot's set files: {e}")))?;
+    let given: Vec<(String, String)> = given.into_iter().map(|s| (s.file, s.text)).collect();
+    xdpfw_rules::parse_with_sets(path, &text, &given)
+}
 
 pub fn history_root() -> PathBuf {
     std::env::var_os("XDPFW_HISTORY_ROOT")
@@ -115,8 +144,11 @@ pub struct History {
 }
 
 impl History {
-    pub fn new(iface: &str) -> Self {
-        Self { dir: history_root().join(iface) }
+    /// The history of `inst`: `<root>/<namespace's stable name>/<interface name>` (see
+    /// [`crate::instance::Netns::stable_name`]): the namespace inode and the ifindex that key
+    /// the instance's runtime state change with every reboot, the names do not.
+    pub fn new(inst: &crate::Instance) -> Self {
+        Self { dir: history_root().join(inst.netns.stable_name()).join(&inst.iface) }
     }
 
     pub fn dir(&self) -> &Path {
@@ -126,10 +158,22 @@ impl History {
     /// The history folder, created (or checked) root-only, like the root it is in: error texts
     /// and snapshots are the operator's business alone.
     fn ensure_dir(&self) -> Result<()> {
-        if let Some(root) = self.dir.parent() {
-            files::private_dir(root)?;
+        let root = history_root();
+        let Ok(below) = self.dir.strip_prefix(&root) else {
+            // Not under the root (a test's folder): its parent and itself.
+            if let Some(parent) = self.dir.parent() {
+                files::private_dir(parent)?;
+            }
+            return files::private_dir(&self.dir);
+        };
+        files::private_dir(&root)?;
+        // Every folder from the root down to ours.
+        let mut dir = root.clone();
+        for c in below.components() {
+            dir.push(c);
+            files::private_dir(&dir)?;
         }
-        files::private_dir(&self.dir)
+        Ok(())
     }
 
     /// Appends one entry (its error text capped to [`MAX_ERROR`]), then keeps the file bounded:
@@ -201,39 +245,40 @@ impl History {
         Ok(entries)
     }
 
-    /// Copies the rules file and its set files under `snapshots/<hash>/`, keeping their relative
-    /// layout so the copy loads the same. `None` (with the reason) when a set file lies outside
-    /// the rules file's folder, where a copy could not keep the relative path.
+    /// Stores exactly the bytes `rs` was parsed from (its [`xdpfw_rules::Sources`]) under
+    /// `snapshots/<hash>/`: `rules.toml` and `sets.json` (each set file's text by the name the
+    /// rules use for it), wherever the set files lived. [`load_rules`] parses it back to the same
+    /// ruleset and hash without reading any other file. An existing snapshot is kept only if it
+    /// loads to the same hash (one copied from files by earlier versions may not).
     pub fn snapshot(&self, rs: &Ruleset) -> Result<std::result::Result<PathBuf, String>> {
         let dir = self.dir.join("snapshots").join(&rs.hash);
         let rules = dir.join("rules.toml");
         if rules.exists() {
-            return Ok(Ok(rules));
-        }
-        for (written, _) in &rs.set_files {
-            let p = Path::new(written);
-            if p.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
-                return Ok(Err(format!("set file \"{written}\" is not inside the rules file's folder")));
+            if load_rules(&rules, xdpfw_rules::Origin::Local).is_ok_and(|old| old.hash == rs.hash) && dir.join(SNAPSHOT_SETS).exists() {
+                return Ok(Ok(rules));
             }
+            fs::remove_dir_all(&dir).ctx(|| format!("removing the stale snapshot {}", dir.display()))?;
         }
         self.ensure_dir()?;
-        let tmp = self.dir.join("snapshots").join(format!(".{}.tmp", rs.hash));
+        let snapshots = self.dir.join("snapshots");
+        files::private_dir(&snapshots)?;
+        let tmp = snapshots.join(format!(".{}.{}.tmp", rs.hash, std::process::id()));
         let _ = fs::remove_dir_all(&tmp);
-        let copied = (|| -> Result<()> {
-            fs::create_dir_all(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
-            fs::copy(&rs.path, tmp.join("rules.toml")).ctx(|| format!("copying {}", rs.path.display()))?;
-            for (written, from) in &rs.set_files {
-                let to = tmp.join(written);
-                if let Some(parent) = to.parent() {
-                    fs::create_dir_all(parent).ctx(|| format!("creating {}", parent.display()))?;
-                }
-                fs::copy(from, &to).ctx(|| format!("copying {}", from.display()))?;
-            }
+        let sets: Vec<SnapshotSet> = rs.sources.sets.iter().map(|(file, text)| SnapshotSet { file: file.clone(), text: text.to_string() }).collect();
+        let written = (|| -> Result<()> {
+            files::private_dir(&tmp)?;
+            files::atomic_write(&tmp.join("rules.toml"), rs.sources.rules.as_bytes())?;
+            let json = serde_json::to_vec(&sets).ctx(|| "serializing the set files".into())?;
+            files::atomic_write(&tmp.join(SNAPSHOT_SETS), &json)?;
             fs::rename(&tmp, &dir).ctx(|| format!("renaming {}", tmp.display()))
         })();
-        if let Err(e) = copied {
+        if let Err(e) = written {
             // No half copy left behind to take a full disk's last bytes.
             let _ = fs::remove_dir_all(&tmp);
+            if dir.join(SNAPSHOT_SETS).exists() {
+                // Another process stored the same snapshot meanwhile.
+                return Ok(Ok(rules));
+            }
             return Err(e);
         }
         Ok(Ok(rules))

@@ -1,9 +1,13 @@
 //! Operations on an attached firewall instance: attach, reload, stats, detach.
 //!
-//! An instance is the program attached to one interface. Its kernel objects are pinned under
-//! `/sys/fs/bpf/xdpfw/<iface>/`; its userspace state (what ruleset is active, the last reload)
-//! lives in `/run/xdpfw/<iface>/state.json`, written atomically. Every mutating operation holds
-//! the instance's lock file, so reloads are serialized.
+//! An instance is the program attached to one interface of one network namespace: its identity
+//! is (namespace, ifindex), never a bare name, since `eth1` may exist in several namespaces. Its
+//! key `ns<netns inode>-if<ifindex>` names everything that lives as long as the namespace: the
+//! pins (`/sys/fs/bpf/xdpfw/<key>/`), the runtime state (`/run/xdpfw/<key>/state.json`, written
+//! atomically) and the locks (`/run/xdpfw/<key>.lock`, `<key>.daemon.lock`). The durable
+//! history must survive a reboot, where namespace inodes and ifindexes change: it is keyed by
+//! the namespace's stable name and the interface name instead (see [`Netns::stable_name`]).
+//! Every mutating operation holds the instance's lock file, so reloads are serialized.
 
 use std::{
     fs::{self, File},
@@ -93,7 +97,14 @@ pub struct ReloadReport {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct State {
+    /// The interface's name when it was attached (or last reloaded).
     pub iface: String,
+    /// The network namespace the interface is in (absent in states of earlier versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<Netns>,
+    /// The interface's index in that namespace (0 in states of earlier versions).
+    #[serde(default)]
+    pub ifindex: u32,
     pub mode: AttachMode,
     pub attached_at: u64,
     pub generation: u64,
@@ -139,40 +150,150 @@ pub fn carry(
     totals
 }
 
+/// A network namespace, as this process sees it: its inode (what `lsns -t net` and
+/// `ls -l /proc/self/ns/net` show; unique among the namespaces that exist) and the names it is
+/// known by.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Netns {
+    pub inode: u64,
+    /// Its name under /run/netns (as `ip netns` names it), when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Whether it is the namespace of PID 1 (the host's, or the container's the loader runs in).
+    #[serde(default)]
+    pub host: bool,
+}
+
+fn ns_inode(path: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).ok().map(|m| m.ino())
+}
+
+impl Netns {
+    /// The network namespace of this thread (after `--netns`, the one entered).
+    pub fn current() -> Result<Self> {
+        let inode = ns_inode("/proc/thread-self/ns/net")
+            .or_else(|| ns_inode("/proc/self/ns/net"))
+            .ok_or_else(|| crate::ControlError::Refused("cannot read /proc/self/ns/net (is /proc mounted?)".into()))?;
+        Ok(Self::of_inode(inode))
+    }
+
+    /// What is known of the namespace with this inode: whether it is PID 1's, and its name
+    /// under /run/netns (the first in order when it has several).
+    pub fn of_inode(inode: u64) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let host = ns_inode("/proc/1/ns/net") == Some(inode);
+        let mut names: Vec<String> = fs::read_dir("/run/netns")
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| fs::metadata(e.path()).is_ok_and(|m| m.ino() == inode))
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        Self { inode, name: names.into_iter().next(), host }
+    }
+
+    /// The name the durable history is kept under, which outlives a reboot (where namespace
+    /// inodes change): `host` for PID 1's namespace, `netns-<name>` for one named under
+    /// /run/netns, and `ns<inode>` for an unnamed one (not stable across reboots: give such a
+    /// namespace a name with `ip netns attach` to keep its history).
+    pub fn stable_name(&self) -> String {
+        match (&self.name, self.host) {
+            (_, true) => "host".to_string(),
+            (Some(n), false) => format!("netns-{n}"),
+            (None, false) => format!("ns{}", self.inode),
+        }
+    }
+}
+
+impl std::fmt::Display for Netns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.name, self.host) {
+            (_, true) => write!(f, "host"),
+            (Some(n), false) => write!(f, "{n}"),
+            (None, false) => write!(f, "net:[{}]", self.inode),
+        }
+    }
+}
+
+/// The key of the instance on interface `ifindex` of the namespace `netns_inode`.
+pub fn key_of(netns_inode: u64, ifindex: u32) -> String {
+    format!("ns{netns_inode}-if{ifindex}")
+}
+
+/// The (namespace inode, ifindex) a key names, if it is one.
+pub fn parse_key(key: &str) -> Option<(u64, u32)> {
+    let (ns, ifindex) = key.strip_prefix("ns")?.split_once("-if")?;
+    let (ns, ifindex) = (ns.parse().ok()?, ifindex.parse().ok()?);
+    (key_of(ns, ifindex) == key).then_some((ns, ifindex))
+}
+
 /// Paths of one instance.
+#[derive(Clone, Debug)]
 pub struct Instance {
+    /// The interface's name (what it was called when attached, for an interface that is gone).
     pub iface: String,
+    pub ifindex: u32,
+    pub netns: Netns,
+    /// `ns<netns inode>-if<ifindex>`: the name of its pin folder, runtime folder and locks.
+    pub key: String,
     pub pin_dir: PathBuf,
     pub state_dir: PathBuf,
 }
 
+fn check_ifname(iface: &str) -> Result<()> {
+    if iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ', '\0']) || iface == ".." || iface == "." {
+        refuse!("invalid interface name \"{}\"", iface.escape_debug());
+    }
+    Ok(())
+}
+
 impl Instance {
+    /// The instance of the interface named `iface` in the current network namespace (attached
+    /// or not). An interface that no longer exists is found by the name recorded when it was
+    /// attached, so its leftovers can be detached.
     pub fn new(iface: &str) -> Result<Self> {
-        if iface.is_empty() || iface.len() > 15 || iface.contains(['/', '.', ' ']) || iface == ".." {
-            refuse!("invalid interface name \"{iface}\"");
+        check_ifname(iface)?;
+        let netns = Netns::current()?;
+        let name = std::ffi::CString::new(iface).map_err(|_| crate::ControlError::Refused(format!("invalid interface name \"{iface}\"")))?;
+        // SAFETY: a valid NUL-terminated string.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex != 0 {
+            return Ok(Self::at(netns, ifindex, iface));
         }
-        Ok(Self {
-            iface: iface.to_string(),
-            pin_dir: kernel::pin_dir(iface),
-            state_dir: state_root().join(iface),
-        })
+        if let Some(gone) = list_in(netns.inode)?.into_iter().find(|i| i.iface == iface) {
+            return Ok(gone);
+        }
+        refuse!("there is no interface {iface} in this network namespace ({netns})")
     }
 
-    /// The single attached instance, or the one named.
+    /// The instance on interface `ifindex` (called `iface`) of `netns`.
+    pub fn at(netns: Netns, ifindex: u32, iface: &str) -> Self {
+        let key = key_of(netns.inode, ifindex);
+        Self { iface: iface.to_string(), ifindex, pin_dir: kernel::pin_dir(&key), state_dir: state_root().join(&key), key, netns }
+    }
+
+    /// The single attached instance of the current network namespace, or the one named there.
     pub fn find(iface: Option<&str>) -> Result<Self> {
         refuse_private_bpffs()?;
         if let Some(i) = iface {
             let inst = Self::new(i)?;
             if !inst.pin_dir.exists() {
-                refuse!("no firewall is attached to {i} (nothing pinned at {})", inst.pin_dir.display());
+                refuse!("no firewall is attached to {i} in this network namespace ({}; nothing pinned at {})", inst.netns, inst.pin_dir.display());
             }
             return Ok(inst);
         }
-        let all = list()?;
-        match all.as_slice() {
-            [one] => Self::new(one),
-            [] => refuse!("no firewall is attached (nothing pinned under {})", kernel::pin_root().display()),
-            many => refuse!("several firewalls are attached ({}); choose one with --iface", many.join(", ")),
+        let netns = Netns::current()?;
+        let mut all = list_in(netns.inode)?;
+        match all.len() {
+            1 => Ok(all.remove(0)),
+            0 => refuse!("no firewall is attached in this network namespace ({netns}; nothing pinned under {})", kernel::pin_root().display()),
+            _ => refuse!(
+                "several firewalls are attached in this network namespace ({}); choose one with --iface",
+                all.iter().map(|i| i.iface.as_str()).collect::<Vec<_>>().join(", ")
+            ),
         }
     }
 
@@ -182,10 +303,36 @@ impl Instance {
         self.pin_dir.join("link").exists()
     }
 
+    /// Whether the instance is whole and filtering: its link, program, probe and maps are
+    /// pinned and (in this namespace) the kernel reports an XDP program on the interface. False
+    /// after a `loader detach`, pins removed by hand, bpffs unmounted, or a link detached with
+    /// `bpftool link detach`: what a daemon repairs.
+    pub fn is_filtering(&self) -> bool {
+        let pinned = ["link", "prog", "probe"].iter().chain(xdpfw_common::map_names::ALL.iter()).all(|n| self.pin_dir.join(n).exists());
+        pinned && (!self.is_here() || kernel::netlink::attached_mode_of(self.ifindex).is_ok_and(|m| m.is_some()))
+    }
+
+    /// Whether this is an instance of the current network namespace.
+    pub fn is_here(&self) -> bool {
+        Netns::current().is_ok_and(|n| n.inode == self.netns.inode)
+    }
+
+    /// The instance's durable history (keyed by the namespace's stable name and the interface
+    /// name, so it outlives reboots).
+    pub fn history(&self) -> crate::history::History {
+        crate::history::History::new(self)
+    }
+
     /// The instance's reload lock: every change to its kernel state holds it.
     pub(crate) fn lock(&self, wait: Duration) -> Result<File> {
-        let path = state_root().join(format!("{}.lock", self.iface));
+        files::private_dir(&state_root())?;
+        let path = state_root().join(format!("{}.lock", self.key));
         files::lock_file(&path, wait, &format!("another reload of {} is in progress", self.iface))
+    }
+
+    /// Where `loader run` holds its lock for this instance.
+    pub fn daemon_lock_path(&self) -> PathBuf {
+        state_root().join(format!("{}.daemon.lock", self.key))
     }
 
     pub fn state(&self) -> Result<State> {
@@ -264,20 +411,36 @@ pub fn refuse_private_bpffs() -> Result<()> {
     Ok(())
 }
 
-/// Names of the interfaces with an attached instance.
-pub fn list() -> Result<Vec<String>> {
+/// Every attached instance, of every network namespace, in key order. Each one's name and
+/// namespace name come from its state (the interface may live in a namespace this process
+/// cannot see by name); "?" when that is missing.
+pub fn list() -> Result<Vec<Instance>> {
     let root = kernel::pin_root();
     if !root.exists() {
         return Ok(Vec::new());
     }
-    let mut names: Vec<String> = fs::read_dir(&root)
+    let mut found: Vec<Instance> = fs::read_dir(&root)
         .ctx(|| format!("reading {}", root.display()))?
         .filter_map(|e| e.ok())
         .filter(|e| e.path().join("link").exists())
-        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|e| parse_key(&e.file_name().to_string_lossy()))
+        .map(|(inode, ifindex)| {
+            let mut inst = Instance::at(Netns { inode, name: None, host: false }, ifindex, "?");
+            let recorded = fs::read_to_string(inst.state_dir.join("state.json")).ok().and_then(|t| serde_json::from_str::<State>(&t).ok());
+            if let Some(st) = recorded {
+                inst.iface = st.iface;
+            }
+            inst.netns = Netns::of_inode(inode);
+            inst
+        })
         .collect();
-    names.sort();
-    Ok(names)
+    found.sort_by_key(|i| (i.netns.inode, i.ifindex));
+    Ok(found)
+}
+
+/// The attached instances of the network namespace `inode`.
+pub fn list_in(inode: u64) -> Result<Vec<Instance>> {
+    Ok(list()?.into_iter().filter(|i| i.netns.inode == inode).collect())
 }
 
 

@@ -15,7 +15,7 @@ use xdpfw_rules::{self as rules, Ruleset, compile::compile, selftest::{self, Sel
 use crate::{
     error::{ControlContext, ControlError, Result, refuse},
     files::{self, now_secs},
-    history::{self, History},
+    history,
     instance::{Instance, ReloadReport, ReloadTimes, RulesetSummary, State},
 };
 
@@ -38,7 +38,7 @@ pub struct AttachReport {
 /// the program sees is classified against the complete ruleset.
 pub fn attach(iface: &str, rules_path: Option<&Path>, mode: AttachMode) -> Result<AttachReport> {
     let (ruleset, from_file) = match rules_path {
-        Some(p) => (rules::load(p)?, true),
+        Some(p) => (history::load_rules(p, rules::Origin::Local)?, true),
         None => (empty_ruleset(), false),
     };
     attach_ruleset(iface, &ruleset, from_file, mode)
@@ -47,30 +47,58 @@ pub fn attach(iface: &str, rules_path: Option<&Path>, mode: AttachMode) -> Resul
 /// Attaches with a ruleset already parsed: `from_file` says whether it came from a file (whose
 /// snapshot goes into the history) or was built in (pass-all, the daemon's fail-closed set).
 pub fn attach_ruleset(iface: &str, ruleset: &Ruleset, from_file: bool, mode: AttachMode) -> Result<AttachReport> {
-    let ruleset = ruleset.clone();
     let inst = Instance::new(iface)?;
-    let image = compile(&ruleset)?;
+    let image = compile(ruleset)?;
     crate::instance::refuse_private_bpffs()?;
     kernel::ensure_bpffs()?;
     let _lock = inst.lock(Duration::from_secs(30))?;
     if inst.is_attached() {
         refuse!(
-            "a firewall is already attached to {iface} (pinned at {}); use `loader reload` to change its rules or `loader detach {iface}` first",
+            "a firewall is already attached to {iface} in this network namespace ({}; pinned at {}); use `loader reload` to change its rules or `loader detach {iface}` first",
+            inst.netns,
             inst.pin_dir.display()
         );
     }
-    prepare_pin_dir(&inst)?;
+    attach_locked(&inst, ruleset, &image, from_file, mode)
+}
+
+/// Re-attaches `ruleset` to an instance that stopped filtering under a daemon (see
+/// [`Instance::is_filtering`]): its link detached, its pins removed, bpffs unmounted. Under the
+/// instance's lock, what is left of it is removed (bpffs mounted again) and the ruleset
+/// attached. `None` when the instance turned out to be whole once the lock was held (a
+/// concurrent attach or reload was mid-way).
+pub fn repair(inst: &Instance, ruleset: &Ruleset, from_file: bool, mode: AttachMode) -> Result<Option<AttachReport>> {
+    let image = compile(ruleset)?;
+    crate::instance::refuse_private_bpffs()?;
+    kernel::ensure_bpffs()?;
+    let _lock = inst.lock(Duration::from_secs(30))?;
+    if inst.is_filtering() {
+        return Ok(None);
+    }
+    if fs::symlink_metadata(&inst.pin_dir).is_ok() {
+        // A defunct link (detached under its pin) is unpinned with the rest.
+        if kernel::detach_and_unpin(&inst.pin_dir).is_err() {
+            fs::remove_dir_all(&inst.pin_dir).ctx(|| format!("removing {}", inst.pin_dir.display()))?;
+        }
+    }
+    attach_locked(inst, ruleset, &image, from_file, mode).map(Some)
+}
+
+/// The attach proper, with the instance's lock held and nothing attached.
+fn attach_locked(inst: &Instance, ruleset: &Ruleset, image: &xdpfw_rules::compile::Image, from_file: bool, mode: AttachMode) -> Result<AttachReport> {
+    let (ruleset, iface) = (ruleset.clone(), inst.iface.as_str());
+    prepare_pin_dir(inst)?;
     let result = (|| -> Result<AttachReport> {
         let mut ebpf = kernel::load_program(&inst.pin_dir)?;
         let mut maps = Maps::open(&inst.pin_dir)?;
         let generation = 1;
-        maps.install(buffer_of(generation), generation, &image)?;
+        maps.install(buffer_of(generation), generation, image)?;
         maps.flip(generation)?;
         kernel::pin_probe(&inst.pin_dir)?;
-        kernel::attach_and_pin(&mut ebpf, iface, mode, &inst.pin_dir)?;
-        let summary = RulesetSummary::new(&ruleset, &image, from_file);
+        kernel::attach_and_pin(&mut ebpf, iface, inst.ifindex, mode, &inst.pin_dir)?;
+        let summary = RulesetSummary::new(&ruleset, image, from_file);
         if from_file {
-            let history = History::new(iface);
+            let history = inst.history();
             // A snapshot that cannot be written (a full disk) is said in the history, but the
             // attach stands: the ruleset is live.
             let snapshot = history.snapshot(&ruleset).unwrap_or_else(|e| Err(e.to_string()));
@@ -84,6 +112,8 @@ pub fn attach_ruleset(iface: &str, ruleset: &Ruleset, from_file: bool, mode: Att
         // the record is missing, and the next reload writes it.
         if let Err(e) = inst.write_state(&State {
             iface: iface.to_string(),
+            netns: Some(inst.netns.clone()),
+            ifindex: inst.ifindex,
             mode,
             attached_at: now_secs(),
             generation,
@@ -166,7 +196,7 @@ pub fn detach(iface: &str) -> Result<()> {
     crate::instance::refuse_private_bpffs()?;
     // Checked before taking the lock too, so a detach of nothing leaves no lock file behind.
     if !inst.pin_dir.exists() {
-        refuse!("no firewall is attached to {iface}");
+        refuse!("no firewall is attached to {iface} in this network namespace ({})", inst.netns);
     }
     let lock = inst.lock(Duration::from_secs(30))?;
     if !inst.pin_dir.exists() {
@@ -217,21 +247,21 @@ pub fn reload_remote(inst: &Instance, path: &Path, opts: &ReloadOptions) -> Resu
 
 /// Re-applies the ruleset applied `back` times before the current one, through the same pipeline.
 pub fn rollback(inst: &Instance, back: usize, opts: &ReloadOptions) -> Result<ReloadReport> {
-    let target = History::new(&inst.iface).rollback_target(back)?;
+    let target = inst.history().rollback_target(back)?;
     let Some(snapshot) = target.snapshot else { refuse!("the history entry to roll back to has no snapshot") };
     reload_as(inst, &snapshot, opts, history::Operation::Rollback, rules::Origin::Local)
 }
 
 /// Re-applies the newest applied ruleset whose version label is `target` or whose hash starts
-/// with it (see [`History::find`]), through the same pipeline.
+/// with it (see [`history::History::find`]), through the same pipeline.
 pub fn rollback_to(inst: &Instance, target: &str, opts: &ReloadOptions) -> Result<ReloadReport> {
-    let entry = History::new(&inst.iface).find(target)?;
+    let entry = inst.history().find(target)?;
     let Some(snapshot) = entry.snapshot else { refuse!("the history entry to roll back to has no snapshot") };
     reload_as(inst, &snapshot, opts, history::Operation::Rollback, rules::Origin::Local)
 }
 
 fn reload_as(inst: &Instance, path: &Path, opts: &ReloadOptions, action: history::Operation, origin: rules::Origin) -> Result<ReloadReport> {
-    let history = History::new(&inst.iface);
+    let history = inst.history();
     let result = reload_pipeline(inst, path, opts, origin);
     let entry = match &result {
         Ok((report, snapshot)) => history::Entry::applied(
@@ -268,7 +298,7 @@ fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions, origin: r
     let total = Instant::now();
     let mut times = ReloadTimes::default();
     let t = Instant::now();
-    let ruleset = rules::load_from(path, origin)?;
+    let ruleset = history::load_rules(path, origin)?;
     times.parse_us = us(t.elapsed());
     let t = Instant::now();
     let image = compile(&ruleset)?;
@@ -323,6 +353,8 @@ fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions, origin: r
             tracing::warn!("{e}; rebuilding it with this reload");
             State {
                 iface: inst.iface.clone(),
+                netns: Some(inst.netns.clone()),
+                ifindex: inst.ifindex,
                 mode: AttachMode::Auto,
                 attached_at: now_secs(),
                 generation: previous,
@@ -339,7 +371,14 @@ fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions, origin: r
     next.carried = crate::instance::carry(&old_carried, &[], &[], &summary.rules);
     next.generation = generation;
     next.ruleset = summary.clone();
+    // The interface may have been renamed, the namespace named since: recorded as they are now.
+    (next.iface, next.netns, next.ifindex) = (inst.iface.clone(), Some(inst.netns.clone()), inst.ifindex);
     inst.write_state_file(&format!("next-{generation}.json"), &next)?;
+
+    // The snapshot (exactly the bytes parsed) is stored before the ruleset goes live, so a
+    // rollback to it is possible from the moment it serves; one that cannot be written (a full
+    // disk) is said in the history, and the reload goes on.
+    let snapshot = inst.history().snapshot(&ruleset).unwrap_or_else(|e| Err(e.to_string()));
 
     let t = Instant::now();
     maps.flip(generation)?;
@@ -372,7 +411,6 @@ fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions, origin: r
     };
     // The new ruleset is live from the flip on: a failure to record it (a full disk) must say
     // so, not claim the reload failed.
-    let snapshot = History::new(&inst.iface).snapshot(&ruleset).unwrap_or_else(|e| Err(e.to_string()));
     next.last_reload = Some(report.clone());
     if let Err(e) = inst.write_state(&next) {
         return Err(ControlError::LiveButUnrecorded { report: Box::new(report), source: Box::new(e) });

@@ -58,8 +58,14 @@ pub struct RunConfig {
     pub fetch_timeout: Duration,
     /// Extra CA certificates (PEM) trusted for an https:// URL.
     pub ca_cert: Option<PathBuf>,
-    /// Where to serve Prometheus metrics.
+    /// Where to serve Prometheus metrics: a loopback address unless `metrics_public`.
     pub metrics: Option<SocketAddr>,
+    /// Allow `metrics` on an address other hosts can reach (the metrics name rules, counts and
+    /// the rules server).
+    pub metrics_public: bool,
+    /// Follow an HTTP redirect of the rules URL to another host (by default only redirects to
+    /// the same host and port are followed).
+    pub allow_redirect_host: bool,
     /// Detach the firewall when the daemon stops (by default it keeps filtering).
     pub detach_on_exit: bool,
     pub escalation: escalation::Config,
@@ -183,6 +189,8 @@ pub struct ReloadStats {
     pub last_ok: AtomicBool,
     /// The built-in default-drop ruleset is live (fail-closed, no valid ruleset yet).
     pub fail_closed: AtomicBool,
+    /// Times the guard found the instance no longer filtering and attached it again.
+    pub repairs: AtomicU64,
     pub last_report: std::sync::Mutex<Option<ReloadReport>>,
 }
 
@@ -386,11 +394,89 @@ fn attach_or_adopt(cfg: &RunConfig, inst: &Instance, stats: &ReloadStats, server
     Ok(tried)
 }
 
-/// Holds `<runtime>/<iface>.daemon.lock` for the daemon's lifetime: two daemons feeding one
+/// How often the guard checks that the instance is whole and filtering.
+const GUARD_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What the guard re-attaches when the instance stopped filtering: the ruleset that was live
+/// (from its snapshot, checked against its hash), else with --fail-closed the fail-closed
+/// ruleset, else the rules file if it is valid, else pass-all. Returns it, whether it came from
+/// a file, and what it is (for the log).
+fn last_good(cfg: &RunConfig, inst: &Instance, live: Option<&control::RulesetSummary>, server: &[SocketAddr]) -> Result<(rules::Ruleset, bool, String)> {
+    if let Some(l) = live.filter(|l| l.path.is_some()) {
+        let snapshot = inst.history().dir().join("snapshots").join(&l.hash).join("rules.toml");
+        match control::history::load_rules(&snapshot, rules::Origin::Local) {
+            Ok(rs) if rs.hash == l.hash => return Ok((rs, true, format!("its last live ruleset {}", short_hash(&l.hash)))),
+            Ok(_) => tracing::warn!("{} does not hash to the live ruleset {}", snapshot.display(), short_hash(&l.hash)),
+            Err(e) => tracing::warn!("the snapshot of the live ruleset {} cannot be loaded: {e}", short_hash(&l.hash)),
+        }
+    }
+    if cfg.fail_closed || live.is_some_and(|l| l.version.as_deref() == Some(FAIL_CLOSED_VERSION)) {
+        let ruleset = rules::parse(Path::new("<built-in: fail-closed>"), &fail_closed_ruleset(server))?;
+        return Ok((ruleset, false, "the fail-closed ruleset".into()));
+    }
+    if let Some(path) = cfg.rules_file()
+        && let Ok(rs) = rules::load(path)
+    {
+        return Ok((rs, true, format!("the rules file {}", path.display())));
+    }
+    Ok((control::empty_ruleset(), false, "pass-all (no valid ruleset is known)".into()))
+}
+
+/// The filtering invariant under a running daemon: every [`GUARD_INTERVAL`] the instance is
+/// checked ([`Instance::is_filtering`]); when it stopped filtering (a `loader detach`, pins
+/// removed, bpffs unmounted, the link detached), what was live is attached again, logged and
+/// counted (`xdpfw_repairs_total`). A repair that fails is retried at the next check.
+fn guard(cfg: &RunConfig, inst: &Instance, stats: &ReloadStats, server: &[SocketAddr], stop: &AtomicBool) -> Result<()> {
+    let mut live = inst.state().ok().map(|s| s.ruleset);
+    let mut failing = false;
+    while !stop.load(Ordering::Relaxed) {
+        let next = Instant::now() + GUARD_INTERVAL;
+        while !stop.load(Ordering::Relaxed) && Instant::now() < next {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        if inst.is_filtering() {
+            if let Ok(st) = inst.state() {
+                live = Some(st.ruleset);
+            }
+            failing = false;
+            continue;
+        }
+        let repaired = last_good(cfg, inst, live.as_ref(), server).and_then(|(ruleset, from_file, what)| {
+            Ok(control::repair(inst, &ruleset, from_file, cfg.mode)?.map(|r| (r, ruleset, what)))
+        });
+        match repaired {
+            Ok(Some((report, ruleset, what))) => {
+                stats.repairs.fetch_add(1, Ordering::Relaxed);
+                let fail_closed = report.ruleset.path.is_none() && ruleset.version.as_deref() == Some(FAIL_CLOSED_VERSION);
+                stats.fail_closed.store(fail_closed, Ordering::Relaxed);
+                tracing::error!(
+                    "the firewall on {} had stopped filtering (detached, its pins removed or bpffs unmounted): attached again with {what} (generation {})",
+                    inst.iface,
+                    report.generation
+                );
+                live = Some(report.ruleset);
+                failing = false;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                if !failing {
+                    tracing::error!("the firewall on {} has stopped filtering and could not be attached again (retrying every {GUARD_INTERVAL:?}): {e:#}", inst.iface);
+                }
+                failing = true;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Holds `<runtime>/<key>.daemon.lock` for the daemon's lifetime: two daemons feeding one
 /// interface from different sources would undo each other's reloads.
-fn daemon_lock(iface: &str) -> Result<std::fs::File, ControlError> {
-    let path = instance::state_root().join(format!("{iface}.daemon.lock"));
-    control::files::lock_file(&path, Duration::ZERO, &format!("another `loader run` is already managing {iface}"))
+fn daemon_lock(inst: &Instance) -> Result<std::fs::File, ControlError> {
+    control::files::private_dir(&instance::state_root())?;
+    control::files::lock_file(&inst.daemon_lock_path(), Duration::ZERO, &format!("another `loader run` is already managing {} in this network namespace", inst.iface))
 }
 
 /// `loader run`. Call it after entering the network namespace: the runtime's threads inherit it.
@@ -409,9 +495,18 @@ async fn run(args: RunConfig) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let (mut term, mut int, mut hup) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, signal(SignalKind::hangup())?);
     let inst = Arc::new(Instance::new(&args.iface)?);
-    let _lock = daemon_lock(&inst.iface)?;
+    let _lock = daemon_lock(&inst)?;
     let stats = Arc::new(ReloadStats::new());
     // Bound before the attach, so a taken port fails the start without touching the interface.
+    if let Some(addr) = args.metrics
+        && !addr.ip().is_loopback()
+        && !args.metrics_public
+    {
+        anyhow::bail!(
+            "refusing to serve metrics on {addr}, which other hosts can reach (they name the rules, their counts and the rules server): use a loopback address such as 127.0.0.1:{}, or pass --metrics-public",
+            addr.port()
+        );
+    }
     let metrics_listener = match args.metrics {
         Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the metrics endpoint to {addr}"))?),
         None => None,
@@ -468,6 +563,9 @@ async fn run(args: RunConfig) -> Result<()> {
     let config = args.escalation.clone();
     let esc_inst = inst.clone();
     services.spawn_blocking("escalation", ctx.shutdown.clone(), move |stop| escalation::serve(&esc_inst, &config, stop, &shared));
+    // The filtering invariant: what vanishes under the daemon is attached again.
+    let (guard_cfg, guard_inst, guard_stats, guard_server) = (args.clone(), inst.clone(), stats.clone(), server.clone());
+    services.spawn_blocking("guard", ctx.shutdown.clone(), move |stop| guard(&guard_cfg, &guard_inst, &guard_stats, &guard_server, stop));
     // Further services go here: `services.spawn("name", service(ctx.clone()))`, or
     // `services.spawn_blocking(..)` for a blocking loop, with `registry.register(..)` for their
     // metrics. Each returns Ok(()) once the shutdown fires.

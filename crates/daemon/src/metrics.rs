@@ -90,6 +90,8 @@ impl MetricsSource for ReloadMetrics {
         let _ = writeln!(out, "xdpfw_last_reload_success {}", u8::from(s.last_ok.load(Ordering::Relaxed)));
         family(out, "xdpfw_fail_closed", "gauge", "1 while the built-in drop-all ruleset of --fail-closed is live.");
         let _ = writeln!(out, "xdpfw_fail_closed {}", u8::from(s.fail_closed.load(Ordering::Relaxed)));
+        family(out, "xdpfw_repairs_total", "counter", "Times the instance had stopped filtering (detached, pins removed, bpffs unmounted) and the daemon attached it again.");
+        let _ = writeln!(out, "xdpfw_repairs_total {}", s.repairs.load(Ordering::Relaxed));
 
         let report = s.last_report.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if let Some(r) = report {

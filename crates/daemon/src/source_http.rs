@@ -33,7 +33,7 @@ const MAX_BODY: usize = xdpfw_rules::MAX_RULES_TEXT as usize;
 /// failing here would leave the interface with no firewall at all: the daemon attaches and
 /// retries, without the server's pass rule until a later start resolves it.
 pub(crate) async fn server_addrs(url: &str) -> Result<Vec<SocketAddr>> {
-    let u = reqwest::Url::parse(url).with_context(|| format!("invalid URL {url}"))?;
+    let u = reqwest::Url::parse(url).with_context(|| format!("invalid URL {}", redact_url(url)))?;
     if !matches!(u.scheme(), "http" | "https") {
         bail!("unsupported URL scheme {} (http or https)", u.scheme());
     }
@@ -46,6 +46,47 @@ pub(crate) async fn server_addrs(url: &str) -> Result<Vec<SocketAddr>> {
             Ok(Vec::new())
         }
     }
+}
+
+/// The URL as logs and metrics labels show it: credentials (user and password) and the values of
+/// query parameters (tokens, signatures) replaced by `***`, the fragment dropped.
+pub(crate) fn redact_url(url: &str) -> String {
+    let Ok(mut u) = reqwest::Url::parse(url) else { return "<an invalid URL>".into() };
+    if !u.username().is_empty() {
+        let _ = u.set_username("***");
+    }
+    if u.password().is_some() {
+        let _ = u.set_password(Some("***"));
+    }
+    if u.query().is_some() {
+        let keys: Vec<String> = u.query_pairs().map(|(k, _)| k.into_owned()).collect();
+        let redacted: Vec<String> = keys.iter().map(|k| format!("{}=***", k.replace(['&', '=', '#'], "_"))).collect();
+        u.set_query(Some(&redacted.join("&")));
+    }
+    u.set_fragment(None);
+    u.to_string()
+}
+
+/// The redirect policy: to the same host and port only (and never from https to http), unless
+/// `any_host`; at most 10 in a row.
+fn redirect_policy(any_host: bool) -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() >= 10 {
+            return attempt.error("more than 10 redirects");
+        }
+        let first = &attempt.previous()[0];
+        let next = attempt.url();
+        let downgrade = first.scheme() == "https" && next.scheme() != "https";
+        let same = next.host_str() == first.host_str() && next.port_or_known_default() == first.port_or_known_default();
+        if downgrade {
+            attempt.error("a redirect from https to http is refused")
+        } else if !same && !any_host {
+            let to = format!("{}:{}", next.host_str().unwrap_or("?"), next.port_or_known_default().unwrap_or(0));
+            attempt.error(format!("a redirect to another host ({to}) is refused; allow it with --allow-redirect-host"))
+        } else {
+            attempt.follow()
+        }
+    })
 }
 
 #[derive(Default)]
@@ -85,6 +126,8 @@ enum Fetched {
 
 pub(crate) struct HttpSource {
     url: String,
+    /// The URL without its secrets ([`redact_url`]): what logs and metrics labels show.
+    shown: String,
     poll: Duration,
     backoff_initial: Duration,
     backoff_max: Duration,
@@ -111,6 +154,7 @@ impl HttpSource {
         };
         let builder = || {
             let mut b = reqwest::Client::builder()
+                .redirect(redirect_policy(args.allow_redirect_host))
                 .timeout(args.fetch_timeout)
                 .connect_timeout(args.fetch_timeout)
                 .user_agent(concat!("xdpfw-loader/", env!("CARGO_PKG_VERSION")));
@@ -127,6 +171,7 @@ impl HttpSource {
         };
         Ok(Self {
             url: url.to_string(),
+            shown: redact_url(url),
             poll: args.poll_interval,
             backoff_initial: args.backoff_initial,
             backoff_max: args.backoff_max,
@@ -138,7 +183,7 @@ impl HttpSource {
     }
 
     pub(crate) fn metrics(&self) -> Arc<dyn MetricsSource> {
-        Arc::new(FetchMetrics(self.stats.clone(), self.url.clone()))
+        Arc::new(FetchMetrics(self.stats.clone(), self.shown.clone()))
     }
 
     async fn fetch(&self, etag: Option<&str>) -> Result<Fetched> {
@@ -150,7 +195,8 @@ impl HttpSource {
         if let Some(tag) = etag {
             req = req.header(header::IF_NONE_MATCH, tag);
         }
-        let mut resp = req.send().await?;
+        // reqwest's errors name the URL, credentials included: said without it.
+        let mut resp = req.send().await.map_err(|e| anyhow::anyhow!(e.without_url()))?;
         match resp.status() {
             StatusCode::NOT_MODIFIED => return Ok(Fetched::NotModified),
             StatusCode::OK => {}
@@ -158,7 +204,7 @@ impl HttpSource {
         }
         let tag = resp.headers().get(header::ETAG).and_then(|v| v.to_str().ok()).map(str::to_string);
         let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await? {
+        while let Some(chunk) = resp.chunk().await.map_err(|e| anyhow::anyhow!(e.without_url()))? {
             if body.len() + chunk.len() > MAX_BODY {
                 bail!("the ruleset is larger than {MAX_BODY} bytes");
             }
@@ -181,7 +227,7 @@ impl HttpSource {
         let mut etag: Option<String> = None;
         let mut failures = 0u32;
         let mut force = false;
-        tracing::info!("following {} (every {:?})", self.url, self.poll);
+        tracing::info!("following {} (every {:?})", self.shown, self.poll);
         loop {
             // SIGHUP asks for the source as it is now: an unconditional GET.
             let tag = if force { None } else { etag.clone() };
@@ -194,17 +240,17 @@ impl HttpSource {
                     match fetched {
                         Fetched::NotModified => {
                             self.stats.not_modified.fetch_add(1, Ordering::Relaxed);
-                            tracing::debug!("{}: not modified", self.url);
+                            tracing::debug!("{}: not modified", self.shown);
                         }
                         Fetched::Body(body, tag) => {
                             self.stats.ok.fetch_add(1, Ordering::Relaxed);
                             if let Err(e) = store(&ctx.inst, &body_path, body).await {
                                 // The ETag is not remembered, so the next poll downloads it again.
-                                tracing::error!("cannot store the ruleset from {}: {e:#}", self.url);
+                                tracing::error!("cannot store the ruleset from {}: {e:#}", self.shown);
                             } else {
                                 match applier.apply(&body_path, &ctx.shutdown).await.0 {
                                     Outcome::Applied(_) | Outcome::Unchanged | Outcome::Stopped => {}
-                                    Outcome::Failed(why) => tracing::error!("the ruleset from {} was rejected: {why}", self.url),
+                                    Outcome::Failed(why) => tracing::error!("the ruleset from {} was rejected: {why}", self.shown),
                                 }
                                 // Kept even for a rejected body: it is not worth downloading
                                 // again until the server changes it, and the rejection is
@@ -224,7 +270,7 @@ impl HttpSource {
                     self.stats.backoff_delay.store(delay.as_secs_f64().to_bits(), Ordering::Relaxed);
                     tracing::warn!(
                         "fetching {} failed ({failures} in a row): {e:#}; the last good ruleset keeps serving; retrying in {:.3}s (backoff cap {:.3}s)",
-                        self.url,
+                        self.shown,
                         delay.as_secs_f64(),
                         cap.as_secs_f64()
                     );
@@ -258,9 +304,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn urls_are_shown_without_their_secrets() {
+        assert_eq!(redact_url("https://alice:s3cret@rules.example/r.toml?token=abc&v=1#frag"), "https://***:***@rules.example/r.toml?token=***&v=***");
+        assert_eq!(redact_url("http://192.0.2.1:8080/rules.toml"), "http://192.0.2.1:8080/rules.toml");
+        assert_eq!(redact_url("not a url s3cret"), "<an invalid URL>");
+    }
+
+    #[test]
     fn backoff_doubles_to_the_max_with_jitter_under_the_cap() {
         let src = HttpSource {
             url: "http://192.0.2.1/".into(),
+            shown: "http://192.0.2.1/".into(),
             poll: Duration::from_secs(30),
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(1),

@@ -27,6 +27,11 @@ pub fn attached_mode(iface: &str) -> io::Result<Option<AttachMode>> {
     if index == 0 {
         return Err(io::Error::last_os_error());
     }
+    attached_mode_of(index)
+}
+
+/// [`attached_mode`] of the interface with index `index` in the current network namespace.
+pub fn attached_mode_of(index: u32) -> io::Result<Option<AttachMode>> {
     // SAFETY: plain socket(2).
     let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
     if fd < 0 {

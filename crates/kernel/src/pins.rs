@@ -15,15 +15,17 @@ use aya::{
 use xdpfw_common::PROGRAM_NAME;
 
 
-/// Where an attached instance lives in bpffs: `<root>/<iface>/{link,prog,<MAP>...}`.
+/// Where attached instances live in bpffs: `<root>/<key>/{link,prog,probe,<MAP>...}`, one folder
+/// per instance, named by its key (`ns<netns inode>-if<ifindex>`, see `xdpfw_control::Instance`).
 pub fn pin_root() -> PathBuf {
     std::env::var_os("XDPFW_PIN_ROOT")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/xdpfw"))
 }
 
-pub fn pin_dir(iface: &str) -> PathBuf {
-    pin_root().join(iface)
+/// The pin folder of the instance with this key.
+pub fn pin_dir(key: &str) -> PathBuf {
+    pin_root().join(key)
 }
 
 /// Mounts bpffs on /sys/fs/bpf when nothing is mounted there (it is not mounted at boot on
@@ -78,14 +80,14 @@ pub fn open_probe(dir: &Path) -> Result<Xdp> {
     Xdp::from_pin(dir.join("probe"), aya_obj::programs::XdpAttachType::Interface).kctx(|| "opening the pinned probe program".into())
 }
 
-/// Attaches a loaded program to `iface` and pins the link and program in `dir`.
-pub fn attach_and_pin(ebpf: &mut Ebpf, iface: &str, mode: AttachMode, dir: &Path) -> Result<()> {
+/// Attaches a loaded program to the interface `ifindex` (named `iface`, for messages) of the
+/// current network namespace and pins the link and program in `dir`.
+pub fn attach_and_pin(ebpf: &mut Ebpf, iface: &str, ifindex: u32, mode: AttachMode, dir: &Path) -> Result<()> {
     let prog: &mut Xdp = ebpf
         .program_mut(PROGRAM_NAME)
         .ok_or_else(|| KernelError::msg("program missing".to_string()))?
         .try_into()?;
-    let name = std::ffi::CString::new(iface)?;
-    let link_id = prog.attach(name.as_c_str(), mode.xdp_mode()).map_err(|e| {
+    let link_id = prog.attach(ifindex, mode.xdp_mode()).map_err(|e| {
         let busy = std::error::Error::source(&e)
             .and_then(|s| s.downcast_ref::<std::io::Error>())
             .is_some_and(|io| io.raw_os_error() == Some(libc::EBUSY));

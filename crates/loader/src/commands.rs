@@ -4,7 +4,7 @@
 use std::{fs::File, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result, anyhow, bail};
-use xdpfw_control::{self as control, Instance, ReloadOptions, escalation, history::History};
+use xdpfw_control::{self as control, Instance, ReloadOptions, escalation};
 use xdpfw_kernel::{AttachMode, testrun::PrivateProgram};
 use xdpfw_rules::{
     self as rules,
@@ -119,6 +119,10 @@ fn mode_in_effect(iface: &str, requested: AttachMode) -> String {
         Ok(Some(m)) => m,
         _ => requested,
     };
+    mode_name(mode)
+}
+
+fn mode_name(mode: AttachMode) -> String {
     match mode {
         AttachMode::Auto => "auto".into(),
         AttachMode::Native => "native".into(),
@@ -129,20 +133,30 @@ fn mode_in_effect(iface: &str, requested: AttachMode) -> String {
 /// `loader list`: every attached instance with its mode, generation and live ruleset.
 fn list(json: bool) -> Result<Output> {
     let mut rows = Vec::new();
-    for name in control::instance::list()? {
-        let inst = Instance::new(&name)?;
-        let row = match inst.state() {
-            Ok(st) => render::ListRow {
-                mode: mode_in_effect(&name, st.mode),
-                generation: Some(st.generation),
-                version: st.ruleset.version.clone(),
-                hash: Some(st.ruleset.hash.clone()),
-                rules: Some(st.ruleset.rules.len()),
-                iface: name,
-                error: None,
-            },
-            Err(e) => render::ListRow { mode: "-".into(), generation: None, version: None, hash: None, rules: None, iface: name, error: Some(e.to_string()) },
+    for inst in control::instance::list()? {
+        let mut row = render::ListRow {
+            iface: inst.iface.clone(),
+            netns: inst.netns.to_string(),
+            netns_inode: inst.netns.inode,
+            ifindex: inst.ifindex,
+            mode: "-".into(),
+            generation: None,
+            version: None,
+            hash: None,
+            rules: None,
+            error: None,
         };
+        match inst.state() {
+            Ok(st) => {
+                // The kernel is asked in this namespace only: elsewhere the name means another link.
+                row.mode = if inst.is_here() { mode_in_effect(&inst.iface, st.mode) } else { mode_name(st.mode) };
+                row.generation = Some(st.generation);
+                row.version = st.ruleset.version.clone();
+                row.hash = Some(st.ruleset.hash.clone());
+                row.rules = Some(st.ruleset.rules.len());
+            }
+            Err(e) => row.error = Some(e.to_string()),
+        }
         rows.push(row);
     }
     Ok(Output::ok(if json { json_text(&serde_json::json!({ "instances": rows }))? } else { render::list(&rows) }))
@@ -156,10 +170,9 @@ fn enter_netns(name: &str) -> Result<()> {
 
 fn attach(iface: &str, rules: Option<PathBuf>, last_good: bool, mode: AttachMode) -> Result<Output> {
     let rules = if last_good {
-        let last = History::new(iface).applied()?.into_iter().next();
-        Some(last.and_then(|e| e.snapshot).ok_or_else(|| {
-            anyhow!("no ruleset has gone live on {iface} yet (history in {})", control::history::history_root().display())
-        })?)
+        let history = Instance::new(iface)?.history();
+        let last = history.applied()?.into_iter().next();
+        Some(last.and_then(|e| e.snapshot).ok_or_else(|| anyhow!("no ruleset has gone live on {iface} yet (history in {})", history.dir().display()))?)
     } else {
         rules
     };
@@ -170,7 +183,7 @@ fn attach(iface: &str, rules: Option<PathBuf>, last_good: bool, mode: AttachMode
         report.generation,
         report.ruleset.rules.len(),
         report.ruleset.default,
-        xdpfw_kernel::pin_dir(iface).display()
+        Instance::new(iface)?.pin_dir.display()
     )))
 }
 
@@ -186,7 +199,7 @@ fn reload(file: &std::path::Path, iface: Option<&str>, opts: &ReloadOptions, jso
 fn status(iface: Option<&str>, history: bool, json: bool) -> Result<Output> {
     let inst = Instance::find(iface)?;
     let state = inst.state()?;
-    let entries = if history { History::new(&inst.iface).entries()? } else { Vec::new() };
+    let entries = if history { inst.history().entries()? } else { Vec::new() };
     let served = escalation::served(&inst);
     let mode = mode_in_effect(&inst.iface, state.mode);
     let text = if json {
@@ -300,11 +313,11 @@ fn live_ruleset(iface: Option<&str>) -> Result<(Instance, control::State, rules:
             state.ruleset.default
         );
     }
-    let snapshot = History::new(&inst.iface).dir().join("snapshots").join(hash).join("rules.toml");
+    let snapshot = inst.history().dir().join("snapshots").join(hash).join("rules.toml");
     if !snapshot.exists() {
         bail!("no snapshot of the live ruleset {} of {} at {}", short_hash_of(hash), inst.iface, snapshot.display());
     }
-    let rs = rules::load(&snapshot)?;
+    let rs = control::history::load_rules(&snapshot, rules::Origin::Local)?;
     if &rs.hash != hash {
         bail!("the snapshot {} does not hash to the live ruleset's {} (edited by hand?)", snapshot.display(), short_hash_of(hash));
     }
@@ -318,14 +331,13 @@ fn short_hash_of(h: &str) -> &str {
 /// `loader show`: the live ruleset's text as it went live, set sizes, and set files on request.
 fn show(iface: Option<&str>, with_sets: bool, json: bool) -> Result<Output> {
     let (inst, state, rs, snapshot) = live_ruleset(iface)?;
-    let text = std::fs::read_to_string(&snapshot).with_context(|| format!("reading {}", snapshot.display()))?;
-    let dir = snapshot.parent().unwrap_or(std::path::Path::new("."));
+    // Exactly the bytes that went live, as parsed from the snapshot.
+    let text = rs.sources.rules.to_string();
     let sets: Vec<render::SetSize> = rs.sets.iter().map(|(name, p)| render::SetSize { name: name.clone(), prefixes: p.len() }).collect();
     let mut files = Vec::new();
     if with_sets {
-        for (written, _) in &rs.set_files {
-            let path = dir.join(written);
-            files.push((written.clone(), std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?));
+        for (written, text) in &rs.sources.sets {
+            files.push((written.clone(), text.to_string()));
         }
     }
     let out = if json {

@@ -327,9 +327,16 @@ pub(crate) struct RunArgs {
     /// Also trust the CA certificates in FILE (PEM) for an https:// URL, e.g. a private CA.
     #[arg(long, value_name = "FILE", requires = "url")]
     pub ca_cert: Option<PathBuf>,
-    /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (a loopback address unless
+    /// --metrics-public).
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<SocketAddr>,
+    /// Allow --metrics on an address other hosts can reach.
+    #[arg(long, requires = "metrics")]
+    pub metrics_public: bool,
+    /// Follow a redirect of the rules URL to another host (by default: same host and port only).
+    #[arg(long, requires = "url")]
+    pub allow_redirect_host: bool,
     /// Detach the firewall when the daemon stops (by default it keeps filtering).
     #[arg(long)]
     pub detach_on_exit: bool,
@@ -372,6 +379,8 @@ impl RunArgs {
             fetch_timeout: self.fetch_timeout,
             ca_cert: self.ca_cert,
             metrics: self.metrics,
+            metrics_public: self.metrics_public,
+            allow_redirect_host: self.allow_redirect_host,
             detach_on_exit: self.detach_on_exit,
             escalation: escalation::Config {
                 lookup_deadline: self.owner_lookup_deadline,

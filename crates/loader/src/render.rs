@@ -224,6 +224,10 @@ pub(crate) fn diff(d: &RulesetDiff) -> String {
 #[derive(serde::Serialize)]
 pub(crate) struct ListRow {
     pub iface: String,
+    /// The network namespace: "host", its /run/netns name, or net:[inode] when unnamed.
+    pub netns: String,
+    pub netns_inode: u64,
+    pub ifindex: u32,
     pub mode: String,
     pub generation: Option<u64>,
     pub version: Option<String>,
@@ -240,17 +244,19 @@ pub(crate) fn list(rows: &[ListRow]) -> String {
         return s;
     }
     let w = rows.iter().map(|r| r.iface.len()).max().unwrap_or(5).max(5);
-    let _ = writeln!(s, "{:<w$}  {:<6}  {:>10}  {:>5}  {:<12}  version", "iface", "mode", "generation", "rules", "hash");
+    let n = rows.iter().map(|r| clean(&r.netns).len()).max().unwrap_or(5).max(5);
+    let _ = writeln!(s, "{:<w$}  {:<n$}  {:<6}  {:>10}  {:>5}  {:<12}  version", "iface", "netns", "mode", "generation", "rules", "hash");
     for r in rows {
         match &r.error {
             Some(e) => {
-                let _ = writeln!(s, "{:<w$}  {}", r.iface, clean(e));
+                let _ = writeln!(s, "{:<w$}  {:<n$}  {}", clean(&r.iface), clean(&r.netns), clean(e));
             }
             None => {
                 let _ = writeln!(
                     s,
-                    "{:<w$}  {:<6}  {:>10}  {:>5}  {:<12}  {}",
-                    r.iface,
+                    "{:<w$}  {:<n$}  {:<6}  {:>10}  {:>5}  {:<12}  {}",
+                    clean(&r.iface),
+                    clean(&r.netns),
                     r.mode,
                     r.generation.unwrap_or(0),
                     r.rules.unwrap_or(0),

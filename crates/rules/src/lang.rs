@@ -256,6 +256,17 @@ pub struct Ruleset {
     pub hash: String,
     /// Set files as written in the rules file, and where they were read from.
     pub set_files: Vec<(String, PathBuf)>,
+    /// Exactly the bytes that were parsed (and hashed): what a snapshot keeps.
+    pub sources: Sources,
+}
+
+/// The texts a ruleset was parsed from: the rules text and each set file's text, by the name
+/// the rules file gives it. [`parse_with_sets`] parses them again to the same ruleset (and hash)
+/// without reading any file.
+#[derive(Clone, Debug, Default)]
+pub struct Sources {
+    pub rules: Arc<str>,
+    pub sets: Vec<(String, Arc<str>)>,
 }
 
 impl Ruleset {
@@ -478,6 +489,17 @@ fn count_headers(text: &str) -> (usize, usize, Option<usize>, Option<usize>) {
 
 /// Parses rules text from `origin`: a [`Origin::Remote`] text may not name set files.
 pub fn parse_from(path: &Path, text: &str, origin: Origin) -> Result<Ruleset, RulesError> {
+    parse_inner(path, text, origin, None)
+}
+
+/// Parses rules text whose set files are given (by the name the text uses for each) instead of
+/// read: a snapshot of the [`Sources`] of a ruleset parses to that ruleset, hash included, with
+/// no file read. A set file the text names but `sets` lacks is an error.
+pub fn parse_with_sets(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Ruleset, RulesError> {
+    parse_inner(path, text, Origin::Local, Some(sets))
+}
+
+fn parse_inner(path: &Path, text: &str, origin: Origin, provided: Option<&[(String, String)]>) -> Result<Ruleset, RulesError> {
     let src = Source::new(path, text);
     if text.len() as u64 > MAX_RULES_TEXT {
         return Err(src.error(0..0, format!("the ruleset is {} bytes (the limit is {MAX_RULES_TEXT})", text.len())));
@@ -538,11 +560,12 @@ pub fn parse_from(path: &Path, text: &str, origin: Origin) -> Result<Ruleset, Ru
 
     let mut sets = BTreeMap::new();
     let mut set_files = Vec::new();
+    let mut set_texts = Vec::new();
     for (name, set) in &raw.sets {
         if let Some(f) = &set.get_ref().file {
             set_files.push((f.get_ref().clone(), path.parent().unwrap_or(Path::new(".")).join(f.get_ref())));
         }
-        let prefixes = load_set(&src, name, set, &mut hasher)?;
+        let prefixes = load_set(&src, name, set, &mut hasher, provided, &mut set_texts)?;
         sets.insert(name.get_ref().clone(), Arc::new(prefixes));
     }
 
@@ -598,6 +621,7 @@ pub fn parse_from(path: &Path, text: &str, origin: Origin) -> Result<Ruleset, Ru
         warnings,
         hash: hasher.finish(),
         set_files,
+        sources: Sources { rules: Arc::from(text), sets: set_texts },
     };
     let shadowed = crate::matcher::shadowed_rules(&ruleset);
     for (rule, by) in shadowed {
@@ -700,6 +724,8 @@ fn load_set(
     name: &Spanned<String>,
     set: &Spanned<RawSet>,
     hasher: &mut Sha256Hasher,
+    provided: Option<&[(String, String)]>,
+    texts: &mut Vec<(String, Arc<str>)>,
 ) -> Result<Vec<IpNet>, RulesError> {
     let n = name.get_ref();
     if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
@@ -713,9 +739,17 @@ fn load_set(
     if let Some(file) = &raw.file {
         let base = src.path.parent().unwrap_or(Path::new("."));
         let path = base.join(file.get_ref());
-        let text = read_bounded(&path, MAX_SET_FILE)
-            .map_err(|e| src.error(file.span(), format!("cannot read set file {}: {e}", path.display())))?;
+        let text = match provided {
+            None => read_bounded(&path, MAX_SET_FILE)
+                .map_err(|e| src.error(file.span(), format!("cannot read set file {}: {e}", path.display())))?,
+            Some(given) => match given.iter().find(|(written, _)| written == file.get_ref()) {
+                Some((_, t)) if t.len() as u64 <= MAX_SET_FILE => t.clone(),
+                Some(_) => return Err(src.error(file.span(), format!("set file {} is over the limit of {MAX_SET_FILE} bytes", file.get_ref()))),
+                None => return Err(src.error(file.span(), format!("set file {} is not among the texts given", file.get_ref()))),
+            },
+        };
         hasher.part(file.get_ref().as_bytes(), text.as_bytes());
+        texts.push((file.get_ref().clone(), Arc::from(text.as_str())));
         out.reserve(text.len() / 16);
         for (i, line) in text.lines().enumerate() {
             if i >= MAX_SET_LINES {

@@ -34,7 +34,7 @@ impl Drop for TempDir {
 pub struct Daemon {
     child: Option<Child>,
     log: PathBuf,
-    iface: String,
+    lock: PathBuf,
 }
 
 impl Daemon {
@@ -54,7 +54,7 @@ impl Daemon {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("starting loader run");
-        let d = Self { child: Some(child), log, iface: t.server_if.clone() };
+        let d = Self { child: Some(child), log, lock: t.daemon_lock_path() };
         assert!(
             eventually(Duration::from_secs(10), || scrape(t).is_some_and(|m| m.contains("xdpfw_generation"))),
             "the daemon did not serve metrics within 10 s:\n{}",
@@ -104,7 +104,7 @@ impl Drop for Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = std::fs::remove_file(Path::new("/run/xdpfw").join(format!("{}.daemon.lock", self.iface)));
+        let _ = std::fs::remove_file(&self.lock);
         if std::thread::panicking() {
             eprintln!("--- daemon log ---\n{}", self.log());
         }

@@ -252,11 +252,12 @@ pub fn rule_packets(stats: &serde_json::Value, name: &str) -> u64 {
         .unwrap()
 }
 
-/// Asserts that nothing of the instance on `iface` is left: no pins, no state.
-pub fn assert_no_instance(iface: &str) {
-    let pins = Path::new("/sys/fs/bpf/xdpfw").join(iface);
+/// Asserts that nothing of the instance on the topology's server interface is left: no pins,
+/// no state.
+pub fn assert_no_instance(t: &Topology) {
+    let pins = t.pin_dir();
     assert!(!pins.exists(), "pins left at {}", pins.display());
-    let state = Path::new("/run/xdpfw").join(iface);
+    let state = t.state_dir();
     assert!(!state.exists(), "state left at {}", state.display());
 }
 

@@ -42,6 +42,12 @@ fn sh(args: &[&str]) -> Result<(), String> {
 impl Topology {
     /// `tag` (a few letters) names the test in the namespace and interface names.
     pub fn new(tag: &str) -> Result<Self, String> {
+        Self::with_server_if(tag, None)
+    }
+
+    /// A topology whose server end is called `server_if` (when given): two topologies can then
+    /// hold interfaces of the same name, each in its own namespace.
+    pub fn with_server_if(tag: &str, server_if: Option<&str>) -> Result<Self, String> {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let id = format!("{}{}", std::process::id() % 100000, SEQ.fetch_add(1, Ordering::SeqCst));
         let tag: String = tag.chars().filter(|c| c.is_ascii_alphanumeric()).take(4).collect();
@@ -50,7 +56,7 @@ impl Topology {
             server_ns: format!("xfw-{tag}-{id}-s"),
             // Interface names are at most 15 bytes.
             client_if: format!("xc{tag}{id}").chars().take(15).collect(),
-            server_if: format!("xs{tag}{id}").chars().take(15).collect(),
+            server_if: server_if.map_or_else(|| format!("xs{tag}{id}").chars().take(15).collect(), str::to_string),
             loader: None,
         };
         t.build()?;
@@ -87,6 +93,41 @@ impl Topology {
         sh(&["ip", "-n", &self.server_ns, "neigh", "flush", "dev", &self.server_if])
     }
 
+    /// The key of the firewall instance on `server_if` (`ns<netns inode>-if<ifindex>`), which
+    /// names its pins, runtime folder and locks.
+    pub fn instance_key(&self) -> String {
+        use std::os::unix::fs::MetadataExt;
+        let inode = std::fs::metadata(format!("/run/netns/{}", self.server_ns)).map(|m| m.ino()).unwrap_or(0);
+        let out = Command::new("ip").args(["-n", &self.server_ns, "-o", "link", "show", "dev", &self.server_if]).output();
+        let ifindex: u32 = out.ok().and_then(|o| String::from_utf8_lossy(&o.stdout).split(':').next().and_then(|n| n.trim().parse().ok())).unwrap_or(0);
+        format!("ns{inode}-if{ifindex}")
+    }
+
+    /// Where the instance on `server_if` is pinned.
+    pub fn pin_dir(&self) -> std::path::PathBuf {
+        std::path::Path::new("/sys/fs/bpf/xdpfw").join(self.instance_key())
+    }
+
+    /// The instance's runtime folder (state.json).
+    pub fn state_dir(&self) -> std::path::PathBuf {
+        std::path::Path::new("/run/xdpfw").join(self.instance_key())
+    }
+
+    /// The instance's reload lock.
+    pub fn lock_path(&self) -> std::path::PathBuf {
+        std::path::Path::new("/run/xdpfw").join(format!("{}.lock", self.instance_key()))
+    }
+
+    /// The lock `loader run` holds for the instance.
+    pub fn daemon_lock_path(&self) -> std::path::PathBuf {
+        std::path::Path::new("/run/xdpfw").join(format!("{}.daemon.lock", self.instance_key()))
+    }
+
+    /// The instance's durable history: by the namespace's name and the interface's name.
+    pub fn history_dir(&self) -> std::path::PathBuf {
+        std::path::Path::new("/var/lib/xdpfw").join(format!("netns-{}", self.server_ns)).join(&self.server_if)
+    }
+
     /// Remember to detach through `loader` on drop (the firewall is attached to `server_if`).
     pub fn detach_on_drop(&mut self, loader: &str) {
         self.loader = Some(loader.to_string());
@@ -99,8 +140,13 @@ impl Drop for Topology {
             // Ignore "not attached": the test may have detached already.
             let _ = Command::new(loader).args(["--netns", &self.server_ns, "detach", &self.server_if]).output();
         }
-        // The reload history is durable by design; a test's own goes with its interface.
-        let _ = std::fs::remove_dir_all(std::path::Path::new("/var/lib/xdpfw").join(&self.server_if));
+        // The reload history is durable by design; a test's own goes with its namespace. So do
+        // the lock files (never unlinked by the loader, whose key dies with the namespace).
+        let _ = std::fs::remove_dir_all(std::path::Path::new("/var/lib/xdpfw").join(format!("netns-{}", self.server_ns)));
+        let key = self.instance_key();
+        for lock in [format!("{key}.lock"), format!("{key}.daemon.lock")] {
+            let _ = std::fs::remove_file(std::path::Path::new("/run/xdpfw").join(lock));
+        }
         let _ = sh(&["ip", "netns", "del", &self.client_ns]);
         let _ = sh(&["ip", "netns", "del", &self.server_ns]);
     }

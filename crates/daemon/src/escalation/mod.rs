@@ -29,7 +29,6 @@ use xdpfw_control::{
     Instance,
     escalation::{self as report, Counters, Report},
     files::now_secs,
-    history::History,
 };
 use xdpfw_kernel::{Maps, pinned_map};
 use xdpfw_rules::{
@@ -224,9 +223,9 @@ pub fn flow_packet(ev: &EscalationEvent) -> PacketSpec {
 fn ruleset_for(inst: &Instance, generation: u64) -> Result<Ruleset> {
     let state = inst.state_for(generation)?;
     let hash = &state.ruleset.hash;
-    let snapshot = History::new(&inst.iface).dir().join("snapshots").join(hash).join("rules.toml");
+    let snapshot = inst.history().dir().join("snapshots").join(hash).join("rules.toml");
     for path in [Some(snapshot), state.ruleset.path.clone()].into_iter().flatten() {
-        if let Ok(rs) = rules::load(&path)
+        if let Ok(rs) = xdpfw_control::history::load_rules(&path, rules::Origin::Local)
             && &rs.hash == hash
         {
             return Ok(rs);
@@ -235,11 +234,22 @@ fn ruleset_for(inst: &Instance, generation: u64) -> Result<Ruleset> {
     anyhow::bail!("the ruleset of generation {generation} (hash {}) is neither in the history nor at its path", short_hash(hash))
 }
 
+/// Which pinned ring buffer the instance has (device and inode of its pin): it changes when the
+/// instance is attached again.
+fn pin_identity(inst: &Instance) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(inst.pin_dir.join(map_names::ESCALATIONS)).ok().map(|m| (m.dev(), m.ino()))
+}
+
 /// Serves escalations for `inst` until `stop` is set. Blocking: run it on its own thread.
 pub fn serve(inst: &Instance, cfg: &Config, stop: &AtomicBool, shared: &Arc<Shared>) -> Result<()> {
-    let mut ring = RingBuf::try_from(pinned_map(&inst.pin_dir, map_names::ESCALATIONS)?)?;
-    let mut verdicts: BpfHashMap<MapData, FlowKey, Verdict> = BpfHashMap::try_from(pinned_map(&inst.pin_dir, map_names::VERDICTS)?)?;
-    let maps = Maps::open(&inst.pin_dir)?;
+    let open = || -> Result<_> {
+        let ring = RingBuf::try_from(pinned_map(&inst.pin_dir, map_names::ESCALATIONS)?)?;
+        let verdicts: BpfHashMap<MapData, FlowKey, Verdict> = BpfHashMap::try_from(pinned_map(&inst.pin_dir, map_names::VERDICTS)?)?;
+        Ok((ring, verdicts, Maps::open(&inst.pin_dir)?, pin_identity(inst)))
+    };
+    let (mut ring, mut verdicts, mut maps, mut opened) = open()?;
+    let mut checked = Instant::now();
     let mut owners = OwnerCache::new(cfg.lookup_deadline);
     let mut limiter = SourceLimiter {
         buckets: HashMap::new(),
@@ -258,6 +268,21 @@ pub fn serve(inst: &Instance, cfg: &Config, stop: &AtomicBool, shared: &Arc<Shar
     tracing::info!(iface = %inst.iface, "serving escalations");
 
     while !stop.load(Ordering::Relaxed) {
+        // An instance the daemon's guard attached again has new maps: follow them.
+        if checked.elapsed() >= Duration::from_secs(1) {
+            checked = Instant::now();
+            let now = pin_identity(inst);
+            if now.is_some() && now != opened {
+                match open() {
+                    Ok(fresh) => {
+                        (ring, verdicts, maps, opened) = fresh;
+                        ruleset = None;
+                        tracing::info!(iface = %inst.iface, "escalation: serving the re-attached instance");
+                    }
+                    Err(e) => tracing::warn!("escalation: reopening the re-attached instance: {e:#}"),
+                }
+            }
+        }
         let mut pfd = libc::pollfd { fd: ring.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd. A short timeout so `stop` and publishing are timely.
         unsafe { libc::poll(&mut pfd, 1, 100) };
