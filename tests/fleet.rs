@@ -694,3 +694,20 @@ fn replays_are_refused_rollback_signs_anew_and_a_silent_watch_falls_back_to_poll
     }
     nodes[0].wait_metric("xdpfw_fleet_watch_events_total", 15, |v| v > watched0);
 }
+
+/// Item 4: the dist/fleet example is what the servers and the daemon accept: the cluster
+/// config passes `nats-server -t`, and every flag of the node's env file is a `loader run` flag.
+#[test]
+fn the_dist_fleet_example_is_valid() {
+    let dist = rules_dir().join("../dist/fleet");
+    let out = Command::new("nats-server").env("NATS_NAME", "nats1").arg("-t").arg("-c").arg(dist.join("nats-server.conf")).output().expect("nats-server");
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let help = Command::new(loader_bin()).args(["run", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    let env = std::fs::read_to_string(dist.join("xdpfw-fleet.env.example")).unwrap();
+    let flags: Vec<&str> = env.lines().map(|l| l.trim_start_matches('#')).filter(|l| l.starts_with("XDPFW_")).flat_map(|l| l.split_whitespace()).filter_map(|w| w.split('=').next_back()).filter(|w| w.starts_with("--")).collect();
+    assert!(flags.len() >= 8, "{flags:?}");
+    for f in flags {
+        assert!(help.contains(&format!("{f} ")) || help.contains(&format!("{f}\n")), "{f} is not a `loader run` flag");
+    }
+}
