@@ -475,7 +475,7 @@ fn restart_catch_up_link_cut_canary_promote_and_rollback() {
     // Rollback: the previous ruleset (v4) comes back everywhere as a new revision.
     let out = hub.fleet_ok(&["rollback", "--key-file", key_file, "--wait", "2", "--timeout", "30s"]);
     assert!(out.contains(&format!("republished the ruleset of revision {r4} of rules")), "{out}");
-    let r7 = revision_of(&out.split(" as ").nth(1).unwrap().to_string());
+    let r7 = revision_of(out.split(" as ").nth(1).unwrap());
     assert_eq!((canary.live_revision(), other.live_revision()), (r7, r7));
     assert_eq!((canary.verdicts(), other.verdicts()), (CLOSED_7001, CLOSED_7001));
     let table = hub.fleet_ok(&["status"]);

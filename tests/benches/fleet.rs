@@ -136,10 +136,22 @@ impl Drop for Hub {
     }
 }
 
-/// A node: its namespaces and its daemon (dropped first: the daemon, then the topology).
+/// A node: its namespaces and its daemon (dropped first: the daemon, then the topology, then
+/// the instance's lock file in the state root).
 struct Node {
     daemon: Option<harness::daemon::Daemon>,
-    _t: Topology,
+    t: Option<Topology>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.daemon = None;
+        if let Some(t) = self.t.take() {
+            let lock = xdpfw_control::instance::state_root().join(format!("{}.lock", t.server_if));
+            drop(t);
+            let _ = std::fs::remove_file(lock);
+        }
+    }
 }
 
 fn start_node(hub: &Hub, dir: &Path, public: &Path, i: u16) -> Result<Node> {
@@ -156,7 +168,7 @@ fn start_node(hub: &Hub, dir: &Path, public: &Path, i: u16) -> Result<Node> {
     let (dir, t2) = (dir.to_path_buf(), &t);
     let daemon = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| harness::daemon::Daemon::start(t2, &dir, &args)))
         .map_err(|e| anyhow::anyhow!("{}", e.downcast_ref::<String>().map_or("the daemon did not start", |s| s.lines().next().unwrap_or(""))))?;
-    Ok(Node { daemon: Some(daemon), _t: t })
+    Ok(Node { daemon: Some(daemon), t: Some(t) })
 }
 
 fn small_ruleset(version: &str, port: u16) -> String {
