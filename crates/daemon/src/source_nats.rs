@@ -4,6 +4,9 @@
 //! same check: read the latest revision of the key the node follows, and if it is new, open
 //! it (signature against the trusted keys), store it privately under the instance's state
 //! directory and apply it through the usual pipeline. Any failure keeps the last good ruleset.
+//! A signed value must have been signed for the key it is found at, and must not be older than
+//! the live one (a replay: `envelope::check_order`); what the node runs from the bus is
+//! remembered in the state directory (`nats-live.json`), so a restart does not forget it.
 //! The node's status (live revision, hash, generation, last result) goes to the status bucket
 //! after every attempt and on every heartbeat.
 
@@ -22,7 +25,7 @@ use xdpfw_fleet::{
     async_nats::{self, jetstream::kv},
     bus::{self, BusConfig, NodeStatus},
     ed25519_dalek::VerifyingKey,
-    envelope::{self, EnvelopeError},
+    envelope::{self, EnvelopeError, Watermark},
 };
 
 use super::{
@@ -56,11 +59,11 @@ struct NatsStats {
     reconnects: AtomicU64,
     watch_events: AtomicU64,
     polls: AtomicU64,
-    refused: [AtomicU64; 4],
+    refused: [AtomicU64; 6],
     status_failures: AtomicU64,
 }
 
-const REFUSALS: [&str; 4] = ["unsigned", "untrusted_key", "bad_signature", "malformed"];
+const REFUSALS: [&str; 6] = ["unsigned", "untrusted_key", "bad_signature", "malformed", "wrong_key", "replayed"];
 
 struct NatsMetrics(Arc<NatsStats>, String);
 
@@ -78,7 +81,7 @@ impl MetricsSource for NatsMetrics {
         let _ = writeln!(out, "xdpfw_fleet_watch_events_total {}", s.watch_events.load(Ordering::Relaxed));
         family(out, "xdpfw_fleet_polls_total", "counter", "Periodic checks of the latest revision (the safety net).");
         let _ = writeln!(out, "xdpfw_fleet_polls_total {}", s.polls.load(Ordering::Relaxed));
-        family(out, "xdpfw_fleet_refused_total", "counter", "Values refused before the pipeline, by reason (signature checks).");
+        family(out, "xdpfw_fleet_refused_total", "counter", "Values refused before the pipeline, by reason (signature, key and replay checks).");
         for (reason, n) in REFUSALS.iter().zip(&s.refused) {
             let _ = writeln!(out, "xdpfw_fleet_refused_total{{reason=\"{reason}\"}} {}", n.load(Ordering::Relaxed));
         }
@@ -136,6 +139,11 @@ impl NatsSource {
 
     pub(crate) async fn run(self, ctx: Context, applier: Arc<Applier>) -> Result<()> {
         let body_path = ctx.inst.state_dir.join("nats-ruleset.toml");
+        let mark_path = ctx.inst.state_dir.join("nats-live.json");
+        let mut mark: Option<Watermark> = std::fs::read(&mark_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        if let Some(m) = &mark {
+            tracing::info!("the last value from the bus was revision {} of {} (older signed values are refused)", m.revision, m.key);
+        }
         let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
         let opts = self.cfg.bus.options(&format!("xdpfw {}", self.node), Some(tx)).await?.retry_on_initial_connect();
         let client = opts.connect(self.cfg.bus.urls()).await.with_context(|| format!("connecting to {}", self.cfg.bus.url))?;
@@ -190,7 +198,7 @@ impl NatsSource {
                 if force {
                     seen = None;
                 }
-                self.check(&ctx, &applier, rules, &body_path, &mut seen, &mut status).await;
+                self.check(&ctx, &applier, rules, (&body_path, &mark_path), (&mut seen, &mut mark), &mut status).await;
                 self.put_status(st, &ctx, &mut status).await;
                 (check, force) = (false, false);
             }
@@ -248,7 +256,7 @@ impl NatsSource {
     }
 
     /// Applies the latest value of the key the node follows, unless it was handled already.
-    async fn check(&self, ctx: &Context, applier: &Applier, rules: &kv::Store, body_path: &Path, seen: &mut Seen, status: &mut NodeStatus) {
+    async fn check(&self, ctx: &Context, applier: &Applier, rules: &kv::Store, (body_path, mark_path): (&Path, &Path), (seen, mark): (&mut Seen, &mut Option<Watermark>), status: &mut NodeStatus) {
         let mut found = None;
         for k in self.keys() {
             match bounded("reading the latest revision", bus::latest(rules, &k)).await {
@@ -274,7 +282,11 @@ impl NatsSource {
         *seen = here;
         status.attempted_revision = entry.revision;
         let what = format!("revision {} of {}", entry.revision, entry.key);
-        let opened = match envelope::open(&entry.value, &self.trusted) {
+        let opened = envelope::open(&entry.value, &self.trusted).and_then(|o| match &o.meta {
+            Some(m) => envelope::check_order(m, &entry.key, mark.as_ref()).map(|()| o),
+            None => Ok(o),
+        });
+        let opened = match opened {
             Ok(o) => o,
             Err(e) => {
                 let i = REFUSALS.iter().position(|r| *r == e.reason()).unwrap_or(3);
@@ -292,14 +304,17 @@ impl NatsSource {
             *seen = None;
             return;
         }
+        let new_mark = Watermark { key: entry.key.clone(), revision: entry.revision, signed_at: opened.meta.as_ref().map_or(0, |m| m.signed_at) };
         match applier.apply(body_path, &ctx.shutdown).await.0 {
             Outcome::Applied(r) => {
                 status.reload_us = Some([r.times.total_us, r.times.prove_us, r.times.flip_us, r.times.grace_us]);
                 self.live(status, &entry, opened.signer);
+                remember(mark_path, mark, new_mark).await;
                 tracing::info!("{what} is live");
             }
             Outcome::Unchanged => {
                 self.live(status, &entry, opened.signer);
+                remember(mark_path, mark, new_mark).await;
                 tracing::info!("{what} is the live ruleset already");
             }
             Outcome::Failed(why) => {
@@ -347,6 +362,15 @@ async fn next_change(watch: &mut Option<kv::Watch>) -> Option<Result<kv::Entry, 
     }
 }
 
+/// Keeps the live value's watermark, in memory and in the state directory (a failure to write
+/// it is logged: the node would only forget it on a restart).
+async fn remember(path: &Path, mark: &mut Option<Watermark>, new: Watermark) {
+    if let Err(e) = store_private(path, &serde_json::to_vec(&new).unwrap_or_default()).await {
+        tracing::warn!("cannot keep {}: {e:#}", path.display());
+    }
+    *mark = Some(new);
+}
+
 /// Writes atomically and privately (0600): a ruleset from the bus is nobody else's to read.
 async fn store_private(path: &Path, body: &[u8]) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -355,7 +379,7 @@ async fn store_private(path: &Path, body: &[u8]) -> Result<()> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let tmp = path.with_extension("toml.tmp");
+        let tmp = path.with_extension("tmp");
         let _ = std::fs::remove_file(&tmp);
         let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
         std::io::Write::write_all(&mut f, &body)?;

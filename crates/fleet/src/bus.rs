@@ -106,29 +106,72 @@ pub fn valid_key(s: &str) -> bool {
     !s.is_empty() && !s.starts_with('.') && !s.ends_with('.') && !s.contains("..") && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_/=.".contains(c))
 }
 
-/// The rules bucket, created when missing (by publishers).
-pub async fn rules_bucket(js: &jetstream::Context, bucket: &str, create: bool) -> Result<kv::Store> {
-    match js.get_key_value(bucket).await {
-        Ok(s) => Ok(s),
-        Err(e) if create => {
-            tracing::debug!("bucket {bucket}: {e}; creating it");
-            js.create_key_value(kv::Config { bucket: bucket.to_string(), history: RULES_HISTORY, max_value_size: -1, ..Default::default() })
-                .await
-                .with_context(|| format!("creating the bucket {bucket}"))
+/// Opens a bucket, creating it (when `create`) if it is missing. A failed read is not proof
+/// that it is missing (a server may have died, the stream be electing a leader), so a failed
+/// creation is followed by reads again, for up to `patience`.
+async fn open_bucket(js: &jetstream::Context, cfg: kv::Config, create: bool, patience: Duration) -> Result<kv::Store> {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        let err = match js.get_key_value(&cfg.bucket).await {
+            Ok(s) => return Ok(s),
+            Err(e) if !create => anyhow::anyhow!("opening the bucket {}: {e}", cfg.bucket),
+            Err(e) => {
+                tracing::debug!("bucket {}: {e}; creating it", cfg.bucket);
+                match js.create_key_value(cfg.clone()).await {
+                    Ok(s) => return Ok(s),
+                    Err(e) => anyhow::Error::from(e).context(format!("creating the bucket {}", cfg.bucket)),
+                }
+            }
+        };
+        if std::time::Instant::now() >= deadline {
+            return Err(err);
         }
-        Err(e) => Err(anyhow::anyhow!("opening the bucket {bucket}: {e}")),
+        tracing::warn!("{err:#}; retrying");
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// The rules bucket, created when missing (by publishers, with one replica: `fleet init`
+/// makes more).
+pub async fn rules_bucket(js: &jetstream::Context, bucket: &str, create: bool) -> Result<kv::Store> {
+    open_bucket(js, rules_config(bucket, 1), create, if create { Duration::from_secs(15) } else { Duration::ZERO }).await
 }
 
 /// The status bucket, created when missing (by anyone).
 pub async fn status_bucket(js: &jetstream::Context, bucket: &str) -> Result<kv::Store> {
-    match js.get_key_value(bucket).await {
-        Ok(s) => Ok(s),
-        Err(_) => js
-            .create_key_value(kv::Config { bucket: bucket.to_string(), history: 1, max_age: STATUS_MAX_AGE, ..Default::default() })
-            .await
-            .with_context(|| format!("creating the status bucket {bucket}")),
+    open_bucket(js, status_config(bucket, 1), true, Duration::from_secs(15)).await
+}
+
+fn rules_config(bucket: &str, replicas: usize) -> kv::Config {
+    kv::Config { bucket: bucket.to_string(), history: RULES_HISTORY, max_value_size: -1, num_replicas: replicas, ..Default::default() }
+}
+
+fn status_config(bucket: &str, replicas: usize) -> kv::Config {
+    kv::Config { bucket: bucket.to_string(), history: 1, max_age: STATUS_MAX_AGE, num_replicas: replicas, ..Default::default() }
+}
+
+/// `fleet init`: creates both buckets with `replicas` copies (3 on a 3-server cluster, so
+/// they survive a server), or sets the replicas of existing ones. Returns one line per bucket.
+pub async fn init_buckets(js: &jetstream::Context, rules: &str, status: &str, replicas: usize) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for (name, cfg) in [(rules, rules_config(rules, replicas)), (status, status_config(status, replicas))] {
+        let existing = match js.get_stream(format!("KV_{name}")).await {
+            Ok(mut s) => Some(s.info().await.with_context(|| format!("reading the bucket {name}"))?.config.num_replicas),
+            Err(_) => None,
+        };
+        match existing {
+            None => {
+                js.create_key_value(cfg).await.with_context(|| format!("creating the bucket {name}"))?;
+                out.push(format!("created {name} with {replicas} replica(s)"));
+            }
+            Some(r) if r == replicas => out.push(format!("{name} has {r} replica(s) already")),
+            Some(r) => {
+                js.update_key_value(cfg).await.with_context(|| format!("setting the replicas of {name}"))?;
+                out.push(format!("{name}: {r} → {replicas} replica(s)"));
+            }
+        }
     }
+    Ok(out)
 }
 
 /// The latest value of a key, if it holds one (not deleted or purged).
@@ -197,6 +240,11 @@ pub async fn read_statuses(store: &kv::Store) -> Result<Vec<NodeStatus>> {
     }
     out.sort_by(|a, b| a.node.cmp(&b.node));
     Ok(out)
+}
+
+/// Unix time in milliseconds (an envelope's `signed_at`).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 pub fn unix_now() -> f64 {

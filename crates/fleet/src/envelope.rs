@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! xdpfw-signed-ruleset v1
-//! meta {"version":"v2","sha256":"…","key":"rules","supersedes":41,"signed_at":1767225600,"signer":"<hex>"}
+//! meta {"version":"v2","sha256":"…","key":"rules","supersedes":41,"signed_at":1767225600123,"signer":"<hex>"}
 //! signature ed25519 <public key, hex> <signature, hex>
 //!
 //! <the ruleset, byte for byte>
@@ -14,7 +14,8 @@
 //! The signature covers `xdpfw-signed-ruleset v1\n`, the meta line (exact bytes, with its
 //! newline) and the body: a signature cannot be moved to another body or other metadata, and
 //! no re-serialization is needed to check it. The meta's sha256 is also checked against the
-//! body. Key files are one line: `xdpfw-ed25519-secret <hex seed>` (mode 0600) or
+//! body. A node also refuses a value signed for another key, or one that is older than its
+//! live value (a replay: see [`check_order`]). Key files are one line: `xdpfw-ed25519-secret <hex seed>` (mode 0600) or
 //! `xdpfw-ed25519-public <hex>`.
 
 use std::{
@@ -42,9 +43,54 @@ pub struct Meta {
     /// The revision of `key` this publication supersedes (0: the first), checked by the bus
     /// on publishing (compare-and-set), so two publishers cannot overwrite each other blindly.
     pub supersedes: u64,
+    /// Unix time of the signature, in milliseconds.
     pub signed_at: u64,
     /// The signer's public key (hex), informative: the signature line is what is checked.
     pub signer: String,
+    /// For `fleet rollback`: the revision of `key` whose ruleset this envelope restores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restores: Option<u64>,
+    /// For `fleet promote`: the revision of the group's key whose ruleset goes to every node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promotes: Option<u64>,
+}
+
+/// What a node remembers of its live value from the bus, to refuse replays of older ones
+/// (kept in its state directory, so a restart does not forget it).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Watermark {
+    pub key: String,
+    /// The bus revision of the live value.
+    pub revision: u64,
+    /// Its `signed_at` (0 for an unsigned value).
+    pub signed_at: u64,
+}
+
+/// Whether a verified envelope found at `key` may replace the node's live value `live`.
+///
+/// - It must have been signed for this key: a canary's value copied to the common key (or any
+///   value moved between keys) is refused; `fleet promote` signs a fresh envelope instead.
+/// - It must not be older than the live value: it is accepted if it was signed knowing the
+///   live revision (`supersedes` ≥ the live revision: the publisher saw it) or later than the
+///   live value (`signed_at`). An old envelope put back on the bus by whoever can write to it
+///   fails both (it superseded something older and was signed earlier), so it is refused;
+///   `fleet rollback` signs a fresh envelope naming the revision it restores.
+///
+/// Either condition alone suffices, so a publisher whose clock is behind still passes through
+/// the chain, and a bucket recreated from scratch (revisions restart) through the clock.
+pub fn check_order(meta: &Meta, key: &str, live: Option<&Watermark>) -> Result<(), EnvelopeError> {
+    if meta.key != key {
+        return Err(EnvelopeError::WrongKey { signed_for: meta.key.clone(), found_at: key.to_string() });
+    }
+    match live {
+        Some(w) if meta.supersedes < w.revision && meta.signed_at <= w.signed_at => Err(EnvelopeError::Replayed {
+            signed_at: meta.signed_at,
+            supersedes: meta.supersedes,
+            live_revision: w.revision,
+            live_signed_at: w.signed_at,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Why a value was refused by a node.
@@ -58,6 +104,12 @@ pub enum EnvelopeError {
     BadSignature,
     #[error("malformed signed envelope: {0}")]
     Malformed(String),
+    #[error("ruleset signed for the key \"{signed_for}\" found at \"{found_at}\": values cannot be moved between keys (promote and rollback sign anew)")]
+    WrongKey { signed_for: String, found_at: String },
+    #[error(
+        "replayed ruleset refused: signed at {signed_at} ms superseding revision {supersedes}, older than the live revision {live_revision} (signed at {live_signed_at} ms); `fleet rollback` restores an earlier ruleset"
+    )]
+    Replayed { signed_at: u64, supersedes: u64, live_revision: u64, live_signed_at: u64 },
 }
 
 impl EnvelopeError {
@@ -68,6 +120,8 @@ impl EnvelopeError {
             Self::UntrustedKey(_) => "untrusted_key",
             Self::BadSignature => "bad_signature",
             Self::Malformed(_) => "malformed",
+            Self::WrongKey { .. } => "wrong_key",
+            Self::Replayed { .. } => "replayed",
         }
     }
 }
@@ -87,7 +141,7 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || !s.is_ascii() {
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
@@ -225,6 +279,29 @@ mod tests {
         let forged = seal(body, Meta::default(), &SigningKey::from_bytes(&[8; 32]));
         assert!(open(&forged, &trusted).is_err());
         assert!(matches!(open(&sealed[..40], &trusted), Err(EnvelopeError::Malformed(_))));
+    }
+
+    #[test]
+    fn replays_and_moved_values_are_refused() {
+        let meta = |key: &str, supersedes, signed_at| Meta { key: key.into(), supersedes, signed_at, ..Default::default() };
+        let live = Watermark { key: "rules".into(), revision: 10, signed_at: 5_000 };
+        // The next publication: it saw revision 10.
+        assert_eq!(check_order(&meta("rules", 10, 6_000), "rules", Some(&live)), Ok(()));
+        // A lagging node: the publisher saw a later revision.
+        assert_eq!(check_order(&meta("rules", 14, 9_000), "rules", Some(&live)), Ok(()));
+        // A publisher with a clock behind, but on the chain.
+        assert_eq!(check_order(&meta("rules", 10, 1_000), "rules", Some(&live)), Ok(()));
+        // A bucket recreated (revisions restart), signed later.
+        assert_eq!(check_order(&meta("rules", 0, 7_000), "rules", Some(&live)), Ok(()));
+        // A replay: signed before the live value, superseding an older revision.
+        let r = check_order(&meta("rules", 7, 4_000), "rules", Some(&live)).unwrap_err();
+        assert_eq!(r.reason(), "replayed");
+        // The live value itself put back.
+        assert!(check_order(&meta("rules", 9, 5_000), "rules", Some(&live)).is_err());
+        // Nothing live yet: anything signed for the key.
+        assert_eq!(check_order(&meta("rules", 0, 1), "rules", None), Ok(()));
+        assert_eq!(check_order(&meta("rules.canary", 20, 9_000), "rules", Some(&live)).unwrap_err().reason(), "wrong_key");
+        assert_eq!(check_order(&meta("", 20, 9_000), "rules", None).unwrap_err().reason(), "wrong_key");
     }
 
     #[test]

@@ -40,22 +40,84 @@ pub fn validate(path: &Path, body: &[u8]) -> Result<Ruleset, Invalid> {
     Ok(rs)
 }
 
-/// The revision `key` holds now (any operation), 0 if it never held anything.
-async fn current_revision(store: &kv::Store, key: &str) -> Result<u64> {
-    Ok(store.entry(key).await.with_context(|| format!("reading {key}"))?.map_or(0, |e| e.revision))
-}
-
 /// Writes `value` as the next revision of `key`, failing if someone else wrote in between.
 pub async fn put_next(store: &kv::Store, key: &str, value: Vec<u8>, after: u64) -> Result<u64> {
-    let r = if after == 0 { store.create(key, value.into()).await.map_err(anyhow::Error::from) } else { store.update(key, value.into(), after).await.map_err(anyhow::Error::from) };
-    r.with_context(|| format!("writing {key} (another publisher may have written it since revision {after})"))
+    put_once(store, key, value, after).await.map_err(|(e, _)| e)
+}
+
+/// One compare-and-set write; the flag tells a conflict (someone else wrote since `after`).
+async fn put_once(store: &kv::Store, key: &str, value: Vec<u8>, after: u64) -> Result<u64, (anyhow::Error, bool)> {
+    let r = if after == 0 {
+        store.create(key, value.into()).await.map_err(|e| {
+            let conflict = e.kind() == kv::CreateErrorKind::AlreadyExists;
+            (anyhow::Error::from(e), conflict)
+        })
+    } else {
+        store.update(key, value.into(), after).await.map_err(|e| {
+            let conflict = e.kind() == kv::UpdateErrorKind::WrongLastRevision;
+            (anyhow::Error::from(e), conflict)
+        })
+    };
+    r.map_err(|(e, c)| (e.context(format!("writing {key} (another publisher may have written it since revision {after})")), c))
+}
+
+/// How long a publication keeps trying through a server failure (a cluster electing a new
+/// stream leader takes a few seconds).
+pub const PUBLISH_RETRY: Duration = Duration::from_secs(20);
+
+/// Signs (through `seal`, given the revision it supersedes) and writes the next revision of
+/// `key`, retrying through transient failures (a server dying, a leader election) for
+/// [`PUBLISH_RETRY`]. A write whose acknowledgement was lost is recognized on the next read
+/// (the key holds one of the values this call wrote) and not repeated; a conflict with
+/// another publisher is an error, never overwritten.
+pub async fn put_signed(store: &kv::Store, key: &str, seal: impl Fn(u64) -> Vec<u8>) -> Result<u64> {
+    let deadline = std::time::Instant::now() + PUBLISH_RETRY;
+    let mut written: Vec<Vec<u8>> = Vec::new();
+    loop {
+        let err = match tokio::time::timeout(Duration::from_secs(5), store.entry(key)).await {
+            Ok(Ok(entry)) => {
+                if let Some(e) = &entry
+                    && written.iter().any(|w| w.as_slice() == &e.value[..])
+                {
+                    return Ok(e.revision);
+                }
+                let after = entry.map_or(0, |e| e.revision);
+                let value = seal(after);
+                written.push(value.clone());
+                match tokio::time::timeout(Duration::from_secs(10), put_once(store, key, value, after)).await {
+                    Ok(Ok(rev)) => return Ok(rev),
+                    // A conflict on the first try is another publisher's write; later, it may
+                    // be ours whose acknowledgement was lost: the next read tells.
+                    Ok(Err((e, true))) if written.len() == 1 => return Err(e),
+                    Ok(Err((e, _))) => e,
+                    Err(_) => anyhow::anyhow!("writing {key} timed out"),
+                }
+            }
+            Ok(Err(e)) => anyhow::Error::from(e).context(format!("reading {key}")),
+            Err(_) => anyhow::anyhow!("reading {key} timed out"),
+        };
+        if std::time::Instant::now() >= deadline {
+            return Err(err.context(format!("gave up after {PUBLISH_RETRY:?}")));
+        }
+        tracing::warn!("{err:#}; retrying");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Seals `body` and publishes it to `key`: the new revision.
 pub async fn publish(store: &kv::Store, key: &str, body: &[u8], version: Option<String>, signing: &SigningKey) -> Result<u64> {
-    let after = current_revision(store, key).await?;
-    let meta = Meta { version, key: key.to_string(), supersedes: after, signed_at: bus::unix_now() as u64, ..Default::default() };
-    put_next(store, key, envelope::seal(body, meta, signing), after).await
+    put_signed(store, key, |after| {
+        let meta = Meta { version: version.clone(), key: key.to_string(), supersedes: after, signed_at: bus::unix_ms(), ..Default::default() };
+        envelope::seal(body, meta, signing)
+    })
+    .await
+}
+
+/// The body and metadata of a value from the history (integrity checked: a value whose
+/// signature does not hold is not republished).
+fn reopen(value: &[u8], what: &str) -> Result<(Vec<u8>, Option<Meta>)> {
+    let o = envelope::open(value, &[]).map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+    Ok((o.body.to_vec(), o.meta))
 }
 
 /// How a wait for convergence ended.
@@ -73,7 +135,20 @@ pub struct Convergence {
 pub async fn wait(status: &kv::Store, key: &str, revision: u64, want: usize, timeout: Duration) -> Result<Convergence> {
     let start = std::time::Instant::now();
     loop {
-        let all = bus::read_statuses(status).await?;
+        // A failed read (a server dying, the status stream electing a leader) is retried
+        // until the timeout.
+        let all = match tokio::time::timeout(Duration::from_secs(5), bus::read_statuses(status)).await {
+            Ok(Ok(all)) => all,
+            failed => {
+                let err = failed.map_or_else(|_| anyhow::anyhow!("reading the node statuses timed out"), |r| r.err().unwrap_or_else(|| anyhow::anyhow!("?")));
+                if start.elapsed() >= timeout {
+                    return Err(err);
+                }
+                tracing::warn!("{err:#}; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
         let converged: Vec<String> = all.iter().filter(|s| s.key == key && s.revision == revision && s.result == "ok").map(|s| s.node.clone()).collect();
         let failed: Vec<(String, String)> = all
             .iter()
@@ -119,7 +194,7 @@ pub async fn status_rows(rules_store: &kv::Store, status: &kv::Store, key: &str)
 
 /// Publishes the group's ruleset to every node, once every node of the group runs it healthy
 /// (and has for `soak`), then removes the group's override. Returns the new revision of `key`.
-pub async fn promote(store: &kv::Store, status: &kv::Store, key: &str, group: &str, soak: Duration) -> Result<u64> {
+pub async fn promote(store: &kv::Store, status: &kv::Store, key: &str, group: &str, soak: Duration, signing: &SigningKey) -> Result<u64> {
     let gkey = bus::group_key(key, group);
     let Some(entry) = bus::latest(store, &gkey).await? else {
         bail!("nothing to promote: {gkey} holds no ruleset (publish with --to {group} first)");
@@ -141,15 +216,23 @@ pub async fn promote(store: &kv::Store, status: &kv::Store, key: &str, group: &s
     if soaked < soak.as_secs_f64() {
         bail!("not promoting yet: revision {} has been out {soaked:.0}s of the {}s soak time", entry.revision, soak.as_secs());
     }
-    let after = current_revision(store, key).await?;
-    let rev = put_next(store, key, entry.value.to_vec(), after).await?;
+    // Signed anew for the common key: nodes refuse a value moved from another key.
+    let (body, meta) = reopen(&entry.value, &format!("revision {} of {gkey}", entry.revision))?;
+    let version = meta.and_then(|m| m.version);
+    let rev = put_signed(store, key, |after| {
+        let meta = Meta { version: version.clone(), key: key.to_string(), supersedes: after, signed_at: bus::unix_ms(), promotes: Some(entry.revision), ..Default::default() };
+        envelope::seal(&body, meta, signing)
+    })
+    .await?;
     store.delete(&gkey).await.with_context(|| format!("removing the {group} override {gkey}"))?;
     Ok(rev)
 }
 
-/// Republishes an earlier revision of `key` (by default the one before the latest value) as
-/// its newest. Returns (the revision republished, the new revision).
-pub async fn rollback(store: &kv::Store, key: &str, to: Option<u64>) -> Result<(u64, u64)> {
+/// Republishes the ruleset of an earlier revision of `key` (by default the one before the
+/// latest value) as its newest, in a fresh envelope naming the revision it restores (nodes
+/// refuse an old envelope put back as it was: a replay). Returns (the revision restored, the
+/// new revision).
+pub async fn rollback(store: &kv::Store, key: &str, to: Option<u64>, signing: &SigningKey) -> Result<(u64, u64)> {
     use futures_util::StreamExt;
     let mut history = store.history(key).await.with_context(|| format!("reading the history of {key}"))?;
     let mut puts: Vec<kv::Entry> = Vec::new();
@@ -164,10 +247,20 @@ pub async fn rollback(store: &kv::Store, key: &str, to: Option<u64>) -> Result<(
         Some(r) => puts.iter().find(|e| e.revision == r).with_context(|| {
             format!("revision {r} is not in the history of {key} (kept: {})", puts.iter().map(|e| e.revision.to_string()).collect::<Vec<_>>().join(", "))
         })?,
-        None => puts.iter().rev().find(|e| e.value != last.value).with_context(|| format!("{key} has no earlier, different revision"))?,
+        None => {
+            // The previous ruleset: the same body in a fresh envelope is the same ruleset.
+            let body = |v: &[u8]| reopen(v, "").map(|(b, _)| b).ok();
+            let live = body(&last.value);
+            puts.iter().rev().find(|e| body(&e.value) != live).with_context(|| format!("{key} has no earlier, different revision"))?
+        }
     };
-    let after = current_revision(store, key).await?;
-    let rev = put_next(store, key, target.value.to_vec(), after).await?;
+    let (body, meta) = reopen(&target.value, &format!("revision {} of {key}", target.revision))?;
+    let version = meta.and_then(|m| m.version);
+    let rev = put_signed(store, key, |after| {
+        let meta = Meta { version: version.clone(), key: key.to_string(), supersedes: after, signed_at: bus::unix_ms(), restores: Some(target.revision), ..Default::default() };
+        envelope::seal(&body, meta, signing)
+    })
+    .await?;
     Ok((target.revision, rev))
 }
 

@@ -129,6 +129,15 @@ pub(crate) enum FleetCommand {
         /// Where to write the pair: PREFIX.key and PREFIX.pub.
         prefix: PathBuf,
     },
+    /// Create the rules and status buckets with N replicas (3 on a 3-server cluster), or set
+    /// the replicas of existing ones. Without it, `publish` creates them with one replica.
+    Init {
+        /// Copies of each bucket (at most the number of servers in the cluster).
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Validate FILE (parse, compile, self-tests), sign it and publish it as a new revision.
     Publish {
         /// The rules file (self-contained: inline set prefixes).
@@ -152,8 +161,12 @@ pub(crate) enum FleetCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Publish the group's ruleset to every node once every node of the group runs it healthy.
+    /// Publish the group's ruleset to every node once every node of the group runs it healthy
+    /// (signed anew for the common key).
     Promote {
+        /// The signing key (from `fleet keygen`).
+        #[arg(long, value_name = "FILE")]
+        key_file: PathBuf,
         /// The group whose ruleset goes to every node.
         #[arg(long, default_value = "canary")]
         group: String,
@@ -165,8 +178,12 @@ pub(crate) enum FleetCommand {
         #[command(flatten)]
         wait: Wait,
     },
-    /// Republish an earlier revision from the bucket's history (default: the previous ruleset).
+    /// Republish the ruleset of an earlier revision from the bucket's history (default: the
+    /// previous ruleset), signed anew: nodes refuse an old value put back as it was.
     Rollback {
+        /// The signing key (from `fleet keygen`).
+        #[arg(long, value_name = "FILE")]
+        key_file: PathBuf,
         /// The bucket revision to republish (default: the one before the current ruleset).
         revision: Option<u64>,
         /// Roll back a group's key (KEY.GROUP) instead of the common one.
@@ -191,24 +208,34 @@ pub(crate) fn run(cmd: FleetCommand) -> Result<Output> {
         }
         FleetCommand::Publish { file, key_file, to, target, wait } => publish(&file, &key_file, to.as_deref(), &target, &wait),
         FleetCommand::Status { target, json } => block_on(status(&target, json)),
-        FleetCommand::Promote { group, soak, target, wait } => block_on(async {
+        FleetCommand::Init { replicas, target } => block_on(async {
+            if replicas == 0 {
+                return Err(UsageError("--replicas must be at least 1".into()).into());
+            }
+            let js = target.conn.bus(&target.nats).connect("xdpfw fleet").await?;
+            let lines = bus::init_buckets(&js, &target.bucket, &target.status_bucket, replicas).await?;
+            Ok(Output::ok(lines.join("\n") + "\n"))
+        }),
+        FleetCommand::Promote { key_file, group, soak, target, wait } => block_on(async {
+            let signing = envelope::load_signing_key(&key_file)?;
             let js = target.conn.bus(&target.nats).connect("xdpfw fleet").await?;
             let store = bus::rules_bucket(&js, &target.bucket, false).await?;
             let st = bus::status_bucket(&js, &target.status_bucket).await?;
-            let rev = ops::promote(&store, &st, &target.key, &group, soak).await?;
+            let rev = ops::promote(&store, &st, &target.key, &group, soak, &signing).await?;
             let text = format!("promoted the {group} ruleset to {}: revision {rev}\n", target.key);
             follow(&st, &target.key, rev, &wait, text).await
         }),
-        FleetCommand::Rollback { revision, to, target, wait } => block_on(async {
+        FleetCommand::Rollback { key_file, revision, to, target, wait } => block_on(async {
+            let signing = envelope::load_signing_key(&key_file)?;
             let key = match &to {
                 Some(g) => bus::group_key(&target.key, g),
                 None => target.key.clone(),
             };
             let js = target.conn.bus(&target.nats).connect("xdpfw fleet").await?;
             let store = bus::rules_bucket(&js, &target.bucket, false).await?;
-            let (from, rev) = ops::rollback(&store, &key, revision).await?;
+            let (from, rev) = ops::rollback(&store, &key, revision, &signing).await?;
             let st = bus::status_bucket(&js, &target.status_bucket).await?;
-            follow(&st, &key, rev, &wait, format!("republished revision {from} of {key} as revision {rev}\n")).await
+            follow(&st, &key, rev, &wait, format!("republished the ruleset of revision {from} of {key}, signed anew, as revision {rev}\n")).await
         }),
     }
 }
