@@ -100,7 +100,7 @@ fn set(cmd: crate::flags::SetCommand) -> Result<Output> {
     if let Some(f) = &args.file {
         let text = if f.as_os_str() == "-" {
             let mut t = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin().take(rules::MAX_SET_FILE), &mut t).context("reading prefixes from stdin")?;
+            std::io::Read::read_to_string(&mut std::io::Read::take(std::io::stdin(), rules::MAX_SET_FILE), &mut t).context("reading prefixes from stdin")?;
             t
         } else {
             rules::read_bounded(f, rules::MAX_SET_FILE).with_context(|| format!("reading {}", f.display()))?
