@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 
-use xdpfw_testkit::{daemon::TempDir, *};
+use xdpfw_testkit::{daemon::TempDir, topology::CLIENT_V4, *};
 
 fn sa(addr: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip(addr), port)
