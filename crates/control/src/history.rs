@@ -92,6 +92,8 @@ pub enum Operation {
     Attach,
     Reload,
     Rollback,
+    /// An incremental change of a set (`loader set add|del|replace`).
+    Set,
 }
 
 impl std::fmt::Display for Outcome {
@@ -109,6 +111,7 @@ impl std::fmt::Display for Operation {
             Self::Attach => "attach",
             Self::Reload => "reload",
             Self::Rollback => "rollback",
+            Self::Set => "set",
         })
     }
 }

@@ -14,6 +14,6 @@ pub mod stats;
 pub use error::{ControlError, Result};
 pub use instance::{CarriedCounts, Instance, ReloadReport, ReloadTimes, RulesetSummary, State};
 pub use pipeline::{
-    AttachReport, ReloadOptions, attach, attach_ruleset, detach, empty_ruleset, reload, reload_remote, repair, rollback, rollback_to, validate_pins,
+    AttachReport, ReloadOptions, attach, attach_ruleset, detach, empty_ruleset, reload, reload_remote, repair, rollback, rollback_to, set_update, validate_pins, SetReport,
 };
 pub use stats::{RuleCounters, Stats, stats};

@@ -261,8 +261,13 @@ pub fn rollback_to(inst: &Instance, target: &str, opts: &ReloadOptions) -> Resul
 }
 
 fn reload_as(inst: &Instance, path: &Path, opts: &ReloadOptions, action: history::Operation, origin: rules::Origin) -> Result<ReloadReport> {
-    let history = inst.history();
     let result = reload_pipeline(inst, path, opts, origin);
+    record(inst, path, action, result)
+}
+
+/// Records one attempt in the history: the ruleset applied and its snapshot, or the error.
+fn record(inst: &Instance, path: &Path, action: history::Operation, result: Result<(ReloadReport, Snapshot)>) -> Result<ReloadReport> {
+    let history = inst.history();
     let entry = match &result {
         Ok((report, snapshot)) => history::Entry::applied(
             action,
@@ -307,6 +312,19 @@ fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions, origin: r
     let t = Instant::now();
     let _lock = inst.lock(opts.lock_wait)?;
     times.lock_wait_us = us(t.elapsed());
+    install_locked(inst, &ruleset, &image, opts, times, total)
+}
+
+/// The pipeline from the write of the inactive buffer on, with the instance's lock held:
+/// write → prove → flip → grace → clear the retired buffer → record the state.
+fn install_locked(
+    inst: &Instance,
+    ruleset: &Ruleset,
+    image: &rules::compile::Image,
+    opts: &ReloadOptions,
+    mut times: ReloadTimes,
+    total: Instant,
+) -> Result<(ReloadReport, Snapshot)> {
     if !inst.is_attached() {
         refuse!("no firewall is attached to {}", inst.iface);
     }
@@ -321,7 +339,7 @@ fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions, origin: r
         grace::wait(opts.min_grace);
         maps.clear(buffer)?;
     }
-    let installed = maps.install(buffer, generation, &image)?;
+    let installed = maps.install(buffer, generation, image)?;
     times.install_arrays_us = installed.arrays_us;
     times.install_tables_us = installed.tables_us;
 
@@ -331,7 +349,7 @@ fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions, origin: r
         let t = Instant::now();
         let mut probe = kernel::open_probe(&inst.pin_dir)?;
         let mut run = |frame: &[u8]| testrun::run_frame(&mut probe, frame, 1).map(|r| r.0);
-        let failures = selftest::self_test_failures(&ruleset, Some(&mut run))?;
+        let failures = selftest::self_test_failures(ruleset, Some(&mut run))?;
         if !failures.is_empty() {
             return Err(ControlError::SelfTests {
                 file: ruleset.path.clone(),
@@ -344,7 +362,7 @@ fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions, origin: r
 
     // Recorded before the flip, so `stats` can name the rules even if this process dies between
     // the flip and the final record (the next reload replaces both files).
-    let summary = RulesetSummary::new(&ruleset, &image, true);
+    let summary = RulesetSummary::new(ruleset, image, true);
     // A deleted state.json (by hand, or lost to a full disk) is rebuilt from what is known, so
     // one lost file does not block every reload until a detach.
     let mut next = match inst.state() {
@@ -378,7 +396,7 @@ fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions, origin: r
     // The snapshot (exactly the bytes parsed) is stored before the ruleset goes live, so a
     // rollback to it is possible from the moment it serves; one that cannot be written (a full
     // disk) is said in the history, and the reload goes on.
-    let snapshot = inst.history().snapshot(&ruleset).unwrap_or_else(|e| Err(e.to_string()));
+    let snapshot = inst.history().snapshot(ruleset).unwrap_or_else(|e| Err(e.to_string()));
 
     let t = Instant::now();
     maps.flip(generation)?;
@@ -424,3 +442,64 @@ fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions, origin: r
     Ok((report, snapshot))
 }
 
+
+/// What `loader set add|del|replace` did: the change to the set, and the reload that applied it
+/// (`None` when the batch changed nothing: every prefix already present, or absent).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SetReport {
+    pub iface: String,
+    pub op: rules::setedit::SetOp,
+    pub edit: rules::setedit::SetEdit,
+    pub reload: Option<ReloadReport>,
+    /// Loading the live ruleset from its snapshot and changing the set's text, in microseconds.
+    pub edit_us: u64,
+}
+
+/// Changes the set `name` of the live ruleset by one batch: the live ruleset is loaded from its
+/// snapshot, the set's file text changed ([`rules::setedit::edit_set`]), and the result goes
+/// through the reload pipeline (inactive buffer, prove, flip, grace, clear), so a packet sees
+/// the whole batch or none of it. The instance's lock is held from the read of the live
+/// ruleset to the flip, so concurrent changes never lose one another. The changed ruleset is
+/// recorded as an ordinary one (history action "set", with its snapshot): a rollback, a
+/// restart and `attach --last-good` keep it; a reload of a rules file replaces it.
+pub fn set_update(inst: &Instance, name: &str, op: rules::setedit::SetOp, prefixes: &[ipnet::IpNet], opts: &ReloadOptions) -> Result<SetReport> {
+    let total = Instant::now();
+    let mut times = ReloadTimes::default();
+    let t = Instant::now();
+    let _lock = inst.lock(opts.lock_wait)?;
+    times.lock_wait_us = us(t.elapsed());
+    let t = Instant::now();
+    let state = inst.state()?;
+    if state.ruleset.path.is_none() {
+        refuse!("the live ruleset of {} is built in, not from a rules file: it has no sets to change", inst.iface);
+    }
+    let hash = &state.ruleset.hash;
+    let snapshot = inst.history().dir().join("snapshots").join(hash).join("rules.toml");
+    if !snapshot.exists() {
+        refuse!("no snapshot of the live ruleset {} at {}: reload its rules file first", rules::short_hash(hash), snapshot.display());
+    }
+    let mut live = history::load_rules(&snapshot, rules::Origin::Local)?;
+    if &live.hash != hash {
+        refuse!("the snapshot {} does not hash to the live ruleset's {} (edited by hand?)", snapshot.display(), rules::short_hash(hash));
+    }
+    // The changed ruleset keeps the source the live one was loaded from (the operator's file).
+    if let Some(p) = &state.ruleset.path {
+        live.path = p.clone();
+    }
+    times.parse_us = us(t.elapsed());
+    let (changed, edit) = rules::setedit::edit_set(&live, name, op, prefixes).map_err(|e| match e {
+        rules::setedit::SetEditError::Refused(m) => ControlError::Refused(m),
+        rules::setedit::SetEditError::Rules(e) => e.into(),
+    })?;
+    let edit_us = us(t.elapsed());
+    let Some(ruleset) = changed else {
+        return Ok(SetReport { iface: inst.iface.clone(), op, edit, reload: None, edit_us });
+    };
+    let t = Instant::now();
+    let image = compile(&ruleset)?;
+    times.compile_us = us(t.elapsed());
+    let result = install_locked(inst, &ruleset, &image, opts, times, total);
+    let source = ruleset.path.clone();
+    let report = record(inst, &source, history::Operation::Set, result)?;
+    Ok(SetReport { iface: inst.iface.clone(), op, edit, reload: Some(report), edit_us })
+}

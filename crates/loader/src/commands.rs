@@ -23,7 +23,7 @@ use crate::{
 
 /// Whether a command changes an instance (an invalid ruleset then says "nothing was changed").
 pub(crate) fn mutates(c: &Command) -> bool {
-    matches!(c, Command::Attach { .. } | Command::Reload { .. } | Command::Rollback { .. } | Command::Run(_))
+    matches!(c, Command::Attach { .. } | Command::Reload { .. } | Command::Rollback { .. } | Command::Run(_) | Command::Set(_))
 }
 
 pub(crate) fn run(cli: Cli) -> Result<Output> {
@@ -80,7 +80,46 @@ pub(crate) fn run(cli: Cli) -> Result<Output> {
             Ok(Output::ok(String::from_utf8(buf)?))
         }
         Command::Fleet(cmd) => crate::fleet::run(cmd),
+        Command::Set(cmd) => set(cmd),
     }
+}
+
+/// `loader set add|del|replace IFACE SET (CIDR... | --file F)`.
+fn set(cmd: crate::flags::SetCommand) -> Result<Output> {
+    use crate::flags::SetCommand;
+    use rules::setedit::SetOp;
+    let (op, args) = match cmd {
+        SetCommand::Add(a) => (SetOp::Add, a),
+        SetCommand::Del(a) => (SetOp::Del, a),
+        SetCommand::Replace(a) => (SetOp::Replace, a),
+    };
+    let mut prefixes = Vec::with_capacity(args.prefixes.len());
+    for p in &args.prefixes {
+        prefixes.push(rules::parse_cidr(p).map_err(UsageError)?);
+    }
+    if let Some(f) = &args.file {
+        let text = if f.as_os_str() == "-" {
+            let mut t = String::new();
+            std::io::Read::read_to_string(&mut std::io::Read::take(std::io::stdin(), rules::MAX_SET_FILE), &mut t).context("reading prefixes from stdin")?;
+            t
+        } else {
+            rules::read_bounded(f, rules::MAX_SET_FILE).with_context(|| format!("reading {}", f.display()))?
+        };
+        let more = rules::setedit::parse_prefix_lines(&text).map_err(|e| UsageError(format!("{}: {e}", f.display())))?;
+        prefixes.extend(more);
+    }
+    if prefixes.is_empty() && op != SetOp::Replace {
+        return Err(UsageError(format!("set {op} needs at least one CIDR or --file")).into());
+    }
+    let inst = Instance::find(Some(&args.iface))?;
+    let opts = ReloadOptions { lock_wait: Duration::from_secs(args.lock_wait), ..Default::default() };
+    let r = control::set_update(&inst, &args.set, op, &prefixes, &opts)?;
+    if let Some(reload) = &r.reload {
+        for w in &reload.warnings {
+            crate::journal::eprint(crate::journal::WARNING, w);
+        }
+    }
+    Ok(Output::ok(if args.json { json_text(&r)? } else { render::set(&r) }))
 }
 
 /// Man pages from the clap definition: `loader.1` and one page per visible subcommand.

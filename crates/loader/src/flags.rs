@@ -209,6 +209,11 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Change a set of the live ruleset by one batch, applied atomically through the reload
+    /// pipeline (a packet sees the whole batch or none of it), counters kept, recorded in the
+    /// history: `set add IFACE SET CIDR...`, `set del ...`, `set replace ... --file F`.
+    #[command(subcommand)]
+    Set(SetCommand),
     /// Write the man pages (loader.1 and loader-COMMAND.1) into DIR; used by `./run install`.
     #[command(hide = true)]
     Man {
@@ -226,6 +231,36 @@ pub(crate) enum Command {
     /// promote, rollback.
     #[command(subcommand)]
     Fleet(crate::fleet::FleetCommand),
+}
+
+#[derive(Subcommand)]
+pub(crate) enum SetCommand {
+    /// Add prefixes to the set (those already in it are counted, not added twice).
+    Add(SetArgs),
+    /// Remove prefixes from the set's file (those not in it are counted).
+    Del(SetArgs),
+    /// Make the set's file hold exactly these prefixes (inline `prefixes` stay).
+    Replace(SetArgs),
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub(crate) struct SetArgs {
+    /// The interface whose live ruleset is changed.
+    pub iface: String,
+    /// The set, as the rules file names it (`[sets.NAME]`); it must have a `file`.
+    pub set: String,
+    /// Addresses or CIDRs (host bits zero).
+    #[arg(value_name = "CIDR")]
+    pub prefixes: Vec<String>,
+    /// Also read prefixes from FILE, one a line ('#' comments), or from stdin with "-".
+    #[arg(long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Seconds to wait for a concurrent reload before giving up (at most 30 days).
+    #[arg(long, default_value = "30", value_name = "SECONDS", value_parser = bounded_secs)]
+    pub lock_wait: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// What `explain` explains against.

@@ -403,6 +403,34 @@ pub(crate) fn reload(r: &ReloadReport) -> String {
     )
 }
 
+/// `loader set add|del|replace`.
+pub(crate) fn set(r: &xdpfw_control::SetReport) -> String {
+    let e = &r.edit;
+    let mut out = format!(
+        "set {} {} on {}: {} added, {} removed ({} already present, {} not in the set); {} prefixes now (file {})\n",
+        r.op, e.set, r.iface, e.added, e.removed, e.present, e.absent, e.size, e.file
+    );
+    match &r.reload {
+        None => out.push_str("  nothing changed: no reload\n"),
+        Some(rel) => {
+            let t = &rel.times;
+            out.push_str(&format!(
+                "  generation {} -> {}  load+edit {}us  compile {}us  install {}us  flip {}us  grace {}us  clear {}us  total {}us\n",
+                rel.previous_generation,
+                rel.generation,
+                r.edit_us,
+                t.compile_us,
+                t.install_arrays_us + t.install_tables_us,
+                t.flip_us,
+                t.grace_us,
+                t.clear_us,
+                t.total_us
+            ));
+        }
+    }
+    out
+}
+
 /// `loader rollback`.
 pub(crate) fn rollback(r: &ReloadReport) -> String {
     format!(

@@ -15,6 +15,7 @@ pub mod matcher;
 pub mod owner;
 pub mod packet;
 pub mod selftest;
+pub mod setedit;
 
 pub use error::{CompileError, SpecError};
 pub use lang::*;
