@@ -96,3 +96,33 @@ fn set_add_and_del_change_traffic_keep_counters_and_persist() {
     let out = loader(&ns, &["set", "add", &iface, "blocked", "192.0.2.1/8"]);
     assert_eq!(out.status.code(), Some(2), "host bits set: a usage error: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A daemon following the rules file leaves `set` changes alone while the file is unchanged
+/// (its periodic checks compare the file's content with what it last read, not with what is
+/// live), and a change of the file replaces them, as a reload of the file does.
+#[test]
+fn a_daemon_keeps_set_changes_until_its_file_changes() {
+    if !root_or_skip() {
+        return;
+    }
+    let dir = TempDir::new("setd");
+    let rules = dir.0.join("rules.toml");
+    std::fs::write(dir.0.join("blocked.txt"), "203.0.113.1\n").unwrap();
+    let text = "default = \"pass\"\n[sets.blocked]\nfile = \"blocked.txt\"\n\
+         [[rule]]\nname = \"blocked\"\naction = \"drop\"\nsrc = [\"@blocked\"]\n";
+    std::fs::write(&rules, text).unwrap();
+    let mut t = Topology::new("setd").expect("topology");
+    t.detach_on_drop(loader_bin());
+    let (ns, iface) = (t.server_ns.clone(), t.server_if.clone());
+    let d = daemon::Daemon::start(&t, &dir.0, &["--rules", rules.to_str().unwrap(), "--poll-interval", "500ms", "--min-interval", "100ms"]);
+    let to = sa(SERVER_V4, 7000);
+    assert_eq!(udp_delivered(&t, to, N), N);
+    loader_ok(&ns, &["set", "add", &iface, "blocked", CLIENT_V4]);
+    assert_eq!(udp_delivered(&t, to, N), 0, "the added address is dropped");
+    // Several periodic checks later the change still stands.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(udp_delivered(&t, to, N), 0, "the daemon did not undo the set change:\n{}", d.log());
+    // A new version of the file is applied and replaces the set change.
+    std::fs::write(&rules, format!("version = \"v2\"\n{text}")).unwrap();
+    assert!(eventually(std::time::Duration::from_secs(10), || udp_delivered(&t, to, 5) == 5), "{}", d.log());
+}
