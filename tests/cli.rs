@@ -61,6 +61,8 @@ fn huge_durations_are_usage_errors_not_panics() {
         &["run", "lo", "--rules", "/nonexistent.toml", "--min-interval", "99999999999h"][..],
         &["run", "lo", "--rules", "/nonexistent.toml", "--owner-lookup-deadline", "18446744073709551615"][..],
         &["run", "lo", "--rules", "/nonexistent.toml", "--escalation-rate", "inf"][..],
+        // Zero would make the polling loop spin (issue 10: `--poll-interval 0` busy-looped).
+        &["run", "lo", "--url", "http://192.0.2.1/r.toml", "--poll-interval", "0"][..],
     ] {
         let out = loader_cmd(args);
         assert_eq!(code(&out), 2, "{args:?}: {}", stderr(&out));

@@ -49,6 +49,15 @@ fn bounded_secs(s: &str) -> Result<u64, String> {
     Ok(n)
 }
 
+/// A duration of at least 100 ms: an interval of zero would make a polling loop spin.
+fn at_least_100ms(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(100) {
+        return Err(format!("\"{s}\" is shorter than the minimum of 100ms"));
+    }
+    Ok(d)
+}
+
 /// Milliseconds, at most a minute.
 fn bounded_ms(s: &str) -> Result<u64, String> {
     let n: u64 = s.parse().map_err(|_| format!("\"{s}\" is not a number of milliseconds"))?;
@@ -347,17 +356,18 @@ pub(crate) struct RunArgs {
     /// Shortest time between two reloads; changes in between are coalesced into one.
     #[arg(long, default_value = "1s", value_name = "DURATION", value_parser = parse_duration)]
     pub min_interval: Duration,
-    /// How often the URL is polled; for a file, a check that catches missed notifications.
-    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = parse_duration)]
+    /// How often the URL is polled; for a file, a check that catches missed notifications
+    /// (at least 100ms).
+    #[arg(long, default_value = "30s", value_name = "DURATION", value_parser = at_least_100ms)]
     pub poll_interval: Duration,
     /// First backoff after a failed fetch; it doubles per failure up to --backoff-max.
-    #[arg(long, default_value = "1s", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_name = "DURATION", value_parser = at_least_100ms)]
     pub backoff_initial: Duration,
     /// The longest backoff (durations: 500ms, 1.5s, 2m, 1h; at most 30 days).
-    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = at_least_100ms)]
     pub backoff_max: Duration,
     /// Timeout of one HTTP request.
-    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = at_least_100ms)]
     pub fetch_timeout: Duration,
     /// Also trust the CA certificates in FILE (PEM) for an https:// URL, e.g. a private CA.
     #[arg(long, value_name = "FILE", requires = "url")]
