@@ -111,7 +111,7 @@ fn decision_latency(quick: bool) -> Result<serde_json::Value> {
         send_raw(&iface, frames, 1)
     })
     .join()
-    .unwrap();
+    .map_err(|_| anyhow::anyhow!("the sending thread panicked"))?;
     let mut report = serde_json::Value::Null;
     harness::eventually(Duration::from_secs(5), || {
         report = harness::stats(&t)["escalation"].clone();

@@ -127,7 +127,7 @@ fn run(t: &topology::Topology, dir: &Path, sizes: &[usize]) -> Result<()> {
     }
     let busy = median(busy_samples);
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    reloader.join().expect("reloader thread")?;
+    reloader.join().map_err(|_| anyhow::anyhow!("the reloader thread panicked"))??;
     let reloads = done.load(std::sync::atomic::Ordering::SeqCst);
     // Idle both before and after, so a drift of the machine does not pass for an effect.
     let mut idle_samples = idle_before;

@@ -402,7 +402,7 @@ pub fn refuse_private_bpffs() -> Result<()> {
     let parent = format!("/proc/{}/ns/mnt", std::os::unix::process::parent_id());
     let private_mounts =
         ns("/proc/self/ns/mnt").is_some_and(|me| [parent.as_str(), "/proc/1/ns/mnt"].iter().filter_map(|p| ns(p)).any(|other| other != me));
-    let bpffs = nix::sys::statfs::statfs("/sys/fs/bpf").is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC);
+    let bpffs = nix::sys::statfs::statfs("/sys/fs/bpf").is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
     if private_mounts && !bpffs {
         refuse!(
             "/sys/fs/bpf is not the host's BPF filesystem here (a private mount namespace, as `ip netns exec` makes): pins would vanish when this command exits, and existing ones are not visible; use `loader --netns NAME ...` instead of `ip netns exec NAME loader ...`"

@@ -76,6 +76,7 @@ fn positive(s: &str) -> Result<f64, String> {
 }
 
 #[derive(Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once per process; boxing would only obscure the matches")]
 pub(crate) enum Command {
     /// Load the program, pin it and its maps, install the rules, attach to IFACE.
     Attach {

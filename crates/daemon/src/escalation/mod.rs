@@ -354,7 +354,7 @@ pub fn serve(inst: &Instance, cfg: &Config, stop: &AtomicBool, shared: &Arc<Shar
                 Action::Pass => counters.decided_pass += 1,
                 Action::Drop => counters.decided_drop += 1,
             }
-            shared.latencies.lock().expect("not poisoned").push(monotonic_ns().saturating_sub(ev.sent_ns));
+            shared.latencies.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(monotonic_ns().saturating_sub(ev.sent_ns));
             tracing::debug!(
                 "{} {}:{} -> {}:{}: {} by {}",
                 pkt.proto,
