@@ -14,7 +14,7 @@ use std::{
 use ipnet::IpNet;
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 use xdpfw_rules::{
-    self as rules, Action, AddrList, FragmentPolicy, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Ruleset,
+    self as rules, Action, AddrList, FragmentPolicy, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, PortMatch, Ruleset,
     compile::compile,
     matcher::decide,
     packet::PacketSpec,
@@ -55,6 +55,9 @@ const OTHER_PROTOS: [u8; 5] = [2, 47, 50, 132, 255];
 const ICMP_TYPES: [u8; 6] = [0, 3, 8, 11, 128, 135];
 const PACKET_ICMP_TYPES: [u8; 11] = [0, 3, 8, 11, 128, 132, 133, 135, 137, 138, 8];
 const ICMP_CODES: [u8; 3] = [0, 1, 3];
+/// Type names rules use, per family (rules naming both families use numbers).
+const ICMP_NAMES: [&str; 4] = ["echo-request", "echo-reply", "destination-unreachable", "time-exceeded"];
+const ICMPV6_NAMES: [&str; 5] = ["echo-request", "echo-reply", "packet-too-big", "neighbor-solicitation", "router-advertisement"];
 const TCP_FLAG_RULES: [&str; 14] = [
     "syn", "syn !ack", "!syn", "ack", "!rst", "S/SA", "SA/SA", "F/F", "fin psh urg", "!ack !syn", "R/RA", "/SF", "cwr ece",
     "psh,ack",
@@ -83,11 +86,27 @@ fn quoted_list(items: &[String]) -> String {
     format!("[{}]", quoted.join(", "))
 }
 
+/// Port set names the generated rulesets define (`[portsets.NAME]`).
+const PORTSETS: [(&str, &str); 2] = [("web", "[80, 443, \"8000-8100\"]"), ("low", "[\"0-1023\"]")];
+
 fn port_item(rng: &mut StdRng) -> String {
     let a = *PORTS.choose(rng).unwrap();
-    match rng.random_range(0..10) {
+    // Now and then excluded (`!`): the field then holds the ports outside it (and inside the
+    // positive items, if any).
+    if rng.random_bool(0.12) {
+        return match rng.random_range(0..3) {
+            0 => format!("\"!{a}\""),
+            1 => format!("\"!@{}\"", PORTSETS.choose(rng).unwrap().0),
+            _ => {
+                let b = *PORTS.choose(rng).unwrap();
+                format!("\"!{}-{}\"", a.min(b), a.max(b))
+            }
+        };
+    }
+    match rng.random_range(0..11) {
         0..4 => a.to_string(),
         4 => format!("\"{a}\""),
+        5 => format!("\"@{}\"", PORTSETS.choose(rng).unwrap().0),
         _ => {
             let b = *PORTS.choose(rng).unwrap();
             // Now and then an inverted range, which matches nothing (with a warning).
@@ -121,6 +140,10 @@ fn random_ruleset(rng: &mut StdRng) -> String {
     if rng.random_bool(0.5) {
         writeln!(t, "[escalation]\npending = \"{}\"", if rng.random_bool(0.5) { "pass" } else { "drop" }).unwrap();
     }
+    for (name, ports) in PORTSETS {
+        writeln!(t, "[portsets.{name}]\nports = {ports}").unwrap();
+    }
+    writeln!(t, "[protosets.l4]\nprotos = [\"tcp\", \"udp\"]\n[protosets.pings]\nprotos = [\"icmp\", 58]").unwrap();
     let mut sets = Vec::new();
     for i in 0..rng.random_range(0..=3) {
         let name = format!("set-{i}_x");
@@ -146,9 +169,13 @@ fn random_ruleset(rng: &mut StdRng) -> String {
             if rng.random_bool(0.4) {
                 has_addr = true;
                 let items: Vec<String> = (0..rng.random_range(1..=4))
-                    .map(|_| match sets.choose(rng) {
-                        Some(s) if rng.random_bool(0.25) => format!("@{s}"),
-                        _ => net(rng),
+                    .map(|_| {
+                        let item = match sets.choose(rng) {
+                            Some(s) if rng.random_bool(0.25) => format!("@{s}"),
+                            _ => net(rng),
+                        };
+                        // Now and then excluded: "!10.0.0.0/8", "!@set".
+                        if rng.random_bool(0.15) { format!("!{item}") } else { item }
                     })
                     .collect();
                 if items.len() == 1 && rng.random_bool(0.5) {
@@ -193,7 +220,22 @@ fn random_ruleset(rng: &mut StdRng) -> String {
             }
             v
         };
+        let protos = match rng.random_range(0..14) {
+            // Sets: what they name is what the generator below needs to know.
+            0 => vec![("\"@l4\"".to_string(), Some(IPPROTO_TCP)), ("\"@l4\"".to_string(), Some(IPPROTO_UDP))],
+            1 => vec![("\"@pings\"".to_string(), Some(IPPROTO_ICMP)), ("\"@pings\"".to_string(), Some(IPPROTO_ICMPV6))],
+            // Exclusions: every protocol but those, so nothing transport-specific is allowed.
+            2 => {
+                let excluded = [["\"!tcp\""].as_slice(), &["\"!udp\"", "\"!icmp\""], &["\"any\"", "\"!icmpv6\""], &["\"!@l4\""], &["\"!47\"", "\"!tcp\""]];
+                let text = excluded.choose(rng).unwrap().join(", ");
+                writeln!(t, "proto = [{text}]").unwrap();
+                continue;
+            }
+            _ => protos,
+        };
         let text: Vec<&str> = protos.iter().map(|(s, _)| s.as_str()).collect();
+        let mut text = text;
+        text.dedup();
         if protos.len() == 1 && rng.random_bool(0.7) {
             writeln!(t, "proto = {}", text[0]).unwrap();
         } else {
@@ -215,9 +257,31 @@ fn random_ruleset(rng: &mut StdRng) -> String {
             }
         }
         if nums.iter().all(|p| [IPPROTO_ICMP, IPPROTO_ICMPV6].contains(p)) && rng.random_bool(0.75) {
-            writeln!(t, "icmp_type = {}", ICMP_TYPES.choose(rng).unwrap()).unwrap();
+            // One type or a list, numbers or (for one family) names.
+            let family = if nums.iter().all(|p| *p == IPPROTO_ICMP) {
+                Some(ICMP_NAMES.as_slice())
+            } else if nums.iter().all(|p| *p == IPPROTO_ICMPV6) {
+                Some(ICMPV6_NAMES.as_slice())
+            } else {
+                None
+            };
+            let icmp_type = |rng: &mut StdRng| match family {
+                Some(names) if rng.random_bool(0.4) => format!("\"{}\"", names.choose(rng).unwrap()),
+                _ => ICMP_TYPES.choose(rng).unwrap().to_string(),
+            };
             if rng.random_bool(0.5) {
-                writeln!(t, "icmp_code = {}", ICMP_CODES.choose(rng).unwrap()).unwrap();
+                writeln!(t, "icmp_type = {}", icmp_type(rng)).unwrap();
+            } else {
+                let types: Vec<String> = (0..rng.random_range(1..=3)).map(|_| icmp_type(rng)).collect();
+                writeln!(t, "icmp_type = [{}]", types.join(", ")).unwrap();
+            }
+            if rng.random_bool(0.5) {
+                if rng.random_bool(0.5) {
+                    writeln!(t, "icmp_code = {}", ICMP_CODES.choose(rng).unwrap()).unwrap();
+                } else {
+                    let codes: Vec<String> = ICMP_CODES.choose_multiple(rng, 2).map(ToString::to_string).collect();
+                    writeln!(t, "icmp_code = [{}]", codes.join(", ")).unwrap();
+                }
             }
         }
         if nums.iter().all(|p| *p == IPPROTO_TCP) && rng.random_bool(0.75) {
@@ -325,14 +389,20 @@ fn addr_near(rng: &mut StdRng, net: &IpNet) -> IpAddr {
 }
 
 fn pick_net(rng: &mut StdRng, list: &Option<AddrList>, v6: Option<bool>) -> Option<IpNet> {
-    let candidates: Vec<IpNet> =
-        list.as_ref()?.iter().filter(|n| v6.is_none_or(|v6| n.addr().is_ipv6() == v6)).copied().collect();
+    let list = list.as_ref()?;
+    let candidates: Vec<IpNet> = list
+        .iter()
+        .chain(list.except.iter().flat_map(|e| e.iter()))
+        .filter(|n| v6.is_none_or(|v6| n.addr().is_ipv6() == v6))
+        .copied()
+        .collect();
     candidates.choose(rng).copied()
 }
 
-/// A port in, at the edge of, or just outside one of `ranges`.
-fn port_near(rng: &mut StdRng, ranges: &[RangeInclusive<u16>]) -> u16 {
-    let r = ranges.choose(rng).unwrap();
+/// A port in, at the edge of, or just outside one of the ranges (or excluded ranges) of `m`.
+fn port_near(rng: &mut StdRng, m: &PortMatch) -> u16 {
+    let all: Vec<&RangeInclusive<u16>> = m.ranges.iter().flatten().chain(&m.except).collect();
+    let r = *all.choose(rng).unwrap();
     let (lo, hi) = (*r.start(), *r.end());
     match rng.random_range(0..6) {
         0 => lo,
@@ -366,7 +436,10 @@ fn targeted_packet(rng: &mut StdRng, rs: &Ruleset) -> PacketSpec {
     if let Some(protos) = &r.proto
         && rng.random_bool(0.9)
     {
-        p.proto = *protos.choose(rng).unwrap();
+        // Not an IPv6 extension header's number (a rule excluding a protocol names them all):
+        // to_frame cannot build a packet of that protocol.
+        let usable: Vec<u8> = protos.iter().copied().filter(|p| ![0, 43, 44, 51, 60].contains(p)).collect();
+        p.proto = usable.choose(rng).copied().unwrap_or(p.proto);
     }
     let (ported, icmp) = (p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP, p.proto == IPPROTO_ICMP || p.proto == IPPROTO_ICMPV6);
     p.sport = match &r.sport {
@@ -393,13 +466,14 @@ fn targeted_packet(rng: &mut StdRng, rs: &Ruleset) -> PacketSpec {
         }
         None => rng.random(),
     };
-    (p.icmp_type, p.icmp_code) = match r.icmp {
+    (p.icmp_type, p.icmp_code) = match &r.icmp {
         _ if !icmp => (0, 0),
         Some(m) => {
-            let t = if rng.random_bool(0.85) { m.icmp_type } else { m.icmp_type.wrapping_add(1) };
-            let c = match m.code {
-                Some(c) if rng.random_bool(0.8) => c,
-                Some(c) => c.wrapping_sub(1),
+            let t = *m.types.choose(rng).unwrap();
+            let t = if rng.random_bool(0.85) { t } else { t.wrapping_add(1) };
+            let c = match &m.codes {
+                Some(c) if rng.random_bool(0.8) => *c.choose(rng).unwrap(),
+                Some(c) => c[0].wrapping_sub(1),
                 None => *ICMP_CODES.choose(rng).unwrap(),
             };
             (t, c)
@@ -460,7 +534,7 @@ fn differential_random_rulesets() {
     let mut rule_decided = 0u64;
     // Packets decided by a rule with: addresses, ports, icmp type, tcp flags, an owner condition
     // (escalated: the pending action); not the first rule.
-    let mut decided_by = [0u64; 6];
+    let mut decided_by = [0u64; 8];
     for index in 0..rulesets {
         let text = random_ruleset(&mut rng);
         let rs = rules::parse(Path::new("random.toml"), &text)
@@ -506,6 +580,12 @@ fn differential_random_rulesets() {
                     r.tcp_flags.is_some(),
                     d.escalated,
                     i > 0,
+                    // Exclusions (`!`) of addresses, ports or protocols.
+                    [&r.src, &r.dst].iter().any(|a| a.as_ref().is_some_and(|a| a.except.is_some()))
+                        || [&r.sport, &r.dport].iter().any(|p| p.as_ref().is_some_and(|p| !p.except.is_empty()))
+                        || r.proto.as_ref().is_some_and(|p| p.len() > 128),
+                    // Lists of ICMP types or codes.
+                    r.icmp.as_ref().is_some_and(|m| m.types.len() > 1 || m.codes.as_ref().is_some_and(|c| c.len() > 1)),
                 ];
                 for (k, u) in used.iter().enumerate() {
                     decided_by[k] += *u as u64;
@@ -541,13 +621,17 @@ fn differential_random_rulesets() {
     assert!(rule_decided > packets / 4, "only {rule_decided} of {packets} packets were decided by a rule");
     eprintln!(
         "differential: {rulesets} rulesets x {PACKETS_PER_RULESET} packets = {packets} packets \
-         (pass {}, drop {}, decided by a rule {rule_decided}: with addresses/ports/icmp/flags/owner/not first \
+         (pass {}, drop {}, decided by a rule {rule_decided}: with addresses/ports/icmp/flags/owner/not first/exclusion/icmp list \
          {decided_by:?}) in {:.1?}",
         verdicts[0],
         verdicts[1],
         started.elapsed()
     );
-    for (what, n) in ["addresses", "ports", "icmp type", "tcp flags", "an owner condition", "not the first rule"].iter().zip(decided_by) {
+    for (what, n) in
+        ["addresses", "ports", "icmp type", "tcp flags", "an owner condition", "not the first rule", "an exclusion (!)", "a list of icmp types or codes"]
+            .iter()
+            .zip(decided_by)
+    {
         assert!(n > packets / 100, "only {n} of {packets} packets were decided by a rule matching on {what}");
     }
 }

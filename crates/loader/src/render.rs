@@ -117,7 +117,8 @@ pub(crate) struct SetDelta {
 /// A rule's meaning without its place in the file (location, comment), naming its sets rather
 /// than their contents (set changes are reported per set).
 fn meaning(r: &xdpfw_rules::Rule) -> String {
-    let addrs = |a: &Option<xdpfw_rules::AddrList>| a.as_ref().map(|a| (a.inline.clone(), a.sets.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>()));
+    let names = |a: &xdpfw_rules::AddrList| (a.inline.clone(), a.sets.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>());
+    let addrs = |a: &Option<xdpfw_rules::AddrList>| a.as_ref().map(|a| (names(a), a.except.as_deref().map(names)));
     format!("{:?}", (&r.action, addrs(&r.src), addrs(&r.dst), &r.proto, &r.sport, &r.dport, &r.icmp, &r.tcp_flags, &r.owner))
 }
 

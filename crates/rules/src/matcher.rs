@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::{
     owner::Owner,
     packet::PacketSpec,
-    Action, AddrList, FragmentPolicy, IPPROTO_ICMPV6, Rule, Ruleset,
+    Action, AddrList, FragmentPolicy, IPPROTO_ICMPV6, PortMatch, Rule, Ruleset,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -98,66 +98,75 @@ pub fn evaluate(rs: &Ruleset, pkt: &PacketSpec, owner: OwnerView, first: usize) 
 
 /// `Some(reasons)` when every condition of `rule` holds for `pkt`.
 pub fn rule_matches(rule: &Rule, pkt: &PacketSpec) -> Option<Vec<String>> {
+    explain_rule(rule, pkt).ok()
+}
+
+/// Every condition of `rule` held for `pkt` (`Ok`, with why, one line per condition), or the
+/// first that failed (`Err`, with why).
+pub fn explain_rule(rule: &Rule, pkt: &PacketSpec) -> Result<Vec<String>, String> {
     let mut why = Vec::new();
-    let addr = |list: &Option<AddrList>, a: IpAddr, field: &str, why: &mut Vec<String>| -> bool {
-        match list {
-            None => true,
-            Some(list) => match list.find(a) {
-                Some((net, None)) => {
-                    why.push(format!("{field} {a} is in {net}"));
-                    true
-                }
-                Some((net, Some(set))) => {
-                    why.push(format!("{field} {a} is in {net} of set @{set}"));
-                    true
-                }
-                None => false,
-            },
+    let addr = |list: &Option<AddrList>, a: IpAddr, field: &str, why: &mut Vec<String>| -> Result<(), String> {
+        if let Some(list) = list {
+            why.push(list.check(a, field)?);
         }
+        Ok(())
     };
-    if !addr(&rule.src, pkt.src, "src", &mut why) || !addr(&rule.dst, pkt.dst, "dst", &mut why) {
-        return None;
-    }
+    addr(&rule.src, pkt.src, "src", &mut why)?;
+    addr(&rule.dst, pkt.dst, "dst", &mut why)?;
     if let Some(protos) = &rule.proto {
         if !protos.contains(&pkt.proto) {
-            return None;
+            return Err(format!("protocol {} is not {}", pkt.proto, describe_protos(protos)));
         }
-        why.push(format!("protocol {} is one of {protos:?}", pkt.proto));
+        why.push(format!("protocol {} is {}", pkt.proto, describe_protos(protos)));
     }
-    let port = |ranges: &Option<Vec<std::ops::RangeInclusive<u16>>>, p: u16, field: &str, why: &mut Vec<String>| match ranges {
-        None => true,
-        Some(ranges) => {
-            if !pkt.has_ports() {
-                return false;
-            }
-            match ranges.iter().find(|r| r.contains(&p)) {
-                Some(r) => {
-                    why.push(format!("{field} {p} is in {}-{}", r.start(), r.end()));
-                    true
-                }
-                None => false,
-            }
+    let port = |cond: &Option<PortMatch>, p: u16, field: &str, why: &mut Vec<String>| -> Result<(), String> {
+        let Some(cond) = cond else { return Ok(()) };
+        if !pkt.has_ports() {
+            return Err(format!("the packet has no {field} (not TCP or UDP, or a non-first fragment)"));
         }
+        why.push(cond.check(p, field)?);
+        Ok(())
     };
-    if !port(&rule.sport, pkt.sport, "sport", &mut why) || !port(&rule.dport, pkt.dport, "dport", &mut why) {
-        return None;
-    }
+    port(&rule.sport, pkt.sport, "sport", &mut why)?;
+    port(&rule.dport, pkt.dport, "dport", &mut why)?;
     if let Some(icmp) = &rule.icmp {
-        if !pkt.is_icmp() || pkt.icmp_type != icmp.icmp_type || icmp.code.is_some_and(|c| c != pkt.icmp_code) {
-            return None;
+        if !pkt.is_icmp() {
+            return Err("the packet has no ICMP header".into());
         }
-        why.push(format!("icmp type {} code {}", pkt.icmp_type, pkt.icmp_code));
+        let v6 = pkt.proto == IPPROTO_ICMPV6;
+        let named = crate::icmp_type_name(pkt.icmp_type, v6).map_or(String::new(), |n| format!(" ({n})"));
+        if !icmp.matches(pkt.icmp_type, pkt.icmp_code) {
+            return Err(format!(
+                "icmp type {}{named} code {} is not type {:?}{}",
+                pkt.icmp_type,
+                pkt.icmp_code,
+                icmp.types,
+                icmp.codes.as_ref().map_or(String::new(), |c| format!(" code {c:?}"))
+            ));
+        }
+        why.push(format!("icmp type {}{named} code {}", pkt.icmp_type, pkt.icmp_code));
     }
     if let Some(flags) = &rule.tcp_flags {
         if !pkt.is_tcp() || !flags.matches(pkt.tcp_flags) {
-            return None;
+            return Err(format!("tcp flags {:#04x} do not have {:#04x} set and {:#04x} clear", pkt.tcp_flags, flags.set, flags.clear));
         }
         why.push(format!("tcp flags {:#04x} have {:#04x} set and {:#04x} clear", pkt.tcp_flags, flags.set, flags.clear));
     }
     if why.is_empty() {
         why.push("the rule has no conditions".into());
     }
-    Some(why)
+    Ok(why)
+}
+
+/// A protocol list for people: "one of [6, 17]", or for a long one (written with `!`) "any
+/// protocol but [6]".
+fn describe_protos(protos: &[u8]) -> String {
+    if protos.len() > 128 {
+        let missing: Vec<u8> = (0..=255u8).filter(|p| !protos.contains(p)).collect();
+        format!("any protocol but {missing:?}")
+    } else {
+        format!("one of {protos:?}")
+    }
 }
 
 /// Rules that can never match because one earlier rule matches a superset of their packets:
@@ -195,9 +204,18 @@ fn covers(a: &Rule, b: &Rule, budget: &mut usize) -> bool {
         *budget -= cost;
         b.iter().all(|nb| a.iter().any(|na| na.contains(nb)))
     };
-    let ports = |a: &Vec<std::ops::RangeInclusive<u16>>, b: &Vec<std::ops::RangeInclusive<u16>>| {
-        b.iter().all(|rb| rb.is_empty() || a.iter().any(|ra| ra.start() <= rb.start() && rb.end() <= ra.end()))
+    // Exact: the ports each condition accepts, as disjoint ranges.
+    let ports = |a: &PortMatch, b: &PortMatch| {
+        if a.except.is_empty() && b.except.is_empty() {
+            let (Some(a), Some(b)) = (&a.ranges, &b.ranges) else { return false };
+            return b.iter().all(|rb| rb.is_empty() || a.iter().any(|ra| ra.start() <= rb.start() && rb.end() <= ra.end()));
+        }
+        let a = a.effective();
+        b.effective().iter().all(|rb| a.iter().any(|ra| ra.start() <= rb.start() && rb.end() <= ra.end()))
     };
+    // Exclusions: conservative. An earlier field with exclusions is not taken to cover anything;
+    // a later one with exclusions is covered when its positive prefixes are.
+    let mut addrs = |a: &AddrList, b: &AddrList| a.except.is_none() && b.has_positive() && addrs(a, b);
     // An owner condition may fail where the later rule's holds, unless the later one demands
     // the very same owner.
     if a.owner.is_some() && a.owner != b.owner {
@@ -208,6 +226,13 @@ fn covers(a: &Rule, b: &Rule, budget: &mut usize) -> bool {
         && field(&a.proto, &b.proto, |a, b| b.iter().all(|p| a.contains(p)))
         && field(&a.sport, &b.sport, ports)
         && field(&a.dport, &b.dport, ports)
-        && field(&a.icmp, &b.icmp, |a, b| a.icmp_type == b.icmp_type && (a.code.is_none() || a.code == b.code))
+        && field(&a.icmp, &b.icmp, |a, b| {
+            b.types.iter().all(|t| a.types.contains(t))
+                && match (&a.codes, &b.codes) {
+                    (None, _) => true,
+                    (Some(_), None) => false,
+                    (Some(ac), Some(bc)) => bc.iter().all(|c| ac.contains(c)),
+                }
+        })
         && field(&a.tcp_flags, &b.tcp_flags, |a, b| a.set & b.set == a.set && a.clear & b.clear == a.clear)
 }
