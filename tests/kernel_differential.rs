@@ -130,11 +130,18 @@ fn random_ruleset(rng: &mut StdRng) -> String {
     let mut t = String::new();
     writeln!(t, "version = \"random\"").unwrap();
     writeln!(t, "default = \"{}\"", if rng.random_bool(0.5) { "pass" } else { "drop" }).unwrap();
+    writeln!(t, "[options]").unwrap();
     match rng.random_range(0..4) {
         0 => {}
-        1 => writeln!(t, "[options]\nfragments = \"l3-only\"").unwrap(),
-        2 => writeln!(t, "[options]\nfragments = \"drop\"").unwrap(),
-        _ => writeln!(t, "[options]\nfragments = \"pass\"").unwrap(),
+        1 => writeln!(t, "fragments = \"l3-only\"").unwrap(),
+        2 => writeln!(t, "fragments = \"drop\"").unwrap(),
+        _ => writeln!(t, "fragments = \"pass\"").unwrap(),
+    }
+    // Neighbour discovery before the rules (the default) or under them.
+    match rng.random_range(0..3) {
+        0 => {}
+        1 => writeln!(t, "icmpv6_nd = \"always-pass\"").unwrap(),
+        _ => writeln!(t, "icmpv6_nd = \"rules\"").unwrap(),
     }
     // Owner rules (below) make the kernel escalate and apply the pending action.
     if rng.random_bool(0.5) {
@@ -566,7 +573,8 @@ fn differential_random_rulesets() {
             }
             packets += 1;
             verdicts[(d.action == Action::Drop) as usize] += 1;
-            let is_nd = p.is_icmp() && p.proto == IPPROTO_ICMPV6 && p.src.is_ipv6() && (133..=137).contains(&p.icmp_type);
+            // Passed before the rules (only under icmpv6_nd = "always-pass").
+            let is_nd = rules::matcher::is_neighbour_discovery(&p) && rs.icmpv6_nd == rules::NdPolicy::AlwaysPass;
             let fixed_fragment = p.fragment && rs.fragments != FragmentPolicy::L3Only;
             frags += p.fragment as u64;
             nd += is_nd as u64;

@@ -3,7 +3,7 @@
 //! Verdicts for what is not classified:
 //! - not IPv4/IPv6 (ARP, LLDP, …): pass (`non_ip`)
 //! - IPv6 neighbour discovery and router messages: pass (`neighbor_discovery`), so no policy can cut
-//!   a host off its link
+//!   a host off its link, unless the ruleset puts them under the rules (`header_flags::ND_RULES`)
 //! - truncated or inconsistent headers, or an IPv6 extension chain longer than we walk: drop
 //!   (`malformed`)
 //! - a non-first fragment: per the ruleset's fragment policy (`fragments`)
@@ -25,7 +25,7 @@ use aya_ebpf::{
 };
 use parse::{Packet, ParseOutcome};
 use xdpfw_common::{
-    absent, buffer_of, action, dir, escalation, field, fields_layout::*, fragment_policy, rule_flags, Bitmap,
+    absent, buffer_of, action, dir, escalation, field, fields_layout::*, fragment_policy, header_flags, rule_flags, Bitmap,
     DirBlock, EscalationEvent, FieldEntry, FlowKey, GlobalStats, Ipv6Data, Pending, PrefixValue,
     RuleMeta, RuleStats, RulesetHeader, Verdict, BITMAP_ALL, BITMAP_WORDS, BUFFERS,
     DEFAULT_RULE_SLOT, MAX_BITMAPS, MAX_PREFIXES, MAX_RULES, RULE_SLOTS,
@@ -174,11 +174,6 @@ fn decide(ctx: &XdpContext, stats: &mut GlobalStats, len: u64) -> u32 {
     } else {
         stats.ipv4 += 1;
     }
-    if pkt.neighbor_discovery {
-        stats.neighbor_discovery += 1;
-        return action::PASS;
-    }
-
     // The snapshot: one load of the generation picks the buffer for every lookup below. A reload
     // only rewrites a buffer after a grace period in which every packet that could have read the
     // old generation has finished.
@@ -191,6 +186,10 @@ fn decide(ctx: &XdpContext, stats: &mut GlobalStats, len: u64) -> u32 {
     let Some(header) = HEADERS.get(buffer) else {
         return action::PASS;
     };
+    if pkt.neighbor_discovery && header.flags & header_flags::ND_RULES == 0 {
+        stats.neighbor_discovery += 1;
+        return action::PASS;
+    }
 
     if pkt.non_first_fragment {
         stats.fragments += 1;

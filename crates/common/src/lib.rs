@@ -143,6 +143,13 @@ pub mod fragment_policy {
     pub const PASS: u32 = 2;
 }
 
+/// Bits of [`RulesetHeader::flags`]: policies of the ruleset that are not field lookups.
+pub mod header_flags {
+    /// ICMPv6 neighbour discovery and router messages (types 133-137) are classified by the
+    /// rules like any packet (`[options] icmpv6_nd = "rules"`); without it they always pass.
+    pub const ND_RULES: u32 = 1 << 0;
+}
+
 /// The per-packet fields a ruleset can constrain. A field whose bit is clear in
 /// [`RulesetHeader::fields`] is not looked up at all.
 pub mod field {
@@ -240,6 +247,9 @@ pub struct RulesetHeader {
     pub escalation_retry_ms: u32,
     /// Bitmap ids for packets that do not carry a field (see `absent::*`).
     pub absent: [u32; absent::COUNT],
+    /// `header_flags::*`.
+    pub flags: u32,
+    pub _pad: u32,
 }
 
 /// One rule's outcome, in the RULES array at `buffer * MAX_RULES + rule`.
@@ -307,7 +317,8 @@ pub struct GlobalStats {
     pub ipv6: u64,
     /// Non-first fragments (no transport header), handled by the fragment policy.
     pub fragments: u64,
-    /// IPv6 neighbour discovery and router messages: always passed.
+    /// IPv6 neighbour discovery and router messages passed before the rules (all of them,
+    /// unless the ruleset puts them under the rules: `header_flags::ND_RULES`).
     pub neighbor_discovery: u64,
     /// Packets decided by a rule (the rest got the default action).
     pub rule_hits: u64,
@@ -409,7 +420,7 @@ pub struct EscalationEvent {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<RulesetHeader>() == 56);
+    assert!(core::mem::size_of::<RulesetHeader>() == 64);
     assert!(core::mem::size_of::<RuleMeta>() == 8);
     assert!(core::mem::size_of::<Bitmap>() == 8 * BITMAP_WORDS + 8);
     assert!(BITMAP_WORDS <= 64);

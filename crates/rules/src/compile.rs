@@ -12,10 +12,10 @@ use crate::error::CompileError;
 type Result<T> = std::result::Result<T, CompileError>;
 use xdpfw_common::{
     BITMAP_ALL, BITMAP_EMPTY, Bitmap, DirBlock, FieldEntry, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES, RuleMeta,
-    RulesetHeader, absent, dir, field, fields_layout::*, fragment_policy, rule_flags,
+    RulesetHeader, absent, dir, field, fields_layout::*, fragment_policy, header_flags, rule_flags,
 };
 
-use crate::{AddrList, FragmentPolicy, IcmpMatch, PortMatch, Rule, Ruleset};
+use crate::{AddrList, FragmentPolicy, IcmpMatch, NdPolicy, PortMatch, Rule, Ruleset};
 
 /// Everything one buffer holds, ready to be written.
 pub struct Image {
@@ -266,6 +266,8 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
         },
         escalation_retry_ms: rs.escalation.retry.as_millis() as u32,
         absent: absent_ids,
+        flags: if rs.icmpv6_nd == NdPolicy::Rules { header_flags::ND_RULES } else { 0 },
+        _pad: 0,
     };
     Ok(Image {
         header,

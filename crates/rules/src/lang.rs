@@ -5,6 +5,7 @@
 //! default = "drop"              # action when no rule matches
 //! [options]
 //! fragments = "l3-only"         # non-first fragments: l3-only | drop | pass
+//! icmpv6_nd = "always-pass"     # ICMPv6 133-137 (ND, RA, redirect): always-pass | rules
 //! [sets.blocklist]
 //! prefixes = ["192.0.2.0/24"]   # and/or
 //! file = "blocklist.txt"        # one CIDR a line, '#' comments; relative to this file
@@ -117,6 +118,18 @@ pub enum FragmentPolicy {
     L3Only,
     Drop,
     Pass,
+}
+
+/// What happens to ICMPv6 neighbour discovery and router messages (types 133-137).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NdPolicy {
+    /// They pass before any rule is looked at, so no ruleset can cut a host off its link.
+    #[default]
+    AlwaysPass,
+    /// They are classified by the rules like any ICMPv6 (rogue router advertisements and
+    /// redirects can be dropped; so can the host's own neighbour discovery).
+    Rules,
 }
 
 /// Prefixes of one rule field: inline CIDRs plus named sets (shared, not copied), and the
@@ -362,6 +375,8 @@ pub struct Ruleset {
     pub version: Option<String>,
     pub default: Action,
     pub fragments: FragmentPolicy,
+    /// `[options] icmpv6_nd`.
+    pub icmpv6_nd: NdPolicy,
     pub escalation: EscalationOptions,
     pub rules: Vec<Rule>,
     pub sets: BTreeMap<String, Arc<Vec<IpNet>>>,
@@ -418,6 +433,7 @@ struct RawFile {
 #[serde(deny_unknown_fields)]
 struct RawOptions {
     fragments: Option<Spanned<String>>,
+    icmpv6_nd: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -805,6 +821,17 @@ pub fn parse_from(path: &Path, text: &str, origin: Origin) -> Result<Ruleset, Ru
         },
     };
 
+    let icmpv6_nd = match options.and_then(|o| o.icmpv6_nd.as_ref()) {
+        None => NdPolicy::AlwaysPass,
+        Some(f) => match f.get_ref().as_str() {
+            "always-pass" => NdPolicy::AlwaysPass,
+            "rules" => NdPolicy::Rules,
+            other => {
+                return Err(src.error(f.span(), format!("unknown icmpv6_nd policy \"{other}\" (expected always-pass or rules)")));
+            }
+        },
+    };
+
     let escalation = match &root.escalation {
         None => EscalationOptions::default(),
         Some(e) => parse_escalation(src, e.get_ref())?,
@@ -895,6 +922,7 @@ pub fn parse_from(path: &Path, text: &str, origin: Origin) -> Result<Ruleset, Ru
         version: root.version.as_ref().map(|v| v.get_ref().clone()),
         default,
         fragments,
+        icmpv6_nd,
         escalation,
         rules,
         sets,
@@ -924,6 +952,26 @@ pub fn parse_from(path: &Path, text: &str, origin: Origin) -> Result<Ruleset, Ru
 /// is looked at: those types never reach the rule.
 fn nd_warnings(rs: &mut Ruleset) {
     let nd = xdpfw_common::proto::ND_FIRST..=xdpfw_common::proto::ND_LAST;
+    if rs.icmpv6_nd == NdPolicy::Rules {
+        // The host's own neighbour discovery must get through, or it loses IPv6 on the link.
+        let solicitation: PacketSpec = "icmpv6 fe80::1 -> ff02::1:ff00:1 type 135".parse().expect("a valid packet");
+        let advertisement: PacketSpec = "icmpv6 fe80::1 -> fe80::2 type 136".parse().expect("a valid packet");
+        for p in [solicitation, advertisement] {
+            let d = crate::matcher::decide(rs, &p);
+            if d.action == Action::Drop {
+                let by = d.rule_name.map_or("the default action".to_string(), |n| format!("rule \"{n}\""));
+                rs.warnings.push(Warning {
+                    location: Location { file: rs.path.clone(), line: 1, column: 1 },
+                    message: format!(
+                        "icmpv6_nd = \"rules\" and {by} drops neighbour {} (\"{p}\"): IPv6 on the link stops working; pass ICMPv6 types 135 and 136 (neighbor-solicitation, neighbor-advertisement)",
+                        if p.icmp_type == 135 { "solicitations" } else { "advertisements" }
+                    ),
+                });
+                break;
+            }
+        }
+        return;
+    }
     for r in &rs.rules {
         let (Some(icmp), Some(protos)) = (&r.icmp, &r.proto) else { continue };
         if !protos.contains(&IPPROTO_ICMPV6) {
@@ -1664,6 +1712,26 @@ mod tests {
             "r.toml:2:1: warning: rule \"rogue-ra\" can never match: ICMPv6 type 134 (router-advertisement), 137 (redirect) always passes before any rule (neighbour discovery and router messages)",
             "r.toml:7:1: warning: rule \"mixed\": ICMPv6 type 135 (neighbor-solicitation) always passes before any rule (neighbour discovery and router messages)",
         ]);
+    }
+
+    #[test]
+    fn neighbour_discovery_under_the_rules() {
+        let text = |nd: &str, rules: &str| format!("default = \"drop\"\n[options]\nicmpv6_nd = \"{nd}\"\n{rules}");
+        let ra = "[[rule]]\nname = \"no-rogue-ra\"\naction = \"drop\"\nproto = \"icmpv6\"\nicmp_type = [\"router-advertisement\", \"redirect\"]\n\
+                  [[rule]]\nname = \"nd\"\naction = \"pass\"\nproto = \"icmpv6\"\nicmp_type = [133, 135, 136]\n";
+        let rs = rules(&text("rules", ra));
+        assert_eq!(rs.icmpv6_nd, NdPolicy::Rules);
+        assert!(rs.warnings.is_empty(), "{:?}", rs.warnings);
+        let decide = |rs: &Ruleset, p: &str| crate::matcher::decide(rs, &p.parse().unwrap());
+        assert_eq!(decide(&rs, "icmpv6 fe80::1 -> ff02::1 type 134").rule_name.as_deref(), Some("no-rogue-ra"));
+        assert_eq!(decide(&rs, "icmpv6 fe80::1 -> ff02::1 type 135").action, Action::Pass);
+        let always = rules(&text("always-pass", ra));
+        assert_eq!(decide(&always, "icmpv6 fe80::1 -> ff02::1 type 134").action, Action::Pass);
+        assert!(always.warnings.iter().any(|w| w.message.contains("\"no-rogue-ra\" can never match")));
+        // Under the rules, a ruleset that drops the host's own neighbour discovery is told so.
+        let w = rules(&text("rules", "")).warnings;
+        assert!(w.iter().any(|w| w.message.starts_with("icmpv6_nd = \"rules\" and the default action drops neighbour solicitations")), "{w:?}");
+        assert_eq!(err(&text("sometimes", "")), "r.toml:3:13: error: unknown icmpv6_nd policy \"sometimes\" (expected always-pass or rules)");
     }
 
     #[test]

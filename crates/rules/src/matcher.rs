@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::{
     owner::Owner,
     packet::PacketSpec,
-    Action, AddrList, FragmentPolicy, IPPROTO_ICMPV6, PortMatch, Rule, Ruleset,
+    Action, AddrList, FragmentPolicy, IPPROTO_ICMPV6, NdPolicy, PortMatch, Rule, Ruleset,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -57,8 +57,8 @@ pub fn evaluate(rs: &Ruleset, pkt: &PacketSpec, owner: OwnerView, first: usize) 
         escalated: false,
     };
     // Only over IPv6, as in the XDP program: protocol 58 inside IPv4 is not neighbour discovery.
-    if pkt.src.is_ipv6() && pkt.is_icmp() && pkt.proto == IPPROTO_ICMPV6 && (133..=137).contains(&pkt.icmp_type) {
-        return fixed(Action::Pass, "IPv6 neighbour discovery and router messages always pass");
+    if rs.icmpv6_nd == NdPolicy::AlwaysPass && is_neighbour_discovery(pkt) {
+        return fixed(Action::Pass, "IPv6 neighbour discovery and router messages always pass (options.icmpv6_nd = \"always-pass\")");
     }
     if pkt.fragment {
         match rs.fragments {
@@ -94,6 +94,12 @@ pub fn evaluate(rs: &Ruleset, pkt: &PacketSpec, owner: OwnerView, first: usize) 
         }
     }
     fixed(rs.default, "no rule matched: the default action")
+}
+
+/// An ICMPv6 neighbour discovery or router message (types 133-137), as the XDP program sees
+/// one: only over IPv6 (protocol 58 inside IPv4 is not neighbour discovery), never a fragment.
+pub fn is_neighbour_discovery(pkt: &PacketSpec) -> bool {
+    pkt.src.is_ipv6() && pkt.is_icmp() && pkt.proto == IPPROTO_ICMPV6 && (133..=137).contains(&pkt.icmp_type)
 }
 
 /// `Some(reasons)` when every condition of `rule` holds for `pkt`.
