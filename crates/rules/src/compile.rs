@@ -11,7 +11,7 @@ use crate::error::CompileError;
 
 type Result<T> = std::result::Result<T, CompileError>;
 use xdpfw_common::{
-    BITMAP_ALL, BITMAP_EMPTY, Bitmap, DirBlock, FieldEntry, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES, RuleMeta,
+    BITMAP_ALL, BITMAP_EMPTY, Bitmap, DirBlock, FieldEntry, Ipv6Data, LimitState, MAX_BITMAPS, MAX_PREFIXES, RuleMeta,
     RulesetHeader, absent, dir, field, fields_layout::*, fragment_policy, header_flags, rule_flags,
 };
 
@@ -30,6 +30,8 @@ pub struct Image {
     /// IPv6 prefixes, `(prefix length, network address, bitmap id)` for each trie.
     pub src_v6: Vec<(u32, Ipv6Data, u32)>,
     pub dst_v6: Vec<(u32, Ipv6Data, u32)>,
+    /// Each rule's rate limit (all zero for rules without one), with full buckets.
+    pub limits: Vec<LimitState>,
 }
 
 /// The u32 entries of a direct IPv4 table (top level, then chunks), and how many
@@ -266,7 +268,8 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
         },
         escalation_retry_ms: rs.escalation.retry.as_millis() as u32,
         absent: absent_ids,
-        flags: if rs.icmpv6_nd == NdPolicy::Rules { header_flags::ND_RULES } else { 0 },
+        flags: if rs.icmpv6_nd == NdPolicy::Rules { header_flags::ND_RULES } else { 0 }
+            | if rules.iter().any(|r| r.limit.is_some()) { header_flags::LIMITS } else { 0 },
         _pad: 0,
     };
     Ok(Image {
@@ -275,7 +278,8 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
             .iter()
             .map(|r| RuleMeta {
                 action: r.action.kernel(),
-                flags: if r.owner.is_some() { rule_flags::NEEDS_OWNER } else { 0 },
+                flags: if r.owner.is_some() { rule_flags::NEEDS_OWNER } else { 0 }
+                    | if r.limit.is_some() { rule_flags::LIMITED } else { 0 },
             })
             .collect(),
         bitmaps: bitmaps.list,
@@ -284,6 +288,7 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
         dst_v4,
         src_v6,
         dst_v6,
+        limits: rules.iter().map(|r| r.limit.as_ref().map(|l| l.kernel()).unwrap_or_default()).collect(),
     })
 }
 

@@ -316,6 +316,58 @@ impl PortMatch {
     }
 }
 
+/// A rule's rate limit (`limit = { rate = "100/s", burst = 200, per = "source/24" }`): the rule
+/// matches packets within it; beyond it the rule does not match and a later rule decides.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Packets (or bytes) a period.
+    pub rate: u64,
+    /// The period in seconds (1, 60, 3600).
+    pub period_s: u64,
+    /// The rate counts bytes (of the frame), not packets.
+    pub bytes: bool,
+    /// Packets (or bytes) that may come at once after a quiet time.
+    pub burst: u64,
+    /// One bucket per source prefix of these lengths (IPv4, IPv6), not one for the rule.
+    pub per_source: Option<(u8, u8)>,
+}
+
+impl RateLimit {
+    /// The kernel's form: the cost of a packet in nanoseconds of the bucket, and the burst.
+    pub fn kernel(&self) -> xdpfw_common::LimitState {
+        let period_ns = self.period_s as u128 * 1_000_000_000;
+        let per_unit_ns = |shift: u32| ((period_ns << shift) / self.rate.max(1) as u128).max(1) as u64;
+        let (interval_ns, ns_per_byte) = if self.bytes { (0, per_unit_ns(xdpfw_common::limit::BYTE_SHIFT)) } else { (per_unit_ns(0), 0) };
+        let burst_ns = ((self.burst as u128 * period_ns) / self.rate.max(1) as u128).min(u64::MAX as u128 / 2) as u64;
+        let (v4, v6) = self.per_source.unwrap_or((32, 128));
+        xdpfw_common::LimitState {
+            interval_ns,
+            ns_per_byte,
+            burst_ns,
+            per_source: self.per_source.is_some() as u8,
+            v4_prefix: v4,
+            v6_prefix: v6,
+            ..Default::default()
+        }
+    }
+}
+
+impl fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.period_s {
+            1 => "s",
+            60 => "m",
+            _ => "h",
+        };
+        let what = if self.bytes { " bytes" } else { "" };
+        write!(f, "{}{what}/{unit} burst {}", self.rate, self.burst)?;
+        if let Some((v4, v6)) = self.per_source {
+            write!(f, " per source (/{v4}, /{v6})")?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Rule {
     pub name: String,
@@ -332,6 +384,8 @@ pub struct Rule {
     /// Conditions on the local socket's owner: the kernel escalates the flows this rule would
     /// decide, and userspace evaluates them.
     pub owner: Option<OwnerMatch>,
+    /// A rate limit: beyond it the rule does not match.
+    pub limit: Option<RateLimit>,
     pub comment: Option<String>,
     pub location: Location,
 }
@@ -477,6 +531,7 @@ struct RawRule {
     icmp_code: Option<Spanned<toml::Value>>,
     tcp_flags: Option<Spanned<String>>,
     owner: Option<Spanned<toml::Value>>,
+    limit: Option<Spanned<toml::Value>>,
     comment: Option<String>,
 }
 
@@ -1496,10 +1551,12 @@ fn parse_rule(
             Some(parse_owner(src, o)?)
         }
     };
+    let limit = r.limit.as_ref().map(|l| parse_limit(src, l)).transpose()?;
     Ok(Rule {
         name,
         action: parse_action(src, &r.action)?,
         owner,
+        limit,
         src: addr(&r.src)?,
         dst: addr(&r.dst)?,
         proto,
@@ -1510,6 +1567,76 @@ fn parse_rule(
         comment: r.comment.clone(),
         location,
     })
+}
+
+/// `"100/s"`, `"6000/minute"`, `"10 mbytes/s"`: (rate, period in seconds, counts bytes).
+pub fn parse_rate(s: &str) -> Result<(u64, u64, bool), String> {
+    let (amount, period) = s.split_once('/').ok_or_else(|| format!("invalid rate \"{s}\" (expected e.g. \"100/s\" or \"10 mbytes/s\")"))?;
+    let period_s = match period.trim() {
+        "s" | "sec" | "second" => 1,
+        "m" | "min" | "minute" => 60,
+        "h" | "hour" => 3600,
+        other => return Err(format!("invalid rate period \"{other}\" in \"{s}\" (expected s, minute or hour)")),
+    };
+    let amount = amount.trim();
+    let digits = amount.find(|c: char| !c.is_ascii_digit()).unwrap_or(amount.len());
+    let (number, unit) = amount.split_at(digits);
+    let number: u64 = number.parse().map_err(|_| format!("invalid rate \"{s}\": it must start with a whole number"))?;
+    let (scale, bytes) = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "packets" | "pkts" => (1, false),
+        "b" | "bytes" => (1, true),
+        "kb" | "kbytes" => (1 << 10, true),
+        "mb" | "mbytes" => (1 << 20, true),
+        "gb" | "gbytes" => (1 << 30, true),
+        other => return Err(format!("invalid rate unit \"{other}\" in \"{s}\" (expected packets, bytes, kbytes, mbytes or gbytes)")),
+    };
+    let rate = number.checked_mul(scale).filter(|r| (1..=1 << 40).contains(r)).ok_or_else(|| format!("rate \"{s}\" must be between 1 and 2^40 a period"))?;
+    Ok((rate, period_s, bytes))
+}
+
+/// `per = "source"`, `"source/24"` (IPv4 /24, IPv6 /128), `"source/64"` (IPv4 /32, IPv6 /64) or
+/// `"source/24/64"`: the prefix lengths a source is counted by.
+pub fn parse_per(s: &str) -> Result<(u8, u8), String> {
+    let bad = || format!("invalid per \"{s}\" (expected \"source\", \"source/N\" (N up to 32: IPv4, above: IPv6) or \"source/V4/V6\")");
+    let rest = s.strip_prefix("source").ok_or_else(bad)?;
+    let lens: Vec<&str> = if rest.is_empty() { vec![] } else { rest.strip_prefix('/').ok_or_else(bad)?.split('/').collect() };
+    let len = |t: &str, max: u8| t.parse::<u8>().ok().filter(|l| (1..=max).contains(l)).ok_or_else(bad);
+    match lens.as_slice() {
+        [] => Ok((32, 128)),
+        [n] => {
+            let n = len(n, 128)?;
+            Ok(if n <= 32 { (n, 128) } else { (32, n) })
+        }
+        [v4, v6] => Ok((len(v4, 32)?, len(v6, 128)?)),
+        _ => Err(bad()),
+    }
+}
+
+/// A rule's `limit` table.
+fn parse_limit(src: &Source, v: &Spanned<toml::Value>) -> Result<RateLimit, RulesError> {
+    let toml::Value::Table(table) = v.get_ref() else {
+        return Err(src.error(v.span(), "limit must be a table, e.g. limit = { rate = \"100/s\", burst = 200 }"));
+    };
+    let mut rate = None;
+    let mut burst = None;
+    let mut per = None;
+    for (key, value) in table {
+        match (key.as_str(), value) {
+            ("rate", toml::Value::String(r)) => rate = Some(parse_rate(r).map_err(|m| src.error(v.span(), format!("limit.rate: {m}")))?),
+            ("burst", toml::Value::Integer(b)) if (1..=1 << 40).contains(b) => burst = Some(*b as u64),
+            ("burst", other) => return Err(src.error(v.span(), format!("limit.burst must be a whole number 1 to 2^40, not {other}"))),
+            ("per", toml::Value::String(p)) => per = Some(parse_per(p).map_err(|m| src.error(v.span(), format!("limit.per: {m}")))?),
+            ("rate" | "per", other) => return Err(src.error(v.span(), format!("limit.{key} must be a string, not {other}"))),
+            (other, _) => return Err(src.error(v.span(), format!("unknown limit key \"{other}\" (expected rate, burst, per)"))),
+        }
+    }
+    let Some((rate, period_s, bytes)) = rate else {
+        return Err(src.error(v.span(), "limit needs a rate, e.g. rate = \"100/s\""));
+    };
+    // Without a burst: one second's worth (at least one packet, or a full-size frame).
+    let per_second = (rate / period_s).max(1);
+    let burst = burst.unwrap_or(if bytes { per_second.max(1514) } else { per_second });
+    Ok(RateLimit { rate, period_s, bytes, burst, per_source: per })
 }
 
 fn strings(src: &Source, v: &Spanned<toml::Value>) -> Result<Vec<String>, RulesError> {

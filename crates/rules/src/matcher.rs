@@ -49,6 +49,17 @@ pub fn decide_with_owner(rs: &Ruleset, pkt: &PacketSpec, owner: Option<&Owner>) 
 /// Decides `pkt` with rules `first..` only: the escalation service starts at the rule the
 /// kernel escalated on, since the kernel has already seen every earlier rule fail.
 pub fn evaluate(rs: &Ruleset, pkt: &PacketSpec, owner: OwnerView, first: usize) -> Decision {
+    evaluate_with_limits(rs, pkt, owner, first, &mut |_| true)
+}
+
+/// Decides `pkt` as the XDP program does, with `within(rule)` saying whether the packet is
+/// within the rate limit of rule `rule` (asked only of rules with a `limit` that match, in
+/// order, as the kernel takes tokens). Without it ([`decide`]) every packet is within.
+pub fn decide_with_limits(rs: &Ruleset, pkt: &PacketSpec, within: &mut dyn FnMut(usize) -> bool) -> Decision {
+    evaluate_with_limits(rs, pkt, OwnerView::Unknown, 0, within)
+}
+
+fn evaluate_with_limits(rs: &Ruleset, pkt: &PacketSpec, owner: OwnerView, first: usize, within: &mut dyn FnMut(usize) -> bool) -> Decision {
     let fixed = |action, why: &str| Decision {
         action,
         rule: None,
@@ -67,8 +78,19 @@ pub fn evaluate(rs: &Ruleset, pkt: &PacketSpec, owner: OwnerView, first: usize) 
             FragmentPolicy::L3Only => {}
         }
     }
+    let mut skipped = Vec::new();
     for (i, rule) in rs.rules.iter().enumerate().skip(first) {
         let Some(mut reasons) = rule_matches(rule, pkt) else { continue };
+        if let Some(limit) = &rule.limit {
+            // As the kernel: a rule beyond its limit does not match (up to MAX_SKIPPED of them
+            // for one packet; past that the rule found decides).
+            if skipped.len() < xdpfw_common::limit::MAX_SKIPPED as usize && !within(i) {
+                skipped.push(format!("rule \"{}\" matched but the packet is beyond its limit ({limit})", rule.name));
+                continue;
+            }
+            reasons.push(format!("within the rule's limit ({limit}); beyond it, later rules decide"));
+        }
+        reasons.splice(0..0, skipped.iter().cloned());
         let decision = |action, reasons, escalated| Decision {
             action,
             rule: Some(i),
@@ -93,7 +115,9 @@ pub fn evaluate(rs: &Ruleset, pkt: &PacketSpec, owner: OwnerView, first: usize) 
             }
         }
     }
-    fixed(rs.default, "no rule matched: the default action")
+    let mut d = fixed(rs.default, "no rule matched: the default action");
+    d.reasons.splice(0..0, skipped);
+    d
 }
 
 /// An ICMPv6 neighbour discovery or router message (types 133-137), as the XDP program sees
@@ -225,6 +249,10 @@ fn covers(a: &Rule, b: &Rule, budget: &mut usize) -> bool {
     // An owner condition may fail where the later rule's holds, unless the later one demands
     // the very same owner.
     if a.owner.is_some() && a.owner != b.owner {
+        return false;
+    }
+    // A rule with a limit does not match beyond it.
+    if a.limit.is_some() {
         return false;
     }
     field(&a.src, &b.src, &mut addrs)
