@@ -171,6 +171,12 @@ fn random_ruleset(rng: &mut StdRng) -> String {
             _ => "drop",
         };
         writeln!(t, "action = \"{action}\"").unwrap();
+        // Now and then a rate limit that no token comes back to during the test ("1/h"): each
+        // bucket lets `burst` packets through, then the next matching rule decides.
+        if rng.random_bool(0.12) {
+            let per = ["", ", per = \"source\"", ", per = \"source/24\"", ", per = \"source/16/48\"", ", per = \"source/64\""].choose(rng).unwrap();
+            writeln!(t, "limit = {{ rate = \"1/h\", burst = {}{per} }}", rng.random_range(1..=6)).unwrap();
+        }
         let mut has_addr = false;
         for field in ["src", "dst"] {
             if rng.random_bool(0.4) {
@@ -541,7 +547,7 @@ fn differential_random_rulesets() {
     let mut rule_decided = 0u64;
     // Packets decided by a rule with: addresses, ports, icmp type, tcp flags, an owner condition
     // (escalated: the pending action); not the first rule.
-    let mut decided_by = [0u64; 8];
+    let mut decided_by = [0u64; 9];
     for index in 0..rulesets {
         let text = random_ruleset(&mut rng);
         let rs = rules::parse(Path::new("random.toml"), &text)
@@ -552,11 +558,24 @@ fn differential_random_rulesets() {
         let mut want_slots = vec![0u64; n + 1];
         let mut want_bytes = vec![0u64; n + 1];
         let before = prog.maps.global_stats().unwrap();
-        let (mut frags, mut nd, mut escalated) = (0u64, 0u64, 0u64);
+        let (mut frags, mut nd, mut escalated, mut beyond) = (0u64, 0u64, 0u64, 0u64);
+        // The simulated buckets of the rules' limits: tokens left per (rule, source prefix).
+        let mut tokens: std::collections::HashMap<(usize, Option<IpNet>), u64> = Default::default();
         for _ in 0..PACKETS_PER_RULESET {
             let p = if rng.random_bool(0.4) { targeted_packet(&mut rng, &rs) } else { random_packet(&mut rng) };
             let frame = random_encapsulation(&mut rng, &p);
-            let d = decide(&rs, &p);
+            let d = rules::matcher::decide_with_limits(&rs, &p, &mut |rule| {
+                let limit = rs.rules[rule].limit.as_ref().unwrap();
+                let key = limit.per_source.map(|(v4, v6)| match p.src {
+                    IpAddr::V4(a) => IpNet::new(IpAddr::V4(a), v4).unwrap().trunc(),
+                    IpAddr::V6(a) => IpNet::new(IpAddr::V6(a), v6).unwrap().trunc(),
+                });
+                let left = tokens.entry((rule, key)).or_insert(limit.burst);
+                let within = *left > 0;
+                *left = left.saturating_sub(1);
+                within
+            });
+            beyond += d.reasons.iter().any(|r| r.contains("beyond its limit")) as u64;
             let kernel = prog.run(&frame).unwrap();
             if kernel != d.action.kernel() {
                 panic!(
@@ -594,6 +613,8 @@ fn differential_random_rulesets() {
                         || r.proto.as_ref().is_some_and(|p| p.len() > 128),
                     // Lists of ICMP types or codes.
                     r.icmp.as_ref().is_some_and(|m| m.types.len() > 1 || m.codes.as_ref().is_some_and(|c| c.len() > 1)),
+                    // After a rule beyond its limit.
+                    d.reasons.iter().any(|r| r.contains("beyond its limit")),
                 ];
                 for (k, u) in used.iter().enumerate() {
                     decided_by[k] += *u as u64;
@@ -622,6 +643,7 @@ fn differential_random_rulesets() {
         assert_eq!(g.default_hits, want_slots[n], "default_hits (ruleset #{index})");
         assert_eq!(g.pending, escalated, "packets given the pending action (ruleset #{index})");
         assert_eq!(g.cache_hits, 0, "no verdict was ever written (ruleset #{index})");
+        assert_eq!(g.limited, beyond, "packets beyond a rule's limit (ruleset #{index})");
     }
     assert!(packets >= 100_000 || scale() == 0, "only {packets} packets");
     // The generator must exercise both verdicts and the rules, not just the default action.
@@ -629,14 +651,14 @@ fn differential_random_rulesets() {
     assert!(rule_decided > packets / 4, "only {rule_decided} of {packets} packets were decided by a rule");
     eprintln!(
         "differential: {rulesets} rulesets x {PACKETS_PER_RULESET} packets = {packets} packets \
-         (pass {}, drop {}, decided by a rule {rule_decided}: with addresses/ports/icmp/flags/owner/not first/exclusion/icmp list \
+         (pass {}, drop {}, decided by a rule {rule_decided}: with addresses/ports/icmp/flags/owner/not first/exclusion/icmp list/after a limit \
          {decided_by:?}) in {:.1?}",
         verdicts[0],
         verdicts[1],
         started.elapsed()
     );
     for (what, n) in
-        ["addresses", "ports", "icmp type", "tcp flags", "an owner condition", "not the first rule", "an exclusion (!)", "a list of icmp types or codes"]
+        ["addresses", "ports", "icmp type", "tcp flags", "an owner condition", "not the first rule", "an exclusion (!)", "a list of icmp types or codes", "the next match after a rule beyond its limit"]
             .iter()
             .zip(decided_by)
     {

@@ -338,17 +338,12 @@ fn within_limit(ctx: &XdpContext, pkt: &Packet, index: u32, generation_rule: u64
     let Some(spec) = LIMITS.get_ptr_mut(index) else {
         return LIMIT_WITHIN;
     };
-    // SAFETY: a valid map value pointer; the fields read here are written only by a reload,
-    // into the inactive buffer.
-    let (interval, per_byte, burst, per_source, v4_len, v6_len) = unsafe {
-        let s = &*spec;
-        (s.interval_ns, s.ns_per_byte, s.burst_ns, s.per_source, s.v4_prefix, s.v6_prefix)
-    };
-    let cost = interval + ((len * per_byte) >> limit::BYTE_SHIFT);
-    // SAFETY: a helper with no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: a valid map value pointer; the parameters are written only by a reload, into the
+    // inactive buffer. They are read where used, to keep this function's stack small (its frame
+    // and the program's together must fit in 512 bytes).
+    let s = unsafe { &*spec };
     let mut created = false;
-    let tat: *mut u64 = if per_source == 0 {
+    let tat: *mut u64 = if s.per_source == 0 {
         // SAFETY: the field of a valid map value.
         unsafe { core::ptr::addr_of_mut!((*spec).tat) }
     } else {
@@ -361,16 +356,29 @@ fn within_limit(ctx: &XdpContext, pkt: &Packet, index: u32, generation_rule: u64
         };
         if pkt.is_v6 {
             let Some(a) = parse::v6_addr(ctx, pkt.l3_off, true) else { return LIMIT_WITHIN };
-            let bits = v6_len as usize;
+            // The address as two big-endian halves, each cut to its part of the prefix.
+            let bits = s.v6_prefix as u32;
+            let mask = |skip: u32| -> u64 {
+                if bits <= skip {
+                    0
+                } else if bits >= skip + 64 {
+                    u64::MAX
+                } else {
+                    u64::MAX << (64 - (bits - skip))
+                }
+            };
+            let hi = u64::from_be_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]) & mask(0);
+            let lo = u64::from_be_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]) & mask(64);
+            let (hi, lo) = (hi.to_be_bytes(), lo.to_be_bytes());
             let mut i = 0;
-            while i < 16 {
-                let keep = if bits >= (i + 1) * 8 { 0xff } else if bits <= i * 8 { 0 } else { 0xffu8 << (8 - (bits - i * 8)) };
-                key.addr[i] = a[i] & keep;
+            while i < 8 {
+                key.addr[i] = hi[i];
+                key.addr[8 + i] = lo[i];
                 i += 1;
             }
         } else {
-            let mask = if v4_len == 0 { 0 } else { u32::MAX << (32 - (v4_len as u32 & 31)) };
-            let mask = if v4_len >= 32 { u32::MAX } else { mask };
+            let len = s.v4_prefix as u32;
+            let mask = if len == 0 { 0 } else if len >= 32 { u32::MAX } else { u32::MAX << (32 - len) };
             let a = (pkt.src4 & mask).to_be_bytes();
             key.addr[0] = a[0];
             key.addr[1] = a[1];
@@ -390,6 +398,10 @@ fn within_limit(ctx: &XdpContext, pkt: &Packet, index: u32, generation_rule: u64
             }
         }
     };
+    let cost = s.interval_ns + ((len * s.ns_per_byte) >> limit::BYTE_SHIFT);
+    let burst = s.burst_ns;
+    // SAFETY: a helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
     // GCRA: admit when the arrival time, pushed by this packet's cost, is within the burst.
     // SAFETY: `tat` points into a map value, which lives at least until this program returns;
     // u64 map values and fields are 8-byte aligned. Other CPUs update it only through the

@@ -1633,6 +1633,11 @@ fn parse_limit(src: &Source, v: &Spanned<toml::Value>) -> Result<RateLimit, Rule
     let Some((rate, period_s, bytes)) = rate else {
         return Err(src.error(v.span(), "limit needs a rate, e.g. rate = \"100/s\""));
     };
+    // The kernel multiplies a frame's length by the nanoseconds of a byte (fixed point): keep
+    // that product inside 64 bits for frames up to 128 KiB.
+    if bytes && rate * 2 < period_s {
+        return Err(src.error(v.span(), "limit.rate: a bytes rate must be at least one byte every two seconds"));
+    }
     // Without a burst: one second's worth (at least one packet, or a full-size frame).
     let per_second = (rate / period_s).max(1);
     let burst = burst.unwrap_or(if bytes { per_second.max(1514) } else { per_second });
