@@ -292,6 +292,9 @@ pub(crate) fn stats(st: &Stats, mode: &str) -> String {
         let _ = writeln!(s, "  packets    seen {}  passed {}  dropped {}  ({} bytes)", g.seen, g.passed, g.dropped, g.bytes);
         let _ = writeln!(s, "  kinds      ipv4 {}  ipv6 {}  non-ip {}  malformed {}  fragments {}  neighbor-discovery {}", g.ipv4, g.ipv6, g.non_ip, g.malformed, g.fragments, g.neighbor_discovery);
         let _ = writeln!(s, "  decided by rules {}  default {}", g.rule_hits, g.default_hits);
+        if g.limited + g.limit_sources > 0 {
+            let _ = writeln!(s, "  limits     beyond a limit {}  source buckets made {}", g.limited, g.limit_sources);
+        }
         if !r.owner_rules.is_empty() || g.escalations + g.pending + g.cache_hits > 0 {
             let _ = writeln!(
                 s,

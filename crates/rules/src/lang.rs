@@ -1867,6 +1867,46 @@ mod tests {
     }
 
     #[test]
+    fn limits_parse_and_say_where_they_are_wrong() {
+        let rs = rules(
+            "default = \"pass\"\n[[rule]]\naction = \"pass\"\nlimit = { rate = \"100/s\", burst = 200, per = \"source/24\" }\n\
+             [[rule]]\naction = \"pass\"\nlimit = { rate = \"10 mbytes/s\" }\n\
+             [[rule]]\naction = \"pass\"\nlimit = { rate = \"6000/minute\", per = \"source/64\" }\n",
+        );
+        assert_eq!(rs.rules[0].limit, Some(RateLimit { rate: 100, period_s: 1, bytes: false, burst: 200, per_source: Some((24, 128)) }));
+        assert_eq!(rs.rules[1].limit, Some(RateLimit { rate: 10 << 20, period_s: 1, bytes: true, burst: 10 << 20, per_source: None }));
+        assert_eq!(rs.rules[2].limit.as_ref().map(|l| (l.burst, l.per_source)), Some((100, Some((32, 64)))));
+        let k = rs.rules[0].limit.as_ref().unwrap().kernel();
+        assert_eq!((k.interval_ns, k.burst_ns, k.per_source, k.v4_prefix, k.v6_prefix), (10_000_000, 2_000_000_000, 1, 24, 128));
+        assert_eq!(parse_per("source/24/64"), Ok((24, 64)));
+        assert!(parse_per("dest").is_err() && parse_per("source/0").is_err() && parse_per("source/33/129").is_err());
+        let rule = "default = \"pass\"\n[[rule]]\naction = \"pass\"\n";
+        for (limit, message) in [
+            ("{ rate = \"100/fortnight\" }", "r.toml:4:9: error: limit.rate: invalid rate period \"fortnight\""),
+            ("{ rate = \"many/s\" }", "r.toml:4:9: error: limit.rate: invalid rate \"many/s\": it must start with a whole number"),
+            ("{ rate = \"5 parsecs/s\" }", "r.toml:4:9: error: limit.rate: invalid rate unit \"parsecs\""),
+            ("{ rate = \"0/s\" }", "r.toml:4:9: error: limit.rate: rate \"0/s\" must be between 1 and 2^40"),
+            ("{ rate = \"1 bytes/h\" }", "r.toml:4:9: error: limit.rate: a bytes rate must be at least one byte every two seconds"),
+            ("{ burst = 5 }", "r.toml:4:9: error: limit needs a rate"),
+            ("{ rate = \"1/s\", burst = 0 }", "r.toml:4:9: error: limit.burst must be a whole number"),
+            ("{ rate = \"1/s\", per = \"destination\" }", "r.toml:4:9: error: limit.per: invalid per \"destination\""),
+            ("{ rate = \"1/s\", colour = 1 }", "r.toml:4:9: error: unknown limit key \"colour\""),
+            ("\"1/s\"", "r.toml:4:9: error: limit must be a table"),
+        ] {
+            let e = err(&format!("{rule}limit = {limit}\n"));
+            assert!(e.starts_with(message), "{limit}: {e}");
+        }
+        // A limited rule does not shadow the rules after it.
+        let rs = rules("default = \"pass\"\n[[rule]]\naction = \"pass\"\nproto = \"icmp\"\nlimit = { rate = \"1/s\" }\n[[rule]]\naction = \"drop\"\nproto = \"icmp\"\n");
+        assert!(rs.warnings.is_empty(), "{:?}", rs.warnings);
+        let d = crate::matcher::decide(&rs, &"icmp 192.0.2.1 -> 192.0.2.2 type 8".parse().unwrap());
+        assert!(d.reasons.iter().any(|r| r.contains("within the rule's limit (1/s burst 1); beyond it, later rules decide")), "{d:?}");
+        let d = crate::matcher::decide_with_limits(&rs, &"icmp 192.0.2.1 -> 192.0.2.2 type 8".parse().unwrap(), &mut |_| false);
+        assert_eq!((d.action, d.rule), (Action::Drop, Some(1)));
+        assert!(d.reasons[0].contains("matched but the packet is beyond its limit"), "{d:?}");
+    }
+
+    #[test]
     fn extension_header_protocols_warn() {
         let rs = rules("default = \"pass\"\n[[rule]]\nname = \"ah\"\naction = \"drop\"\nproto = [51, \"tcp\"]\n[[rule]]\naction = \"drop\"\nproto = \"!tcp\"\n");
         let w: Vec<String> = rs.warnings.iter().map(ToString::to_string).collect();

@@ -88,7 +88,13 @@ fn evaluate_with_limits(rs: &Ruleset, pkt: &PacketSpec, owner: OwnerView, first:
                 skipped.push(format!("rule \"{}\" matched but the packet is beyond its limit ({limit})", rule.name));
                 continue;
             }
-            reasons.push(format!("within the rule's limit ({limit}); beyond it, later rules decide"));
+            // What the kernel does beyond the limit: the next match decides (its own limit not
+            // consulted, as in the kernel).
+            let beyond = if skipped.is_empty() { Some(evaluate_with_limits(rs, pkt, owner, i + 1, &mut |_| true)) } else { None };
+            let then = beyond.map_or(String::new(), |d| {
+                format!(": {} by {}", d.action, d.rule_name.map_or("the default action".to_string(), |n| format!("rule \"{n}\"")))
+            });
+            reasons.push(format!("within the rule's limit ({limit}); beyond it, later rules decide{then}"));
         }
         reasons.splice(0..0, skipped.iter().cloned());
         let decision = |action, reasons, escalated| Decision {
