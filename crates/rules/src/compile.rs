@@ -722,7 +722,7 @@ mod tests {
         let bm = |i: u32| img.bitmaps[img.fields[i as usize].bitmap as usize].words[0];
         assert_eq!(bm(PROTO_BASE + 17) & 1, 0);
         assert_eq!(bm(PROTO_BASE + 6) & 1, 1);
-        assert_eq!(bm(PROTO_BASE + 0) & 1, 1);
+        assert_eq!(bm(PROTO_BASE) & 1, 1, "protocol 0 is not udp");
         assert_eq!([bm(DPORT_BASE + 999), bm(DPORT_BASE + 1000), bm(DPORT_BASE + 1500), bm(DPORT_BASE + 2000)].map(|b| b >> 1 & 1), [0, 1, 0, 1]);
         let icmp = |t: u32, c: u32| bm(ICMP_BASE + (t << 8 | c)) >> 2 & 1;
         assert_eq!([icmp(8, 0), icmp(0, 1), icmp(8, 2), icmp(3, 0)], [1, 1, 0, 0]);
