@@ -16,7 +16,7 @@ use std::{
 use ipnet::IpNet;
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 use xdpfw_rules::{
-    self as rules, Action, AddrList, FragmentPolicy, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Ruleset,
+    self as rules, Action, AddrList, FragmentPolicy, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, PortMatch, Ruleset,
     compile::compile,
     matcher::decide,
     packet::PacketSpec,
@@ -57,6 +57,9 @@ const OTHER_PROTOS: [u8; 5] = [2, 47, 50, 132, 255];
 const ICMP_TYPES: [u8; 6] = [0, 3, 8, 11, 128, 135];
 const PACKET_ICMP_TYPES: [u8; 11] = [0, 3, 8, 11, 128, 132, 133, 135, 137, 138, 8];
 const ICMP_CODES: [u8; 3] = [0, 1, 3];
+/// Type names rules use, per family (rules naming both families use numbers).
+const ICMP_NAMES: [&str; 4] = ["echo-request", "echo-reply", "destination-unreachable", "time-exceeded"];
+const ICMPV6_NAMES: [&str; 5] = ["echo-request", "echo-reply", "packet-too-big", "neighbor-solicitation", "router-advertisement"];
 const TCP_FLAG_RULES: [&str; 14] = [
     "syn", "syn !ack", "!syn", "ack", "!rst", "S/SA", "SA/SA", "F/F", "fin psh urg", "!ack !syn", "R/RA", "/SF", "cwr ece",
     "psh,ack",
@@ -85,11 +88,27 @@ fn quoted_list(items: &[String]) -> String {
     format!("[{}]", quoted.join(", "))
 }
 
+/// Port set names the generated rulesets define (`[portsets.NAME]`).
+const PORTSETS: [(&str, &str); 2] = [("web", "[80, 443, \"8000-8100\"]"), ("low", "[\"0-1023\"]")];
+
 fn port_item(rng: &mut StdRng) -> String {
     let a = *PORTS.choose(rng).unwrap();
-    match rng.random_range(0..10) {
+    // Now and then excluded (`!`): the field then holds the ports outside it (and inside the
+    // positive items, if any).
+    if rng.random_bool(0.12) {
+        return match rng.random_range(0..3) {
+            0 => format!("\"!{a}\""),
+            1 => format!("\"!@{}\"", PORTSETS.choose(rng).unwrap().0),
+            _ => {
+                let b = *PORTS.choose(rng).unwrap();
+                format!("\"!{}-{}\"", a.min(b), a.max(b))
+            }
+        };
+    }
+    match rng.random_range(0..11) {
         0..4 => a.to_string(),
         4 => format!("\"{a}\""),
+        5 => format!("\"@{}\"", PORTSETS.choose(rng).unwrap().0),
         _ => {
             let b = *PORTS.choose(rng).unwrap();
             // Now and then an inverted range, which matches nothing (with a warning).
@@ -113,16 +132,27 @@ fn random_ruleset(rng: &mut StdRng) -> String {
     let mut t = String::new();
     writeln!(t, "version = \"random\"").unwrap();
     writeln!(t, "default = \"{}\"", if rng.random_bool(0.5) { "pass" } else { "drop" }).unwrap();
+    writeln!(t, "[options]").unwrap();
     match rng.random_range(0..4) {
         0 => {}
-        1 => writeln!(t, "[options]\nfragments = \"l3-only\"").unwrap(),
-        2 => writeln!(t, "[options]\nfragments = \"drop\"").unwrap(),
-        _ => writeln!(t, "[options]\nfragments = \"pass\"").unwrap(),
+        1 => writeln!(t, "fragments = \"l3-only\"").unwrap(),
+        2 => writeln!(t, "fragments = \"drop\"").unwrap(),
+        _ => writeln!(t, "fragments = \"pass\"").unwrap(),
+    }
+    // Neighbour discovery before the rules (the default) or under them.
+    match rng.random_range(0..3) {
+        0 => {}
+        1 => writeln!(t, "icmpv6_nd = \"always-pass\"").unwrap(),
+        _ => writeln!(t, "icmpv6_nd = \"rules\"").unwrap(),
     }
     // Owner rules (below) make the kernel escalate and apply the pending action.
     if rng.random_bool(0.5) {
         writeln!(t, "[escalation]\npending = \"{}\"", if rng.random_bool(0.5) { "pass" } else { "drop" }).unwrap();
     }
+    for (name, ports) in PORTSETS {
+        writeln!(t, "[portsets.{name}]\nports = {ports}").unwrap();
+    }
+    writeln!(t, "[protosets.l4]\nprotos = [\"tcp\", \"udp\"]\n[protosets.pings]\nprotos = [\"icmp\", 58]").unwrap();
     let mut sets = Vec::new();
     for i in 0..rng.random_range(0..=3) {
         let name = format!("set-{i}_x");
@@ -143,14 +173,24 @@ fn random_ruleset(rng: &mut StdRng) -> String {
             _ => "drop",
         };
         writeln!(t, "action = \"{action}\"").unwrap();
+        // Now and then a rate limit that no token comes back to during the test ("1/h"): each
+        // bucket lets `burst` packets through, then the next matching rule decides.
+        if rng.random_bool(0.12) {
+            let per = ["", ", per = \"source\"", ", per = \"source/24\"", ", per = \"source/16/48\"", ", per = \"source/64\""].choose(rng).unwrap();
+            writeln!(t, "limit = {{ rate = \"1/h\", burst = {}{per} }}", rng.random_range(1..=6)).unwrap();
+        }
         let mut has_addr = false;
         for field in ["src", "dst"] {
             if rng.random_bool(0.4) {
                 has_addr = true;
                 let items: Vec<String> = (0..rng.random_range(1..=4))
-                    .map(|_| match sets.choose(rng) {
-                        Some(s) if rng.random_bool(0.25) => format!("@{s}"),
-                        _ => net(rng),
+                    .map(|_| {
+                        let item = match sets.choose(rng) {
+                            Some(s) if rng.random_bool(0.25) => format!("@{s}"),
+                            _ => net(rng),
+                        };
+                        // Now and then excluded: "!10.0.0.0/8", "!@set".
+                        if rng.random_bool(0.15) { format!("!{item}") } else { item }
                     })
                     .collect();
                 if items.len() == 1 && rng.random_bool(0.5) {
@@ -195,7 +235,22 @@ fn random_ruleset(rng: &mut StdRng) -> String {
             }
             v
         };
+        let protos = match rng.random_range(0..14) {
+            // Sets: what they name is what the generator below needs to know.
+            0 => vec![("\"@l4\"".to_string(), Some(IPPROTO_TCP)), ("\"@l4\"".to_string(), Some(IPPROTO_UDP))],
+            1 => vec![("\"@pings\"".to_string(), Some(IPPROTO_ICMP)), ("\"@pings\"".to_string(), Some(IPPROTO_ICMPV6))],
+            // Exclusions: every protocol but those, so nothing transport-specific is allowed.
+            2 => {
+                let excluded = [["\"!tcp\""].as_slice(), &["\"!udp\"", "\"!icmp\""], &["\"any\"", "\"!icmpv6\""], &["\"!@l4\""], &["\"!47\"", "\"!tcp\""]];
+                let text = excluded.choose(rng).unwrap().join(", ");
+                writeln!(t, "proto = [{text}]").unwrap();
+                continue;
+            }
+            _ => protos,
+        };
         let text: Vec<&str> = protos.iter().map(|(s, _)| s.as_str()).collect();
+        let mut text = text;
+        text.dedup();
         if protos.len() == 1 && rng.random_bool(0.7) {
             writeln!(t, "proto = {}", text[0]).unwrap();
         } else {
@@ -217,9 +272,31 @@ fn random_ruleset(rng: &mut StdRng) -> String {
             }
         }
         if nums.iter().all(|p| [IPPROTO_ICMP, IPPROTO_ICMPV6].contains(p)) && rng.random_bool(0.75) {
-            writeln!(t, "icmp_type = {}", ICMP_TYPES.choose(rng).unwrap()).unwrap();
+            // One type or a list, numbers or (for one family) names.
+            let family = if nums.iter().all(|p| *p == IPPROTO_ICMP) {
+                Some(ICMP_NAMES.as_slice())
+            } else if nums.iter().all(|p| *p == IPPROTO_ICMPV6) {
+                Some(ICMPV6_NAMES.as_slice())
+            } else {
+                None
+            };
+            let icmp_type = |rng: &mut StdRng| match family {
+                Some(names) if rng.random_bool(0.4) => format!("\"{}\"", names.choose(rng).unwrap()),
+                _ => ICMP_TYPES.choose(rng).unwrap().to_string(),
+            };
             if rng.random_bool(0.5) {
-                writeln!(t, "icmp_code = {}", ICMP_CODES.choose(rng).unwrap()).unwrap();
+                writeln!(t, "icmp_type = {}", icmp_type(rng)).unwrap();
+            } else {
+                let types: Vec<String> = (0..rng.random_range(1..=3)).map(|_| icmp_type(rng)).collect();
+                writeln!(t, "icmp_type = [{}]", types.join(", ")).unwrap();
+            }
+            if rng.random_bool(0.5) {
+                if rng.random_bool(0.5) {
+                    writeln!(t, "icmp_code = {}", ICMP_CODES.choose(rng).unwrap()).unwrap();
+                } else {
+                    let codes: Vec<String> = ICMP_CODES.choose_multiple(rng, 2).map(ToString::to_string).collect();
+                    writeln!(t, "icmp_code = [{}]", codes.join(", ")).unwrap();
+                }
             }
         }
         if nums.iter().all(|p| *p == IPPROTO_TCP) && rng.random_bool(0.75) {
@@ -327,14 +404,20 @@ fn addr_near(rng: &mut StdRng, net: &IpNet) -> IpAddr {
 }
 
 fn pick_net(rng: &mut StdRng, list: &Option<AddrList>, v6: Option<bool>) -> Option<IpNet> {
-    let candidates: Vec<IpNet> =
-        list.as_ref()?.iter().filter(|n| v6.is_none_or(|v6| n.addr().is_ipv6() == v6)).copied().collect();
+    let list = list.as_ref()?;
+    let candidates: Vec<IpNet> = list
+        .iter()
+        .chain(list.except.iter().flat_map(|e| e.iter()))
+        .filter(|n| v6.is_none_or(|v6| n.addr().is_ipv6() == v6))
+        .copied()
+        .collect();
     candidates.choose(rng).copied()
 }
 
-/// A port in, at the edge of, or just outside one of `ranges`.
-fn port_near(rng: &mut StdRng, ranges: &[RangeInclusive<u16>]) -> u16 {
-    let r = ranges.choose(rng).unwrap();
+/// A port in, at the edge of, or just outside one of the ranges (or excluded ranges) of `m`.
+fn port_near(rng: &mut StdRng, m: &PortMatch) -> u16 {
+    let all: Vec<&RangeInclusive<u16>> = m.ranges.iter().flatten().chain(&m.except).collect();
+    let r = *all.choose(rng).unwrap();
     let (lo, hi) = (*r.start(), *r.end());
     match rng.random_range(0..6) {
         0 => lo,
@@ -368,7 +451,10 @@ fn targeted_packet(rng: &mut StdRng, rs: &Ruleset) -> PacketSpec {
     if let Some(protos) = &r.proto
         && rng.random_bool(0.9)
     {
-        p.proto = *protos.choose(rng).unwrap();
+        // Not an IPv6 extension header's number (a rule excluding a protocol names them all):
+        // to_frame cannot build a packet of that protocol.
+        let usable: Vec<u8> = protos.iter().copied().filter(|p| ![0, 43, 44, 51, 60].contains(p)).collect();
+        p.proto = usable.choose(rng).copied().unwrap_or(p.proto);
     }
     let (ported, icmp) = (p.proto == IPPROTO_TCP || p.proto == IPPROTO_UDP, p.proto == IPPROTO_ICMP || p.proto == IPPROTO_ICMPV6);
     p.sport = match &r.sport {
@@ -395,13 +481,14 @@ fn targeted_packet(rng: &mut StdRng, rs: &Ruleset) -> PacketSpec {
         }
         None => rng.random(),
     };
-    (p.icmp_type, p.icmp_code) = match r.icmp {
+    (p.icmp_type, p.icmp_code) = match &r.icmp {
         _ if !icmp => (0, 0),
         Some(m) => {
-            let t = if rng.random_bool(0.85) { m.icmp_type } else { m.icmp_type.wrapping_add(1) };
-            let c = match m.code {
-                Some(c) if rng.random_bool(0.8) => c,
-                Some(c) => c.wrapping_sub(1),
+            let t = *m.types.choose(rng).unwrap();
+            let t = if rng.random_bool(0.85) { t } else { t.wrapping_add(1) };
+            let c = match &m.codes {
+                Some(c) if rng.random_bool(0.8) => *c.choose(rng).unwrap(),
+                Some(c) => c[0].wrapping_sub(1),
                 None => *ICMP_CODES.choose(rng).unwrap(),
             };
             (t, c)
@@ -462,7 +549,7 @@ fn differential_random_rulesets() {
     let mut rule_decided = 0u64;
     // Packets decided by a rule with: addresses, ports, icmp type, tcp flags, an owner condition
     // (escalated: the pending action); not the first rule.
-    let mut decided_by = [0u64; 6];
+    let mut decided_by = [0u64; 9];
     for index in 0..rulesets {
         let text = random_ruleset(&mut rng);
         let rs = rules::parse(Path::new("random.toml"), &text)
@@ -473,11 +560,24 @@ fn differential_random_rulesets() {
         let mut want_slots = vec![0u64; n + 1];
         let mut want_bytes = vec![0u64; n + 1];
         let before = prog.maps.global_stats().unwrap();
-        let (mut frags, mut nd, mut escalated) = (0u64, 0u64, 0u64);
+        let (mut frags, mut nd, mut escalated, mut beyond) = (0u64, 0u64, 0u64, 0u64);
+        // The simulated buckets of the rules' limits: tokens left per (rule, source prefix).
+        let mut tokens: std::collections::HashMap<(usize, Option<IpNet>), u64> = Default::default();
         for _ in 0..PACKETS_PER_RULESET {
             let p = if rng.random_bool(0.4) { targeted_packet(&mut rng, &rs) } else { random_packet(&mut rng) };
             let frame = random_encapsulation(&mut rng, &p);
-            let d = decide(&rs, &p);
+            let d = rules::matcher::decide_with_limits(&rs, &p, &mut |rule| {
+                let limit = rs.rules[rule].limit.as_ref().unwrap();
+                let key = limit.per_source.map(|(v4, v6)| match p.src {
+                    IpAddr::V4(a) => IpNet::new(IpAddr::V4(a), v4).unwrap().trunc(),
+                    IpAddr::V6(a) => IpNet::new(IpAddr::V6(a), v6).unwrap().trunc(),
+                });
+                let left = tokens.entry((rule, key)).or_insert(limit.burst);
+                let within = *left > 0;
+                *left = left.saturating_sub(1);
+                within
+            });
+            beyond += d.reasons.iter().any(|r| r.contains("beyond its limit")) as u64;
             let kernel = prog.run(&frame).unwrap();
             if kernel != d.action.kernel() {
                 panic!(
@@ -494,7 +594,8 @@ fn differential_random_rulesets() {
             }
             packets += 1;
             verdicts[(d.action == Action::Drop) as usize] += 1;
-            let is_nd = p.is_icmp() && p.proto == IPPROTO_ICMPV6 && p.src.is_ipv6() && (133..=137).contains(&p.icmp_type);
+            // Passed before the rules (only under icmpv6_nd = "always-pass").
+            let is_nd = rules::matcher::is_neighbour_discovery(&p) && rs.icmpv6_nd == rules::NdPolicy::AlwaysPass;
             let fixed_fragment = p.fragment && rs.fragments != FragmentPolicy::L3Only;
             frags += p.fragment as u64;
             nd += is_nd as u64;
@@ -508,6 +609,14 @@ fn differential_random_rulesets() {
                     r.tcp_flags.is_some(),
                     d.escalated,
                     i > 0,
+                    // Exclusions (`!`) of addresses, ports or protocols.
+                    [&r.src, &r.dst].iter().any(|a| a.as_ref().is_some_and(|a| a.except.is_some()))
+                        || [&r.sport, &r.dport].iter().any(|p| p.as_ref().is_some_and(|p| !p.except.is_empty()))
+                        || r.proto.as_ref().is_some_and(|p| p.len() > 128),
+                    // Lists of ICMP types or codes.
+                    r.icmp.as_ref().is_some_and(|m| m.types.len() > 1 || m.codes.as_ref().is_some_and(|c| c.len() > 1)),
+                    // After a rule beyond its limit.
+                    d.reasons.iter().any(|r| r.contains("beyond its limit")),
                 ];
                 for (k, u) in used.iter().enumerate() {
                     decided_by[k] += *u as u64;
@@ -536,6 +645,7 @@ fn differential_random_rulesets() {
         assert_eq!(g.default_hits, want_slots[n], "default_hits (ruleset #{index})");
         assert_eq!(g.pending, escalated, "packets given the pending action (ruleset #{index})");
         assert_eq!(g.cache_hits, 0, "no verdict was ever written (ruleset #{index})");
+        assert_eq!(g.limited, beyond, "packets beyond a rule's limit (ruleset #{index})");
     }
     assert!(packets >= 100_000 || scale() == 0, "only {packets} packets");
     // The generator must exercise both verdicts and the rules, not just the default action.
@@ -543,13 +653,17 @@ fn differential_random_rulesets() {
     assert!(rule_decided > packets / 4, "only {rule_decided} of {packets} packets were decided by a rule");
     eprintln!(
         "differential: {rulesets} rulesets x {PACKETS_PER_RULESET} packets = {packets} packets \
-         (pass {}, drop {}, decided by a rule {rule_decided}: with addresses/ports/icmp/flags/owner/not first \
+         (pass {}, drop {}, decided by a rule {rule_decided}: with addresses/ports/icmp/flags/owner/not first/exclusion/icmp list/after a limit \
          {decided_by:?}) in {:.1?}",
         verdicts[0],
         verdicts[1],
         started.elapsed()
     );
-    for (what, n) in ["addresses", "ports", "icmp type", "tcp flags", "an owner condition", "not the first rule"].iter().zip(decided_by) {
+    for (what, n) in
+        ["addresses", "ports", "icmp type", "tcp flags", "an owner condition", "not the first rule", "an exclusion (!)", "a list of icmp types or codes", "the next match after a rule beyond its limit"]
+            .iter()
+            .zip(decided_by)
+    {
         assert!(n > packets / 100, "only {n} of {packets} packets were decided by a rule matching on {what}");
     }
 }

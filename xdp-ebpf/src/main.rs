@@ -3,7 +3,7 @@
 //! Verdicts for what is not classified:
 //! - not IPv4/IPv6 (ARP, LLDP, …): pass (`non_ip`)
 //! - IPv6 neighbour discovery and router messages: pass (`neighbor_discovery`), so no policy can cut
-//!   a host off its link
+//!   a host off its link, unless the ruleset puts them under the rules (`header_flags::ND_RULES`)
 //! - truncated or inconsistent headers, or an IPv6 extension chain longer than we walk: drop
 //!   (`malformed`)
 //! - a non-first fragment: per the ruleset's fragment policy (`fragments`)
@@ -12,6 +12,8 @@
 //! condition) is escalated: see [`escalate`].
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features, reason = "atomic_cxchg: core's atomic types have no compare-and-swap on BPF")]
 
 mod parse;
 
@@ -23,11 +25,12 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, LruHashMap, PerCpuArray, RingBuf},
     programs::XdpContext,
 };
+use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering};
 use parse::{Packet, ParseOutcome};
 use xdpfw_common::{
-    absent, buffer_of, action, dir, escalation, field, fields_layout::*, fragment_policy, rule_flags, Bitmap,
+    absent, buffer_of, action, dir, escalation, field, fields_layout::*, fragment_policy, header_flags, limit, rule_flags, Bitmap,
     DirBlock, DirLine, EscalationEvent, FieldEntry, FlowKey, GlobalStats, Ipv6Data, Pending, PrefixValue,
-    RuleMeta, RuleStats, RulesetHeader, Verdict, BITMAP_ALL, BITMAP_WORDS, BUFFERS,
+    LimitKey, LimitState, RuleMeta, RuleStats, RulesetHeader, Verdict, BITMAP_ALL, BITMAP_WORDS, BUFFERS,
     DEFAULT_RULE_SLOT, MAX_BITMAPS, MAX_PREFIXES, MAX_RULES, RULE_SLOTS,
 };
 
@@ -156,6 +159,14 @@ static PENDING: LruHashMap<FlowKey, Pending> =
 #[map(name = "ESCALATIONS")]
 static ESCALATIONS: RingBuf = RingBuf::with_byte_size(escalation::RING_BYTES, 0);
 
+/// Rate limits and per-rule buckets (see `LimitState`), both buffers.
+#[map(name = "LIMITS")]
+static LIMITS: Array<LimitState> = Array::with_max_entries(BUFFERS * MAX_RULES as u32, BPF_F_MMAPABLE);
+
+/// Per-source buckets: the theoretical arrival time of each (rule, source prefix).
+#[map(name = "LIMIT_SOURCES")]
+static LIMIT_SOURCES: LruHashMap<LimitKey, u64> = LruHashMap::with_max_entries(limit::SOURCE_ENTRIES, 0);
+
 #[xdp]
 pub fn xdpfw(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
@@ -194,11 +205,6 @@ fn decide(ctx: &XdpContext, stats: &mut GlobalStats, len: u64) -> u32 {
     } else {
         stats.ipv4 += 1;
     }
-    if pkt.neighbor_discovery {
-        stats.neighbor_discovery += 1;
-        return action::PASS;
-    }
-
     // The snapshot: one load of the generation picks the buffer for every lookup below. A reload
     // only rewrites a buffer after a grace period in which every packet that could have read the
     // old generation has finished.
@@ -211,6 +217,10 @@ fn decide(ctx: &XdpContext, stats: &mut GlobalStats, len: u64) -> u32 {
     let Some(header) = HEADERS.get(buffer) else {
         return action::PASS;
     };
+    if pkt.neighbor_discovery && header.flags & header_flags::ND_RULES == 0 {
+        stats.neighbor_discovery += 1;
+        return action::PASS;
+    }
 
     if pkt.non_first_fragment {
         stats.fragments += 1;
@@ -221,7 +231,7 @@ fn decide(ctx: &XdpContext, stats: &mut GlobalStats, len: u64) -> u32 {
         }
     }
 
-    let (slot, verdict) = match classify(ctx, buffer, header, &pkt) {
+    let (slot, verdict) = match classify(ctx, generation, buffer, header, &pkt, len, stats) {
         Some(rule) => {
             stats.rule_hits += 1;
             match RULES.get(buffer * MAX_RULES as u32 + rule) {
@@ -246,6 +256,188 @@ fn decide(ctx: &XdpContext, stats: &mut GlobalStats, len: u64) -> u32 {
         counter.bytes += len;
     }
     verdict
+}
+
+/// Rules with a rate limit match only within it: when the first matching rule is beyond its
+/// limit, the next matching rule decides (its own limit, if it has one, is not consulted: one
+/// limit a packet, which keeps the verifier's work to one more scan of the bitmaps). Only
+/// rulesets with limits get here, and only a packet whose first match has a limit pays more
+/// than one flag test.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn apply_limits(
+    ctx: &XdpContext,
+    generation: u64,
+    buffer: u32,
+    header: &RulesetHeader,
+    pkt: &Packet,
+    len: u64,
+    fields: Option<&Fields>,
+    first: Option<u32>,
+    stats: &mut GlobalStats,
+) -> Option<u32> {
+    let rule = first?;
+    // The probe copy (self-tests) must not spend the tokens of the ruleset it proves: its
+    // rules are taken to be within their limits, as the reference matcher takes them.
+    if probe() != 0 || !is_limited(buffer, rule) {
+        return Some(rule);
+    }
+    let index = buffer * MAX_RULES as u32 + (rule % MAX_RULES as u32);
+    match within_limit(ctx, pkt, index, (generation << 32) | rule as u64, len) {
+        LIMIT_WITHIN => return Some(rule),
+        LIMIT_WITHIN_NEW_SOURCE => {
+            stats.limit_sources += 1;
+            return Some(rule);
+        }
+        _ => {
+            stats.limited += 1;
+            if let Some(spec) = LIMITS.get_ptr_mut(index) {
+                // SAFETY: the field of a valid map value, 8-byte aligned; an atomic add (BPF_XADD).
+                unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(core::ptr::addr_of_mut!((*spec).limited), 1) };
+            }
+        }
+    }
+    match fields {
+        Some(f) => match_after(f, rule),
+        // No rule has any condition: every rule matches, so the next one is the next match.
+        None => (rule + 1 < header.rule_count).then_some(rule + 1),
+    }
+}
+
+/// The lowest rule above `rule` in the AND of the fields' bitmaps.
+#[inline(always)]
+fn match_after(f: &Fields, rule: u32) -> Option<u32> {
+    let first_word = (rule / 64) as usize & (BITMAP_WORDS - 1);
+    let bit = rule % 64;
+    let mut candidates = (f.src.summary & f.dst.summary & f.proto.summary & f.sport.summary & f.dport.summary & f.icmp.summary & f.flags.summary)
+        & (u64::MAX << first_word);
+    // In the rule's own word, only the bits above it.
+    let above = if bit >= 63 { 0 } else { u64::MAX << (bit + 1) };
+    let mut i = 0;
+    while i < BITMAP_WORDS {
+        if candidates == 0 {
+            break;
+        }
+        let w = (candidates.trailing_zeros() as usize) & (BITMAP_WORDS - 1);
+        let acc = f.src.words[w]
+            & f.dst.words[w]
+            & f.proto.words[w]
+            & f.sport.words[w]
+            & f.dport.words[w]
+            & f.icmp.words[w]
+            & f.flags.words[w]
+            & if w == first_word { above } else { u64::MAX };
+        if acc != 0 {
+            return Some((w as u32) * 64 + acc.trailing_zeros());
+        }
+        candidates &= candidates - 1;
+        i += 1;
+    }
+    None
+}
+
+#[inline(always)]
+fn is_limited(buffer: u32, rule: u32) -> bool {
+    match RULES.get(buffer * MAX_RULES as u32 + (rule % MAX_RULES as u32)) {
+        Some(meta) => meta.flags & rule_flags::LIMITED != 0,
+        None => false,
+    }
+}
+
+const LIMIT_BEYOND: u32 = 0;
+const LIMIT_WITHIN: u32 = 1;
+/// Within, in a bucket made for a source just now.
+const LIMIT_WITHIN_NEW_SOURCE: u32 = 2;
+
+/// Takes a packet's cost from the bucket of the rule at `index` of LIMITS (its own, or its
+/// source's; `generation_rule` is the generation's low 32 bits above the rule number): one of
+/// `LIMIT_*`. A function of its own (a BPF subprogram, at most five arguments): inlined, its
+/// keys would push the program's stack beyond 512 bytes.
+#[inline(never)]
+fn within_limit(ctx: &XdpContext, pkt: &Packet, index: u32, generation_rule: u64, len: u64) -> u32 {
+    let Some(spec) = LIMITS.get_ptr_mut(index) else {
+        return LIMIT_WITHIN;
+    };
+    // SAFETY: a valid map value pointer; the parameters are written only by a reload, into the
+    // inactive buffer. They are read where used, to keep this function's stack small (its frame
+    // and the program's together must fit in 512 bytes).
+    let s = unsafe { &*spec };
+    let mut created = false;
+    let tat: *mut u64 = if s.per_source == 0 {
+        // SAFETY: the field of a valid map value.
+        unsafe { core::ptr::addr_of_mut!((*spec).tat) }
+    } else {
+        let mut key = LimitKey {
+            addr: [0; 16],
+            rule: generation_rule as u32,
+            generation: (generation_rule >> 32) as u32,
+            is_v6: pkt.is_v6 as u8,
+            _pad: [0; 3],
+        };
+        if pkt.is_v6 {
+            let Some(a) = parse::v6_addr(ctx, pkt.l3_off, true) else { return LIMIT_WITHIN };
+            // The address as two big-endian halves, each cut to its part of the prefix.
+            let bits = s.v6_prefix as u32;
+            let mask = |skip: u32| -> u64 {
+                if bits <= skip {
+                    0
+                } else if bits >= skip + 64 {
+                    u64::MAX
+                } else {
+                    u64::MAX << (64 - (bits - skip))
+                }
+            };
+            let hi = u64::from_be_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]) & mask(0);
+            let lo = u64::from_be_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]) & mask(64);
+            let (hi, lo) = (hi.to_be_bytes(), lo.to_be_bytes());
+            let mut i = 0;
+            while i < 8 {
+                key.addr[i] = hi[i];
+                key.addr[8 + i] = lo[i];
+                i += 1;
+            }
+        } else {
+            let len = s.v4_prefix as u32;
+            let mask = if len == 0 { 0 } else if len >= 32 { u32::MAX } else { u32::MAX << (32 - len) };
+            let a = (pkt.src4 & mask).to_be_bytes();
+            key.addr[0] = a[0];
+            key.addr[1] = a[1];
+            key.addr[2] = a[2];
+            key.addr[3] = a[3];
+        }
+        match LIMIT_SOURCES.get_ptr_mut(&key) {
+            Some(p) => p,
+            None => {
+                // A new source starts with a full bucket (a zero arrival time).
+                let _ = LIMIT_SOURCES.insert(&key, &0, 0);
+                created = true;
+                match LIMIT_SOURCES.get_ptr_mut(&key) {
+                    Some(p) => p,
+                    None => return LIMIT_WITHIN_NEW_SOURCE,
+                }
+            }
+        }
+    };
+    let cost = s.interval_ns + ((len * s.ns_per_byte) >> limit::BYTE_SHIFT);
+    let burst = s.burst_ns;
+    // SAFETY: a helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // GCRA: admit when the arrival time, pushed by this packet's cost, is within the burst.
+    // SAFETY: `tat` points into a map value, which lives at least until this program returns;
+    // u64 map values and fields are 8-byte aligned. Other CPUs update it only through the
+    // compare-and-swap below.
+    let old = unsafe { core::ptr::read_volatile(tat) };
+    let next = if old > now { old } else { now } + cost;
+    if next - now > burst {
+        return LIMIT_BEYOND;
+    }
+    // Compare-and-swap (BPF_CMPXCHG; Rust's core has no atomic methods on BPF, hence the
+    // intrinsic). One attempt: when another CPU took a token at the same moment, this packet is
+    // let through without paying (a retry loop multiplies the verifier's work), so a limit is
+    // exceeded by at most one packet per collision.
+    // SAFETY: as above.
+    unsafe { atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(tat, old, next) };
+    if created { LIMIT_WITHIN_NEW_SOURCE } else { LIMIT_WITHIN }
 }
 
 /// A packet whose first matching rule needs the socket owner: the flow's cached userspace
@@ -337,17 +529,50 @@ fn escalate(
 /// First-match classification by bit vectors: each constrained field yields the bitmap of rules
 /// that field allows; the lowest bit set in their AND is the first matching rule.
 ///
+/// With rate limits in the ruleset, a rule beyond its limit gives way to the next match in the
+/// same bitmaps (see [`apply_limits`]); without, nothing of that is looked at.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn classify(
+    ctx: &XdpContext,
+    generation: u64,
+    buffer: u32,
+    header: &RulesetHeader,
+    pkt: &Packet,
+    len: u64,
+    stats: &mut GlobalStats,
+) -> Option<u32> {
+    let limits = header.flags & header_flags::LIMITS != 0;
+    if header.fields == 0 {
+        // No rule has any condition: the first rule, if any, matches everything.
+        let first = if header.rule_count > 0 { Some(0) } else { None };
+        return if limits { apply_limits(ctx, generation, buffer, header, pkt, len, None, first, stats) } else { first };
+    }
+    let f = lookup_fields(ctx, buffer, header, pkt)?;
+    let first = first_match(&f);
+    if limits { apply_limits(ctx, generation, buffer, header, pkt, len, Some(&f), first, stats) } else { first }
+}
+
+/// The bitmap of each field for one packet.
+struct Fields {
+    src: &'static Bitmap,
+    dst: &'static Bitmap,
+    proto: &'static Bitmap,
+    sport: &'static Bitmap,
+    dport: &'static Bitmap,
+    icmp: &'static Bitmap,
+    flags: &'static Bitmap,
+}
+
+/// Looks up the bitmap of every field the ruleset constrains.
+///
 /// A field the ruleset does not constrain is not looked up; its place in the AND is taken by
 /// the all-rules bitmap, so the AND loop has no branches (and the verifier no path explosion).
 /// Fields are separate locals, not an array: zero-initialised arrays become byte-by-byte memset
 /// loops on BPF, which cost more than the lookups themselves.
 #[inline(always)]
-fn classify(ctx: &XdpContext, buffer: u32, header: &RulesetHeader, pkt: &Packet) -> Option<u32> {
+fn lookup_fields(ctx: &XdpContext, buffer: u32, header: &RulesetHeader, pkt: &Packet) -> Option<Fields> {
     let fields = header.fields;
-    if fields == 0 {
-        // No rule has any condition: the first rule, if any, matches everything.
-        return if header.rule_count > 0 { Some(0) } else { None };
-    }
     let base = buffer * MAX_BITMAPS;
     let bitmap = |id: u32| BITMAPS.get(base + (id % MAX_BITMAPS));
     let all = bitmap(BITMAP_ALL)?;
@@ -402,24 +627,29 @@ fn classify(ctx: &XdpContext, buffer: u32, header: &RulesetHeader, pkt: &Packet)
     } else {
         all
     };
+    Some(Fields { src, dst, proto, sport, dport, icmp, flags })
+}
 
+/// The lowest rule in the AND of the fields' bitmaps.
+#[inline(always)]
+fn first_match(f: &Fields) -> Option<u32> {
     // Only words set in every summary can hold a match; visit them lowest (highest priority)
     // first. The summaries have at most BITMAP_WORDS bits, so this loop runs at most that often.
     let mut candidates =
-        src.summary & dst.summary & proto.summary & sport.summary & dport.summary & icmp.summary & flags.summary;
+        f.src.summary & f.dst.summary & f.proto.summary & f.sport.summary & f.dport.summary & f.icmp.summary & f.flags.summary;
     let mut i = 0;
     while i < BITMAP_WORDS {
         if candidates == 0 {
             break;
         }
         let w = (candidates.trailing_zeros() as usize) & (BITMAP_WORDS - 1);
-        let acc = src.words[w]
-            & dst.words[w]
-            & proto.words[w]
-            & sport.words[w]
-            & dport.words[w]
-            & icmp.words[w]
-            & flags.words[w];
+        let acc = f.src.words[w]
+            & f.dst.words[w]
+            & f.proto.words[w]
+            & f.sport.words[w]
+            & f.dport.words[w]
+            & f.icmp.words[w]
+            & f.flags.words[w];
         if acc != 0 {
             return Some((w as u32) * 64 + acc.trailing_zeros());
         }

@@ -30,8 +30,12 @@ pub mod map_names {
     pub const VERDICTS: &str = "VERDICTS";
     pub const PENDING: &str = "PENDING";
     pub const ESCALATIONS: &str = "ESCALATIONS";
+    /// Rate limits of rules (`limit`): each rule's parameters and token bucket, both buffers.
+    pub const LIMITS: &str = "LIMITS";
+    /// Per-source token buckets of rules with `limit.per` (LRU).
+    pub const LIMIT_SOURCES: &str = "LIMIT_SOURCES";
     /// Every map the program owns, in a stable order (pinning, stats, leak checks).
-    pub const ALL: [&str; 28] = [
+    pub const ALL: [&str; 30] = [
         ACTIVE,
         HEADERS,
         RULES,
@@ -60,6 +64,8 @@ pub mod map_names {
         VERDICTS,
         PENDING,
         ESCALATIONS,
+        LIMITS,
+        LIMIT_SOURCES,
     ];
 }
 
@@ -134,6 +140,22 @@ pub mod rule_flags {
     /// The rule has conditions on the owner of the local socket (process, user, …), which only
     /// userspace can evaluate: the kernel escalates flows whose first matching rule has this.
     pub const NEEDS_OWNER: u32 = 1 << 0;
+    /// The rule has a rate limit (`LIMITS`): beyond it the rule does not match.
+    pub const LIMITED: u32 = 1 << 1;
+}
+
+/// Rate limits (`limit = { rate, burst, per }` on a rule): a token bucket, kept as the
+/// theoretical arrival time of GCRA (one u64 a bucket, updated with compare-and-swap), per rule
+/// or per source address (prefix) of a rule.
+pub mod limit {
+    /// Per-source buckets, all rules together (LRU: a flood of new sources evicts the least
+    /// recently seen).
+    pub const SOURCE_ENTRIES: u32 = 65536;
+    /// Rules over their limit skipped for one packet: the next match after a skipped rule
+    /// decides without its own limit being consulted.
+    pub const MAX_SKIPPED: u32 = 1;
+    /// `LimitState::ns_per_byte` is fixed point with this many fraction bits.
+    pub const BYTE_SHIFT: u32 = 16;
 }
 
 /// Escalation: flows whose first matching rule needs the socket owner are decided in userspace.
@@ -152,6 +174,15 @@ pub mod fragment_policy {
     pub const L3_ONLY: u32 = 0;
     pub const DROP: u32 = 1;
     pub const PASS: u32 = 2;
+}
+
+/// Bits of [`RulesetHeader::flags`]: policies of the ruleset that are not field lookups.
+pub mod header_flags {
+    /// ICMPv6 neighbour discovery and router messages (types 133-137) are classified by the
+    /// rules like any packet (`[options] icmpv6_nd = "rules"`); without it they always pass.
+    pub const ND_RULES: u32 = 1 << 0;
+    /// Some rule has a rate limit: only then are rules' `LIMITED` flags looked at.
+    pub const LIMITS: u32 = 1 << 1;
 }
 
 /// The per-packet fields a ruleset can constrain. A field whose bit is clear in
@@ -316,6 +347,9 @@ pub struct RulesetHeader {
     pub escalation_retry_ms: u32,
     /// Bitmap ids for packets that do not carry a field (see `absent::*`).
     pub absent: [u32; absent::COUNT],
+    /// `header_flags::*`.
+    pub flags: u32,
+    pub _pad: u32,
 }
 
 /// One rule's outcome, in the RULES array at `buffer * MAX_RULES + rule`.
@@ -383,7 +417,8 @@ pub struct GlobalStats {
     pub ipv6: u64,
     /// Non-first fragments (no transport header), handled by the fragment policy.
     pub fragments: u64,
-    /// IPv6 neighbour discovery and router messages: always passed.
+    /// IPv6 neighbour discovery and router messages passed before the rules (all of them,
+    /// unless the ruleset puts them under the rules: `header_flags::ND_RULES`).
     pub neighbor_discovery: u64,
     /// Packets decided by a rule (the rest got the default action).
     pub rule_hits: u64,
@@ -396,6 +431,11 @@ pub struct GlobalStats {
     pub pending: u64,
     /// Escalations lost because the ring buffer was full (the flow retries later).
     pub ring_overflows: u64,
+    /// Packets a rule with a `limit` did not take because they were beyond it (a later rule or
+    /// the default decided them).
+    pub limited: u64,
+    /// Per-source buckets created (`LIMIT_SOURCES`); those beyond the map's size evicted others.
+    pub limit_sources: u64,
 }
 
 const GLOBAL_COUNTERS: usize = core::mem::size_of::<GlobalStats>() / 8;
@@ -424,6 +464,41 @@ impl GlobalStats {
         }
         out
     }
+}
+
+/// One rule's rate limit and its bucket, LIMITS at `buffer * MAX_RULES + rule`: written whole by
+/// a reload into the inactive buffer (so each ruleset starts with full buckets), then updated by
+/// the program. A packet costs `interval_ns + (len * ns_per_byte) >> limit::BYTE_SHIFT`; it is
+/// within the limit when the bucket's theoretical arrival time, advanced by that cost, is at
+/// most `burst_ns` ahead of now.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LimitState {
+    pub interval_ns: u64,
+    pub ns_per_byte: u64,
+    pub burst_ns: u64,
+    /// The rule's bucket (rules without `per`): theoretical arrival time, CLOCK_MONOTONIC ns.
+    pub tat: u64,
+    /// Packets beyond the limit (atomic adds, all CPUs).
+    pub limited: u64,
+    /// 1: one bucket per source prefix (`LIMIT_SOURCES`), of these lengths.
+    pub per_source: u8,
+    pub v4_prefix: u8,
+    pub v6_prefix: u8,
+    pub _pad: [u8; 5],
+}
+
+/// The key of a per-source bucket: the source address cut to the rule's prefix length (IPv4 in
+/// the first 4 bytes, the rest zero), the rule, and the generation it counts for (a reload
+/// starts every source afresh). Every byte is set, padding included.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LimitKey {
+    pub addr: [u8; 16],
+    pub rule: u32,
+    pub generation: u32,
+    pub is_v6: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Per-CPU per-rule counters, RULE_STATS at `buffer * RULE_SLOTS + rule`.
@@ -485,13 +560,15 @@ pub struct EscalationEvent {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<RulesetHeader>() == 56);
+    assert!(core::mem::size_of::<RulesetHeader>() == 64);
     assert!(core::mem::size_of::<RuleMeta>() == 8);
     assert!(core::mem::size_of::<Bitmap>() == 8 * BITMAP_WORDS + 8);
     assert!(BITMAP_WORDS <= 64);
     assert!(core::mem::size_of::<FieldEntry>() == 8);
     assert!(core::mem::size_of::<PrefixValue>() == 4);
-    assert!(core::mem::size_of::<GlobalStats>() == 128);
+    assert!(core::mem::size_of::<GlobalStats>() == 144);
+    assert!(core::mem::size_of::<LimitState>() == 48);
+    assert!(core::mem::size_of::<LimitKey>() == 28);
     assert!(core::mem::size_of::<GlobalStats>() == GLOBAL_COUNTERS * 8);
     assert!(core::mem::align_of::<GlobalStats>() == core::mem::align_of::<u64>());
     assert!(core::mem::size_of::<FlowKey>() == 40);
@@ -532,5 +609,7 @@ mod pod {
         EscalationEvent,
         DirBlock,
         DirLine,
+        LimitState,
+        LimitKey,
     );
 }

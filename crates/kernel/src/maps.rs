@@ -17,7 +17,7 @@ use aya::{
     util::nr_cpus,
 };
 use xdpfw_common::{
-    BUFFERS, Bitmap, buffer_of, DirBlock, DirLine, FieldEntry, GlobalStats, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES,
+    BUFFERS, Bitmap, buffer_of, DirBlock, DirLine, FieldEntry, GlobalStats, Ipv6Data, LimitKey, LimitState, MAX_BITMAPS, MAX_PREFIXES,
     MAX_RULES, PrefixValue, RULE_SLOTS, RuleMeta, RuleStats, RulesetHeader,
     dir, fields_layout::FIELDS_PER_BUFFER, map_names,
 };
@@ -122,6 +122,9 @@ pub struct Maps {
     slot_fds: Vec<std::os::fd::OwnedFd>,
     global_stats: PerCpuArray<MapData, GlobalStats>,
     rule_stats: PerCpuArray<MapData, RuleStats>,
+    /// Rules' rate limits and buckets (both buffers, written through the mapping).
+    limits: MmapArray<LimitState>,
+    limit_sources: aya::maps::HashMap<MapData, LimitKey, u64>,
 }
 
 type DirArray = Array<MapData, DirBlock>;
@@ -230,6 +233,8 @@ impl Maps {
             slot_fds,
             global_stats: PerCpuArray::try_from(Map::from_map_data(get(GLOBAL_STATS)?)?)?,
             rule_stats: PerCpuArray::try_from(Map::from_map_data(get(RULE_STATS)?)?)?,
+            limits: MmapArray::new(get(LIMITS)?)?,
+            limit_sources: aya::maps::HashMap::try_from(Map::from_map_data(get(LIMIT_SOURCES)?)?)?,
         })
     }
 
@@ -257,6 +262,11 @@ impl Maps {
 
         let bitmaps = self.bitmaps.range_mut(b * MAX_BITMAPS as usize, image.bitmaps.len());
         bitmaps.copy_from_slice(&image.bitmaps);
+
+        // Every rule's limit with a full bucket: a new ruleset starts its limits afresh.
+        let limits = self.limits.range_mut(b * MAX_RULES, MAX_RULES);
+        limits.fill(LimitState::default());
+        limits[..image.limits.len()].copy_from_slice(&image.limits);
 
         let per = FIELDS_PER_BUFFER as usize;
         let fields = self.fields.range_mut(b * per, per);
@@ -358,6 +368,16 @@ impl Maps {
             sum.add(s);
         }
         Ok(sum)
+    }
+
+    /// Packets beyond each rule's limit (`rule_count` rules of `buffer`).
+    pub fn limited(&self, buffer: u32, rule_count: u32) -> Vec<u64> {
+        (0..rule_count.min(MAX_RULES as u32)).map(|r| self.limits.read((buffer * MAX_RULES as u32 + r) as usize).limited).collect()
+    }
+
+    /// Per-source buckets in the table now (at most `limit::SOURCE_ENTRIES`).
+    pub fn limit_sources(&self) -> usize {
+        self.limit_sources.keys().filter(Result::is_ok).count()
     }
 
     /// Per-rule counters of `buffer`, summed over CPUs: `rule_count` rules, then the default.

@@ -79,7 +79,7 @@ fn verifier_error(e: aya::programs::ProgramError) -> KernelError {
 
 fn map_data(map: Map) -> Result<MapData> {
     Ok(match map {
-        Map::Array(m) | Map::PerCpuArray(m) | Map::LpmTrie(m) | Map::ArrayOfMaps(m) => m,
+        Map::Array(m) | Map::PerCpuArray(m) | Map::LpmTrie(m) | Map::ArrayOfMaps(m) | Map::LruHashMap(m) => m,
         other => kbail!("unexpected map type {other:?}"),
     })
 }

@@ -117,7 +117,8 @@ pub(crate) struct SetDelta {
 /// A rule's meaning without its place in the file (location, comment), naming its sets rather
 /// than their contents (set changes are reported per set).
 fn meaning(r: &xdpfw_rules::Rule) -> String {
-    let addrs = |a: &Option<xdpfw_rules::AddrList>| a.as_ref().map(|a| (a.inline.clone(), a.sets.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>()));
+    let names = |a: &xdpfw_rules::AddrList| (a.inline.clone(), a.sets.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>());
+    let addrs = |a: &Option<xdpfw_rules::AddrList>| a.as_ref().map(|a| (names(a), a.except.as_deref().map(names)));
     format!("{:?}", (&r.action, addrs(&r.src), addrs(&r.dst), &r.proto, &r.sport, &r.dport, &r.icmp, &r.tcp_flags, &r.owner))
 }
 
@@ -297,6 +298,9 @@ pub(crate) fn stats(st: &Stats, mode: &str) -> String {
         let _ = writeln!(s, "  packets    seen {}  passed {}  dropped {}  ({} bytes)", g.seen, g.passed, g.dropped, g.bytes);
         let _ = writeln!(s, "  kinds      ipv4 {}  ipv6 {}  non-ip {}  malformed {}  fragments {}  neighbor-discovery {}", g.ipv4, g.ipv6, g.non_ip, g.malformed, g.fragments, g.neighbor_discovery);
         let _ = writeln!(s, "  decided by rules {}  default {}", g.rule_hits, g.default_hits);
+        if g.limited + g.limit_sources > 0 {
+            let _ = writeln!(s, "  limits     beyond a limit {}  source buckets made {}", g.limited, g.limit_sources);
+        }
         if !r.owner_rules.is_empty() || g.escalations + g.pending + g.cache_hits > 0 {
             let _ = writeln!(
                 s,

@@ -11,11 +11,11 @@ use crate::error::CompileError;
 
 type Result<T> = std::result::Result<T, CompileError>;
 use xdpfw_common::{
-    BITMAP_ALL, BITMAP_EMPTY, Bitmap, DirBlock, DirLine, FieldEntry, Ipv6Data, MAX_BITMAPS, MAX_PREFIXES, RuleMeta,
-    RulesetHeader, absent, dir, field, fields_layout::*, fragment_policy, rule_flags,
+    BITMAP_ALL, BITMAP_EMPTY, Bitmap, DirBlock, DirLine, FieldEntry, Ipv6Data, LimitState, MAX_BITMAPS, MAX_PREFIXES, RuleMeta,
+    RulesetHeader, absent, dir, field, fields_layout::*, fragment_policy, header_flags, rule_flags,
 };
 
-use crate::{AddrList, FragmentPolicy, Rule, Ruleset};
+use crate::{AddrList, FragmentPolicy, IcmpMatch, NdPolicy, PortMatch, Rule, Ruleset};
 
 /// Everything one buffer holds, ready to be written.
 pub struct Image {
@@ -30,6 +30,8 @@ pub struct Image {
     /// IPv6 prefixes, `(prefix length, network address, bitmap id)` for each trie.
     pub src_v6: Vec<(u32, Ipv6Data, u32)>,
     pub dst_v6: Vec<(u32, Ipv6Data, u32)>,
+    /// Each rule's rate limit (all zero for rules without one), with full buckets.
+    pub limits: Vec<LimitState>,
 }
 
 /// A direct IPv4 table (see `xdpfw_common::dir`): the u32 entries of the top level and the
@@ -252,9 +254,14 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
             continue;
         }
         fields_used |= bit;
-        let base = unconstrained(rules, |r| get(r).is_some());
+        // A rule with only excluded prefixes (`!`) holds for every address outside them.
+        let base = unconstrained(rules, |r| get(r).is_some_and(AddrList::has_positive));
         absent_ids[if slot == 0 { absent::SRC } else { absent::DST }] = bitmaps.intern(base);
-        let (v4, v6) = prefix_tables(rules, get, &base, &mut bitmaps);
+        let (v4, v6) = if rules.iter().any(|r| get(r).is_some_and(|l| l.except.is_some())) {
+            prefix_tables_except(rules, get, &base, &mut bitmaps)
+        } else {
+            prefix_tables(rules, get, &base, &mut bitmaps)
+        };
         let miss = bitmaps.intern(base);
         if v4.len() > MAX_PREFIXES as usize {
             let which = if slot == 0 { "source IPv4" } else { "destination IPv4" };
@@ -282,17 +289,9 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
     // Ports and ICMP type/code: 65536-entry tables filled segment by segment.
     type Ranges = fn(&Rule) -> Option<Vec<RangeInclusive<u32>>>;
     let port_fields: [(u32, usize, u32, Ranges); 3] = [
-        (field::SPORT, absent::SPORT, SPORT_BASE, |r| r.sport.as_ref().map(|v| widen(v))),
-        (field::DPORT, absent::DPORT, DPORT_BASE, |r| r.dport.as_ref().map(|v| widen(v))),
-        (field::ICMP, absent::ICMP, ICMP_BASE, |r| {
-            r.icmp.map(|m| {
-                let t = (m.icmp_type as u32) << 8;
-                vec![match m.code {
-                    Some(c) => (t | c as u32)..=(t | c as u32),
-                    None => t..=(t | 0xff),
-                }]
-            })
-        }),
+        (field::SPORT, absent::SPORT, SPORT_BASE, |r| r.sport.as_ref().map(PortMatch::effective)),
+        (field::DPORT, absent::DPORT, DPORT_BASE, |r| r.dport.as_ref().map(PortMatch::effective)),
+        (field::ICMP, absent::ICMP, ICMP_BASE, |r| r.icmp.as_ref().map(icmp_ranges)),
     ];
     for (bit, absent_slot, base_index, get) in port_fields {
         let ranges: Vec<Option<Vec<RangeInclusive<u32>>>> = rules.iter().map(get).collect();
@@ -345,6 +344,9 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
         },
         escalation_retry_ms: rs.escalation.retry.as_millis() as u32,
         absent: absent_ids,
+        flags: if rs.icmpv6_nd == NdPolicy::Rules { header_flags::ND_RULES } else { 0 }
+            | if rules.iter().any(|r| r.limit.is_some()) { header_flags::LIMITS } else { 0 },
+        _pad: 0,
     };
     Ok(Image {
         header,
@@ -352,7 +354,8 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
             .iter()
             .map(|r| RuleMeta {
                 action: r.action.kernel(),
-                flags: if r.owner.is_some() { rule_flags::NEEDS_OWNER } else { 0 },
+                flags: if r.owner.is_some() { rule_flags::NEEDS_OWNER } else { 0 }
+                    | if r.limit.is_some() { rule_flags::LIMITED } else { 0 },
             })
             .collect(),
         bitmaps: bitmaps.list,
@@ -361,11 +364,21 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
         dst_v4,
         src_v6,
         dst_v6,
+        limits: rules.iter().map(|r| r.limit.as_ref().map(|l| l.kernel()).unwrap_or_default()).collect(),
     })
 }
 
-fn widen(v: &[RangeInclusive<u16>]) -> Vec<RangeInclusive<u32>> {
-    v.iter().map(|r| (*r.start() as u32)..=(*r.end() as u32)).collect()
+/// The `type << 8 | code` values an ICMP condition accepts.
+fn icmp_ranges(m: &IcmpMatch) -> Vec<RangeInclusive<u32>> {
+    let mut out = Vec::new();
+    for &t in &m.types {
+        let t = (t as u32) << 8;
+        match &m.codes {
+            Some(codes) => out.extend(codes.iter().map(|&c| (t | c as u32)..=(t | c as u32))),
+            None => out.push(t..=(t | 0xff)),
+        }
+    }
+    out
 }
 
 /// Fills a table indexed by value with bitmaps, one segment between range boundaries at a time.
@@ -450,6 +463,83 @@ fn prefix_tables(
             None => bm == *base,
         };
         if redundant {
+            continue;
+        }
+        if is_v6 {
+            v6.push((addr, len, id));
+        } else {
+            v4.push((addr, len, id));
+        }
+    }
+    let v4 = merge_siblings(v4, base_id);
+    let v6 = merge_siblings(v6, base_id).into_iter().map(|(a, l, id)| (l as u32, a.to_be_bytes(), id)).collect();
+    (v4, v6)
+}
+
+/// [`prefix_tables`] for fields where some rule excludes prefixes (`!`): an address is in a
+/// rule's bitmap when it is in one of the rule's positive prefixes (or the rule has none: then
+/// it is in `base`) and in none of its excluded ones, however the two nest. Each prefix's
+/// bitmap is `(base ∪ positives of it and its ancestors) − exclusions of it and its ancestors`,
+/// so the longest match alone is still the answer.
+#[expect(clippy::type_complexity, reason = "the two families' entries, each in its kernel form")]
+fn prefix_tables_except(
+    rules: &[Rule],
+    get: fn(&Rule) -> Option<&AddrList>,
+    base: &Bitmap,
+    bitmaps: &mut Bitmaps,
+) -> (Vec<(u128, u8, u32)>, Vec<(u32, Ipv6Data, u32)>) {
+    // (is_v6, address as u128 in the family's top bits, prefix length, excluded, rule)
+    let mut entries: Vec<(bool, u128, u8, bool, u32)> = Vec::new();
+    let key = |n: &ipnet::IpNet| match n.network() {
+        IpAddr::V4(a) => (false, (u32::from(a) as u128) << 96),
+        IpAddr::V6(a) => (true, u128::from(a)),
+    };
+    for (i, r) in rules.iter().enumerate() {
+        let Some(list) = get(r) else { continue };
+        for (excluded, n) in list.iter().map(|n| (false, n)).chain(list.except.iter().flat_map(|e| e.iter()).map(|n| (true, n))) {
+            let (v6, bits) = key(n);
+            entries.push((v6, bits, n.prefix_len(), excluded, i as u32));
+        }
+    }
+    entries.sort_unstable();
+
+    let minus = |a: &Bitmap, b: &Bitmap| {
+        let mut out = Bitmap::EMPTY;
+        for (w, (x, y)) in a.words.iter().zip(b.words.iter()).enumerate() {
+            out.words[w] = x & !y;
+            if out.words[w] != 0 {
+                out.summary |= 1 << w;
+            }
+        }
+        out
+    };
+    let base_id = bitmaps.intern(*base);
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    // Ancestors of the current prefix: (family, address, length, positives, exclusions, id).
+    let mut stack: Vec<(bool, u128, u8, Bitmap, Bitmap, u32)> = Vec::new();
+    let mut i = 0;
+    while i < entries.len() {
+        let (is_v6, addr, len, _, _) = entries[i];
+        let (mut pos, mut neg) = (Bitmap::EMPTY, Bitmap::EMPTY);
+        while i < entries.len() && entries[i].0 == is_v6 && entries[i].1 == addr && entries[i].2 == len {
+            set_bit(if entries[i].3 { &mut neg } else { &mut pos }, entries[i].4 as usize);
+            i += 1;
+        }
+        while let Some(&(f, a, l, ..)) = stack.last() {
+            if f == is_v6 && (l == 0 || (a ^ addr) >> (128 - l as u32) == 0) {
+                break;
+            }
+            stack.pop();
+        }
+        let parent_id = stack.last().map(|e| e.5);
+        if let Some(&(_, _, _, ppos, pneg, _)) = stack.last() {
+            pos = union(&ppos, &pos);
+            neg = union(&pneg, &neg);
+        }
+        let bm = minus(&union(base, &pos), &neg);
+        let id = bitmaps.intern(bm);
+        stack.push((is_v6, addr, len, pos, neg, id));
+        if parent_id.unwrap_or(base_id) == id {
             continue;
         }
         if is_v6 {
@@ -664,6 +754,94 @@ mod tests {
             }
             assert!(merged.len() <= table.len());
         }
+    }
+
+    /// Excluded prefixes (`!`), nested every way with positive ones and with other rules',
+    /// compile to tables whose longest match gives exactly the rules the matcher accepts.
+    #[test]
+    fn excluded_prefixes_answer_like_the_matcher() {
+        let mut rng = TestRng(11);
+        let v4 = |rng: &mut TestRng| {
+            let len = rng.below(33) as u32;
+            let a = (rng.u32() & 0x0301_0f0f) | 0x0a00_0000;
+            let a = if len == 0 { 0 } else { a & (u32::MAX << (32 - len)) };
+            format!("{}/{len}", std::net::Ipv4Addr::from(a))
+        };
+        let v6 = |rng: &mut TestRng| {
+            let len = rng.below(129) as u32;
+            let a = (rng.u128() & (0xff0f_u128 << 100 | 0xffff)) | (0x2001_0db8_u128 << 96);
+            let a = if len == 0 { 0 } else { a & (u128::MAX << (128 - len)) };
+            format!("{}/{len}", std::net::Ipv6Addr::from(a))
+        };
+        for _ in 0..40 {
+            let mut text = String::from("default = \"pass\"\n");
+            for _ in 0..1 + rng.below(8) {
+                text.push_str("[[rule]]\naction = \"drop\"\n");
+                if rng.below(5) == 0 {
+                    continue;
+                }
+                let items: Vec<String> = (0..1 + rng.below(4))
+                    .map(|_| {
+                        let net = if rng.below(2) == 0 { v4(&mut rng) } else { v6(&mut rng) };
+                        if rng.below(2) == 0 { format!("\"!{net}\"") } else { format!("\"{net}\"") }
+                    })
+                    .collect();
+                text.push_str(&format!("src = [{}]\n", items.join(", ")));
+            }
+            let rs = parse(Path::new("t.toml"), &text).unwrap();
+            let img = compile(&rs).unwrap();
+            if img.header.fields & field::SRC == 0 {
+                continue; // no rule constrains the source: nothing is looked up
+            }
+            let miss = img.header.absent[absent::SRC];
+            let v6_table: Vec<(u128, u8, u32)> = img.src_v6.iter().map(|(l, a, id)| (u128::from_be_bytes(*a), *l as u8, *id)).collect();
+            for _ in 0..3000 {
+                let addr: IpAddr = if rng.below(2) == 0 {
+                    let a = if rng.below(8) == 0 { rng.u32() } else { (rng.u32() & 0x0301_0f0f) | 0x0a00_0000 };
+                    IpAddr::V4(a.into())
+                } else {
+                    let a = if rng.below(8) == 0 { rng.u128() } else { (rng.u128() & (0xff0f_u128 << 100 | 0xffff)) | (0x2001_0db8_u128 << 96) };
+                    IpAddr::V6(a.into())
+                };
+                let id = match (addr, &img.src_v4) {
+                    (IpAddr::V4(a), Some(t)) => lookup_direct(t, u32::from(a)),
+                    (IpAddr::V4(_), None) => miss,
+                    (IpAddr::V6(a), _) => lpm(&v6_table, u128::from(a), miss),
+                };
+                let got = img.bitmaps[id as usize];
+                for (i, r) in rs.rules.iter().enumerate() {
+                    let want = r.src.as_ref().is_none_or(|l| l.check(addr, "src").is_ok());
+                    assert_eq!(got.words[0] >> i & 1 == 1, want, "rule {i} address {addr}\n{text}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn excluded_ports_and_protocols_fill_complements() {
+        let img = compile_str(
+            r#"default = "drop"
+            [[rule]]
+            action = "pass"
+            proto = "!udp"
+            [[rule]]
+            action = "pass"
+            proto = "tcp"
+            dport = ["1000-2000", "!1500"]
+            [[rule]]
+            action = "pass"
+            proto = "icmp"
+            icmp_type = ["echo-request", "echo-reply"]
+            icmp_code = [0, 1]
+            "#,
+        );
+        let bm = |i: u32| img.bitmaps[img.fields[i as usize].bitmap as usize].words[0];
+        assert_eq!(bm(PROTO_BASE + 17) & 1, 0);
+        assert_eq!(bm(PROTO_BASE + 6) & 1, 1);
+        assert_eq!(bm(PROTO_BASE) & 1, 1, "protocol 0 is not udp");
+        assert_eq!([bm(DPORT_BASE + 999), bm(DPORT_BASE + 1000), bm(DPORT_BASE + 1500), bm(DPORT_BASE + 2000)].map(|b| b >> 1 & 1), [0, 1, 0, 1]);
+        let icmp = |t: u32, c: u32| bm(ICMP_BASE + (t << 8 | c)) >> 2 & 1;
+        assert_eq!([icmp(8, 0), icmp(0, 1), icmp(8, 2), icmp(3, 0)], [1, 1, 0, 0]);
     }
 
     #[test]

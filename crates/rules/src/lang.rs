@@ -5,6 +5,7 @@
 //! default = "drop"              # action when no rule matches
 //! [options]
 //! fragments = "l3-only"         # non-first fragments: l3-only | drop | pass
+//! icmpv6_nd = "always-pass"     # ICMPv6 133-137 (ND, RA, redirect): always-pass | rules
 //! [sets.blocklist]
 //! prefixes = ["192.0.2.0/24"]   # and/or
 //! file = "blocklist.txt"        # one CIDR a line, '#' comments; relative to this file
@@ -119,14 +120,59 @@ pub enum FragmentPolicy {
     Pass,
 }
 
-/// Prefixes of one rule field: inline CIDRs plus named sets (shared, not copied).
+/// What happens to ICMPv6 neighbour discovery and router messages (types 133-137).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NdPolicy {
+    /// They pass before any rule is looked at, so no ruleset can cut a host off its link.
+    #[default]
+    AlwaysPass,
+    /// They are classified by the rules like any ICMPv6 (rogue router advertisements and
+    /// redirects can be dropped; so can the host's own neighbour discovery).
+    Rules,
+}
+
+/// Prefixes of one rule field: inline CIDRs plus named sets (shared, not copied), and the
+/// prefixes written with `!`, which the field excludes.
+///
+/// An address satisfies the field when it is in one of the positive prefixes (or none was
+/// written: `src = ["!@office"]` is "any address but the office's") and in none of the excluded
+/// ones, whichever is longer: `["10.0.0.0/8", "!10.1.0.0/16"]` is 10/8 but 10.1/16.
 #[derive(Clone, Debug, Default)]
 pub struct AddrList {
     pub inline: Vec<IpNet>,
     pub sets: Vec<(String, Arc<Vec<IpNet>>)>,
+    /// The excluded prefixes (`!` items); its own `except` is always `None`.
+    pub except: Option<Box<AddrList>>,
 }
 
 impl AddrList {
+    /// Whether any positive item was written (else the field is "any address but `except`").
+    pub fn has_positive(&self) -> bool {
+        !self.inline.is_empty() || !self.sets.is_empty()
+    }
+    /// `Ok(reason)` when `addr` satisfies the field, `Err(reason)` when it does not.
+    pub fn check(&self, addr: IpAddr, field: &str) -> Result<String, String> {
+        let describe = |net: IpNet, set: Option<&str>| match set {
+            Some(set) => format!("{net} of set @{set}"),
+            None => net.to_string(),
+        };
+        if let Some((net, set)) = self.except.as_ref().and_then(|e| e.find(addr)) {
+            return Err(format!("{field} {addr} is in the excluded !{}", describe(net, set)));
+        }
+        let excluded = || match &self.except {
+            Some(_) => " and in no excluded prefix",
+            None => "",
+        };
+        if !self.has_positive() {
+            return Ok(format!("{field} {addr} is in no excluded prefix"));
+        }
+        match self.find(addr) {
+            Some((net, set)) => Ok(format!("{field} {addr} is in {}{}", describe(net, set), excluded())),
+            None => Err(format!("{field} {addr} is in none of the prefixes")),
+        }
+    }
+    /// The positive prefixes (the excluded ones are `except`'s).
     pub fn iter(&self) -> impl Iterator<Item = &IpNet> {
         self.inline.iter().chain(self.sets.iter().flat_map(|(_, s)| s.iter()))
     }
@@ -139,8 +185,13 @@ impl AddrList {
             set.iter().find(|n| n.contains(&addr)).map(|n| (*n, Some(name.as_str())))
         })
     }
+    /// Positive prefixes.
     pub fn len(&self) -> usize {
         self.inline.len() + self.sets.iter().map(|(_, s)| s.len()).sum::<usize>()
+    }
+    /// Positive and excluded prefixes.
+    pub fn total_len(&self) -> usize {
+        self.len() + self.except.as_ref().map_or(0, |e| e.len())
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -183,10 +234,138 @@ impl TcpFlagsMatch {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// ICMP or ICMPv6 types (any of) and optionally codes (any of).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IcmpMatch {
-    pub icmp_type: u8,
-    pub code: Option<u8>,
+    pub types: Vec<u8>,
+    pub codes: Option<Vec<u8>>,
+}
+
+impl IcmpMatch {
+    pub fn matches(&self, icmp_type: u8, code: u8) -> bool {
+        self.types.contains(&icmp_type) && self.codes.as_ref().is_none_or(|c| c.contains(&code))
+    }
+}
+
+/// Ports and ranges (any of) and the excluded ones (`!`): a port satisfies the condition when it
+/// is in a range (or no range was written: `dport = "!22"` is "any port but 22") and in no
+/// excluded range.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortMatch {
+    /// `None` when only exclusions were written.
+    pub ranges: Option<Vec<RangeInclusive<u16>>>,
+    pub except: Vec<RangeInclusive<u16>>,
+}
+
+impl PortMatch {
+    pub fn matches(&self, port: u16) -> bool {
+        self.ranges.as_ref().is_none_or(|r| r.iter().any(|r| r.contains(&port))) && !self.except.iter().any(|r| r.contains(&port))
+    }
+    /// `Ok(reason)` or `Err(reason)` for `port`.
+    pub fn check(&self, port: u16, field: &str) -> Result<String, String> {
+        let show = |r: &RangeInclusive<u16>| if r.start() == r.end() { r.start().to_string() } else { format!("{}-{}", r.start(), r.end()) };
+        if let Some(r) = self.except.iter().find(|r| r.contains(&port)) {
+            return Err(format!("{field} {port} is in the excluded !{}", show(r)));
+        }
+        let but = if self.except.is_empty() { String::new() } else { format!(" and not in {}", self.except.iter().map(|r| format!("!{}", show(r))).collect::<Vec<_>>().join(", ")) };
+        match &self.ranges {
+            None => Ok(format!("{field} {port} is any port{but}")),
+            Some(ranges) => match ranges.iter().find(|r| r.contains(&port)) {
+                Some(r) => Ok(format!("{field} {port} is in {}{but}", show(r))),
+                None => Err(format!("{field} {port} is in none of the ranges")),
+            },
+        }
+    }
+    /// The ports that satisfy the condition, as sorted disjoint ranges (for the compiler and the
+    /// lints).
+    pub fn effective(&self) -> Vec<RangeInclusive<u32>> {
+        /// Sorted, merged, non-empty ranges.
+        fn normalize(ranges: &[RangeInclusive<u16>]) -> Vec<(u32, u32)> {
+            let mut v: Vec<(u32, u32)> = ranges.iter().filter(|r| !r.is_empty()).map(|r| (*r.start() as u32, *r.end() as u32)).collect();
+            v.sort_unstable();
+            let mut out: Vec<(u32, u32)> = Vec::with_capacity(v.len());
+            for (lo, hi) in v {
+                match out.last_mut() {
+                    Some(last) if lo <= last.1 + 1 => last.1 = last.1.max(hi),
+                    _ => out.push((lo, hi)),
+                }
+            }
+            out
+        }
+        let pos = match &self.ranges {
+            None => vec![(0, 65535)],
+            Some(r) => normalize(r),
+        };
+        let except = normalize(&self.except);
+        let mut out = Vec::new();
+        for (mut lo, hi) in pos {
+            for &(elo, ehi) in &except {
+                if ehi < lo || elo > hi {
+                    continue;
+                }
+                if elo > lo {
+                    out.push(lo..=elo - 1);
+                }
+                lo = ehi + 1;
+            }
+            if lo <= hi {
+                out.push(lo..=hi);
+            }
+        }
+        out
+    }
+}
+
+/// A rule's rate limit (`limit = { rate = "100/s", burst = 200, per = "source/24" }`): the rule
+/// matches packets within it; beyond it the rule does not match and a later rule decides.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Packets (or bytes) a period.
+    pub rate: u64,
+    /// The period in seconds (1, 60, 3600).
+    pub period_s: u64,
+    /// The rate counts bytes (of the frame), not packets.
+    pub bytes: bool,
+    /// Packets (or bytes) that may come at once after a quiet time.
+    pub burst: u64,
+    /// One bucket per source prefix of these lengths (IPv4, IPv6), not one for the rule.
+    pub per_source: Option<(u8, u8)>,
+}
+
+impl RateLimit {
+    /// The kernel's form: the cost of a packet in nanoseconds of the bucket, and the burst.
+    pub fn kernel(&self) -> xdpfw_common::LimitState {
+        let period_ns = self.period_s as u128 * 1_000_000_000;
+        let per_unit_ns = |shift: u32| ((period_ns << shift) / self.rate.max(1) as u128).max(1) as u64;
+        let (interval_ns, ns_per_byte) = if self.bytes { (0, per_unit_ns(xdpfw_common::limit::BYTE_SHIFT)) } else { (per_unit_ns(0), 0) };
+        let burst_ns = ((self.burst as u128 * period_ns) / self.rate.max(1) as u128).min(u64::MAX as u128 / 2) as u64;
+        let (v4, v6) = self.per_source.unwrap_or((32, 128));
+        xdpfw_common::LimitState {
+            interval_ns,
+            ns_per_byte,
+            burst_ns,
+            per_source: self.per_source.is_some() as u8,
+            v4_prefix: v4,
+            v6_prefix: v6,
+            ..Default::default()
+        }
+    }
+}
+
+impl fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.period_s {
+            1 => "s",
+            60 => "m",
+            _ => "h",
+        };
+        let what = if self.bytes { " bytes" } else { "" };
+        write!(f, "{}{what}/{unit} burst {}", self.rate, self.burst)?;
+        if let Some((v4, v6)) = self.per_source {
+            write!(f, " per source (/{v4}, /{v6})")?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -195,15 +374,18 @@ pub struct Rule {
     pub action: Action,
     pub src: Option<AddrList>,
     pub dst: Option<AddrList>,
-    /// Protocol numbers, any of which matches.
+    /// Protocol numbers, any of which matches (exclusions, `!tcp`, are already taken out: the
+    /// list is what the rule accepts).
     pub proto: Option<Vec<u8>>,
-    pub sport: Option<Vec<RangeInclusive<u16>>>,
-    pub dport: Option<Vec<RangeInclusive<u16>>>,
+    pub sport: Option<PortMatch>,
+    pub dport: Option<PortMatch>,
     pub icmp: Option<IcmpMatch>,
     pub tcp_flags: Option<TcpFlagsMatch>,
     /// Conditions on the local socket's owner: the kernel escalates the flows this rule would
     /// decide, and userspace evaluates them.
     pub owner: Option<OwnerMatch>,
+    /// A rate limit: beyond it the rule does not match.
+    pub limit: Option<RateLimit>,
     pub comment: Option<String>,
     pub location: Location,
 }
@@ -247,22 +429,29 @@ pub struct Ruleset {
     pub version: Option<String>,
     pub default: Action,
     pub fragments: FragmentPolicy,
+    /// `[options] icmpv6_nd`.
+    pub icmpv6_nd: NdPolicy,
     pub escalation: EscalationOptions,
     pub rules: Vec<Rule>,
     pub sets: BTreeMap<String, Arc<Vec<IpNet>>>,
+    /// `[portsets.NAME]`, referenced as `@NAME` in sport and dport.
+    pub portsets: BTreeMap<String, Vec<RangeInclusive<u16>>>,
+    /// `[protosets.NAME]`, referenced as `@NAME` in proto.
+    pub protosets: BTreeMap<String, Vec<u8>>,
     pub tests: Vec<SelfTest>,
     pub warnings: Vec<Warning>,
-    /// SHA-256 of the rules file and every set file it reads, hex.
+    /// SHA-256 of the rules file, the files it includes and every set file they read, hex.
     pub hash: String,
-    /// Set files as written in the rules file, and where they were read from.
+    /// The files besides the rules file: included files and set files, as written relative to
+    /// the rules file's folder, and where they were read from.
     pub set_files: Vec<(String, PathBuf)>,
     /// Exactly the bytes that were parsed (and hashed): what a snapshot keeps.
     pub sources: Sources,
 }
 
-/// The texts a ruleset was parsed from: the rules text and each set file's text, by the name
-/// the rules file gives it. [`parse_with_sets`] parses them again to the same ruleset (and hash)
-/// without reading any file.
+/// The texts a ruleset was parsed from: the rules text, and each set file's and included
+/// file's text by its path relative to the rules file's folder. [`parse_with_sets`] parses them
+/// again to the same ruleset (and hash) without reading any file.
 #[derive(Clone, Debug, Default)]
 pub struct Sources {
     pub rules: Arc<str>,
@@ -273,7 +462,7 @@ impl Ruleset {
     pub fn prefix_count(&self) -> usize {
         self.rules
             .iter()
-            .map(|r| r.src.as_ref().map_or(0, AddrList::len) + r.dst.as_ref().map_or(0, AddrList::len))
+            .map(|r| r.src.as_ref().map_or(0, AddrList::total_len) + r.dst.as_ref().map_or(0, AddrList::total_len))
             .sum()
     }
 
@@ -288,13 +477,17 @@ impl Ruleset {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
+    include: Option<Vec<Spanned<String>>>,
     version: Option<Spanned<String>>,
-    default: Spanned<String>,
-    #[serde(default)]
-    options: RawOptions,
+    default: Option<Spanned<String>>,
+    options: Option<Spanned<RawOptions>>,
     escalation: Option<Spanned<RawEscalation>>,
     #[serde(default)]
     sets: BTreeMap<Spanned<String>, Spanned<RawSet>>,
+    #[serde(default)]
+    portsets: BTreeMap<Spanned<String>, Spanned<RawPortSet>>,
+    #[serde(default)]
+    protosets: BTreeMap<Spanned<String>, Spanned<RawProtoSet>>,
     #[serde(default)]
     rule: Vec<Spanned<RawRule>>,
     #[serde(default)]
@@ -305,6 +498,7 @@ struct RawFile {
 #[serde(deny_unknown_fields)]
 struct RawOptions {
     fragments: Option<Spanned<String>>,
+    icmpv6_nd: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -324,6 +518,18 @@ struct RawSet {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawPortSet {
+    ports: Spanned<toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProtoSet {
+    protos: Spanned<toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawRule {
     name: Option<Spanned<String>>,
     action: Spanned<String>,
@@ -332,10 +538,11 @@ struct RawRule {
     proto: Option<Spanned<toml::Value>>,
     sport: Option<Spanned<toml::Value>>,
     dport: Option<Spanned<toml::Value>>,
-    icmp_type: Option<Spanned<i64>>,
-    icmp_code: Option<Spanned<i64>>,
+    icmp_type: Option<Spanned<toml::Value>>,
+    icmp_code: Option<Spanned<toml::Value>>,
     tcp_flags: Option<Spanned<String>>,
     owner: Option<Spanned<toml::Value>>,
+    limit: Option<Spanned<toml::Value>>,
     comment: Option<String>,
 }
 
@@ -487,20 +694,34 @@ fn count_headers(text: &str) -> (usize, usize, Option<usize>, Option<usize>) {
     (rules, tests, over_rule, over_test)
 }
 
-/// Parses rules text from `origin`: a [`Origin::Remote`] text may not name set files.
-pub fn parse_from(path: &Path, text: &str, origin: Origin) -> Result<Ruleset, RulesError> {
-    parse_inner(path, text, origin, None)
+/// The deepest chain of `include`s (a file including one that includes … ) accepted.
+pub const MAX_INCLUDE_DEPTH: usize = 8;
+/// The most files one ruleset may include, at every depth together.
+pub const MAX_INCLUDED_FILES: usize = 64;
+
+/// One file of a ruleset: the rules file itself or a file it includes.
+struct Part<'t> {
+    path: PathBuf,
+    /// The path relative to the rules file's folder (`None` for the rules file).
+    written: Option<String>,
+    text: std::borrow::Cow<'t, str>,
+    raw: RawFile,
+    /// Where it is included from, nearest first (empty for the rules file).
+    from: Vec<Location>,
 }
 
-/// Parses rules text whose set files are given (by the name the text uses for each) instead of
-/// read: a snapshot of the [`Sources`] of a ruleset parses to that ruleset, hash included, with
-/// no file read. A set file the text names but `sets` lacks is an error.
-pub fn parse_with_sets(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Ruleset, RulesError> {
-    parse_inner(path, text, Origin::Local, Some(sets))
+/// `e` with the place its file was included from, so an error deep in an include says how it
+/// was reached.
+fn included_from(mut e: RulesError, from: &[Location]) -> RulesError {
+    for at in from {
+        e.message.push_str(&format!(" (in a file included from {at})"));
+    }
+    e
 }
 
-fn parse_inner(path: &Path, text: &str, origin: Origin, provided: Option<&[(String, String)]>) -> Result<Ruleset, RulesError> {
-    let src = Source::new(path, text);
+/// The checks before the TOML parse, and the parse, of one file.
+fn parse_raw(src: &Source, origin: Origin) -> Result<RawFile, RulesError> {
+    let text = src.text;
     if text.len() as u64 > MAX_RULES_TEXT {
         return Err(src.error(0..0, format!("the ruleset is {} bytes (the limit is {MAX_RULES_TEXT})", text.len())));
     }
@@ -515,31 +736,174 @@ fn parse_inner(path: &Path, text: &str, origin: Origin, provided: Option<&[(Stri
         let start = e.span().map_or(0, |s| s.start);
         src.error(start..start, e.message().trim().to_string())
     })?;
-    // Counted again on the parsed file (inline-table arrays escape the header count), still
-    // before any per-rule work.
-    if raw.rule.len() > xdpfw_common::MAX_RULES {
-        return Err(src.error(
-            raw.rule[xdpfw_common::MAX_RULES].span(),
-            format!("too many rules: {} (the limit is {})", raw.rule.len(), xdpfw_common::MAX_RULES),
-        ));
+    if origin == Origin::Remote {
+        if let Some((name, set)) = raw.sets.iter().find(|(_, s)| s.get_ref().file.is_some()) {
+            let span = set.get_ref().file.as_ref().map_or(set.span(), Spanned::span);
+            return Err(src.error(span, format!(
+                "set \"{}\" names a file, but a ruleset from a URL must be self-contained (inline `prefixes` only); no local file is read for it",
+                name.get_ref()
+            )));
+        }
+        if let Some(inc) = raw.include.as_ref().and_then(|i| i.first()) {
+            return Err(src.error(inc.span(), "include names a file, but a ruleset from a URL must be self-contained; no local file is read for it"));
+        }
     }
-    if raw.test.len() > MAX_TESTS {
-        return Err(src.error(raw.test[MAX_TESTS].span(), format!("too many tests: {} (the limit is {MAX_TESTS})", raw.test.len())));
+    Ok(raw)
+}
+
+/// Reads `text` (the file at `path`) and, depth first, the files it includes, into `out`: each
+/// included file before the file that includes it, so their rules come first, as if the
+/// `include` (which TOML puts before any table) were replaced by the files' text.
+#[expect(clippy::too_many_arguments, reason = "the walk's state, threaded through the recursion")]
+fn gather<'t>(
+    path: &Path,
+    written: Option<String>,
+    text: std::borrow::Cow<'t, str>,
+    from: Vec<Location>,
+    origin: Origin,
+    chain: &mut Vec<PathBuf>,
+    seen: &mut HashSet<PathBuf>,
+    out: &mut Vec<Part<'t>>,
+    provided: Option<&[(String, String)]>,
+    texts: &mut Vec<(String, Arc<str>)>,
+) -> Result<(), RulesError> {
+    let raw = {
+        let src = Source::new(path, &text);
+        let raw = parse_raw(&src, origin)?;
+        for item in raw.include.iter().flatten() {
+            let name = item.get_ref();
+            if chain.len() >= MAX_INCLUDE_DEPTH {
+                return Err(src.error(item.span(), format!("includes nest more than {MAX_INCLUDE_DEPTH} deep")));
+            }
+            let child = path.parent().unwrap_or(Path::new(".")).join(name);
+            let child_written = match &written {
+                None => name.clone(),
+                Some(w) => Path::new(w).parent().unwrap_or(Path::new("")).join(name).display().to_string(),
+            };
+            // From given texts (a snapshot), files are known by their written path alone.
+            let canonical = match provided {
+                Some(_) => PathBuf::from(&child_written),
+                None => child
+                    .canonicalize()
+                    .map_err(|e| src.error(item.span(), format!("cannot read included file {}: {e}", child.display())))?,
+            };
+            if let Some(at) = chain.iter().position(|p| *p == canonical) {
+                let cycle: Vec<String> = chain[at..].iter().chain([&canonical]).map(|p| p.display().to_string()).collect();
+                return Err(src.error(item.span(), format!("include cycle: {}", cycle.join(" includes "))));
+            }
+            if !seen.insert(canonical.clone()) {
+                return Err(src.error(item.span(), format!("{} is included twice (its rules and sets would be defined twice)", child.display())));
+            }
+            if seen.len() > MAX_INCLUDED_FILES {
+                return Err(src.error(item.span(), format!("more than {MAX_INCLUDED_FILES} included files")));
+            }
+            let child_text = match provided {
+                None => read_bounded(&child, MAX_RULES_TEXT)
+                    .map_err(|e| src.error(item.span(), format!("cannot read included file {}: {e}", child.display())))?,
+                Some(given) => match given.iter().find(|(w, _)| *w == child_written) {
+                    Some((_, t)) if t.len() as u64 <= MAX_RULES_TEXT => t.clone(),
+                    Some(_) => return Err(src.error(item.span(), format!("included file {child_written} is over the limit of {MAX_RULES_TEXT} bytes"))),
+                    None => return Err(src.error(item.span(), format!("included file {child_written} is not among the texts given"))),
+                },
+            };
+            texts.push((child_written.clone(), Arc::from(child_text.as_str())));
+            let at = src.location(item.span().start);
+            let child_from = std::iter::once(at.clone()).chain(from.iter().cloned()).collect();
+            chain.push(canonical);
+            gather(&child, Some(child_written), child_text.into(), child_from, origin, chain, seen, out, provided, texts)
+                .map_err(|e| included_from(e, std::slice::from_ref(&at)))?;
+            chain.pop();
+        }
+        raw
+    };
+    out.push(Part { path: path.to_path_buf(), written, text, raw, from });
+    Ok(())
+}
+
+/// The named sets a rule may refer to with `@NAME`.
+struct Names<'a> {
+    sets: &'a BTreeMap<String, Arc<Vec<IpNet>>>,
+    portsets: &'a BTreeMap<String, Vec<RangeInclusive<u16>>>,
+    protosets: &'a BTreeMap<String, Vec<u8>>,
+}
+
+/// Parses rules text from `origin`: a [`Origin::Remote`] text may not name set files.
+pub fn parse_from(path: &Path, text: &str, origin: Origin) -> Result<Ruleset, RulesError> {
+    parse_inner(path, text, origin, None)
+}
+
+/// Parses rules text whose set files and included files are given (by their path relative to
+/// the rules file's folder) instead of read: a snapshot of the [`Sources`] of a ruleset parses
+/// to that ruleset, hash included, with no file read. A file the text names but `sets` lacks is
+/// an error.
+pub fn parse_with_sets(path: &Path, text: &str, sets: &[(String, String)]) -> Result<Ruleset, RulesError> {
+    parse_inner(path, text, Origin::Local, Some(sets))
+}
+
+fn parse_inner(path: &Path, text: &str, origin: Origin, provided: Option<&[(String, String)]>) -> Result<Ruleset, RulesError> {
+    let mut parts = Vec::new();
+    let mut set_texts = Vec::new();
+    let root_id = match provided {
+        Some(_) => PathBuf::new(),
+        None => path.canonicalize().unwrap_or_else(|_| path.to_path_buf()),
+    };
+    let mut seen = HashSet::from([root_id.clone()]);
+    gather(path, None, text.into(), Vec::new(), origin, &mut vec![root_id], &mut seen, &mut parts, provided, &mut set_texts)?;
+    let sources: Vec<Source> = parts.iter().map(|p| Source::new(&p.path, &p.text)).collect();
+    let root_index = parts.len() - 1;
+    let (src, root) = (&sources[root_index], &parts[root_index].raw);
+
+    // Counted again on the parsed files (inline-table arrays escape the header count, and
+    // included files add up), still before any per-rule work.
+    let mut counted = (0, 0);
+    for (part, s) in parts.iter().zip(&sources) {
+        if counted.0 + part.raw.rule.len() > xdpfw_common::MAX_RULES {
+            let at = part.raw.rule[xdpfw_common::MAX_RULES - counted.0].span();
+            return Err(included_from(
+                s.error(at, format!("too many rules: {} (the limit is {})", counted.0 + part.raw.rule.len(), xdpfw_common::MAX_RULES)),
+                &part.from,
+            ));
+        }
+        if counted.1 + part.raw.test.len() > MAX_TESTS {
+            let at = part.raw.test[MAX_TESTS - counted.1].span();
+            return Err(included_from(
+                s.error(at, format!("too many tests: {} (the limit is {MAX_TESTS})", counted.1 + part.raw.test.len())),
+                &part.from,
+            ));
+        }
+        counted.0 += part.raw.rule.len();
+        counted.1 += part.raw.test.len();
     }
-    if origin == Origin::Remote
-        && let Some((name, set)) = raw.sets.iter().find(|(_, s)| s.get_ref().file.is_some())
-    {
-        let span = set.get_ref().file.as_ref().map_or(set.span(), Spanned::span);
-        return Err(src.error(span, format!(
-            "set \"{}\" names a file, but a ruleset from a URL must be self-contained (inline `prefixes` only); no local file is read for it",
-            name.get_ref()
-        )));
+    // What only the rules file may say.
+    for (part, s) in parts.iter().zip(&sources).take(root_index) {
+        let raw = &part.raw;
+        let span = raw
+            .default
+            .as_ref()
+            .map(|d| ("default", d.span()))
+            .or(raw.version.as_ref().map(|v| ("version", v.span())))
+            .or(raw.options.as_ref().map(|o| ("[options]", o.span())))
+            .or(raw.escalation.as_ref().map(|e| ("[escalation]", e.span())));
+        if let Some((what, span)) = span {
+            return Err(included_from(s.error(span, format!("{what} may only be set in the rules file, not in an included file")), &part.from));
+        }
     }
+
     let mut hasher = Sha256Hasher::new();
     hasher.part(b"rules", text.as_bytes());
+    let mut set_files = Vec::new();
+    for part in &parts[..root_index] {
+        let written = part.written.clone().unwrap_or_default();
+        hasher.part(written.as_bytes(), part.text.as_bytes());
+        set_files.push((written, part.path.clone()));
+    }
 
-    let default = parse_action(&src, &raw.default)?;
-    let fragments = match &raw.options.fragments {
+    let Some(default) = &root.default else {
+        return Err(src.error(0..0, "missing field `default`"));
+    };
+    let default = parse_action(src, default)?;
+    let options = root.options.as_ref().map(|o| o.get_ref());
+    let fragments = match options.and_then(|o| o.fragments.as_ref()) {
         None => FragmentPolicy::L3Only,
         Some(f) => match f.get_ref().as_str() {
             "l3-only" => FragmentPolicy::L3Only,
@@ -553,76 +917,124 @@ fn parse_inner(path: &Path, text: &str, origin: Origin, provided: Option<&[(Stri
         },
     };
 
-    let escalation = match &raw.escalation {
+    let icmpv6_nd = match options.and_then(|o| o.icmpv6_nd.as_ref()) {
+        None => NdPolicy::AlwaysPass,
+        Some(f) => match f.get_ref().as_str() {
+            "always-pass" => NdPolicy::AlwaysPass,
+            "rules" => NdPolicy::Rules,
+            other => {
+                return Err(src.error(f.span(), format!("unknown icmpv6_nd policy \"{other}\" (expected always-pass or rules)")));
+            }
+        },
+    };
+
+    let escalation = match &root.escalation {
         None => EscalationOptions::default(),
-        Some(e) => parse_escalation(&src, e.get_ref())?,
+        Some(e) => parse_escalation(src, e.get_ref())?,
     };
 
     let mut sets = BTreeMap::new();
-    let mut set_files = Vec::new();
-    let mut set_texts = Vec::new();
-    for (name, set) in &raw.sets {
-        if let Some(f) = &set.get_ref().file {
-            set_files.push((f.get_ref().clone(), path.parent().unwrap_or(Path::new(".")).join(f.get_ref())));
-        }
-        let prefixes = load_set(&src, name, set, &mut hasher, provided, &mut set_texts)?;
-        sets.insert(name.get_ref().clone(), Arc::new(prefixes));
+    let mut portsets = BTreeMap::new();
+    let mut protosets = BTreeMap::new();
+    for (part, s) in parts.iter().zip(&sources) {
+        let mut named = || -> Result<(), RulesError> {
+            for (name, set) in &part.raw.sets {
+                check_set_name(s, name, "set", sets.contains_key(name.get_ref()))?;
+                if let Some(f) = &set.get_ref().file {
+                    let written = match &part.written {
+                        None => f.get_ref().clone(),
+                        Some(w) => Path::new(w).parent().unwrap_or(Path::new("")).join(f.get_ref()).display().to_string(),
+                    };
+                    set_files.push((written, part.path.parent().unwrap_or(Path::new(".")).join(f.get_ref())));
+                }
+                let key = set.get_ref().file.as_ref().map(|f| match &part.written {
+                    None => f.get_ref().clone(),
+                    Some(w) => Path::new(w).parent().unwrap_or(Path::new("")).join(f.get_ref()).display().to_string(),
+                });
+                let prefixes = load_set(s, name, set, &mut hasher, key.as_deref(), provided, &mut set_texts)?;
+                sets.insert(name.get_ref().clone(), Arc::new(prefixes));
+            }
+            for (name, set) in &part.raw.portsets {
+                check_set_name(s, name, "portset", portsets.contains_key(name.get_ref()))?;
+                let v = &set.get_ref().ports;
+                let mut ranges = Vec::new();
+                for item in items(v) {
+                    match port_item(&item) {
+                        Ok((false, PortItem::Range(r))) => ranges.push(r),
+                        Ok(_) => return Err(s.error(v.span(), format!("portset \"{}\": items are ports and \"lo-hi\" ranges (no \"!\" or \"@\")", name.get_ref()))),
+                        Err(m) => return Err(s.error(v.span(), format!("portset \"{}\": {m}", name.get_ref()))),
+                    }
+                }
+                if ranges.is_empty() || ranges.iter().any(|r| r.is_empty()) {
+                    return Err(s.error(v.span(), format!("portset \"{}\" is empty or has an inverted range", name.get_ref())));
+                }
+                portsets.insert(name.get_ref().clone(), ranges);
+            }
+            for (name, set) in &part.raw.protosets {
+                check_set_name(s, name, "protoset", protosets.contains_key(name.get_ref()))?;
+                let v = &set.get_ref().protos;
+                let mut protos = Vec::new();
+                for item in items(v) {
+                    match proto_item(&item) {
+                        Ok((false, ProtoItem::Number(p))) => protos.push(p),
+                        Ok(_) => return Err(s.error(v.span(), format!("protoset \"{}\": items are protocol names and numbers (no \"any\", \"!\" or \"@\")", name.get_ref()))),
+                        Err(m) => return Err(s.error(v.span(), format!("protoset \"{}\": {m}", name.get_ref()))),
+                    }
+                }
+                if protos.is_empty() {
+                    return Err(s.error(v.span(), format!("protoset \"{}\" is empty", name.get_ref())));
+                }
+                protos.sort_unstable();
+                protos.dedup();
+                protosets.insert(name.get_ref().clone(), protos);
+            }
+            Ok(())
+        };
+        named().map_err(|e| included_from(e, &part.from))?;
     }
 
+    let names = Names { sets: &sets, portsets: &portsets, protosets: &protosets };
     let mut warnings = Vec::new();
-    let mut rules = Vec::with_capacity(raw.rule.len());
-    let mut names = HashSet::new();
-    for (i, raw_rule) in raw.rule.iter().enumerate() {
-        let rule = parse_rule(&src, i, raw_rule, &sets, &mut warnings)?;
-        if !names.insert(rule.name.clone()) {
-            warnings.push(Warning {
-                location: rule.location.clone(),
-                message: format!("duplicate rule name \"{}\"", rule.name),
-            });
+    let mut rules = Vec::with_capacity(counted.0);
+    let mut rule_names = HashSet::new();
+    for (part, s) in parts.iter().zip(&sources) {
+        for raw_rule in &part.raw.rule {
+            let rule = parse_rule(s, rules.len(), raw_rule, &names, &mut warnings).map_err(|e| included_from(e, &part.from))?;
+            if !rule_names.insert(rule.name.clone()) {
+                warnings.push(Warning {
+                    location: rule.location.clone(),
+                    message: format!("duplicate rule name \"{}\"", rule.name),
+                });
+            }
+            rules.push(rule);
         }
-        rules.push(rule);
     }
     let mut tests = Vec::new();
-    for t in &raw.test {
-        let t = t.get_ref();
-        let packet: PacketSpec = t
-            .packet
-            .get_ref()
-            .parse()
-            .map_err(|e: crate::SpecError| src.error(t.packet.span(), format!("bad test packet: {e}")))?;
-        if let Some(name) = &t.rule
-            && !names.contains(name)
-        {
-            return Err(src.error(t.packet.span(), format!("test names unknown rule \"{name}\"")));
+    for (part, s) in parts.iter().zip(&sources) {
+        for t in &part.raw.test {
+            let test = parse_test(s, t.get_ref(), &rule_names).map_err(|e| included_from(e, &part.from))?;
+            tests.push(test);
         }
-        tests.push(SelfTest {
-            packet,
-            text: t.packet.get_ref().clone(),
-            expect: parse_action(&src, &t.expect)?,
-            rule: t.rule.clone(),
-            owner: t
-                .owner
-                .as_ref()
-                .map(|o| o.get_ref().parse::<OwnerSpec>().map_err(|e| src.error(o.span(), format!("bad test owner: {e}"))))
-                .transpose()?,
-            location: src.location(t.packet.span().start),
-        });
     }
 
     let mut ruleset = Ruleset {
         path: path.to_path_buf(),
-        version: raw.version.map(|v| v.into_inner()),
+        version: root.version.as_ref().map(|v| v.get_ref().clone()),
         default,
         fragments,
+        icmpv6_nd,
         escalation,
         rules,
         sets,
+        portsets,
+        protosets,
         tests,
         warnings,
         hash: hasher.finish(),
         set_files,
         sources: Sources { rules: Arc::from(text), sets: set_texts },
     };
+    nd_warnings(&mut ruleset);
     let shadowed = crate::matcher::shadowed_rules(&ruleset);
     for (rule, by) in shadowed {
         let r = &ruleset.rules[rule];
@@ -635,6 +1047,93 @@ fn parse_inner(path: &Path, text: &str, origin: Origin, provided: Option<&[(Stri
         });
     }
     Ok(ruleset)
+}
+
+/// Rules naming ICMPv6 neighbour discovery types (133-137), which always pass before any rule
+/// is looked at: those types never reach the rule.
+fn nd_warnings(rs: &mut Ruleset) {
+    let nd = xdpfw_common::proto::ND_FIRST..=xdpfw_common::proto::ND_LAST;
+    if rs.icmpv6_nd == NdPolicy::Rules {
+        // The host's own neighbour discovery must get through, or it loses IPv6 on the link.
+        let solicitation: PacketSpec = "icmpv6 fe80::1 -> ff02::1:ff00:1 type 135".parse().expect("a valid packet");
+        let advertisement: PacketSpec = "icmpv6 fe80::1 -> fe80::2 type 136".parse().expect("a valid packet");
+        for p in [solicitation, advertisement] {
+            let d = crate::matcher::decide(rs, &p);
+            if d.action == Action::Drop {
+                let by = d.rule_name.map_or("the default action".to_string(), |n| format!("rule \"{n}\""));
+                rs.warnings.push(Warning {
+                    location: Location { file: rs.path.clone(), line: 1, column: 1 },
+                    message: format!(
+                        "icmpv6_nd = \"rules\" and {by} drops neighbour {} (\"{p}\"): IPv6 on the link stops working; pass ICMPv6 types 135 and 136 (neighbor-solicitation, neighbor-advertisement)",
+                        if p.icmp_type == 135 { "solicitations" } else { "advertisements" }
+                    ),
+                });
+                break;
+            }
+        }
+        return;
+    }
+    for r in &rs.rules {
+        let (Some(icmp), Some(protos)) = (&r.icmp, &r.proto) else { continue };
+        if !protos.contains(&IPPROTO_ICMPV6) {
+            continue;
+        }
+        let named: Vec<String> = icmp
+            .types
+            .iter()
+            .filter(|t| nd.contains(t))
+            .map(|t| format!("{t} ({})", icmp_type_name(*t, true).unwrap_or("?")))
+            .collect();
+        if named.is_empty() {
+            continue;
+        }
+        let never = icmp.types.iter().all(|t| nd.contains(t)) && !protos.contains(&IPPROTO_ICMP);
+        rs.warnings.push(Warning {
+            location: r.location.clone(),
+            message: format!(
+                "rule \"{}\"{}: ICMPv6 type {} always passes before any rule (neighbour discovery and router messages)",
+                r.name,
+                if never { " can never match" } else { "" },
+                named.join(", ")
+            ),
+        });
+    }
+}
+
+fn check_set_name(src: &Source, name: &Spanned<String>, kind: &str, taken: bool) -> Result<(), RulesError> {
+    let n = name.get_ref();
+    if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        return Err(src.error(name.span(), format!("{kind} name \"{n}\" may use only letters, digits, '_' and '-'")));
+    }
+    if taken {
+        return Err(src.error(name.span(), format!("{kind} \"{n}\" is defined twice (in this file and an included one)")));
+    }
+    Ok(())
+}
+
+fn parse_test(src: &Source, t: &RawTest, rule_names: &HashSet<String>) -> Result<SelfTest, RulesError> {
+    let packet: PacketSpec = t
+        .packet
+        .get_ref()
+        .parse()
+        .map_err(|e: crate::SpecError| src.error(t.packet.span(), format!("bad test packet: {e}")))?;
+    if let Some(name) = &t.rule
+        && !rule_names.contains(name)
+    {
+        return Err(src.error(t.packet.span(), format!("test names unknown rule \"{name}\"")));
+    }
+    Ok(SelfTest {
+        packet,
+        text: t.packet.get_ref().clone(),
+        expect: parse_action(src, &t.expect)?,
+        rule: t.rule.clone(),
+        owner: t
+            .owner
+            .as_ref()
+            .map(|o| o.get_ref().parse::<OwnerSpec>().map_err(|e| src.error(o.span(), format!("bad test owner: {e}"))))
+            .transpose()?,
+        location: src.location(t.packet.span().start),
+    })
 }
 
 fn parse_escalation(src: &Source, raw: &RawEscalation) -> Result<EscalationOptions, RulesError> {
@@ -724,6 +1223,7 @@ fn load_set(
     name: &Spanned<String>,
     set: &Spanned<RawSet>,
     hasher: &mut Sha256Hasher,
+    written: Option<&str>,
     provided: Option<&[(String, String)]>,
     texts: &mut Vec<(String, Arc<str>)>,
 ) -> Result<Vec<IpNet>, RulesError> {
@@ -739,17 +1239,18 @@ fn load_set(
     if let Some(file) = &raw.file {
         let base = src.path.parent().unwrap_or(Path::new("."));
         let path = base.join(file.get_ref());
+        let key = written.unwrap_or(file.get_ref());
         let text = match provided {
             None => read_bounded(&path, MAX_SET_FILE)
                 .map_err(|e| src.error(file.span(), format!("cannot read set file {}: {e}", path.display())))?,
-            Some(given) => match given.iter().find(|(written, _)| written == file.get_ref()) {
+            Some(given) => match given.iter().find(|(w, _)| w == key) {
                 Some((_, t)) if t.len() as u64 <= MAX_SET_FILE => t.clone(),
-                Some(_) => return Err(src.error(file.span(), format!("set file {} is over the limit of {MAX_SET_FILE} bytes", file.get_ref()))),
-                None => return Err(src.error(file.span(), format!("set file {} is not among the texts given", file.get_ref()))),
+                Some(_) => return Err(src.error(file.span(), format!("set file {key} is over the limit of {MAX_SET_FILE} bytes"))),
+                None => return Err(src.error(file.span(), format!("set file {key} is not among the texts given"))),
             },
         };
         hasher.part(file.get_ref().as_bytes(), text.as_bytes());
-        texts.push((file.get_ref().clone(), Arc::from(text.as_str())));
+        texts.push((key.to_string(), Arc::from(text.as_str())));
         out.reserve(text.len() / 16);
         for (i, line) in text.lines().enumerate() {
             if i >= MAX_SET_LINES {
@@ -792,11 +1293,139 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
     Ok(net)
 }
 
+/// The items of a value that may be one item or a list.
+fn items(v: &Spanned<toml::Value>) -> Vec<toml::Value> {
+    match v.get_ref() {
+        toml::Value::Array(a) => a.clone(),
+        other => vec![other.clone()],
+    }
+}
+
+enum PortItem {
+    Range(RangeInclusive<u16>),
+    Set(String),
+}
+
+/// A port item: `22`, `"22"`, `"lo-hi"`, `"@portset"`, each optionally after `!`; with whether
+/// it was negated.
+fn port_item(v: &toml::Value) -> Result<(bool, PortItem), String> {
+    match v {
+        toml::Value::Integer(n) if (0..=65535).contains(n) => Ok((false, PortItem::Range((*n as u16)..=(*n as u16)))),
+        toml::Value::String(s) => {
+            let (neg, body) = match s.strip_prefix('!') {
+                Some(b) => (true, b.trim_start()),
+                None => (false, s.as_str()),
+            };
+            match body.strip_prefix('@') {
+                Some(set) => Ok((neg, PortItem::Set(set.to_string()))),
+                None => Ok((neg, PortItem::Range(parse_port_range(body)?))),
+            }
+        }
+        other => Err(format!("invalid port {other} (expected a port 0-65535, \"lo-hi\" or \"@portset\", each optionally after \"!\")")),
+    }
+}
+
+enum ProtoItem {
+    Number(u8),
+    Any,
+    Set(String),
+}
+
+/// The number of a protocol name.
+pub fn proto_by_name(name: &str) -> Option<u8> {
+    match name {
+        "tcp" => Some(IPPROTO_TCP),
+        "udp" => Some(IPPROTO_UDP),
+        "icmp" => Some(IPPROTO_ICMP),
+        "icmpv6" => Some(IPPROTO_ICMPV6),
+        _ => None,
+    }
+}
+
+/// A protocol item: a name, a number, `"any"`, `"@protoset"`, each optionally after `!`.
+fn proto_item(v: &toml::Value) -> Result<(bool, ProtoItem), String> {
+    match v {
+        toml::Value::Integer(n) if (0..=255).contains(n) => Ok((false, ProtoItem::Number(*n as u8))),
+        toml::Value::String(s) => {
+            let (neg, body) = match s.strip_prefix('!') {
+                Some(b) => (true, b.trim_start()),
+                None => (false, s.as_str()),
+            };
+            if let Some(set) = body.strip_prefix('@') {
+                return Ok((neg, ProtoItem::Set(set.to_string())));
+            }
+            if body == "any" {
+                return if neg { Err("\"!any\" matches nothing".into()) } else { Ok((false, ProtoItem::Any)) };
+            }
+            match proto_by_name(body).or_else(|| body.parse::<u8>().ok()) {
+                Some(p) => Ok((neg, ProtoItem::Number(p))),
+                None => Err(format!("unknown protocol \"{body}\" (expected tcp, udp, icmp, icmpv6, any, a number 0-255 or \"@protoset\", each optionally after \"!\")")),
+            }
+        }
+        other => Err(format!("invalid protocol {other}")),
+    }
+}
+
+/// ICMP (RFC 792 and successors) message types by name.
+pub const ICMP_TYPE_NAMES: [(&str, u8); 12] = [
+    ("echo-reply", 0),
+    ("destination-unreachable", 3),
+    ("source-quench", 4),
+    ("redirect", 5),
+    ("echo-request", 8),
+    ("router-advertisement", 9),
+    ("router-solicitation", 10),
+    ("time-exceeded", 11),
+    ("parameter-problem", 12),
+    ("timestamp-request", 13),
+    ("timestamp-reply", 14),
+    ("address-mask-request", 17),
+];
+
+/// ICMPv6 (RFC 4443, 4861, 2710, 3810) message types by name; both spellings of neighbour.
+pub const ICMPV6_TYPE_NAMES: [(&str, u8); 18] = [
+    ("destination-unreachable", 1),
+    ("packet-too-big", 2),
+    ("time-exceeded", 3),
+    ("parameter-problem", 4),
+    ("echo-request", 128),
+    ("echo-reply", 129),
+    ("mld-listener-query", 130),
+    ("mld-listener-report", 131),
+    ("mld-listener-done", 132),
+    ("router-solicitation", 133),
+    ("router-advertisement", 134),
+    ("neighbor-solicitation", 135),
+    ("neighbour-solicitation", 135),
+    ("neighbor-advertisement", 136),
+    ("neighbour-advertisement", 136),
+    ("redirect", 137),
+    ("mld2-listener-report", 143),
+    ("nd-redirect", 137),
+];
+
+/// The number of an ICMP (`v6` false) or ICMPv6 type name.
+pub fn icmp_type_by_name(name: &str, v6: bool) -> Option<u8> {
+    let table: &[(&str, u8)] = if v6 { &ICMPV6_TYPE_NAMES } else { &ICMP_TYPE_NAMES };
+    table.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, t)| *t)
+}
+
+/// The name of an ICMP or ICMPv6 type, for messages.
+pub fn icmp_type_name(t: u8, v6: bool) -> Option<&'static str> {
+    let table: &[(&str, u8)] = if v6 { &ICMPV6_TYPE_NAMES } else { &ICMP_TYPE_NAMES };
+    table.iter().find(|(_, n)| *n == t).map(|(name, _)| *name)
+}
+
+/// IPv6 extension headers' protocol numbers: the parser walks past them, so an IPv6 packet's
+/// protocol is never one of them.
+pub const IPV6_EXTENSION_PROTOS: [(u8, &str); 5] =
+    [(0, "hop-by-hop options"), (43, "routing"), (44, "fragment"), (51, "AH"), (60, "destination options")];
+
 fn parse_rule(
     src: &Source,
     index: usize,
     raw: &Spanned<RawRule>,
-    sets: &BTreeMap<String, Arc<Vec<IpNet>>>,
+    names: &Names,
     warnings: &mut Vec<Warning>,
 ) -> Result<Rule, RulesError> {
     let location = src.location(raw.span().start);
@@ -808,17 +1437,27 @@ fn parse_rule(
     let addr = |v: &Option<Spanned<toml::Value>>| -> Result<Option<AddrList>, RulesError> {
         let Some(v) = v else { return Ok(None) };
         let mut list = AddrList::default();
+        let mut except = AddrList::default();
         for item in strings(src, v)? {
-            if let Some(set) = item.strip_prefix('@') {
-                let prefixes = sets
+            let (neg, body) = match item.strip_prefix('!') {
+                Some(b) => (true, b.trim_start()),
+                None => (false, item.as_str()),
+            };
+            let into = if neg { &mut except } else { &mut list };
+            if let Some(set) = body.strip_prefix('@') {
+                let prefixes = names
+                    .sets
                     .get(set)
                     .ok_or_else(|| src.error(v.span(), format!("unknown set \"@{set}\"")))?;
-                list.sets.push((set.to_string(), prefixes.clone()));
+                into.sets.push((set.to_string(), prefixes.clone()));
             } else {
-                list.inline.push(parse_cidr(&item).map_err(|m| src.error(v.span(), m))?);
+                into.inline.push(parse_cidr(body).map_err(|m| src.error(v.span(), m))?);
             }
         }
-        if list.inline.is_empty() && list.sets.is_empty() {
+        if except.has_positive() {
+            list.except = Some(Box::new(except));
+        }
+        if !list.has_positive() && list.except.is_none() {
             return Err(src.error(v.span(), "an empty address list matches nothing; remove the field to match any address"));
         }
         Ok(Some(list))
@@ -826,54 +1465,71 @@ fn parse_rule(
     let proto = match &r.proto {
         None => None,
         Some(v) => {
-            let mut protos = Vec::new();
-            let items: Vec<toml::Value> = match v.get_ref() {
-                toml::Value::Array(a) => a.clone(),
-                other => vec![other.clone()],
-            };
-            let mut any = false;
-            for item in items {
-                match &item {
-                    toml::Value::String(s) => match s.as_str() {
-                        "tcp" => protos.push(IPPROTO_TCP),
-                        "udp" => protos.push(IPPROTO_UDP),
-                        "icmp" => protos.push(IPPROTO_ICMP),
-                        "icmpv6" => protos.push(IPPROTO_ICMPV6),
-                        "any" => any = true,
-                        other => return Err(src.error(v.span(), format!("unknown protocol \"{other}\" (expected tcp, udp, icmp, icmpv6, any or a number)"))),
-                    },
-                    toml::Value::Integer(n) if (0..=255).contains(n) => protos.push(*n as u8),
-                    other => return Err(src.error(v.span(), format!("invalid protocol {other}"))),
+            let (mut pos, mut neg, mut any) = (Vec::new(), Vec::new(), false);
+            for item in items(v) {
+                let (negated, item) = proto_item(&item).map_err(|m| src.error(v.span(), m))?;
+                let into = if negated { &mut neg } else { &mut pos };
+                match item {
+                    ProtoItem::Number(p) => into.push(p),
+                    ProtoItem::Any => any = true,
+                    ProtoItem::Set(set) => into.extend(
+                        names.protosets.get(&set).ok_or_else(|| src.error(v.span(), format!("unknown protoset \"@{set}\"")))?,
+                    ),
                 }
             }
-            if any { None } else { protos.sort_unstable(); protos.dedup(); Some(protos) }
+            let named = pos.clone();
+            if any && neg.is_empty() {
+                None
+            } else {
+                let mut protos: Vec<u8> = if any || pos.is_empty() { (0..=255).collect() } else { pos };
+                protos.retain(|p| !neg.contains(p));
+                protos.sort_unstable();
+                protos.dedup();
+                if protos.is_empty() {
+                    warnings.push(Warning {
+                        location: src.location(v.span().start),
+                        message: format!("rule \"{name}\" can never match: its proto excludes every protocol it names"),
+                    });
+                }
+                // Named outright (not by exclusion): IPv6 extension headers never are an IPv6
+                // packet's protocol.
+                for (p, what) in IPV6_EXTENSION_PROTOS.iter().filter(|(p, _)| named.contains(p) && protos.contains(p)) {
+                    warnings.push(Warning {
+                        location: src.location(v.span().start),
+                        message: format!(
+                            "rule \"{name}\": protocol {p} is the IPv6 {what} extension header, which the parser walks past to the transport header: no IPv6 packet has it as its protocol, so this matches IPv4 packets only"
+                        ),
+                    });
+                }
+                Some(protos)
+            }
         }
     };
-    let mut ports = |v: &Option<Spanned<toml::Value>>, field: &str| -> Result<Option<Vec<RangeInclusive<u16>>>, RulesError> {
+    let mut ports = |v: &Option<Spanned<toml::Value>>, field: &str| -> Result<Option<PortMatch>, RulesError> {
         let Some(v) = v else { return Ok(None) };
-        let items: Vec<toml::Value> = match v.get_ref() {
-            toml::Value::Array(a) => a.clone(),
-            other => vec![other.clone()],
-        };
-        let mut out = Vec::new();
-        for item in items {
-            let range = match &item {
-                toml::Value::Integer(n) if (0..=65535).contains(n) => (*n as u16)..=(*n as u16),
-                toml::Value::String(s) => parse_port_range(s).map_err(|m| src.error(v.span(), m))?,
-                other => return Err(src.error(v.span(), format!("invalid {field} {other} (expected a port 0-65535 or \"lo-hi\")"))),
-            };
-            if range.is_empty() {
-                warnings.push(Warning {
-                    location: src.location(v.span().start),
-                    message: format!("rule \"{name}\": {field} range {}-{} is inverted and matches nothing", range.start(), range.end()),
-                });
+        let (mut pos, mut except) = (Vec::new(), Vec::new());
+        for item in items(v) {
+            let (negated, item) = port_item(&item).map_err(|m| src.error(v.span(), format!("{field}: {m}")))?;
+            let into = if negated { &mut except } else { &mut pos };
+            match item {
+                PortItem::Range(range) => {
+                    if range.is_empty() {
+                        warnings.push(Warning {
+                            location: src.location(v.span().start),
+                            message: format!("rule \"{name}\": {field} range {}-{} is inverted and matches nothing", range.start(), range.end()),
+                        });
+                    }
+                    into.push(range);
+                }
+                PortItem::Set(set) => into.extend(
+                    names.portsets.get(&set).ok_or_else(|| src.error(v.span(), format!("unknown portset \"@{set}\"")))?.iter().cloned(),
+                ),
             }
-            out.push(range);
         }
-        if out.is_empty() {
+        if pos.is_empty() && except.is_empty() {
             return Err(src.error(v.span(), format!("an empty {field} list matches nothing; remove the field to match any port")));
         }
-        Ok(Some(out))
+        Ok(Some(PortMatch { ranges: (!pos.is_empty()).then_some(pos), except }))
     };
     let sport = ports(&r.sport, "sport")?;
     let dport = ports(&r.dport, "dport")?;
@@ -887,13 +1543,51 @@ fn parse_rule(
         (None, None) => None,
         (None, Some(c)) => return Err(src.error(c.span(), "icmp_code needs icmp_type")),
         (Some(t), code) => {
-            let byte = |v: &Spanned<i64>, what: &str| -> Result<u8, RulesError> {
-                u8::try_from(*v.get_ref()).map_err(|_| src.error(v.span(), format!("{what} must be 0-255")))
-            };
             if !only(&[IPPROTO_ICMP, IPPROTO_ICMPV6]) {
                 return Err(src.error(t.span(), "icmp_type needs proto = \"icmp\" or \"icmpv6\""));
             }
-            Some(IcmpMatch { icmp_type: byte(t, "icmp_type")?, code: code.as_ref().map(|c| byte(c, "icmp_code")).transpose()? })
+            let families = proto.as_ref().map_or((false, false), |p| (p.contains(&IPPROTO_ICMP), p.contains(&IPPROTO_ICMPV6)));
+            let byte = |v: &toml::Value, span: Range<usize>, what: &str| -> Result<u8, RulesError> {
+                match v {
+                    toml::Value::Integer(n) => u8::try_from(*n).map_err(|_| src.error(span, format!("{what} must be 0-255"))),
+                    toml::Value::String(s) if what == "icmp_type" => {
+                        let (v4, v6) = (icmp_type_by_name(s, false), icmp_type_by_name(s, true));
+                        match families {
+                            (true, false) => v4.ok_or(()),
+                            (false, true) => v6.ok_or(()),
+                            _ if v4.is_some() && v4 == v6 => v4.ok_or(()),
+                            _ if v4.is_some() || v6.is_some() => {
+                                return Err(src.error(span, format!(
+                                    "icmp_type \"{s}\" is {} in ICMP and {} in ICMPv6: with proto = [\"icmp\", \"icmpv6\"] use numbers or one rule per protocol",
+                                    v4.map_or("no type".into(), |t| format!("type {t}")),
+                                    v6.map_or("no type".into(), |t| format!("type {t}"))
+                                )));
+                            }
+                            _ => Err(()),
+                        }
+                        .map_err(|()| {
+                            let family = if families == (true, false) { "ICMP" } else { "ICMPv6" };
+                            let table: &[(&str, u8)] = if families == (true, false) { &ICMP_TYPE_NAMES } else { &ICMPV6_TYPE_NAMES };
+                            let known: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
+                            src.error(span, format!("unknown {family} type \"{s}\" (expected a number 0-255 or one of {})", known.join(", ")))
+                        })
+                    }
+                    other => Err(src.error(span, format!("invalid {what} {other} (expected a number 0-255{})", if what == "icmp_type" { " or a type name" } else { "" }))),
+                }
+            };
+            let list = |v: &Spanned<toml::Value>, what: &str| -> Result<Vec<u8>, RulesError> {
+                let mut out = Vec::new();
+                for item in items(v) {
+                    out.push(byte(&item, v.span(), what)?);
+                }
+                if out.is_empty() {
+                    return Err(src.error(v.span(), format!("an empty {what} list matches nothing; remove the field")));
+                }
+                out.sort_unstable();
+                out.dedup();
+                Ok(out)
+            };
+            Some(IcmpMatch { types: list(t, "icmp_type")?, codes: code.as_ref().map(|c| list(c, "icmp_code")).transpose()? })
         }
     };
     let tcp_flags = match &r.tcp_flags {
@@ -915,10 +1609,12 @@ fn parse_rule(
             Some(parse_owner(src, o)?)
         }
     };
+    let limit = r.limit.as_ref().map(|l| parse_limit(src, l)).transpose()?;
     Ok(Rule {
         name,
         action: parse_action(src, &r.action)?,
         owner,
+        limit,
         src: addr(&r.src)?,
         dst: addr(&r.dst)?,
         proto,
@@ -929,6 +1625,81 @@ fn parse_rule(
         comment: r.comment.clone(),
         location,
     })
+}
+
+/// `"100/s"`, `"6000/minute"`, `"10 mbytes/s"`: (rate, period in seconds, counts bytes).
+pub fn parse_rate(s: &str) -> Result<(u64, u64, bool), String> {
+    let (amount, period) = s.split_once('/').ok_or_else(|| format!("invalid rate \"{s}\" (expected e.g. \"100/s\" or \"10 mbytes/s\")"))?;
+    let period_s = match period.trim() {
+        "s" | "sec" | "second" => 1,
+        "m" | "min" | "minute" => 60,
+        "h" | "hour" => 3600,
+        other => return Err(format!("invalid rate period \"{other}\" in \"{s}\" (expected s, minute or hour)")),
+    };
+    let amount = amount.trim();
+    let digits = amount.find(|c: char| !c.is_ascii_digit()).unwrap_or(amount.len());
+    let (number, unit) = amount.split_at(digits);
+    let number: u64 = number.parse().map_err(|_| format!("invalid rate \"{s}\": it must start with a whole number"))?;
+    let (scale, bytes) = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "packets" | "pkts" => (1, false),
+        "b" | "bytes" => (1, true),
+        "kb" | "kbytes" => (1 << 10, true),
+        "mb" | "mbytes" => (1 << 20, true),
+        "gb" | "gbytes" => (1 << 30, true),
+        other => return Err(format!("invalid rate unit \"{other}\" in \"{s}\" (expected packets, bytes, kbytes, mbytes or gbytes)")),
+    };
+    let rate = number.checked_mul(scale).filter(|r| (1..=1 << 40).contains(r)).ok_or_else(|| format!("rate \"{s}\" must be between 1 and 2^40 a period"))?;
+    Ok((rate, period_s, bytes))
+}
+
+/// `per = "source"`, `"source/24"` (IPv4 /24, IPv6 /128), `"source/64"` (IPv4 /32, IPv6 /64) or
+/// `"source/24/64"`: the prefix lengths a source is counted by.
+pub fn parse_per(s: &str) -> Result<(u8, u8), String> {
+    let bad = || format!("invalid per \"{s}\" (expected \"source\", \"source/N\" (N up to 32: IPv4, above: IPv6) or \"source/V4/V6\")");
+    let rest = s.strip_prefix("source").ok_or_else(bad)?;
+    let lens: Vec<&str> = if rest.is_empty() { vec![] } else { rest.strip_prefix('/').ok_or_else(bad)?.split('/').collect() };
+    let len = |t: &str, max: u8| t.parse::<u8>().ok().filter(|l| (1..=max).contains(l)).ok_or_else(bad);
+    match lens.as_slice() {
+        [] => Ok((32, 128)),
+        [n] => {
+            let n = len(n, 128)?;
+            Ok(if n <= 32 { (n, 128) } else { (32, n) })
+        }
+        [v4, v6] => Ok((len(v4, 32)?, len(v6, 128)?)),
+        _ => Err(bad()),
+    }
+}
+
+/// A rule's `limit` table.
+fn parse_limit(src: &Source, v: &Spanned<toml::Value>) -> Result<RateLimit, RulesError> {
+    let toml::Value::Table(table) = v.get_ref() else {
+        return Err(src.error(v.span(), "limit must be a table, e.g. limit = { rate = \"100/s\", burst = 200 }"));
+    };
+    let mut rate = None;
+    let mut burst = None;
+    let mut per = None;
+    for (key, value) in table {
+        match (key.as_str(), value) {
+            ("rate", toml::Value::String(r)) => rate = Some(parse_rate(r).map_err(|m| src.error(v.span(), format!("limit.rate: {m}")))?),
+            ("burst", toml::Value::Integer(b)) if (1..=1 << 40).contains(b) => burst = Some(*b as u64),
+            ("burst", other) => return Err(src.error(v.span(), format!("limit.burst must be a whole number 1 to 2^40, not {other}"))),
+            ("per", toml::Value::String(p)) => per = Some(parse_per(p).map_err(|m| src.error(v.span(), format!("limit.per: {m}")))?),
+            ("rate" | "per", other) => return Err(src.error(v.span(), format!("limit.{key} must be a string, not {other}"))),
+            (other, _) => return Err(src.error(v.span(), format!("unknown limit key \"{other}\" (expected rate, burst, per)"))),
+        }
+    }
+    let Some((rate, period_s, bytes)) = rate else {
+        return Err(src.error(v.span(), "limit needs a rate, e.g. rate = \"100/s\""));
+    };
+    // The kernel multiplies a frame's length by the nanoseconds of a byte (fixed point): keep
+    // that product inside 64 bits for frames up to 128 KiB.
+    if bytes && rate * 2 < period_s {
+        return Err(src.error(v.span(), "limit.rate: a bytes rate must be at least one byte every two seconds"));
+    }
+    // Without a burst: one second's worth (at least one packet, or a full-size frame).
+    let per_second = (rate / period_s).max(1);
+    let burst = burst.unwrap_or(if bytes { per_second.max(1514) } else { per_second });
+    Ok(RateLimit { rate, period_s, bytes, burst, per_source: per })
 }
 
 fn strings(src: &Source, v: &Spanned<toml::Value>) -> Result<Vec<String>, RulesError> {
@@ -1036,6 +1807,224 @@ mod tests {
         assert!(err("default = \"pass\"\n[[rule]]\naction = \"drop\"\nproto = \"udp\"\ntcp_flags = \"syn\"\n").contains("tcp_flags needs proto = \"tcp\""));
         assert!(err("default = \"pass\"\n[[rule]]\naction = \"drop\"\nbogus = 1\n").contains("unknown field `bogus`"));
         assert!(err("[[rule]]\naction = \"drop\"\n").contains("missing field `default`"));
+    }
+
+    fn rules(text: &str) -> Ruleset {
+        parse(Path::new("r.toml"), text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn icmp_types_are_lists_and_names() {
+        let rs = rules(
+            "default = \"pass\"\n[[rule]]\naction = \"drop\"\nproto = \"icmpv6\"\nicmp_type = [\"echo-request\", 1, \"Neighbour-Solicitation\"]\n\
+             [[rule]]\naction = \"drop\"\nproto = \"icmp\"\nicmp_type = \"echo-request\"\nicmp_code = [0, 3]\n\
+             [[rule]]\naction = \"drop\"\nproto = [\"icmp\", \"icmpv6\"]\nicmp_type = [3, 128]\n",
+        );
+        assert_eq!(rs.rules[0].icmp, Some(IcmpMatch { types: vec![1, 128, 135], codes: None }));
+        assert_eq!(rs.rules[1].icmp, Some(IcmpMatch { types: vec![8], codes: Some(vec![0, 3]) }));
+        assert_eq!(rs.rules[2].icmp.as_ref().unwrap().types, vec![3, 128]);
+        let rule = "default = \"pass\"\n[[rule]]\naction = \"drop\"\n";
+        assert_eq!(
+            err(&format!("{rule}proto = \"icmp\"\nicmp_type = [8, \"echo-requets\"]\n")).lines().next().unwrap().split(" (expected").next().unwrap(),
+            "r.toml:5:13: error: unknown ICMP type \"echo-requets\""
+        );
+        assert!(err(&format!("{rule}proto = [\"icmp\", \"icmpv6\"]\nicmp_type = \"echo-request\"\n"))
+            .starts_with("r.toml:5:13: error: icmp_type \"echo-request\" is type 8 in ICMP and type 128 in ICMPv6"));
+        assert!(err(&format!("{rule}proto = \"icmp\"\nicmp_type = 300\n")).starts_with("r.toml:5:13: error: icmp_type must be 0-255"));
+        assert!(err(&format!("{rule}proto = \"icmp\"\nicmp_type = 8\nicmp_code = [\"x\"]\n")).starts_with("r.toml:6:13: error: invalid icmp_code"));
+        assert!(err(&format!("{rule}proto = \"icmp\"\nicmp_type = []\n")).starts_with("r.toml:5:13: error: an empty icmp_type list"));
+    }
+
+    #[test]
+    fn port_and_protocol_sets() {
+        let rs = rules(
+            "default = \"drop\"\n[portsets.web]\nports = [80, 443, \"8000-8100\"]\n[protosets.l4]\nprotos = [\"tcp\", 17]\n\
+             [[rule]]\naction = \"pass\"\nproto = \"@l4\"\ndport = [\"@web\", 22]\n\
+             [[rule]]\naction = \"pass\"\nproto = \"tcp\"\nsport = \"!@web\"\n",
+        );
+        assert_eq!(rs.rules[0].proto, Some(vec![6, 17]));
+        assert_eq!(rs.rules[0].dport, Some(PortMatch { ranges: Some(vec![80..=80, 443..=443, 8000..=8100, 22..=22]), except: vec![] }));
+        assert_eq!(rs.rules[1].sport, Some(PortMatch { ranges: None, except: vec![80..=80, 443..=443, 8000..=8100] }));
+        let head = "default = \"pass\"\n[portsets.web]\nports = [80]\n[[rule]]\naction = \"drop\"\n";
+        assert_eq!(err(&format!("{head}proto = \"tcp\"\ndport = \"@webb\"\n")), "r.toml:7:9: error: unknown portset \"@webb\"");
+        assert_eq!(err(&format!("{head}proto = \"@nope\"\n")), "r.toml:6:9: error: unknown protoset \"@nope\"");
+        assert!(err("default = \"pass\"\n[portsets.a]\nports = [\"!80\"]\n").starts_with("r.toml:3:9: error: portset \"a\": items are ports"));
+        assert!(err("default = \"pass\"\n[portsets.a]\nports = []\n").starts_with("r.toml:3:9: error: portset \"a\" is empty"));
+        assert!(err("default = \"pass\"\n[protosets.p]\nprotos = [\"any\"]\n").starts_with("r.toml:3:10: error: protoset \"p\": items are protocol"));
+        assert!(err("default = \"pass\"\n[protosets.p]\nprotos = [\"sctp\"]\n").starts_with("r.toml:3:10: error: protoset \"p\": unknown protocol \"sctp\""));
+        assert!(err("default = \"pass\"\n[portsets.\"a b\"]\nports = [1]\n").starts_with("r.toml:2:11: error: portset name \"a b\""));
+    }
+
+    #[test]
+    fn negated_addresses_ports_and_protocols() {
+        let rs = rules(
+            "default = \"pass\"\n[sets.office]\nprefixes = [\"198.51.100.0/24\"]\n\
+             [[rule]]\naction = \"drop\"\nsrc = [\"!@office\"]\n\
+             [[rule]]\naction = \"drop\"\nsrc = [\"10.0.0.0/8\", \"!10.1.0.0/16\"]\nproto = \"tcp\"\ndport = [\"!22\", \"!8000-8100\"]\n\
+             [[rule]]\naction = \"drop\"\nproto = \"!tcp\"\n\
+             [[rule]]\naction = \"drop\"\nproto = [\"any\", \"!udp\", \"!icmp\"]\n",
+        );
+        let src = rs.rules[0].src.as_ref().unwrap();
+        assert!(!src.has_positive() && src.except.as_ref().unwrap().sets[0].0 == "office");
+        assert!(src.check("198.51.100.7".parse().unwrap(), "src").unwrap_err().contains("excluded !198.51.100.0/24 of set @office"));
+        assert!(src.check("192.0.2.1".parse().unwrap(), "src").is_ok());
+        let src = rs.rules[1].src.as_ref().unwrap();
+        assert!(src.check("10.2.0.1".parse().unwrap(), "src").is_ok());
+        assert!(src.check("10.1.0.1".parse().unwrap(), "src").is_err());
+        assert!(src.check("11.0.0.1".parse().unwrap(), "src").is_err());
+        let dport = rs.rules[1].dport.as_ref().unwrap();
+        assert_eq!(dport.effective(), vec![0..=21, 23..=7999, 8101..=65535]);
+        assert!(dport.matches(23) && !dport.matches(22) && !dport.matches(8050));
+        assert_eq!(rs.rules[2].proto.as_ref().unwrap().len(), 255);
+        assert!(!rs.rules[2].proto.as_ref().unwrap().contains(&6));
+        assert!(!rs.rules[3].proto.as_ref().unwrap().contains(&17) && rs.rules[3].proto.as_ref().unwrap().len() == 254);
+        // Ports need the protocol to be tcp and/or udp, also when negated.
+        assert_eq!(
+            err("default = \"pass\"\n[[rule]]\naction = \"drop\"\nproto = \"!tcp\"\ndport = \"!22\"\n"),
+            "r.toml:5:9: error: ports need proto = \"tcp\", \"udp\" or [\"tcp\", \"udp\"]"
+        );
+        assert_eq!(err("default = \"pass\"\n[[rule]]\naction = \"drop\"\nproto = \"!any\"\n"), "r.toml:4:9: error: \"!any\" matches nothing");
+        assert_eq!(err("default = \"pass\"\n[[rule]]\naction = \"drop\"\nsrc = \"!10.0.0.1/8\"\n"), "r.toml:4:7: error: \"10.0.0.1/8\" has host bits set (did you mean 10.0.0.0/8?)");
+        assert!(err("default = \"pass\"\n[[rule]]\naction = \"drop\"\nproto = \"tcp\"\ndport = \"!x\"\n").starts_with("r.toml:5:9: error: dport: invalid port \"x\""));
+        let w = rules("default = \"pass\"\n[[rule]]\naction = \"drop\"\nproto = [\"tcp\", \"!tcp\"]\n").warnings;
+        assert!(w.iter().any(|w| w.to_string() == "r.toml:4:9: warning: rule \"rule-1\" can never match: its proto excludes every protocol it names"), "{w:?}");
+    }
+
+    #[test]
+    fn neighbour_discovery_types_warn() {
+        let rs = rules(
+            "default = \"pass\"\n[[rule]]\nname = \"rogue-ra\"\naction = \"drop\"\nproto = \"icmpv6\"\nicmp_type = [\"router-advertisement\", 137]\n\
+             [[rule]]\nname = \"mixed\"\naction = \"drop\"\nproto = \"icmpv6\"\nicmp_type = [128, 135]\n\
+             [[rule]]\nname = \"v4\"\naction = \"drop\"\nproto = \"icmp\"\nicmp_type = 134\n",
+        );
+        let w: Vec<String> = rs.warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(w, [
+            "r.toml:2:1: warning: rule \"rogue-ra\" can never match: ICMPv6 type 134 (router-advertisement), 137 (redirect) always passes before any rule (neighbour discovery and router messages)",
+            "r.toml:7:1: warning: rule \"mixed\": ICMPv6 type 135 (neighbor-solicitation) always passes before any rule (neighbour discovery and router messages)",
+        ]);
+    }
+
+    #[test]
+    fn neighbour_discovery_under_the_rules() {
+        let text = |nd: &str, rules: &str| format!("default = \"drop\"\n[options]\nicmpv6_nd = \"{nd}\"\n{rules}");
+        let ra = "[[rule]]\nname = \"no-rogue-ra\"\naction = \"drop\"\nproto = \"icmpv6\"\nicmp_type = [\"router-advertisement\", \"redirect\"]\n\
+                  [[rule]]\nname = \"nd\"\naction = \"pass\"\nproto = \"icmpv6\"\nicmp_type = [133, 135, 136]\n";
+        let rs = rules(&text("rules", ra));
+        assert_eq!(rs.icmpv6_nd, NdPolicy::Rules);
+        assert!(rs.warnings.is_empty(), "{:?}", rs.warnings);
+        let decide = |rs: &Ruleset, p: &str| crate::matcher::decide(rs, &p.parse().unwrap());
+        assert_eq!(decide(&rs, "icmpv6 fe80::1 -> ff02::1 type 134").rule_name.as_deref(), Some("no-rogue-ra"));
+        assert_eq!(decide(&rs, "icmpv6 fe80::1 -> ff02::1 type 135").action, Action::Pass);
+        let always = rules(&text("always-pass", ra));
+        assert_eq!(decide(&always, "icmpv6 fe80::1 -> ff02::1 type 134").action, Action::Pass);
+        assert!(always.warnings.iter().any(|w| w.message.contains("\"no-rogue-ra\" can never match")));
+        // Under the rules, a ruleset that drops the host's own neighbour discovery is told so.
+        let w = rules(&text("rules", "")).warnings;
+        assert!(w.iter().any(|w| w.message.starts_with("icmpv6_nd = \"rules\" and the default action drops neighbour solicitations")), "{w:?}");
+        assert_eq!(err(&text("sometimes", "")), "r.toml:3:13: error: unknown icmpv6_nd policy \"sometimes\" (expected always-pass or rules)");
+    }
+
+    #[test]
+    fn limits_parse_and_say_where_they_are_wrong() {
+        let rs = rules(
+            "default = \"pass\"\n[[rule]]\naction = \"pass\"\nlimit = { rate = \"100/s\", burst = 200, per = \"source/24\" }\n\
+             [[rule]]\naction = \"pass\"\nlimit = { rate = \"10 mbytes/s\" }\n\
+             [[rule]]\naction = \"pass\"\nlimit = { rate = \"6000/minute\", per = \"source/64\" }\n",
+        );
+        assert_eq!(rs.rules[0].limit, Some(RateLimit { rate: 100, period_s: 1, bytes: false, burst: 200, per_source: Some((24, 128)) }));
+        assert_eq!(rs.rules[1].limit, Some(RateLimit { rate: 10 << 20, period_s: 1, bytes: true, burst: 10 << 20, per_source: None }));
+        assert_eq!(rs.rules[2].limit.as_ref().map(|l| (l.burst, l.per_source)), Some((100, Some((32, 64)))));
+        let k = rs.rules[0].limit.as_ref().unwrap().kernel();
+        assert_eq!((k.interval_ns, k.burst_ns, k.per_source, k.v4_prefix, k.v6_prefix), (10_000_000, 2_000_000_000, 1, 24, 128));
+        assert_eq!(parse_per("source/24/64"), Ok((24, 64)));
+        assert!(parse_per("dest").is_err() && parse_per("source/0").is_err() && parse_per("source/33/129").is_err());
+        let rule = "default = \"pass\"\n[[rule]]\naction = \"pass\"\n";
+        for (limit, message) in [
+            ("{ rate = \"100/fortnight\" }", "r.toml:4:9: error: limit.rate: invalid rate period \"fortnight\""),
+            ("{ rate = \"many/s\" }", "r.toml:4:9: error: limit.rate: invalid rate \"many/s\": it must start with a whole number"),
+            ("{ rate = \"5 parsecs/s\" }", "r.toml:4:9: error: limit.rate: invalid rate unit \"parsecs\""),
+            ("{ rate = \"0/s\" }", "r.toml:4:9: error: limit.rate: rate \"0/s\" must be between 1 and 2^40"),
+            ("{ rate = \"1 bytes/h\" }", "r.toml:4:9: error: limit.rate: a bytes rate must be at least one byte every two seconds"),
+            ("{ burst = 5 }", "r.toml:4:9: error: limit needs a rate"),
+            ("{ rate = \"1/s\", burst = 0 }", "r.toml:4:9: error: limit.burst must be a whole number"),
+            ("{ rate = \"1/s\", per = \"destination\" }", "r.toml:4:9: error: limit.per: invalid per \"destination\""),
+            ("{ rate = \"1/s\", colour = 1 }", "r.toml:4:9: error: unknown limit key \"colour\""),
+            ("\"1/s\"", "r.toml:4:9: error: limit must be a table"),
+        ] {
+            let e = err(&format!("{rule}limit = {limit}\n"));
+            assert!(e.starts_with(message), "{limit}: {e}");
+        }
+        // A limited rule does not shadow the rules after it.
+        let rs = rules("default = \"pass\"\n[[rule]]\naction = \"pass\"\nproto = \"icmp\"\nlimit = { rate = \"1/s\" }\n[[rule]]\naction = \"drop\"\nproto = \"icmp\"\n");
+        assert!(rs.warnings.is_empty(), "{:?}", rs.warnings);
+        let d = crate::matcher::decide(&rs, &"icmp 192.0.2.1 -> 192.0.2.2 type 8".parse().unwrap());
+        assert!(d.reasons.iter().any(|r| r.contains("within the rule's limit (1/s burst 1); beyond it, later rules decide")), "{d:?}");
+        let d = crate::matcher::decide_with_limits(&rs, &"icmp 192.0.2.1 -> 192.0.2.2 type 8".parse().unwrap(), &mut |_| false);
+        assert_eq!((d.action, d.rule), (Action::Drop, Some(1)));
+        assert!(d.reasons[0].contains("matched but the packet is beyond its limit"), "{d:?}");
+    }
+
+    #[test]
+    fn extension_header_protocols_warn() {
+        let rs = rules("default = \"pass\"\n[[rule]]\nname = \"ah\"\naction = \"drop\"\nproto = [51, \"tcp\"]\n[[rule]]\naction = \"drop\"\nproto = \"!tcp\"\n");
+        let w: Vec<String> = rs.warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("r.toml:5:9: warning: rule \"ah\": protocol 51 is the IPv6 AH extension header"), "{w:?}");
+    }
+
+    #[test]
+    fn includes_read_relative_files_in_order() {
+        let dir = std::env::temp_dir().join(format!("xdpfw-rules-include-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
+        write("sub/a.toml", "include = [\"b.toml\"]\n[portsets.web]\nports = [80, 443]\n[[rule]]\nname = \"a\"\naction = \"pass\"\nproto = \"tcp\"\ndport = \"@web\"\n");
+        write("sub/b.toml", "[sets.office]\nfile = \"office.txt\"\n[[rule]]\nname = \"b\"\naction = \"drop\"\nsrc = \"!@office\"\n");
+        write("sub/office.txt", "198.51.100.0/24\n");
+        let root = "include = [\"sub/a.toml\"]\ndefault = \"drop\"\n[[rule]]\nname = \"own\"\naction = \"pass\"\nsrc = \"@office\"\n";
+        let path = dir.join("r.toml");
+        let rs = parse(&path, root).unwrap();
+        let names: Vec<&str> = rs.rules.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["b", "a", "own"], "included rules come first, depth first");
+        let files: Vec<&str> = rs.set_files.iter().map(|(w, _)| w.as_str()).collect();
+        assert_eq!(files, ["sub/b.toml", "sub/a.toml", "sub/office.txt"]);
+        // The hash covers included files.
+        let before = rs.hash.clone();
+        write("sub/b.toml", "[sets.office]\nfile = \"office.txt\"\n[[rule]]\nname = \"b\"\naction = \"pass\"\nsrc = \"!@office\"\n");
+        assert_ne!(parse(&path, root).unwrap().hash, before);
+        // Errors name the included file, line and column, and how it was reached.
+        write("sub/b.toml", "[[rule]]\naction = \"drop\"\nsrc = \"10.0.0.1/8\"\n");
+        let e = parse(&path, root).unwrap_err().to_string();
+        let b = dir.join("sub/b.toml");
+        assert!(e.starts_with(&format!("{}:3:7: error: \"10.0.0.1/8\" has host bits set", b.display())), "{e}");
+        assert!(e.contains(&format!("(in a file included from {}:1:12) (in a file included from {}:1:12)", dir.join("sub/a.toml").display(), path.display())), "{e}");
+        write("sub/b.toml", "[[rule]\n");
+        assert!(parse(&path, root).unwrap_err().to_string().starts_with(&format!("{}:1:", b.display())));
+        // Only the rules file sets the policy.
+        write("sub/b.toml", "default = \"pass\"\n");
+        assert!(parse(&path, root).unwrap_err().to_string().starts_with(&format!("{}:1:11: error: default may only be set in the rules file", b.display())));
+        // Cycles, files included twice, missing files, remote rulesets.
+        write("sub/b.toml", "include = [\"a.toml\"]\n");
+        let e = parse(&path, root).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}:1:12: error: include cycle: ", b.display())) && e.contains("a.toml includes"), "{e}");
+        write("sub/b.toml", "include = [\"../r.toml\"]\n");
+        write("r.toml", root);
+        assert!(parse(&path, root).unwrap_err().to_string().contains("include cycle"));
+        write("sub/b.toml", "");
+        let e = parse(&path, "include = [\"sub/b.toml\", \"sub/b.toml\"]\ndefault = \"drop\"\n").unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}:1:26: error: ", path.display())) && e.contains("is included twice"), "{e}");
+        let e = parse(&path, "include = [\"nope.toml\"]\ndefault = \"drop\"\n").unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}:1:12: error: cannot read included file", path.display())), "{e}");
+        let e = parse_from(&path, root, Origin::Remote).unwrap_err().to_string();
+        assert!(e.contains("1:12: error: include names a file, but a ruleset from a URL must be self-contained"), "{e}");
+        // Depth is bounded: a chain of files, each including the next.
+        for i in 0..12 {
+            write(&format!("d{i}.toml"), &format!("include = [\"d{}.toml\"]\n", i + 1));
+        }
+        write("d12.toml", "");
+        let e = parse(&path, "include = [\"d0.toml\"]\ndefault = \"drop\"\n").unwrap_err().to_string();
+        assert!(e.contains(&format!("includes nest more than {MAX_INCLUDE_DEPTH} deep")), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

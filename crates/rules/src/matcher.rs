@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::{
     owner::Owner,
     packet::PacketSpec,
-    Action, AddrList, FragmentPolicy, IPPROTO_ICMPV6, Rule, Ruleset,
+    Action, AddrList, FragmentPolicy, IPPROTO_ICMPV6, NdPolicy, PortMatch, Rule, Ruleset,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -49,6 +49,17 @@ pub fn decide_with_owner(rs: &Ruleset, pkt: &PacketSpec, owner: Option<&Owner>) 
 /// Decides `pkt` with rules `first..` only: the escalation service starts at the rule the
 /// kernel escalated on, since the kernel has already seen every earlier rule fail.
 pub fn evaluate(rs: &Ruleset, pkt: &PacketSpec, owner: OwnerView, first: usize) -> Decision {
+    evaluate_with_limits(rs, pkt, owner, first, &mut |_| true)
+}
+
+/// Decides `pkt` as the XDP program does, with `within(rule)` saying whether the packet is
+/// within the rate limit of rule `rule` (asked only of rules with a `limit` that match, in
+/// order, as the kernel takes tokens). Without it ([`decide`]) every packet is within.
+pub fn decide_with_limits(rs: &Ruleset, pkt: &PacketSpec, within: &mut dyn FnMut(usize) -> bool) -> Decision {
+    evaluate_with_limits(rs, pkt, OwnerView::Unknown, 0, within)
+}
+
+fn evaluate_with_limits(rs: &Ruleset, pkt: &PacketSpec, owner: OwnerView, first: usize, within: &mut dyn FnMut(usize) -> bool) -> Decision {
     let fixed = |action, why: &str| Decision {
         action,
         rule: None,
@@ -57,8 +68,8 @@ pub fn evaluate(rs: &Ruleset, pkt: &PacketSpec, owner: OwnerView, first: usize) 
         escalated: false,
     };
     // Only over IPv6, as in the XDP program: protocol 58 inside IPv4 is not neighbour discovery.
-    if pkt.src.is_ipv6() && pkt.is_icmp() && pkt.proto == IPPROTO_ICMPV6 && (133..=137).contains(&pkt.icmp_type) {
-        return fixed(Action::Pass, "IPv6 neighbour discovery and router messages always pass");
+    if rs.icmpv6_nd == NdPolicy::AlwaysPass && is_neighbour_discovery(pkt) {
+        return fixed(Action::Pass, "IPv6 neighbour discovery and router messages always pass (options.icmpv6_nd = \"always-pass\")");
     }
     if pkt.fragment {
         match rs.fragments {
@@ -67,8 +78,25 @@ pub fn evaluate(rs: &Ruleset, pkt: &PacketSpec, owner: OwnerView, first: usize) 
             FragmentPolicy::L3Only => {}
         }
     }
+    let mut skipped = Vec::new();
     for (i, rule) in rs.rules.iter().enumerate().skip(first) {
         let Some(mut reasons) = rule_matches(rule, pkt) else { continue };
+        if let Some(limit) = &rule.limit {
+            // As the kernel: a rule beyond its limit does not match (up to MAX_SKIPPED of them
+            // for one packet; past that the rule found decides).
+            if skipped.len() < xdpfw_common::limit::MAX_SKIPPED as usize && !within(i) {
+                skipped.push(format!("rule \"{}\" matched but the packet is beyond its limit ({limit})", rule.name));
+                continue;
+            }
+            // What the kernel does beyond the limit: the next match decides (its own limit not
+            // consulted, as in the kernel).
+            let beyond = if skipped.is_empty() { Some(evaluate_with_limits(rs, pkt, owner, i + 1, &mut |_| true)) } else { None };
+            let then = beyond.map_or(String::new(), |d| {
+                format!(": {} by {}", d.action, d.rule_name.map_or("the default action".to_string(), |n| format!("rule \"{n}\"")))
+            });
+            reasons.push(format!("within the rule's limit ({limit}); beyond it, later rules decide{then}"));
+        }
+        reasons.splice(0..0, skipped.iter().cloned());
         let decision = |action, reasons, escalated| Decision {
             action,
             rule: Some(i),
@@ -93,71 +121,88 @@ pub fn evaluate(rs: &Ruleset, pkt: &PacketSpec, owner: OwnerView, first: usize) 
             }
         }
     }
-    fixed(rs.default, "no rule matched: the default action")
+    let mut d = fixed(rs.default, "no rule matched: the default action");
+    d.reasons.splice(0..0, skipped);
+    d
+}
+
+/// An ICMPv6 neighbour discovery or router message (types 133-137), as the XDP program sees
+/// one: only over IPv6 (protocol 58 inside IPv4 is not neighbour discovery), never a fragment.
+pub fn is_neighbour_discovery(pkt: &PacketSpec) -> bool {
+    pkt.src.is_ipv6() && pkt.is_icmp() && pkt.proto == IPPROTO_ICMPV6 && (133..=137).contains(&pkt.icmp_type)
 }
 
 /// `Some(reasons)` when every condition of `rule` holds for `pkt`.
 pub fn rule_matches(rule: &Rule, pkt: &PacketSpec) -> Option<Vec<String>> {
+    explain_rule(rule, pkt).ok()
+}
+
+/// Every condition of `rule` held for `pkt` (`Ok`, with why, one line per condition), or the
+/// first that failed (`Err`, with why).
+pub fn explain_rule(rule: &Rule, pkt: &PacketSpec) -> Result<Vec<String>, String> {
     let mut why = Vec::new();
-    let addr = |list: &Option<AddrList>, a: IpAddr, field: &str, why: &mut Vec<String>| -> bool {
-        match list {
-            None => true,
-            Some(list) => match list.find(a) {
-                Some((net, None)) => {
-                    why.push(format!("{field} {a} is in {net}"));
-                    true
-                }
-                Some((net, Some(set))) => {
-                    why.push(format!("{field} {a} is in {net} of set @{set}"));
-                    true
-                }
-                None => false,
-            },
+    let addr = |list: &Option<AddrList>, a: IpAddr, field: &str, why: &mut Vec<String>| -> Result<(), String> {
+        if let Some(list) = list {
+            why.push(list.check(a, field)?);
         }
+        Ok(())
     };
-    if !addr(&rule.src, pkt.src, "src", &mut why) || !addr(&rule.dst, pkt.dst, "dst", &mut why) {
-        return None;
-    }
+    addr(&rule.src, pkt.src, "src", &mut why)?;
+    addr(&rule.dst, pkt.dst, "dst", &mut why)?;
     if let Some(protos) = &rule.proto {
         if !protos.contains(&pkt.proto) {
-            return None;
+            return Err(format!("protocol {} is not {}", pkt.proto, describe_protos(protos)));
         }
-        why.push(format!("protocol {} is one of {protos:?}", pkt.proto));
+        why.push(format!("protocol {} is {}", pkt.proto, describe_protos(protos)));
     }
-    let port = |ranges: &Option<Vec<std::ops::RangeInclusive<u16>>>, p: u16, field: &str, why: &mut Vec<String>| match ranges {
-        None => true,
-        Some(ranges) => {
-            if !pkt.has_ports() {
-                return false;
-            }
-            match ranges.iter().find(|r| r.contains(&p)) {
-                Some(r) => {
-                    why.push(format!("{field} {p} is in {}-{}", r.start(), r.end()));
-                    true
-                }
-                None => false,
-            }
+    let port = |cond: &Option<PortMatch>, p: u16, field: &str, why: &mut Vec<String>| -> Result<(), String> {
+        let Some(cond) = cond else { return Ok(()) };
+        if !pkt.has_ports() {
+            return Err(format!("the packet has no {field} (not TCP or UDP, or a non-first fragment)"));
         }
+        why.push(cond.check(p, field)?);
+        Ok(())
     };
-    if !port(&rule.sport, pkt.sport, "sport", &mut why) || !port(&rule.dport, pkt.dport, "dport", &mut why) {
-        return None;
-    }
+    port(&rule.sport, pkt.sport, "sport", &mut why)?;
+    port(&rule.dport, pkt.dport, "dport", &mut why)?;
     if let Some(icmp) = &rule.icmp {
-        if !pkt.is_icmp() || pkt.icmp_type != icmp.icmp_type || icmp.code.is_some_and(|c| c != pkt.icmp_code) {
-            return None;
+        if !pkt.is_icmp() {
+            return Err("the packet has no ICMP header".into());
         }
-        why.push(format!("icmp type {} code {}", pkt.icmp_type, pkt.icmp_code));
+        let v6 = pkt.proto == IPPROTO_ICMPV6;
+        let named = crate::icmp_type_name(pkt.icmp_type, v6).map_or(String::new(), |n| format!(" ({n})"));
+        if !icmp.matches(pkt.icmp_type, pkt.icmp_code) {
+            return Err(format!(
+                "icmp type {}{named} code {} is not type {:?}{}",
+                pkt.icmp_type,
+                pkt.icmp_code,
+                icmp.types,
+                icmp.codes.as_ref().map_or(String::new(), |c| format!(" code {c:?}"))
+            ));
+        }
+        why.push(format!("icmp type {}{named} code {}", pkt.icmp_type, pkt.icmp_code));
     }
     if let Some(flags) = &rule.tcp_flags {
         if !pkt.is_tcp() || !flags.matches(pkt.tcp_flags) {
-            return None;
+            return Err(format!("tcp flags {:#04x} do not have {:#04x} set and {:#04x} clear", pkt.tcp_flags, flags.set, flags.clear));
         }
         why.push(format!("tcp flags {:#04x} have {:#04x} set and {:#04x} clear", pkt.tcp_flags, flags.set, flags.clear));
     }
     if why.is_empty() {
         why.push("the rule has no conditions".into());
     }
-    Some(why)
+    Ok(why)
+}
+
+/// A protocol list for people: "one of [6, 17]", or for a long one (written with `!`) "any
+/// protocol but [6]".
+fn describe_protos(protos: &[u8]) -> String {
+    if protos.len() > 128 {
+        let missing: Vec<u8> = (0..=255u8).filter(|p| !protos.contains(p)).collect();
+        format!("any protocol but {missing:?}")
+    } else {
+        format!("one of {protos:?}")
+    }
 }
 
 /// Rules that can never match because one earlier rule matches a superset of their packets:
@@ -195,12 +240,25 @@ fn covers(a: &Rule, b: &Rule, budget: &mut usize) -> bool {
         *budget -= cost;
         b.iter().all(|nb| a.iter().any(|na| na.contains(nb)))
     };
-    let ports = |a: &Vec<std::ops::RangeInclusive<u16>>, b: &Vec<std::ops::RangeInclusive<u16>>| {
-        b.iter().all(|rb| rb.is_empty() || a.iter().any(|ra| ra.start() <= rb.start() && rb.end() <= ra.end()))
+    // Exact: the ports each condition accepts, as disjoint ranges.
+    let ports = |a: &PortMatch, b: &PortMatch| {
+        if a.except.is_empty() && b.except.is_empty() {
+            let (Some(a), Some(b)) = (&a.ranges, &b.ranges) else { return false };
+            return b.iter().all(|rb| rb.is_empty() || a.iter().any(|ra| ra.start() <= rb.start() && rb.end() <= ra.end()));
+        }
+        let a = a.effective();
+        b.effective().iter().all(|rb| a.iter().any(|ra| ra.start() <= rb.start() && rb.end() <= ra.end()))
     };
+    // Exclusions: conservative. An earlier field with exclusions is not taken to cover anything;
+    // a later one with exclusions is covered when its positive prefixes are.
+    let mut addrs = |a: &AddrList, b: &AddrList| a.except.is_none() && b.has_positive() && addrs(a, b);
     // An owner condition may fail where the later rule's holds, unless the later one demands
     // the very same owner.
     if a.owner.is_some() && a.owner != b.owner {
+        return false;
+    }
+    // A rule with a limit does not match beyond it.
+    if a.limit.is_some() {
         return false;
     }
     field(&a.src, &b.src, &mut addrs)
@@ -208,6 +266,13 @@ fn covers(a: &Rule, b: &Rule, budget: &mut usize) -> bool {
         && field(&a.proto, &b.proto, |a, b| b.iter().all(|p| a.contains(p)))
         && field(&a.sport, &b.sport, ports)
         && field(&a.dport, &b.dport, ports)
-        && field(&a.icmp, &b.icmp, |a, b| a.icmp_type == b.icmp_type && (a.code.is_none() || a.code == b.code))
+        && field(&a.icmp, &b.icmp, |a, b| {
+            b.types.iter().all(|t| a.types.contains(t))
+                && match (&a.codes, &b.codes) {
+                    (None, _) => true,
+                    (Some(_), None) => false,
+                    (Some(ac), Some(bc)) => bc.iter().all(|c| ac.contains(c)),
+                }
+        })
         && field(&a.tcp_flags, &b.tcp_flags, |a, b| a.set & b.set == a.set && a.clear & b.clear == a.clear)
 }
