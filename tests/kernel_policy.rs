@@ -78,7 +78,7 @@ fn limits_let_the_burst_through_then_the_next_rule_decides() {
          [[rule]]\nname = \"ping-excess\"\naction = \"drop\"\nproto = \"icmp\"\n\
          [[rule]]\nname = \"per-24\"\naction = \"pass\"\nproto = \"udp\"\ndport = 53\nlimit = { rate = \"1/h\", burst = 3, per = \"source/24/64\" }\n\
          [[rule]]\nname = \"dns-excess\"\naction = \"drop\"\nproto = \"udp\"\ndport = 53\n\
-         [[rule]]\nname = \"bytes\"\naction = \"drop\"\nproto = \"tcp\"\nlimit = { rate = \"1000 bytes/h\", burst = 200 }\n",
+         [[rule]]\nname = \"bytes\"\naction = \"drop\"\nproto = \"tcp\"\nlimit = { rate = \"2000 bytes/h\", burst = 200 }\n",
     );
     assert_eq!(rs.rules[4].limit.as_ref().unwrap().bytes, true);
     let mut prog = load();
