@@ -31,20 +31,6 @@ fn write_atomic(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-fn m(t: &Topology, key: &str) -> f64 {
-    metric(&scrape(t).expect("metrics endpoint answers"), key).unwrap_or_else(|| panic!("no {key} in the metrics"))
-}
-
-/// Polls the metric `key` until `ok` holds (at most `secs` seconds).
-fn wait_metric(t: &Topology, d: &Daemon, key: &str, secs: u64, ok: impl Fn(f64) -> bool) -> f64 {
-    let mut last = None;
-    let done = eventually(Duration::from_secs(secs), || {
-        last = scrape(t).and_then(|s| metric(&s, key));
-        last.is_some_and(&ok)
-    });
-    assert!(done, "{key} stayed at {last:?} for {secs} s\n{}", d.log());
-    last.unwrap()
-}
 
 /// Waits for the daemon's `ok`-th successful reload (counted once it is complete: the kernel's
 /// generation flips earlier, during the pipeline), then checks the generation it made live.

@@ -64,19 +64,6 @@ fn udp_verdicts(t: &Topology) -> (u64, u64) {
     (udp_delivered(t, sa(SERVER_V4, 7000), N), udp_delivered(t, sa(SERVER_V4, 7001), N))
 }
 
-fn m(t: &Topology, key: &str) -> f64 {
-    metric(&scrape(t).expect("metrics endpoint answers"), key).unwrap_or_else(|| panic!("no {key} in the metrics"))
-}
-
-fn wait_metric(t: &Topology, d: &Daemon, key: &str, secs: u64, ok: impl Fn(f64) -> bool) -> f64 {
-    let mut last = None;
-    let done = eventually(Duration::from_secs(secs), || {
-        last = scrape(t).and_then(|s| metric(&s, key));
-        last.is_some_and(&ok)
-    });
-    assert!(done, "{key} stayed at {last:?} for {secs} s\n{}", d.log());
-    last.unwrap()
-}
 
 fn write_atomic(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp~");

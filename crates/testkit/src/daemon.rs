@@ -128,6 +128,22 @@ pub fn scrape(t: &Topology) -> Option<String> {
     .unwrap()
 }
 
+/// The metric `key` of the daemon serving `t`, which must be there.
+pub fn m(t: &Topology, key: &str) -> f64 {
+    metric(&scrape(t).expect("metrics endpoint answers"), key).unwrap_or_else(|| panic!("no {key} in the metrics"))
+}
+
+/// Polls the metric `key` until `ok` holds (at most `secs` seconds); its last value.
+pub fn wait_metric(t: &Topology, d: &Daemon, key: &str, secs: u64, ok: impl Fn(f64) -> bool) -> f64 {
+    let mut last = None;
+    let done = eventually(Duration::from_secs(secs), || {
+        last = scrape(t).and_then(|s| metric(&s, key));
+        last.is_some_and(&ok)
+    });
+    assert!(done, "{key} stayed at {last:?} for {secs} s\n{}", d.log());
+    last.unwrap_or_default()
+}
+
 /// The value of the sample whose name and labels start with `key` (e.g. `xdpfw_reloads_total{result="ok"`).
 pub fn metric(text: &str, key: &str) -> Option<f64> {
     text.lines()
