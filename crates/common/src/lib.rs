@@ -272,15 +272,15 @@ pub mod dir {
     pub const fn table_bytes(chunks: u32, lines: u32) -> u64 {
         let block = 4 * CHUNK_ENTRIES as u64;
         let mut bytes = BUFFER_BLOCKS as u64 * block;
-        if chunks > FIXED_CHUNKS {
-            if let Some(c) = size_class(chunks - FIXED_CHUNKS, &MORE_SIZES) {
-                bytes += MORE_SIZES[c] as u64 * block;
-            }
+        if chunks > FIXED_CHUNKS
+            && let Some(c) = size_class(chunks - FIXED_CHUNKS, &MORE_SIZES)
+        {
+            bytes += MORE_SIZES[c] as u64 * block;
         }
-        if lines > 0 {
-            if let Some(c) = size_class(lines, &LEAF_SIZES) {
-                bytes += LEAF_SIZES[c] as u64 * 64;
-            }
+        if lines > 0
+            && let Some(c) = size_class(lines, &LEAF_SIZES)
+        {
+            bytes += LEAF_SIZES[c] as u64 * 64;
         }
         bytes
     }
