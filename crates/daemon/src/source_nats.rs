@@ -373,21 +373,11 @@ async fn remember(path: &Path, mark: &mut Option<Watermark>, new: Watermark) {
 
 /// Writes atomically and privately (0600): a ruleset from the bus is nobody else's to read.
 async fn store_private(path: &Path, body: &[u8]) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
+    // The one atomic write of the project: a private (0600, O_EXCL|O_NOFOLLOW) temporary file,
+    // synced, then renamed over `path`.
     let (path, body) = (path.to_path_buf(), body.to_vec());
-    tokio::task::spawn_blocking(move || {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let tmp = path.with_extension("tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-        std::io::Write::write_all(&mut f, &body)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        anyhow::Ok(())
-    })
-    .await?
+    tokio::task::spawn_blocking(move || xdpfw_control::files::atomic_write(&path, &body)).await??;
+    Ok(())
 }
 
 /// The servers' addresses, for the fail-closed ruleset (names that do not resolve are left out).
