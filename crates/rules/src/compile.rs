@@ -471,9 +471,7 @@ fn prefix_tables(
             v4.push((addr, len, id));
         }
     }
-    let v4 = merge_siblings(v4, base_id);
-    let v6 = merge_siblings(v6, base_id).into_iter().map(|(a, l, id)| (l as u32, a.to_be_bytes(), id)).collect();
-    (v4, v6)
+    merged_tables(v4, v6, base_id)
 }
 
 /// [`prefix_tables`] for fields where some rule excludes prefixes (`!`): an address is in a
@@ -548,6 +546,13 @@ fn prefix_tables_except(
             v4.push((addr, len, id));
         }
     }
+    merged_tables(v4, v6, base_id)
+}
+
+/// The end of [`prefix_tables`] and [`prefix_tables_except`]: both families of entries merged
+/// (see [`merge_siblings`]), IPv6 ones as trie keys.
+#[expect(clippy::type_complexity, reason = "the two tables' entry shapes, as the callers return them")]
+fn merged_tables(v4: Vec<(u128, u8, u32)>, v6: Vec<(u128, u8, u32)>, base_id: u32) -> (Vec<(u128, u8, u32)>, Vec<(u32, Ipv6Data, u32)>) {
     let v4 = merge_siblings(v4, base_id);
     let v6 = merge_siblings(v6, base_id).into_iter().map(|(a, l, id)| (l as u32, a.to_be_bytes(), id)).collect();
     (v4, v6)
