@@ -100,6 +100,9 @@ fn main() -> Result<()> {
         Cmd::Bench { quick } => {
             setup()?;
             require_root("the benchmarks (they load XDP programs)")?;
+            // The escalation bench drives the `loader` binary, which testkit finds beside the
+            // bench executable: target/release/loader.
+            run(Command::new("cargo").current_dir(root_dir()).args(["build", "--release", "-p", "loader"]))?;
             for bench in ["classifier", "reload", "escalation"] {
                 let mut cmd = Command::new("cargo");
                 cmd.current_dir(root_dir()).args(["bench", "-p", "xdpfw-tests", "--bench", bench, "--"]);
