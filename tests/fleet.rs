@@ -221,11 +221,15 @@ impl Drop for Hub {
 const BUCKET: &str = "fleet-test";
 
 /// A firewall node: a topology, its link to the hub, its daemon (started by `start`).
+///
+/// Fields drop in declaration order: the daemon must die before the topology detaches, or it
+/// notices the detach, attaches its ruleset again, and the pins outlive the namespace (the
+/// leak check of `./run test` caught exactly that).
 struct Node {
+    daemon: Option<Daemon>,
     t: Topology,
     i: u8,
     hub_if: String,
-    daemon: Option<Daemon>,
     extra: Vec<String>,
 }
 

@@ -438,6 +438,10 @@ fn test(args: &[String]) -> Result<()> {
     // The integration tests drive the `loader` binary as an operator would; it is a separate
     // package, so it is built first (testkit finds it beside the test executables).
     run(Command::new("cargo").current_dir(&root).args(["build", "-p", "loader"]))?;
+    let before = leftovers()?;
+    if !before.is_empty() {
+        println!("present before the tests (not counted as their leaks):\n  {}", before.join("\n  "));
+    }
     // Stream cargo's output and add up its "test result" lines, so the run ends with one total.
     // XDPFW_REQUIRE_ROOT=1: a root test that cannot run here fails instead of skipping.
     // Tools setup put in .tools/bin (a recent nats-server) come first.
@@ -468,36 +472,42 @@ fn test(args: &[String]) -> Result<()> {
         }
     }
     let status = child.wait()?;
-    let leaks = leak_check();
+    let leaks = leak_check(&before);
     println!("summary: {passed} passed, {failed} failed, {ignored} skipped");
     ensure!(status.success(), "cargo test failed: {status}");
     leaks
 }
 
-/// After the suite: nothing of ours may remain in the kernel or the namespaces.
-fn leak_check() -> Result<()> {
-    let mut leaks = Vec::new();
-    let pins = Path::new("/sys/fs/bpf/xdpfw");
-    if let Ok(entries) = std::fs::read_dir(pins) {
+/// Pin folders, test histories and namespaces, and any XDP program in the root namespace.
+fn leftovers() -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf/xdpfw") {
         for e in entries.flatten() {
-            leaks.push(format!("pin directory {}", e.path().display()));
+            found.push(format!("pin directory {}", e.path().display()));
         }
     }
     // Test namespaces are named xfw-…; the durable reload history of their interfaces (kept by
     // namespace name, `/var/lib/xdpfw/netns-<name>/<iface>`) must go with them.
     if let Ok(entries) = std::fs::read_dir("/var/lib/xdpfw") {
         for e in entries.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("netns-xfw-")) {
-            leaks.push(format!("reload history {}", e.path().display()));
+            found.push(format!("reload history {}", e.path().display()));
         }
     }
     let ns = output(Command::new("ip").args(["netns", "list"]))?;
     for line in ns.lines().filter(|l| l.starts_with("xfw")) {
-        leaks.push(format!("network namespace {line}"));
+        found.push(format!("network namespace {line}"));
     }
     let links = output(Command::new("ip").args(["-d", "link", "show"]))?;
     if links.contains("prog/xdp") {
-        leaks.push("an XDP program attached in the root namespace".into());
+        found.push("an XDP program attached in the root namespace".into());
     }
+    Ok(found)
+}
+
+/// After the suite: nothing it made may remain in the kernel or the namespaces. What was there
+/// before it ran (a host's own instances, an earlier run killed midway) is not its leak.
+fn leak_check(before: &[String]) -> Result<()> {
+    let leaks: Vec<String> = leftovers()?.into_iter().filter(|l| !before.contains(l)).collect();
     if leaks.is_empty() {
         println!("leak check: no pins, namespaces or root-namespace XDP programs left behind");
         Ok(())
