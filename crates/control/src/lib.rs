@@ -10,6 +10,7 @@ pub mod history;
 pub mod instance;
 pub mod pipeline;
 pub mod stats;
+pub mod trace;
 
 pub use error::{ControlError, Result};
 pub use instance::{CarriedCounts, Instance, ReloadReport, ReloadTimes, RulesetSummary, State};
