@@ -99,7 +99,7 @@ pub(crate) struct Signer {
 
 impl Signer {
     fn load(&self) -> Result<xdpfw_fleet::ed25519_dalek::SigningKey> {
-        Ok(envelope::load_signing_key(&self.key_file)?)
+        envelope::load_signing_key(&self.key_file)
     }
 }
 
