@@ -19,10 +19,10 @@ mod parse;
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_MMAPABLE},
-    btf_maps::{Array as BtfArray, ArrayOfMaps, LpmTrie},
+    btf_maps::{Array as BtfArray, ArrayOfMaps, LpmTrie, PerCpuArray as BtfPerCpuArray},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::{btf_map, map, xdp},
-    maps::{lpm_trie::Key, Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, Array, LruHashMap, RingBuf},
     programs::XdpContext,
 };
 use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering};
@@ -40,11 +40,16 @@ use xdpfw_common::{
 #[map(name = "ACTIVE")]
 static ACTIVE: Array<u64> = Array::with_max_entries(trace::ACTIVE_ENTRIES, BPF_F_MMAPABLE);
 
-#[map(name = "HEADERS")]
-static HEADERS: Array<RulesetHeader> = Array::with_max_entries(BUFFERS, BPF_F_MMAPABLE);
+// The maps an operator reads carry BTF (`#[btf_map]`): `bpftool map dump` shows their fields
+// by name. The big tables and the generation stay plain maps: nothing to read there by hand.
+const MMAPABLE: usize = BPF_F_MMAPABLE as usize;
+const RULE_ENTRIES: usize = BUFFERS as usize * MAX_RULES;
 
-#[map(name = "RULES")]
-static RULES: Array<RuleMeta> = Array::with_max_entries(BUFFERS * MAX_RULES as u32, BPF_F_MMAPABLE);
+#[btf_map]
+static HEADERS: BtfArray<RulesetHeader, { BUFFERS as usize }, MMAPABLE> = BtfArray::new();
+
+#[btf_map]
+static RULES: BtfArray<RuleMeta, RULE_ENTRIES, MMAPABLE> = BtfArray::new();
 
 #[map(name = "FIELDS")]
 static FIELDS: Array<FieldEntry> =
@@ -128,8 +133,8 @@ static DST_V4: DirMaps = DirMaps {
 };
 
 /// Slot 0 counts traffic; slot 1 is scratch for the probe copy, never reported.
-#[map(name = "GLOBAL_STATS")]
-static GLOBAL_STATS: PerCpuArray<GlobalStats> = PerCpuArray::with_max_entries(2, 0);
+#[btf_map]
+static GLOBAL_STATS: BtfPerCpuArray<GlobalStats, 2> = BtfPerCpuArray::new();
 
 /// 1 in the copy of the program a reload loads to prove a new ruleset before its flip: that copy
 /// shares every map with the attached program but reads the *inactive* buffer and counts nothing
@@ -143,8 +148,8 @@ fn probe() -> u32 {
     unsafe { core::ptr::read_volatile(&PROBE) }
 }
 
-#[map(name = "RULE_STATS")]
-static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(BUFFERS * RULE_SLOTS, 0);
+#[btf_map]
+static RULE_STATS: BtfPerCpuArray<RuleStats, { (BUFFERS * RULE_SLOTS) as usize }> = BtfPerCpuArray::new();
 
 /// Userspace verdicts for escalated flows, tagged with the generation they were decided for.
 #[map(name = "VERDICTS")]
@@ -161,29 +166,42 @@ static PENDING: LruHashMap<FlowKey, Pending> =
 static ESCALATIONS: RingBuf = RingBuf::with_byte_size(escalation::RING_BYTES, 0);
 
 /// Rate limits and per-rule buckets (see `LimitState`), both buffers.
-#[map(name = "LIMITS")]
-static LIMITS: Array<LimitState> = Array::with_max_entries(BUFFERS * MAX_RULES as u32, BPF_F_MMAPABLE);
+#[btf_map]
+static LIMITS: BtfArray<LimitState, RULE_ENTRIES, MMAPABLE> = BtfArray::new();
 
 /// Per-source buckets: the theoretical arrival time of each (rule, source prefix).
 #[map(name = "LIMIT_SOURCES")]
 static LIMIT_SOURCES: LruHashMap<LimitKey, u64> = LruHashMap::with_max_entries(limit::SOURCE_ENTRIES, 0);
 
 /// `loader trace`'s filter, sampling and bucket (see `TraceConfig`).
-#[map(name = "TRACE")]
-static TRACE: Array<TraceConfig> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+#[btf_map]
+static TRACE: BtfArray<TraceConfig, 1, MMAPABLE> = BtfArray::new();
 
 #[map(name = "TRACE_RING")]
 static TRACE_RING: RingBuf = RingBuf::with_byte_size(trace::RING_BYTES, 0);
 
 /// The log rate of each rule with `log`, both buffers.
-#[map(name = "LOG_LIMITS")]
-static LOG_LIMITS: Array<LogLimit> = Array::with_max_entries(BUFFERS * MAX_RULES as u32, BPF_F_MMAPABLE);
+#[btf_map]
+static LOG_LIMITS: BtfArray<LogLimit, RULE_ENTRIES, MMAPABLE> = BtfArray::new();
 
 #[map(name = "LOG_RING")]
 static LOG_RING: RingBuf = RingBuf::with_byte_size(trace::LOG_RING_BYTES, 0);
 
+/// The attached program.
 #[xdp]
 pub fn xdpfw(ctx: XdpContext) -> u32 {
+    run(ctx)
+}
+
+/// The probe copy (loaded with `PROBE` = 1, pinned as `probe`, never attached): the same code
+/// under its own name, so `bpftool prog show` tells the live program from it.
+#[xdp]
+pub fn xdpfw_probe(ctx: XdpContext) -> u32 {
+    run(ctx)
+}
+
+#[inline(always)]
+fn run(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let Some(stats) = GLOBAL_STATS.get_ptr_mut(probe() & 1) else {
         return xdp_action::XDP_PASS;

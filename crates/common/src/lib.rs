@@ -84,6 +84,8 @@ pub mod map_names {
 
 /// Name of the XDP program in the object file.
 pub const PROGRAM_NAME: &str = "xdpfw";
+/// Name of the probe copy's entry point (the same code; `bpftool prog show` tells them apart).
+pub const PROBE_PROGRAM_NAME: &str = "xdpfw_probe";
 
 /// Two complete rulesets exist at once: the active one, read by packets, and the inactive one,
 /// written by a reload. `buffer = generation % BUFFERS`.
