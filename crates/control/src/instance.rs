@@ -117,6 +117,19 @@ pub struct State {
     /// "(default)" carries the default action's counts.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub carried: std::collections::BTreeMap<String, CarriedCounts>,
+    /// Only in the record a reload writes before its flip (`next-<generation>.json`): the
+    /// generation it retires, whose counts are not in `carried` yet. Until the final record
+    /// (written before the retired buffer is cleared), `stats` adds that buffer's counters
+    /// live, so no counter seems to go down during a reload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retiring: Option<Retiring>,
+}
+
+/// The generation a reload in progress retires, and its rule names (see [`State::retiring`]).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Retiring {
+    pub generation: u64,
+    pub rules: Vec<String>,
 }
 
 /// Packets and bytes of one rule name from generations before the live one.
