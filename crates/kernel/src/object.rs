@@ -47,7 +47,11 @@ fn load_pinned(dir: &Path, probe: bool) -> Result<Ebpf> {
 
 /// Loads the object with `loader` and its program `name` into the kernel (the verifier runs).
 fn load_object(loader: &mut EbpfLoader, name: &str) -> Result<Ebpf> {
-    let mut ebpf = loader.load(PROGRAM_OBJECT).kctx(|| "loading the XDP object".into())?;
+    load_object_from(loader, PROGRAM_OBJECT, name)
+}
+
+fn load_object_from(loader: &mut EbpfLoader, object: &[u8], name: &str) -> Result<Ebpf> {
+    let mut ebpf = loader.load(object).kctx(|| "loading the XDP object".into())?;
     let prog: &mut Xdp = ebpf
         .program_mut(name)
         .ok_or_else(|| KernelError::msg(format!("program {name} missing from the object")))?
@@ -59,7 +63,13 @@ fn load_object(loader: &mut EbpfLoader, name: &str) -> Result<Ebpf> {
 /// Loads the program into the kernel without pinning anything (kernel tests, benchmarks,
 /// `explain --kernel`): the returned handle owns private maps.
 pub fn load_private() -> Result<(Ebpf, Maps)> {
-    let mut ebpf = load_object(&mut EbpfLoader::new(), PROGRAM_NAME)?;
+    load_private_from(PROGRAM_OBJECT)
+}
+
+/// As [`load_private`], from another build of the object (the classifier bench measures the
+/// program against an earlier build of itself).
+pub fn load_private_from(object: &[u8]) -> Result<(Ebpf, Maps)> {
+    let mut ebpf = load_object_from(&mut EbpfLoader::new(), object, PROGRAM_NAME)?;
     let mut take = |name: &str| -> Result<MapData> {
         let map = ebpf.take_map(name).ok_or_else(|| KernelError::msg(format!("map {name} missing")))?;
         map_data(map)
