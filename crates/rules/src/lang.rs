@@ -42,7 +42,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::{
-    owner::{OwnerMatch, OwnerSpec, parse_uid_range},
+    owner::{OwnerMatch, OwnerSpec, SYSTEM_SLICE, parse_uid_range},
     packet::PacketSpec,
 };
 
@@ -1164,6 +1164,10 @@ fn parse_owner(src: &Source, v: &Spanned<toml::Value>) -> Result<OwnerMatch, Rul
     };
     let mut m = OwnerMatch::default();
     for (key, value) in table {
+        if key == "any_slice" {
+            m.any_slice = value.as_bool().ok_or_else(|| src.error(v.span(), format!("owner.any_slice: expected true or false, found {value}")))?;
+            continue;
+        }
         let items: Vec<toml::Value> = match value {
             toml::Value::Array(a) => a.clone(),
             other => vec![other.clone()],
@@ -1199,13 +1203,24 @@ fn parse_owner(src: &Source, v: &Spanned<toml::Value>) -> Result<OwnerMatch, Rul
             }
             other => {
                 return Err(src.error(v.span(), format!(
-                    "unknown owner condition \"{other}\" (expected process, exe, uid, user, unit or cgroup)"
+                    "unknown owner condition \"{other}\" (expected process, exe, uid, user, unit, cgroup or any_slice)"
                 )));
             }
         }
     }
     if m.is_empty() {
         return Err(src.error(v.span(), "an empty owner table matches every socket; remove it or name a process, exe, uid, user, unit or cgroup"));
+    }
+    for c in &m.cgroup {
+        if !c.starts_with('/') {
+            return Err(src.error(v.span(), format!("owner.cgroup \"{c}\" must be a path from the cgroup root, e.g. \"/system.slice/nginx.service\"")));
+        }
+        let under_system = c.trim_end_matches('/') == SYSTEM_SLICE || c.starts_with(&format!("{SYSTEM_SLICE}/"));
+        if !under_system && !m.any_slice {
+            return Err(src.error(v.span(), format!(
+                "owner.cgroup \"{c}\" is outside {SYSTEM_SLICE}, where unprivileged users can create cgroups of any name (delegation): add any_slice = true to the owner table to match there anyway"
+            )));
+        }
     }
     Ok(m)
 }
@@ -1606,7 +1621,16 @@ fn parse_rule(
             if !only(&[IPPROTO_TCP, IPPROTO_UDP]) {
                 return Err(src.error(o.span(), "owner conditions need proto = \"tcp\", \"udp\" or [\"tcp\", \"udp\"]"));
             }
-            Some(parse_owner(src, o)?)
+            let m = parse_owner(src, o)?;
+            if !m.process.is_empty() && m.uid.is_empty() && m.user.is_empty() && m.exe.is_empty() {
+                warnings.push(Warning {
+                    location: src.location(o.span().start),
+                    message: format!(
+                        "rule \"{name}\": owner.process alone proves nothing (any user can name a process anything, or copy a binary to that name): add uid, user or exe"
+                    ),
+                });
+            }
+            Some(m)
         }
     };
     let limit = r.limit.as_ref().map(|l| parse_limit(src, l)).transpose()?;
@@ -2038,6 +2062,20 @@ mod tests {
         assert!(err(&format!("{rule}proto = \"tcp\"\nowner = {{}}\n")).contains("an empty owner table"));
         assert!(err(&format!("{rule}proto = \"tcp\"\nowner = {{ exe = \"nginx\" }}\n")).contains("must be an absolute path"));
         assert!(err(&format!("{rule}proto = \"tcp\"\nowner = {{ uid = \"9-1\" }}\n")).contains("inverted"));
+        assert!(err(&format!("{rule}proto = \"tcp\"\nowner = {{ cgroup = \"/user.slice\" }}\n")).contains("r.toml:5:9: error: owner.cgroup \"/user.slice\" is outside /system.slice"));
+        assert!(err(&format!("{rule}proto = \"tcp\"\nowner = {{ cgroup = \"system.slice\" }}\n")).contains("must be a path from the cgroup root"));
+        assert!(err(&format!("{rule}proto = \"tcp\"\nowner = {{ unit = \"a.service\", any_slice = 1 }}\n")).contains("any_slice: expected true or false"));
+        let any = parse(Path::new("r.toml"), &format!("{rule}proto = \"tcp\"\nowner = {{ cgroup = \"/user.slice\", any_slice = true, uid = 0 }}\n")).unwrap();
+        assert!(any.rules[0].owner.as_ref().unwrap().any_slice);
+        assert!(any.warnings.is_empty(), "{:?}", any.warnings);
+        // `process` alone: a warning where the owner table is (check --strict fails on it).
+        let w = parse(Path::new("r.toml"), &format!("{rule}proto = \"tcp\"\nowner = {{ process = \"nginx\" }}\n")).unwrap().warnings;
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].to_string().starts_with("r.toml:5:9: warning: rule \"rule-1\": owner.process alone proves nothing"), "{}", w[0]);
+        for with in ["uid = 33", "user = \"www-data\"", "exe = \"/usr/sbin/nginx\""] {
+            let rs = parse(Path::new("r.toml"), &format!("{rule}proto = \"tcp\"\nowner = {{ process = \"nginx\", {with} }}\n")).unwrap();
+            assert!(rs.warnings.is_empty(), "{with}: {:?}", rs.warnings);
+        }
         assert!(err("default = \"pass\"\n[escalation]\nverdict_ttl = \"soon\"\n").contains("r.toml:3:15: error: verdict_ttl: invalid duration"));
         assert!(err("default = \"pass\"\n[escalation]\nretry = \"1ms\"\n").contains("retry must be between"));
         assert!(err("default = \"pass\"\n[escalation]\npending = \"maybe\"\n").contains("r.toml:3:11: error: unknown action"));
