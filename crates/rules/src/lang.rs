@@ -643,11 +643,46 @@ pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<String> {
     if bytes.len() as u64 > max {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("grew beyond the limit of {max} bytes while read")));
     }
-    String::from_utf8(bytes).map_err(|e| {
-        let at = e.utf8_error().valid_up_to();
-        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not UTF-8 (byte {at})"))
-    })
+    String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, NotUtf8::at(e.as_bytes(), e.utf8_error().valid_up_to())))
 }
+
+/// A file that is not UTF-8, with where its first invalid byte is (1-based line and column,
+/// columns in characters as in every other diagnostic). Carried inside the `io::Error` of
+/// [`read_bounded`], so callers can report the file's own line:column.
+#[derive(Debug)]
+pub struct NotUtf8 {
+    pub line: usize,
+    pub column: usize,
+    pub byte: u8,
+}
+
+impl NotUtf8 {
+    fn at(bytes: &[u8], offset: usize) -> Self {
+        let valid = &bytes[..offset];
+        let line_start = valid.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        // Everything before `offset` is valid UTF-8.
+        let column = std::str::from_utf8(&valid[line_start..]).map_or(0, |l| l.chars().count()) + 1;
+        let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
+        NotUtf8 { line, column, byte: bytes[offset] }
+    }
+
+    /// The `NotUtf8` inside `e`, if that is why reading failed.
+    pub fn of(e: &std::io::Error) -> Option<&NotUtf8> {
+        e.get_ref().and_then(|i| i.downcast_ref::<NotUtf8>())
+    }
+
+    fn error(&self, file: &Path) -> RulesError {
+        RulesError { location: Location { file: file.to_path_buf(), line: self.line, column: self.column }, message: self.to_string() }
+    }
+}
+
+impl fmt::Display for NotUtf8 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "not UTF-8: byte 0x{:02x} at line {}, column {}", self.byte, self.line, self.column)
+    }
+}
+
+impl std::error::Error for NotUtf8 {}
 
 /// Reads and validates a rules file (and the set files it names).
 pub fn load(path: &Path) -> Result<Ruleset, RulesError> {
@@ -656,9 +691,12 @@ pub fn load(path: &Path) -> Result<Ruleset, RulesError> {
 
 /// Reads and validates a rules file that came from `origin` (a remote one names no set file).
 pub fn load_from(path: &Path, origin: Origin) -> Result<Ruleset, RulesError> {
-    let text = read_bounded(path, MAX_RULES_TEXT).map_err(|e| RulesError {
-        location: Location { file: path.to_path_buf(), line: 0, column: 0 },
-        message: cap_text(format!("cannot read: {e}"), MAX_MESSAGE),
+    let text = read_bounded(path, MAX_RULES_TEXT).map_err(|e| match NotUtf8::of(&e) {
+        Some(n) => n.error(path),
+        None => RulesError {
+            location: Location { file: path.to_path_buf(), line: 0, column: 0 },
+            message: cap_text(format!("cannot read: {e}"), MAX_MESSAGE),
+        },
     })?;
     parse_from(path, &text, origin)
 }
@@ -798,8 +836,10 @@ fn gather<'t>(
                 return Err(src.error(item.span(), format!("more than {MAX_INCLUDED_FILES} included files")));
             }
             let child_text = match provided {
-                None => read_bounded(&child, MAX_RULES_TEXT)
-                    .map_err(|e| src.error(item.span(), format!("cannot read included file {}: {e}", child.display())))?,
+                None => read_bounded(&child, MAX_RULES_TEXT).map_err(|e| match NotUtf8::of(&e) {
+                    Some(n) => n.error(&child),
+                    None => src.error(item.span(), format!("cannot read included file {}: {e}", child.display())),
+                })?,
                 Some(given) => match given.iter().find(|(w, _)| *w == child_written) {
                     Some((_, t)) if t.len() as u64 <= MAX_RULES_TEXT => t.clone(),
                     Some(_) => return Err(src.error(item.span(), format!("included file {child_written} is over the limit of {MAX_RULES_TEXT} bytes"))),
@@ -1256,8 +1296,10 @@ fn load_set(
         let path = base.join(file.get_ref());
         let key = written.unwrap_or(file.get_ref());
         let text = match provided {
-            None => read_bounded(&path, MAX_SET_FILE)
-                .map_err(|e| src.error(file.span(), format!("cannot read set file {}: {e}", path.display())))?,
+            None => read_bounded(&path, MAX_SET_FILE).map_err(|e| match NotUtf8::of(&e) {
+                Some(n) => n.error(&path),
+                None => src.error(file.span(), format!("cannot read set file {}: {e}", path.display())),
+            })?,
             Some(given) => match given.iter().find(|(w, _)| w == key) {
                 Some((_, t)) if t.len() as u64 <= MAX_SET_FILE => t.clone(),
                 Some(_) => return Err(src.error(file.span(), format!("set file {key} is over the limit of {MAX_SET_FILE} bytes"))),
@@ -1763,6 +1805,9 @@ pub fn parse_tcp_flags(s: &str) -> Result<TcpFlagsMatch, String> {
     if let Some((set, mask)) = s.split_once('/') {
         let set = letters(set.trim())?;
         let mask = letters(mask.trim())?;
+        if mask == 0 {
+            return Err(format!("\"{s}\" names no flag after '/': it would match every TCP packet (e.g. \"S/SA\": SYN set, ACK clear)"));
+        }
         if set & !mask != 0 {
             return Err(format!("in \"{s}\" the flags before '/' must also appear after it"));
         }
@@ -2126,6 +2171,32 @@ dport = "200-100"
         assert_eq!(parse_tcp_flags("S/SA").unwrap(), TcpFlagsMatch { set: 0x02, clear: 0x10 });
         assert!(parse_tcp_flags("syn !syn").is_err());
         assert!(parse_tcp_flags("S/A").is_err());
+        // No flag after '/' used to match every TCP packet silently.
+        for s in ["/", " / ", "/ "] {
+            assert!(parse_tcp_flags(s).unwrap_err().contains("names no flag after '/'"), "{s:?}");
+        }
+        assert_eq!(parse_tcp_flags("/S").unwrap(), TcpFlagsMatch { set: 0, clear: 0x02 });
+        let e = err("default = \"pass\"\n[[rule]]\naction = \"drop\"\nproto = \"tcp\"\ntcp_flags = \"/\"\n");
+        assert!(e.starts_with("r.toml:5:13: error: \"/\" names no flag"), "{e}");
+    }
+
+    #[test]
+    fn non_utf8_files_are_reported_at_their_first_invalid_byte() {
+        let dir = std::env::temp_dir().join(format!("xdpfw-rules-utf8-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Line 3, after "é" (two bytes, one character) and "x": column 3.
+        std::fs::write(dir.join("r.toml"), b"default = \"pass\"\n# ok\n\xc3\xa9x\xff\n").unwrap();
+        let e = load(&dir.join("r.toml")).unwrap_err().to_string();
+        assert_eq!(e, format!("{}:3:3: error: not UTF-8: byte 0xff at line 3, column 3", dir.join("r.toml").display()));
+        std::fs::write(dir.join("set.txt"), b"192.0.2.0/24\n198.51.100.0/24 \x80\n").unwrap();
+        std::fs::write(dir.join("r.toml"), "default = \"pass\"\n[sets.b]\nfile = \"set.txt\"\n").unwrap();
+        let e = load(&dir.join("r.toml")).unwrap_err().to_string();
+        assert!(e.ends_with(&format!("{}:2:17: error: not UTF-8: byte 0x80 at line 2, column 17", dir.join("set.txt").display())), "{e}");
+        std::fs::write(dir.join("inc.toml"), b"\xfe").unwrap();
+        std::fs::write(dir.join("r.toml"), "include = [\"inc.toml\"]\ndefault = \"pass\"\n").unwrap();
+        let e = load(&dir.join("r.toml")).unwrap_err().to_string();
+        assert!(e.ends_with(&format!("{}:1:1: error: not UTF-8: byte 0xfe at line 1, column 1", dir.join("inc.toml").display())), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
