@@ -11,6 +11,7 @@ pub mod instance;
 pub mod pipeline;
 pub mod prune;
 pub mod stats;
+pub mod trace;
 
 pub use error::{ControlError, Result};
 pub use instance::{CarriedCounts, Instance, ReloadReport, ReloadTimes, RulesetSummary, State};

@@ -40,6 +40,23 @@ pub(crate) fn rfc3339(secs: u64) -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// Nanoseconds since the epoch as RFC 3339 UTC with microseconds (`2026-11-23T14:05:09.123456Z`).
+pub(crate) fn rfc3339_ns(ns: u128) -> String {
+    let secs = (ns / 1_000_000_000) as u64;
+    let micros = (ns % 1_000_000_000) / 1000;
+    let whole = rfc3339(secs);
+    format!("{}.{micros:06}Z", whole.trim_end_matches('Z'))
+}
+
+/// One traced decision: time, verdict, the deciding rule, the packet (in `explain`'s syntax).
+pub(crate) fn trace_line(e: &xdpfw_control::trace::TraceEvent) -> String {
+    let time = rfc3339_ns(e.time_unix_ns);
+    // The time of day is enough on a terminal; the date is in --json.
+    let time = time.split_once('T').map_or(time.as_str(), |(_, t)| t).trim_end_matches('Z');
+    let log = if e.kind == "log" { " [log]" } else { "" };
+    format!("{time} {:<4} {:<24} {} len {}{log}", e.verdict, clean(&e.rule), e.packet, e.len)
+}
+
 /// A named set and how many prefixes it holds.
 #[derive(serde::Serialize)]
 pub(crate) struct SetSize {
@@ -119,7 +136,7 @@ pub(crate) struct SetDelta {
 fn meaning(r: &xdpfw_rules::Rule) -> String {
     let names = |a: &xdpfw_rules::AddrList| (a.inline.clone(), a.sets.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>());
     let addrs = |a: &Option<xdpfw_rules::AddrList>| a.as_ref().map(|a| (names(a), a.except.as_deref().map(names)));
-    format!("{:?}", (&r.action, addrs(&r.src), addrs(&r.dst), &r.proto, &r.sport, &r.dport, &r.icmp, &r.tcp_flags, &r.owner))
+    format!("{:?}", (&r.action, addrs(&r.src), addrs(&r.dst), &r.proto, &r.sport, &r.dport, &r.icmp, &r.tcp_flags, &r.owner, &r.limit, &r.log))
 }
 
 impl RulesetDiff {
