@@ -4,7 +4,8 @@
 //! - not IPv4/IPv6 (ARP, LLDP, …): pass (`non_ip`)
 //! - IPv6 neighbour discovery and router messages: pass (`neighbor_discovery`), so no policy can cut
 //!   a host off its link, unless the ruleset puts them under the rules (`header_flags::ND_RULES`)
-//! - truncated or inconsistent headers, or an IPv6 extension chain longer than we walk: drop
+//! - truncated or inconsistent headers (IP lengths beyond the frame end included), more than two
+//!   VLAN tags, IPv4-mapped IPv6 addresses, or an IPv6 extension chain longer than we walk: drop
 //!   (`malformed`)
 //! - a non-first fragment: per the ruleset's fragment policy (`fragments`)
 //!

@@ -9,6 +9,7 @@ pub mod files;
 pub mod history;
 pub mod instance;
 pub mod pipeline;
+pub mod prune;
 pub mod stats;
 pub mod trace;
 

@@ -61,6 +61,7 @@ pub(crate) fn run(cli: Cli) -> Result<Output> {
             Ok(Output::ok(String::new()))
         }
         Command::List { json } => list(json),
+        Command::Prune { dry_run, json } => prune(dry_run, json),
         Command::Check { file, strict, json } => check(&file, strict, json),
         Command::Explain { args, iface, kernel, owner, json } => {
             let (target, packet) = crate::flags::explain_target(args, iface).map_err(UsageError)?;
@@ -199,7 +200,20 @@ fn list(json: bool) -> Result<Output> {
         }
         rows.push(row);
     }
-    Ok(Output::ok(if json { json_text(&serde_json::json!({ "instances": rows }))? } else { render::list(&rows) }))
+    let stale: Vec<render::StaleRow> = control::prune::stale()?.iter().map(render::StaleRow::from).collect();
+    Ok(Output::ok(if json { json_text(&serde_json::json!({ "instances": rows, "stale": stale }))? } else { render::list(&rows, &stale) }))
+}
+
+/// `loader prune`: removes the instances of namespaces that are gone.
+fn prune(dry_run: bool, json: bool) -> Result<Output> {
+    let stale = control::prune::stale()?;
+    if !dry_run {
+        for s in &stale {
+            control::prune::remove(s)?;
+        }
+    }
+    let rows: Vec<render::StaleRow> = stale.iter().map(render::StaleRow::from).collect();
+    Ok(Output::ok(if json { json_text(&serde_json::json!({ "removed": !dry_run, "stale": rows }))? } else { render::prune(&rows, dry_run) }))
 }
 
 fn enter_netns(name: &str) -> Result<()> {

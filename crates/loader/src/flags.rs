@@ -158,6 +158,16 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove the pins and state of instances whose network namespace is gone (their program
+    /// and maps stay in kernel memory until then). Their history is kept.
+    Prune {
+        /// Only say what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Keep IFACE's rules in line with a watched file or an HTTP(S) URL, with Prometheus metrics
     /// (a daemon for systemd: SIGHUP re-reads, SIGTERM stops and leaves the firewall attached).
     Run(RunArgs),

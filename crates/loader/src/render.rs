@@ -255,9 +255,51 @@ pub(crate) struct ListRow {
     pub error: Option<String>,
 }
 
+/// An instance whose network namespace is gone (see `loader prune`).
+#[derive(serde::Serialize)]
+pub(crate) struct StaleRow {
+    pub key: String,
+    pub netns_inode: u64,
+    pub ifindex: u32,
+    /// The interface's name when it was attached, if recorded.
+    pub iface: Option<String>,
+    /// Whether the attach had completed (its link was pinned).
+    pub attached: bool,
+    pub pin_dir: String,
+}
+
+impl From<&xdpfw_control::prune::Stale> for StaleRow {
+    fn from(s: &xdpfw_control::prune::Stale) -> Self {
+        Self { key: s.key.clone(), netns_inode: s.netns_inode, ifindex: s.ifindex, iface: s.iface.clone(), attached: s.attached, pin_dir: s.pin_dir.display().to_string() }
+    }
+}
+
+fn stale_line(r: &StaleRow) -> String {
+    format!(
+        "{} (ifindex {} of the deleted namespace net:[{}]{}): {}",
+        r.pin_dir,
+        r.ifindex,
+        r.netns_inode,
+        r.iface.as_deref().map(|i| format!(", {}", clean(i))).unwrap_or_default(),
+        if r.attached { "its program and maps are still in kernel memory" } else { "left by an attach that did not complete" }
+    )
+}
+
+/// `loader prune`.
+pub(crate) fn prune(rows: &[StaleRow], dry_run: bool) -> String {
+    if rows.is_empty() {
+        return "no instance of a deleted network namespace\n".into();
+    }
+    let verb = if dry_run { "would remove" } else { "removed" };
+    rows.iter().map(|r| format!("{verb} {}\n", stale_line(r))).collect()
+}
+
 /// `loader list`.
-pub(crate) fn list(rows: &[ListRow]) -> String {
+pub(crate) fn list(rows: &[ListRow], stale: &[StaleRow]) -> String {
     let mut s = String::new();
+    for r in stale {
+        let _ = writeln!(s, "stale: {}; `loader prune` removes it", stale_line(r));
+    }
     if rows.is_empty() {
         return s;
     }
