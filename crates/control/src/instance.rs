@@ -4,7 +4,7 @@
 //! is (namespace, ifindex), never a bare name, since `eth1` may exist in several namespaces. Its
 //! key `ns<netns inode>-if<ifindex>` names everything that lives as long as the namespace: the
 //! pins (`/sys/fs/bpf/xdpfw/<key>/`), the runtime state (`/run/xdpfw/<key>/state.json`, written
-//! atomically) and the locks (`/run/xdpfw/<key>.lock`, `<key>.daemon.lock`). The durable
+//! atomically) and the locks (`/run/xdpfw/<key>.lock`, `<key>.daemon.lock`, `<key>.trace.lock`). The durable
 //! history must survive a reboot, where namespace inodes and ifindexes change: it is keyed by
 //! the namespace's stable name and the interface name instead (see [`Netns::stable_name`]).
 //! Every mutating operation holds the instance's lock file, so reloads are serialized.
