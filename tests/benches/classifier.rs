@@ -388,6 +388,7 @@ fn trace_rows(fw: &mut PrivateProgram, peers: &mut Peers, dir: &std::path::Path,
         Some(path) => {
             let object = std::fs::read(&path).with_context(|| format!("reading {}", path.to_string_lossy()))?;
             let mut b = PrivateProgram::load_from(&object)?;
+            eprintln!("verifier: {:?} instructions for this build, {:?} for the baseline", fw.verified_instructions(), b.verified_instructions());
             // The ruleset installed last (install_text's file).
             b.activate(&compile(&rules::load(&dir.join("bench.toml"))?)?)?;
             Some(b)

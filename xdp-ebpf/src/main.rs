@@ -188,6 +188,11 @@ static LOG_LIMITS: BtfArray<LogLimit, RULE_ENTRIES, MMAPABLE> = BtfArray::new();
 #[map(name = "LOG_RING")]
 static LOG_RING: RingBuf = RingBuf::with_byte_size(trace::LOG_RING_BYTES, 0);
 
+/// Per-CPU scratch: the decision `decide` hands to `after_decision` (not pinned: each copy of
+/// the program has its own).
+#[map(name = "NOTE")]
+static NOTE: aya_ebpf::maps::PerCpuArray<DecisionEvent> = aya_ebpf::maps::PerCpuArray::with_max_entries(1, 0);
+
 /// The one entry point. The object names it `xdpfw_probe`, and the loader cuts that name to
 /// `xdpfw` for the attached program (see `xdpfw_kernel`'s object.rs), so `bpftool prog show`
 /// tells the probe copy from the live program. A second entry point for the probe would be
@@ -203,6 +208,10 @@ pub fn xdpfw_probe(ctx: XdpContext) -> u32 {
     stats.seen += 1;
     stats.bytes += len;
     let verdict = decide(&ctx, stats, len);
+    if verdict & NOTED != 0 {
+        after_decision(&ctx);
+    }
+    let verdict = verdict & !NOTED;
     if verdict == action::DROP {
         stats.dropped += 1;
         xdp_action::XDP_DROP
@@ -262,7 +271,15 @@ fn decide(ctx: &XdpContext, stats: &mut GlobalStats, len: u64) -> u32 {
             match RULES.get(buffer * MAX_RULES as u32 + rule) {
                 Some(meta) if meta.flags & rule_flags::NEEDS_OWNER != 0 => {
                     let (slot, verdict) = escalate(ctx, generation, header, rule, &pkt, stats);
-                    (slot, verdict, meta.flags)
+                    // Userspace may have decided by a later rule (or the default): its flags.
+                    let flags = if slot == rule {
+                        meta.flags
+                    } else if slot < MAX_RULES as u32 {
+                        RULES.get(buffer * MAX_RULES as u32 + slot).map_or(0, |m| m.flags)
+                    } else {
+                        0
+                    };
+                    (slot, verdict, flags)
                 }
                 Some(meta) => (rule, meta.action, meta.flags),
                 None => (rule, header.default_action, 0),
@@ -283,21 +300,83 @@ fn decide(ctx: &XdpContext, stats: &mut GlobalStats, len: u64) -> u32 {
         counter.packets += 1;
         counter.bytes += len;
     }
-    let decision = slot as u64 | (verdict as u64) << 32;
-    let logged = flags & rule_flags::LOG != 0;
-    if logged {
-        // The rule's flags are loaded already: rulesets without `log` pay one bit test.
-        log_decision(ctx, &pkt, generation, decision, len);
-    }
     // Tracing off costs this load, from the array whose slot 0 (the generation) this packet
-    // has just read.
-    if let Some(lease) = ACTIVE.get_ptr(trace::LEASE_SLOT) {
+    // has just read; rulesets without `log` pay one bit test of flags loaded already.
+    let lease = match ACTIVE.get_ptr(trace::LEASE_SLOT) {
         // SAFETY: a valid map value pointer; a volatile 8-byte load is one atomic read.
-        if unsafe { core::ptr::read_volatile(lease) } != 0 {
-            trace_decision(ctx, &pkt, generation, decision | (logged as u64) << 40, len);
+        Some(l) => unsafe { core::ptr::read_volatile(l) },
+        None => 0,
+    };
+    let logged = flags & rule_flags::LOG != 0;
+    if logged || lease != 0 {
+        if let Some(n) = NOTE.get_ptr_mut(0) {
+            // SAFETY: a per-CPU slot, as above.
+            note(ctx, &pkt, unsafe { &mut *n }, generation, slot, verdict, logged, len);
+            return verdict | NOTED;
         }
     }
     verdict
+}
+
+/// Set in `decide`'s result when it noted the decision in NOTE for `after_decision`.
+const NOTED: u32 = 1 << 8;
+
+/// Writes the decision into the per-CPU NOTE, for `after_decision` to log or trace.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn note(ctx: &XdpContext, pkt: &Packet, n: &mut DecisionEvent, generation: u64, slot: u32, verdict: u32, logged: bool, len: u64) {
+    n.src = [0; 16];
+    n.dst = [0; 16];
+    if pkt.is_v6 {
+        if let Some(a) = parse::v6_addr_ref(ctx, pkt.l3_off, true) {
+            n.src = *a;
+        }
+        if let Some(a) = parse::v6_addr_ref(ctx, pkt.l3_off, false) {
+            n.dst = *a;
+        }
+    } else {
+        let (s, d) = (pkt.src4.to_be_bytes(), pkt.dst4.to_be_bytes());
+        n.src[0] = s[0];
+        n.src[1] = s[1];
+        n.src[2] = s[2];
+        n.src[3] = s[3];
+        n.dst[0] = d[0];
+        n.dst[1] = d[1];
+        n.dst[2] = d[2];
+        n.dst[3] = d[3];
+    }
+    n.generation = generation;
+    n.time_ns = 0;
+    n.len = len as u32;
+    n.rule = slot;
+    n.sport = pkt.sport;
+    n.dport = pkt.dport;
+    n.proto = pkt.proto;
+    n.is_v6 = pkt.is_v6 as u8;
+    n.kind = if logged { trace::kind::LOG } else { trace::kind::TRACE };
+    n.verdict = verdict as u8;
+    n.icmp = pkt.icmp;
+    n.tcp_flags = pkt.tcp_flags;
+    n.has = pkt.has_ports as u8 | (pkt.has_icmp as u8) << 1 | (pkt.has_tcp_flags as u8) << 2;
+    n._pad = [0; 4];
+}
+
+/// Logs and traces the decision `decide` noted. A BPF subprogram called once, after the
+/// classifier's paths have come together, reading everything from NOTE (map memory the
+/// verifier does not follow): so it is verified a few times, not once per path of the
+/// classifier (inlined there, or called from there, it multiplied the verifier's work by 7).
+#[inline(never)]
+fn after_decision(_ctx: &XdpContext) {
+    let Some(n) = NOTE.get_ptr_mut(0) else { return };
+    // SAFETY: a per-CPU slot written by `decide` for this packet.
+    let n = unsafe { &mut *n };
+    // SAFETY: a helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    n.time_ns = now;
+    if n.kind == trace::kind::LOG {
+        log_decision(n, now);
+    }
+    trace_decision(n, now);
 }
 
 /// Takes one token of a GCRA bucket (`tat`, the theoretical arrival time): true when the event
@@ -323,120 +402,65 @@ fn count_shared(counter: *mut u64) {
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, 1) };
 }
 
-/// Sends one decision (`decision`: the rule slot, the verdict << 32) to `ring` as `kind`.
-/// False when the ring is full.
+/// Sends the noted decision to `ring`. False when the ring is full.
 #[inline(always)]
-fn send_decision(ring: &RingBuf, ctx: &XdpContext, pkt: &Packet, generation: u64, decision: u64, len: u64, kind: u8, now: u64) -> bool {
-    let Some(mut entry) = ring.reserve::<DecisionEvent>(0) else {
-        return false;
-    };
-    // Written field by field into the ring's memory: a whole event built on the stack would
-    // not fit beside the classifier's frame (512 bytes for both).
-    let e = entry.as_mut_ptr();
-    // SAFETY: `e` is the ring's exclusive reservation of one DecisionEvent; every field is
-    // written before it is submitted.
-    unsafe {
-        (*e).src = [0; 16];
-        (*e).dst = [0; 16];
-        if pkt.is_v6 {
-            if let Some(a) = parse::v6_addr_ref(ctx, pkt.l3_off, true) {
-                (*e).src = *a;
-            }
-            if let Some(a) = parse::v6_addr_ref(ctx, pkt.l3_off, false) {
-                (*e).dst = *a;
-            }
-        } else {
-            let (s, d) = (pkt.src4.to_be_bytes(), pkt.dst4.to_be_bytes());
-            (*e).src[0] = s[0];
-            (*e).src[1] = s[1];
-            (*e).src[2] = s[2];
-            (*e).src[3] = s[3];
-            (*e).dst[0] = d[0];
-            (*e).dst[1] = d[1];
-            (*e).dst[2] = d[2];
-            (*e).dst[3] = d[3];
-        }
-        (*e).generation = generation;
-        (*e).time_ns = now;
-        (*e).len = len as u32;
-        (*e).rule = decision as u32;
-        (*e).sport = pkt.sport;
-        (*e).dport = pkt.dport;
-        (*e).proto = pkt.proto;
-        (*e).is_v6 = pkt.is_v6 as u8;
-        (*e).kind = kind;
-        (*e).verdict = (decision >> 32) as u8;
-        (*e).icmp = pkt.icmp;
-        (*e).tcp_flags = pkt.tcp_flags;
-        (*e).has = pkt.has_ports as u8 | (pkt.has_icmp as u8) << 1 | (pkt.has_tcp_flags as u8) << 2;
-        (*e)._pad = [0; 4];
+fn send_decision(ring: &RingBuf, n: &DecisionEvent) -> bool {
+    match ring.output(n, 0) {
+        Ok(()) => true,
+        Err(_) => false,
     }
-    entry.submit(0);
-    true
 }
 
-/// A packet decided by a rule with `log`: sent to LOG_RING within the rule's log rate. A BPF
-/// subprogram of its own: its stack and code stay out of the classifier's path.
-#[inline(never)]
-fn log_decision(ctx: &XdpContext, pkt: &Packet, generation: u64, decision: u64, len: u64) {
-    let rule = (decision as u32) % MAX_RULES as u32;
-    let Some(l) = LOG_LIMITS.get_ptr_mut(buffer_of(generation) * MAX_RULES as u32 + rule) else {
+/// A packet decided by a rule with `log`: sent to LOG_RING within the rule's log rate.
+#[inline(always)]
+fn log_decision(n: &DecisionEvent, now: u64) {
+    let rule = n.rule % MAX_RULES as u32;
+    let Some(l) = LOG_LIMITS.get_ptr_mut(buffer_of(n.generation) * MAX_RULES as u32 + rule) else {
         return;
     };
-    // SAFETY: a helper with no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: a valid map value pointer; the parameters are written only by a reload, into the
     // inactive buffer.
     let (interval_ns, burst_ns) = unsafe { ((*l).interval_ns, (*l).burst_ns) };
+    if interval_ns == 0 {
+        // No log rate: not a rule with `log` (a bucket of zeros would admit everything).
+        return;
+    }
     // SAFETY: fields of a valid map value.
     let (tat, suppressed) = unsafe { (core::ptr::addr_of_mut!((*l).tat), core::ptr::addr_of_mut!((*l).suppressed)) };
-    if !take_token(tat, interval_ns, burst_ns, now) || !send_decision(&LOG_RING, ctx, pkt, generation, decision, len, trace::kind::LOG, now) {
+    if !take_token(tat, interval_ns, burst_ns, now) || !send_decision(&LOG_RING, n) {
         count_shared(suppressed);
     }
 }
 
 /// A decision while a tracer holds the lease: sent to TRACE_RING when it passes the tracer's
 /// filter, its 1-in-N draw (not for rules with `log`, which are always candidates) and its
-/// rate. `decision`: the rule slot, the verdict << 32, 1 << 40 when the rule has `log`.
-#[inline(never)]
-fn trace_decision(ctx: &XdpContext, pkt: &Packet, generation: u64, decision: u64, len: u64) {
-    let Some(c) = TRACE.get_ptr_mut(0) else { return };
-    // SAFETY: a valid map value pointer, written by the tracer before it took the lease.
-    let cfg = unsafe { &*c };
-    let f = cfg.filter;
-    let (rule, verdict) = (decision as u32, (decision >> 32) as u8 as u32);
-    if (f & trace::filter::PROTO != 0 && pkt.proto != cfg.proto)
-        || (f & trace::filter::PORT != 0 && !(pkt.has_ports && (pkt.sport == cfg.port || pkt.dport == cfg.port)))
-        || (f & trace::filter::RULE != 0 && (rule != cfg.rule || generation != cfg.rule_generation))
-        || (f & trace::filter::VERDICT != 0 && verdict != cfg.verdict)
-    {
-        return;
-    }
-    if f & trace::filter::ADDR_V4 != 0 {
-        if pkt.is_v6 {
-            return;
-        }
-        let bits = cfg.prefix_len;
-        let mask = if bits == 0 { 0 } else if bits >= 32 { u32::MAX } else { u32::MAX << (32 - bits) };
-        let want = u32::from_be_bytes([cfg.addr[0], cfg.addr[1], cfg.addr[2], cfg.addr[3]]) & mask;
-        if pkt.src4 & mask != want && pkt.dst4 & mask != want {
-            return;
-        }
-    }
-    if f & trace::filter::ADDR_V6 != 0 {
-        if !pkt.is_v6 || !(v6_within(ctx, pkt, true, cfg) || v6_within(ctx, pkt, false, cfg)) {
-            return;
-        }
-    }
-    // The clock only for what passed the filter (a helper call costs more than the filter).
-    // SAFETY: a helper with no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+/// rate.
+#[inline(always)]
+fn trace_decision(n: &DecisionEvent, now: u64) {
     let Some(lease) = ACTIVE.get_ptr(trace::LEASE_SLOT) else { return };
     // SAFETY: as in `decide`. An expired lease is a tracer that died without saying so.
     if unsafe { core::ptr::read_volatile(lease) } <= now {
         return;
     }
-    let logged = decision >> 40 & 1 != 0;
+    let Some(c) = TRACE.get_ptr_mut(0) else { return };
+    // SAFETY: a valid map value pointer, written by the tracer before it took the lease.
+    let cfg = unsafe { &*c };
+    let f = cfg.filter;
+    let has_ports = n.has & 1 != 0;
+    if (f & trace::filter::PROTO != 0 && n.proto != cfg.proto)
+        || (f & trace::filter::PORT != 0 && !(has_ports && (n.sport == cfg.port || n.dport == cfg.port)))
+        || (f & trace::filter::RULE != 0 && (n.rule != cfg.rule || n.generation != cfg.rule_generation))
+        || (f & trace::filter::VERDICT != 0 && n.verdict as u32 != cfg.verdict)
+    {
+        return;
+    }
+    if f & (trace::filter::ADDR_V4 | trace::filter::ADDR_V6) != 0 {
+        let want_v6 = f & trace::filter::ADDR_V6 != 0;
+        if (n.is_v6 != 0) != want_v6 || !(within(&n.src, cfg) || within(&n.dst, cfg)) {
+            return;
+        }
+    }
+    let logged = n.kind == trace::kind::LOG;
     // SAFETY: a helper with no arguments.
     if !logged && cfg.sample > 1 && unsafe { bpf_get_prandom_u32() }.checked_rem(cfg.sample).unwrap_or(0) != 0 {
         return;
@@ -448,28 +472,31 @@ fn trace_decision(ctx: &XdpContext, pkt: &Packet, generation: u64, decision: u64
         count_shared(limited);
         return;
     }
-    let kind = if logged { trace::kind::LOG } else { trace::kind::TRACE };
-    if !send_decision(&TRACE_RING, ctx, pkt, generation, decision & 0xff_ffff_ffff, len, kind, now) {
+    if !send_decision(&TRACE_RING, n) {
         count_shared(lost);
     }
 }
 
-/// Whether the packet's source (or destination) address is within the tracer's IPv6 prefix.
+/// Whether `a` (network order; IPv4 in the first 4 bytes) is within the tracer's prefix: two
+/// 64-bit halves under their masks.
 #[inline(always)]
-fn v6_within(ctx: &XdpContext, pkt: &Packet, source: bool, cfg: &TraceConfig) -> bool {
-    let Some(a) = parse::v6_addr_ref(ctx, pkt.l3_off, source) else { return false };
+fn within(a: &[u8; 16], cfg: &TraceConfig) -> bool {
+    let half = |b: &[u8; 16], i: usize| {
+        u64::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3], b[i + 4], b[i + 5], b[i + 6], b[i + 7]])
+    };
     let bits = cfg.prefix_len;
-    let mut i = 0usize;
-    while i < 16 {
-        let skip = i as u32 * 8;
-        let mask: u8 = if bits <= skip { 0 } else if bits >= skip + 8 { 0xff } else { 0xffu8 << ((8 - (bits - skip)) & 7) };
-        if a[i & 15] & mask != cfg.addr[i & 15] & mask {
-            return false;
+    let mask = |skip: u32| -> u64 {
+        if bits <= skip {
+            0
+        } else if bits >= skip + 64 {
+            u64::MAX
+        } else {
+            u64::MAX << (64 - (bits - skip))
         }
-        i += 1;
-    }
-    true
+    };
+    (half(a, 0) ^ half(&cfg.addr, 0)) & mask(0) == 0 && (half(a, 8) ^ half(&cfg.addr, 8)) & mask(64) == 0
 }
+
 
 /// Rules with a rate limit match only within it: when the first matching rule is beyond its
 /// limit, the next matching rule decides (its own limit, if it has one, is not consulted: one

@@ -47,6 +47,12 @@ impl PrivateProgram {
         Ok(generation)
     }
 
+    /// Instructions the verifier processed to load the program (what loading it costs).
+    pub fn verified_instructions(&self) -> Option<u32> {
+        let prog: &Xdp = self.ebpf.program(PROGRAM_NAME)?.try_into().ok()?;
+        prog.info().ok()?.verified_instruction_count()
+    }
+
     /// The XDP action the program returns for `frame`.
     pub fn run(&mut self, frame: &[u8]) -> Result<u32> {
         Ok(self.run_repeat(frame, 1)?.0)

@@ -490,15 +490,13 @@ fn trace(args: &crate::flags::TraceArgs) -> Result<Output> {
     let mut tracer = Tracer::start(inst, filter, rate)?;
     let started = std::time::Instant::now();
     let mut shown = 0u64;
-    {
-        // On stderr even with --json: it tells a reader the trace has begun.
-        eprintln!(
-            "tracing {} (at most {} decisions/s{}); Ctrl-C to stop",
-            tracer.iface(),
-            args.rate,
-            if args.sample > 1 { format!(", one in {} sampled", args.sample) } else { String::new() }
-        );
-    }
+    // On stderr even with --json: it tells a reader the trace has begun.
+    eprintln!(
+        "tracing {} (at most {} decisions/s{}); Ctrl-C to stop",
+        tracer.iface(),
+        args.rate,
+        if args.sample > 1 { format!(", one in {} sampled", args.sample) } else { String::new() }
+    );
     'outer: while !STOP_TRACE.load(Ordering::Relaxed) {
         let left = args.duration.map(|d| d.saturating_sub(started.elapsed()));
         if left.is_some_and(|l| l.is_zero()) {
@@ -531,9 +529,7 @@ fn trace(args: &crate::flags::TraceArgs) -> Result<Output> {
     }
     let counters = tracer.counters();
     drop(tracer);
-    {
-        eprintln!("{shown} decisions shown; {} beyond the rate, {} lost to a full ring (in the kernel)", counters.limited, counters.lost);
-    }
+    eprintln!("{shown} decisions shown; {} beyond the rate, {} lost to a full ring (in the kernel)", counters.limited, counters.lost);
     Ok(Output::ok(String::new()))
 }
 
