@@ -370,13 +370,12 @@ fn after_decision(_ctx: &XdpContext) {
     let Some(n) = NOTE.get_ptr_mut(0) else { return };
     // SAFETY: a per-CPU slot written by `decide` for this packet.
     let n = unsafe { &mut *n };
-    // SAFETY: a helper with no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    n.time_ns = now;
     if n.kind == trace::kind::LOG {
-        log_decision(n, now);
+        // SAFETY: a helper with no arguments.
+        n.time_ns = unsafe { bpf_ktime_get_ns() };
+        log_decision(n);
     }
-    trace_decision(n, now);
+    trace_decision(n);
 }
 
 /// Takes one token of a GCRA bucket (`tat`, the theoretical arrival time): true when the event
@@ -413,7 +412,8 @@ fn send_decision(ring: &RingBuf, n: &DecisionEvent) -> bool {
 
 /// A packet decided by a rule with `log`: sent to LOG_RING within the rule's log rate.
 #[inline(always)]
-fn log_decision(n: &DecisionEvent, now: u64) {
+fn log_decision(n: &DecisionEvent) {
+    let now = n.time_ns;
     let rule = n.rule % MAX_RULES as u32;
     let Some(l) = LOG_LIMITS.get_ptr_mut(buffer_of(n.generation) * MAX_RULES as u32 + rule) else {
         return;
@@ -436,10 +436,10 @@ fn log_decision(n: &DecisionEvent, now: u64) {
 /// filter, its 1-in-N draw (not for rules with `log`, which are always candidates) and its
 /// rate.
 #[inline(always)]
-fn trace_decision(n: &DecisionEvent, now: u64) {
+fn trace_decision(n: &mut DecisionEvent) {
     let Some(lease) = ACTIVE.get_ptr(trace::LEASE_SLOT) else { return };
-    // SAFETY: as in `decide`. An expired lease is a tracer that died without saying so.
-    if unsafe { core::ptr::read_volatile(lease) } <= now {
+    // SAFETY: as in `decide`.
+    if unsafe { core::ptr::read_volatile(lease) } == 0 {
         return;
     }
     let Some(c) = TRACE.get_ptr_mut(0) else { return };
@@ -461,6 +461,19 @@ fn trace_decision(n: &DecisionEvent, now: u64) {
         }
     }
     let logged = n.kind == trace::kind::LOG;
+    // The clock only for what passed the filter (a helper call costs more than the filter).
+    let now = if logged {
+        n.time_ns
+    } else {
+        // SAFETY: a helper with no arguments.
+        let now = unsafe { bpf_ktime_get_ns() };
+        n.time_ns = now;
+        now
+    };
+    // SAFETY: as in `decide`. An expired lease is a tracer that died without saying so.
+    if unsafe { core::ptr::read_volatile(lease) } <= now {
+        return;
+    }
     // SAFETY: a helper with no arguments.
     if !logged && cfg.sample > 1 && unsafe { bpf_get_prandom_u32() }.checked_rem(cfg.sample).unwrap_or(0) != 0 {
         return;
