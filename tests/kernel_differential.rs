@@ -19,7 +19,7 @@ use xdpfw_rules::{
     self as rules, Action, AddrList, FragmentPolicy, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, PortMatch, Ruleset,
     compile::compile,
     matcher::decide,
-    packet::PacketSpec,
+    packet::{FlowState, PacketSpec},
 };
 use xdpfw_testkit as harness;
 
@@ -173,6 +173,14 @@ fn random_ruleset(rng: &mut StdRng) -> String {
             _ => "drop",
         };
         writeln!(t, "action = \"{action}\"").unwrap();
+        // Connection state: the kernel looks it up only when such a rule is the first match.
+        match rng.random_range(0..40) {
+            0..4 => writeln!(t, "state = \"established\"").unwrap(),
+            4 => writeln!(t, "state = [\"established\", \"related\"]").unwrap(),
+            5 => writeln!(t, "state = \"new\"").unwrap(),
+            6 => writeln!(t, "state = [\"new\", \"related\"]").unwrap(),
+            _ => {}
+        }
         // Now and then a rate limit that no token comes back to during the test ("1/h"): each
         // bucket lets `burst` packets through, then the next matching rule decides.
         if rng.random_bool(0.12) {
@@ -361,6 +369,7 @@ fn random_packet(rng: &mut StdRng) -> PacketSpec {
         icmp_type: 0,
         icmp_code: 0,
         fragment: rng.random_bool(0.1),
+        state: FlowState::New,
     };
     if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
         p.sport = random_port(rng);
@@ -376,6 +385,18 @@ fn random_packet(rng: &mut StdRng) -> PacketSpec {
             _ => *ICMP_TYPES.choose(rng).unwrap(),
         };
         p.icmp_code = if rng.random_bool(0.9) { *ICMP_CODES.choose(rng).unwrap() } else { rng.random() };
+    }
+    p
+}
+
+/// Gives `p` a connection state now and then: established (tcp, udp, echo replies) or related
+/// (ICMP errors), where the kernel can look one up.
+fn with_random_state(rng: &mut StdRng, mut p: PacketSpec) -> PacketSpec {
+    if rng.random_bool(0.35) {
+        p.state = if rng.random_bool(0.7) { FlowState::Established } else { FlowState::Related };
+        if p.check_state().is_err() {
+            p.state = FlowState::New;
+        }
     }
     p
 }
@@ -550,6 +571,8 @@ fn differential_random_rulesets() {
     // Packets decided by a rule with: addresses, ports, icmp type, tcp flags, an owner condition
     // (escalated: the pending action); not the first rule.
     let mut decided_by = [0u64; 9];
+    // Packets new, established, related; decided by a rule with a `state` condition.
+    let (mut states, mut stateful) = ([0u64; 3], 0u64);
     for index in 0..rulesets {
         let text = random_ruleset(&mut rng);
         let rs = rules::parse(Path::new("random.toml"), &text)
@@ -565,6 +588,7 @@ fn differential_random_rulesets() {
         let mut tokens: std::collections::HashMap<(usize, Option<IpNet>), u64> = Default::default();
         for _ in 0..PACKETS_PER_RULESET {
             let p = if rng.random_bool(0.4) { targeted_packet(&mut rng, &rs) } else { random_packet(&mut rng) };
+            let p = with_random_state(&mut rng, p);
             let frame = random_encapsulation(&mut rng, &p);
             let d = rules::matcher::decide_with_limits(&rs, &p, &mut |rule| {
                 let limit = rs.rules[rule].limit.as_ref().unwrap();
@@ -578,7 +602,17 @@ fn differential_random_rulesets() {
                 within
             });
             beyond += d.reasons.iter().any(|r| r.contains("beyond its limit")) as u64;
+            // An established or related packet's flow is in the table for its run only.
+            let flow = (p.state != FlowState::New).then(|| p.flow_key());
+            if let Some(key) = flow {
+                prog.maps.insert_flow(key, xdpfw_common::FlowEntry { expires_ns: u64::MAX, flags: 0, _pad: 0 }).unwrap();
+            }
             let kernel = prog.run(&frame).unwrap();
+            if let Some(key) = flow {
+                prog.maps.remove_flow(&key).unwrap();
+            }
+            states[p.state as usize] += 1;
+            stateful += d.rule.is_some_and(|i| rs.rules[i].state.is_some()) as u64;
             if kernel != d.action.kernel() {
                 panic!(
                     "kernel and matcher disagree (seed {seed}, ruleset #{index}):\n\
@@ -651,6 +685,8 @@ fn differential_random_rulesets() {
     // The generator must exercise both verdicts and the rules, not just the default action.
     assert!(verdicts[0] > packets / 10 && verdicts[1] > packets / 10, "verdicts pass/drop = {verdicts:?}");
     assert!(rule_decided > packets / 4, "only {rule_decided} of {packets} packets were decided by a rule");
+    assert!(states[1] > packets / 20 && states[2] > packets / 1000 && stateful > packets / 50, "states {states:?}, by a state rule {stateful}");
+    eprintln!("differential: packets new/established/related {states:?}, {stateful} decided by a rule with a state condition");
     eprintln!(
         "differential: {rulesets} rulesets x {PACKETS_PER_RULESET} packets = {packets} packets \
          (pass {}, drop {}, decided by a rule {rule_decided}: with addresses/ports/icmp/flags/owner/not first/exclusion/icmp list/after a limit \
@@ -758,6 +794,7 @@ fn large_direct_tables(per_set: usize, span: u32) -> usize {
             icmp_type: 0,
             icmp_code: 0,
             fragment: false,
+            state: FlowState::New,
         };
         let d = decide(&rs, &p);
         let kernel = prog.run(&p.to_frame()).unwrap();
@@ -842,6 +879,7 @@ fn host_route_heavy_set_agrees_with_the_matcher() {
             icmp_type: 0,
             icmp_code: 0,
             fragment: false,
+            state: FlowState::New,
         };
         let d = decide(&rs, &p);
         let kernel = prog.run(&p.to_frame()).unwrap();

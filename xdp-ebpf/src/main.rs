@@ -15,6 +15,8 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features, reason = "atomic_cxchg: core's atomic types have no compare-and-swap on BPF")]
 
+mod egress;
+mod flows;
 mod parse;
 
 use aya_ebpf::{
@@ -137,7 +139,7 @@ static GLOBAL_STATS: PerCpuArray<GlobalStats> = PerCpuArray::with_max_entries(2,
 static PROBE: u32 = 0;
 
 #[inline(always)]
-fn probe() -> u32 {
+pub(crate) fn probe() -> u32 {
     // SAFETY: a read of a constant global; volatile so the compiler keeps the load aya patches.
     unsafe { core::ptr::read_volatile(&PROBE) }
 }
@@ -309,7 +311,7 @@ fn apply_limits(
 fn match_after(f: &Fields, rule: u32) -> Option<u32> {
     let first_word = (rule / 64) as usize & (BITMAP_WORDS - 1);
     let bit = rule % 64;
-    let mut candidates = (f.src.summary & f.dst.summary & f.proto.summary & f.sport.summary & f.dport.summary & f.icmp.summary & f.flags.summary)
+    let mut candidates = (f.src.summary & f.dst.summary & f.proto.summary & f.sport.summary & f.dport.summary & f.icmp.summary & f.flags.summary & f.state.summary)
         & (u64::MAX << first_word);
     // In the rule's own word, only the bits above it.
     let above = if bit >= 63 { 0 } else { u64::MAX << (bit + 1) };
@@ -326,6 +328,7 @@ fn match_after(f: &Fields, rule: u32) -> Option<u32> {
             & f.dport.words[w]
             & f.icmp.words[w]
             & f.flags.words[w]
+            & f.state.words[w]
             & if w == first_word { above } else { u64::MAX };
         if acc != 0 {
             return Some((w as u32) * 64 + acc.trailing_zeros());
@@ -338,9 +341,15 @@ fn match_after(f: &Fields, rule: u32) -> Option<u32> {
 
 #[inline(always)]
 fn is_limited(buffer: u32, rule: u32) -> bool {
+    rule_flags_of(buffer, rule) & rule_flags::LIMITED != 0
+}
+
+/// `rule_flags::*` of a rule of `buffer`.
+#[inline(always)]
+pub(crate) fn rule_flags_of(buffer: u32, rule: u32) -> u32 {
     match RULES.get(buffer * MAX_RULES as u32 + (rule % MAX_RULES as u32)) {
-        Some(meta) => meta.flags & rule_flags::LIMITED != 0,
-        None => false,
+        Some(meta) => meta.flags,
+        None => 0,
     }
 }
 
@@ -548,13 +557,16 @@ fn classify(
         let first = if header.rule_count > 0 { Some(0) } else { None };
         return if limits { apply_limits(ctx, generation, buffer, header, pkt, len, None, first, stats) } else { first };
     }
-    let f = lookup_fields(ctx, buffer, header, pkt)?;
-    let first = first_match(&f);
+    let mut f = lookup_fields(ctx, buffer, header, pkt)?;
+    let mut first = first_match(&f);
+    if header.flags & header_flags::STATE != 0 {
+        first = flows::apply_state(ctx, buffer, pkt, &mut f, first, limits, stats);
+    }
     if limits { apply_limits(ctx, generation, buffer, header, pkt, len, Some(&f), first, stats) } else { first }
 }
 
 /// The bitmap of each field for one packet.
-struct Fields {
+pub(crate) struct Fields {
     src: &'static Bitmap,
     dst: &'static Bitmap,
     proto: &'static Bitmap,
@@ -562,6 +574,9 @@ struct Fields {
     dport: &'static Bitmap,
     icmp: &'static Bitmap,
     flags: &'static Bitmap,
+    /// The rules the packet's connection state allows: all of them until a `state` rule is the
+    /// first match (see `flows::apply_state`).
+    pub(crate) state: &'static Bitmap,
 }
 
 /// Looks up the bitmap of every field the ruleset constrains.
@@ -627,16 +642,22 @@ fn lookup_fields(ctx: &XdpContext, buffer: u32, header: &RulesetHeader, pkt: &Pa
     } else {
         all
     };
-    Some(Fields { src, dst, proto, sport, dport, icmp, flags })
+    Some(Fields { src, dst, proto, sport, dport, icmp, flags, state: all })
 }
 
 /// The lowest rule in the AND of the fields' bitmaps.
 #[inline(always)]
-fn first_match(f: &Fields) -> Option<u32> {
+pub(crate) fn first_match(f: &Fields) -> Option<u32> {
     // Only words set in every summary can hold a match; visit them lowest (highest priority)
     // first. The summaries have at most BITMAP_WORDS bits, so this loop runs at most that often.
-    let mut candidates =
-        f.src.summary & f.dst.summary & f.proto.summary & f.sport.summary & f.dport.summary & f.icmp.summary & f.flags.summary;
+    let mut candidates = f.src.summary
+        & f.dst.summary
+        & f.proto.summary
+        & f.sport.summary
+        & f.dport.summary
+        & f.icmp.summary
+        & f.flags.summary
+        & f.state.summary;
     let mut i = 0;
     while i < BITMAP_WORDS {
         if candidates == 0 {
@@ -649,7 +670,8 @@ fn first_match(f: &Fields) -> Option<u32> {
             & f.sport.words[w]
             & f.dport.words[w]
             & f.icmp.words[w]
-            & f.flags.words[w];
+            & f.flags.words[w]
+            & f.state.words[w];
         if acc != 0 {
             return Some((w as u32) * 64 + acc.trailing_zeros());
         }
@@ -660,7 +682,7 @@ fn first_match(f: &Fields) -> Option<u32> {
 }
 
 #[inline(always)]
-fn field_bitmap(buffer: u32, index: u32) -> u32 {
+pub(crate) fn field_bitmap(buffer: u32, index: u32) -> u32 {
     match FIELDS.get(buffer * FIELDS_PER_BUFFER + index) {
         Some(entry) => entry.bitmap,
         None => 0,

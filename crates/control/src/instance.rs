@@ -308,7 +308,10 @@ impl Instance {
     /// after a `loader detach`, pins removed by hand, bpffs unmounted, or a link detached with
     /// `bpftool link detach`: what a daemon repairs.
     pub fn is_filtering(&self) -> bool {
-        let pinned = ["link", "prog", "probe"].iter().chain(xdpfw_common::map_names::ALL.iter()).all(|n| self.pin_dir.join(n).exists());
+        let pinned = ["link", "prog", "probe", kernel::EGRESS_PIN, kernel::EGRESS_LINK_PIN]
+            .iter()
+            .chain(xdpfw_common::map_names::ALL.iter())
+            .all(|n| self.pin_dir.join(n).exists());
         pinned && (!self.is_here() || kernel::netlink::attached_mode_of(self.ifindex).is_ok_and(|m| m.is_some()))
     }
 

@@ -133,9 +133,10 @@ fn attach_locked(inst: &Instance, ruleset: &Ruleset, image: &xdpfw_rules::compil
     result
 }
 
-/// What may be pinned in an instance's folder: the link, the program, its probe copy, the maps.
+/// What may be pinned in an instance's folder: the link, the program, its probe copy, the egress
+/// program and its link, the maps.
 fn known_pin(name: &str) -> bool {
-    matches!(name, "link" | "prog" | "probe") || xdpfw_common::map_names::ALL.contains(&name)
+    matches!(name, "link" | "prog" | "probe" | kernel::EGRESS_PIN | kernel::EGRESS_LINK_PIN) || xdpfw_common::map_names::ALL.contains(&name)
 }
 
 /// Makes a fresh, private pin folder for an attach (the lock is held, nothing is attached).
@@ -348,7 +349,7 @@ fn install_locked(
     if !ruleset.tests.is_empty() {
         let t = Instant::now();
         let mut probe = kernel::open_probe(&inst.pin_dir)?;
-        let mut run = |frame: &[u8]| testrun::run_frame(&mut probe, frame, 1).map(|r| r.0);
+        let mut run = |pkt: &rules::packet::PacketSpec| testrun::run_probe(&mut probe, pkt);
         let failures = selftest::self_test_failures(ruleset, Some(&mut run))?;
         if !failures.is_empty() {
             return Err(ControlError::SelfTests {

@@ -17,7 +17,7 @@ use aya::{
     util::nr_cpus,
 };
 use xdpfw_common::{
-    BUFFERS, Bitmap, buffer_of, DirBlock, DirLine, FieldEntry, GlobalStats, Ipv6Data, LimitKey, LimitState, MAX_BITMAPS, MAX_PREFIXES,
+    BUFFERS, Bitmap, buffer_of, DirBlock, DirLine, FieldEntry, FlowEntry, FlowKey, GlobalStats, Ipv6Data, LimitKey, LimitState, MAX_BITMAPS, MAX_PREFIXES,
     MAX_RULES, PrefixValue, RULE_SLOTS, RuleMeta, RuleStats, RulesetHeader,
     dir, fields_layout::FIELDS_PER_BUFFER, map_names,
 };
@@ -125,6 +125,8 @@ pub struct Maps {
     /// Rules' rate limits and buckets (both buffers, written through the mapping).
     limits: MmapArray<LimitState>,
     limit_sources: aya::maps::HashMap<MapData, LimitKey, u64>,
+    /// The flows this host opened (`state` rules), written by the egress program.
+    flows: aya::maps::HashMap<MapData, FlowKey, FlowEntry>,
 }
 
 type DirArray = Array<MapData, DirBlock>;
@@ -235,6 +237,7 @@ impl Maps {
             rule_stats: PerCpuArray::try_from(Map::from_map_data(get(RULE_STATS)?)?)?,
             limits: MmapArray::new(get(LIMITS)?)?,
             limit_sources: aya::maps::HashMap::try_from(Map::from_map_data(get(LIMIT_SOURCES)?)?)?,
+            flows: aya::maps::HashMap::try_from(Map::from_map_data(get(FLOWS)?)?)?,
         })
     }
 
@@ -378,6 +381,34 @@ impl Maps {
     /// Per-source buckets in the table now (at most `limit::SOURCE_ENTRIES`).
     pub fn limit_sources(&self) -> usize {
         self.limit_sources.keys().filter(Result::is_ok).count()
+    }
+
+    /// Entries of the flow table now, expired ones included (at most `flow::ENTRIES`). A walk of
+    /// the table: tens of milliseconds when it is full.
+    pub fn flow_entries(&self) -> usize {
+        self.flows.keys().filter(Result::is_ok).count()
+    }
+
+    /// Records a flow as the egress program does (tests, `explain --kernel --state`): `key` is
+    /// the key of its replies.
+    pub fn insert_flow(&mut self, key: FlowKey, entry: FlowEntry) -> Result<()> {
+        self.flows.insert(&key, &entry, 0)?;
+        Ok(())
+    }
+
+    /// Forgets a flow (a missing one is fine).
+    pub fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
+        match self.flows.remove(key) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The entry of a flow, if the table has it.
+    pub fn flow(&self, key: &FlowKey) -> Option<FlowEntry> {
+        self.flows.get(key, 0).ok()
     }
 
     /// Per-rule counters of `buffer`, summed over CPUs: `rule_count` rules, then the default.

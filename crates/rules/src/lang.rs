@@ -386,6 +386,8 @@ pub struct Rule {
     pub owner: Option<OwnerMatch>,
     /// A rate limit: beyond it the rule does not match.
     pub limit: Option<RateLimit>,
+    /// Connection states, any of which matches (`state = "established"`), sorted.
+    pub state: Option<Vec<crate::packet::FlowState>>,
     pub comment: Option<String>,
     pub location: Location,
 }
@@ -543,6 +545,7 @@ struct RawRule {
     tcp_flags: Option<Spanned<String>>,
     owner: Option<Spanned<toml::Value>>,
     limit: Option<Spanned<toml::Value>>,
+    state: Option<Spanned<toml::Value>>,
     comment: Option<String>,
 }
 
@@ -1610,11 +1613,13 @@ fn parse_rule(
         }
     };
     let limit = r.limit.as_ref().map(|l| parse_limit(src, l)).transpose()?;
+    let state = r.state.as_ref().map(|v| parse_state(src, v, proto.as_deref())).transpose()?;
     Ok(Rule {
         name,
         action: parse_action(src, &r.action)?,
         owner,
         limit,
+        state,
         src: addr(&r.src)?,
         dst: addr(&r.dst)?,
         proto,
@@ -1668,6 +1673,28 @@ pub fn parse_per(s: &str) -> Result<(u8, u8), String> {
         [v4, v6] => Ok((len(v4, 32)?, len(v6, 128)?)),
         _ => Err(bad()),
     }
+}
+
+/// A rule's `state`: `"established"`, `"related"`, `"new"` or a list of them. Only ICMP errors
+/// are related, so a rule whose protocols leave none out has no use for `"related"` alone.
+fn parse_state(src: &Source, v: &Spanned<toml::Value>, proto: Option<&[u8]>) -> Result<Vec<crate::packet::FlowState>, RulesError> {
+    use crate::packet::FlowState;
+    let mut out = Vec::new();
+    for item in items(v) {
+        let toml::Value::String(s) = item else {
+            return Err(src.error(v.span(), format!("state must be \"new\", \"established\", \"related\" or a list of them, not {item}")));
+        };
+        out.push(s.parse::<FlowState>().map_err(|m| src.error(v.span(), m))?);
+    }
+    if out.is_empty() {
+        return Err(src.error(v.span(), "an empty state list matches nothing; remove the field"));
+    }
+    out.sort_unstable();
+    out.dedup();
+    if out == [FlowState::Related] && proto.is_some_and(|p| !p.contains(&IPPROTO_ICMP) && !p.contains(&IPPROTO_ICMPV6)) {
+        return Err(src.error(v.span(), "state \"related\" matches ICMP errors only: this rule's protocols have none"));
+    }
+    Ok(out)
 }
 
 /// A rule's `limit` table.
