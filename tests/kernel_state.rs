@@ -185,3 +185,28 @@ fn flow_table_stays_bounded() {
     let newest = spec("udp 203.0.113.6:53 -> 192.0.2.2:59999 state established");
     assert_eq!(prog.run(&newest.to_frame()).unwrap(), action::PASS, "the newest flow is in the table");
 }
+
+/// `loader explain --state` (or `state …` in the packet) on `rules/host.toml`: the reference
+/// matcher and, with `--kernel`, the real program with the flow in its table agree.
+#[test]
+fn explain_takes_the_packet_state() {
+    if !harness::root_or_skip() {
+        return;
+    }
+    let rules = harness::rules_dir().join("host.toml");
+    let explain = |args: &[&str]| {
+        let out = std::process::Command::new(harness::loader_bin()).arg("explain").arg(&rules).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let reply = "tcp 203.0.113.80:443 -> 192.0.2.2:41000 flags A";
+    let text = explain(&[reply, "--state", "established", "--kernel"]);
+    assert!(text.contains("pass by rule #0 \"replies\"") && text.contains("kernel (BPF_PROG_TEST_RUN): pass"), "{text}");
+    let text = explain(&[reply, "--kernel"]);
+    assert!(text.contains("no rule matched") && text.contains("kernel (BPF_PROG_TEST_RUN): drop"), "{text}");
+    let text = explain(&["icmp 203.0.113.1 -> 192.0.2.2 type 3 code 4 state related", "--kernel"]);
+    assert!(text.contains("the packet is related") && text.contains("kernel (BPF_PROG_TEST_RUN): pass"), "{text}");
+    let out = std::process::Command::new(harness::loader_bin()).arg("explain").arg(&rules).args(["udp 192.0.2.9:1 -> 192.0.2.2:2", "--state", "related"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "a state the packet cannot have is a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only ICMP errors"), "{}", String::from_utf8_lossy(&out.stderr));
+}
