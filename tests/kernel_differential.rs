@@ -173,6 +173,12 @@ fn random_ruleset(rng: &mut StdRng) -> String {
             _ => "drop",
         };
         writeln!(t, "action = \"{action}\"").unwrap();
+        // Now and then a VLAN condition: one id or a list.
+        match rng.random_range(0..25) {
+            0 => writeln!(t, "vlan = {}", VLAN_IDS.choose(rng).unwrap()).unwrap(),
+            1 => writeln!(t, "vlan = [{}, {}]", VLAN_IDS.choose(rng).unwrap(), VLAN_IDS.choose(rng).unwrap()).unwrap(),
+            _ => {}
+        }
         // Connection state: the kernel looks it up only when such a rule is the first match.
         match rng.random_range(0..40) {
             0..4 => writeln!(t, "state = \"established\"").unwrap(),
@@ -370,6 +376,7 @@ fn random_packet(rng: &mut StdRng) -> PacketSpec {
         icmp_code: 0,
         fragment: rng.random_bool(0.1),
         state: FlowState::New,
+        vlan: None,
     };
     if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
         p.sport = random_port(rng);
@@ -539,13 +546,31 @@ fn random_encapsulation(rng: &mut StdRng, p: &PacketSpec) -> Vec<u8> {
         }
         _ => p.to_frame(),
     };
-    match rng.random_range(0..20) {
+    // VLAN tags: the outermost one's id is what `vlan` rules see (`p.vlan`, set by the caller
+    // from what this returns).
+    let (choice, outer, prio) = (rng.random_range(0..12), *VLAN_IDS.choose(rng).unwrap(), rng.random_range(0..8u16));
+    let tag = |f: &[u8], tpid: u16, id: u16| {
+        let mut t = f[..12].to_vec();
+        t.extend_from_slice(&tpid.to_be_bytes());
+        t.extend_from_slice(&((prio << 13) | id).to_be_bytes());
+        t.extend_from_slice(&f[12..]);
+        t
+    };
+    match choice {
         0 => f = with_vlan(&f, &[0x8100]),
         1 => f = with_vlan(&f, &[0x88a8, 0x8100]),
+        2 | 3 => f = tag(&f, 0x8100, outer),
+        4 => {
+            f = tag(&f, 0x8100, 7);
+            f = tag(&f, 0x88a8, outer);
+        }
         _ => {}
     }
     f
 }
+
+/// VLAN ids rules name and frames carry.
+const VLAN_IDS: [u16; 5] = [100, 101, 200, 1, 4094];
 
 fn scale() -> usize {
     match std::env::var("XDPFW_DIFF_SCALE") {
@@ -573,6 +598,8 @@ fn differential_random_rulesets() {
     let mut decided_by = [0u64; 9];
     // Packets new, established, related; decided by a rule with a `state` condition.
     let (mut states, mut stateful) = ([0u64; 3], 0u64);
+    // Tagged packets; decided by a rule with a `vlan` condition.
+    let (mut tagged, mut by_vlan_rule) = (0u64, 0u64);
     for index in 0..rulesets {
         let text = random_ruleset(&mut rng);
         let rs = rules::parse(Path::new("random.toml"), &text)
@@ -590,6 +617,11 @@ fn differential_random_rulesets() {
             let p = if rng.random_bool(0.4) { targeted_packet(&mut rng, &rs) } else { random_packet(&mut rng) };
             let p = with_random_state(&mut rng, p);
             let frame = random_encapsulation(&mut rng, &p);
+            // What `vlan` rules see: the outermost tag's id, as the kernel-mirroring reader has it.
+            let p = match rules::frame::classify(&frame) {
+                rules::frame::FrameClass::Packet(read) => PacketSpec { vlan: read.vlan, ..p },
+                other => panic!("a generated frame is not a packet ({other:?}): {p}"),
+            };
             let d = rules::matcher::decide_with_limits(&rs, &p, &mut |rule| {
                 let limit = rs.rules[rule].limit.as_ref().unwrap();
                 let key = limit.per_source.map(|(v4, v6)| match p.src {
@@ -612,6 +644,8 @@ fn differential_random_rulesets() {
                 prog.maps.remove_flow(&key).unwrap();
             }
             states[p.state as usize] += 1;
+            tagged += p.vlan.is_some() as u64;
+            by_vlan_rule += d.rule.is_some_and(|i| rs.rules[i].vlan.is_some()) as u64;
             stateful += d.rule.is_some_and(|i| rs.rules[i].state.is_some()) as u64;
             if kernel != d.action.kernel() {
                 panic!(
@@ -687,6 +721,8 @@ fn differential_random_rulesets() {
     assert!(rule_decided > packets / 4, "only {rule_decided} of {packets} packets were decided by a rule");
     assert!(states[1] > packets / 20 && states[2] > packets / 1000 && stateful > packets / 50, "states {states:?}, by a state rule {stateful}");
     eprintln!("differential: packets new/established/related {states:?}, {stateful} decided by a rule with a state condition");
+    assert!(tagged > packets / 20 && by_vlan_rule > packets / 500, "tagged {tagged}, by a vlan rule {by_vlan_rule}");
+    eprintln!("differential: {tagged} packets tagged, {by_vlan_rule} decided by a rule with a vlan condition");
     eprintln!(
         "differential: {rulesets} rulesets x {PACKETS_PER_RULESET} packets = {packets} packets \
          (pass {}, drop {}, decided by a rule {rule_decided}: with addresses/ports/icmp/flags/owner/not first/exclusion/icmp list/after a limit \
@@ -795,6 +831,7 @@ fn large_direct_tables(per_set: usize, span: u32) -> usize {
             icmp_code: 0,
             fragment: false,
             state: FlowState::New,
+            vlan: None,
         };
         let d = decide(&rs, &p);
         let kernel = prog.run(&p.to_frame()).unwrap();
@@ -880,6 +917,7 @@ fn host_route_heavy_set_agrees_with_the_matcher() {
             icmp_code: 0,
             fragment: false,
             state: FlowState::New,
+            vlan: None,
         };
         let d = decide(&rs, &p);
         let kernel = prog.run(&p.to_frame()).unwrap();

@@ -65,14 +65,14 @@ impl Drop for Nginx {
 fn http_get(ns: &str, to: SocketAddr, timeout: Duration) -> Result<String, String> {
     in_ns(ns, move || {
         let mut s = TcpStream::connect_timeout(&to, timeout).map_err(|e| format!("connect: {e}"))?;
-        s.set_read_timeout(Some(timeout)).unwrap();
+        s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
         s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").map_err(|e| e.to_string())?;
         let mut out = String::new();
         s.read_to_string(&mut out).map_err(|e| format!("read: {e}"))?;
         Ok(out)
     })
     .join()
-    .unwrap()
+    .unwrap_or_else(|_| Err("the client thread panicked".into()))
 }
 
 /// A UDP echo server in `ns` on `at`, answering until `n` datagrams or 30 s.
@@ -278,4 +278,36 @@ fn replies_to_the_hosts_own_flows_pass_under_default_drop() {
     loader_ok(server, &["detach", &t.server_if]);
     assert!(!tcx_egress(&t).contains("xdpfw_egress"), "{}", tcx_egress(&t));
     assert_no_instance(&t);
+}
+
+/// The egress program is part of what a daemon keeps whole: its link detached in the kernel
+/// (pin left in place) or its pins removed, the daemon attaches the instance again, egress
+/// program included, and replies pass again.
+#[test]
+fn a_daemon_repairs_a_missing_egress_program() {
+    if !harness::root_or_skip() {
+        return;
+    }
+    let mut t = Topology::new("strp").expect("topology");
+    t.detach_on_drop(loader_bin());
+    let dir = TempDir(std::env::temp_dir().join(format!("xdpfw-state-repair-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let host_rules = rules_dir().join("host.toml");
+    let d = harness::daemon::Daemon::start(&t, &dir.0, &["--rules", host_rules.to_str().unwrap()]);
+    assert_eq!(tcx_egress(&t), "xdpfw_egress");
+    assert_eq!(ping_from(&t.server_ns, CLIENT_V4, 2), 2, "replies pass");
+
+    let link = t.pin_dir().join("egress_link");
+    let out = Command::new("bpftool").args(["link", "detach", "pinned"]).arg(&link).output().unwrap();
+    assert!(out.status.success(), "bpftool link detach: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(tcx_egress(&t), "", "detached under its pin");
+    harness::daemon::wait_metric(&t, &d, "xdpfw_repairs_total", 10, |v| v >= 1.0);
+    assert_eq!(tcx_egress(&t), "xdpfw_egress", "attached again\n{}", d.log());
+    assert_eq!(ping_from(&t.server_ns, CLIENT_V4, 2), 2, "replies pass after the repair");
+
+    std::fs::remove_file(t.pin_dir().join("egress_link")).unwrap();
+    harness::daemon::wait_metric(&t, &d, "xdpfw_repairs_total", 10, |v| v >= 2.0);
+    assert_eq!(tcx_egress(&t), "xdpfw_egress", "{}", d.log());
+    assert_eq!(ping_from(&t.server_ns, CLIENT_V4, 2), 2);
+    drop(d);
 }

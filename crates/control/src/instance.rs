@@ -303,8 +303,9 @@ impl Instance {
         self.pin_dir.join("link").exists()
     }
 
-    /// Whether the instance is whole and filtering: its link, program, probe and maps are
-    /// pinned and (in this namespace) the kernel reports an XDP program on the interface. False
+    /// Whether the instance is whole and filtering: its link, program, probe, egress program and
+    /// maps are pinned and (in this namespace) the kernel reports an XDP program and the egress
+    /// program on the interface. False
     /// after a `loader detach`, pins removed by hand, bpffs unmounted, or a link detached with
     /// `bpftool link detach`: what a daemon repairs.
     pub fn is_filtering(&self) -> bool {
@@ -312,7 +313,12 @@ impl Instance {
             .iter()
             .chain(xdpfw_common::map_names::ALL.iter())
             .all(|n| self.pin_dir.join(n).exists());
-        pinned && (!self.is_here() || kernel::netlink::attached_mode_of(self.ifindex).is_ok_and(|m| m.is_some()))
+        // The egress program too (its link can be detached under its pin); a query that fails
+        // says nothing, and must not make a daemon repair for ever.
+        pinned
+            && (!self.is_here()
+                || (kernel::netlink::attached_mode_of(self.ifindex).is_ok_and(|m| m.is_some())
+                    && kernel::egress_attached(self.ifindex).unwrap_or(true)))
     }
 
     /// Whether this is an instance of the current network namespace.

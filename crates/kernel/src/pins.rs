@@ -12,7 +12,7 @@ use aya::{
     Ebpf,
     programs::{LinkOrder, SchedClassifier, TcAttach, TcAttachType, Xdp, XdpMode, links::FdLink, links::PinnedLink},
 };
-use xdpfw_common::{EGRESS_PROGRAM_NAME, PROGRAM_NAME};
+use xdpfw_common::{EGRESS_PROGRAM_NAME, PROBE_PROGRAM_NAME, PROGRAM_NAME};
 
 /// Pins of the egress program (see [`attach_egress`]) in an instance's folder.
 pub const EGRESS_PIN: &str = "egress";
@@ -74,7 +74,7 @@ impl AttachMode {
 /// paying for a verifier run.
 pub fn pin_probe(dir: &Path) -> Result<()> {
     let mut ebpf = load_probe(dir)?;
-    let prog: &mut Xdp = ebpf.program_mut(PROGRAM_NAME).ok_or_else(|| KernelError::msg("program missing".to_string()))?.try_into()?;
+    let prog: &mut Xdp = ebpf.program_mut(PROBE_PROGRAM_NAME).ok_or_else(|| KernelError::msg("probe program missing".to_string()))?.try_into()?;
     prog.pin(dir.join("probe")).kctx(|| "pinning the probe program".into())?;
     Ok(())
 }
@@ -132,6 +132,13 @@ pub fn attach_egress(ebpf: &mut Ebpf, iface: &str, ifindex: u32, dir: &Path) -> 
         .map_err(|_| KernelError::msg(format!("the kernel attached the egress program to {iface} without a BPF link")))?;
     link.pin(dir.join(EGRESS_LINK_PIN)).kctx(|| "pinning the egress link".into())?;
     Ok(())
+}
+
+/// Whether the egress program is attached to `ifindex` of the current network namespace (a link
+/// detached with `bpftool link detach` leaves its pin but not the attachment).
+pub fn egress_attached(ifindex: u32) -> Result<bool> {
+    let (_, progs) = SchedClassifier::query_tcx(ifindex, TcAttachType::Egress).kctx(|| "querying the TCX egress programs".into())?;
+    Ok(progs.iter().any(|p| p.name_as_str() == Some(EGRESS_PROGRAM_NAME)))
 }
 
 /// Removes the links (which detach the programs) and every pin under `dir`.

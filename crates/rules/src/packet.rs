@@ -30,6 +30,8 @@ pub struct PacketSpec {
     pub fragment: bool,
     /// Its connection state: whether the flow table holds its flow (see [`FlowState`]).
     pub state: FlowState,
+    /// The id of its outermost VLAN tag (802.1Q, or the service tag of 802.1ad), if tagged.
+    pub vlan: Option<u16>,
 }
 
 /// The connection state of a packet (`state` conditions of rules): what the flow table the
@@ -160,6 +162,11 @@ impl PacketSpec {
     pub fn to_frame(&self) -> Vec<u8> {
         let mut f = Vec::with_capacity(128);
         f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02, 0x02, 0, 0, 0, 0, 0x01]);
+        if let Some(id) = self.vlan {
+            // An 802.1Q tag: TPID, then priority 0 and the id.
+            f.extend_from_slice(&0x8100u16.to_be_bytes());
+            f.extend_from_slice(&(id & 0x0fff).to_be_bytes());
+        }
         let l4 = self.l4_header();
         match (self.src, self.dst) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
@@ -264,6 +271,7 @@ impl Default for PacketSpec {
             icmp_code: 0,
             fragment: false,
             state: FlowState::New,
+            vlan: None,
         }
     }
 }
@@ -332,6 +340,7 @@ impl FromStr for PacketSpec {
             icmp_code: 0,
             fragment: false,
             state: FlowState::New,
+            vlan: None,
         };
         if proto == IPPROTO_TCP {
             p.tcp_flags = 0x02;
@@ -354,6 +363,10 @@ impl FromStr for PacketSpec {
                 }
                 "fragment" => p.fragment = true,
                 "state" => p.state = value()?.parse().map_err(SpecError)?,
+                "vlan" => {
+                    let v = value()?;
+                    p.vlan = Some(v.parse::<u16>().ok().filter(|id| *id <= 4095).spec_err(|| format!("invalid vlan id \"{v}\" (0-4095)"))?);
+                }
                 other => spec_bail!("unexpected \"{other}\""),
             }
         }
@@ -392,6 +405,9 @@ impl fmt::Display for PacketSpec {
         if self.state != FlowState::New {
             write!(f, " state {}", self.state)?;
         }
+        if let Some(id) = self.vlan {
+            write!(f, " vlan {id}")?;
+        }
         Ok(())
     }
 }
@@ -412,6 +428,8 @@ mod tests {
             "tcp 192.0.2.1:80 -> 192.0.2.2:40000 flags A state established",
             "icmp 192.0.2.1 -> 192.0.2.2 type 0 state established",
             "icmpv6 2001:db8::1 -> 2001:db8::2 type 1 code 4 state related",
+            "udp 192.0.2.1:53 -> 192.0.2.2:53 vlan 100",
+            "tcp 192.0.2.1:80 -> 192.0.2.2:40000 flags A state established vlan 4095",
         ] {
             let p: PacketSpec = text.parse().unwrap();
             let again: PacketSpec = p.to_string().parse().unwrap_or_else(|e| panic!("{p}: {e}"));
@@ -427,6 +445,7 @@ mod tests {
             ("icmpv6 2001:db8::1 -> 2001:db8::2 type 0 state established", "only tcp, udp and ICMP echo replies"),
             ("tcp 192.0.2.1:1 -> 192.0.2.2:2 fragment state established", "only tcp, udp"),
             ("tcp 192.0.2.1:1 -> 192.0.2.2:2 state open", "unknown state \"open\""),
+            ("tcp 192.0.2.1:1 -> 192.0.2.2:2 vlan 4096", "invalid vlan id \"4096\" (0-4095)"),
         ] {
             let e = text.parse::<PacketSpec>().unwrap_err().to_string();
             assert!(e.contains(message), "{text}: {e}");

@@ -69,3 +69,28 @@ fn state_is_matched_explained_and_compiled() {
     let img = compile(&plain).unwrap();
     assert_eq!((img.header.fields & field::STATE, img.header.flags & header_flags::STATE), (0, 0));
 }
+
+#[test]
+fn vlan_errors_say_where_and_vlans_are_matched() {
+    for (vlan, message) in [
+        ("5000", "r.toml:4:8: error: vlan id 5000 is out of range (1-4094)"),
+        ("0", "r.toml:4:8: error: vlan id 0 is out of range (1-4094)"),
+        ("[100, 4095]", "r.toml:4:8: error: vlan id 4095 is out of range (1-4094)"),
+        ("\"100\"", "r.toml:4:8: error: vlan must be an id 1-4094 or a list of them"),
+        ("[]", "r.toml:4:8: error: an empty vlan list matches nothing"),
+    ] {
+        let e = err(&format!("{RULE}vlan = {vlan}\n"));
+        assert!(e.starts_with(message), "{vlan}: {e}");
+    }
+    let rs = parse(Path::new("r.toml"), &format!("{RULE}name = \"v\"\nvlan = [200, 100, 100]\n")).unwrap();
+    assert_eq!(rs.rules[0].vlan, Some(vec![100, 200]));
+    assert_eq!(decide(&rs, &pkt("udp 192.0.2.1:1 -> 192.0.2.2:2 vlan 200")).rule_name.as_deref(), Some("v"));
+    let d = decide(&rs, &pkt("udp 192.0.2.1:1 -> 192.0.2.2:2"));
+    assert_eq!(d.rule, None);
+    let why = xdpfw_rules::matcher::explain_rule(&rs.rules[0], &pkt("udp 192.0.2.1:1 -> 192.0.2.2:2")).unwrap_err();
+    assert!(why.contains("no VLAN tag"), "{why}");
+    let img = compile(&rs).unwrap();
+    assert_eq!(img.header.fields & field::VLAN, field::VLAN);
+    let bits = |i: u32| img.bitmaps[img.fields[(xdpfw_common::fields_layout::VLAN_BASE + i) as usize].bitmap as usize].words[0];
+    assert_eq!((bits(100), bits(200), bits(101), bits(xdpfw_common::fields_layout::VLAN_UNTAGGED)), (1, 1, 0, 0));
+}
