@@ -1732,6 +1732,10 @@ fn parse_rule(
     };
     let limit = r.limit.as_ref().map(|l| parse_limit(src, l)).transpose()?;
     let state = r.state.as_ref().map(|v| parse_state(src, v, proto.as_deref())).transpose()?;
+    if let (Some(v), Some(_)) = (&r.state, &owner) {
+        // Userspace decides owner rules from the escalated rule on, without the packet's state.
+        return Err(src.error(v.span(), "state and owner conditions cannot be on one rule (the escalation service decides owner rules without the packet's state)"));
+    }
     let vlan = r.vlan.as_ref().map(|v| parse_vlan(src, v)).transpose()?;
     let log = match &r.log {
         None => None,

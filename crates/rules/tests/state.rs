@@ -94,3 +94,11 @@ fn vlan_errors_say_where_and_vlans_are_matched() {
     let bits = |i: u32| img.bitmaps[img.fields[(xdpfw_common::fields_layout::VLAN_BASE + i) as usize].bitmap as usize].words[0];
     assert_eq!((bits(100), bits(200), bits(101), bits(xdpfw_common::fields_layout::VLAN_UNTAGGED)), (1, 1, 0, 0));
 }
+
+/// Owner rules are decided in userspace without the packet's state: the two on one rule would
+/// be decided wrongly, so they are refused.
+#[test]
+fn state_and_owner_on_one_rule_are_refused() {
+    let e = err(&format!("{RULE}proto = \"tcp\"\nowner = {{ uid = 0 }}\nstate = \"established\"\n"));
+    assert!(e.starts_with("r.toml:6:9: error: state and owner conditions cannot be on one rule"), "{e}");
+}
