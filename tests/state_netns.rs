@@ -296,6 +296,11 @@ fn a_daemon_repairs_a_missing_egress_program() {
     let d = harness::daemon::Daemon::start(&t, &dir.0, &["--rules", host_rules.to_str().unwrap()]);
     assert_eq!(tcx_egress(&t), "xdpfw_egress");
     assert_eq!(ping_from(&t.server_ns, CLIENT_V4, 2), 2, "replies pass");
+    // The flow table in the metrics: the pings' flow recorded and in the table.
+    assert!(harness::daemon::m(&t, "xdpfw_flows_new_total") >= 1.0);
+    assert!(harness::daemon::m(&t, "xdpfw_flow_entries") >= 1.0);
+    assert_eq!(harness::daemon::m(&t, "xdpfw_flows_evicted_total"), 0.0);
+    assert!(harness::daemon::m(&t, "xdpfw_state_established_total") >= 2.0, "the echo replies were established");
 
     let link = t.pin_dir().join("egress_link");
     let out = Command::new("bpftool").args(["link", "detach", "pinned"]).arg(&link).output().unwrap();
