@@ -120,6 +120,7 @@ fn attach_locked(inst: &Instance, ruleset: &Ruleset, image: &xdpfw_rules::compil
             ruleset: summary.clone(),
             last_reload: None,
             carried: Default::default(),
+            retiring: None,
         }) {
             tracing::error!("{iface} is attached and filtering as generation {generation}, but recording it failed: {e}");
         }
@@ -380,6 +381,7 @@ fn install_locked(
                 ruleset: summary.clone(),
                 last_reload: None,
                 carried: Default::default(),
+                retiring: None,
             }
         }
         Err(e) => return Err(e),
@@ -388,6 +390,8 @@ fn install_locked(
     // Until the retired buffer's final counts are in (after the grace period), the names kept
     // carry what they carried before.
     next.carried = crate::instance::carry(&old_carried, &[], &[], &summary.rules);
+    // ... and `stats` adds the retiring generation's counters live (see State::retiring).
+    next.retiring = Some(crate::instance::Retiring { generation: previous, rules: old_rules.clone() });
     next.generation = generation;
     next.ruleset = summary.clone();
     // The interface may have been renamed, the namespace named since: recorded as they are now.
@@ -413,12 +417,9 @@ fn install_locked(
         Err(e) => tracing::warn!("per-rule counters of generation {previous} could not be read; they are not carried over: {e}"),
     }
 
-    let t = Instant::now();
-    maps.clear(buffer_of(previous))?;
-    times.clear_us = us(t.elapsed());
-    times.total_us = us(total.elapsed());
+    next.retiring = None;
 
-    let report = ReloadReport {
+    let mut report = ReloadReport {
         iface: inst.iface.clone(),
         previous_generation: previous,
         generation,
@@ -429,7 +430,18 @@ fn install_locked(
         warnings: ruleset.warnings.iter().map(|w| w.to_string()).collect(),
     };
     // The new ruleset is live from the flip on: a failure to record it (a full disk) must say
-    // so, not claim the reload failed.
+    // so, not claim the reload failed. Recorded with the retired counts carried *before* the
+    // retired buffer is cleared: a reader sees either the record in progress plus that
+    // buffer's live counters, or this one, never the buffer cleared and its counts missing.
+    next.last_reload = Some(report.clone());
+    if let Err(e) = inst.write_state(&next) {
+        return Err(ControlError::LiveButUnrecorded { report: Box::new(report), source: Box::new(e) });
+    }
+
+    let t = Instant::now();
+    maps.clear(buffer_of(previous))?;
+    report.times.clear_us = us(t.elapsed());
+    report.times.total_us = us(total.elapsed());
     next.last_reload = Some(report.clone());
     if let Err(e) = inst.write_state(&next) {
         return Err(ControlError::LiveButUnrecorded { report: Box::new(report), source: Box::new(e) });
