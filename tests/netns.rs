@@ -421,3 +421,47 @@ fn history_records_every_attempt_and_rollback_reapplies_a_snapshot() {
     assert_eq!(udp_delivered(&t, sa(SERVER_V4, 9001), 10), 0);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A namespace deleted with a firewall still attached (a container stopping) takes its veth
+/// and the attachment, but not the pins: the program and its maps stay in kernel memory.
+/// `list` names such instances and `prune` removes them, and nothing else.
+#[test]
+fn instances_of_a_deleted_namespace_are_listed_and_pruned() {
+    if !harness::root_or_skip() {
+        return;
+    }
+    let live = attached("prl", "udp-7000-closed.toml");
+    let gone = attached("prg", "udp-7000-closed.toml");
+    let (pins, key) = (gone.pin_dir(), gone.instance_key());
+    let prog = Command::new("bpftool").args(["-j", "prog", "show", "pinned"]).arg(pins.join("prog")).output().unwrap();
+    let prog_id = serde_json::from_slice::<serde_json::Value>(&prog.stdout).unwrap()["id"].as_u64().unwrap();
+    // What an attach killed midway in the same namespace left: a folder without a link.
+    let inode = key.trim_start_matches("ns").split("-if").next().unwrap().to_string();
+    let partial = pins.with_file_name(format!("ns{inode}-if99"));
+    std::fs::create_dir(&partial).unwrap();
+    let out = Command::new("ip").args(["netns", "del", &gone.server_ns]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let list = loader_ok(&live.server_ns, &["list"]);
+    assert!(list.lines().any(|l| l.starts_with("stale: ") && l.contains(&key) && l.contains("loader prune")), "{list}");
+    let json: serde_json::Value = serde_json::from_str(&loader_ok(&live.server_ns, &["list", "--json"])).unwrap();
+    let stale_keys: Vec<&str> = json["stale"].as_array().unwrap().iter().map(|s| s["key"].as_str().unwrap()).collect();
+    assert!(stale_keys.contains(&key.as_str()) && stale_keys.contains(&format!("ns{inode}-if99").as_str()), "{json}");
+    assert!(!stale_keys.contains(&live.instance_key().as_str()), "a live instance is not stale: {json}");
+
+    let dry = loader_ok(&live.server_ns, &["prune", "--dry-run"]);
+    assert!(dry.contains(&format!("would remove {}", pins.display())), "{dry}");
+    assert!(pins.exists() && partial.exists(), "--dry-run removes nothing");
+    let out = loader_ok(&live.server_ns, &["prune"]);
+    assert!(out.contains(&format!("removed {}", pins.display())) && out.contains(&format!("removed {}", partial.display())), "{out}");
+    assert!(!pins.exists() && !partial.exists());
+    assert!(!std::path::Path::new("/run/xdpfw").join(&key).exists(), "its runtime state went too");
+    assert!(
+        eventually(Duration::from_secs(5), || !Command::new("bpftool").args(["prog", "show", "id", &prog_id.to_string()]).output().unwrap().status.success()),
+        "program {prog_id} still loaded after prune"
+    );
+    // The live instance is untouched and still filters.
+    assert!(live.pin_dir().join("link").exists());
+    assert_eq!(udp_delivered(&live, sa(SERVER_V4, 7000), 5), 0, "the live firewall still drops UDP 7000");
+    assert_eq!(udp_delivered(&live, sa(SERVER_V4, 7001), 5), 5);
+}

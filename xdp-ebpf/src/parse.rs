@@ -305,6 +305,14 @@ pub fn v6_addr(ctx: &XdpContext, l3_off: usize, source: bool) -> Option<[u8; 16]
     header_at::<[u8; 16]>(ctx, l3_off + field).copied()
 }
 
+/// The IPv6 source (or destination) address in the packet itself, for copying it elsewhere
+/// without a stack copy.
+#[inline(always)]
+pub fn v6_addr_ref(ctx: &XdpContext, l3_off: usize, source: bool) -> Option<&[u8; 16]> {
+    let field = if source { offset_of!(Ipv6Hdr, saddr) } else { offset_of!(Ipv6Hdr, daddr) };
+    header_at::<[u8; 16]>(ctx, l3_off + field)
+}
+
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> ParseOutcome {
     let mut c = Cursor::new(ctx);

@@ -11,7 +11,7 @@ use crate::error::CompileError;
 
 type Result<T> = std::result::Result<T, CompileError>;
 use xdpfw_common::{
-    BITMAP_ALL, BITMAP_EMPTY, Bitmap, DirBlock, DirLine, FieldEntry, Ipv6Data, LimitState, MAX_BITMAPS, MAX_PREFIXES, RuleMeta,
+    BITMAP_ALL, BITMAP_EMPTY, Bitmap, DirBlock, DirLine, FieldEntry, Ipv6Data, LimitState, LogLimit, MAX_BITMAPS, MAX_PREFIXES, RuleMeta,
     RulesetHeader, absent, dir, field, fields_layout::*, fragment_policy, header_flags, rule_flags,
 };
 
@@ -32,6 +32,8 @@ pub struct Image {
     pub dst_v6: Vec<(u32, Ipv6Data, u32)>,
     /// Each rule's rate limit (all zero for rules without one), with full buckets.
     pub limits: Vec<LimitState>,
+    /// Each rule's log rate (all zero for rules without `log`), with full buckets.
+    pub log_limits: Vec<LogLimit>,
 }
 
 /// A direct IPv4 table (see `xdpfw_common::dir`): the u32 entries of the top level and the
@@ -355,7 +357,8 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
             .map(|r| RuleMeta {
                 action: r.action.kernel(),
                 flags: if r.owner.is_some() { rule_flags::NEEDS_OWNER } else { 0 }
-                    | if r.limit.is_some() { rule_flags::LIMITED } else { 0 },
+                    | if r.limit.is_some() { rule_flags::LIMITED } else { 0 }
+                    | if r.log.is_some() { rule_flags::LOG } else { 0 },
             })
             .collect(),
         bitmaps: bitmaps.list,
@@ -365,6 +368,7 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
         src_v6,
         dst_v6,
         limits: rules.iter().map(|r| r.limit.as_ref().map(|l| l.kernel()).unwrap_or_default()).collect(),
+        log_limits: rules.iter().map(|r| r.log.as_ref().map(|l| l.kernel()).unwrap_or_default()).collect(),
     })
 }
 

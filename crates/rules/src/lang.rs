@@ -368,6 +368,52 @@ impl fmt::Display for RateLimit {
     }
 }
 
+/// A rule's `log` (`log = true`, or `log = { prefix = "ssh: ", rate = "10/s", burst = 20 }`):
+/// packets the rule decides are reported to the daemon's log and to `loader trace`, at most
+/// `rate` a period per rule, counted in the kernel. It never changes a verdict.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogSpec {
+    /// Put before each logged line (printable text, at most `MAX_LOG_PREFIX` bytes).
+    pub prefix: Option<String>,
+    /// Packets a period.
+    pub rate: u64,
+    /// The period in seconds (1, 60, 3600).
+    pub period_s: u64,
+    /// Packets logged at once after a quiet time.
+    pub burst: u64,
+}
+
+/// The longest `log.prefix`.
+pub const MAX_LOG_PREFIX: usize = 64;
+
+impl LogSpec {
+    /// `log = true`: ten packets a second per rule, bursts of ten.
+    pub const DEFAULT: LogSpec = LogSpec { prefix: None, rate: 10, period_s: 1, burst: 10 };
+
+    /// The kernel's form: the cost of one logged packet and the burst, in ns of the bucket.
+    pub fn kernel(&self) -> xdpfw_common::LogLimit {
+        let period_ns = self.period_s as u128 * 1_000_000_000;
+        let interval_ns = (period_ns / self.rate.max(1) as u128).max(1) as u64;
+        let burst_ns = ((self.burst as u128 * period_ns) / self.rate.max(1) as u128).min(u64::MAX as u128 / 2) as u64;
+        xdpfw_common::LogLimit { interval_ns, burst_ns, ..Default::default() }
+    }
+}
+
+impl fmt::Display for LogSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.period_s {
+            1 => "s",
+            60 => "m",
+            _ => "h",
+        };
+        write!(f, "at most {}/{unit} burst {}", self.rate, self.burst)?;
+        if let Some(p) = &self.prefix {
+            write!(f, ", prefix {p:?}")?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Rule {
     pub name: String,
@@ -386,6 +432,8 @@ pub struct Rule {
     pub owner: Option<OwnerMatch>,
     /// A rate limit: beyond it the rule does not match.
     pub limit: Option<RateLimit>,
+    /// Packets the rule decides are logged (rate-limited in the kernel).
+    pub log: Option<LogSpec>,
     pub comment: Option<String>,
     pub location: Location,
 }
@@ -543,6 +591,7 @@ struct RawRule {
     tcp_flags: Option<Spanned<String>>,
     owner: Option<Spanned<toml::Value>>,
     limit: Option<Spanned<toml::Value>>,
+    log: Option<Spanned<toml::Value>>,
     comment: Option<String>,
 }
 
@@ -1676,11 +1725,16 @@ fn parse_rule(
         }
     };
     let limit = r.limit.as_ref().map(|l| parse_limit(src, l)).transpose()?;
+    let log = match &r.log {
+        None => None,
+        Some(l) => parse_log(src, l)?,
+    };
     Ok(Rule {
         name,
         action: parse_action(src, &r.action)?,
         owner,
         limit,
+        log,
         src: addr(&r.src)?,
         dst: addr(&r.dst)?,
         proto,
@@ -1766,6 +1820,44 @@ fn parse_limit(src: &Source, v: &Spanned<toml::Value>) -> Result<RateLimit, Rule
     let per_second = (rate / period_s).max(1);
     let burst = burst.unwrap_or(if bytes { per_second.max(1514) } else { per_second });
     Ok(RateLimit { rate, period_s, bytes, burst, per_source: per })
+}
+
+/// A rule's `log`: `true`, `false`, or a table of `prefix`, `rate` (packets) and `burst`.
+fn parse_log(src: &Source, v: &Spanned<toml::Value>) -> Result<Option<LogSpec>, RulesError> {
+    let table = match v.get_ref() {
+        toml::Value::Boolean(true) => return Ok(Some(LogSpec::DEFAULT)),
+        toml::Value::Boolean(false) => return Ok(None),
+        toml::Value::Table(t) => t,
+        other => {
+            return Err(src.error(v.span(), format!("log must be true, false or a table, e.g. log = {{ prefix = \"ssh: \", rate = \"10/s\" }}, not {other}")));
+        }
+    };
+    let mut spec = LogSpec::DEFAULT;
+    let mut burst = None;
+    for (key, value) in table {
+        match (key.as_str(), value) {
+            ("prefix", toml::Value::String(p)) => {
+                if p.len() > MAX_LOG_PREFIX || p.chars().any(char::is_control) {
+                    return Err(src.error(v.span(), format!("log.prefix must be at most {MAX_LOG_PREFIX} bytes of printable text")));
+                }
+                spec.prefix = Some(p.clone());
+            }
+            ("rate", toml::Value::String(r)) => {
+                let (rate, period_s, bytes) = parse_rate(r).map_err(|m| src.error(v.span(), format!("log.rate: {m}")))?;
+                if bytes {
+                    return Err(src.error(v.span(), format!("log.rate counts packets, not bytes: \"{r}\"")));
+                }
+                (spec.rate, spec.period_s) = (rate, period_s);
+            }
+            ("burst", toml::Value::Integer(b)) if (1..=1 << 40).contains(b) => burst = Some(*b as u64),
+            ("burst", other) => return Err(src.error(v.span(), format!("log.burst must be a whole number 1 to 2^40, not {other}"))),
+            ("prefix" | "rate", other) => return Err(src.error(v.span(), format!("log.{key} must be a string, not {other}"))),
+            (other, _) => return Err(src.error(v.span(), format!("unknown log key \"{other}\" (expected prefix, rate, burst)"))),
+        }
+    }
+    // Without a burst: one second's worth, at least one packet.
+    spec.burst = burst.unwrap_or((spec.rate / spec.period_s).max(1));
+    Ok(Some(spec))
 }
 
 fn strings(src: &Source, v: &Spanned<toml::Value>) -> Result<Vec<String>, RulesError> {
@@ -1957,6 +2049,39 @@ mod tests {
         assert!(err("default = \"pass\"\n[[rule]]\naction = \"drop\"\nproto = \"tcp\"\ndport = \"!x\"\n").starts_with("r.toml:5:9: error: dport: invalid port \"x\""));
         let w = rules("default = \"pass\"\n[[rule]]\naction = \"drop\"\nproto = [\"tcp\", \"!tcp\"]\n").warnings;
         assert!(w.iter().any(|w| w.to_string() == "r.toml:4:9: warning: rule \"rule-1\" can never match: its proto excludes every protocol it names"), "{w:?}");
+    }
+
+    #[test]
+    fn log_parses_and_says_where_it_is_wrong() {
+        let rs = rules(
+            "default = \"pass\"\n[[rule]]\nname = \"a\"\naction = \"drop\"\nlog = true\n\
+             [[rule]]\nname = \"b\"\naction = \"pass\"\nlog = { prefix = \"ssh: \", rate = \"2/minute\", burst = 5 }\n\
+             [[rule]]\nname = \"c\"\naction = \"pass\"\nlog = false\n\
+             [[test]]\npacket = \"udp 192.0.2.1:1 -> 192.0.2.2:2\"\nexpect = \"drop\"\n",
+        );
+        assert_eq!(rs.rules[0].log, Some(LogSpec::DEFAULT));
+        assert_eq!(rs.rules[1].log, Some(LogSpec { prefix: Some("ssh: ".into()), rate: 2, period_s: 60, burst: 5 }));
+        assert_eq!(rs.rules[2].log, None);
+        let k = rs.rules[1].log.as_ref().unwrap().kernel();
+        assert_eq!((k.interval_ns, k.burst_ns), (30_000_000_000, 150_000_000_000));
+        // Logging changes no verdict, and explain says it logs.
+        let d = crate::matcher::decide(&rs, &"udp 192.0.2.1:1 -> 192.0.2.2:2".parse().unwrap());
+        assert_eq!((d.action, d.rule), (Action::Drop, Some(0)));
+        assert!(d.reasons.iter().any(|r| r.contains("logged (at most 10/s burst 10)")), "{d:?}");
+        assert!(crate::selftest::self_test_failures::<()>(&rs, None).unwrap().is_empty());
+        let rule = "default = \"pass\"\n[[rule]]\naction = \"drop\"\n";
+        for (log, message) in [
+            ("\"yes\"", "r.toml:4:7: error: log must be true, false or a table"),
+            ("{ rate = \"10 mbytes/s\" }", "r.toml:4:7: error: log.rate counts packets, not bytes"),
+            ("{ rate = \"10/fortnight\" }", "r.toml:4:7: error: log.rate: invalid rate period \"fortnight\""),
+            ("{ burst = 0 }", "r.toml:4:7: error: log.burst must be a whole number"),
+            ("{ prefix = \"a\\nb\" }", "r.toml:4:7: error: log.prefix must be at most 64 bytes of printable text"),
+            ("{ prefix = 1 }", "r.toml:4:7: error: log.prefix must be a string"),
+            ("{ level = \"warn\" }", "r.toml:4:7: error: unknown log key \"level\" (expected prefix, rate, burst)"),
+        ] {
+            let e = err(&format!("{rule}log = {log}\n"));
+            assert!(e.starts_with(message), "{log}: {e}");
+        }
     }
 
     #[test]

@@ -101,6 +101,10 @@ fn evaluate_with_limits(rs: &Ruleset, pkt: &PacketSpec, owner: OwnerView, first:
             });
             reasons.push(format!("within the rule's limit ({limit}); beyond it, later rules decide{then}"));
         }
+        if let Some(log) = &rule.log {
+            // Logging never changes the verdict; the explanation says the packet would be logged.
+            reasons.push(format!("logged ({log}): to the daemon's log and to `loader trace`"));
+        }
         reasons.splice(0..0, skipped.iter().cloned());
         let decision = |action, reasons, escalated| Decision {
             action,
