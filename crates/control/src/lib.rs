@@ -10,6 +10,7 @@ pub mod history;
 pub mod instance;
 pub mod pipeline;
 pub mod stats;
+mod tables_cache;
 
 pub use error::{ControlError, Result};
 pub use instance::{CarriedCounts, Instance, ReloadReport, ReloadTimes, RulesetSummary, State};

@@ -277,6 +277,14 @@ impl Maps {
         // Only fields with prefixes get a map; an empty slot makes the lookup fall back to the
         // field's "no prefix matched" bitmap, which is what an empty map would give.
         self.empty_slots(buffer)?;
+        if image.tables_reused {
+            self.share_tables(buffer)?;
+            let tables_us = start.elapsed().as_micros() as u64;
+            let mut header = image.header;
+            header.generation = generation;
+            self.headers.range_mut(b, 1)[0] = header;
+            return Ok(InstallTimes { arrays_us, tables_us });
+        }
         if !image.src_v6.is_empty() {
             self.src_v6.set(buffer, &trie_v6(&image.src_v6)?, 0)?;
         }
@@ -314,6 +322,47 @@ impl Maps {
         header.generation = generation;
         self.headers.range_mut(b, 1)[0] = header;
         Ok(InstallTimes { arrays_us, tables_us })
+    }
+
+    /// Makes `buffer`'s address tables those of the active buffer: the fixed part copied, every
+    /// inner map (IPv4 chunks and leaves, IPv6 tries) shared, not copied. Neither buffer's tables
+    /// are written while both hold them (a reload writes only fresh maps, and clearing the
+    /// retired buffer only drops its references), so sharing is safe; it is what a reload that
+    /// changes no prefix needs, in a few syscalls instead of a rebuild.
+    fn share_tables(&mut self, buffer: u32) -> Result<()> {
+        let live = buffer_of(self.generation());
+        if live == buffer || self.header(live).generation != self.generation() {
+            kbail!("no complete active buffer to share the address tables of");
+        }
+        let per_buffer = dir::BUFFER_BLOCKS as usize;
+        for fixed in [&mut self.src_v4_fixed, &mut self.dst_v4_fixed] {
+            let from: Vec<DirBlock> = (0..per_buffer).map(|i| fixed.read(live as usize * per_buffer + i)).collect();
+            fixed.range_mut(buffer as usize * per_buffer, per_buffer).copy_from_slice(&from);
+        }
+        macro_rules! share {
+            ($of_maps:expr) => {
+                match $of_maps.get(&live, 0) {
+                    Ok(inner) => $of_maps.set(buffer, &inner, 0)?,
+                    Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            };
+        }
+        share!(self.src_v6);
+        share!(self.dst_v6);
+        for m in self.src_v4_more.iter_mut().chain(self.dst_v4_more.iter_mut()) {
+            share!(m);
+        }
+        for m in self.src_v4_leaves.iter_mut().chain(self.dst_v4_leaves.iter_mut()) {
+            share!(m);
+        }
+        Ok(())
+    }
+
+    /// The first `count` bitmaps of `buffer`.
+    pub fn bitmaps(&self, buffer: u32, count: u32) -> Vec<Bitmap> {
+        let base = buffer as usize * MAX_BITMAPS as usize;
+        (0..count.min(MAX_BITMAPS) as usize).map(|i| self.bitmaps.read(base + i)).collect()
     }
 
     /// Publishes `generation` (whose buffer must hold a complete ruleset) with one atomic store.
