@@ -23,14 +23,14 @@ fn main() -> Result<()> {
     // interface there); bpffs and the files stay the host's.
     let ns = File::open(Path::new("/run/netns").join(&t.server_ns))?;
     nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
-    let result = run(&t, &dir, sizes);
+    let result = run(&t, &dir, sizes, quick);
     let _ = instance::detach(&t.server_if);
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(t.history_dir());
     result
 }
 
-fn run(t: &topology::Topology, dir: &Path, sizes: &[usize]) -> Result<()> {
+fn run(t: &topology::Topology, dir: &Path, sizes: &[usize], quick: bool) -> Result<()> {
     instance::attach(&t.server_if, None, xdpfw_kernel::AttachMode::Auto)?;
     let inst = Instance::find(Some(&t.server_if))?;
     let nft = |script: &str| -> Result<f64> {
