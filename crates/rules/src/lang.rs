@@ -1250,7 +1250,31 @@ fn load_set(
             },
         };
         hasher.part(file.get_ref().as_bytes(), text.as_bytes());
-        texts.push((key.to_string(), Arc::from(text.as_str())));
+        if let Some((same_text, parsed)) = crate::setcache::lookup(&text) {
+            texts.push((key.to_string(), same_text));
+            out.extend_from_slice(&parsed);
+        } else {
+            let start = out.len();
+            parse_set_lines(&text, &path, &mut out)?;
+            let text: Arc<str> = Arc::from(text.as_str());
+            crate::setcache::store(&text, &out[start..]);
+            texts.push((key.to_string(), text));
+        }
+    }
+    if raw.prefixes.is_none() && raw.file.is_none() {
+        return Err(src.error(set.span(), format!("set \"{n}\" needs `prefixes` or `file`")));
+    }
+    let limit = xdpfw_common::MAX_PREFIXES as usize;
+    if out.len() > limit {
+        return Err(src.error(set.span(), format!("set \"{n}\" has {} prefixes (the limit is {limit})", out.len())));
+    }
+    Ok(out)
+}
+
+/// The prefixes of a set file's lines (comments and blank lines skipped), appended to `out`.
+fn parse_set_lines(text: &str, path: &Path, out: &mut Vec<IpNet>) -> Result<(), RulesError> {
+    {
+        let path = path.to_path_buf();
         out.reserve(text.len() / 16);
         for (i, line) in text.lines().enumerate() {
             if i >= MAX_SET_LINES {
@@ -1270,14 +1294,7 @@ fn load_set(
             })?);
         }
     }
-    if raw.prefixes.is_none() && raw.file.is_none() {
-        return Err(src.error(set.span(), format!("set \"{n}\" needs `prefixes` or `file`")));
-    }
-    let limit = xdpfw_common::MAX_PREFIXES as usize;
-    if out.len() > limit {
-        return Err(src.error(set.span(), format!("set \"{n}\" has {} prefixes (the limit is {limit})", out.len())));
-    }
-    Ok(out)
+    Ok(())
 }
 
 /// A CIDR or a bare address (a host prefix). Host bits must be zero, as in nftables.
