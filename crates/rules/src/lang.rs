@@ -440,7 +440,8 @@ pub struct Ruleset {
     pub protosets: BTreeMap<String, Vec<u8>>,
     pub tests: Vec<SelfTest>,
     pub warnings: Vec<Warning>,
-    /// SHA-256 of the rules file, the files it includes and every set file they read, hex.
+    /// SHA-256 of the rules file, the files it includes and the SHA-256 of every set file they
+    /// read, hex (each part with its name and length; see `Sha256Hasher`).
     pub hash: String,
     /// The files besides the rules file: included files and set files, as written relative to
     /// the rules file's folder, and where they were read from.
@@ -1249,15 +1250,19 @@ fn load_set(
                 None => return Err(src.error(file.span(), format!("set file {key} is not among the texts given"))),
             },
         };
-        hasher.part(file.get_ref().as_bytes(), text.as_bytes());
-        if let Some((same_text, parsed)) = crate::setcache::lookup(&text) {
-            texts.push((key.to_string(), same_text));
-            out.extend_from_slice(&parsed);
+        // A set file enters the ruleset's hash by its own digest, so a set file seen before in
+        // this process (see `setcache`) is neither parsed nor hashed again.
+        if let Some(kept) = crate::setcache::lookup(&text) {
+            hasher.part(file.get_ref().as_bytes(), &kept.digest);
+            texts.push((key.to_string(), kept.text));
+            out.extend_from_slice(&kept.prefixes);
         } else {
+            let digest = sha256(text.as_bytes());
+            hasher.part(file.get_ref().as_bytes(), &digest);
             let start = out.len();
             parse_set_lines(&text, &path, &mut out)?;
             let text: Arc<str> = Arc::from(text.as_str());
-            crate::setcache::store(&text, &out[start..]);
+            crate::setcache::store(&text, &out[start..], digest);
             texts.push((key.to_string(), text));
         }
     }
@@ -1782,13 +1787,22 @@ pub fn parse_tcp_flags(s: &str) -> Result<TcpFlagsMatch, String> {
 /// Content hash of a ruleset and its set files. Unambiguous: each part is hashed with its name
 /// (the set file as written) and both lengths, so no two different rulesets (say, a line moved
 /// from one set file to the next) hash the same input.
+/// The SHA-256 of `data`.
+pub(crate) fn sha256(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
+}
+
+/// The ruleset hash (version 3): parts of (name, content) in order, where a set file's content
+/// is its own SHA-256, so an unchanged set file need not be hashed again (version 2 hashed the
+/// set files' bytes themselves).
 struct Sha256Hasher(sha2::Sha256);
 
 impl Sha256Hasher {
     fn new() -> Self {
         use sha2::Digest;
         let mut h = sha2::Sha256::new();
-        h.update(b"xdpfw-ruleset-v2\0");
+        h.update(b"xdpfw-ruleset-v3\0");
         Self(h)
     }
     fn part(&mut self, name: &[u8], data: &[u8]) {

@@ -1,6 +1,6 @@
 //! Set files parsed earlier in this process, by their exact text (issue 11): a long-lived
 //! process (the daemon, a bench) that reloads a ruleset beside an unchanged 1M-line set file
-//! reads and hashes the file again but does not parse its lines again. Parsing is a pure
+//! reads the file and compares it with the text kept, but neither parses nor hashes it again. Parsing is a pure
 //! function of the text, so an equal text (compared byte for byte, not by a digest) gives the
 //! same prefixes; only texts that parsed without error are kept. A short-lived `loader`
 //! command gains nothing from it.
@@ -14,7 +14,13 @@ const MIN_TEXT: usize = 64 * 1024;
 /// Set files kept (the most recently stored last): a ruleset rarely has more large ones.
 const ENTRIES: usize = 4;
 
-type Entry = (Arc<str>, Arc<[IpNet]>);
+/// A set file's text, the prefixes it parsed to, and its SHA-256 (its part of the ruleset hash).
+#[derive(Clone)]
+pub(crate) struct Entry {
+    pub text: Arc<str>,
+    pub prefixes: Arc<[IpNet]>,
+    pub digest: [u8; 32],
+}
 
 static CACHE: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
 
@@ -24,20 +30,20 @@ pub(crate) fn lookup(text: &str) -> Option<Entry> {
         return None;
     }
     let cache = CACHE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    cache.iter().find(|(t, _)| t.len() == text.len() && **t == *text).cloned()
+    cache.iter().find(|e| e.text.len() == text.len() && *e.text == *text).cloned()
 }
 
 /// Keeps `text` and the prefixes it parsed to, dropping the oldest entry beyond [`ENTRIES`].
-pub(crate) fn store(text: &Arc<str>, prefixes: &[IpNet]) {
+pub(crate) fn store(text: &Arc<str>, prefixes: &[IpNet], digest: [u8; 32]) {
     if text.len() < MIN_TEXT {
         return;
     }
     let mut cache = CACHE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    cache.retain(|(t, _)| **t != **text);
+    cache.retain(|e| *e.text != **text);
     if cache.len() >= ENTRIES {
         cache.remove(0);
     }
-    cache.push((text.clone(), Arc::from(prefixes)));
+    cache.push(Entry { text: text.clone(), prefixes: Arc::from(prefixes), digest });
 }
 
 #[cfg(test)]
