@@ -7,6 +7,7 @@ mod kernel_support;
 
 use xdpfw_rules::{
     Action, Ruleset,
+    frame::FrameClass,
     matcher::decide,
     packet::PacketSpec,
 };
@@ -336,11 +337,13 @@ fn cases() -> Vec<Case> {
     raw("lldp", BASIC, [eth(0x88cc), vec![0; 32]].concat(), Pass, Class::NonIp);
     raw("ethertype 0, header only", BASIC, eth(0), Pass, Class::NonIp);
     raw("vlan then arp", BASIC, with_vlan(&arp_frame(), &[0x8100]), Pass, Class::NonIp);
-    // Three tags: only MAX_VLAN_TAGS = 2 are walked, so the ethertype seen after two tags is the
-    // third TPID (0x8100), which is not IP: the frame passes as non-IP, unclassified (this
-    // packet would otherwise be dropped by the default).
+    // Three tags or more: only MAX_VLAN_TAGS = 2 are walked, and a third is malformed (it used
+    // to pass as non-IP, unclassified, whatever the rules: issue 10). The packet would pass.
+    let p = spec("tcp 192.0.2.1:1000 -> 192.0.2.2:22 flags S");
+    raw("three vlan tags: malformed", BASIC, with_vlan(&p.to_frame(), &[0x88a8, 0x8100, 0x8100]), Drop, Class::Malformed);
+    raw("four vlan tags: malformed", BASIC, with_vlan(&p.to_frame(), &[0x8100; 4]), Drop, Class::Malformed);
+    raw("three vlan tags then arp: malformed", BASIC, with_vlan(&arp_frame(), &[0x8100; 3]), Drop, Class::Malformed);
     let p = spec("tcp 192.0.2.1:1000 -> 192.0.2.2:23 flags S");
-    raw("three vlan tags: non-ip", BASIC, with_vlan(&p.to_frame(), &[0x88a8, 0x8100, 0x8100]), Pass, Class::NonIp);
 
     // Truncated Ethernet/VLAN headers. (Frames shorter than the 14-byte Ethernet header cannot
     // be run at all: see `kernel_refuses_frames_shorter_than_ethernet`.)
@@ -440,6 +443,50 @@ fn cases() -> Vec<Case> {
         let f = v6_with_ext(&web, &[Ext::Ah(24)]);
         raw("ipv6 ah, tcp truncated", BASIC, f[..f.len() - 2].to_vec(), Drop, Class::Malformed);
     }
+
+    // IP lengths beyond the frame end: truncated packets, malformed (they used to be classified:
+    // issue 10). Each packet would pass; its length is one byte (or all) beyond the frame.
+    let ssh_v6 = spec("tcp [2001:db8::1]:1000 -> [2001:db8::2]:22 flags S").to_frame();
+    for extra in [1u16, 1000] {
+        let mut f = ssh.clone();
+        let len = get_be16(&f, ETH + 2) + extra;
+        set_be16(&mut f, ETH + 2, len);
+        raw(&format!("ipv4 total length {extra} beyond the frame"), BASIC, f, Drop, Class::Malformed);
+        let mut f = ssh_v6.clone();
+        let len = get_be16(&f, ETH + 4) + extra;
+        set_be16(&mut f, ETH + 4, len);
+        raw(&format!("ipv6 payload length {extra} beyond the frame"), BASIC, f, Drop, Class::Malformed);
+    }
+    let mut f = ssh.clone();
+    set_be16(&mut f, ETH + 2, 0xffff);
+    raw("ipv4 total length 65535", BASIC, f, Drop, Class::Malformed);
+    let mut f = opt.clone();
+    let len = get_be16(&f, ETH + 2) + 1;
+    set_be16(&mut f, ETH + 2, len);
+    raw("ipv4 options, total length beyond the frame", BASIC, f, Drop, Class::Malformed);
+    drop(raw);
+    // Shorter than the frame (Ethernet padding, or a jumbogram's 0) is fine.
+    let p = spec("tcp 192.0.2.1:1000 -> 192.0.2.2:22 flags S");
+    let padded = [p.to_frame(), vec![0; 20]].concat();
+    v.push(Case { name: "ipv4 with padding after the datagram".into(), rules: BASIC.into(), frame: padded, spec: Some(p), expect: Pass, class: Class::Rule("ssh") });
+    let p = spec("tcp [2001:db8::1]:1000 -> [2001:db8::2]:22 flags S");
+    let mut f = p.to_frame();
+    set_be16(&mut f, ETH + 4, 0);
+    v.push(Case { name: "ipv6 payload length 0".into(), rules: BASIC.into(), frame: f, spec: Some(p), expect: Pass, class: Class::Rule("ssh") });
+
+    // IPv4-mapped IPv6 addresses (::ffff:a.b.c.d) are never valid on the wire and would reach
+    // a dual-stack socket as IPv4 around the IPv4 rules: malformed, for the matcher too.
+    for s in [
+        "tcp [::ffff:192.0.2.1]:1000 -> [2001:db8::2]:443 flags S",
+        "tcp [2001:db8::1]:1000 -> [::ffff:192.0.2.2]:22 flags S",
+        "udp [::ffff:203.0.113.9]:1000 -> [2001:db8::2]:53",
+    ] {
+        let p = spec(s);
+        v.push(Case { name: format!("ipv4-mapped {s}"), rules: BASIC.into(), frame: p.to_frame(), spec: Some(p), expect: Drop, class: Class::Malformed });
+    }
+    // Not mapped: ::ffff:0:0:0/96 (IPv4-translated) and ::ffff alone are ordinary addresses.
+    let p = spec("tcp [::ffff:0:c000:201]:1000 -> [2001:db8::2]:443 flags S");
+    v.push(Case { name: "ipv4-translated source".into(), rules: BASIC.into(), frame: p.to_frame(), spec: Some(p), expect: Pass, class: Class::Rule("v6-web") });
     v
 }
 
@@ -478,6 +525,19 @@ fn crafted_frames() {
         let (_, rs, buffer) = current.as_ref().unwrap();
         let n = rs.rules.len() as u32;
         let mut errors = Vec::new();
+
+        // The reference reading of the frame (what the fuzz target compares on random frames):
+        // the same class, and for packets the same decision.
+        match (xdpfw_rules::frame::classify(&case.frame), case.class) {
+            (FrameClass::Malformed, Class::Malformed) | (FrameClass::NonIp, Class::NonIp) => {}
+            (FrameClass::Packet(p), class) if !matches!(class, Class::Malformed | Class::NonIp) => {
+                let d = decide(rs, &p);
+                if d.action != case.expect {
+                    errors.push(format!("the frame as the reference reads it ({p}) is decided {}", d.action));
+                }
+            }
+            (other, _) => errors.push(format!("the reference reads the frame as {other:?}")),
+        }
 
         // The reference matcher, for frames it can describe.
         if let Some(p) = &case.spec {

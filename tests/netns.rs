@@ -11,17 +11,6 @@ fn sa(addr: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip(addr), port)
 }
 
-fn rules(name: &str) -> String {
-    rules_dir().join(name).to_string_lossy().into_owned()
-}
-
-/// Attaches with `rules_file` and arranges for detach on drop.
-fn attached(tag: &str, rules_file: &str) -> Topology {
-    let mut t = Topology::new(tag).expect("topology");
-    t.detach_on_drop(loader_bin());
-    loader_ok(&t.server_ns, &["attach", &t.server_if, "--rules", &rules(rules_file)]);
-    t
-}
 
 #[test]
 fn verdicts_on_real_ipv4_and_ipv6_traffic() {
@@ -152,7 +141,7 @@ fn reloads_under_traffic_count_every_packet() {
         send_udp(&client, sa(SERVER_V4, 7001), N);
         a.join().unwrap();
     });
-    let files = [rules("udp-7001-closed.toml"), rules("udp-7000-closed.toml")];
+    let files = [rules_file("udp-7001-closed.toml"), rules_file("udp-7000-closed.toml")];
     let mut reloads = 0;
     while !sender.is_finished() && reloads < 20 {
         loader_ok(&t.server_ns, &["reload", &files[reloads % 2], "--iface", &t.server_if]);
@@ -183,7 +172,7 @@ fn stats_json_names_the_active_ruleset() {
     assert_eq!(s["ruleset"]["rules"].as_array().unwrap().len(), 4);
     let text = loader_ok(&t.server_ns, &["stats", "--iface", &t.server_if]);
     assert!(text.contains("no-telnet") && text.contains("services-1"), "{text}");
-    loader_ok(&t.server_ns, &["reload", &rules("udp-7000-closed.toml"), "--iface", &t.server_if]);
+    loader_ok(&t.server_ns, &["reload", &rules_file("udp-7000-closed.toml"), "--iface", &t.server_if]);
     let s = stats(&t);
     assert_eq!(s["ruleset"]["version"], "closed-7000");
     assert_eq!(s["generation"], 2);
@@ -235,7 +224,7 @@ fn failing_self_tests_abort_the_reload_before_the_flip() {
     assert_eq!(udp_delivered(&t, sa(SERVER_V4, 9001), 20), 20, "the old rules still serve");
 
     // A ruleset whose self-tests hold goes live, and the reload reports them.
-    let good = rules("services.toml");
+    let good = rules_file("services.toml");
     let out = loader_ok(&t.server_ns, &["reload", &good, "--iface", &t.server_if, "--json"]);
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(report["times"]["self_tests"], 3);
@@ -255,7 +244,7 @@ fn concurrent_reloads_are_serialized() {
     let handles: Vec<_> = (0..8)
         .map(|i| {
             let (ns, iface) = (t.server_ns.clone(), t.server_if.clone());
-            let file = rules(if i % 2 == 0 { "udp-7001-closed.toml" } else { "udp-7000-closed.toml" });
+            let file = rules_file(if i % 2 == 0 { "udp-7001-closed.toml" } else { "udp-7000-closed.toml" });
             std::thread::spawn(move || loader(&ns, &["reload", &file, "--iface", &iface, "--json"]))
         })
         .collect();
@@ -275,7 +264,7 @@ fn concurrent_reloads_are_serialized() {
     let lock = std::fs::File::options().write(true).open(t.lock_path()).unwrap();
     nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
         .map(|held| {
-            let out = loader(&t.server_ns, &["reload", &rules("udp-7001-closed.toml"), "--iface", &t.server_if, "--lock-wait", "0"]);
+            let out = loader(&t.server_ns, &["reload", &rules_file("udp-7001-closed.toml"), "--iface", &t.server_if, "--lock-wait", "0"]);
             let err = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(1));
             assert!(err.contains("another reload") && err.contains("in progress"), "{err}");
@@ -357,7 +346,7 @@ fn kill_9_during_reload_never_leaves_an_incomplete_ruleset() {
     let runs: usize = std::env::var("XDPFW_KILL_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
     let t = attached("kil", "alternate-a.toml");
     let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-    let files = [rules("alternate-b.toml"), rules("alternate-a.toml")];
+    let files = [rules_file("alternate-b.toml"), rules_file("alternate-a.toml")];
     let mut killed = 0;
     for i in 0..runs {
         let mut child = Command::new(loader_bin())
@@ -406,7 +395,7 @@ fn history_records_every_attempt_and_rollback_reapplies_a_snapshot() {
 
     loader_ok(&ns, &["attach", &iface, "--rules", &first.to_string_lossy()]);
     assert_eq!(udp_delivered(&t, sa(SERVER_V4, 9001), 10), 0);
-    loader_ok(&ns, &["reload", &rules("udp-7000-closed.toml"), "--iface", &iface]);
+    loader_ok(&ns, &["reload", &rules_file("udp-7000-closed.toml"), "--iface", &iface]);
     assert_eq!(udp_delivered(&t, sa(SERVER_V4, 9001), 10), 10);
     assert_eq!(loader(&ns, &["reload", &broken.to_string_lossy(), "--iface", &iface]).status.code(), Some(3));
     // The set file changes on disk; the rollback must bring back what was live, not what is there now.
@@ -431,4 +420,48 @@ fn history_records_every_attempt_and_rollback_reapplies_a_snapshot() {
     assert_eq!(stats(&t)["ruleset"]["version"], "first");
     assert_eq!(udp_delivered(&t, sa(SERVER_V4, 9001), 10), 0);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A namespace deleted with a firewall still attached (a container stopping) takes its veth
+/// and the attachment, but not the pins: the program and its maps stay in kernel memory.
+/// `list` names such instances and `prune` removes them, and nothing else.
+#[test]
+fn instances_of_a_deleted_namespace_are_listed_and_pruned() {
+    if !harness::root_or_skip() {
+        return;
+    }
+    let live = attached("prl", "udp-7000-closed.toml");
+    let gone = attached("prg", "udp-7000-closed.toml");
+    let (pins, key) = (gone.pin_dir(), gone.instance_key());
+    let prog = Command::new("bpftool").args(["-j", "prog", "show", "pinned"]).arg(pins.join("prog")).output().unwrap();
+    let prog_id = serde_json::from_slice::<serde_json::Value>(&prog.stdout).unwrap()["id"].as_u64().unwrap();
+    // What an attach killed midway in the same namespace left: a folder without a link.
+    let inode = key.trim_start_matches("ns").split("-if").next().unwrap().to_string();
+    let partial = pins.with_file_name(format!("ns{inode}-if99"));
+    std::fs::create_dir(&partial).unwrap();
+    let out = Command::new("ip").args(["netns", "del", &gone.server_ns]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let list = loader_ok(&live.server_ns, &["list"]);
+    assert!(list.lines().any(|l| l.starts_with("stale: ") && l.contains(&key) && l.contains("loader prune")), "{list}");
+    let json: serde_json::Value = serde_json::from_str(&loader_ok(&live.server_ns, &["list", "--json"])).unwrap();
+    let stale_keys: Vec<&str> = json["stale"].as_array().unwrap().iter().map(|s| s["key"].as_str().unwrap()).collect();
+    assert!(stale_keys.contains(&key.as_str()) && stale_keys.contains(&format!("ns{inode}-if99").as_str()), "{json}");
+    assert!(!stale_keys.contains(&live.instance_key().as_str()), "a live instance is not stale: {json}");
+
+    let dry = loader_ok(&live.server_ns, &["prune", "--dry-run"]);
+    assert!(dry.contains(&format!("would remove {}", pins.display())), "{dry}");
+    assert!(pins.exists() && partial.exists(), "--dry-run removes nothing");
+    let out = loader_ok(&live.server_ns, &["prune"]);
+    assert!(out.contains(&format!("removed {}", pins.display())) && out.contains(&format!("removed {}", partial.display())), "{out}");
+    assert!(!pins.exists() && !partial.exists());
+    assert!(!std::path::Path::new("/run/xdpfw").join(&key).exists(), "its runtime state went too");
+    assert!(
+        eventually(Duration::from_secs(5), || !Command::new("bpftool").args(["prog", "show", "id", &prog_id.to_string()]).output().unwrap().status.success()),
+        "program {prog_id} still loaded after prune"
+    );
+    // The live instance is untouched and still filters.
+    assert!(live.pin_dir().join("link").exists());
+    assert_eq!(udp_delivered(&live, sa(SERVER_V4, 7000), 5), 0, "the live firewall still drops UDP 7000");
+    assert_eq!(udp_delivered(&live, sa(SERVER_V4, 7001), 5), 5);
 }

@@ -119,17 +119,6 @@ fn deb_installs_into_a_clean_root_and_runs_there() {
     std::fs::remove_dir_all(&root).unwrap();
 }
 
-fn rules(name: &str) -> String {
-    rules_dir().join(name).to_string_lossy().into_owned()
-}
-
-/// Attaches with `rules_file` and arranges for detach on drop.
-fn attached(tag: &str, rules_file: &str) -> Topology {
-    let mut t = Topology::new(tag).expect("topology");
-    t.detach_on_drop(loader_bin());
-    loader_ok(&t.server_ns, &["attach", &t.server_if, "--rules", &rules(rules_file)]);
-    t
-}
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
@@ -182,14 +171,14 @@ fn list_status_and_stats_show_the_mode_in_effect_and_utc_times() {
 
     // Generic mode when asked for.
     loader_ok(ns, &["detach", iface]);
-    loader_ok(ns, &["attach", iface, "--rules", &rules("services.toml"), "--mode", "skb"]);
+    loader_ok(ns, &["attach", iface, "--rules", &rules_file("services.toml"), "--mode", "skb"]);
     let status = loader_ok(ns, &["status", "--iface", iface]);
     assert!(status.contains("(skb mode)"), "{status}");
 }
 
 #[test]
 fn check_prints_json_and_never_says_nothing_was_changed() {
-    let out = Command::new(loader_bin()).args(["check", "--json", &rules("services.toml")]).output().unwrap();
+    let out = Command::new(loader_bin()).args(["check", "--json", &rules_file("services.toml")]).output().unwrap();
     assert!(out.status.success());
     let doc = json(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(doc["schema"], 1);
@@ -214,7 +203,7 @@ fn check_prints_json_and_never_says_nothing_was_changed() {
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(!err.contains("nothing was changed"), "check changes nothing anyway: {err}");
     // A packet that does not parse is a usage error.
-    let out = Command::new(loader_bin()).args(["explain", &rules("services.toml"), "udp nonsense"]).output().unwrap();
+    let out = Command::new(loader_bin()).args(["explain", &rules_file("services.toml"), "udp nonsense"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -225,8 +214,8 @@ fn rollback_to_a_version_or_a_hash() {
     let ns = &t.server_ns;
     let iface = t.server_if.as_str();
     let hash_a = json(&loader_ok(ns, &["status", "--iface", iface, "--json"]))["state"]["ruleset"]["hash"].as_str().unwrap().to_string();
-    loader_ok(ns, &["reload", &rules("alternate-b.toml"), "--iface", iface]);
-    loader_ok(ns, &["reload", &rules("ping-only.toml"), "--iface", iface]);
+    loader_ok(ns, &["reload", &rules_file("alternate-b.toml"), "--iface", iface]);
+    loader_ok(ns, &["reload", &rules_file("ping-only.toml"), "--iface", iface]);
     let live = |ns: &str| json(&loader_ok(ns, &["status", "--iface", iface, "--json"]))["state"]["ruleset"]["version"].as_str().unwrap().to_string();
 
     let out = loader_ok(ns, &["rollback", "--to", "alternate-b", "--iface", iface]);
@@ -292,8 +281,8 @@ fn a_reload_that_keeps_rule_names_keeps_their_counters() {
     assert_eq!(bytes, 40 * 50);
 
     // A name that goes away takes its counts with it.
-    loader_ok(ns, &["reload", &rules("alternate-b.toml"), "--iface", iface]);
-    loader_ok(ns, &["reload", &rules("alternate-a.toml"), "--iface", iface]);
+    loader_ok(ns, &["reload", &rules_file("alternate-b.toml"), "--iface", iface]);
+    loader_ok(ns, &["reload", &rules_file("alternate-a.toml"), "--iface", iface]);
     assert_eq!(rule_packets(&stats(&t), "a-drop-7000"), 0, "{}", stats(&t));
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -541,7 +530,7 @@ fn in_ns_reload_during_top(t: &Topology) -> String {
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(600));
-    loader_ok(&t.server_ns, &["reload", &rules("alternate-b.toml"), "--iface", &t.server_if]);
+    loader_ok(&t.server_ns, &["reload", &rules_file("alternate-b.toml"), "--iface", &t.server_if]);
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     String::from_utf8_lossy(&out.stdout).into_owned()

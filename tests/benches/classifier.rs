@@ -4,7 +4,8 @@
 //!
 //! Packets vary (64 distinct frames, half inside the prefix set) so large tries are not measured
 //! cache-hot on one path only. Results are medians over frames of the kernel's mean per run.
-//! `--focus` runs only the rows of the performance target, with more rounds;
+//! `--focus` runs only the rows of the performance target, with more rounds; `--trace` only the
+//! quick rows and the cost of `loader trace` (off, on but filtered out, on at 100/s);
 //! `XDPFW_BENCH_FRAMES=1` prints each row's per-frame figures (sorted), to tell noise from paths.
 
 use std::{
@@ -233,7 +234,9 @@ fn focus() -> bool {
 }
 
 fn main() -> Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
+    // `--trace`: only the quick rows and the cost of tracing (off, filtered out, rate-limited).
+    let trace_only = std::env::args().any(|a| a == "--trace");
+    let quick = trace_only || std::env::args().any(|a| a == "--quick");
     let focus = focus();
     let repeat: u32 = if quick { 1000 } else { 5000 };
     let scales: &[usize] = if quick {
@@ -304,9 +307,14 @@ fn main() -> Result<()> {
         rows.push(Row { name: format!("{big} prefixes in 2 sets + {k} rules"), prefixes: big, rules: k + 2, m, compile_ms: Some(compile_ms), install_ms: Some(install_ms) });
     }
     if !focus {
+        trace_rows(&mut fw, &mut peers, &f, repeat, &mut rows)?;
+    }
+    if !focus && !trace_only {
         more_rows(&mut fw, &mut peers, &mut rng, &dir, big, &f, repeat, &mut rows)?;
     }
-    random_source_row(&mut fw, &mut peers, &mut rng, &dir, &mut rows)?;
+    if !trace_only {
+        random_source_row(&mut fw, &mut peers, &mut rng, &dir, &mut rows)?;
+    }
     print_rows(&rows, repeat)?;
     std::fs::remove_dir_all(&dir)?;
     Ok(())
@@ -358,6 +366,53 @@ fn random_source_row(fw: &mut PrivateProgram, peers: &mut Peers, rng: &mut StdRn
             m,
             compile_ms: Some(compile_ms),
             install_ms: Some(install_ms),
+        });
+    }
+    Ok(())
+}
+
+/// The cost of `loader trace` on the ruleset installed last: the program with tracing off, and
+/// on with a filter no frame meets, and on with a rate no flood stays within (the default,
+/// 100/s: nearly every packet is refused by the bucket). The three take turns frame by frame
+/// group, round after round, under the same noise.
+fn trace_rows(fw: &mut PrivateProgram, peers: &mut Peers, frames: &[Vec<u8>], repeat: u32, rows: &mut Vec<Row>) -> Result<()> {
+    use xdpfw_common::{TraceConfig, trace};
+    let excluding = TraceConfig { filter: trace::filter::PORT, port: 1, ..Default::default() };
+    let at_100 = TraceConfig { sample: 1, interval_ns: 10_000_000, burst_ns: 990_000_000, ..Default::default() };
+    let modes: [(&str, Option<TraceConfig>); 3] = [("trace off", None), ("trace on, filtered out", Some(excluding)), ("trace on, 100/s", Some(at_100))];
+    let rounds = if focus() { FOCUS_ROUNDS } else { ROUNDS } * 2;
+    let n = frames.len();
+    let mut ns = vec![vec![vec![]; n]; modes.len()];
+    let mut fl = vec![vec![]; n];
+    for _ in 0..rounds {
+        for (i, f) in frames.iter().enumerate() {
+            fl[i].push(run_one(&mut peers.floor, "floor", f, repeat)?);
+        }
+        for (m, (_, config)) in modes.iter().enumerate() {
+            match config {
+                // A lease that never runs out: the bench is its own tracer.
+                Some(c) => fw.maps.trace_start(c, u64::MAX)?,
+                None => fw.maps.trace_stop(),
+            }
+            for (i, f) in frames.iter().enumerate() {
+                ns[m][i].push(fw.run_repeat(f, repeat)?.1.as_nanos() as f64);
+            }
+        }
+    }
+    fw.maps.trace_stop();
+    let per = |v: &Vec<Vec<f64>>| v.iter().map(|r| median(r.clone())).collect::<Vec<f64>>();
+    let floor = median(per(&fl));
+    let off = median(per(&ns[0]));
+    for (m, (name, _)) in modes.iter().enumerate() {
+        let v = median(per(&ns[m]));
+        eprintln!("{name}: {v:.1} ns/packet, {:.3}x trace off", v / off);
+        rows.push(Row {
+            name: format!("{name} ({:.3}x off)", v / off),
+            prefixes: 0,
+            rules: 0,
+            m: Measure { ns: v, floor_ns: floor, x_floor: v / floor, plain_ns: None, x_plain: None },
+            compile_ms: None,
+            install_ms: None,
         });
     }
     Ok(())

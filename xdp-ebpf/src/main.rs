@@ -4,7 +4,8 @@
 //! - not IPv4/IPv6 (ARP, LLDP, …): pass (`non_ip`)
 //! - IPv6 neighbour discovery and router messages: pass (`neighbor_discovery`), so no policy can cut
 //!   a host off its link, unless the ruleset puts them under the rules (`header_flags::ND_RULES`)
-//! - truncated or inconsistent headers, or an IPv6 extension chain longer than we walk: drop
+//! - truncated or inconsistent headers (IP lengths beyond the frame end included), more than two
+//!   VLAN tags, IPv4-mapped IPv6 addresses, or an IPv6 extension chain longer than we walk: drop
 //!   (`malformed`)
 //! - a non-first fragment: per the ruleset's fragment policy (`fragments`)
 //!
@@ -19,31 +20,37 @@ mod parse;
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_MMAPABLE},
-    btf_maps::{Array as BtfArray, ArrayOfMaps, LpmTrie},
-    helpers::bpf_ktime_get_ns,
+    btf_maps::{Array as BtfArray, ArrayOfMaps, LpmTrie, PerCpuArray as BtfPerCpuArray},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::{btf_map, map, xdp},
-    maps::{lpm_trie::Key, Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, Array, LruHashMap, RingBuf},
     programs::XdpContext,
 };
 use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering};
 use parse::{Packet, ParseOutcome};
 use xdpfw_common::{
-    absent, buffer_of, action, dir, escalation, field, fields_layout::*, fragment_policy, header_flags, limit, rule_flags, Bitmap,
-    DirBlock, DirLine, EscalationEvent, FieldEntry, FlowKey, GlobalStats, Ipv6Data, Pending, PrefixValue,
+    absent, buffer_of, action, dir, escalation, field, fields_layout::*, fragment_policy, header_flags, limit, rule_flags, trace, Bitmap,
+    DecisionEvent, DirBlock, DirLine, EscalationEvent, FieldEntry, FlowKey, GlobalStats, Ipv6Data, LogLimit, Pending, PrefixValue, TraceConfig,
     LimitKey, LimitState, RuleMeta, RuleStats, RulesetHeader, Verdict, BITMAP_ALL, BITMAP_WORDS, BUFFERS,
     DEFAULT_RULE_SLOT, MAX_BITMAPS, MAX_PREFIXES, MAX_RULES, RULE_SLOTS,
 };
 
-/// The current generation; `buffer_of(generation)` is the active buffer. Written by userspace with one
-/// atomic 8-byte store through its mapping, read exactly once per packet.
+/// Slot 0: the current generation; `buffer_of(generation)` is the active buffer. Written by
+/// userspace with one atomic 8-byte store through its mapping, read exactly once per packet.
+/// Slot 1 (`trace::LEASE_SLOT`): the tracer's lease, 0 when nobody traces (see `trace`).
 #[map(name = "ACTIVE")]
-static ACTIVE: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+static ACTIVE: Array<u64> = Array::with_max_entries(trace::ACTIVE_ENTRIES, BPF_F_MMAPABLE);
 
-#[map(name = "HEADERS")]
-static HEADERS: Array<RulesetHeader> = Array::with_max_entries(BUFFERS, BPF_F_MMAPABLE);
+// The maps an operator reads carry BTF (`#[btf_map]`): `bpftool map dump` shows their fields
+// by name. The big tables and the generation stay plain maps: nothing to read there by hand.
+const MMAPABLE: usize = BPF_F_MMAPABLE as usize;
+const RULE_ENTRIES: usize = BUFFERS as usize * MAX_RULES;
 
-#[map(name = "RULES")]
-static RULES: Array<RuleMeta> = Array::with_max_entries(BUFFERS * MAX_RULES as u32, BPF_F_MMAPABLE);
+#[btf_map]
+static HEADERS: BtfArray<RulesetHeader, { BUFFERS as usize }, MMAPABLE> = BtfArray::new();
+
+#[btf_map]
+static RULES: BtfArray<RuleMeta, RULE_ENTRIES, MMAPABLE> = BtfArray::new();
 
 #[map(name = "FIELDS")]
 static FIELDS: Array<FieldEntry> =
@@ -127,8 +134,8 @@ static DST_V4: DirMaps = DirMaps {
 };
 
 /// Slot 0 counts traffic; slot 1 is scratch for the probe copy, never reported.
-#[map(name = "GLOBAL_STATS")]
-static GLOBAL_STATS: PerCpuArray<GlobalStats> = PerCpuArray::with_max_entries(2, 0);
+#[btf_map]
+static GLOBAL_STATS: BtfPerCpuArray<GlobalStats, 2> = BtfPerCpuArray::new();
 
 /// 1 in the copy of the program a reload loads to prove a new ruleset before its flip: that copy
 /// shares every map with the attached program but reads the *inactive* buffer and counts nothing
@@ -142,8 +149,8 @@ fn probe() -> u32 {
     unsafe { core::ptr::read_volatile(&PROBE) }
 }
 
-#[map(name = "RULE_STATS")]
-static RULE_STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(BUFFERS * RULE_SLOTS, 0);
+#[btf_map]
+static RULE_STATS: BtfPerCpuArray<RuleStats, { (BUFFERS * RULE_SLOTS) as usize }> = BtfPerCpuArray::new();
 
 /// Userspace verdicts for escalated flows, tagged with the generation they were decided for.
 #[map(name = "VERDICTS")]
@@ -160,15 +167,42 @@ static PENDING: LruHashMap<FlowKey, Pending> =
 static ESCALATIONS: RingBuf = RingBuf::with_byte_size(escalation::RING_BYTES, 0);
 
 /// Rate limits and per-rule buckets (see `LimitState`), both buffers.
-#[map(name = "LIMITS")]
-static LIMITS: Array<LimitState> = Array::with_max_entries(BUFFERS * MAX_RULES as u32, BPF_F_MMAPABLE);
+#[btf_map]
+static LIMITS: BtfArray<LimitState, RULE_ENTRIES, MMAPABLE> = BtfArray::new();
 
 /// Per-source buckets: the theoretical arrival time of each (rule, source prefix).
 #[map(name = "LIMIT_SOURCES")]
 static LIMIT_SOURCES: LruHashMap<LimitKey, u64> = LruHashMap::with_max_entries(limit::SOURCE_ENTRIES, 0);
 
+/// `loader trace`'s filter, sampling and bucket (see `TraceConfig`).
+#[btf_map]
+static TRACE: BtfArray<TraceConfig, 1, MMAPABLE> = BtfArray::new();
+
+#[map(name = "TRACE_RING")]
+static TRACE_RING: RingBuf = RingBuf::with_byte_size(trace::RING_BYTES, 0);
+
+/// The log rate of each rule with `log`, both buffers.
+#[btf_map]
+static LOG_LIMITS: BtfArray<LogLimit, RULE_ENTRIES, MMAPABLE> = BtfArray::new();
+
+#[map(name = "LOG_RING")]
+static LOG_RING: RingBuf = RingBuf::with_byte_size(trace::LOG_RING_BYTES, 0);
+
+/// The attached program.
 #[xdp]
 pub fn xdpfw(ctx: XdpContext) -> u32 {
+    run(ctx)
+}
+
+/// The probe copy (loaded with `PROBE` = 1, pinned as `probe`, never attached): the same code
+/// under its own name, so `bpftool prog show` tells the live program from it.
+#[xdp]
+pub fn xdpfw_probe(ctx: XdpContext) -> u32 {
+    run(ctx)
+}
+
+#[inline(always)]
+fn run(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let Some(stats) = GLOBAL_STATS.get_ptr_mut(probe() & 1) else {
         return xdp_action::XDP_PASS;
@@ -231,31 +265,219 @@ fn decide(ctx: &XdpContext, stats: &mut GlobalStats, len: u64) -> u32 {
         }
     }
 
-    let (slot, verdict) = match classify(ctx, generation, buffer, header, &pkt, len, stats) {
+    let (slot, verdict, flags) = match classify(ctx, generation, buffer, header, &pkt, len, stats) {
         Some(rule) => {
             stats.rule_hits += 1;
             match RULES.get(buffer * MAX_RULES as u32 + rule) {
                 Some(meta) if meta.flags & rule_flags::NEEDS_OWNER != 0 => {
-                    escalate(ctx, generation, header, rule, &pkt, stats)
+                    let (slot, verdict) = escalate(ctx, generation, header, rule, &pkt, stats);
+                    (slot, verdict, meta.flags)
                 }
-                Some(meta) => (rule, meta.action),
-                None => (rule, header.default_action),
+                Some(meta) => (rule, meta.action, meta.flags),
+                None => (rule, header.default_action, 0),
             }
         }
         None => {
             stats.default_hits += 1;
-            (DEFAULT_RULE_SLOT, header.default_action)
+            (DEFAULT_RULE_SLOT, header.default_action, 0)
         }
     };
     if probe() != 0 {
-        // The probe copy must not touch the counters of the live ruleset.
-    } else if let Some(counter) = RULE_STATS.get_ptr_mut(buffer * RULE_SLOTS + (slot % RULE_SLOTS)) {
+        // The probe copy must not touch the counters of the live ruleset, nor log or trace.
+        return verdict;
+    }
+    if let Some(counter) = RULE_STATS.get_ptr_mut(buffer * RULE_SLOTS + (slot % RULE_SLOTS)) {
         // SAFETY: per-CPU slot, as above.
         let counter = unsafe { &mut *counter };
         counter.packets += 1;
         counter.bytes += len;
     }
+    let decision = slot as u64 | (verdict as u64) << 32;
+    let logged = flags & rule_flags::LOG != 0;
+    if logged {
+        // The rule's flags are loaded already: rulesets without `log` pay one bit test.
+        log_decision(ctx, &pkt, generation, decision, len);
+    }
+    // Tracing off costs this load, from the array whose slot 0 (the generation) this packet
+    // has just read.
+    if let Some(lease) = ACTIVE.get_ptr(trace::LEASE_SLOT) {
+        // SAFETY: a valid map value pointer; a volatile 8-byte load is one atomic read.
+        if unsafe { core::ptr::read_volatile(lease) } != 0 {
+            trace_decision(ctx, &pkt, generation, decision | (logged as u64) << 40, len);
+        }
+    }
     verdict
+}
+
+/// Takes one token of a GCRA bucket (`tat`, the theoretical arrival time): true when the event
+/// is within the rate. One compare-and-swap, no retry (see [`within_limit`]).
+#[inline(always)]
+fn take_token(tat: *mut u64, interval_ns: u64, burst_ns: u64, now: u64) -> bool {
+    // SAFETY: `tat` points into a map value, 8-byte aligned; other CPUs update it only through
+    // the compare-and-swap below.
+    let old = unsafe { core::ptr::read_volatile(tat) };
+    let next = if old > now { old } else { now } + interval_ns;
+    if next - now > burst_ns {
+        return false;
+    }
+    // SAFETY: as above.
+    unsafe { atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(tat, old, next) };
+    true
+}
+
+/// Adds one to a counter shared by every CPU (BPF_XADD).
+#[inline(always)]
+fn count_shared(counter: *mut u64) {
+    // SAFETY: the field of a valid map value, 8-byte aligned.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, 1) };
+}
+
+/// Sends one decision (`decision`: the rule slot, the verdict << 32) to `ring` as `kind`.
+/// False when the ring is full.
+#[inline(always)]
+fn send_decision(ring: &RingBuf, ctx: &XdpContext, pkt: &Packet, generation: u64, decision: u64, len: u64, kind: u8, now: u64) -> bool {
+    let Some(mut entry) = ring.reserve::<DecisionEvent>(0) else {
+        return false;
+    };
+    // Written field by field into the ring's memory: a whole event built on the stack would
+    // not fit beside the classifier's frame (512 bytes for both).
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` is the ring's exclusive reservation of one DecisionEvent; every field is
+    // written before it is submitted.
+    unsafe {
+        (*e).src = [0; 16];
+        (*e).dst = [0; 16];
+        if pkt.is_v6 {
+            if let Some(a) = parse::v6_addr_ref(ctx, pkt.l3_off, true) {
+                (*e).src = *a;
+            }
+            if let Some(a) = parse::v6_addr_ref(ctx, pkt.l3_off, false) {
+                (*e).dst = *a;
+            }
+        } else {
+            let (s, d) = (pkt.src4.to_be_bytes(), pkt.dst4.to_be_bytes());
+            (*e).src[0] = s[0];
+            (*e).src[1] = s[1];
+            (*e).src[2] = s[2];
+            (*e).src[3] = s[3];
+            (*e).dst[0] = d[0];
+            (*e).dst[1] = d[1];
+            (*e).dst[2] = d[2];
+            (*e).dst[3] = d[3];
+        }
+        (*e).generation = generation;
+        (*e).time_ns = now;
+        (*e).len = len as u32;
+        (*e).rule = decision as u32;
+        (*e).sport = pkt.sport;
+        (*e).dport = pkt.dport;
+        (*e).proto = pkt.proto;
+        (*e).is_v6 = pkt.is_v6 as u8;
+        (*e).kind = kind;
+        (*e).verdict = (decision >> 32) as u8;
+        (*e).icmp = pkt.icmp;
+        (*e).tcp_flags = pkt.tcp_flags;
+        (*e).has = pkt.has_ports as u8 | (pkt.has_icmp as u8) << 1 | (pkt.has_tcp_flags as u8) << 2;
+        (*e)._pad = [0; 4];
+    }
+    entry.submit(0);
+    true
+}
+
+/// A packet decided by a rule with `log`: sent to LOG_RING within the rule's log rate. A BPF
+/// subprogram of its own: its stack and code stay out of the classifier's path.
+#[inline(never)]
+fn log_decision(ctx: &XdpContext, pkt: &Packet, generation: u64, decision: u64, len: u64) {
+    let rule = (decision as u32) % MAX_RULES as u32;
+    let Some(l) = LOG_LIMITS.get_ptr_mut(buffer_of(generation) * MAX_RULES as u32 + rule) else {
+        return;
+    };
+    // SAFETY: a helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: a valid map value pointer; the parameters are written only by a reload, into the
+    // inactive buffer.
+    let (interval_ns, burst_ns) = unsafe { ((*l).interval_ns, (*l).burst_ns) };
+    // SAFETY: fields of a valid map value.
+    let (tat, suppressed) = unsafe { (core::ptr::addr_of_mut!((*l).tat), core::ptr::addr_of_mut!((*l).suppressed)) };
+    if !take_token(tat, interval_ns, burst_ns, now) || !send_decision(&LOG_RING, ctx, pkt, generation, decision, len, trace::kind::LOG, now) {
+        count_shared(suppressed);
+    }
+}
+
+/// A decision while a tracer holds the lease: sent to TRACE_RING when it passes the tracer's
+/// filter, its 1-in-N draw (not for rules with `log`, which are always candidates) and its
+/// rate. `decision`: the rule slot, the verdict << 32, 1 << 40 when the rule has `log`.
+#[inline(never)]
+fn trace_decision(ctx: &XdpContext, pkt: &Packet, generation: u64, decision: u64, len: u64) {
+    let Some(c) = TRACE.get_ptr_mut(0) else { return };
+    // SAFETY: a valid map value pointer, written by the tracer before it took the lease.
+    let cfg = unsafe { &*c };
+    let f = cfg.filter;
+    let (rule, verdict) = (decision as u32, (decision >> 32) as u8 as u32);
+    if (f & trace::filter::PROTO != 0 && pkt.proto != cfg.proto)
+        || (f & trace::filter::PORT != 0 && !(pkt.has_ports && (pkt.sport == cfg.port || pkt.dport == cfg.port)))
+        || (f & trace::filter::RULE != 0 && (rule != cfg.rule || generation != cfg.rule_generation))
+        || (f & trace::filter::VERDICT != 0 && verdict != cfg.verdict)
+    {
+        return;
+    }
+    if f & trace::filter::ADDR_V4 != 0 {
+        if pkt.is_v6 {
+            return;
+        }
+        let bits = cfg.prefix_len;
+        let mask = if bits == 0 { 0 } else if bits >= 32 { u32::MAX } else { u32::MAX << (32 - bits) };
+        let want = u32::from_be_bytes([cfg.addr[0], cfg.addr[1], cfg.addr[2], cfg.addr[3]]) & mask;
+        if pkt.src4 & mask != want && pkt.dst4 & mask != want {
+            return;
+        }
+    }
+    if f & trace::filter::ADDR_V6 != 0 {
+        if !pkt.is_v6 || !(v6_within(ctx, pkt, true, cfg) || v6_within(ctx, pkt, false, cfg)) {
+            return;
+        }
+    }
+    // The clock only for what passed the filter (a helper call costs more than the filter).
+    // SAFETY: a helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(lease) = ACTIVE.get_ptr(trace::LEASE_SLOT) else { return };
+    // SAFETY: as in `decide`. An expired lease is a tracer that died without saying so.
+    if unsafe { core::ptr::read_volatile(lease) } <= now {
+        return;
+    }
+    let logged = decision >> 40 & 1 != 0;
+    // SAFETY: a helper with no arguments.
+    if !logged && cfg.sample > 1 && unsafe { bpf_get_prandom_u32() }.checked_rem(cfg.sample).unwrap_or(0) != 0 {
+        return;
+    }
+    // SAFETY: fields of a valid map value.
+    let (tat, limited, lost) =
+        unsafe { (core::ptr::addr_of_mut!((*c).tat), core::ptr::addr_of_mut!((*c).limited), core::ptr::addr_of_mut!((*c).lost)) };
+    if !take_token(tat, cfg.interval_ns, cfg.burst_ns, now) {
+        count_shared(limited);
+        return;
+    }
+    let kind = if logged { trace::kind::LOG } else { trace::kind::TRACE };
+    if !send_decision(&TRACE_RING, ctx, pkt, generation, decision & 0xff_ffff_ffff, len, kind, now) {
+        count_shared(lost);
+    }
+}
+
+/// Whether the packet's source (or destination) address is within the tracer's IPv6 prefix.
+#[inline(always)]
+fn v6_within(ctx: &XdpContext, pkt: &Packet, source: bool, cfg: &TraceConfig) -> bool {
+    let Some(a) = parse::v6_addr_ref(ctx, pkt.l3_off, source) else { return false };
+    let bits = cfg.prefix_len;
+    let mut i = 0usize;
+    while i < 16 {
+        let skip = i as u32 * 8;
+        let mask: u8 = if bits <= skip { 0 } else if bits >= skip + 8 { 0xff } else { 0xffu8 << ((8 - (bits - skip)) & 7) };
+        if a[i & 15] & mask != cfg.addr[i & 15] & mask {
+            return false;
+        }
+        i += 1;
+    }
+    true
 }
 
 /// Rules with a rate limit match only within it: when the first matching rule is beyond its
@@ -423,20 +645,13 @@ fn within_limit(ctx: &XdpContext, pkt: &Packet, index: u32, generation_rule: u64
     // SAFETY: a helper with no arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     // GCRA: admit when the arrival time, pushed by this packet's cost, is within the burst.
-    // SAFETY: `tat` points into a map value, which lives at least until this program returns;
-    // u64 map values and fields are 8-byte aligned. Other CPUs update it only through the
-    // compare-and-swap below.
-    let old = unsafe { core::ptr::read_volatile(tat) };
-    let next = if old > now { old } else { now } + cost;
-    if next - now > burst {
-        return LIMIT_BEYOND;
-    }
     // Compare-and-swap (BPF_CMPXCHG; Rust's core has no atomic methods on BPF, hence the
     // intrinsic). One attempt: when another CPU took a token at the same moment, this packet is
     // let through without paying (a retry loop multiplies the verifier's work), so a limit is
     // exceeded by at most one packet per collision.
-    // SAFETY: as above.
-    unsafe { atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(tat, old, next) };
+    if !take_token(tat, cost, burst, now) {
+        return LIMIT_BEYOND;
+    }
     if created { LIMIT_WITHIN_NEW_SOURCE } else { LIMIT_WITHIN }
 }
 

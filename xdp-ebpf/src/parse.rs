@@ -305,6 +305,14 @@ pub fn v6_addr(ctx: &XdpContext, l3_off: usize, source: bool) -> Option<[u8; 16]
     header_at::<[u8; 16]>(ctx, l3_off + field).copied()
 }
 
+/// The IPv6 source (or destination) address in the packet itself, for copying it elsewhere
+/// without a stack copy.
+#[inline(always)]
+pub fn v6_addr_ref(ctx: &XdpContext, l3_off: usize, source: bool) -> Option<&[u8; 16]> {
+    let field = if source { offset_of!(Ipv6Hdr, saddr) } else { offset_of!(Ipv6Hdr, daddr) };
+    header_at::<[u8; 16]>(ctx, l3_off + field)
+}
+
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> ParseOutcome {
     let mut c = Cursor::new(ctx);
@@ -337,6 +345,10 @@ fn parse_ethhdr(c: &mut Cursor) -> Option<u16> {
         ethertype = u16::from_be_bytes(vlan.encapsulated_proto);
         tags += 1;
     }
+    // A third tag: malformed (dropped, counted) rather than passed unclassified as non-IP.
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        return None;
+    }
     Some(ethertype)
 }
 
@@ -346,13 +358,13 @@ fn parse_iphdr<'a>(c: &mut Cursor<'a>) -> Option<&'a Ipv4Hdr> {
     // The fixed header through one checked pointer, then the options as a separate check.
     let iph = c.peek::<Ipv4Hdr>()?;
     let ihl = (iph.version_ihl & 0x0f) as usize * 4;
-    if iph.version_ihl >> 4 != 4
-        || ihl < size_of::<Ipv4Hdr>()
-        || (u16::from_be_bytes(iph.tot_len) as usize) < ihl
-    {
+    let tot_len = u16::from_be_bytes(iph.tot_len) as usize;
+    if iph.version_ihl >> 4 != 4 || ihl < size_of::<Ipv4Hdr>() || tot_len < ihl {
         return None;
     }
-    c.ensure(ihl)?;
+    // The whole datagram, options included, must be in the frame: a total length beyond the
+    // frame end is a truncated packet (Ethernet padding after it is fine).
+    c.ensure(tot_len)?;
     c.skip(ihl);
     Some(iph)
 }
@@ -375,10 +387,19 @@ fn parse_ipv4(c: &mut Cursor) -> Option<Packet> {
 #[inline(always)]
 fn parse_ip6hdr(c: &mut Cursor) -> Option<u8> {
     let ip6h = c.next::<Ipv6Hdr>()?;
-    if ip6h.version_class_flow[0] >> 4 != 6 {
+    if ip6h.version_class_flow[0] >> 4 != 6 || v4_mapped(&ip6h.saddr) || v4_mapped(&ip6h.daddr) {
         return None;
     }
+    // A payload length beyond the frame end is a truncated packet (0 is a jumbogram's).
+    c.ensure(u16::from_be_bytes(ip6h.payload_len) as usize)?;
     Some(ip6h.nexthdr)
+}
+
+/// `::ffff:a.b.c.d`: never valid on the wire (RFC 4291 2.5.5.2; Linux drops such sources), and
+/// a way around IPv4 rules to a dual-stack socket: such packets are malformed.
+#[inline(always)]
+fn v4_mapped(a: &[u8; 16]) -> bool {
+    a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] == 0 && a[10] == 0xff && a[11] == 0xff
 }
 
 #[inline(always)]

@@ -34,8 +34,17 @@ pub mod map_names {
     pub const LIMITS: &str = "LIMITS";
     /// Per-source token buckets of rules with `limit.per` (LRU).
     pub const LIMIT_SOURCES: &str = "LIMIT_SOURCES";
+    /// `loader trace`: the filter, sampling and rate limit of the tracer (one entry; its lease is
+    /// slot `trace::LEASE_SLOT` of ACTIVE).
+    pub const TRACE: &str = "TRACE";
+    /// Decisions of real packets for `loader trace` ([`super::DecisionEvent`]).
+    pub const TRACE_RING: &str = "TRACE_RING";
+    /// Rules with `log`: their rate limits and buckets, both buffers.
+    pub const LOG_LIMITS: &str = "LOG_LIMITS";
+    /// Packets matched by rules with `log`, for the daemon's log ([`super::DecisionEvent`]).
+    pub const LOG_RING: &str = "LOG_RING";
     /// Every map the program owns, in a stable order (pinning, stats, leak checks).
-    pub const ALL: [&str; 30] = [
+    pub const ALL: [&str; 34] = [
         ACTIVE,
         HEADERS,
         RULES,
@@ -66,11 +75,17 @@ pub mod map_names {
         ESCALATIONS,
         LIMITS,
         LIMIT_SOURCES,
+        TRACE,
+        TRACE_RING,
+        LOG_LIMITS,
+        LOG_RING,
     ];
 }
 
 /// Name of the XDP program in the object file.
 pub const PROGRAM_NAME: &str = "xdpfw";
+/// Name of the probe copy's entry point (the same code; `bpftool prog show` tells them apart).
+pub const PROBE_PROGRAM_NAME: &str = "xdpfw_probe";
 
 /// Two complete rulesets exist at once: the active one, read by packets, and the inactive one,
 /// written by a reload. `buffer = generation % BUFFERS`.
@@ -142,6 +157,50 @@ pub mod rule_flags {
     pub const NEEDS_OWNER: u32 = 1 << 0;
     /// The rule has a rate limit (`LIMITS`): beyond it the rule does not match.
     pub const LIMITED: u32 = 1 << 1;
+    /// The rule has `log`: packets it decides are reported through LOG_RING, within the rule's
+    /// log rate (`LOG_LIMITS`).
+    pub const LOG: u32 = 1 << 2;
+}
+
+/// `loader trace`: decisions of real packets, sampled, filtered and rate-limited in the kernel.
+///
+/// Off costs one load: slot `LEASE_SLOT` of ACTIVE, beside the generation every packet reads
+/// already (same map value array, same cache line). It holds 0 (off) or the CLOCK_MONOTONIC
+/// time until which the tracer's lease runs: the tracer renews it every second, so a tracer
+/// that dies, even by SIGKILL, stops the tracing within `LEASE_NS` with nobody's help.
+pub mod trace {
+    /// Slot of ACTIVE that holds the lease.
+    pub const LEASE_SLOT: u32 = 1;
+    /// Entries of ACTIVE: the generation, then the lease.
+    pub const ACTIVE_ENTRIES: u32 = 2;
+    /// How long a lease lasts without renewal.
+    pub const LEASE_NS: u64 = 3_000_000_000;
+    /// TRACE_RING's size: at 72 bytes a record, about 3,600 events between two reads.
+    pub const RING_BYTES: u32 = 256 * 1024;
+    /// LOG_RING's size.
+    pub const LOG_RING_BYTES: u32 = 256 * 1024;
+
+    /// Bits of [`super::TraceConfig::filter`]: which conditions a packet must meet.
+    pub mod filter {
+        pub const PROTO: u32 = 1 << 0;
+        /// Source or destination port.
+        pub const PORT: u32 = 1 << 1;
+        /// The deciding rule (slot and generation).
+        pub const RULE: u32 = 1 << 2;
+        pub const VERDICT: u32 = 1 << 3;
+        /// Source or destination address within an IPv4 prefix.
+        pub const ADDR_V4: u32 = 1 << 4;
+        /// Source or destination address within an IPv6 prefix.
+        pub const ADDR_V6: u32 = 1 << 5;
+    }
+
+    /// [`super::DecisionEvent::kind`].
+    pub mod kind {
+        /// A decision sampled by `loader trace`.
+        pub const TRACE: u8 = 1;
+        /// A packet of a rule with `log` (in LOG_RING; in TRACE_RING when traced too).
+        pub const LOG: u8 = 2;
+    }
 }
 
 /// Rate limits (`limit = { rate, burst, per }` on a rule): a token bucket, kept as the
@@ -501,6 +560,83 @@ pub struct LimitKey {
     pub _pad: [u8; 3],
 }
 
+/// The tracer's settings and counters (TRACE, one entry, written by `loader trace` through the
+/// mapping before it takes the lease). A decision is sent when it passes the filter, the
+/// 1-in-`sample` draw and the token bucket (GCRA, as [`LimitState`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceConfig {
+    /// `trace::filter::*` bits.
+    pub filter: u32,
+    /// Send one decision in `sample` (0 and 1: every one), drawn at random.
+    pub sample: u32,
+    /// The token bucket: one event costs `interval_ns`, at most `burst_ns` ahead of now.
+    pub interval_ns: u64,
+    pub burst_ns: u64,
+    pub tat: u64,
+    /// Decisions that passed the filter and the draw but not the bucket (atomic adds).
+    pub limited: u64,
+    /// Decisions lost because the ring was full (atomic adds).
+    pub lost: u64,
+    /// `filter::RULE`: the rule slot of this generation (`DEFAULT_RULE_SLOT`: the default).
+    pub rule_generation: u64,
+    pub rule: u32,
+    /// `filter::VERDICT`: `action::*`.
+    pub verdict: u32,
+    /// `filter::ADDR_*`: the prefix, network byte order (IPv4 in the first 4 bytes).
+    pub addr: [u8; 16],
+    pub prefix_len: u32,
+    /// `filter::PORT`.
+    pub port: u16,
+    /// `filter::PROTO`.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// The log rate of a rule with `log` (LOG_LIMITS at `buffer * MAX_RULES + rule`): a token
+/// bucket like [`LimitState`]'s, written whole by a reload.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogLimit {
+    pub interval_ns: u64,
+    pub burst_ns: u64,
+    pub tat: u64,
+    /// Packets of the rule not logged because they were beyond the rate (atomic adds).
+    pub suppressed: u64,
+}
+
+/// One decision of a real packet, in TRACE_RING (`loader trace`) or LOG_RING (`log` rules).
+/// Every byte is set, padding included.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecisionEvent {
+    /// Addresses, network byte order (IPv4 in the first 4 bytes, the rest zero).
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// The generation whose ruleset decided.
+    pub generation: u64,
+    /// CLOCK_MONOTONIC ns.
+    pub time_ns: u64,
+    /// The frame's length in bytes.
+    pub len: u32,
+    /// The deciding rule, or `DEFAULT_RULE_SLOT`.
+    pub rule: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub is_v6: u8,
+    /// `trace::kind::*`.
+    pub kind: u8,
+    /// `action::*`.
+    pub verdict: u8,
+    /// `type << 8 | code`, when `has & 2`.
+    pub icmp: u16,
+    pub tcp_flags: u8,
+    /// 1: the packet has ports; 2: an ICMP type; 4: TCP flags.
+    pub has: u8,
+    pub _pad: [u8; 4],
+}
+
 /// Per-CPU per-rule counters, RULE_STATS at `buffer * RULE_SLOTS + rule`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -576,6 +712,9 @@ const _: () = {
     assert!(core::mem::size_of::<Pending>() == 16);
     assert!(core::mem::size_of::<EscalationEvent>() == 64);
     assert!(core::mem::size_of::<RuleStats>() == 16);
+    assert!(core::mem::size_of::<TraceConfig>() == 88);
+    assert!(core::mem::size_of::<LogLimit>() == 32);
+    assert!(core::mem::size_of::<DecisionEvent>() == 72);
     assert!(core::mem::size_of::<DirBlock>() == 4 * dir::CHUNK_ENTRIES as usize);
     assert!(core::mem::size_of::<DirLine>() == 64);
     assert!(dir::MAX_CHUNKS - dir::FIXED_CHUNKS <= dir::MORE_SIZES[2]);
@@ -611,5 +750,8 @@ mod pod {
         DirLine,
         LimitState,
         LimitKey,
+        TraceConfig,
+        LogLimit,
+        DecisionEvent,
     );
 }

@@ -9,8 +9,10 @@ pub mod files;
 pub mod history;
 pub mod instance;
 pub mod pipeline;
+pub mod prune;
 pub mod stats;
 mod tables_cache;
+pub mod trace;
 
 pub use error::{ControlError, Result};
 pub use instance::{CarriedCounts, Instance, ReloadReport, ReloadTimes, RulesetSummary, State};

@@ -9,6 +9,7 @@
 //! blocking loop with a stop flag), and `ctx.metrics.register(..)` for its counters.
 
 pub mod escalation;
+pub mod log;
 pub mod metrics;
 mod notify;
 mod source_file;
@@ -563,6 +564,9 @@ async fn run(args: RunConfig) -> Result<()> {
     let config = args.escalation.clone();
     let esc_inst = inst.clone();
     services.spawn_blocking("escalation", ctx.shutdown.clone(), move |stop| escalation::serve(&esc_inst, &config, stop, &shared));
+    // Packets of rules with `log`, to the daemon's log (served whatever the ruleset, as above).
+    let log_inst = inst.clone();
+    services.spawn_blocking("log", ctx.shutdown.clone(), move |stop| log::serve(&log_inst, stop));
     // The filtering invariant: what vanishes under the daemon is attached again.
     let (guard_cfg, guard_inst, guard_stats, guard_server) = (args.clone(), inst.clone(), stats.clone(), server.clone());
     services.spawn_blocking("guard", ctx.shutdown.clone(), move |stop| guard(&guard_cfg, &guard_inst, &guard_stats, &guard_server, stop));

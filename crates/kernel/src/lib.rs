@@ -10,6 +10,7 @@ pub mod netlink;
 mod object;
 mod pins;
 pub mod testrun;
+pub mod trace;
 
 pub use error::{KernelError, Result};
 pub use maps::{InstallTimes, Maps, MmapArray, pinned_map};

@@ -17,9 +17,9 @@ use aya::{
     util::nr_cpus,
 };
 use xdpfw_common::{
-    BUFFERS, Bitmap, buffer_of, DirBlock, DirLine, FieldEntry, GlobalStats, Ipv6Data, LimitKey, LimitState, MAX_BITMAPS, MAX_PREFIXES,
+    BUFFERS, Bitmap, buffer_of, DirBlock, DirLine, FieldEntry, GlobalStats, Ipv6Data, LimitKey, LimitState, LogLimit, MAX_BITMAPS, MAX_PREFIXES,
     MAX_RULES, PrefixValue, RULE_SLOTS, RuleMeta, RuleStats, RulesetHeader,
-    dir, fields_layout::FIELDS_PER_BUFFER, map_names,
+    dir, fields_layout::FIELDS_PER_BUFFER, map_names, trace, TraceConfig,
 };
 
 use xdpfw_rules::compile::Image;
@@ -38,7 +38,7 @@ pub struct MmapArray<T> {
 unsafe impl<T> Send for MmapArray<T> {}
 
 impl<T: Copy> MmapArray<T> {
-    fn new(map: MapData) -> Result<Self> {
+    pub(crate) fn new(map: MapData) -> Result<Self> {
         let mut m = Self::map(&map)?;
         m._map = Some(map);
         Ok(m)
@@ -67,6 +67,14 @@ impl<T: Copy> MmapArray<T> {
         Ok(Self { ptr: NonNull::new(ptr.cast()).expect("mmap returned null"), len, bytes, _map: None })
     }
 
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     pub fn read(&self, index: usize) -> T {
         assert!(index < self.len);
         // SAFETY: in bounds; volatile because the kernel may write concurrently.
@@ -83,7 +91,7 @@ impl<T: Copy> MmapArray<T> {
 }
 
 impl MmapArray<u64> {
-    fn atomic(&self, index: usize) -> &AtomicU64 {
+    pub(crate) fn atomic(&self, index: usize) -> &AtomicU64 {
         assert!(index < self.len);
         // SAFETY: 8-byte aligned (page-aligned mapping, 8-byte stride) and in bounds.
         unsafe { AtomicU64::from_ptr(self.ptr.as_ptr().add(index)) }
@@ -125,6 +133,11 @@ pub struct Maps {
     /// Rules' rate limits and buckets (both buffers, written through the mapping).
     limits: MmapArray<LimitState>,
     limit_sources: aya::maps::HashMap<MapData, LimitKey, u64>,
+    /// Rules' log rates and buckets (both buffers, written through the mapping). `None` in an
+    /// instance attached by a version without `log` (until it is attached again).
+    log_limits: Option<MmapArray<LogLimit>>,
+    /// The tracer's settings (`None` as `log_limits`).
+    trace: Option<MmapArray<TraceConfig>>,
 }
 
 type DirArray = Array<MapData, DirBlock>;
@@ -286,6 +299,8 @@ impl Maps {
             rule_stats: PerCpuArray::try_from(Map::from_map_data(get(RULE_STATS)?)?)?,
             limits: MmapArray::new(get(LIMITS)?)?,
             limit_sources: aya::maps::HashMap::try_from(Map::from_map_data(get(LIMIT_SOURCES)?)?)?,
+            log_limits: get(LOG_LIMITS).ok().map(MmapArray::new).transpose()?,
+            trace: get(TRACE).ok().map(MmapArray::new).transpose()?,
         })
     }
 
@@ -318,6 +333,17 @@ impl Maps {
         let limits = self.limits.range_mut(b * MAX_RULES, MAX_RULES);
         limits.fill(LimitState::default());
         limits[..image.limits.len()].copy_from_slice(&image.limits);
+        match &mut self.log_limits {
+            Some(l) => {
+                let log_limits = l.range_mut(b * MAX_RULES, MAX_RULES);
+                log_limits.fill(LogLimit::default());
+                log_limits[..image.log_limits.len()].copy_from_slice(&image.log_limits);
+            }
+            None if image.log_limits.iter().any(|l| *l != LogLimit::default()) => {
+                kbail!("this instance was attached by a version of loader without `log`: detach and attach it again to use `log`")
+            }
+            None => {}
+        }
 
         let per = FIELDS_PER_BUFFER as usize;
         let fields = self.fields.range_mut(b * per, per);
@@ -478,6 +504,68 @@ impl Maps {
     /// Packets beyond each rule's limit (`rule_count` rules of `buffer`).
     pub fn limited(&self, buffer: u32, rule_count: u32) -> Vec<u64> {
         (0..rule_count.min(MAX_RULES as u32)).map(|r| self.limits.read((buffer * MAX_RULES as u32 + r) as usize).limited).collect()
+    }
+
+    /// Packets of each rule with `log` not logged (beyond its log rate, or the ring full):
+    /// `rule_count` rules of `buffer`.
+    pub fn log_suppressed(&self, buffer: u32, rule_count: u32) -> Vec<u64> {
+        let Some(l) = &self.log_limits else { return vec![0; rule_count.min(MAX_RULES as u32) as usize] };
+        (0..rule_count.min(MAX_RULES as u32)).map(|r| l.read((buffer * MAX_RULES as u32 + r) as usize).suppressed).collect()
+    }
+
+    /// Whether the program of this instance can trace (attached by a version with `trace`).
+    pub fn can_trace(&self) -> bool {
+        self.trace.is_some() && self.active.len() > trace::LEASE_SLOT as usize
+    }
+
+    /// Turns tracing on: the settings first, then the lease (CLOCK_MONOTONIC ns), which makes
+    /// the program read them.
+    pub fn trace_start(&mut self, config: &TraceConfig, lease_until_ns: u64) -> Result<()> {
+        if !self.can_trace() {
+            kbail!("this instance was attached by a version of loader without `trace`: detach and attach it again to trace it");
+        }
+        self.trace_stop();
+        if let Some(t) = &mut self.trace {
+            t.range_mut(0, 1)[0] = *config;
+        }
+        self.trace_renew(lease_until_ns);
+        Ok(())
+    }
+
+    /// Extends the lease (a tracer that stops renewing it stops tracing when it runs out).
+    pub fn trace_renew(&self, lease_until_ns: u64) {
+        if self.can_trace() {
+            self.active.atomic(trace::LEASE_SLOT as usize).store(lease_until_ns, Ordering::SeqCst);
+        }
+    }
+
+    /// Turns tracing off at once.
+    pub fn trace_stop(&self) {
+        self.trace_renew(0);
+    }
+
+    /// The lease now: 0 when nobody traces, else when it runs out (CLOCK_MONOTONIC ns).
+    pub fn trace_lease(&self) -> u64 {
+        if self.can_trace() { self.active.atomic(trace::LEASE_SLOT as usize).load(Ordering::SeqCst) } else { 0 }
+    }
+
+    /// Changes the rule the tracer filters on (a reload gave it another slot), the slot before
+    /// the generation: for a moment a packet may be judged by the new slot of the old
+    /// generation, which matches nothing.
+    pub fn trace_set_rule(&mut self, generation: u64, rule: u32) {
+        if let Some(t) = &mut self.trace {
+            let c = &mut t.range_mut(0, 1)[0];
+            // SAFETY: fields of the mapped value; volatile, as the program reads them meanwhile.
+            unsafe {
+                std::ptr::addr_of_mut!(c.rule).write_volatile(rule);
+                std::ptr::addr_of_mut!(c.rule_generation).write_volatile(generation);
+            }
+        }
+    }
+
+    /// The tracer's settings and counters as they are now.
+    pub fn trace_config(&self) -> Option<TraceConfig> {
+        self.trace.as_ref().map(|t| t.read(0))
     }
 
     /// Per-source buckets in the table now (at most `limit::SOURCE_ENTRIES`).

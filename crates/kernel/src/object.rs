@@ -13,7 +13,7 @@ use aya::{
     programs::Xdp,
 };
 use xdpfw_common::{
-    PROGRAM_NAME, map_names,
+    PROBE_PROGRAM_NAME, PROGRAM_NAME, map_names,
 };
 
 
@@ -42,15 +42,15 @@ fn load_pinned(dir: &Path, probe: bool) -> Result<Ebpf> {
     if probe {
         loader.override_global("PROBE", &1u32, true);
     }
-    load_object(&mut loader)
+    load_object(&mut loader, if probe { PROBE_PROGRAM_NAME } else { PROGRAM_NAME })
 }
 
-/// Loads the object with `loader` and the firewall program into the kernel (the verifier runs).
-fn load_object(loader: &mut EbpfLoader) -> Result<Ebpf> {
+/// Loads the object with `loader` and its program `name` into the kernel (the verifier runs).
+fn load_object(loader: &mut EbpfLoader, name: &str) -> Result<Ebpf> {
     let mut ebpf = loader.load(PROGRAM_OBJECT).kctx(|| "loading the XDP object".into())?;
     let prog: &mut Xdp = ebpf
-        .program_mut(PROGRAM_NAME)
-        .ok_or_else(|| KernelError::msg(format!("program {PROGRAM_NAME} missing from the object")))?
+        .program_mut(name)
+        .ok_or_else(|| KernelError::msg(format!("program {name} missing from the object")))?
         .try_into()?;
     prog.load().map_err(verifier_error)?;
     Ok(ebpf)
@@ -59,7 +59,7 @@ fn load_object(loader: &mut EbpfLoader) -> Result<Ebpf> {
 /// Loads the program into the kernel without pinning anything (kernel tests, benchmarks,
 /// `explain --kernel`): the returned handle owns private maps.
 pub fn load_private() -> Result<(Ebpf, Maps)> {
-    let mut ebpf = load_object(&mut EbpfLoader::new())?;
+    let mut ebpf = load_object(&mut EbpfLoader::new(), PROGRAM_NAME)?;
     let mut take = |name: &str| -> Result<MapData> {
         let map = ebpf.take_map(name).ok_or_else(|| KernelError::msg(format!("map {name} missing")))?;
         map_data(map)

@@ -12,7 +12,7 @@ use aya::{
     Ebpf,
     programs::{Xdp, XdpMode, links::FdLink, links::PinnedLink},
 };
-use xdpfw_common::PROGRAM_NAME;
+use xdpfw_common::{PROBE_PROGRAM_NAME, PROGRAM_NAME};
 
 
 /// Where attached instances live in bpffs: `<root>/<key>/{link,prog,probe,<MAP>...}`, one folder
@@ -70,7 +70,7 @@ impl AttachMode {
 /// paying for a verifier run.
 pub fn pin_probe(dir: &Path) -> Result<()> {
     let mut ebpf = load_probe(dir)?;
-    let prog: &mut Xdp = ebpf.program_mut(PROGRAM_NAME).ok_or_else(|| KernelError::msg("program missing".to_string()))?.try_into()?;
+    let prog: &mut Xdp = ebpf.program_mut(PROBE_PROGRAM_NAME).ok_or_else(|| KernelError::msg("probe program missing".to_string()))?.try_into()?;
     prog.pin(dir.join("probe")).kctx(|| "pinning the probe program".into())?;
     Ok(())
 }

@@ -61,6 +61,7 @@ pub(crate) fn run(cli: Cli) -> Result<Output> {
             Ok(Output::ok(String::new()))
         }
         Command::List { json } => list(json),
+        Command::Prune { dry_run, json } => prune(dry_run, json),
         Command::Check { file, strict, json } => check(&file, strict, json),
         Command::Explain { args, iface, kernel, owner, json } => {
             let (target, packet) = crate::flags::explain_target(args, iface).map_err(UsageError)?;
@@ -73,6 +74,7 @@ pub(crate) fn run(cli: Cli) -> Result<Output> {
         Command::Show { iface, sets, json } => show(iface.as_deref(), sets, json),
         Command::Diff { file, iface, json } => diff(&file, iface.as_deref(), json),
         Command::Top(args) => top(&args),
+        Command::Trace(args) => trace(&args),
         Command::Man { dir } => man(&dir),
         Command::Completions { shell } => {
             let mut buf = Vec::new();
@@ -198,7 +200,20 @@ fn list(json: bool) -> Result<Output> {
         }
         rows.push(row);
     }
-    Ok(Output::ok(if json { json_text(&serde_json::json!({ "instances": rows }))? } else { render::list(&rows) }))
+    let stale: Vec<render::StaleRow> = control::prune::stale()?.iter().map(render::StaleRow::from).collect();
+    Ok(Output::ok(if json { json_text(&serde_json::json!({ "instances": rows, "stale": stale }))? } else { render::list(&rows, &stale) }))
+}
+
+/// `loader prune`: removes the instances of namespaces that are gone.
+fn prune(dry_run: bool, json: bool) -> Result<Output> {
+    let stale = control::prune::stale()?;
+    if !dry_run {
+        for s in &stale {
+            control::prune::remove(s)?;
+        }
+    }
+    let rows: Vec<render::StaleRow> = stale.iter().map(render::StaleRow::from).collect();
+    Ok(Output::ok(if json { json_text(&serde_json::json!({ "removed": !dry_run, "stale": rows }))? } else { render::prune(&rows, dry_run) }))
 }
 
 fn enter_netns(name: &str) -> Result<()> {
@@ -447,6 +462,77 @@ fn top(args: &TopArgs) -> Result<Output> {
         }
         (prev, at) = (cur, now);
         shown += 1;
+    }
+    Ok(Output::ok(String::new()))
+}
+
+/// Set by SIGINT and SIGTERM while `trace` runs: it stops, and clears its lease on the way out.
+static STOP_TRACE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn stop_trace(_: nix::libc::c_int) {
+    STOP_TRACE.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn trace(args: &crate::flags::TraceArgs) -> Result<Output> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    use std::sync::atomic::Ordering;
+    use xdpfw_control::trace::{TraceFilter, TraceRate, Tracer};
+    let filter = TraceFilter::parse(&args.filter).map_err(UsageError)?;
+    let inst = Instance::find(Some(&args.iface))?;
+    let rate = TraceRate { sample: args.sample, rate: args.rate, burst: args.burst.unwrap_or(args.rate) };
+    // Installed before the lease is taken: an interrupt from then on ends the loop below, and the
+    // tracer's Drop clears the lease.
+    let handler = SigAction::new(SigHandler::Handler(stop_trace), SaFlags::empty(), SigSet::empty());
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { sigaction(signal, &handler) }.context("installing a signal handler")?;
+    }
+    let mut tracer = Tracer::start(inst, filter, rate)?;
+    let started = std::time::Instant::now();
+    let mut shown = 0u64;
+    {
+        // On stderr even with --json: it tells a reader the trace has begun.
+        eprintln!(
+            "tracing {} (at most {} decisions/s{}); Ctrl-C to stop",
+            tracer.iface(),
+            args.rate,
+            if args.sample > 1 { format!(", one in {} sampled", args.sample) } else { String::new() }
+        );
+    }
+    'outer: while !STOP_TRACE.load(Ordering::Relaxed) {
+        let left = args.duration.map(|d| d.saturating_sub(started.elapsed()));
+        if left.is_some_and(|l| l.is_zero()) {
+            break;
+        }
+        let events = tracer.poll(left.unwrap_or(Duration::from_millis(500)).min(Duration::from_millis(500)));
+        for e in events {
+            if args.count.is_some_and(|n| shown >= n) {
+                break 'outer;
+            }
+            let text = if args.json {
+                let mut v = serde_json::to_value(&e)?;
+                if let serde_json::Value::Object(m) = &mut v {
+                    m.insert("schema".into(), JSON_SCHEMA.into());
+                    m.insert("time".into(), render::rfc3339_ns(e.time_unix_ns).into());
+                }
+                serde_json::to_string(&v)? + "\n"
+            } else {
+                render::trace_line(&e) + "\n"
+            };
+            // A reader that went away (`loader trace eth0 | head`) ends the trace, successfully.
+            if !crate::exit::print_now(&text)? {
+                break 'outer;
+            }
+            shown += 1;
+        }
+        if args.count.is_some_and(|n| shown >= n) {
+            break;
+        }
+    }
+    let counters = tracer.counters();
+    drop(tracer);
+    {
+        eprintln!("{shown} decisions shown; {} beyond the rate, {} lost to a full ring (in the kernel)", counters.limited, counters.lost);
     }
     Ok(Output::ok(String::new()))
 }

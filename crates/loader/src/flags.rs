@@ -158,6 +158,16 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove the pins and state of instances whose network namespace is gone (their program
+    /// and maps stay in kernel memory until then). Their history is kept.
+    Prune {
+        /// Only say what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Keep IFACE's rules in line with a watched file or an HTTP(S) URL, with Prometheus metrics
     /// (a daemon for systemd: SIGHUP re-reads, SIGTERM stops and leaves the firewall attached).
     Run(RunArgs),
@@ -208,6 +218,11 @@ pub(crate) enum Command {
     /// A live view of the traffic on IFACE: packets/s, bits/s and drops/s per rule (the change of
     /// its counters between refreshes, busiest first), the totals, the generation and ruleset.
     Top(TopArgs),
+    /// Decisions of real packets on IFACE as they happen (addresses, ports, the deciding rule,
+    /// the verdict), sampled and rate-limited in the kernel. FILTER: `host ADDR[/LEN]`, `port N`,
+    /// `proto tcp|udp|icmp|icmpv6|N`, `rule NAME`, `verdict pass|drop` (`tcp`, `drop`, … alone
+    /// too), all ANDed. Tracing stops when this command does (even killed: within 3 s).
+    Trace(TraceArgs),
     /// What reloading FILE would change: rules added, removed, changed and moved, set sizes.
     Diff {
         /// The rules file a reload would apply.
@@ -327,6 +342,42 @@ impl TopArgs {
     pub(crate) fn iface(&self) -> Option<&str> {
         self.iface_arg.as_deref().or(self.iface.as_deref())
     }
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub(crate) struct TraceArgs {
+    /// The interface to trace.
+    pub iface: String,
+    /// Conditions a decision must meet, e.g. `host 192.0.2.0/24 port 53 drop`.
+    #[arg(value_name = "FILTER", trailing_var_arg = true, allow_hyphen_values = false)]
+    pub filter: Vec<String>,
+    /// Stop after N decisions.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+    /// Stop after this long (durations: 10s, 5m; at most 30 days).
+    #[arg(long, value_name = "DURATION", value_parser = trace_duration)]
+    pub duration: Option<Duration>,
+    /// At most N decisions a second, counted in the kernel (1 to 100000).
+    #[arg(long, default_value = "100", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub rate: u32,
+    /// Bursts of up to N decisions above the rate (default: the rate).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub burst: Option<u32>,
+    /// Sample one decision in N, at random, before the rate (1: every one).
+    #[arg(long, default_value = "1", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub sample: u32,
+    /// One JSON document per decision, one per line (JSON Lines).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A trace's length: positive, at most 30 days.
+fn trace_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() || d > Duration::from_secs(30 * 86400) {
+        return Err(format!("{s}: the duration must be more than zero and at most 30 days"));
+    }
+    Ok(d)
 }
 
 /// The command line's definition, for the man pages and completions generated from it.

@@ -89,6 +89,20 @@ impl RunNats {
     }
 }
 
+/// The key that signs what a command publishes.
+#[derive(Args, Clone, Debug)]
+pub(crate) struct Signer {
+    /// The signing key (from `fleet keygen`).
+    #[arg(long, value_name = "FILE")]
+    key_file: PathBuf,
+}
+
+impl Signer {
+    fn load(&self) -> Result<xdpfw_fleet::ed25519_dalek::SigningKey> {
+        envelope::load_signing_key(&self.key_file)
+    }
+}
+
 /// Where the fleet's rulesets live.
 #[derive(Args, Clone, Debug)]
 pub(crate) struct Target {
@@ -142,9 +156,8 @@ pub(crate) enum FleetCommand {
     Publish {
         /// The rules file (self-contained: inline set prefixes).
         file: PathBuf,
-        /// The signing key (from `fleet keygen`).
-        #[arg(long, value_name = "FILE")]
-        key_file: PathBuf,
+        #[command(flatten)]
+        signer: Signer,
         /// Publish to one group only (KEY.GROUP), e.g. canary; by default to every node.
         #[arg(long, value_name = "GROUP")]
         to: Option<String>,
@@ -164,9 +177,8 @@ pub(crate) enum FleetCommand {
     /// Publish the group's ruleset to every node once every node of the group runs it healthy
     /// (signed anew for the common key).
     Promote {
-        /// The signing key (from `fleet keygen`).
-        #[arg(long, value_name = "FILE")]
-        key_file: PathBuf,
+        #[command(flatten)]
+        signer: Signer,
         /// The group whose ruleset goes to every node.
         #[arg(long, default_value = "canary")]
         group: String,
@@ -181,9 +193,8 @@ pub(crate) enum FleetCommand {
     /// Republish the ruleset of an earlier revision from the bucket's history (default: the
     /// previous ruleset), signed anew: nodes refuse an old value put back as it was.
     Rollback {
-        /// The signing key (from `fleet keygen`).
-        #[arg(long, value_name = "FILE")]
-        key_file: PathBuf,
+        #[command(flatten)]
+        signer: Signer,
         /// The bucket revision to republish (default: the one before the current ruleset).
         revision: Option<u64>,
         /// Roll back a group's key (KEY.GROUP) instead of the common one.
@@ -206,7 +217,7 @@ pub(crate) fn run(cmd: FleetCommand) -> Result<Output> {
             let (s, p) = envelope::keygen(&prefix).with_context(|| format!("writing {}.key and .pub", prefix.display()))?;
             Ok(Output::ok(format!("secret key: {} (keep it off the nodes)\npublic key: {} (give it to the nodes: --trusted-key)\n", s.display(), p.display())))
         }
-        FleetCommand::Publish { file, key_file, to, target, wait } => publish(&file, &key_file, to.as_deref(), &target, &wait),
+        FleetCommand::Publish { file, signer, to, target, wait } => publish(&file, &signer, to.as_deref(), &target, &wait),
         FleetCommand::Status { target, json } => block_on(status(&target, json)),
         FleetCommand::Init { replicas, target } => block_on(async {
             if replicas == 0 {
@@ -216,8 +227,8 @@ pub(crate) fn run(cmd: FleetCommand) -> Result<Output> {
             let lines = bus::init_buckets(&js, &target.bucket, &target.status_bucket, replicas).await?;
             Ok(Output::ok(lines.join("\n") + "\n"))
         }),
-        FleetCommand::Promote { key_file, group, soak, target, wait } => block_on(async {
-            let signing = envelope::load_signing_key(&key_file)?;
+        FleetCommand::Promote { signer, group, soak, target, wait } => block_on(async {
+            let signing = signer.load()?;
             let js = target.conn.bus(&target.nats).connect("xdpfw fleet").await?;
             let store = bus::rules_bucket(&js, &target.bucket, false).await?;
             let st = bus::status_bucket(&js, &target.status_bucket).await?;
@@ -225,8 +236,8 @@ pub(crate) fn run(cmd: FleetCommand) -> Result<Output> {
             let text = format!("promoted the {group} ruleset to {}: revision {rev}\n", target.key);
             follow(&st, &target.key, rev, &wait, text).await
         }),
-        FleetCommand::Rollback { key_file, revision, to, target, wait } => block_on(async {
-            let signing = envelope::load_signing_key(&key_file)?;
+        FleetCommand::Rollback { signer, revision, to, target, wait } => block_on(async {
+            let signing = signer.load()?;
             let key = match &to {
                 Some(g) => bus::group_key(&target.key, g),
                 None => target.key.clone(),
@@ -240,7 +251,7 @@ pub(crate) fn run(cmd: FleetCommand) -> Result<Output> {
     }
 }
 
-fn publish(file: &std::path::Path, key_file: &std::path::Path, to: Option<&str>, target: &Target, wait: &Wait) -> Result<Output> {
+fn publish(file: &std::path::Path, signer: &Signer, to: Option<&str>, target: &Target, wait: &Wait) -> Result<Output> {
     let body = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let rs = match ops::validate(file, &body) {
         Ok(rs) => rs,
@@ -249,7 +260,7 @@ fn publish(file: &std::path::Path, key_file: &std::path::Path, to: Option<&str>,
             return Ok(Output { text: String::new(), code: INVALID_RULESET });
         }
     };
-    let signing = envelope::load_signing_key(key_file)?;
+    let signing = signer.load()?;
     if let Some(g) = to
         && (!bus::valid_key(g) || g.contains('.'))
     {

@@ -40,6 +40,23 @@ pub(crate) fn rfc3339(secs: u64) -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// Nanoseconds since the epoch as RFC 3339 UTC with microseconds (`2026-11-23T14:05:09.123456Z`).
+pub(crate) fn rfc3339_ns(ns: u128) -> String {
+    let secs = (ns / 1_000_000_000) as u64;
+    let micros = (ns % 1_000_000_000) / 1000;
+    let whole = rfc3339(secs);
+    format!("{}.{micros:06}Z", whole.trim_end_matches('Z'))
+}
+
+/// One traced decision: time, verdict, the deciding rule, the packet (in `explain`'s syntax).
+pub(crate) fn trace_line(e: &xdpfw_control::trace::TraceEvent) -> String {
+    let time = rfc3339_ns(e.time_unix_ns);
+    // The time of day is enough on a terminal; the date is in --json.
+    let time = time.split_once('T').map_or(time.as_str(), |(_, t)| t).trim_end_matches('Z');
+    let log = if e.kind == "log" { " [log]" } else { "" };
+    format!("{time} {:<4} {:<24} {} len {}{log}", e.verdict, clean(&e.rule), e.packet, e.len)
+}
+
 /// A named set and how many prefixes it holds.
 #[derive(serde::Serialize)]
 pub(crate) struct SetSize {
@@ -119,7 +136,7 @@ pub(crate) struct SetDelta {
 fn meaning(r: &xdpfw_rules::Rule) -> String {
     let names = |a: &xdpfw_rules::AddrList| (a.inline.clone(), a.sets.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>());
     let addrs = |a: &Option<xdpfw_rules::AddrList>| a.as_ref().map(|a| (names(a), a.except.as_deref().map(names)));
-    format!("{:?}", (&r.action, addrs(&r.src), addrs(&r.dst), &r.proto, &r.sport, &r.dport, &r.icmp, &r.tcp_flags, &r.owner))
+    format!("{:?}", (&r.action, addrs(&r.src), addrs(&r.dst), &r.proto, &r.sport, &r.dport, &r.icmp, &r.tcp_flags, &r.owner, &r.limit, &r.log))
 }
 
 impl RulesetDiff {
@@ -238,9 +255,51 @@ pub(crate) struct ListRow {
     pub error: Option<String>,
 }
 
+/// An instance whose network namespace is gone (see `loader prune`).
+#[derive(serde::Serialize)]
+pub(crate) struct StaleRow {
+    pub key: String,
+    pub netns_inode: u64,
+    pub ifindex: u32,
+    /// The interface's name when it was attached, if recorded.
+    pub iface: Option<String>,
+    /// Whether the attach had completed (its link was pinned).
+    pub attached: bool,
+    pub pin_dir: String,
+}
+
+impl From<&xdpfw_control::prune::Stale> for StaleRow {
+    fn from(s: &xdpfw_control::prune::Stale) -> Self {
+        Self { key: s.key.clone(), netns_inode: s.netns_inode, ifindex: s.ifindex, iface: s.iface.clone(), attached: s.attached, pin_dir: s.pin_dir.display().to_string() }
+    }
+}
+
+fn stale_line(r: &StaleRow) -> String {
+    format!(
+        "{} (ifindex {} of the deleted namespace net:[{}]{}): {}",
+        r.pin_dir,
+        r.ifindex,
+        r.netns_inode,
+        r.iface.as_deref().map(|i| format!(", {}", clean(i))).unwrap_or_default(),
+        if r.attached { "its program and maps are still in kernel memory" } else { "left by an attach that did not complete" }
+    )
+}
+
+/// `loader prune`.
+pub(crate) fn prune(rows: &[StaleRow], dry_run: bool) -> String {
+    if rows.is_empty() {
+        return "no instance of a deleted network namespace\n".into();
+    }
+    let verb = if dry_run { "would remove" } else { "removed" };
+    rows.iter().map(|r| format!("{verb} {}\n", stale_line(r))).collect()
+}
+
 /// `loader list`.
-pub(crate) fn list(rows: &[ListRow]) -> String {
+pub(crate) fn list(rows: &[ListRow], stale: &[StaleRow]) -> String {
     let mut s = String::new();
+    for r in stale {
+        let _ = writeln!(s, "stale: {}; `loader prune` removes it", stale_line(r));
+    }
     if rows.is_empty() {
         return s;
     }

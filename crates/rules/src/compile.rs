@@ -11,7 +11,7 @@ use crate::error::CompileError;
 
 type Result<T> = std::result::Result<T, CompileError>;
 use xdpfw_common::{
-    BITMAP_ALL, BITMAP_EMPTY, Bitmap, DirBlock, DirLine, FieldEntry, Ipv6Data, LimitState, MAX_BITMAPS, MAX_PREFIXES, RuleMeta,
+    BITMAP_ALL, BITMAP_EMPTY, Bitmap, DirBlock, DirLine, FieldEntry, Ipv6Data, LimitState, LogLimit, MAX_BITMAPS, MAX_PREFIXES, RuleMeta,
     RulesetHeader, absent, dir, field, fields_layout::*, fragment_policy, header_flags, rule_flags,
 };
 
@@ -37,6 +37,8 @@ pub struct Image {
     pub tables_reused: bool,
     /// What the address stage produced (also when its tables were reused).
     pub addr: AddrSummary,
+    /// Each rule's log rate (all zero for rules without `log`), with full buckets.
+    pub log_limits: Vec<LogLimit>,
 }
 
 /// A direct IPv4 table (see `xdpfw_common::dir`): the u32 entries of the top level and the
@@ -442,7 +444,8 @@ pub fn compile_with(rs: &Ruleset, reuse: Option<&Reuse>) -> Result<Image> {
             .map(|r| RuleMeta {
                 action: r.action.kernel(),
                 flags: if r.owner.is_some() { rule_flags::NEEDS_OWNER } else { 0 }
-                    | if r.limit.is_some() { rule_flags::LIMITED } else { 0 },
+                    | if r.limit.is_some() { rule_flags::LIMITED } else { 0 }
+                    | if r.log.is_some() { rule_flags::LOG } else { 0 },
             })
             .collect(),
         bitmaps: bitmaps.list,
@@ -454,6 +457,7 @@ pub fn compile_with(rs: &Ruleset, reuse: Option<&Reuse>) -> Result<Image> {
         limits: rules.iter().map(|r| r.limit.as_ref().map(|l| l.kernel()).unwrap_or_default()).collect(),
         tables_reused: reuse.is_some(),
         addr,
+        log_limits: rules.iter().map(|r| r.log.as_ref().map(|l| l.kernel()).unwrap_or_default()).collect(),
     })
 }
 

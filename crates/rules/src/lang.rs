@@ -42,7 +42,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::{
-    owner::{OwnerMatch, OwnerSpec, parse_uid_range},
+    owner::{OwnerMatch, OwnerSpec, SYSTEM_SLICE, parse_uid_range},
     packet::PacketSpec,
 };
 
@@ -368,6 +368,52 @@ impl fmt::Display for RateLimit {
     }
 }
 
+/// A rule's `log` (`log = true`, or `log = { prefix = "ssh: ", rate = "10/s", burst = 20 }`):
+/// packets the rule decides are reported to the daemon's log and to `loader trace`, at most
+/// `rate` a period per rule, counted in the kernel. It never changes a verdict.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogSpec {
+    /// Put before each logged line (printable text, at most `MAX_LOG_PREFIX` bytes).
+    pub prefix: Option<String>,
+    /// Packets a period.
+    pub rate: u64,
+    /// The period in seconds (1, 60, 3600).
+    pub period_s: u64,
+    /// Packets logged at once after a quiet time.
+    pub burst: u64,
+}
+
+/// The longest `log.prefix`.
+pub const MAX_LOG_PREFIX: usize = 64;
+
+impl LogSpec {
+    /// `log = true`: ten packets a second per rule, bursts of ten.
+    pub const DEFAULT: LogSpec = LogSpec { prefix: None, rate: 10, period_s: 1, burst: 10 };
+
+    /// The kernel's form: the cost of one logged packet and the burst, in ns of the bucket.
+    pub fn kernel(&self) -> xdpfw_common::LogLimit {
+        let period_ns = self.period_s as u128 * 1_000_000_000;
+        let interval_ns = (period_ns / self.rate.max(1) as u128).max(1) as u64;
+        let burst_ns = ((self.burst as u128 * period_ns) / self.rate.max(1) as u128).min(u64::MAX as u128 / 2) as u64;
+        xdpfw_common::LogLimit { interval_ns, burst_ns, ..Default::default() }
+    }
+}
+
+impl fmt::Display for LogSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.period_s {
+            1 => "s",
+            60 => "m",
+            _ => "h",
+        };
+        write!(f, "at most {}/{unit} burst {}", self.rate, self.burst)?;
+        if let Some(p) = &self.prefix {
+            write!(f, ", prefix {p:?}")?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Rule {
     pub name: String,
@@ -386,6 +432,8 @@ pub struct Rule {
     pub owner: Option<OwnerMatch>,
     /// A rate limit: beyond it the rule does not match.
     pub limit: Option<RateLimit>,
+    /// Packets the rule decides are logged (rate-limited in the kernel).
+    pub log: Option<LogSpec>,
     pub comment: Option<String>,
     pub location: Location,
 }
@@ -544,6 +592,7 @@ struct RawRule {
     tcp_flags: Option<Spanned<String>>,
     owner: Option<Spanned<toml::Value>>,
     limit: Option<Spanned<toml::Value>>,
+    log: Option<Spanned<toml::Value>>,
     comment: Option<String>,
 }
 
@@ -644,11 +693,46 @@ pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<String> {
     if bytes.len() as u64 > max {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("grew beyond the limit of {max} bytes while read")));
     }
-    String::from_utf8(bytes).map_err(|e| {
-        let at = e.utf8_error().valid_up_to();
-        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not UTF-8 (byte {at})"))
-    })
+    String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, NotUtf8::at(e.as_bytes(), e.utf8_error().valid_up_to())))
 }
+
+/// A file that is not UTF-8, with where its first invalid byte is (1-based line and column,
+/// columns in characters as in every other diagnostic). Carried inside the `io::Error` of
+/// [`read_bounded`], so callers can report the file's own line:column.
+#[derive(Debug)]
+pub struct NotUtf8 {
+    pub line: usize,
+    pub column: usize,
+    pub byte: u8,
+}
+
+impl NotUtf8 {
+    fn at(bytes: &[u8], offset: usize) -> Self {
+        let valid = &bytes[..offset];
+        let line_start = valid.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        // Everything before `offset` is valid UTF-8.
+        let column = std::str::from_utf8(&valid[line_start..]).map_or(0, |l| l.chars().count()) + 1;
+        let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
+        NotUtf8 { line, column, byte: bytes[offset] }
+    }
+
+    /// The `NotUtf8` inside `e`, if that is why reading failed.
+    pub fn of(e: &std::io::Error) -> Option<&NotUtf8> {
+        e.get_ref().and_then(|i| i.downcast_ref::<NotUtf8>())
+    }
+
+    fn error(&self, file: &Path) -> RulesError {
+        RulesError { location: Location { file: file.to_path_buf(), line: self.line, column: self.column }, message: self.to_string() }
+    }
+}
+
+impl fmt::Display for NotUtf8 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "not UTF-8: byte 0x{:02x} at line {}, column {}", self.byte, self.line, self.column)
+    }
+}
+
+impl std::error::Error for NotUtf8 {}
 
 /// Reads and validates a rules file (and the set files it names).
 pub fn load(path: &Path) -> Result<Ruleset, RulesError> {
@@ -657,9 +741,12 @@ pub fn load(path: &Path) -> Result<Ruleset, RulesError> {
 
 /// Reads and validates a rules file that came from `origin` (a remote one names no set file).
 pub fn load_from(path: &Path, origin: Origin) -> Result<Ruleset, RulesError> {
-    let text = read_bounded(path, MAX_RULES_TEXT).map_err(|e| RulesError {
-        location: Location { file: path.to_path_buf(), line: 0, column: 0 },
-        message: cap_text(format!("cannot read: {e}"), MAX_MESSAGE),
+    let text = read_bounded(path, MAX_RULES_TEXT).map_err(|e| match NotUtf8::of(&e) {
+        Some(n) => n.error(path),
+        None => RulesError {
+            location: Location { file: path.to_path_buf(), line: 0, column: 0 },
+            message: cap_text(format!("cannot read: {e}"), MAX_MESSAGE),
+        },
     })?;
     parse_from(path, &text, origin)
 }
@@ -799,8 +886,10 @@ fn gather<'t>(
                 return Err(src.error(item.span(), format!("more than {MAX_INCLUDED_FILES} included files")));
             }
             let child_text = match provided {
-                None => read_bounded(&child, MAX_RULES_TEXT)
-                    .map_err(|e| src.error(item.span(), format!("cannot read included file {}: {e}", child.display())))?,
+                None => read_bounded(&child, MAX_RULES_TEXT).map_err(|e| match NotUtf8::of(&e) {
+                    Some(n) => n.error(&child),
+                    None => src.error(item.span(), format!("cannot read included file {}: {e}", child.display())),
+                })?,
                 Some(given) => match given.iter().find(|(w, _)| *w == child_written) {
                     Some((_, t)) if t.len() as u64 <= MAX_RULES_TEXT => t.clone(),
                     Some(_) => return Err(src.error(item.span(), format!("included file {child_written} is over the limit of {MAX_RULES_TEXT} bytes"))),
@@ -1165,6 +1254,10 @@ fn parse_owner(src: &Source, v: &Spanned<toml::Value>) -> Result<OwnerMatch, Rul
     };
     let mut m = OwnerMatch::default();
     for (key, value) in table {
+        if key == "any_slice" {
+            m.any_slice = value.as_bool().ok_or_else(|| src.error(v.span(), format!("owner.any_slice: expected true or false, found {value}")))?;
+            continue;
+        }
         let items: Vec<toml::Value> = match value {
             toml::Value::Array(a) => a.clone(),
             other => vec![other.clone()],
@@ -1200,13 +1293,24 @@ fn parse_owner(src: &Source, v: &Spanned<toml::Value>) -> Result<OwnerMatch, Rul
             }
             other => {
                 return Err(src.error(v.span(), format!(
-                    "unknown owner condition \"{other}\" (expected process, exe, uid, user, unit or cgroup)"
+                    "unknown owner condition \"{other}\" (expected process, exe, uid, user, unit, cgroup or any_slice)"
                 )));
             }
         }
     }
     if m.is_empty() {
         return Err(src.error(v.span(), "an empty owner table matches every socket; remove it or name a process, exe, uid, user, unit or cgroup"));
+    }
+    for c in &m.cgroup {
+        if !c.starts_with('/') {
+            return Err(src.error(v.span(), format!("owner.cgroup \"{c}\" must be a path from the cgroup root, e.g. \"/system.slice/nginx.service\"")));
+        }
+        let under_system = c.trim_end_matches('/') == SYSTEM_SLICE || c.starts_with(&format!("{SYSTEM_SLICE}/"));
+        if !under_system && !m.any_slice {
+            return Err(src.error(v.span(), format!(
+                "owner.cgroup \"{c}\" is outside {SYSTEM_SLICE}, where unprivileged users can create cgroups of any name (delegation): add any_slice = true to the owner table to match there anyway"
+            )));
+        }
     }
     Ok(m)
 }
@@ -1242,8 +1346,10 @@ fn load_set(
         let path = base.join(file.get_ref());
         let key = written.unwrap_or(file.get_ref());
         let text = match provided {
-            None => read_bounded(&path, MAX_SET_FILE)
-                .map_err(|e| src.error(file.span(), format!("cannot read set file {}: {e}", path.display())))?,
+            None => read_bounded(&path, MAX_SET_FILE).map_err(|e| match NotUtf8::of(&e) {
+                Some(n) => n.error(&path),
+                None => src.error(file.span(), format!("cannot read set file {}: {e}", path.display())),
+            })?,
             Some(given) => match given.iter().find(|(w, _)| w == key) {
                 Some((_, t)) if t.len() as u64 <= MAX_SET_FILE => t.clone(),
                 Some(_) => return Err(src.error(file.span(), format!("set file {key} is over the limit of {MAX_SET_FILE} bytes"))),
@@ -1628,15 +1734,29 @@ fn parse_rule(
             if !only(&[IPPROTO_TCP, IPPROTO_UDP]) {
                 return Err(src.error(o.span(), "owner conditions need proto = \"tcp\", \"udp\" or [\"tcp\", \"udp\"]"));
             }
-            Some(parse_owner(src, o)?)
+            let m = parse_owner(src, o)?;
+            if !m.process.is_empty() && m.uid.is_empty() && m.user.is_empty() && m.exe.is_empty() {
+                warnings.push(Warning {
+                    location: src.location(o.span().start),
+                    message: format!(
+                        "rule \"{name}\": owner.process alone proves nothing (any user can name a process anything, or copy a binary to that name): add uid, user or exe"
+                    ),
+                });
+            }
+            Some(m)
         }
     };
     let limit = r.limit.as_ref().map(|l| parse_limit(src, l)).transpose()?;
+    let log = match &r.log {
+        None => None,
+        Some(l) => parse_log(src, l)?,
+    };
     Ok(Rule {
         name,
         action: parse_action(src, &r.action)?,
         owner,
         limit,
+        log,
         src: addr(&r.src)?,
         dst: addr(&r.dst)?,
         proto,
@@ -1724,6 +1844,44 @@ fn parse_limit(src: &Source, v: &Spanned<toml::Value>) -> Result<RateLimit, Rule
     Ok(RateLimit { rate, period_s, bytes, burst, per_source: per })
 }
 
+/// A rule's `log`: `true`, `false`, or a table of `prefix`, `rate` (packets) and `burst`.
+fn parse_log(src: &Source, v: &Spanned<toml::Value>) -> Result<Option<LogSpec>, RulesError> {
+    let table = match v.get_ref() {
+        toml::Value::Boolean(true) => return Ok(Some(LogSpec::DEFAULT)),
+        toml::Value::Boolean(false) => return Ok(None),
+        toml::Value::Table(t) => t,
+        other => {
+            return Err(src.error(v.span(), format!("log must be true, false or a table, e.g. log = {{ prefix = \"ssh: \", rate = \"10/s\" }}, not {other}")));
+        }
+    };
+    let mut spec = LogSpec::DEFAULT;
+    let mut burst = None;
+    for (key, value) in table {
+        match (key.as_str(), value) {
+            ("prefix", toml::Value::String(p)) => {
+                if p.len() > MAX_LOG_PREFIX || p.chars().any(char::is_control) {
+                    return Err(src.error(v.span(), format!("log.prefix must be at most {MAX_LOG_PREFIX} bytes of printable text")));
+                }
+                spec.prefix = Some(p.clone());
+            }
+            ("rate", toml::Value::String(r)) => {
+                let (rate, period_s, bytes) = parse_rate(r).map_err(|m| src.error(v.span(), format!("log.rate: {m}")))?;
+                if bytes {
+                    return Err(src.error(v.span(), format!("log.rate counts packets, not bytes: \"{r}\"")));
+                }
+                (spec.rate, spec.period_s) = (rate, period_s);
+            }
+            ("burst", toml::Value::Integer(b)) if (1..=1 << 40).contains(b) => burst = Some(*b as u64),
+            ("burst", other) => return Err(src.error(v.span(), format!("log.burst must be a whole number 1 to 2^40, not {other}"))),
+            ("prefix" | "rate", other) => return Err(src.error(v.span(), format!("log.{key} must be a string, not {other}"))),
+            (other, _) => return Err(src.error(v.span(), format!("unknown log key \"{other}\" (expected prefix, rate, burst)"))),
+        }
+    }
+    // Without a burst: one second's worth, at least one packet.
+    spec.burst = burst.unwrap_or((spec.rate / spec.period_s).max(1));
+    Ok(Some(spec))
+}
+
 fn strings(src: &Source, v: &Spanned<toml::Value>) -> Result<Vec<String>, RulesError> {
     match v.get_ref() {
         toml::Value::String(s) => Ok(vec![s.clone()]),
@@ -1761,6 +1919,9 @@ pub fn parse_tcp_flags(s: &str) -> Result<TcpFlagsMatch, String> {
     if let Some((set, mask)) = s.split_once('/') {
         let set = letters(set.trim())?;
         let mask = letters(mask.trim())?;
+        if mask == 0 {
+            return Err(format!("\"{s}\" names no flag after '/': it would match every TCP packet (e.g. \"S/SA\": SYN set, ACK clear)"));
+        }
         if set & !mask != 0 {
             return Err(format!("in \"{s}\" the flags before '/' must also appear after it"));
         }
@@ -1922,6 +2083,39 @@ mod tests {
     }
 
     #[test]
+    fn log_parses_and_says_where_it_is_wrong() {
+        let rs = rules(
+            "default = \"pass\"\n[[rule]]\nname = \"a\"\naction = \"drop\"\nlog = true\n\
+             [[rule]]\nname = \"b\"\naction = \"pass\"\nlog = { prefix = \"ssh: \", rate = \"2/minute\", burst = 5 }\n\
+             [[rule]]\nname = \"c\"\naction = \"pass\"\nlog = false\n\
+             [[test]]\npacket = \"udp 192.0.2.1:1 -> 192.0.2.2:2\"\nexpect = \"drop\"\n",
+        );
+        assert_eq!(rs.rules[0].log, Some(LogSpec::DEFAULT));
+        assert_eq!(rs.rules[1].log, Some(LogSpec { prefix: Some("ssh: ".into()), rate: 2, period_s: 60, burst: 5 }));
+        assert_eq!(rs.rules[2].log, None);
+        let k = rs.rules[1].log.as_ref().unwrap().kernel();
+        assert_eq!((k.interval_ns, k.burst_ns), (30_000_000_000, 150_000_000_000));
+        // Logging changes no verdict, and explain says it logs.
+        let d = crate::matcher::decide(&rs, &"udp 192.0.2.1:1 -> 192.0.2.2:2".parse().unwrap());
+        assert_eq!((d.action, d.rule), (Action::Drop, Some(0)));
+        assert!(d.reasons.iter().any(|r| r.contains("logged (at most 10/s burst 10)")), "{d:?}");
+        assert!(crate::selftest::self_test_failures::<()>(&rs, None).unwrap().is_empty());
+        let rule = "default = \"pass\"\n[[rule]]\naction = \"drop\"\n";
+        for (log, message) in [
+            ("\"yes\"", "r.toml:4:7: error: log must be true, false or a table"),
+            ("{ rate = \"10 mbytes/s\" }", "r.toml:4:7: error: log.rate counts packets, not bytes"),
+            ("{ rate = \"10/fortnight\" }", "r.toml:4:7: error: log.rate: invalid rate period \"fortnight\""),
+            ("{ burst = 0 }", "r.toml:4:7: error: log.burst must be a whole number"),
+            ("{ prefix = \"a\\nb\" }", "r.toml:4:7: error: log.prefix must be at most 64 bytes of printable text"),
+            ("{ prefix = 1 }", "r.toml:4:7: error: log.prefix must be a string"),
+            ("{ level = \"warn\" }", "r.toml:4:7: error: unknown log key \"level\" (expected prefix, rate, burst)"),
+        ] {
+            let e = err(&format!("{rule}log = {log}\n"));
+            assert!(e.starts_with(message), "{log}: {e}");
+        }
+    }
+
+    #[test]
     fn neighbour_discovery_types_warn() {
         let rs = rules(
             "default = \"pass\"\n[[rule]]\nname = \"rogue-ra\"\naction = \"drop\"\nproto = \"icmpv6\"\nicmp_type = [\"router-advertisement\", 137]\n\
@@ -2069,6 +2263,20 @@ mod tests {
         assert!(err(&format!("{rule}proto = \"tcp\"\nowner = {{}}\n")).contains("an empty owner table"));
         assert!(err(&format!("{rule}proto = \"tcp\"\nowner = {{ exe = \"nginx\" }}\n")).contains("must be an absolute path"));
         assert!(err(&format!("{rule}proto = \"tcp\"\nowner = {{ uid = \"9-1\" }}\n")).contains("inverted"));
+        assert!(err(&format!("{rule}proto = \"tcp\"\nowner = {{ cgroup = \"/user.slice\" }}\n")).contains("r.toml:5:9: error: owner.cgroup \"/user.slice\" is outside /system.slice"));
+        assert!(err(&format!("{rule}proto = \"tcp\"\nowner = {{ cgroup = \"system.slice\" }}\n")).contains("must be a path from the cgroup root"));
+        assert!(err(&format!("{rule}proto = \"tcp\"\nowner = {{ unit = \"a.service\", any_slice = 1 }}\n")).contains("any_slice: expected true or false"));
+        let any = parse(Path::new("r.toml"), &format!("{rule}proto = \"tcp\"\nowner = {{ cgroup = \"/user.slice\", any_slice = true, uid = 0 }}\n")).unwrap();
+        assert!(any.rules[0].owner.as_ref().unwrap().any_slice);
+        assert!(any.warnings.is_empty(), "{:?}", any.warnings);
+        // `process` alone: a warning where the owner table is (check --strict fails on it).
+        let w = parse(Path::new("r.toml"), &format!("{rule}proto = \"tcp\"\nowner = {{ process = \"nginx\" }}\n")).unwrap().warnings;
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].to_string().starts_with("r.toml:5:9: warning: rule \"rule-1\": owner.process alone proves nothing"), "{}", w[0]);
+        for with in ["uid = 33", "user = \"www-data\"", "exe = \"/usr/sbin/nginx\""] {
+            let rs = parse(Path::new("r.toml"), &format!("{rule}proto = \"tcp\"\nowner = {{ process = \"nginx\", {with} }}\n")).unwrap();
+            assert!(rs.warnings.is_empty(), "{with}: {:?}", rs.warnings);
+        }
         assert!(err("default = \"pass\"\n[escalation]\nverdict_ttl = \"soon\"\n").contains("r.toml:3:15: error: verdict_ttl: invalid duration"));
         assert!(err("default = \"pass\"\n[escalation]\nretry = \"1ms\"\n").contains("retry must be between"));
         assert!(err("default = \"pass\"\n[escalation]\npending = \"maybe\"\n").contains("r.toml:3:11: error: unknown action"));
@@ -2119,6 +2327,32 @@ dport = "200-100"
         assert_eq!(parse_tcp_flags("S/SA").unwrap(), TcpFlagsMatch { set: 0x02, clear: 0x10 });
         assert!(parse_tcp_flags("syn !syn").is_err());
         assert!(parse_tcp_flags("S/A").is_err());
+        // No flag after '/' used to match every TCP packet silently.
+        for s in ["/", " / ", "/ "] {
+            assert!(parse_tcp_flags(s).unwrap_err().contains("names no flag after '/'"), "{s:?}");
+        }
+        assert_eq!(parse_tcp_flags("/S").unwrap(), TcpFlagsMatch { set: 0, clear: 0x02 });
+        let e = err("default = \"pass\"\n[[rule]]\naction = \"drop\"\nproto = \"tcp\"\ntcp_flags = \"/\"\n");
+        assert!(e.starts_with("r.toml:5:13: error: \"/\" names no flag"), "{e}");
+    }
+
+    #[test]
+    fn non_utf8_files_are_reported_at_their_first_invalid_byte() {
+        let dir = std::env::temp_dir().join(format!("xdpfw-rules-utf8-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Line 3, after "é" (two bytes, one character) and "x": column 3.
+        std::fs::write(dir.join("r.toml"), b"default = \"pass\"\n# ok\n\xc3\xa9x\xff\n").unwrap();
+        let e = load(&dir.join("r.toml")).unwrap_err().to_string();
+        assert_eq!(e, format!("{}:3:3: error: not UTF-8: byte 0xff at line 3, column 3", dir.join("r.toml").display()));
+        std::fs::write(dir.join("set.txt"), b"192.0.2.0/24\n198.51.100.0/24 \x80\n").unwrap();
+        std::fs::write(dir.join("r.toml"), "default = \"pass\"\n[sets.b]\nfile = \"set.txt\"\n").unwrap();
+        let e = load(&dir.join("r.toml")).unwrap_err().to_string();
+        assert!(e.ends_with(&format!("{}:2:17: error: not UTF-8: byte 0x80 at line 2, column 17", dir.join("set.txt").display())), "{e}");
+        std::fs::write(dir.join("inc.toml"), b"\xfe").unwrap();
+        std::fs::write(dir.join("r.toml"), "include = [\"inc.toml\"]\ndefault = \"pass\"\n").unwrap();
+        let e = load(&dir.join("r.toml")).unwrap_err().to_string();
+        assert!(e.ends_with(&format!("{}:1:1: error: not UTF-8: byte 0xfe at line 1, column 1", dir.join("inc.toml").display())), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

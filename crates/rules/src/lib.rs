@@ -9,6 +9,7 @@
 
 pub mod compile;
 pub mod duration;
+pub mod frame;
 mod error;
 mod lang;
 pub mod matcher;

@@ -67,6 +67,11 @@ fn evaluate_with_limits(rs: &Ruleset, pkt: &PacketSpec, owner: OwnerView, first:
         reasons: vec![why.to_string()],
         escalated: false,
     };
+    if let (IpAddr::V6(src), IpAddr::V6(dst)) = (pkt.src, pkt.dst)
+        && (crate::frame::is_v4_mapped(&src) || crate::frame::is_v4_mapped(&dst))
+    {
+        return fixed(Action::Drop, "an IPv4-mapped IPv6 address (::ffff:a.b.c.d) is never valid on the wire: malformed, dropped before the rules");
+    }
     // Only over IPv6, as in the XDP program: protocol 58 inside IPv4 is not neighbour discovery.
     if rs.icmpv6_nd == NdPolicy::AlwaysPass && is_neighbour_discovery(pkt) {
         return fixed(Action::Pass, "IPv6 neighbour discovery and router messages always pass (options.icmpv6_nd = \"always-pass\")");
@@ -95,6 +100,10 @@ fn evaluate_with_limits(rs: &Ruleset, pkt: &PacketSpec, owner: OwnerView, first:
                 format!(": {} by {}", d.action, d.rule_name.map_or("the default action".to_string(), |n| format!("rule \"{n}\"")))
             });
             reasons.push(format!("within the rule's limit ({limit}); beyond it, later rules decide{then}"));
+        }
+        if let Some(log) = &rule.log {
+            // Logging never changes the verdict; the explanation says the packet would be logged.
+            reasons.push(format!("logged ({log}): to the daemon's log and to `loader trace`"));
         }
         reasons.splice(0..0, skipped.iter().cloned());
         let decision = |action, reasons, escalated| Decision {

@@ -14,17 +14,24 @@ use serde::Serialize;
 /// process owning the socket.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OwnerMatch {
-    /// Process name: `/proc/PID/comm` or the file name of the executable.
+    /// Process name: `/proc/PID/comm` or the file name of the executable. Anyone can name a
+    /// process anything: this proves nothing alone (`check --strict` warns).
     pub process: Vec<String>,
-    /// Absolute path of the executable.
+    /// Absolute path of the executable: the process runs the file found at this path (compared
+    /// by device and inode, not by the path the process reports).
     pub exe: Vec<String>,
     pub uid: Vec<RangeInclusive<u32>>,
     /// User name of the socket's uid.
     pub user: Vec<String>,
-    /// systemd unit (the last `.service` or `.scope` component of the process's cgroup).
+    /// systemd unit: the service or scope directly under `/system.slice` (through its
+    /// sub-slices) holding the process; with `any_slice`, the innermost one anywhere.
     pub unit: Vec<String>,
-    /// cgroup v2 path prefix, e.g. `/system.slice/nginx.service`.
+    /// cgroup v2 path prefix, e.g. `/system.slice/nginx.service` (under `/system.slice` unless
+    /// `any_slice`).
     pub cgroup: Vec<String>,
+    /// `unit` and `cgroup` also match outside `/system.slice` (user slices, where unprivileged
+    /// users create cgroups of any name by delegation, and hosts without systemd).
+    pub any_slice: bool,
 }
 
 /// One process that holds the socket.
@@ -33,6 +40,11 @@ pub struct ProcessInfo {
     pub pid: u32,
     pub name: String,
     pub exe: Option<String>,
+    /// Device and inode of the file the process runs (a stat of `/proc/PID/exe`): what `exe`
+    /// conditions compare. `None` when given as a spec (tests, `explain --owner`): then the
+    /// path given is compared.
+    #[serde(skip)]
+    pub exe_id: Option<(u64, u64)>,
     pub cgroup: Option<String>,
     pub unit: Option<String>,
 }
@@ -79,13 +91,42 @@ impl OwnerMatch {
             .iter()
             .find(|p| {
                 let exe_name = p.exe.as_deref().and_then(|e| Path::new(e).file_name()).and_then(|n| n.to_str());
+                let cgroup = p.cgroup.as_deref().filter(|c| self.any_slice || cgroup_under(c, SYSTEM_SLICE));
+                let unit = cgroup.and_then(|c| unit_of(c, self.any_slice));
                 any(&self.process, &|want| *want == p.name || Some(want.as_str()) == exe_name)
-                    && any(&self.exe, &|want| Some(want.as_str()) == p.exe.as_deref())
-                    && any(&self.unit, &|want| Some(want.as_str()) == p.unit.as_deref())
-                    && any(&self.cgroup, &|want| p.cgroup.as_deref().is_some_and(|c| cgroup_under(c, want)))
+                    && any(&self.exe, &|want| match p.exe_id {
+                        Some(id) => file_id(Path::new(want)) == Some(id),
+                        None => Some(want.as_str()) == p.exe.as_deref(),
+                    })
+                    && any(&self.unit, &|want| Some(want.as_str()) == unit)
+                    && any(&self.cgroup, &|want| cgroup.is_some_and(|c| cgroup_under(c, want)))
             })
             .map(|p| format!("the socket belongs to {} (pid {}), {who}", p.name, p.pid))
     }
+}
+
+/// Where systemd puts system services: only root creates cgroups here (a service with
+/// `Delegate=` can create them below its own cgroup only).
+pub const SYSTEM_SLICE: &str = "/system.slice";
+
+/// Device and inode of the file at `path` (following links, as `execve` does): the identity an
+/// `exe` condition compares, taken at each decision so a replaced file (a package upgrade) is
+/// followed. `None` when there is no such file.
+pub fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// The systemd unit of a process in cgroup `path`: the first service or scope below the root
+/// (through slices only, so a cgroup a delegated service creates below itself, whatever its
+/// name, does not rename the unit). With `any_slice`, the innermost service or scope anywhere
+/// (user units live inside `user@UID.service`).
+pub fn unit_of(path: &str, any_slice: bool) -> Option<&str> {
+    let is_unit = |part: &&str| part.ends_with(".service") || part.ends_with(".scope");
+    if any_slice {
+        return path.rsplit('/').find(is_unit);
+    }
+    path.split('/').filter(|p| !p.is_empty()).find(|p| !p.ends_with(".slice")).filter(is_unit)
 }
 
 /// `path` is `prefix` or below it (component-wise, so `/a/b` is not under `/a/bc`).
@@ -108,6 +149,9 @@ impl fmt::Display for OwnerMatch {
         list("user", self.user.clone());
         list("unit", self.unit.clone());
         list("cgroup", self.cgroup.clone());
+        if self.any_slice {
+            parts.push("any_slice".into());
+        }
         f.write_str(&parts.join(" "))
     }
 }
@@ -167,6 +211,10 @@ impl FromStr for OwnerSpec {
             // Resolve the name so uid conditions can be checked too; unknown names keep uid 0 out.
             owner.uid = uid_of_user(name).unwrap_or(u32::MAX);
         }
+        // A unit given alone is a system service's: its cgroup is what the matcher reads.
+        if process.cgroup.is_none() && let Some(unit) = &process.unit {
+            process.cgroup = Some(format!("{SYSTEM_SLICE}/{unit}"));
+        }
         if has_process {
             owner.processes.push(process);
         }
@@ -211,6 +259,43 @@ mod tests {
         assert!(m.matches(owner("cgroup=/system.slice/web/x.scope uid=0").as_ref()).is_some());
         assert!(m.matches(owner("cgroup=/system.slice/web uid=0").as_ref()).is_some());
         assert!(m.matches(owner("cgroup=/system.slice/webx uid=0").as_ref()).is_none());
+    }
+
+    #[test]
+    fn units_and_cgroups_hold_under_the_system_slice_only() {
+        let unit = OwnerMatch { unit: vec!["nginx.service".into()], ..Default::default() };
+        assert!(unit.matches(owner("unit=nginx.service uid=0").as_ref()).is_some());
+        assert!(unit.matches(owner("cgroup=/system.slice/nginx.service uid=0").as_ref()).is_some());
+        assert!(unit.matches(owner("cgroup=/system.slice/system-web.slice/nginx.service/worker uid=0").as_ref()).is_some());
+        // A user's delegated cgroup of that name, anywhere else, is not the unit.
+        let spoof = "cgroup=/user.slice/user-1000.slice/user@1000.service/app.slice/nginx.service uid=1000";
+        assert!(unit.matches(owner(spoof).as_ref()).is_none());
+        assert!(unit.matches(owner("cgroup=/nginx.service uid=0").as_ref()).is_none());
+        // Nor one a delegated system service creates below its own cgroup.
+        assert!(unit.matches(owner("cgroup=/system.slice/ci.service/nginx.service uid=0").as_ref()).is_none());
+        let any = OwnerMatch { any_slice: true, ..unit.clone() };
+        assert!(any.matches(owner(spoof).as_ref()).is_some(), "any_slice opts into user units");
+        let cg = OwnerMatch { cgroup: vec!["/".into()], ..Default::default() };
+        assert!(cg.matches(owner(spoof).as_ref()).is_none(), "cgroup prefixes hold under the system slice only");
+        assert!(OwnerMatch { any_slice: true, ..cg }.matches(owner(spoof).as_ref()).is_some());
+    }
+
+    #[test]
+    fn exe_is_the_file_not_the_path_the_process_reports() {
+        let m = OwnerMatch { exe: vec!["/bin/sh".into()], ..Default::default() };
+        let id = file_id(Path::new("/bin/sh")).unwrap();
+        let running = |exe: &str, exe_id| Owner {
+            uid: 0,
+            user: None,
+            processes: vec![ProcessInfo { pid: 1, name: "sh".into(), exe: Some(exe.into()), exe_id, ..Default::default() }],
+        };
+        assert!(m.matches(Some(&running("/bin/sh", Some(id)))).is_some());
+        // The reported path is what a mount namespace makes it: the file's identity decides.
+        assert!(m.matches(Some(&running("/bin/sh", Some((id.0, id.1 ^ 1))))).is_none());
+        assert!(m.matches(Some(&running("/elsewhere/sh", Some(id)))).is_some());
+        // A spec (no identity) compares the path given.
+        assert!(m.matches(owner("exe=/bin/sh uid=0").as_ref()).is_some());
+        assert!(m.matches(owner("exe=/tmp/sh uid=0").as_ref()).is_none());
     }
 
     #[test]

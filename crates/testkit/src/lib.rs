@@ -59,6 +59,20 @@ pub fn rules_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../rules")
 }
 
+/// The path of the example ruleset `name` in `rules/`, as an argument.
+pub fn rules_file(name: &str) -> String {
+    rules_dir().join(name).to_string_lossy().into_owned()
+}
+
+/// A fresh topology with the example ruleset `rules_file` attached to its server end, detached
+/// again on drop.
+pub fn attached(tag: &str, rules_file: &str) -> Topology {
+    let mut t = Topology::new(tag).expect("topology");
+    t.detach_on_drop(loader_bin());
+    loader_ok(&t.server_ns, &["attach", &t.server_if, "--rules", &self::rules_file(rules_file)]);
+    t
+}
+
 /// Runs `loader --netns NS args...`; returns the output whatever the exit status.
 pub fn loader(ns: &str, args: &[&str]) -> Output {
     Command::new(loader_bin()).arg("--netns").arg(ns).args(args).output().expect("running loader")

@@ -144,7 +144,7 @@ impl Drop for Topology {
         // the lock files (never unlinked by the loader, whose key dies with the namespace).
         let _ = std::fs::remove_dir_all(std::path::Path::new("/var/lib/xdpfw").join(format!("netns-{}", self.server_ns)));
         let key = self.instance_key();
-        for lock in [format!("{key}.lock"), format!("{key}.daemon.lock")] {
+        for lock in [format!("{key}.lock"), format!("{key}.daemon.lock"), format!("{key}.trace.lock")] {
             let _ = std::fs::remove_file(std::path::Path::new("/run/xdpfw").join(lock));
         }
         let _ = sh(&["ip", "netns", "del", &self.client_ns]);

@@ -220,7 +220,7 @@ pub fn flow_packet(ev: &EscalationEvent) -> PacketSpec {
 
 /// The ruleset a generation was compiled from: its snapshot in the history (by content hash),
 /// or the file it was read from if that still has the same content.
-fn ruleset_for(inst: &Instance, generation: u64) -> Result<Ruleset> {
+pub(crate) fn ruleset_for(inst: &Instance, generation: u64) -> Result<Ruleset> {
     let state = inst.state_for(generation)?;
     let hash = &state.ruleset.hash;
     let snapshot = inst.history().dir().join("snapshots").join(hash).join("rules.toml");

@@ -11,6 +11,7 @@ use std::{
     collections::HashMap,
     fs,
     net::IpAddr,
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -24,7 +25,7 @@ use netlink_packet_sock_diag::{
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
 use super::monotonic_ns;
-use xdpfw_rules::owner::{Owner, ProcessInfo};
+use xdpfw_rules::owner::{self, Owner, ProcessInfo};
 
 /// A socket that can receive new flows: a TCP listener or a UDP socket.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -232,15 +233,20 @@ fn scan_holders(deadline: Instant) -> Option<HashMap<u32, Vec<ProcessInfo>>> {
 pub fn process_info(pid: u32) -> ProcessInfo {
     let dir = format!("/proc/{pid}");
     let name = fs::read_to_string(format!("{dir}/comm")).map(|s| s.trim_end().to_string()).unwrap_or_default();
+    // The path is for people (a mount namespace makes it say anything); the device and inode of
+    // the file the process runs (stat follows /proc/PID/exe to it, even when unlinked) are what
+    // `exe` conditions compare.
     let exe = fs::read_link(format!("{dir}/exe")).ok().map(|p| p.to_string_lossy().into_owned());
+    let exe_id = owner::file_id(Path::new(&format!("{dir}/exe")));
     // cgroup v2: the line "0::/path".
     let cgroup = fs::read_to_string(format!("{dir}/cgroup"))
         .ok()
         .and_then(|t| t.lines().find_map(|l| l.strip_prefix("0::").map(str::to_string)));
     let unit = cgroup.as_deref().and_then(|c| {
-        c.rsplit('/').find(|part| part.ends_with(".service") || part.ends_with(".scope")).map(str::to_string)
+        let system = c.starts_with(&format!("{}/", owner::SYSTEM_SLICE));
+        owner::unit_of(c, !system).map(str::to_string)
     });
-    ProcessInfo { pid, name, exe, cgroup, unit }
+    ProcessInfo { pid, name, exe, exe_id, cgroup, unit }
 }
 
 #[cfg(test)]
