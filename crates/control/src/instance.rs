@@ -81,6 +81,10 @@ pub struct ReloadTimes {
     pub grace_us: u64,
     pub clear_us: u64,
     pub total_us: u64,
+    /// The address tables were the live buffer's, shared instead of compiled and installed
+    /// again: the reload changed no prefix (issue 11's compiled-set cache).
+    #[serde(default)]
+    pub tables_reused: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
