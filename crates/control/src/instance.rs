@@ -81,6 +81,10 @@ pub struct ReloadTimes {
     pub grace_us: u64,
     pub clear_us: u64,
     pub total_us: u64,
+    /// The address tables were the live buffer's, shared instead of compiled and installed
+    /// again: the reload changed no prefix (issue 11's compiled-set cache).
+    #[serde(default)]
+    pub tables_reused: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -316,13 +320,22 @@ impl Instance {
         self.pin_dir.join("link").exists()
     }
 
-    /// Whether the instance is whole and filtering: its link, program, probe and maps are
-    /// pinned and (in this namespace) the kernel reports an XDP program on the interface. False
+    /// Whether the instance is whole and filtering: its link, program, probe, egress program and
+    /// maps are pinned and (in this namespace) the kernel reports an XDP program and the egress
+    /// program on the interface. False
     /// after a `loader detach`, pins removed by hand, bpffs unmounted, or a link detached with
     /// `bpftool link detach`: what a daemon repairs.
     pub fn is_filtering(&self) -> bool {
-        let pinned = ["link", "prog", "probe"].iter().chain(xdpfw_common::map_names::ALL.iter()).all(|n| self.pin_dir.join(n).exists());
-        pinned && (!self.is_here() || kernel::netlink::attached_mode_of(self.ifindex).is_ok_and(|m| m.is_some()))
+        let pinned = ["link", "prog", "probe", kernel::EGRESS_PIN, kernel::EGRESS_LINK_PIN]
+            .iter()
+            .chain(xdpfw_common::map_names::ALL.iter())
+            .all(|n| self.pin_dir.join(n).exists());
+        // The egress program too (its link can be detached under its pin); a query that fails
+        // says nothing, and must not make a daemon repair for ever.
+        pinned
+            && (!self.is_here()
+                || (kernel::netlink::attached_mode_of(self.ifindex).is_ok_and(|m| m.is_some())
+                    && kernel::egress_attached(self.ifindex).unwrap_or(true)))
     }
 
     /// Whether this is an instance of the current network namespace.

@@ -11,6 +11,7 @@ pub mod instance;
 pub mod pipeline;
 pub mod prune;
 pub mod stats;
+mod tables_cache;
 pub mod trace;
 
 pub use error::{ControlError, Result};

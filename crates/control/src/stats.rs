@@ -30,6 +30,33 @@ pub struct Stats {
     pub rules: Vec<RuleCounters>,
     /// The escalation service's report, when one serves this instance.
     pub escalation: Option<escalation::Report>,
+    /// The flow table of `state` rules, once the egress program has recorded a flow.
+    pub flows: Option<FlowTable>,
+}
+
+/// The flow table (`state` rules) as an operator sees it.
+#[derive(Clone, Debug, Serialize)]
+pub struct FlowTable {
+    /// Entries now (expired ones included, until evicted or refreshed).
+    pub entries: u64,
+    pub capacity: u32,
+    /// Flows pushed out of the full table by newer ones: every flow recorded and not closed
+    /// by an RST is in the table or was evicted.
+    pub evicted: u64,
+}
+
+/// The flow table's figures: a walk of its keys (tens of milliseconds when full), so only once
+/// a flow was ever recorded.
+pub fn flow_table(maps: &Maps, global: &GlobalStats) -> Option<FlowTable> {
+    if global.flows_new == 0 {
+        return None;
+    }
+    let entries = maps.flow_entries() as u64;
+    Some(FlowTable {
+        entries,
+        capacity: xdpfw_common::flow::ENTRIES,
+        evicted: global.flows_new.saturating_sub(global.flows_closed).saturating_sub(entries),
+    })
 }
 
 /// Reads of the counters that a reload made inconsistent are retried this many times.
@@ -76,15 +103,17 @@ pub fn stats(inst: &Instance) -> Result<Stats> {
         let carried = state.carried.get(&name).copied().unwrap_or_default();
         rules.push(RuleCounters { index, name, action, packets: c.packets + carried.packets, bytes: c.bytes + carried.bytes });
     }
+    let global = maps.global_stats()?;
     Ok(Stats {
         iface: inst.iface.clone(),
         mode: state.mode,
         generation,
         buffer,
         ruleset: state.ruleset,
-        global: maps.global_stats()?,
+        global,
         rules,
         escalation: escalation::served(inst),
+        flows: flow_table(&maps, &global),
     })
 }
 

@@ -226,6 +226,9 @@ impl TraceEvent {
             icmp_code: if has_icmp { e.icmp as u8 } else { 0 },
             // A TCP or UDP packet without ports is a non-first fragment.
             fragment: !has_ports && matches!(e.proto, 6 | 17),
+            // Not in the event: a packet a `state` rule decided shows as new.
+            state: Default::default(),
+            vlan: None,
         };
         let (rule, rule_index) = if e.rule == DEFAULT_RULE_SLOT {
             (DEFAULT_RULE_NAME.to_string(), None)

@@ -10,10 +10,10 @@ use aya::{
     maps::{
         Map, MapData,
     },
-    programs::Xdp,
+    programs::{SchedClassifier, Xdp},
 };
 use xdpfw_common::{
-    PROBE_PROGRAM_NAME, PROGRAM_NAME, map_names,
+    EGRESS_PROGRAM_NAME, PROBE_PROGRAM_NAME, PROGRAM_NAME, map_names,
 };
 
 
@@ -22,9 +22,22 @@ pub static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT
 
 
 /// Loads the program with every map created and pinned under `dir`, or reused from there when
-/// already pinned (how `attach` creates an instance).
+/// already pinned (how `attach` creates an instance), and the egress program that records the
+/// host's flows beside it.
 pub fn load_program(dir: &Path) -> Result<Ebpf> {
-    load_pinned(dir, false)
+    let mut ebpf = load_pinned(dir, false)?;
+    load_egress(&mut ebpf)?;
+    Ok(ebpf)
+}
+
+/// Loads the egress program of an object already loaded (the verifier runs): it shares the
+/// object's maps (the flow table, the ruleset headers, the counters).
+pub fn load_egress(ebpf: &mut Ebpf) -> Result<()> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(EGRESS_PROGRAM_NAME)
+        .ok_or_else(|| KernelError::msg(format!("program {EGRESS_PROGRAM_NAME} missing from the object")))?
+        .try_into()?;
+    prog.load().map_err(verifier_error)
 }
 
 /// Loads the probe copy of the program: it shares the pinned maps in `dir` with the attached
