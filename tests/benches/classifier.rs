@@ -396,13 +396,15 @@ fn trace_rows(fw: &mut PrivateProgram, peers: &mut Peers, dir: &std::path::Path,
     let modes: [(&str, Option<TraceConfig>); 3] = [("trace off", None), ("trace on, filtered out", Some(excluding)), ("trace on, 100/s", Some(at_100))];
     let rounds = if focus() { FOCUS_ROUNDS } else { ROUNDS } * 2;
     let n = frames.len();
+    eprintln!("verifier: {:?} instructions for this build", fw.verified_instructions());
     // `XDPFW_BENCH_BASELINE=OBJECT`: an earlier build of the program (the ELF aya-build made,
     // e.g. of the commit before tracing), with the same ruleset, taking turns with the others.
     let mut baseline = match std::env::var_os("XDPFW_BENCH_BASELINE") {
         Some(path) => {
             let object = std::fs::read(&path).with_context(|| format!("reading {}", path.to_string_lossy()))?;
+            // It must have the same map layouts (GlobalStats, RulesetHeader, …) as this build.
             let mut b = PrivateProgram::load_from(&object)?;
-            eprintln!("verifier: {:?} instructions for this build, {:?} for the baseline", fw.verified_instructions(), b.verified_instructions());
+            eprintln!("verifier: {:?} instructions for the baseline", b.verified_instructions());
             // The ruleset installed last (install_text's file).
             b.activate(&compile(&rules::load(&dir.join("bench.toml"))?)?)?;
             Some(b)
