@@ -318,7 +318,7 @@ fn main() -> Result<()> {
         rows.push(Row { name: format!("{big} prefixes in 2 sets + {k} rules"), prefixes: big, rules: k + 2, m, compile_ms: Some(compile_ms), install_ms: Some(install_ms) });
     }
     if !focus {
-        trace_rows(&mut fw, &mut peers, &f, repeat, &mut rows)?;
+        trace_rows(&mut fw, &mut peers, &dir, &f, repeat, &mut rows)?;
     }
     if !focus && !trace_only {
         more_rows(&mut fw, &mut peers, &mut rng, &dir, big, &f, repeat, &mut rows)?;
@@ -389,18 +389,36 @@ fn random_source_row(fw: &mut PrivateProgram, peers: &mut Peers, rng: &mut StdRn
 /// on with a filter no frame meets, and on with a rate no flood stays within (the default,
 /// 100/s: nearly every packet is refused by the bucket). The three take turns frame by frame
 /// group, round after round, under the same noise.
-fn trace_rows(fw: &mut PrivateProgram, peers: &mut Peers, frames: &[Vec<u8>], repeat: u32, rows: &mut Vec<Row>) -> Result<()> {
+fn trace_rows(fw: &mut PrivateProgram, peers: &mut Peers, dir: &std::path::Path, frames: &[Vec<u8>], repeat: u32, rows: &mut Vec<Row>) -> Result<()> {
     use xdpfw_common::{TraceConfig, trace};
     let excluding = TraceConfig { filter: trace::filter::PORT, port: 1, ..Default::default() };
     let at_100 = TraceConfig { sample: 1, interval_ns: 10_000_000, burst_ns: 990_000_000, ..Default::default() };
     let modes: [(&str, Option<TraceConfig>); 3] = [("trace off", None), ("trace on, filtered out", Some(excluding)), ("trace on, 100/s", Some(at_100))];
     let rounds = if focus() { FOCUS_ROUNDS } else { ROUNDS } * 2;
     let n = frames.len();
+    // `XDPFW_BENCH_BASELINE=OBJECT`: an earlier build of the program (the ELF aya-build made,
+    // e.g. of the commit before tracing), with the same ruleset, taking turns with the others.
+    let mut baseline = match std::env::var_os("XDPFW_BENCH_BASELINE") {
+        Some(path) => {
+            let object = std::fs::read(&path).with_context(|| format!("reading {}", path.to_string_lossy()))?;
+            let mut b = PrivateProgram::load_from(&object)?;
+            // The ruleset installed last (install_text's file).
+            b.activate(&compile(&rules::load(&dir.join("bench.toml"))?)?)?;
+            Some(b)
+        }
+        None => None,
+    };
+    let mut before = vec![vec![]; n];
     let mut ns = vec![vec![vec![]; n]; modes.len()];
     let mut fl = vec![vec![]; n];
     for _ in 0..rounds {
         for (i, f) in frames.iter().enumerate() {
             fl[i].push(run_one(&mut peers.floor, "floor", f, repeat)?);
+        }
+        if let Some(b) = baseline.as_mut() {
+            for (i, f) in frames.iter().enumerate() {
+                before[i].push(b.run_repeat(f, repeat)?.1.as_nanos() as f64);
+            }
         }
         for (m, (_, config)) in modes.iter().enumerate() {
             match config {
@@ -417,6 +435,18 @@ fn trace_rows(fw: &mut PrivateProgram, peers: &mut Peers, frames: &[Vec<u8>], re
     let per = |v: &Vec<Vec<f64>>| v.iter().map(|r| median(r.clone())).collect::<Vec<f64>>();
     let floor = median(per(&fl));
     let off = median(per(&ns[0]));
+    if baseline.is_some() {
+        let v = median(per(&before));
+        eprintln!("baseline (XDPFW_BENCH_BASELINE): {v:.1} ns/packet; trace off is {:.3}x the baseline", off / v);
+        rows.push(Row {
+            name: format!("baseline build ({:.3}x off)", v / off),
+            prefixes: 0,
+            rules: 0,
+            m: Measure { ns: v, floor_ns: floor, x_floor: v / floor, plain_ns: None, x_plain: None },
+            compile_ms: None,
+            install_ms: None,
+        });
+    }
     for (m, (name, _)) in modes.iter().enumerate() {
         let v = median(per(&ns[m]));
         eprintln!("{name}: {v:.1} ns/packet, {:.3}x trace off", v / off);

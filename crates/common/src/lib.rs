@@ -86,12 +86,13 @@ pub mod map_names {
     ];
 }
 
-/// Name of the XDP program in the object file.
+/// Name of the attached XDP program (and of private copies).
 pub const PROGRAM_NAME: &str = "xdpfw";
 /// Name of the egress (TC) program in the object file: it records the flows this host opens
 /// (see [`flow`]).
 pub const EGRESS_PROGRAM_NAME: &str = "xdpfw_egress";
-/// Name of the probe copy's entry point (the same code; `bpftool prog show` tells them apart).
+/// Name of the probe copy, and of the program in the object file (the loader cuts it to
+/// `PROGRAM_NAME` for the attached program): `bpftool prog show` tells the two apart.
 pub const PROBE_PROGRAM_NAME: &str = "xdpfw_probe";
 
 /// Two complete rulesets exist at once: the active one, read by packets, and the inactive one,

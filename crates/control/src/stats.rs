@@ -59,14 +59,39 @@ pub fn flow_table(maps: &Maps, global: &GlobalStats) -> Option<FlowTable> {
     })
 }
 
+/// Reads of the counters that a reload made inconsistent are retried this many times.
+const CONSISTENT_READS: usize = 100;
+
 pub fn stats(inst: &Instance) -> Result<Stats> {
     let maps = Maps::open(&inst.pin_dir)?;
-    let generation = maps.generation();
-    // Never pair one ruleset's names with another's counters.
-    let state = inst.state_for(generation)?;
+    // A consistent read: the generation, its record, its counters (and those of a generation
+    // being retired), and the generation again; retried when a reload moved in between, so a
+    // counter never seems to go down (which Prometheus would take for a reset).
+    let mut attempt = 0;
+    let (generation, state, header, counters) = loop {
+        attempt += 1;
+        let generation = maps.generation();
+        // Never pair one ruleset's names with another's counters.
+        let mut state = inst.state_for(generation)?;
+        let buffer = buffer_of(generation);
+        let header = maps.header(buffer);
+        let counters = maps.rule_stats(buffer, header.rule_count)?;
+        let retiring = match &state.retiring {
+            Some(r) => Some((r, maps.rule_stats(buffer_of(r.generation), r.rules.len() as u32)?)),
+            None => None,
+        };
+        let moved = maps.generation() != generation
+            // The reload recorded its end (and may have cleared the retired buffer) meanwhile.
+            || (retiring.is_some() && inst.state().is_ok_and(|s| s.generation == generation && s.retiring.is_none()));
+        if moved && attempt < CONSISTENT_READS {
+            continue;
+        }
+        if let Some((r, retired)) = retiring {
+            state.carried = crate::instance::carry(&state.carried, &r.rules, &retired, &state.ruleset.rules);
+        }
+        break (generation, state, header, counters);
+    };
     let buffer = buffer_of(generation);
-    let header = maps.header(buffer);
-    let counters = maps.rule_stats(buffer, header.rule_count)?;
     let mut rules = Vec::new();
     for (i, c) in counters.iter().enumerate() {
         let (index, name, action) = if i < header.rule_count as usize {

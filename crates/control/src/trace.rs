@@ -328,6 +328,12 @@ impl Tracer {
             &format!("another `loader trace` is tracing {} (one tracer per interface)", inst.iface),
         )?;
         let mut maps = Maps::open(&inst.pin_dir)?;
+        if !maps.can_trace() {
+            return Err(ControlError::Refused(format!(
+                "the firewall on {} was attached by a version of loader without `trace`: detach and attach it again to trace it",
+                inst.iface
+            )));
+        }
         let mut ring = DecisionRing::open(&inst.pin_dir, map_names::TRACE_RING)?;
         // What an earlier tracer left unread is not this trace's.
         maps.trace_stop();

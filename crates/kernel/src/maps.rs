@@ -170,6 +170,57 @@ fn delete_elem(fd: std::os::fd::BorrowedFd<'_>, key: u32) -> std::io::Result<()>
     Ok(())
 }
 
+/// The id of the inner map in slot `key` of the array-of-maps `fd`, `None` when it is empty.
+fn slot_id(fd: std::os::fd::BorrowedFd<'_>, key: u32) -> std::io::Result<Option<u32>> {
+    let mut id = 0u32;
+    let rc = elem_call(BPF_MAP_LOOKUP_ELEM, fd, key, &mut id as *mut u32 as u64);
+    match rc {
+        Ok(()) => Ok(Some(id)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Puts the map of id `id` into slot `key` of the array-of-maps `fd`.
+fn set_slot(fd: std::os::fd::BorrowedFd<'_>, key: u32, id: u32) -> std::io::Result<()> {
+    #[repr(C)]
+    struct GetFdAttr {
+        map_id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
+    let attr = GetFdAttr { map_id: id, next_id: 0, open_flags: 0 };
+    // SAFETY: a bpf(2) call with a properly sized attribute; the result is a new fd we own.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_GET_FD_BY_ID, &attr as *const GetFdAttr, size_of::<GetFdAttr>()) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us.
+    let inner = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(rc as i32) };
+    let value = inner.as_raw_fd() as u32;
+    elem_call(BPF_MAP_UPDATE_ELEM, fd, key, &value as *const u32 as u64)
+}
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+
+/// BPF_MAP_LOOKUP_ELEM or BPF_MAP_UPDATE_ELEM of a u32 key, `value` pointing at the value.
+fn elem_call(cmd: libc::c_long, fd: std::os::fd::BorrowedFd<'_>, key: u32, value: u64) -> std::io::Result<()> {
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let attr = ElemAttr { map_fd: fd.as_raw_fd() as u32, _pad: 0, key: &key as *const u32 as u64, value, flags: 0 };
+    // SAFETY: a bpf(2) call with a properly sized attribute pointing at a live key and value.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, &attr as *const ElemAttr, size_of::<ElemAttr>()) };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
+
 /// `items` (the chunks of a direct IPv4 table beyond the fixed ones, or its leaf lines) as a new
 /// map of `size` elements, filled through its mapping.
 fn inner_array<T: Copy + aya::Pod>(items: &[T], size: u32) -> Result<Array<MapData, T>> {
@@ -306,6 +357,14 @@ impl Maps {
         let start = std::time::Instant::now();
         // Only fields with prefixes get a map; an empty slot makes the lookup fall back to the
         // field's "no prefix matched" bitmap, which is what an empty map would give.
+        if image.tables_reused {
+            self.share_tables(buffer)?;
+            let tables_us = start.elapsed().as_micros() as u64;
+            let mut header = image.header;
+            header.generation = generation;
+            self.headers.range_mut(b, 1)[0] = header;
+            return Ok(InstallTimes { arrays_us, tables_us });
+        }
         self.empty_slots(buffer)?;
         if !image.src_v6.is_empty() {
             self.src_v6.set(buffer, &trie_v6(&image.src_v6)?, 0)?;
@@ -346,6 +405,42 @@ impl Maps {
         Ok(InstallTimes { arrays_us, tables_us })
     }
 
+    /// Makes `buffer`'s address tables those of the active buffer: the fixed part copied, every
+    /// inner map (IPv4 chunks and leaves, IPv6 tries) shared, not copied. Neither buffer's tables
+    /// are written while both hold them (a reload writes only fresh maps), so sharing is safe;
+    /// it is what a reload that changes no prefix needs. A slot that already holds the live
+    /// map (the retired buffer kept it, see [`Maps::clear`]) is left alone: every change of an
+    /// array-of-maps slot costs an RCU grace period in the kernel, so a second reload in a row
+    /// that changes no prefix makes no such change at all.
+    fn share_tables(&mut self, buffer: u32) -> Result<()> {
+        let live = buffer_of(self.generation());
+        if live == buffer || self.header(live).generation != self.generation() {
+            kbail!("no complete active buffer to share the address tables of");
+        }
+        let per_buffer = dir::BUFFER_BLOCKS as usize;
+        for fixed in [&mut self.src_v4_fixed, &mut self.dst_v4_fixed] {
+            let from: Vec<DirBlock> = (0..per_buffer).map(|i| fixed.read(live as usize * per_buffer + i)).collect();
+            fixed.range_mut(buffer as usize * per_buffer, per_buffer).copy_from_slice(&from);
+        }
+        for fd in &self.slot_fds {
+            let fd = fd.as_fd();
+            let (theirs, mine) = (slot_id(fd, live), slot_id(fd, buffer));
+            let (theirs, mine) = (theirs.kctx(|| "reading an array-of-maps slot".into())?, mine.kctx(|| "reading an array-of-maps slot".into())?);
+            match theirs {
+                _ if theirs == mine => {}
+                Some(id) => set_slot(fd, buffer, id).kctx(|| "sharing an inner map".into())?,
+                None => delete_elem(fd, buffer).kctx(|| "emptying an array-of-maps slot".into())?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The first `count` bitmaps of `buffer`.
+    pub fn bitmaps(&self, buffer: u32, count: u32) -> Vec<Bitmap> {
+        let base = buffer as usize * MAX_BITMAPS as usize;
+        (0..count.min(MAX_BITMAPS) as usize).map(|i| self.bitmaps.read(base + i)).collect()
+    }
+
     /// Publishes `generation` (whose buffer must hold a complete ruleset) with one atomic store.
     pub fn flip(&mut self, generation: u64) -> Result<()> {
         let buffer = buffer_of(generation);
@@ -369,8 +464,18 @@ impl Maps {
         // Its counters start from zero when the buffer is used again.
         self.zero_rule_stats(buffer, retired.rule_count)?;
         // Emptying a slot releases its map in one syscall: the kernel frees a retired trie or
-        // table asynchronously, so even a 1M-prefix buffer costs no long syscall here.
-        self.empty_slots(buffer)
+        // table asynchronously, so even a 1M-prefix buffer costs no long syscall here. A slot
+        // holding the same map as the live buffer's (shared by a reload that changed no prefix)
+        // keeps it: it costs no memory, and the next such reload finds it in place.
+        let live = buffer_of(self.generation());
+        for fd in &self.slot_fds {
+            let fd = fd.as_fd();
+            let mine = slot_id(fd, buffer).kctx(|| "reading an array-of-maps slot".into())?;
+            if mine.is_some() && mine != slot_id(fd, live).kctx(|| "reading an array-of-maps slot".into())? {
+                delete_elem(fd, buffer).kctx(|| "emptying an array-of-maps slot".into())?;
+            }
+        }
+        Ok(())
     }
 
     fn empty_slots(&self, buffer: u32) -> Result<()> {

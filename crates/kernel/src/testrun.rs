@@ -51,6 +51,12 @@ impl PrivateProgram {
         Ok((r.return_value as i32, r.duration))
     }
 
+    /// A private copy of another build of the program (`object`: its ELF bytes).
+    pub fn load_from(object: &[u8]) -> Result<Self> {
+        let (ebpf, maps) = crate::load_private_from(object)?;
+        Ok(Self { ebpf, maps })
+    }
+
     /// Installs `image` as the next generation and makes it active.
     pub fn activate(&mut self, image: &Image) -> Result<u64> {
         let generation = self.maps.generation() + 1;

@@ -457,7 +457,7 @@ pub(crate) fn status(state: &State, mode: &str, escalation: Option<&Report>, ent
 pub(crate) fn reload(r: &ReloadReport) -> String {
     let t = &r.times;
     format!(
-        "reloaded {}: generation {} -> {} ({} rules, {} prefixes)\n  parse {}us  compile {}us  install {}us  prove {}us ({} self-tests)  flip {}us  grace {}us ({:?})  clear {}us  total {}us\n",
+        "reloaded {}: generation {} -> {} ({} rules, {} prefixes)\n  parse {}us  compile {}us{}  install {}us  prove {}us ({} self-tests)  flip {}us  grace {}us ({:?})  clear {}us  total {}us\n",
         r.iface,
         r.previous_generation,
         r.generation,
@@ -465,6 +465,7 @@ pub(crate) fn reload(r: &ReloadReport) -> String {
         r.ruleset.prefixes,
         t.parse_us,
         t.compile_us,
+        if t.tables_reused { " (address tables reused)" } else { "" },
         t.install_arrays_us + t.install_tables_us,
         t.prove_us,
         t.self_tests,

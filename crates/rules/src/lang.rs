@@ -492,7 +492,8 @@ pub struct Ruleset {
     pub protosets: BTreeMap<String, Vec<u8>>,
     pub tests: Vec<SelfTest>,
     pub warnings: Vec<Warning>,
-    /// SHA-256 of the rules file, the files it includes and every set file they read, hex.
+    /// SHA-256 of the rules file, the files it includes and the SHA-256 of every set file they
+    /// read, hex (each part with its name and length; see `Sha256Hasher`).
     pub hash: String,
     /// The files besides the rules file: included files and set files, as written relative to
     /// the rules file's folder, and where they were read from.
@@ -1361,8 +1362,36 @@ fn load_set(
                 None => return Err(src.error(file.span(), format!("set file {key} is not among the texts given"))),
             },
         };
-        hasher.part(file.get_ref().as_bytes(), text.as_bytes());
-        texts.push((key.to_string(), Arc::from(text.as_str())));
+        // A set file enters the ruleset's hash by its own digest, so a set file seen before in
+        // this process (see `setcache`) is neither parsed nor hashed again.
+        if let Some(kept) = crate::setcache::lookup(&text) {
+            hasher.part(file.get_ref().as_bytes(), &kept.digest);
+            texts.push((key.to_string(), kept.text));
+            out.extend_from_slice(&kept.prefixes);
+        } else {
+            let digest = sha256(text.as_bytes());
+            hasher.part(file.get_ref().as_bytes(), &digest);
+            let start = out.len();
+            parse_set_lines(&text, &path, &mut out)?;
+            let text: Arc<str> = Arc::from(text.as_str());
+            crate::setcache::store(&text, &out[start..], digest);
+            texts.push((key.to_string(), text));
+        }
+    }
+    if raw.prefixes.is_none() && raw.file.is_none() {
+        return Err(src.error(set.span(), format!("set \"{n}\" needs `prefixes` or `file`")));
+    }
+    let limit = xdpfw_common::MAX_PREFIXES as usize;
+    if out.len() > limit {
+        return Err(src.error(set.span(), format!("set \"{n}\" has {} prefixes (the limit is {limit})", out.len())));
+    }
+    Ok(out)
+}
+
+/// The prefixes of a set file's lines (comments and blank lines skipped), appended to `out`.
+fn parse_set_lines(text: &str, path: &Path, out: &mut Vec<IpNet>) -> Result<(), RulesError> {
+    {
+        let path = path.to_path_buf();
         out.reserve(text.len() / 16);
         for (i, line) in text.lines().enumerate() {
             if i >= MAX_SET_LINES {
@@ -1382,14 +1411,7 @@ fn load_set(
             })?);
         }
     }
-    if raw.prefixes.is_none() && raw.file.is_none() {
-        return Err(src.error(set.span(), format!("set \"{n}\" needs `prefixes` or `file`")));
-    }
-    let limit = xdpfw_common::MAX_PREFIXES as usize;
-    if out.len() > limit {
-        return Err(src.error(set.span(), format!("set \"{n}\" has {} prefixes (the limit is {limit})", out.len())));
-    }
-    Ok(out)
+    Ok(())
 }
 
 /// A CIDR or a bare address (a host prefix). Host bits must be zero, as in nftables.
@@ -1981,13 +2003,22 @@ pub fn parse_tcp_flags(s: &str) -> Result<TcpFlagsMatch, String> {
 /// Content hash of a ruleset and its set files. Unambiguous: each part is hashed with its name
 /// (the set file as written) and both lengths, so no two different rulesets (say, a line moved
 /// from one set file to the next) hash the same input.
+/// The SHA-256 of `data`.
+pub(crate) fn sha256(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
+}
+
+/// The ruleset hash (version 3): parts of (name, content) in order, where a set file's content
+/// is its own SHA-256, so an unchanged set file need not be hashed again (version 2 hashed the
+/// set files' bytes themselves).
 struct Sha256Hasher(sha2::Sha256);
 
 impl Sha256Hasher {
     fn new() -> Self {
         use sha2::Digest;
         let mut h = sha2::Sha256::new();
-        h.update(b"xdpfw-ruleset-v2\0");
+        h.update(b"xdpfw-ruleset-v3\0");
         Self(h)
     }
     fn part(&mut self, name: &[u8], data: &[u8]) {
