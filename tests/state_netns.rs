@@ -221,6 +221,17 @@ fn replies_to_the_hosts_own_flows_pass_under_default_drop() {
     assert!(global(&s, "state_established") > 0 && global(&s, "state_lookups") > 0, "{}", s["global"]);
     assert!(rule_packets(&s, "replies") > 0);
 
+    // A ruleset without state, then `state` again: the flows recorded before are cleared (they
+    // went unrefreshed meanwhile), and the live connection is recorded again at its next segment.
+    let pass_all = dir.0.join("pass.toml");
+    std::fs::write(&pass_all, "default = \"pass\"\n").unwrap();
+    loader_ok(server, &["reload", pass_all.to_str().unwrap(), "--iface", &t.server_if]);
+    assert!(stats(&t)["flows"]["entries"].as_u64().unwrap() > 0, "a ruleset without state leaves the table");
+    loader_ok(server, &["reload", host_rules.to_str().unwrap(), "--iface", &t.server_if]);
+    assert_eq!(stats(&t)["flows"]["entries"].as_u64().unwrap(), 0, "stale flows cleared when state comes back");
+    assert!(exchange(&mut early, b"state again", Duration::from_secs(3)), "the live connection, recorded again");
+    assert!(stats(&t)["flows"]["entries"].as_u64().unwrap() >= 1);
+
     // 100,000 spoofed replies (raw frames into the veth from the other namespace): TCP to the
     // ports this host connects from, UDP from the DNS-like port, echo replies. None passes,
     // none adds a flow.

@@ -371,6 +371,17 @@ fn install_locked(
         grace::wait(opts.min_grace);
         maps.clear(buffer)?;
     }
+    // A ruleset that brings `state` back after rulesets without it starts from an empty flow
+    // table: what it held was neither refreshed nor closed meanwhile (connections still open
+    // are recorded again at the host's next segment). Nothing records now: no buffer has
+    // `state` until the install below.
+    let state = xdpfw_common::header_flags::STATE;
+    if image.header.flags & state != 0 && maps.header(buffer_of(previous)).flags & state == 0 {
+        let cleared = maps.clear_flows()?;
+        if cleared > 0 {
+            tracing::info!("{}: {cleared} stale flows cleared for a ruleset with state", inst.iface);
+        }
+    }
     let installed = maps.install(buffer, generation, image)?;
     times.tables_reused = image.tables_reused;
     times.install_arrays_us = installed.arrays_us;

@@ -604,6 +604,17 @@ impl Maps {
         }
     }
 
+    /// Empties the flow table; returns how many flows it held.
+    pub fn clear_flows(&mut self) -> Result<usize> {
+        let Some(flows) = self.flows.as_mut() else { return Ok(0) };
+        let keys: Vec<FlowKey> = flows.keys().filter_map(|k| k.ok()).collect();
+        for k in &keys {
+            // One evicted meanwhile is gone already.
+            let _ = flows.remove(k);
+        }
+        Ok(keys.len())
+    }
+
     /// The entry of a flow, if the table has it.
     pub fn flow(&self, key: &FlowKey) -> Option<FlowEntry> {
         self.flows.as_ref()?.get(key, 0).ok()
