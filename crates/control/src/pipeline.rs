@@ -17,6 +17,7 @@ use crate::{
     files::{self, now_secs},
     history,
     instance::{Instance, ReloadReport, ReloadTimes, RulesetSummary, State},
+    tables_cache,
 };
 
 fn us(d: Duration) -> u64 {
@@ -88,12 +89,17 @@ pub fn repair(inst: &Instance, ruleset: &Ruleset, from_file: bool, mode: AttachM
 fn attach_locked(inst: &Instance, ruleset: &Ruleset, image: &xdpfw_rules::compile::Image, from_file: bool, mode: AttachMode) -> Result<AttachReport> {
     let (ruleset, iface) = (ruleset.clone(), inst.iface.as_str());
     prepare_pin_dir(inst)?;
+    // New maps start at generation 1 again: a description of the old ones must not match them.
+    tables_cache::forget(inst);
     let result = (|| -> Result<AttachReport> {
         let mut ebpf = kernel::load_program(&inst.pin_dir)?;
         let mut maps = Maps::open(&inst.pin_dir)?;
         let generation = 1;
         maps.install(buffer_of(generation), generation, image)?;
         maps.flip(generation)?;
+        if let Err(e) = tables_cache::record(inst, generation, &image.addr, &rules::compile::address_key(&ruleset), false) {
+            tracing::warn!("the address tables could not be described for reuse: {e}");
+        }
         kernel::pin_probe(&inst.pin_dir)?;
         kernel::attach_and_pin(&mut ebpf, iface, inst.ifindex, mode, &inst.pin_dir)?;
         let summary = RulesetSummary::new(&ruleset, image, from_file);
@@ -120,6 +126,7 @@ fn attach_locked(inst: &Instance, ruleset: &Ruleset, image: &xdpfw_rules::compil
             ruleset: summary.clone(),
             last_reload: None,
             carried: Default::default(),
+            retiring: None,
         }) {
             tracing::error!("{iface} is attached and filtering as generation {generation}, but recording it failed: {e}");
         }
@@ -133,9 +140,10 @@ fn attach_locked(inst: &Instance, ruleset: &Ruleset, image: &xdpfw_rules::compil
     result
 }
 
-/// What may be pinned in an instance's folder: the link, the program, its probe copy, the maps.
+/// What may be pinned in an instance's folder: the link, the program, its probe copy, the egress
+/// program and its link, the maps.
 fn known_pin(name: &str) -> bool {
-    matches!(name, "link" | "prog" | "probe") || xdpfw_common::map_names::ALL.contains(&name)
+    matches!(name, "link" | "prog" | "probe" | kernel::EGRESS_PIN | kernel::EGRESS_LINK_PIN) || xdpfw_common::map_names::ALL.contains(&name)
 }
 
 /// Makes a fresh, private pin folder for an attach (the lock is held, nothing is attached).
@@ -305,14 +313,37 @@ fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions, origin: r
     let t = Instant::now();
     let ruleset = history::load_rules(path, origin)?;
     times.parse_us = us(t.elapsed());
+    // The address tables are compiled outside the lock, unless the live buffer's can be reused
+    // (checked again once the lock is held: the live generation may have moved on meanwhile).
     let t = Instant::now();
-    let image = compile(&ruleset)?;
+    let key = rules::compile::address_key(&ruleset);
+    let offered = Maps::open(&inst.pin_dir).ok().and_then(|maps| tables_cache::reuse_for(inst, &maps, &key));
+    let mut image = match offered {
+        Some(_) => None,
+        None => Some(compile(&ruleset)?),
+    };
     times.compile_us = us(t.elapsed());
 
     let t = Instant::now();
     let _lock = inst.lock(opts.lock_wait)?;
     times.lock_wait_us = us(t.elapsed());
-    install_locked(inst, &ruleset, &image, opts, times, total)
+    if image.is_none() {
+        let t = Instant::now();
+        image = Some(compile_locked(inst, &ruleset, &key)?);
+        times.compile_us += us(t.elapsed());
+    }
+    let image = image.unwrap_or_else(|| unreachable!("compiled above"));
+    install_locked(inst, &ruleset, &image, &key, opts, times, total)
+}
+
+/// Compiles `ruleset` with the instance's lock held, reusing the live buffer's address tables
+/// when they were compiled from the same address `key` (see [`tables_cache`]).
+fn compile_locked(inst: &Instance, ruleset: &Ruleset, key: &[u8]) -> Result<rules::compile::Image> {
+    let reuse = match Maps::open(&inst.pin_dir) {
+        Ok(maps) => tables_cache::reuse_for(inst, &maps, key),
+        Err(_) => None,
+    };
+    Ok(rules::compile::compile_with(ruleset, reuse.as_ref())?)
 }
 
 /// The pipeline from the write of the inactive buffer on, with the instance's lock held:
@@ -321,6 +352,7 @@ fn install_locked(
     inst: &Instance,
     ruleset: &Ruleset,
     image: &rules::compile::Image,
+    key: &[u8],
     opts: &ReloadOptions,
     mut times: ReloadTimes,
     total: Instant,
@@ -340,6 +372,7 @@ fn install_locked(
         maps.clear(buffer)?;
     }
     let installed = maps.install(buffer, generation, image)?;
+    times.tables_reused = image.tables_reused;
     times.install_arrays_us = installed.arrays_us;
     times.install_tables_us = installed.tables_us;
 
@@ -348,7 +381,7 @@ fn install_locked(
     if !ruleset.tests.is_empty() {
         let t = Instant::now();
         let mut probe = kernel::open_probe(&inst.pin_dir)?;
-        let mut run = |frame: &[u8]| testrun::run_frame(&mut probe, frame, 1).map(|r| r.0);
+        let mut run = |pkt: &rules::packet::PacketSpec| testrun::run_probe(&mut probe, pkt);
         let failures = selftest::self_test_failures(ruleset, Some(&mut run))?;
         if !failures.is_empty() {
             return Err(ControlError::SelfTests {
@@ -379,6 +412,7 @@ fn install_locked(
                 ruleset: summary.clone(),
                 last_reload: None,
                 carried: Default::default(),
+                retiring: None,
             }
         }
         Err(e) => return Err(e),
@@ -387,6 +421,8 @@ fn install_locked(
     // Until the retired buffer's final counts are in (after the grace period), the names kept
     // carry what they carried before.
     next.carried = crate::instance::carry(&old_carried, &[], &[], &summary.rules);
+    // ... and `stats` adds the retiring generation's counters live (see State::retiring).
+    next.retiring = Some(crate::instance::Retiring { generation: previous, rules: old_rules.clone() });
     next.generation = generation;
     next.ruleset = summary.clone();
     // The interface may have been renamed, the namespace named since: recorded as they are now.
@@ -401,6 +437,11 @@ fn install_locked(
     let t = Instant::now();
     maps.flip(generation)?;
     times.flip_us = us(t.elapsed());
+    // The live tables are described for the next reload to reuse (the description of the
+    // previous generation went stale with the flip).
+    if let Err(e) = tables_cache::record(inst, generation, &image.addr, key, image.tables_reused) {
+        tracing::warn!("the address tables of generation {generation} could not be described for reuse: {e}");
+    }
 
     let (grace_time, grace_method) = grace::wait(opts.min_grace);
     times.grace_us = us(grace_time);
@@ -412,12 +453,9 @@ fn install_locked(
         Err(e) => tracing::warn!("per-rule counters of generation {previous} could not be read; they are not carried over: {e}"),
     }
 
-    let t = Instant::now();
-    maps.clear(buffer_of(previous))?;
-    times.clear_us = us(t.elapsed());
-    times.total_us = us(total.elapsed());
+    next.retiring = None;
 
-    let report = ReloadReport {
+    let mut report = ReloadReport {
         iface: inst.iface.clone(),
         previous_generation: previous,
         generation,
@@ -428,7 +466,18 @@ fn install_locked(
         warnings: ruleset.warnings.iter().map(|w| w.to_string()).collect(),
     };
     // The new ruleset is live from the flip on: a failure to record it (a full disk) must say
-    // so, not claim the reload failed.
+    // so, not claim the reload failed. Recorded with the retired counts carried *before* the
+    // retired buffer is cleared: a reader sees either the record in progress plus that
+    // buffer's live counters, or this one, never the buffer cleared and its counts missing.
+    next.last_reload = Some(report.clone());
+    if let Err(e) = inst.write_state(&next) {
+        return Err(ControlError::LiveButUnrecorded { report: Box::new(report), source: Box::new(e) });
+    }
+
+    let t = Instant::now();
+    maps.clear(buffer_of(previous))?;
+    report.times.clear_us = us(t.elapsed());
+    report.times.total_us = us(total.elapsed());
     next.last_reload = Some(report.clone());
     if let Err(e) = inst.write_state(&next) {
         return Err(ControlError::LiveButUnrecorded { report: Box::new(report), source: Box::new(e) });
@@ -496,9 +545,10 @@ pub fn set_update(inst: &Instance, name: &str, op: rules::setedit::SetOp, prefix
         return Ok(SetReport { iface: inst.iface.clone(), op, edit, reload: None, edit_us });
     };
     let t = Instant::now();
-    let image = compile(&ruleset)?;
+    let key = rules::compile::address_key(&ruleset);
+    let image = compile_locked(inst, &ruleset, &key)?;
     times.compile_us = us(t.elapsed());
-    let result = install_locked(inst, &ruleset, &image, opts, times, total);
+    let result = install_locked(inst, &ruleset, &image, &key, opts, times, total);
     let source = ruleset.path.clone();
     let report = record(inst, &source, history::Operation::Set, result)?;
     Ok(SetReport { iface: inst.iface.clone(), op, edit, reload: Some(report), edit_us })

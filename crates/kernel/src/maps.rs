@@ -17,7 +17,7 @@ use aya::{
     util::nr_cpus,
 };
 use xdpfw_common::{
-    BUFFERS, Bitmap, buffer_of, DirBlock, DirLine, FieldEntry, GlobalStats, Ipv6Data, LimitKey, LimitState, LogLimit, MAX_BITMAPS, MAX_PREFIXES,
+    BUFFERS, Bitmap, buffer_of, DirBlock, DirLine, FieldEntry, FlowEntry, FlowKey, GlobalStats, Ipv6Data, LimitKey, LimitState, LogLimit, MAX_BITMAPS, MAX_PREFIXES,
     MAX_RULES, PrefixValue, RULE_SLOTS, RuleMeta, RuleStats, RulesetHeader,
     dir, fields_layout::FIELDS_PER_BUFFER, map_names, trace, TraceConfig,
 };
@@ -133,6 +133,9 @@ pub struct Maps {
     /// Rules' rate limits and buckets (both buffers, written through the mapping).
     limits: MmapArray<LimitState>,
     limit_sources: aya::maps::HashMap<MapData, LimitKey, u64>,
+    /// The flows this host opened (`state` rules), written by the egress program. `None` in an
+    /// instance attached by a version without `state` (until it is attached again).
+    flows: Option<aya::maps::HashMap<MapData, FlowKey, FlowEntry>>,
     /// Rules' log rates and buckets (both buffers, written through the mapping). `None` in an
     /// instance attached by a version without `log` (until it is attached again).
     log_limits: Option<MmapArray<LogLimit>>,
@@ -165,6 +168,57 @@ fn delete_elem(fd: std::os::fd::BorrowedFd<'_>, key: u32) -> std::io::Result<()>
         }
     }
     Ok(())
+}
+
+/// The id of the inner map in slot `key` of the array-of-maps `fd`, `None` when it is empty.
+fn slot_id(fd: std::os::fd::BorrowedFd<'_>, key: u32) -> std::io::Result<Option<u32>> {
+    let mut id = 0u32;
+    let rc = elem_call(BPF_MAP_LOOKUP_ELEM, fd, key, &mut id as *mut u32 as u64);
+    match rc {
+        Ok(()) => Ok(Some(id)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Puts the map of id `id` into slot `key` of the array-of-maps `fd`.
+fn set_slot(fd: std::os::fd::BorrowedFd<'_>, key: u32, id: u32) -> std::io::Result<()> {
+    #[repr(C)]
+    struct GetFdAttr {
+        map_id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
+    let attr = GetFdAttr { map_id: id, next_id: 0, open_flags: 0 };
+    // SAFETY: a bpf(2) call with a properly sized attribute; the result is a new fd we own.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_GET_FD_BY_ID, &attr as *const GetFdAttr, size_of::<GetFdAttr>()) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us.
+    let inner = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(rc as i32) };
+    let value = inner.as_raw_fd() as u32;
+    elem_call(BPF_MAP_UPDATE_ELEM, fd, key, &value as *const u32 as u64)
+}
+
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+
+/// BPF_MAP_LOOKUP_ELEM or BPF_MAP_UPDATE_ELEM of a u32 key, `value` pointing at the value.
+fn elem_call(cmd: libc::c_long, fd: std::os::fd::BorrowedFd<'_>, key: u32, value: u64) -> std::io::Result<()> {
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let attr = ElemAttr { map_fd: fd.as_raw_fd() as u32, _pad: 0, key: &key as *const u32 as u64, value, flags: 0 };
+    // SAFETY: a bpf(2) call with a properly sized attribute pointing at a live key and value.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, &attr as *const ElemAttr, size_of::<ElemAttr>()) };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
 }
 
 /// `items` (the chunks of a direct IPv4 table beyond the fixed ones, or its leaf lines) as a new
@@ -248,6 +302,7 @@ impl Maps {
             rule_stats: PerCpuArray::try_from(Map::from_map_data(get(RULE_STATS)?)?)?,
             limits: MmapArray::new(get(LIMITS)?)?,
             limit_sources: aya::maps::HashMap::try_from(Map::from_map_data(get(LIMIT_SOURCES)?)?)?,
+            flows: get(FLOWS).ok().map(|m| -> Result<_> { Ok(aya::maps::HashMap::try_from(Map::from_map_data(m)?)?) }).transpose()?,
             log_limits: get(LOG_LIMITS).ok().map(MmapArray::new).transpose()?,
             trace: get(TRACE).ok().map(MmapArray::new).transpose()?,
         })
@@ -302,6 +357,14 @@ impl Maps {
         let start = std::time::Instant::now();
         // Only fields with prefixes get a map; an empty slot makes the lookup fall back to the
         // field's "no prefix matched" bitmap, which is what an empty map would give.
+        if image.tables_reused {
+            self.share_tables(buffer)?;
+            let tables_us = start.elapsed().as_micros() as u64;
+            let mut header = image.header;
+            header.generation = generation;
+            self.headers.range_mut(b, 1)[0] = header;
+            return Ok(InstallTimes { arrays_us, tables_us });
+        }
         self.empty_slots(buffer)?;
         if !image.src_v6.is_empty() {
             self.src_v6.set(buffer, &trie_v6(&image.src_v6)?, 0)?;
@@ -342,6 +405,42 @@ impl Maps {
         Ok(InstallTimes { arrays_us, tables_us })
     }
 
+    /// Makes `buffer`'s address tables those of the active buffer: the fixed part copied, every
+    /// inner map (IPv4 chunks and leaves, IPv6 tries) shared, not copied. Neither buffer's tables
+    /// are written while both hold them (a reload writes only fresh maps), so sharing is safe;
+    /// it is what a reload that changes no prefix needs. A slot that already holds the live
+    /// map (the retired buffer kept it, see [`Maps::clear`]) is left alone: every change of an
+    /// array-of-maps slot costs an RCU grace period in the kernel, so a second reload in a row
+    /// that changes no prefix makes no such change at all.
+    fn share_tables(&mut self, buffer: u32) -> Result<()> {
+        let live = buffer_of(self.generation());
+        if live == buffer || self.header(live).generation != self.generation() {
+            kbail!("no complete active buffer to share the address tables of");
+        }
+        let per_buffer = dir::BUFFER_BLOCKS as usize;
+        for fixed in [&mut self.src_v4_fixed, &mut self.dst_v4_fixed] {
+            let from: Vec<DirBlock> = (0..per_buffer).map(|i| fixed.read(live as usize * per_buffer + i)).collect();
+            fixed.range_mut(buffer as usize * per_buffer, per_buffer).copy_from_slice(&from);
+        }
+        for fd in &self.slot_fds {
+            let fd = fd.as_fd();
+            let (theirs, mine) = (slot_id(fd, live), slot_id(fd, buffer));
+            let (theirs, mine) = (theirs.kctx(|| "reading an array-of-maps slot".into())?, mine.kctx(|| "reading an array-of-maps slot".into())?);
+            match theirs {
+                _ if theirs == mine => {}
+                Some(id) => set_slot(fd, buffer, id).kctx(|| "sharing an inner map".into())?,
+                None => delete_elem(fd, buffer).kctx(|| "emptying an array-of-maps slot".into())?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The first `count` bitmaps of `buffer`.
+    pub fn bitmaps(&self, buffer: u32, count: u32) -> Vec<Bitmap> {
+        let base = buffer as usize * MAX_BITMAPS as usize;
+        (0..count.min(MAX_BITMAPS) as usize).map(|i| self.bitmaps.read(base + i)).collect()
+    }
+
     /// Publishes `generation` (whose buffer must hold a complete ruleset) with one atomic store.
     pub fn flip(&mut self, generation: u64) -> Result<()> {
         let buffer = buffer_of(generation);
@@ -365,8 +464,18 @@ impl Maps {
         // Its counters start from zero when the buffer is used again.
         self.zero_rule_stats(buffer, retired.rule_count)?;
         // Emptying a slot releases its map in one syscall: the kernel frees a retired trie or
-        // table asynchronously, so even a 1M-prefix buffer costs no long syscall here.
-        self.empty_slots(buffer)
+        // table asynchronously, so even a 1M-prefix buffer costs no long syscall here. A slot
+        // holding the same map as the live buffer's (shared by a reload that changed no prefix)
+        // keeps it: it costs no memory, and the next such reload finds it in place.
+        let live = buffer_of(self.generation());
+        for fd in &self.slot_fds {
+            let fd = fd.as_fd();
+            let mine = slot_id(fd, buffer).kctx(|| "reading an array-of-maps slot".into())?;
+            if mine.is_some() && mine != slot_id(fd, live).kctx(|| "reading an array-of-maps slot".into())? {
+                delete_elem(fd, buffer).kctx(|| "emptying an array-of-maps slot".into())?;
+            }
+        }
+        Ok(())
     }
 
     fn empty_slots(&self, buffer: u32) -> Result<()> {
@@ -466,6 +575,38 @@ impl Maps {
     /// Per-source buckets in the table now (at most `limit::SOURCE_ENTRIES`).
     pub fn limit_sources(&self) -> usize {
         self.limit_sources.keys().filter(Result::is_ok).count()
+    }
+
+    /// Entries of the flow table now, expired ones included (at most `flow::ENTRIES`). A walk of
+    /// the table: tens of milliseconds when it is full.
+    pub fn flow_entries(&self) -> usize {
+        self.flows.as_ref().map_or(0, |f| f.keys().filter(Result::is_ok).count())
+    }
+
+    fn flows_mut(&mut self) -> Result<&mut aya::maps::HashMap<MapData, FlowKey, FlowEntry>> {
+        self.flows.as_mut().ok_or_else(|| KernelError::msg("this instance has no flow table (attached by an older version: detach and attach again)"))
+    }
+
+    /// Records a flow as the egress program does (tests, `explain --kernel --state`): `key` is
+    /// the key of its replies.
+    pub fn insert_flow(&mut self, key: FlowKey, entry: FlowEntry) -> Result<()> {
+        self.flows_mut()?.insert(&key, &entry, 0)?;
+        Ok(())
+    }
+
+    /// Forgets a flow (a missing one is fine).
+    pub fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
+        match self.flows_mut()?.remove(key) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The entry of a flow, if the table has it.
+    pub fn flow(&self, key: &FlowKey) -> Option<FlowEntry> {
+        self.flows.as_ref()?.get(key, 0).ok()
     }
 
     /// Per-rule counters of `buffer`, summed over CPUs: `rule_count` rules, then the default.

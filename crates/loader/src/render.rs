@@ -360,6 +360,16 @@ pub(crate) fn stats(st: &Stats, mode: &str) -> String {
         if g.limited + g.limit_sources > 0 {
             let _ = writeln!(s, "  limits     beyond a limit {}  source buckets made {}", g.limited, g.limit_sources);
         }
+        if let Some(f) = &st.flows {
+            let _ = writeln!(
+                s,
+                "  flows      recorded {}  closed {}  in the table {} of {}  evicted {}",
+                g.flows_new, g.flows_closed, f.entries, f.capacity, f.evicted
+            );
+        }
+        if g.state_lookups > 0 {
+            let _ = writeln!(s, "  state      looked up {}  established {}  related {}", g.state_lookups, g.state_established, g.state_related);
+        }
         if !r.owner_rules.is_empty() || g.escalations + g.pending + g.cache_hits > 0 {
             let _ = writeln!(
                 s,
@@ -447,7 +457,7 @@ pub(crate) fn status(state: &State, mode: &str, escalation: Option<&Report>, ent
 pub(crate) fn reload(r: &ReloadReport) -> String {
     let t = &r.times;
     format!(
-        "reloaded {}: generation {} -> {} ({} rules, {} prefixes)\n  parse {}us  compile {}us  install {}us  prove {}us ({} self-tests)  flip {}us  grace {}us ({:?})  clear {}us  total {}us\n",
+        "reloaded {}: generation {} -> {} ({} rules, {} prefixes)\n  parse {}us  compile {}us{}  install {}us  prove {}us ({} self-tests)  flip {}us  grace {}us ({:?})  clear {}us  total {}us\n",
         r.iface,
         r.previous_generation,
         r.generation,
@@ -455,6 +465,7 @@ pub(crate) fn reload(r: &ReloadReport) -> String {
         r.ruleset.prefixes,
         t.parse_us,
         t.compile_us,
+        if t.tables_reused { " (address tables reused)" } else { "" },
         t.install_arrays_us + t.install_tables_us,
         t.prove_us,
         t.self_tests,

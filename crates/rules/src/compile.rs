@@ -32,6 +32,11 @@ pub struct Image {
     pub dst_v6: Vec<(u32, Ipv6Data, u32)>,
     /// Each rule's rate limit (all zero for rules without one), with full buckets.
     pub limits: Vec<LimitState>,
+    /// The address tables are not in this image: installing it shares the live buffer's
+    /// (compiled with [`compile_with`] and a [`Reuse`]).
+    pub tables_reused: bool,
+    /// What the address stage produced (also when its tables were reused).
+    pub addr: AddrSummary,
     /// Each rule's log rate (all zero for rules without `log`), with full buckets.
     pub log_limits: Vec<LogLimit>,
 }
@@ -78,8 +83,7 @@ impl DirectTable {
 impl Image {
     /// Prefixes the kernel holds after merging (IPv6 trie entries plus IPv4 table prefixes).
     pub fn prefix_count(&self) -> usize {
-        let dir = |d: &Option<DirectTable>| d.as_ref().map_or(0, |d| d.prefixes);
-        dir(&self.src_v4) + dir(&self.dst_v4) + self.src_v6.len() + self.dst_v6.len()
+        self.addr.prefixes
     }
 }
 
@@ -236,42 +240,125 @@ fn unconstrained(rules: &[Rule], constrained: impl Fn(&Rule) -> bool) -> Bitmap 
 }
 
 pub fn compile(rs: &Ruleset) -> Result<Image> {
+    compile_with(rs, None)
+}
+
+/// What the address stage of a compile produced, besides the tables themselves: enough to
+/// compile the rest of a ruleset around tables already installed (see [`Reuse`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AddrSummary {
+    /// Bitmap ids `0..bitmaps` are the address stage's (it interns first, so they come first).
+    pub bitmaps: u32,
+    /// `field::SRC` and `field::DST`, as the ruleset uses them.
+    pub fields: u32,
+    pub absent_src: u32,
+    pub absent_dst: u32,
+    /// Longest-prefix-match entries after merging (IPv4 table prefixes plus IPv6 trie entries).
+    pub prefixes: usize,
+}
+
+/// Address tables compiled earlier from the same [`address_key`], installed in the live buffer:
+/// the summary of that compile and its first `summary.bitmaps` bitmaps (read back from the
+/// buffer). [`compile_with`] then builds everything but the address tables, with the same
+/// bitmap ids, so the installed tables can be shared instead of rebuilt.
+pub struct Reuse {
+    pub summary: AddrSummary,
+    pub bitmaps: Vec<Bitmap>,
+}
+
+/// The exact inputs of the address stage of `rs`: the rule count and, for the source and the
+/// destination field, each rule's prefixes, excluded prefixes and sets (each set's contents
+/// once, by name). Two rulesets with equal keys compile to identical address tables and
+/// address bitmaps, whatever else differs (ports, protocols, actions, limits, tests). A byte
+/// string rather than a digest: comparing 17 MB is cheaper than hashing it, and cannot collide.
+pub fn address_key(rs: &Ruleset) -> Vec<u8> {
+    let mut key = Vec::with_capacity(64 + 6 * rs.prefix_count());
+    key.extend_from_slice(b"xdpfw-addr-1\0");
+    key.extend_from_slice(&(rs.rules.len() as u64).to_le_bytes());
+    let put_net = |key: &mut Vec<u8>, n: &ipnet::IpNet| match n {
+        ipnet::IpNet::V4(n) => {
+            key.push(4);
+            key.push(n.prefix_len());
+            key.extend_from_slice(&n.network().octets());
+        }
+        ipnet::IpNet::V6(n) => {
+            key.push(6);
+            key.push(n.prefix_len());
+            key.extend_from_slice(&n.network().octets());
+        }
+    };
+    let put_list = |key: &mut Vec<u8>, list: &AddrList, sets: &mut Vec<(String, std::sync::Arc<Vec<ipnet::IpNet>>)>| {
+        key.extend_from_slice(&(list.inline.len() as u64).to_le_bytes());
+        for n in &list.inline {
+            put_net(key, n);
+        }
+        key.extend_from_slice(&(list.sets.len() as u64).to_le_bytes());
+        for (name, set) in &list.sets {
+            key.extend_from_slice(&(name.len() as u64).to_le_bytes());
+            key.extend_from_slice(name.as_bytes());
+            if !sets.iter().any(|(n, _)| n == name) {
+                sets.push((name.clone(), set.clone()));
+            }
+        }
+    };
+    let mut sets = Vec::new();
+    for get in [(|r: &Rule| r.src.as_ref()) as fn(&Rule) -> Option<&AddrList>, |r: &Rule| r.dst.as_ref()] {
+        for r in &rs.rules {
+            match get(r) {
+                None => key.push(0),
+                Some(list) => {
+                    key.push(1);
+                    put_list(&mut key, list, &mut sets);
+                    match &list.except {
+                        None => key.push(0),
+                        Some(e) => {
+                            key.push(1);
+                            put_list(&mut key, e, &mut sets);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // A set name means the same prefixes in every rule of a ruleset, so its contents go in once.
+    for (name, set) in sets {
+        key.extend_from_slice(&(name.len() as u64).to_le_bytes());
+        key.extend_from_slice(name.as_bytes());
+        key.extend_from_slice(&(set.len() as u64).to_le_bytes());
+        for n in set.iter() {
+            put_net(&mut key, n);
+        }
+    }
+    key
+}
+
+/// [`compile`], or with `reuse`, everything but the address tables: the image then has no
+/// tables (`tables_reused`), and installing it shares the live buffer's (see [`Reuse`]). The
+/// caller vouches that the live tables were compiled from the same [`address_key`].
+pub fn compile_with(rs: &Ruleset, reuse: Option<&Reuse>) -> Result<Image> {
     let rules = &rs.rules;
-    let mut bitmaps = Bitmaps::new(rules.len());
     let mut fields_used = 0u32;
     let mut absent_ids = [0u32; absent::COUNT];
     let mut table = vec![FieldEntry::default(); FIELDS_PER_BUFFER as usize];
 
-    // Address fields: LPM v4_tables.
-    let mut v4_tables = [None, None];
-    let mut v6_prefixes = [Vec::new(), Vec::new()];
-    for (slot, (bit, get)) in [
-        (field::SRC, (|r: &Rule| r.src.as_ref()) as fn(&Rule) -> Option<&AddrList>),
-        (field::DST, |r: &Rule| r.dst.as_ref()),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        if rules.iter().all(|r| get(r).is_none()) {
-            continue;
+    let (mut bitmaps, v4_tables, v6_prefixes, addr) = match reuse {
+        Some(r) => {
+            let mut b = Bitmaps { ids: HashMap::with_capacity(r.bitmaps.len()), list: Vec::with_capacity(r.bitmaps.len()) };
+            for bm in &r.bitmaps {
+                b.list.push(*bm);
+                b.ids.entry(*bm).or_insert(b.list.len() as u32 - 1);
+            }
+            (b, [None, None], [Vec::new(), Vec::new()], r.summary.clone())
         }
-        fields_used |= bit;
-        // A rule with only excluded prefixes (`!`) holds for every address outside them.
-        let base = unconstrained(rules, |r| get(r).is_some_and(AddrList::has_positive));
-        absent_ids[if slot == 0 { absent::SRC } else { absent::DST }] = bitmaps.intern(base);
-        let (v4, v6) = if rules.iter().any(|r| get(r).is_some_and(|l| l.except.is_some())) {
-            prefix_tables_except(rules, get, &base, &mut bitmaps)
-        } else {
-            prefix_tables(rules, get, &base, &mut bitmaps)
-        };
-        let miss = bitmaps.intern(base);
-        if v4.len() > MAX_PREFIXES as usize {
-            let which = if slot == 0 { "source IPv4" } else { "destination IPv4" };
-            return Err(CompileError::TooManyPrefixes { file: rs.path.clone(), which, count: v4.len(), max: MAX_PREFIXES });
+        None => {
+            let mut b = Bitmaps::new(rules.len());
+            let (v4, v6, summary) = address_stage(rs, &mut b)?;
+            (b, v4, v6, summary)
         }
-        v4_tables[slot] = Some(direct_table(&v4, miss).map_err(|_| CompileError::TooManyChunks { file: rs.path.clone(), max: dir::MAX_LINES })?);
-        v6_prefixes[slot] = v6;
-    }
+    };
+    fields_used |= addr.fields;
+    absent_ids[absent::SRC] = addr.absent_src;
+    absent_ids[absent::DST] = addr.absent_dst;
 
     // Protocol: a 256-entry table.
     if rules.iter().any(|r| r.proto.is_some()) {
@@ -322,6 +409,37 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
         }
     }
 
+    // VLAN: one entry per id of the outermost tag, and one for untagged packets (no rule with a
+    // vlan condition takes those).
+    if rules.iter().any(|r| r.vlan.is_some()) {
+        fields_used |= field::VLAN;
+        let base = unconstrained(rules, |r| r.vlan.is_some());
+        for id in 0..VLAN_UNTAGGED {
+            let mut bm = base;
+            for (i, r) in rules.iter().enumerate() {
+                if r.vlan.as_ref().is_some_and(|v| v.contains(&(id as u16))) {
+                    set_bit(&mut bm, i);
+                }
+            }
+            table[(VLAN_BASE + id) as usize].bitmap = bitmaps.intern(bm);
+        }
+        table[(VLAN_BASE + VLAN_UNTAGGED) as usize].bitmap = bitmaps.intern(base);
+    }
+
+    // Connection state: one entry per state, looked up only when a `state` rule matches first.
+    if rules.iter().any(|r| r.state.is_some()) {
+        fields_used |= field::STATE;
+        for st in crate::packet::FlowState::ALL {
+            let mut bm = Bitmap::EMPTY;
+            for (i, r) in rules.iter().enumerate() {
+                if r.state.as_ref().is_none_or(|s| s.contains(&st)) {
+                    set_bit(&mut bm, i);
+                }
+            }
+            table[(STATE_BASE + st.kernel()) as usize].bitmap = bitmaps.intern(bm);
+        }
+    }
+
     if bitmaps.list.len() > MAX_BITMAPS as usize {
         return Err(CompileError::TooManyBitmaps { file: rs.path.clone(), needed: bitmaps.list.len(), max: MAX_BITMAPS });
     }
@@ -347,7 +465,8 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
         escalation_retry_ms: rs.escalation.retry.as_millis() as u32,
         absent: absent_ids,
         flags: if rs.icmpv6_nd == NdPolicy::Rules { header_flags::ND_RULES } else { 0 }
-            | if rules.iter().any(|r| r.limit.is_some()) { header_flags::LIMITS } else { 0 },
+            | if rules.iter().any(|r| r.limit.is_some()) { header_flags::LIMITS } else { 0 }
+            | if rules.iter().any(|r| r.state.is_some()) { header_flags::STATE } else { 0 },
         _pad: 0,
     };
     Ok(Image {
@@ -358,6 +477,7 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
                 action: r.action.kernel(),
                 flags: if r.owner.is_some() { rule_flags::NEEDS_OWNER } else { 0 }
                     | if r.limit.is_some() { rule_flags::LIMITED } else { 0 }
+                    | if r.state.is_some() { rule_flags::STATEFUL } else { 0 }
                     | if r.log.is_some() { rule_flags::LOG } else { 0 },
             })
             .collect(),
@@ -368,8 +488,51 @@ pub fn compile(rs: &Ruleset) -> Result<Image> {
         src_v6,
         dst_v6,
         limits: rules.iter().map(|r| r.limit.as_ref().map(|l| l.kernel()).unwrap_or_default()).collect(),
+        tables_reused: reuse.is_some(),
+        addr,
         log_limits: rules.iter().map(|r| r.log.as_ref().map(|l| l.kernel()).unwrap_or_default()).collect(),
     })
+}
+
+/// The address fields' tables (IPv4 direct tables, IPv6 trie entries) and the summary of what
+/// they need; interns the address bitmaps into `bitmaps`, first.
+#[expect(clippy::type_complexity, reason = "the two fields' tables of both families")]
+fn address_stage(rs: &Ruleset, bitmaps: &mut Bitmaps) -> Result<([Option<DirectTable>; 2], [Vec<(u32, Ipv6Data, u32)>; 2], AddrSummary)> {
+    let rules = &rs.rules;
+    let mut summary = AddrSummary::default();
+    let mut v4_tables = [None, None];
+    let mut v6_prefixes = [Vec::new(), Vec::new()];
+    for (slot, (bit, get)) in [
+        (field::SRC, (|r: &Rule| r.src.as_ref()) as fn(&Rule) -> Option<&AddrList>),
+        (field::DST, |r: &Rule| r.dst.as_ref()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if rules.iter().all(|r| get(r).is_none()) {
+            continue;
+        }
+        summary.fields |= bit;
+        // A rule with only excluded prefixes (`!`) holds for every address outside them.
+        let base = unconstrained(rules, |r| get(r).is_some_and(AddrList::has_positive));
+        *(if slot == 0 { &mut summary.absent_src } else { &mut summary.absent_dst }) = bitmaps.intern(base);
+        let (v4, v6) = if rules.iter().any(|r| get(r).is_some_and(|l| l.except.is_some())) {
+            prefix_tables_except(rules, get, &base, bitmaps)
+        } else {
+            prefix_tables(rules, get, &base, bitmaps)
+        };
+        let miss = bitmaps.intern(base);
+        if v4.len() > MAX_PREFIXES as usize {
+            let which = if slot == 0 { "source IPv4" } else { "destination IPv4" };
+            return Err(CompileError::TooManyPrefixes { file: rs.path.clone(), which, count: v4.len(), max: MAX_PREFIXES });
+        }
+        let t = direct_table(&v4, miss).map_err(|_| CompileError::TooManyChunks { file: rs.path.clone(), max: dir::MAX_LINES })?;
+        summary.prefixes += t.prefixes + v6.len();
+        v4_tables[slot] = Some(t);
+        v6_prefixes[slot] = v6;
+    }
+    summary.bitmaps = bitmaps.list.len() as u32;
+    Ok((v4_tables, v6_prefixes, summary))
 }
 
 /// The `type << 8 | code` values an ICMP condition accepts.
@@ -878,6 +1041,43 @@ mod tests {
         assert_eq!(img.header.fields, field::DST);
         assert_eq!(img.dst_v6.len(), 1);
         assert!(img.src_v4.is_none());
+    }
+
+    /// A ruleset that changes only a port rule has the address key of the one before, and
+    /// compiled around the earlier compile's address stage it is the image a full compile gives
+    /// (same bitmap ids, fields, header), without tables of its own.
+    #[test]
+    fn reused_address_tables_give_the_full_compile() {
+        let text = |port: u16, extra: &str| {
+            format!(
+                "default = \"pass\"\n[sets.block]\nprefixes = [\"192.0.2.0/24\", \"198.51.100.7\", \"2001:db8::/48\"{extra}]\n\
+                 [[rule]]\naction = \"pass\"\nproto = \"tcp\"\ndport = [{port}]\n\
+                 [[rule]]\naction = \"drop\"\nsrc = [\"@block\", \"!192.0.2.128/25\"]\n\
+                 [[rule]]\naction = \"drop\"\ndst = [\"@block\"]\nproto = \"udp\"\n"
+            )
+        };
+        let before = parse(Path::new("t.toml"), &text(22, "")).unwrap();
+        let after = parse(Path::new("t.toml"), &text(2222, "")).unwrap();
+        let other_set = parse(Path::new("t.toml"), &text(22, ", \"203.0.113.9\"")).unwrap();
+        assert_eq!(address_key(&before), address_key(&after));
+        assert_ne!(address_key(&before), address_key(&other_set));
+
+        let first = compile(&before).unwrap();
+        let reuse = Reuse { summary: first.addr.clone(), bitmaps: first.bitmaps[..first.addr.bitmaps as usize].to_vec() };
+        let reused = compile_with(&after, Some(&reuse)).unwrap();
+        let full = compile(&after).unwrap();
+        assert!(reused.tables_reused && !full.tables_reused);
+        assert!(reused.src_v4.is_none() && reused.src_v6.is_empty() && reused.dst_v4.is_none());
+        assert_eq!(reused.bitmaps, full.bitmaps);
+        assert_eq!(reused.fields, full.fields);
+        assert_eq!(reused.header, full.header);
+        assert_eq!(reused.addr, full.addr);
+        assert_eq!(reused.prefix_count(), full.prefix_count());
+        // The tables the reused image shares are the ones its ids were made for.
+        let (a, b) = (first.src_v4.as_ref().unwrap(), full.src_v4.as_ref().unwrap());
+        assert_eq!((&a.entries, a.lines.len()), (&b.entries, b.lines.len()));
+        assert_eq!(first.src_v6, full.src_v6);
+        assert_eq!(first.dst_v6, full.dst_v6);
     }
 
     #[test]

@@ -432,6 +432,10 @@ pub struct Rule {
     pub owner: Option<OwnerMatch>,
     /// A rate limit: beyond it the rule does not match.
     pub limit: Option<RateLimit>,
+    /// Connection states, any of which matches (`state = "established"`), sorted.
+    pub state: Option<Vec<crate::packet::FlowState>>,
+    /// VLAN ids (of the outermost tag), any of which matches; untagged packets never do. Sorted.
+    pub vlan: Option<Vec<u16>>,
     /// Packets the rule decides are logged (rate-limited in the kernel).
     pub log: Option<LogSpec>,
     pub comment: Option<String>,
@@ -488,7 +492,8 @@ pub struct Ruleset {
     pub protosets: BTreeMap<String, Vec<u8>>,
     pub tests: Vec<SelfTest>,
     pub warnings: Vec<Warning>,
-    /// SHA-256 of the rules file, the files it includes and every set file they read, hex.
+    /// SHA-256 of the rules file, the files it includes and the SHA-256 of every set file they
+    /// read, hex (each part with its name and length; see `Sha256Hasher`).
     pub hash: String,
     /// The files besides the rules file: included files and set files, as written relative to
     /// the rules file's folder, and where they were read from.
@@ -591,6 +596,8 @@ struct RawRule {
     tcp_flags: Option<Spanned<String>>,
     owner: Option<Spanned<toml::Value>>,
     limit: Option<Spanned<toml::Value>>,
+    state: Option<Spanned<toml::Value>>,
+    vlan: Option<Spanned<toml::Value>>,
     log: Option<Spanned<toml::Value>>,
     comment: Option<String>,
 }
@@ -1355,8 +1362,36 @@ fn load_set(
                 None => return Err(src.error(file.span(), format!("set file {key} is not among the texts given"))),
             },
         };
-        hasher.part(file.get_ref().as_bytes(), text.as_bytes());
-        texts.push((key.to_string(), Arc::from(text.as_str())));
+        // A set file enters the ruleset's hash by its own digest, so a set file seen before in
+        // this process (see `setcache`) is neither parsed nor hashed again.
+        if let Some(kept) = crate::setcache::lookup(&text) {
+            hasher.part(file.get_ref().as_bytes(), &kept.digest);
+            texts.push((key.to_string(), kept.text));
+            out.extend_from_slice(&kept.prefixes);
+        } else {
+            let digest = sha256(text.as_bytes());
+            hasher.part(file.get_ref().as_bytes(), &digest);
+            let start = out.len();
+            parse_set_lines(&text, &path, &mut out)?;
+            let text: Arc<str> = Arc::from(text.as_str());
+            crate::setcache::store(&text, &out[start..], digest);
+            texts.push((key.to_string(), text));
+        }
+    }
+    if raw.prefixes.is_none() && raw.file.is_none() {
+        return Err(src.error(set.span(), format!("set \"{n}\" needs `prefixes` or `file`")));
+    }
+    let limit = xdpfw_common::MAX_PREFIXES as usize;
+    if out.len() > limit {
+        return Err(src.error(set.span(), format!("set \"{n}\" has {} prefixes (the limit is {limit})", out.len())));
+    }
+    Ok(out)
+}
+
+/// The prefixes of a set file's lines (comments and blank lines skipped), appended to `out`.
+fn parse_set_lines(text: &str, path: &Path, out: &mut Vec<IpNet>) -> Result<(), RulesError> {
+    {
+        let path = path.to_path_buf();
         out.reserve(text.len() / 16);
         for (i, line) in text.lines().enumerate() {
             if i >= MAX_SET_LINES {
@@ -1376,14 +1411,7 @@ fn load_set(
             })?);
         }
     }
-    if raw.prefixes.is_none() && raw.file.is_none() {
-        return Err(src.error(set.span(), format!("set \"{n}\" needs `prefixes` or `file`")));
-    }
-    let limit = xdpfw_common::MAX_PREFIXES as usize;
-    if out.len() > limit {
-        return Err(src.error(set.span(), format!("set \"{n}\" has {} prefixes (the limit is {limit})", out.len())));
-    }
-    Ok(out)
+    Ok(())
 }
 
 /// A CIDR or a bare address (a host prefix). Host bits must be zero, as in nftables.
@@ -1725,6 +1753,12 @@ fn parse_rule(
         }
     };
     let limit = r.limit.as_ref().map(|l| parse_limit(src, l)).transpose()?;
+    let state = r.state.as_ref().map(|v| parse_state(src, v, proto.as_deref())).transpose()?;
+    if let (Some(v), Some(_)) = (&r.state, &owner) {
+        // Userspace decides owner rules from the escalated rule on, without the packet's state.
+        return Err(src.error(v.span(), "state and owner conditions cannot be on one rule (the escalation service decides owner rules without the packet's state)"));
+    }
+    let vlan = r.vlan.as_ref().map(|v| parse_vlan(src, v)).transpose()?;
     let log = match &r.log {
         None => None,
         Some(l) => parse_log(src, l)?,
@@ -1734,6 +1768,8 @@ fn parse_rule(
         action: parse_action(src, &r.action)?,
         owner,
         limit,
+        state,
+        vlan,
         log,
         src: addr(&r.src)?,
         dst: addr(&r.dst)?,
@@ -1788,6 +1824,47 @@ pub fn parse_per(s: &str) -> Result<(u8, u8), String> {
         [v4, v6] => Ok((len(v4, 32)?, len(v6, 128)?)),
         _ => Err(bad()),
     }
+}
+
+/// A rule's `state`: `"established"`, `"related"`, `"new"` or a list of them. Only ICMP errors
+/// are related, so a rule whose protocols leave none out has no use for `"related"` alone.
+fn parse_state(src: &Source, v: &Spanned<toml::Value>, proto: Option<&[u8]>) -> Result<Vec<crate::packet::FlowState>, RulesError> {
+    use crate::packet::FlowState;
+    let mut out = Vec::new();
+    for item in items(v) {
+        let toml::Value::String(s) = item else {
+            return Err(src.error(v.span(), format!("state must be \"new\", \"established\", \"related\" or a list of them, not {item}")));
+        };
+        out.push(s.parse::<FlowState>().map_err(|m| src.error(v.span(), m))?);
+    }
+    if out.is_empty() {
+        return Err(src.error(v.span(), "an empty state list matches nothing; remove the field"));
+    }
+    out.sort_unstable();
+    out.dedup();
+    if out == [FlowState::Related] && proto.is_some_and(|p| !p.contains(&IPPROTO_ICMP) && !p.contains(&IPPROTO_ICMPV6)) {
+        return Err(src.error(v.span(), "state \"related\" matches ICMP errors only: this rule's protocols have none"));
+    }
+    Ok(out)
+}
+
+/// A rule's `vlan`: an id (1-4094: 0 is a priority tag without a VLAN, 4095 is reserved) or a
+/// list of them.
+fn parse_vlan(src: &Source, v: &Spanned<toml::Value>) -> Result<Vec<u16>, RulesError> {
+    let mut out = Vec::new();
+    for item in items(v) {
+        match item {
+            toml::Value::Integer(id) if (1..=4094).contains(&id) => out.push(id as u16),
+            toml::Value::Integer(id) => return Err(src.error(v.span(), format!("vlan id {id} is out of range (1-4094)"))),
+            other => return Err(src.error(v.span(), format!("vlan must be an id 1-4094 or a list of them, not {other}"))),
+        }
+    }
+    if out.is_empty() {
+        return Err(src.error(v.span(), "an empty vlan list matches nothing; remove the field"));
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
 }
 
 /// A rule's `limit` table.
@@ -1926,13 +2003,22 @@ pub fn parse_tcp_flags(s: &str) -> Result<TcpFlagsMatch, String> {
 /// Content hash of a ruleset and its set files. Unambiguous: each part is hashed with its name
 /// (the set file as written) and both lengths, so no two different rulesets (say, a line moved
 /// from one set file to the next) hash the same input.
+/// The SHA-256 of `data`.
+pub(crate) fn sha256(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
+}
+
+/// The ruleset hash (version 3): parts of (name, content) in order, where a set file's content
+/// is its own SHA-256, so an unchanged set file need not be hashed again (version 2 hashed the
+/// set files' bytes themselves).
 struct Sha256Hasher(sha2::Sha256);
 
 impl Sha256Hasher {
     fn new() -> Self {
         use sha2::Digest;
         let mut h = sha2::Sha256::new();
-        h.update(b"xdpfw-ruleset-v2\0");
+        h.update(b"xdpfw-ruleset-v3\0");
         Self(h)
     }
     fn part(&mut self, name: &[u8], data: &[u8]) {

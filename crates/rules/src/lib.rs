@@ -17,6 +17,7 @@ pub mod owner;
 pub mod packet;
 pub mod selftest;
 pub mod setedit;
+mod setcache;
 
 pub use error::{CompileError, SpecError};
 pub use lang::*;

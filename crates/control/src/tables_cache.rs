@@ -1,0 +1,112 @@
+//! Compiled address tables kept across reloads (issue 11): the live buffer's tables are reused
+//! by a reload whose address inputs ([`rules::compile::address_key`]) equal those the live
+//! tables were compiled from, so changing a port rule beside a 1M-prefix set neither compiles
+//! nor installs the set again.
+//!
+//! The cache is the live buffer itself: nothing but its description is stored, in the
+//! instance's private state folder: `tables.key` (a nonce, then the exact address key) and
+//! `tables.json` (the generation whose buffer holds those tables, the key's nonce, and the
+//! address stage's summary). The description is valid only while the live generation is the
+//! one it names, so a reload that failed before its flip keeps it valid, one that flipped but
+//! died before recording makes it stale (a different generation), and an attach (a new set of
+//! maps, generation 1 again) removes it first. Whatever changes the live tables in place must
+//! [`forget`] it first. The key file is compared byte for byte, never by digest: equal keys
+//! mean equal inputs. Both files are written without fsync: a crash of the machine loses the
+//! maps too (they live in bpffs), and the attach after it starts without a description.
+
+use std::{
+    fs,
+    io::Write,
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+use xdpfw_common::buffer_of;
+use xdpfw_kernel::Maps;
+use xdpfw_rules::compile::{AddrSummary, Reuse};
+
+use crate::{error::Result, files, instance::Instance};
+
+#[derive(Serialize, Deserialize)]
+struct Description {
+    generation: u64,
+    nonce: u64,
+    summary: AddrSummary,
+}
+
+fn key_path(inst: &Instance) -> PathBuf {
+    inst.state_dir.join("tables.key")
+}
+
+fn description_path(inst: &Instance) -> PathBuf {
+    inst.state_dir.join("tables.json")
+}
+
+/// The reuse the live buffer offers to a ruleset of address key `key`, if its tables were
+/// compiled from that key: the summary, and the address bitmaps read back from the buffer.
+/// Call with the instance's lock held, and install before releasing it.
+pub(crate) fn reuse_for(inst: &Instance, maps: &Maps, key: &[u8]) -> Option<Reuse> {
+    let description: Description = serde_json::from_slice(&fs::read(description_path(inst)).ok()?).ok()?;
+    let live = maps.generation();
+    if description.generation != live || maps.header(buffer_of(live)).generation != live {
+        return None;
+    }
+    let stored = fs::read(key_path(inst)).ok()?;
+    let (nonce, stored_key) = stored.split_at_checked(8)?;
+    if u64::from_le_bytes(nonce.try_into().ok()?) != description.nonce || stored_key != key {
+        return None;
+    }
+    let bitmaps = maps.bitmaps(buffer_of(live), description.summary.bitmaps);
+    Some(Reuse { summary: description.summary, bitmaps })
+}
+
+/// Records that `generation` (live now) holds the tables of address key `key`. With
+/// `key_unchanged` (the tables were shared, so the key file already holds `key`), only the
+/// description is rewritten, keeping the key file's nonce.
+pub(crate) fn record(inst: &Instance, generation: u64, summary: &AddrSummary, key: &[u8], key_unchanged: bool) -> Result<()> {
+    let old_nonce = || -> Option<u64> {
+        let d: Description = serde_json::from_slice(&fs::read(description_path(inst)).ok()?).ok()?;
+        Some(d.nonce)
+    };
+    let nonce = match key_unchanged.then(old_nonce).flatten() {
+        Some(n) => n,
+        None => {
+            // Any value unlike the last one will do: it ties the description to this key file.
+            let n = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64) ^ u64::from(std::process::id()) << 40;
+            let mut bytes = Vec::with_capacity(8 + key.len());
+            bytes.extend_from_slice(&n.to_le_bytes());
+            bytes.extend_from_slice(key);
+            write_unsynced(&key_path(inst), &bytes)?;
+            n
+        }
+    };
+    let description = Description { generation, nonce, summary: summary.clone() };
+    write_unsynced(&description_path(inst), &serde_json::to_vec(&description).unwrap_or_default())
+}
+
+/// Makes the live tables undescribed: before anything changes them in place, and before an
+/// attach makes new maps.
+pub(crate) fn forget(inst: &Instance) {
+    let _ = fs::remove_file(description_path(inst));
+}
+
+/// Replaces `path` by `bytes` through an exclusive temporary file and a rename, without fsync
+/// (see the module's comment).
+fn write_unsynced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use crate::error::ControlContext;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    files::private_dir(dir)?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let written = (|| {
+        let mut f = fs::File::options().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&tmp)?;
+        f.write_all(bytes)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).ctx(|| format!("writing {}", path.display()));
+    }
+    fs::rename(&tmp, path).ctx(|| format!("replacing {}", path.display()))
+}
