@@ -398,7 +398,7 @@ fn a_partial_pin_folder_does_not_block_attach() {
 
     // Attaches killed at random moments over the attach's own duration: afterwards the instance
     // is whole (its ruleset serves) or absent, and the next attach always succeeds. Each run
-    // costs about two attaches (0.3 s on an idle host, 4 s under load 8 on 2 cores), so 20 by
+    // costs about two attaches (each a program load: 1-4 s under load 8 on 2 cores), so 20 by
     // default; XDPFW_KILL_RUNS=100 for the count.
     use rand::{Rng, SeedableRng};
     let runs: usize = std::env::var("XDPFW_KILL_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
