@@ -56,9 +56,8 @@ fn kill_9_of_loader_run_at_random_moments_leaves_a_complete_ruleset_or_a_clean_s
     if !harness::root_or_skip() {
         return;
     }
-    // Each run costs about one start of `loader run` (its program load and verification: seconds on
-    // a loaded host), so 20 by default; XDPFW_KILL_RUNS=100 for
-    // the count.
+    // Each run costs about one start of `loader run` (its program load and verification:
+    // seconds on a loaded host), so 20 by default; XDPFW_KILL_RUNS=100 for the count.
     let runs: usize = std::env::var("XDPFW_KILL_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
     let seed: u64 = std::env::var("XDPFW_KILL_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     let mut t = Topology::new("krun").expect("topology");
