@@ -1327,6 +1327,7 @@ fn parse_action(src: &Source, s: &Spanned<String>) -> Result<Action, RulesError>
     }
 }
 
+#[expect(clippy::too_many_arguments, reason = "the parse state a set adds to: hash, texts and digests")]
 fn load_set(
     src: &Source,
     name: &Spanned<String>,
