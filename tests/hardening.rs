@@ -396,23 +396,65 @@ fn a_partial_pin_folder_does_not_block_attach() {
     assert_eq!(udp_verdicts(&t), (0, N));
     loader_ok(&t.server_ns, &["detach", &t.server_if]);
 
-    // Attaches killed at random moments: afterwards an attach always succeeds.
-    for i in 0..6u64 {
+    // Attaches killed at random moments over the attach's own duration (XDPFW_KILL_RUNS, 100 by
+    // default): afterwards the instance is whole (its ruleset serves) or absent, and the next
+    // attach always succeeds.
+    use rand::{Rng, SeedableRng};
+    let runs: usize = std::env::var("XDPFW_KILL_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let t0 = Instant::now();
+    loader_ok(&t.server_ns, &["attach", &t.server_if, "--rules", rules.to_str().unwrap()]);
+    let span = t0.elapsed() + Duration::from_millis(10);
+    loader_ok(&t.server_ns, &["detach", &t.server_if]);
+    let (mut whole, mut unrecorded, mut partial, mut nothing) = (0, 0, 0, 0);
+    let xdp_on_iface = || {
+        let out = Command::new("ip").args(["-n", &t.server_ns, "link", "show", "dev", &t.server_if]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+    };
+    for i in 0..runs {
         let mut child = Command::new(loader_bin())
             .args(["--netns", &t.server_ns, "attach", &t.server_if, "--rules", rules.to_str().unwrap()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(20 + (i * 37 + rand::random::<u64>() % 60) % 200));
+        std::thread::sleep(Duration::from_micros(rng.random_range(0..span.as_micros() as u64)));
         let _ = child.kill();
         let _ = child.wait();
         if pins.join("link").exists() {
-            loader_ok(&t.server_ns, &["detach", &t.server_if]);
+            // The ruleset is installed before the link is pinned: once pinned, it filters. Killed
+            // before its record was written, `stats` says the record is missing (the next
+            // reload writes it) and the traffic shows the ruleset.
+            let out = loader(&t.server_ns, &["stats", "--iface", &t.server_if, "--json"]);
+            if out.status.success() {
+                let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                assert_eq!(s["ruleset"]["version"], "close-7000", "run {i}: attached without its ruleset: {s}");
+            } else {
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert!(err.contains("state.json is missing"), "run {i}: {err}");
+                assert_eq!(udp_delivered(&t, sa(SERVER_V4, 7000), 3), 0, "run {i}: attached without a record, and not filtering");
+                unrecorded += 1;
+            }
+            whole += 1;
+        } else if pins.exists() || xdp_on_iface() {
+            // Something was left behind (a partial pin folder): the next attach must cope.
+            loader_ok(&t.server_ns, &["attach", &t.server_if, "--rules", rules.to_str().unwrap()]);
+            partial += 1;
+        } else {
+            // Killed before it changed anything: the next run's attach starts from scratch.
+            nothing += 1;
+            continue;
         }
-        loader_ok(&t.server_ns, &["attach", &t.server_if, "--rules", rules.to_str().unwrap()]);
+        if i % 20 == 0 {
+            assert_eq!(udp_delivered(&t, sa(SERVER_V4, 7000), 3), 0, "run {i}: the attached ruleset filters");
+        }
         loader_ok(&t.server_ns, &["detach", &t.server_if]);
+        assert!(!pins.exists(), "run {i}: detach left the pin folder");
     }
+    eprintln!(
+        "{runs} attaches killed over 0-{span:?}: {whole} left the instance whole ({unrecorded} of them before its record was written), {partial} a partial pin folder (the next attach succeeded), {nothing} nothing"
+    );
+    assert!(whole > 0 && partial + nothing > 0, "the kills missed the attach: {whole} whole, {partial} partial, {nothing} nothing");
 
     // `loader run --fail-closed` with a partial folder attaches fail-closed, not "adopts" it.
     std::fs::create_dir_all(&pins).unwrap();

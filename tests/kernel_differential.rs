@@ -19,7 +19,7 @@ use xdpfw_rules::{
     self as rules, Action, AddrList, FragmentPolicy, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, PortMatch, Ruleset,
     compile::compile,
     matcher::decide,
-    packet::PacketSpec,
+    packet::{FlowState, PacketSpec},
 };
 use xdpfw_testkit as harness;
 
@@ -173,6 +173,20 @@ fn random_ruleset(rng: &mut StdRng) -> String {
             _ => "drop",
         };
         writeln!(t, "action = \"{action}\"").unwrap();
+        // Now and then a VLAN condition: one id or a list.
+        match rng.random_range(0..25) {
+            0 => writeln!(t, "vlan = {}", VLAN_IDS.choose(rng).unwrap()).unwrap(),
+            1 => writeln!(t, "vlan = [{}, {}]", VLAN_IDS.choose(rng).unwrap(), VLAN_IDS.choose(rng).unwrap()).unwrap(),
+            _ => {}
+        }
+        // Connection state: the kernel looks it up only when such a rule is the first match.
+        let has_state = match rng.random_range(0..40) {
+            0..4 => writeln!(t, "state = \"established\"").is_ok(),
+            4 => writeln!(t, "state = [\"established\", \"related\"]").is_ok(),
+            5 => writeln!(t, "state = \"new\"").is_ok(),
+            6 => writeln!(t, "state = [\"new\", \"related\"]").is_ok(),
+            _ => false,
+        };
         // Now and then a rate limit that no token comes back to during the test ("1/h"): each
         // bucket lets `burst` packets through, then the next matching rule decides.
         if rng.random_bool(0.12) {
@@ -267,7 +281,8 @@ fn random_ruleset(rng: &mut StdRng) -> String {
             if rng.random_bool(0.7) {
                 writeln!(t, "dport = {}", port_field(rng)).unwrap();
             }
-            if rng.random_bool(0.15) {
+            // Not with `state`: the language refuses the two on one rule.
+            if rng.random_bool(0.15) && !has_state {
                 writeln!(t, "owner = {{ uid = {} }}", rng.random_range(0..2000)).unwrap();
             }
         }
@@ -361,6 +376,8 @@ fn random_packet(rng: &mut StdRng) -> PacketSpec {
         icmp_type: 0,
         icmp_code: 0,
         fragment: rng.random_bool(0.1),
+        state: FlowState::New,
+        vlan: None,
     };
     if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
         p.sport = random_port(rng);
@@ -376,6 +393,18 @@ fn random_packet(rng: &mut StdRng) -> PacketSpec {
             _ => *ICMP_TYPES.choose(rng).unwrap(),
         };
         p.icmp_code = if rng.random_bool(0.9) { *ICMP_CODES.choose(rng).unwrap() } else { rng.random() };
+    }
+    p
+}
+
+/// Gives `p` a connection state now and then: established (tcp, udp, echo replies) or related
+/// (ICMP errors), where the kernel can look one up.
+fn with_random_state(rng: &mut StdRng, mut p: PacketSpec) -> PacketSpec {
+    if rng.random_bool(0.35) {
+        p.state = if rng.random_bool(0.7) { FlowState::Established } else { FlowState::Related };
+        if p.check_state().is_err() {
+            p.state = FlowState::New;
+        }
     }
     p
 }
@@ -518,13 +547,31 @@ fn random_encapsulation(rng: &mut StdRng, p: &PacketSpec) -> Vec<u8> {
         }
         _ => p.to_frame(),
     };
-    match rng.random_range(0..20) {
+    // VLAN tags: the outermost one's id is what `vlan` rules see (`p.vlan`, set by the caller
+    // from what this returns).
+    let (choice, outer, prio) = (rng.random_range(0..12), *VLAN_IDS.choose(rng).unwrap(), rng.random_range(0..8u16));
+    let tag = |f: &[u8], tpid: u16, id: u16| {
+        let mut t = f[..12].to_vec();
+        t.extend_from_slice(&tpid.to_be_bytes());
+        t.extend_from_slice(&((prio << 13) | id).to_be_bytes());
+        t.extend_from_slice(&f[12..]);
+        t
+    };
+    match choice {
         0 => f = with_vlan(&f, &[0x8100]),
         1 => f = with_vlan(&f, &[0x88a8, 0x8100]),
+        2 | 3 => f = tag(&f, 0x8100, outer),
+        4 => {
+            f = tag(&f, 0x8100, 7);
+            f = tag(&f, 0x88a8, outer);
+        }
         _ => {}
     }
     f
 }
+
+/// VLAN ids rules name and frames carry.
+const VLAN_IDS: [u16; 5] = [100, 101, 200, 1, 4094];
 
 fn scale() -> usize {
     match std::env::var("XDPFW_DIFF_SCALE") {
@@ -550,6 +597,10 @@ fn differential_random_rulesets() {
     // Packets decided by a rule with: addresses, ports, icmp type, tcp flags, an owner condition
     // (escalated: the pending action); not the first rule.
     let mut decided_by = [0u64; 9];
+    // Packets new, established, related; decided by a rule with a `state` condition.
+    let (mut states, mut stateful) = ([0u64; 3], 0u64);
+    // Tagged packets; decided by a rule with a `vlan` condition.
+    let (mut tagged, mut by_vlan_rule) = (0u64, 0u64);
     for index in 0..rulesets {
         let text = random_ruleset(&mut rng);
         let rs = rules::parse(Path::new("random.toml"), &text)
@@ -565,7 +616,13 @@ fn differential_random_rulesets() {
         let mut tokens: std::collections::HashMap<(usize, Option<IpNet>), u64> = Default::default();
         for _ in 0..PACKETS_PER_RULESET {
             let p = if rng.random_bool(0.4) { targeted_packet(&mut rng, &rs) } else { random_packet(&mut rng) };
+            let p = with_random_state(&mut rng, p);
             let frame = random_encapsulation(&mut rng, &p);
+            // What `vlan` rules see: the outermost tag's id, as the kernel-mirroring reader has it.
+            let p = match rules::frame::classify(&frame) {
+                rules::frame::FrameClass::Packet(read) => PacketSpec { vlan: read.vlan, ..p },
+                other => panic!("a generated frame is not a packet ({other:?}): {p}"),
+            };
             let d = rules::matcher::decide_with_limits(&rs, &p, &mut |rule| {
                 let limit = rs.rules[rule].limit.as_ref().unwrap();
                 let key = limit.per_source.map(|(v4, v6)| match p.src {
@@ -578,7 +635,19 @@ fn differential_random_rulesets() {
                 within
             });
             beyond += d.reasons.iter().any(|r| r.contains("beyond its limit")) as u64;
+            // An established or related packet's flow is in the table for its run only.
+            let flow = (p.state != FlowState::New).then(|| p.flow_key());
+            if let Some(key) = flow {
+                prog.maps.insert_flow(key, xdpfw_common::FlowEntry { expires_ns: u64::MAX, flags: 0, _pad: 0 }).unwrap();
+            }
             let kernel = prog.run(&frame).unwrap();
+            if let Some(key) = flow {
+                prog.maps.remove_flow(&key).unwrap();
+            }
+            states[p.state as usize] += 1;
+            tagged += p.vlan.is_some() as u64;
+            by_vlan_rule += d.rule.is_some_and(|i| rs.rules[i].vlan.is_some()) as u64;
+            stateful += d.rule.is_some_and(|i| rs.rules[i].state.is_some()) as u64;
             if kernel != d.action.kernel() {
                 panic!(
                     "kernel and matcher disagree (seed {seed}, ruleset #{index}):\n\
@@ -651,6 +720,10 @@ fn differential_random_rulesets() {
     // The generator must exercise both verdicts and the rules, not just the default action.
     assert!(verdicts[0] > packets / 10 && verdicts[1] > packets / 10, "verdicts pass/drop = {verdicts:?}");
     assert!(rule_decided > packets / 4, "only {rule_decided} of {packets} packets were decided by a rule");
+    assert!(states[1] > packets / 20 && states[2] > packets / 1000 && stateful > packets / 50, "states {states:?}, by a state rule {stateful}");
+    eprintln!("differential: packets new/established/related {states:?}, {stateful} decided by a rule with a state condition");
+    assert!(tagged > packets / 20 && by_vlan_rule > packets / 500, "tagged {tagged}, by a vlan rule {by_vlan_rule}");
+    eprintln!("differential: {tagged} packets tagged, {by_vlan_rule} decided by a rule with a vlan condition");
     eprintln!(
         "differential: {rulesets} rulesets x {PACKETS_PER_RULESET} packets = {packets} packets \
          (pass {}, drop {}, decided by a rule {rule_decided}: with addresses/ports/icmp/flags/owner/not first/exclusion/icmp list/after a limit \
@@ -758,6 +831,8 @@ fn large_direct_tables(per_set: usize, span: u32) -> usize {
             icmp_type: 0,
             icmp_code: 0,
             fragment: false,
+            state: FlowState::New,
+            vlan: None,
         };
         let d = decide(&rs, &p);
         let kernel = prog.run(&p.to_frame()).unwrap();
@@ -842,6 +917,8 @@ fn host_route_heavy_set_agrees_with_the_matcher() {
             icmp_type: 0,
             icmp_code: 0,
             fragment: false,
+            state: FlowState::New,
+            vlan: None,
         };
         let d = decide(&rs, &p);
         let kernel = prog.run(&p.to_frame()).unwrap();

@@ -184,6 +184,8 @@ fn frames_v6(rng: &mut StdRng, prefixes: &[(std::net::Ipv6Addr, u8)]) -> Vec<Vec
                 icmp_type: 0,
                 icmp_code: 0,
                 fragment: false,
+                state: Default::default(),
+                vlan: None,
             }
             .to_frame()
         })
@@ -223,6 +225,8 @@ fn frames(rng: &mut StdRng, prefixes: &[(Ipv4Addr, u8)]) -> Vec<Vec<u8>> {
                 icmp_type: 0,
                 icmp_code: 0,
                 fragment: false,
+                state: Default::default(),
+                vlan: None,
             };
             spec.to_frame()
         })
@@ -255,6 +259,13 @@ fn main() -> Result<()> {
     let mut peers = Peers { floor: load(FLOOR, "floor")?, plain: load(PLAIN_LPM, "plain_lpm")? };
     let mut fw = PrivateProgram::load()?;
     let mut rows = Vec::new();
+    if std::env::args().any(|a| a == "--state") {
+        // Only the connection-state rows (quick: no large sets).
+        state_rows(&mut fw, &mut peers, &mut rng, &dir, repeat, &mut rows)?;
+        print_rows(&rows, repeat)?;
+        std::fs::remove_dir_all(&dir)?;
+        return Ok(());
+    }
     let all = random_prefixes(&mut rng, big);
 
     let set_plain = |peers: &mut Peers, set: &[(Ipv4Addr, u8)]| -> Result<()> {
@@ -307,10 +318,11 @@ fn main() -> Result<()> {
         rows.push(Row { name: format!("{big} prefixes in 2 sets + {k} rules"), prefixes: big, rules: k + 2, m, compile_ms: Some(compile_ms), install_ms: Some(install_ms) });
     }
     if !focus {
-        trace_rows(&mut fw, &mut peers, &f, repeat, &mut rows)?;
+        trace_rows(&mut fw, &mut peers, &dir, &f, repeat, &mut rows)?;
     }
     if !focus && !trace_only {
         more_rows(&mut fw, &mut peers, &mut rng, &dir, big, &f, repeat, &mut rows)?;
+        state_rows(&mut fw, &mut peers, &mut rng, &dir, repeat, &mut rows)?;
     }
     if !trace_only {
         random_source_row(&mut fw, &mut peers, &mut rng, &dir, &mut rows)?;
@@ -351,6 +363,8 @@ fn random_source_row(fw: &mut PrivateProgram, peers: &mut Peers, rng: &mut StdRn
                 icmp_type: 0,
                 icmp_code: 0,
                 fragment: false,
+                state: Default::default(),
+                vlan: None,
             }
             .to_frame()
         })
@@ -375,18 +389,36 @@ fn random_source_row(fw: &mut PrivateProgram, peers: &mut Peers, rng: &mut StdRn
 /// on with a filter no frame meets, and on with a rate no flood stays within (the default,
 /// 100/s: nearly every packet is refused by the bucket). The three take turns frame by frame
 /// group, round after round, under the same noise.
-fn trace_rows(fw: &mut PrivateProgram, peers: &mut Peers, frames: &[Vec<u8>], repeat: u32, rows: &mut Vec<Row>) -> Result<()> {
+fn trace_rows(fw: &mut PrivateProgram, peers: &mut Peers, dir: &std::path::Path, frames: &[Vec<u8>], repeat: u32, rows: &mut Vec<Row>) -> Result<()> {
     use xdpfw_common::{TraceConfig, trace};
     let excluding = TraceConfig { filter: trace::filter::PORT, port: 1, ..Default::default() };
     let at_100 = TraceConfig { sample: 1, interval_ns: 10_000_000, burst_ns: 990_000_000, ..Default::default() };
     let modes: [(&str, Option<TraceConfig>); 3] = [("trace off", None), ("trace on, filtered out", Some(excluding)), ("trace on, 100/s", Some(at_100))];
     let rounds = if focus() { FOCUS_ROUNDS } else { ROUNDS } * 2;
     let n = frames.len();
+    // `XDPFW_BENCH_BASELINE=OBJECT`: an earlier build of the program (the ELF aya-build made,
+    // e.g. of the commit before tracing), with the same ruleset, taking turns with the others.
+    let mut baseline = match std::env::var_os("XDPFW_BENCH_BASELINE") {
+        Some(path) => {
+            let object = std::fs::read(&path).with_context(|| format!("reading {}", path.to_string_lossy()))?;
+            let mut b = PrivateProgram::load_from(&object)?;
+            // The ruleset installed last (install_text's file).
+            b.activate(&compile(&rules::load(&dir.join("bench.toml"))?)?)?;
+            Some(b)
+        }
+        None => None,
+    };
+    let mut before = vec![vec![]; n];
     let mut ns = vec![vec![vec![]; n]; modes.len()];
     let mut fl = vec![vec![]; n];
     for _ in 0..rounds {
         for (i, f) in frames.iter().enumerate() {
             fl[i].push(run_one(&mut peers.floor, "floor", f, repeat)?);
+        }
+        if let Some(b) = baseline.as_mut() {
+            for (i, f) in frames.iter().enumerate() {
+                before[i].push(b.run_repeat(f, repeat)?.1.as_nanos() as f64);
+            }
         }
         for (m, (_, config)) in modes.iter().enumerate() {
             match config {
@@ -403,6 +435,18 @@ fn trace_rows(fw: &mut PrivateProgram, peers: &mut Peers, frames: &[Vec<u8>], re
     let per = |v: &Vec<Vec<f64>>| v.iter().map(|r| median(r.clone())).collect::<Vec<f64>>();
     let floor = median(per(&fl));
     let off = median(per(&ns[0]));
+    if baseline.is_some() {
+        let v = median(per(&before));
+        eprintln!("baseline (XDPFW_BENCH_BASELINE): {v:.1} ns/packet; trace off is {:.3}x the baseline", off / v);
+        rows.push(Row {
+            name: format!("baseline build ({:.3}x off)", v / off),
+            prefixes: 0,
+            rules: 0,
+            m: Measure { ns: v, floor_ns: floor, x_floor: v / floor, plain_ns: None, x_plain: None },
+            compile_ms: None,
+            install_ms: None,
+        });
+    }
     for (m, (name, _)) in modes.iter().enumerate() {
         let v = median(per(&ns[m]));
         eprintln!("{name}: {v:.1} ns/packet, {:.3}x trace off", v / off);
@@ -449,6 +493,54 @@ fn more_rows(fw: &mut PrivateProgram, peers: &mut Peers, rng: &mut StdRng, dir: 
         let m = measure(fw, peers, f, repeat, false)?;
         rows.push(Row { name: format!("one rule on: {label}"), prefixes: 1, rules: 1, m, compile_ms: None, install_ms: None });
     }
+    Ok(())
+}
+
+/// Connection state: what a `state` rule's lookup costs. Over the same 100 port rules: none with
+/// `state` (the baseline), then a first rule `state = "established"` with every frame's flow in
+/// the table (one hash lookup, then the match), and with none (the lookup misses and the rules
+/// are matched again). Then the egress program's cost per packet sent, recording off (no
+/// ruleset uses `state`) and on (a refresh of the flow's entry).
+fn state_rows(fw: &mut PrivateProgram, peers: &mut Peers, rng: &mut StdRng, dir: &std::path::Path, repeat: u32, rows: &mut Vec<Row>) -> Result<()> {
+    let extra = structured_rules(rng, 100);
+    let replies: Vec<PacketSpec> = (0..FRAMES)
+        .map(|_| {
+            format!("tcp 203.0.113.{}:443 -> 192.0.2.2:{} flags A state established", rng.random::<u8>(), rng.random_range(32768..61000u16))
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    let f: Vec<Vec<u8>> = replies.iter().map(PacketSpec::to_frame).collect();
+    install_text(fw, dir, &format!("default = \"pass\"\n{extra}"))?;
+    let m = measure(fw, peers, &f, repeat, false)?;
+    rows.push(Row { name: "100 rules, no state rule".into(), prefixes: 0, rules: 100, m, compile_ms: None, install_ms: None });
+    install_text(fw, dir, &format!("default = \"pass\"\n[[rule]]\nname = \"replies\"\naction = \"pass\"\nstate = \"established\"\n{extra}"))?;
+    for p in &replies {
+        fw.maps.insert_flow(p.flow_key(), xdpfw_common::FlowEntry { expires_ns: u64::MAX, flags: 0, _pad: 0 })?;
+    }
+    let m = measure(fw, peers, &f, repeat, false)?;
+    rows.push(Row { name: "100 rules + state rule first, flow found".into(), prefixes: 0, rules: 101, m, compile_ms: None, install_ms: None });
+    for p in &replies {
+        fw.maps.remove_flow(&p.flow_key())?;
+    }
+    let m = measure(fw, peers, &f, repeat, false)?;
+    rows.push(Row { name: "100 rules + state rule first, no flow".into(), prefixes: 0, rules: 101, m, compile_ms: None, install_ms: None });
+
+    // The egress program, on the packets this host sends (the replies' flows, reversed).
+    fw.load_egress()?;
+    let sent: Vec<Vec<u8>> = replies
+        .iter()
+        .map(|p| PacketSpec { src: p.dst, dst: p.src, sport: p.dport, dport: p.sport, state: Default::default(),
+ vlan: None, ..p.clone() }.to_frame())
+        .collect();
+    let egress = |fw: &mut PrivateProgram| -> Result<f64> {
+        let ns: Vec<f64> = sent.iter().map(|f| Ok(fw.run_egress(f, repeat)?.1.as_nanos() as f64)).collect::<Result<_>>()?;
+        Ok(median(ns))
+    };
+    let on = egress(fw)?;
+    install_text(fw, dir, &format!("default = \"pass\"\n{extra}"))?;
+    let off = egress(fw)?;
+    eprintln!("egress program per packet sent (TC BPF_PROG_TEST_RUN, median of {FRAMES} frames): recording {on:.1} ns, not recording (no state rule) {off:.1} ns");
     Ok(())
 }
 

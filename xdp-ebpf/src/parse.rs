@@ -249,6 +249,9 @@ pub struct Packet {
     /// (see [`v6_addr`]): copies would be eight more values carried, and spilled, through every
     /// path of the program, IPv4 ones included.
     pub l3_off: usize,
+    /// Offset of the transport header (the connection-state lookup reads ICMP echo identifiers
+    /// and the headers ICMP errors quote from there).
+    pub l4_off: usize,
     /// The transport protocol (for IPv6, the last next-header of the chain).
     pub proto: u8,
     /// Plain integers with presence flags rather than `Option`s: LLVM otherwise merges enum
@@ -273,6 +276,7 @@ impl Packet {
             src4: 0,
             dst4: 0,
             l3_off,
+            l4_off: 0,
             proto: 0,
             has_ports: false,
             sport: 0,
@@ -466,6 +470,7 @@ fn parse_ipv6(c: &mut Cursor) -> Option<Packet> {
 /// number); a truncated TCP/UDP/ICMP header is not.
 #[inline(always)]
 fn parse_l4(c: &mut Cursor, pkt: &mut Packet) -> Option<()> {
+    pkt.l4_off = c.pos();
     match pkt.proto {
         IPPROTO_TCP => {
             let th = c.next::<TcpHdr>()?;

@@ -35,7 +35,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Fuzz the rules parser, the set-file reader and the command-line specs (cargo-fuzz with
+    /// Fuzz the rules parser, the set-file reader, the command-line specs and raw frames through
+    /// the real XDP program against the reference (root; cargo-fuzz with
     /// libFuzzer on the pinned nightly), each target for SECONDS; findings land in
     /// fuzz/artifacts/TARGET and make the command fail.
     Fuzz {
@@ -392,7 +393,8 @@ fn which(cmd: &std::path::Path) -> Option<PathBuf> {
     p.is_absolute().then_some(p)
 }
 
-const FUZZ_TARGETS: [&str; 3] = ["rules_parser", "set_file", "specs"];
+/// `frames` runs the real XDP program (BPF_PROG_TEST_RUN): it needs root.
+const FUZZ_TARGETS: [&str; 4] = ["rules_parser", "set_file", "specs", "frames"];
 
 /// `cargo fuzz run` of each target for `seconds`, bounded in memory and time per input, with the
 /// shipped rulesets as the parser's seed corpus.
@@ -412,17 +414,59 @@ fn fuzz(seconds: u64, targets: &[String]) -> Result<()> {
             std::fs::copy(e.path(), corpus.join(e.file_name()))?;
         }
     }
+    seed_frames(&root.join("fuzz/corpus/frames"))?;
     let chosen: Vec<&str> = if targets.is_empty() { FUZZ_TARGETS.to_vec() } else { targets.iter().map(String::as_str).collect() };
     for target in chosen {
         ensure!(FUZZ_TARGETS.contains(&target), "unknown fuzz target {target} (one of {})", FUZZ_TARGETS.join(", "));
         eprintln!("fuzz: {target} for {seconds} s");
+        // A frame larger than a page is refused by BPF_PROG_TEST_RUN (no fragments).
+        let max_len = if target == "frames" { 3001 } else { 65536 };
         std::fs::create_dir_all(root.join("fuzz/corpus").join(target))?;
         run(Command::new(&cargo_fuzz)
             .current_dir(root.join("fuzz"))
             .env("RUSTUP_TOOLCHAIN", &nightly)
             .args(["run", "--fuzz-dir", ".", target])
             .arg(format!("corpus/{target}"))
-            .args(["--", &format!("-max_total_time={seconds}"), "-rss_limit_mb=2048", "-timeout=10", "-max_len=65536", "-print_final_stats=1"]))?;
+            .args(["--", &format!("-max_total_time={seconds}"), "-rss_limit_mb=2048", "-timeout=10", &format!("-max_len={max_len}"), "-print_final_stats=1"]))?;
+    }
+    Ok(())
+}
+
+/// Seeds for the frames target: well-formed frames of each kind the parser meets (a ruleset
+/// byte first), so the fuzzer starts from IP headers rather than discovering ethertypes.
+fn seed_frames(dir: &Path) -> Result<()> {
+    use xdpfw_rules::packet::PacketSpec;
+    std::fs::create_dir_all(dir)?;
+    let specs = [
+        "tcp 192.0.2.1:1000 -> 192.0.2.2:22 flags S",
+        "udp 198.51.100.7:53 -> 203.0.113.1:5353",
+        "icmp 192.0.2.1 -> 192.0.2.2 type 8",
+        "47 192.0.2.1 -> 192.0.2.2",
+        "tcp 192.0.2.1 -> 192.0.2.2 fragment",
+        "tcp [2001:db8::1]:1000 -> [2001:db8::2]:443 flags SA",
+        "udp [2001:db8:1::1]:53 -> [2001:db8::2]:53",
+        "icmpv6 fe80::1 -> ff02::1 type 134",
+        "udp [2001:db8::1]:1 -> [2001:db8::2]:2 fragment",
+    ];
+    for (i, s) in specs.iter().enumerate() {
+        let frame = s.parse::<PacketSpec>().map_err(|e| anyhow::anyhow!("{s}: {e}"))?.to_frame();
+        // As is, behind one VLAN tag, and (IPv6) behind a hop-by-hop header.
+        let mut tagged = frame[..12].to_vec();
+        tagged.extend_from_slice(&[0x81, 0x00, 0x00, 0x64]);
+        tagged.extend_from_slice(&frame[12..]);
+        let mut variants = vec![frame.clone(), tagged];
+        if frame[12..14] == [0x86, 0xdd] {
+            let mut hop = frame[..54].to_vec();
+            hop.extend_from_slice(&[frame[20], 0, 1, 4, 0, 0, 0, 0]);
+            hop.extend_from_slice(&frame[54..]);
+            hop[20] = 0;
+            let payload = u16::from_be_bytes([hop[18], hop[19]]) + 8;
+            hop[18..20].copy_from_slice(&payload.to_be_bytes());
+            variants.push(hop);
+        }
+        for (j, f) in variants.into_iter().enumerate() {
+            std::fs::write(dir.join(format!("seed-{i}-{j}")), [&[(i % 3) as u8][..], &f].concat())?;
+        }
     }
     Ok(())
 }

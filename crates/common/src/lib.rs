@@ -34,6 +34,9 @@ pub mod map_names {
     pub const LIMITS: &str = "LIMITS";
     /// Per-source token buckets of rules with `limit.per` (LRU).
     pub const LIMIT_SOURCES: &str = "LIMIT_SOURCES";
+    /// The flows this host opened (`state` on a rule): written by the egress program, read by
+    /// the XDP program. One table for every generation: it survives reloads.
+    pub const FLOWS: &str = "FLOWS";
     /// `loader trace`: the filter, sampling and rate limit of the tracer (one entry; its lease is
     /// slot `trace::LEASE_SLOT` of ACTIVE).
     pub const TRACE: &str = "TRACE";
@@ -44,7 +47,7 @@ pub mod map_names {
     /// Packets matched by rules with `log`, for the daemon's log ([`super::DecisionEvent`]).
     pub const LOG_RING: &str = "LOG_RING";
     /// Every map the program owns, in a stable order (pinning, stats, leak checks).
-    pub const ALL: [&str; 34] = [
+    pub const ALL: [&str; 35] = [
         ACTIVE,
         HEADERS,
         RULES,
@@ -75,6 +78,7 @@ pub mod map_names {
         ESCALATIONS,
         LIMITS,
         LIMIT_SOURCES,
+        FLOWS,
         TRACE,
         TRACE_RING,
         LOG_LIMITS,
@@ -82,9 +86,13 @@ pub mod map_names {
     ];
 }
 
-/// Name of the XDP program in the object file.
+/// Name of the attached XDP program (and of private copies).
 pub const PROGRAM_NAME: &str = "xdpfw";
-/// Name of the probe copy's entry point (the same code; `bpftool prog show` tells them apart).
+/// Name of the egress (TC) program in the object file: it records the flows this host opens
+/// (see [`flow`]).
+pub const EGRESS_PROGRAM_NAME: &str = "xdpfw_egress";
+/// Name of the probe copy, and of the program in the object file (the loader cuts it to
+/// `PROGRAM_NAME` for the attached program): `bpftool prog show` tells the two apart.
 pub const PROBE_PROGRAM_NAME: &str = "xdpfw_probe";
 
 /// Two complete rulesets exist at once: the active one, read by packets, and the inactive one,
@@ -160,6 +168,37 @@ pub mod rule_flags {
     /// The rule has `log`: packets it decides are reported through LOG_RING, within the rule's
     /// log rate (`LOG_LIMITS`).
     pub const LOG: u32 = 1 << 2;
+    /// The rule has a `state` condition: the packet's state is looked up (`FLOWS`) when this
+    /// rule is the first match, and the rules are matched again with it.
+    pub const STATEFUL: u32 = 1 << 4;
+}
+
+/// Connection state (`state = "established"` on a rule). An egress program on the interface
+/// records each flow this host sends (TCP, UDP, ICMP/ICMPv6 echo requests) in `FLOWS` under the
+/// key its *replies* carry (a [`FlowKey`] with source and destination swapped; for ICMP echo,
+/// ports 0 and the echo identifier), so the XDP program finds a reply with one lookup of its
+/// own 5-tuple. ICMP errors quoting such a flow are *related* (the quoted header, reversed, is
+/// the key). Entries expire (timestamps of `bpf_ktime_get_ns`, refreshed by every packet this
+/// host sends); a TCP entry turns to closing on a FIN and goes on an RST. The table is an LRU:
+/// a flood of new flows evicts the least recently used.
+pub mod flow {
+    /// Flows in the table (LRU).
+    pub const ENTRIES: u32 = 65536;
+    /// States of a packet, which index the `STATE_BASE` entries of FIELDS.
+    pub const NEW: u32 = 0;
+    pub const ESTABLISHED: u32 = 1;
+    pub const RELATED: u32 = 2;
+    /// Entries of FIELDS per buffer for the states (3 used).
+    pub const STATES: u32 = 4;
+    /// Lifetimes after the last packet this host sent on a flow, as nf_conntrack's defaults.
+    pub const TCP_OPEN_NS: u64 = 5 * 24 * 3600 * 1_000_000_000;
+    /// After a FIN (either way): long enough for the rest of the close and its retransmissions.
+    pub const TCP_CLOSING_NS: u64 = 120 * 1_000_000_000;
+    pub const UDP_NS: u64 = 120 * 1_000_000_000;
+    pub const ICMP_NS: u64 = 30 * 1_000_000_000;
+    /// Bits of [`FlowEntry::flags`](crate::FlowEntry): a FIN was seen, the entry keeps its
+    /// (short) expiry whatever else this host sends but a new SYN.
+    pub const CLOSING: u32 = 1 << 0;
 }
 
 /// `loader trace`: decisions of real packets, sampled, filtered and rate-limited in the kernel.
@@ -242,6 +281,9 @@ pub mod header_flags {
     pub const ND_RULES: u32 = 1 << 0;
     /// Some rule has a rate limit: only then are rules' `LIMITED` flags looked at.
     pub const LIMITS: u32 = 1 << 1;
+    /// Some rule has a `state` condition: only then are rules' `STATEFUL` flags looked at, and
+    /// only then does the egress program record flows.
+    pub const STATE: u32 = 1 << 4;
 }
 
 /// The per-packet fields a ruleset can constrain. A field whose bit is clear in
@@ -254,6 +296,9 @@ pub mod field {
     pub const DPORT: u32 = 1 << 4;
     pub const ICMP: u32 = 1 << 5;
     pub const TCP_FLAGS: u32 = 1 << 6;
+    /// The packet's connection state (`flow::*`), looked up only when the first match needs it.
+    pub const STATE: u32 = 1 << 8;    /// The id of the packet's outermost VLAN tag (`vlan = N`).
+    pub const VLAN: u32 = 1 << 9;
 }
 
 /// The direct IPv4 table (DIR-16-8-8 with compressed leaves), which IPv4 prefixes use instead
@@ -383,7 +428,12 @@ pub mod fields_layout {
     pub const ICMP_BASE: u32 = DPORT_BASE + 65536;
     /// Indexed by the TCP flags byte (FIN=0x01 … CWR=0x80).
     pub const TCP_FLAGS_BASE: u32 = ICMP_BASE + 65536;
-    pub const FIELDS_PER_BUFFER: u32 = TCP_FLAGS_BASE + 256;
+    /// Indexed by the packet's state (`flow::NEW`, `ESTABLISHED`, `RELATED`).
+    pub const STATE_BASE: u32 = TCP_FLAGS_BASE + 256;
+    /// Indexed by the outermost VLAN tag's id (0-4095), or `VLAN_UNTAGGED` without a tag.
+    pub const VLAN_BASE: u32 = STATE_BASE + crate::flow::STATES;
+    pub const VLAN_UNTAGGED: u32 = 4096;
+    pub const FIELDS_PER_BUFFER: u32 = VLAN_BASE + VLAN_UNTAGGED + 1;
 }
 
 /// One ruleset's header, one per buffer in the HEADERS array.
@@ -495,6 +545,16 @@ pub struct GlobalStats {
     pub limited: u64,
     /// Per-source buckets created (`LIMIT_SOURCES`); those beyond the map's size evicted others.
     pub limit_sources: u64,
+    /// Packets whose state was looked up in `FLOWS` (their first match had a `state` condition).
+    pub state_lookups: u64,
+    /// Of those: replies of a flow this host opened, and ICMP errors about one.
+    pub state_established: u64,
+    pub state_related: u64,
+    /// Flows the egress program recorded (new entries of `FLOWS`); beyond its size each one
+    /// evicted the least recently used (see `flows_evicted` in stats).
+    pub flows_new: u64,
+    /// Flows removed on a TCP RST (either way).
+    pub flows_closed: u64,
 }
 
 const GLOBAL_COUNTERS: usize = core::mem::size_of::<GlobalStats>() / 8;
@@ -660,6 +720,17 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
+/// A flow this host opened (FLOWS, under the key of its replies): alive until `expires_ns`
+/// (CLOCK_MONOTONIC, as `bpf_ktime_get_ns`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEntry {
+    pub expires_ns: u64,
+    /// `flow::CLOSING`.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
 /// A userspace verdict for one flow (VERDICTS), valid for one generation until `expires_ns`
 /// (CLOCK_MONOTONIC, as `bpf_ktime_get_ns`).
 #[repr(C)]
@@ -702,7 +773,8 @@ const _: () = {
     assert!(BITMAP_WORDS <= 64);
     assert!(core::mem::size_of::<FieldEntry>() == 8);
     assert!(core::mem::size_of::<PrefixValue>() == 4);
-    assert!(core::mem::size_of::<GlobalStats>() == 144);
+    assert!(core::mem::size_of::<GlobalStats>() == 184);
+    assert!(core::mem::size_of::<FlowEntry>() == 16);
     assert!(core::mem::size_of::<LimitState>() == 48);
     assert!(core::mem::size_of::<LimitKey>() == 28);
     assert!(core::mem::size_of::<GlobalStats>() == GLOBAL_COUNTERS * 8);
@@ -750,6 +822,7 @@ mod pod {
         DirLine,
         LimitState,
         LimitKey,
+        FlowEntry,
         TraceConfig,
         LogLimit,
         DecisionEvent,

@@ -4,7 +4,7 @@
 //! is (namespace, ifindex), never a bare name, since `eth1` may exist in several namespaces. Its
 //! key `ns<netns inode>-if<ifindex>` names everything that lives as long as the namespace: the
 //! pins (`/sys/fs/bpf/xdpfw/<key>/`), the runtime state (`/run/xdpfw/<key>/state.json`, written
-//! atomically) and the locks (`/run/xdpfw/<key>.lock`, `<key>.daemon.lock`). The durable
+//! atomically) and the locks (`/run/xdpfw/<key>.lock`, `<key>.daemon.lock`, `<key>.trace.lock`). The durable
 //! history must survive a reboot, where namespace inodes and ifindexes change: it is keyed by
 //! the namespace's stable name and the interface name instead (see [`Netns::stable_name`]).
 //! Every mutating operation holds the instance's lock file, so reloads are serialized.
@@ -121,6 +121,19 @@ pub struct State {
     /// "(default)" carries the default action's counts.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub carried: std::collections::BTreeMap<String, CarriedCounts>,
+    /// Only in the record a reload writes before its flip (`next-<generation>.json`): the
+    /// generation it retires, whose counts are not in `carried` yet. Until the final record
+    /// (written before the retired buffer is cleared), `stats` adds that buffer's counters
+    /// live, so no counter seems to go down during a reload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retiring: Option<Retiring>,
+}
+
+/// The generation a reload in progress retires, and its rule names (see [`State::retiring`]).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Retiring {
+    pub generation: u64,
+    pub rules: Vec<String>,
 }
 
 /// Packets and bytes of one rule name from generations before the live one.
@@ -307,13 +320,22 @@ impl Instance {
         self.pin_dir.join("link").exists()
     }
 
-    /// Whether the instance is whole and filtering: its link, program, probe and maps are
-    /// pinned and (in this namespace) the kernel reports an XDP program on the interface. False
+    /// Whether the instance is whole and filtering: its link, program, probe, egress program and
+    /// maps are pinned and (in this namespace) the kernel reports an XDP program and the egress
+    /// program on the interface. False
     /// after a `loader detach`, pins removed by hand, bpffs unmounted, or a link detached with
     /// `bpftool link detach`: what a daemon repairs.
     pub fn is_filtering(&self) -> bool {
-        let pinned = ["link", "prog", "probe"].iter().chain(xdpfw_common::map_names::ALL.iter()).all(|n| self.pin_dir.join(n).exists());
-        pinned && (!self.is_here() || kernel::netlink::attached_mode_of(self.ifindex).is_ok_and(|m| m.is_some()))
+        let pinned = ["link", "prog", "probe", kernel::EGRESS_PIN, kernel::EGRESS_LINK_PIN]
+            .iter()
+            .chain(xdpfw_common::map_names::ALL.iter())
+            .all(|n| self.pin_dir.join(n).exists());
+        // The egress program too (its link can be detached under its pin); a query that fails
+        // says nothing, and must not make a daemon repair for ever.
+        pinned
+            && (!self.is_here()
+                || (kernel::netlink::attached_mode_of(self.ifindex).is_ok_and(|m| m.is_some())
+                    && kernel::egress_attached(self.ifindex).unwrap_or(true)))
     }
 
     /// Whether this is an instance of the current network namespace.

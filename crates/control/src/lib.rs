@@ -15,7 +15,7 @@ mod tables_cache;
 pub mod trace;
 
 pub use error::{ControlError, Result};
-pub use instance::{CarriedCounts, Instance, ReloadReport, ReloadTimes, RulesetSummary, State};
+pub use instance::{CarriedCounts, Instance, ReloadReport, ReloadTimes, Retiring, RulesetSummary, State};
 pub use pipeline::{
     AttachReport, ReloadOptions, attach, attach_ruleset, detach, empty_ruleset, reload, reload_remote, repair, rollback, rollback_to, set_update, validate_pins, SetReport,
 };

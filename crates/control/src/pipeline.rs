@@ -126,6 +126,7 @@ fn attach_locked(inst: &Instance, ruleset: &Ruleset, image: &xdpfw_rules::compil
             ruleset: summary.clone(),
             last_reload: None,
             carried: Default::default(),
+            retiring: None,
         }) {
             tracing::error!("{iface} is attached and filtering as generation {generation}, but recording it failed: {e}");
         }
@@ -139,9 +140,10 @@ fn attach_locked(inst: &Instance, ruleset: &Ruleset, image: &xdpfw_rules::compil
     result
 }
 
-/// What may be pinned in an instance's folder: the link, the program, its probe copy, the maps.
+/// What may be pinned in an instance's folder: the link, the program, its probe copy, the egress
+/// program and its link, the maps.
 fn known_pin(name: &str) -> bool {
-    matches!(name, "link" | "prog" | "probe") || xdpfw_common::map_names::ALL.contains(&name)
+    matches!(name, "link" | "prog" | "probe" | kernel::EGRESS_PIN | kernel::EGRESS_LINK_PIN) || xdpfw_common::map_names::ALL.contains(&name)
 }
 
 /// Makes a fresh, private pin folder for an attach (the lock is held, nothing is attached).
@@ -379,7 +381,7 @@ fn install_locked(
     if !ruleset.tests.is_empty() {
         let t = Instant::now();
         let mut probe = kernel::open_probe(&inst.pin_dir)?;
-        let mut run = |frame: &[u8]| testrun::run_frame(&mut probe, frame, 1).map(|r| r.0);
+        let mut run = |pkt: &rules::packet::PacketSpec| testrun::run_probe(&mut probe, pkt);
         let failures = selftest::self_test_failures(ruleset, Some(&mut run))?;
         if !failures.is_empty() {
             return Err(ControlError::SelfTests {
@@ -410,6 +412,7 @@ fn install_locked(
                 ruleset: summary.clone(),
                 last_reload: None,
                 carried: Default::default(),
+                retiring: None,
             }
         }
         Err(e) => return Err(e),
@@ -418,6 +421,8 @@ fn install_locked(
     // Until the retired buffer's final counts are in (after the grace period), the names kept
     // carry what they carried before.
     next.carried = crate::instance::carry(&old_carried, &[], &[], &summary.rules);
+    // ... and `stats` adds the retiring generation's counters live (see State::retiring).
+    next.retiring = Some(crate::instance::Retiring { generation: previous, rules: old_rules.clone() });
     next.generation = generation;
     next.ruleset = summary.clone();
     // The interface may have been renamed, the namespace named since: recorded as they are now.
@@ -448,12 +453,9 @@ fn install_locked(
         Err(e) => tracing::warn!("per-rule counters of generation {previous} could not be read; they are not carried over: {e}"),
     }
 
-    let t = Instant::now();
-    maps.clear(buffer_of(previous))?;
-    times.clear_us = us(t.elapsed());
-    times.total_us = us(total.elapsed());
+    next.retiring = None;
 
-    let report = ReloadReport {
+    let mut report = ReloadReport {
         iface: inst.iface.clone(),
         previous_generation: previous,
         generation,
@@ -464,7 +466,18 @@ fn install_locked(
         warnings: ruleset.warnings.iter().map(|w| w.to_string()).collect(),
     };
     // The new ruleset is live from the flip on: a failure to record it (a full disk) must say
-    // so, not claim the reload failed.
+    // so, not claim the reload failed. Recorded with the retired counts carried *before* the
+    // retired buffer is cleared: a reader sees either the record in progress plus that
+    // buffer's live counters, or this one, never the buffer cleared and its counts missing.
+    next.last_reload = Some(report.clone());
+    if let Err(e) = inst.write_state(&next) {
+        return Err(ControlError::LiveButUnrecorded { report: Box::new(report), source: Box::new(e) });
+    }
+
+    let t = Instant::now();
+    maps.clear(buffer_of(previous))?;
+    report.times.clear_us = us(t.elapsed());
+    report.times.total_us = us(total.elapsed());
     next.last_reload = Some(report.clone());
     if let Err(e) = inst.write_state(&next) {
         return Err(ControlError::LiveButUnrecorded { report: Box::new(report), source: Box::new(e) });

@@ -117,7 +117,7 @@ pub fn remove(s: &Stale) -> Result<()> {
     }
     let _ = fs::remove_dir_all(state_root().join(&s.key));
     // No one can hold these: the instance's namespace, where any holder would run, is gone.
-    for lock in [format!("{}.lock", s.key), format!("{}.daemon.lock", s.key)] {
+    for lock in [format!("{}.lock", s.key), format!("{}.daemon.lock", s.key), format!("{}.trace.lock", s.key)] {
         let _ = fs::remove_file(state_root().join(lock));
     }
     Ok(())

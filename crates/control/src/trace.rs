@@ -226,6 +226,9 @@ impl TraceEvent {
             icmp_code: if has_icmp { e.icmp as u8 } else { 0 },
             // A TCP or UDP packet without ports is a non-first fragment.
             fragment: !has_ports && matches!(e.proto, 6 | 17),
+            // Not in the event: a packet a `state` rule decided shows as new.
+            state: Default::default(),
+            vlan: None,
         };
         let (rule, rule_index) = if e.rule == DEFAULT_RULE_SLOT {
             (DEFAULT_RULE_NAME.to_string(), None)
@@ -325,6 +328,12 @@ impl Tracer {
             &format!("another `loader trace` is tracing {} (one tracer per interface)", inst.iface),
         )?;
         let mut maps = Maps::open(&inst.pin_dir)?;
+        if !maps.can_trace() {
+            return Err(ControlError::Refused(format!(
+                "the firewall on {} was attached by a version of loader without `trace`: detach and attach it again to trace it",
+                inst.iface
+            )));
+        }
         let mut ring = DecisionRing::open(&inst.pin_dir, map_names::TRACE_RING)?;
         // What an earlier tracer left unread is not this trace's.
         maps.trace_stop();

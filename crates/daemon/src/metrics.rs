@@ -147,6 +147,14 @@ impl MetricsSource for KernelMetrics {
             }
         }
 
+        if let Some(f) = &stats.flows {
+            let iface = escape_label(&stats.iface);
+            family(out, "xdpfw_flow_entries", "gauge", "Entries of the flow table of `state` rules (expired ones until evicted or refreshed).");
+            let _ = writeln!(out, "xdpfw_flow_entries{{iface=\"{iface}\"}} {}", f.entries);
+            family(out, "xdpfw_flows_evicted_total", "counter", "Flows pushed out of the full flow table by newer ones (recorded - closed - entries).");
+            let _ = writeln!(out, "xdpfw_flows_evicted_total{{iface=\"{iface}\"}} {}", f.evicted);
+        }
+
         // Per-rule counters carry over reloads by rule name (control's State::carried), so a
         // series is identified by the rule's name alone: inserting or moving a rule moves no
         // series, and a rule that keeps its name keeps counting up. Its index and action are in

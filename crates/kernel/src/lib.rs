@@ -14,8 +14,8 @@ pub mod trace;
 
 pub use error::{KernelError, Result};
 pub use maps::{InstallTimes, Maps, MmapArray, pinned_map};
-pub use object::{PROGRAM_OBJECT, load_private, load_probe, load_program};
-pub use pins::{AttachMode, attach_and_pin, detach_and_unpin, ensure_bpffs, open_probe, pin_dir, pin_probe, pin_root};
+pub use object::{PROGRAM_OBJECT, load_egress, load_private, load_private_from, load_probe, load_program};
+pub use pins::{AttachMode, EGRESS_LINK_PIN, EGRESS_PIN, attach_and_pin, attach_egress, egress_attached, detach_and_unpin, ensure_bpffs, open_probe, pin_dir, pin_probe, pin_root};
 
 /// The peers the classifier benchmark runs beside the firewall, built with it: an XDP program
 /// that only returns (the floor) and one that makes a single LPM lookup (the plain program).

@@ -17,7 +17,7 @@ use aya::{
     util::nr_cpus,
 };
 use xdpfw_common::{
-    BUFFERS, Bitmap, buffer_of, DirBlock, DirLine, FieldEntry, GlobalStats, Ipv6Data, LimitKey, LimitState, LogLimit, MAX_BITMAPS, MAX_PREFIXES,
+    BUFFERS, Bitmap, buffer_of, DirBlock, DirLine, FieldEntry, FlowEntry, FlowKey, GlobalStats, Ipv6Data, LimitKey, LimitState, LogLimit, MAX_BITMAPS, MAX_PREFIXES,
     MAX_RULES, PrefixValue, RULE_SLOTS, RuleMeta, RuleStats, RulesetHeader,
     dir, fields_layout::FIELDS_PER_BUFFER, map_names, trace, TraceConfig,
 };
@@ -133,6 +133,9 @@ pub struct Maps {
     /// Rules' rate limits and buckets (both buffers, written through the mapping).
     limits: MmapArray<LimitState>,
     limit_sources: aya::maps::HashMap<MapData, LimitKey, u64>,
+    /// The flows this host opened (`state` rules), written by the egress program. `None` in an
+    /// instance attached by a version without `state` (until it is attached again).
+    flows: Option<aya::maps::HashMap<MapData, FlowKey, FlowEntry>>,
     /// Rules' log rates and buckets (both buffers, written through the mapping). `None` in an
     /// instance attached by a version without `log` (until it is attached again).
     log_limits: Option<MmapArray<LogLimit>>,
@@ -299,6 +302,7 @@ impl Maps {
             rule_stats: PerCpuArray::try_from(Map::from_map_data(get(RULE_STATS)?)?)?,
             limits: MmapArray::new(get(LIMITS)?)?,
             limit_sources: aya::maps::HashMap::try_from(Map::from_map_data(get(LIMIT_SOURCES)?)?)?,
+            flows: get(FLOWS).ok().map(|m| -> Result<_> { Ok(aya::maps::HashMap::try_from(Map::from_map_data(m)?)?) }).transpose()?,
             log_limits: get(LOG_LIMITS).ok().map(MmapArray::new).transpose()?,
             trace: get(TRACE).ok().map(MmapArray::new).transpose()?,
         })
@@ -571,6 +575,38 @@ impl Maps {
     /// Per-source buckets in the table now (at most `limit::SOURCE_ENTRIES`).
     pub fn limit_sources(&self) -> usize {
         self.limit_sources.keys().filter(Result::is_ok).count()
+    }
+
+    /// Entries of the flow table now, expired ones included (at most `flow::ENTRIES`). A walk of
+    /// the table: tens of milliseconds when it is full.
+    pub fn flow_entries(&self) -> usize {
+        self.flows.as_ref().map_or(0, |f| f.keys().filter(Result::is_ok).count())
+    }
+
+    fn flows_mut(&mut self) -> Result<&mut aya::maps::HashMap<MapData, FlowKey, FlowEntry>> {
+        self.flows.as_mut().ok_or_else(|| KernelError::msg("this instance has no flow table (attached by an older version: detach and attach again)"))
+    }
+
+    /// Records a flow as the egress program does (tests, `explain --kernel --state`): `key` is
+    /// the key of its replies.
+    pub fn insert_flow(&mut self, key: FlowKey, entry: FlowEntry) -> Result<()> {
+        self.flows_mut()?.insert(&key, &entry, 0)?;
+        Ok(())
+    }
+
+    /// Forgets a flow (a missing one is fine).
+    pub fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
+        match self.flows_mut()?.remove(key) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The entry of a flow, if the table has it.
+    pub fn flow(&self, key: &FlowKey) -> Option<FlowEntry> {
+        self.flows.as_ref()?.get(key, 0).ok()
     }
 
     /// Per-rule counters of `buffer`, summed over CPUs: `rule_count` rules, then the default.

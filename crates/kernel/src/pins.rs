@@ -10,9 +10,13 @@ use crate::error::{KernelContext, KernelError, Result};
 use crate::object::load_probe;
 use aya::{
     Ebpf,
-    programs::{Xdp, XdpMode, links::FdLink, links::PinnedLink},
+    programs::{LinkOrder, SchedClassifier, TcAttach, TcAttachType, Xdp, XdpMode, links::FdLink, links::PinnedLink},
 };
-use xdpfw_common::{PROBE_PROGRAM_NAME, PROGRAM_NAME};
+use xdpfw_common::{EGRESS_PROGRAM_NAME, PROBE_PROGRAM_NAME, PROGRAM_NAME};
+
+/// Pins of the egress program (see [`attach_egress`]) in an instance's folder.
+pub const EGRESS_PIN: &str = "egress";
+pub const EGRESS_LINK_PIN: &str = "egress_link";
 
 
 /// Where attached instances live in bpffs: `<root>/<key>/{link,prog,probe,<MAP>...}`, one folder
@@ -81,8 +85,11 @@ pub fn open_probe(dir: &Path) -> Result<Xdp> {
 }
 
 /// Attaches a loaded program to the interface `ifindex` (named `iface`, for messages) of the
-/// current network namespace and pins the link and program in `dir`.
+/// current network namespace and pins the link and program in `dir`: the egress program first
+/// (see [`attach_egress`]), then the XDP program, whose pinned link is the last step (an
+/// instance is attached when `dir/link` exists).
 pub fn attach_and_pin(ebpf: &mut Ebpf, iface: &str, ifindex: u32, mode: AttachMode, dir: &Path) -> Result<()> {
+    attach_egress(ebpf, iface, ifindex, dir)?;
     let prog: &mut Xdp = ebpf
         .program_mut(PROGRAM_NAME)
         .ok_or_else(|| KernelError::msg("program missing".to_string()))?
@@ -106,13 +113,43 @@ pub fn attach_and_pin(ebpf: &mut Ebpf, iface: &str, ifindex: u32, mode: AttachMo
     Ok(())
 }
 
-/// Removes the link (which detaches the program) and every pin under `dir`.
+/// Attaches the egress program (TCX egress, kernel 6.6 or later) to `ifindex` and pins it and
+/// its link in `dir`. It records the flows this host sends on the interface while a ruleset
+/// uses `state`, and never changes a packet's fate. TCX lets it sit beside other tools'
+/// programs (it runs last and passes every packet on).
+pub fn attach_egress(ebpf: &mut Ebpf, iface: &str, ifindex: u32, dir: &Path) -> Result<()> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(EGRESS_PROGRAM_NAME)
+        .ok_or_else(|| KernelError::msg(format!("program {EGRESS_PROGRAM_NAME} missing")))?
+        .try_into()?;
+    let link_id = prog
+        .attach(ifindex, TcAttach::Tcx { attach_type: TcAttachType::Egress, order: LinkOrder::default() })
+        .map_err(|e| KernelError::msg(format!("attaching the egress program to {iface} (TCX needs Linux 6.6 or later): {e}")))?;
+    prog.pin(dir.join(EGRESS_PIN)).kctx(|| "pinning the egress program".into())?;
+    let link: FdLink = prog
+        .take_link(link_id)?
+        .try_into()
+        .map_err(|_| KernelError::msg(format!("the kernel attached the egress program to {iface} without a BPF link")))?;
+    link.pin(dir.join(EGRESS_LINK_PIN)).kctx(|| "pinning the egress link".into())?;
+    Ok(())
+}
+
+/// Whether the egress program is attached to `ifindex` of the current network namespace (a link
+/// detached with `bpftool link detach` leaves its pin but not the attachment).
+pub fn egress_attached(ifindex: u32) -> Result<bool> {
+    let (_, progs) = SchedClassifier::query_tcx(ifindex, TcAttachType::Egress).kctx(|| "querying the TCX egress programs".into())?;
+    Ok(progs.iter().any(|p| p.name_as_str() == Some(EGRESS_PROGRAM_NAME)))
+}
+
+/// Removes the links (which detach the programs) and every pin under `dir`.
 pub fn detach_and_unpin(dir: &Path) -> Result<()> {
-    let link = dir.join("link");
-    if link.exists() {
-        let pinned = PinnedLink::from_pin(&link).kctx(|| "opening the pinned link".into())?;
-        // Dropping the unpinned link closes its last reference, which detaches the program.
-        drop(pinned.unpin().kctx(|| "unpinning the link".into())?);
+    for (name, what) in [("link", "the pinned link"), (EGRESS_LINK_PIN, "the pinned egress link")] {
+        let link = dir.join(name);
+        if link.exists() {
+            let pinned = PinnedLink::from_pin(&link).kctx(|| format!("opening {what}"))?;
+            // Dropping the unpinned link closes its last reference, which detaches the program.
+            drop(pinned.unpin().kctx(|| format!("unpinning {what}"))?);
+        }
     }
     for entry in fs::read_dir(dir).kctx(|| format!("reading {}", dir.display()))? {
         let path = entry?.path();

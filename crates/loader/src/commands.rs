@@ -63,8 +63,12 @@ pub(crate) fn run(cli: Cli) -> Result<Output> {
         Command::List { json } => list(json),
         Command::Prune { dry_run, json } => prune(dry_run, json),
         Command::Check { file, strict, json } => check(&file, strict, json),
-        Command::Explain { args, iface, kernel, owner, json } => {
+        Command::Explain { args, iface, kernel, owner, json, state } => {
             let (target, packet) = crate::flags::explain_target(args, iface).map_err(UsageError)?;
+            let packet = match state {
+                Some(s) => format!("{packet} state {s}"),
+                None => packet,
+            };
             let rs = match target {
                 ExplainTarget::File(file) => rules::load(&file)?,
                 ExplainTarget::Live(iface) => live_ruleset(iface.as_deref())?.2,
@@ -335,7 +339,9 @@ fn explain(rs: &rules::Ruleset, packet: &str, kernel: bool, owner: Option<OwnerS
     let kernel_verdict = if kernel {
         let mut prog = PrivateProgram::load()?;
         prog.activate(&compile(&rs)?)?;
-        Some(prog.verdict(&pkt.to_frame())?)
+        // An established or related packet's flow is in the program's table for the run.
+        let xdp = prog.run_spec(&pkt)?;
+        Some(if xdp == xdpfw_common::action::DROP { rules::Action::Drop } else { rules::Action::Pass })
     } else {
         None
     };

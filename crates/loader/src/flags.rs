@@ -186,9 +186,14 @@ pub(crate) enum Command {
     /// against a rules file (`explain FILE PACKET`) or the live ruleset (`explain --iface IFACE PACKET`).
     Explain {
         /// The rules file, then the packet; with --iface only the packet.
-        /// The packet: "PROTO SRC[:PORT] -> DST[:PORT] [flags F] [type T code C] [fragment]".
+        /// The packet: "PROTO SRC[:PORT] -> DST[:PORT] [flags F] [type T code C] [fragment]
+        /// [state new|established|related]".
         #[arg(num_args = 1..=2, required = true, value_names = ["FILE", "PACKET"])]
         args: Vec<String>,
+        /// The packet's connection state (as `state S` in the packet): established (a reply of
+        /// a flow this host opened), related (an ICMP error about one) or new.
+        #[arg(long, value_name = "STATE", value_parser = ["new", "established", "related"])]
+        state: Option<String>,
         /// Explain against the ruleset live on IFACE (as `loader show` prints it) instead of a file.
         #[arg(long, value_name = "IFACE")]
         iface: Option<String>,

@@ -360,6 +360,16 @@ pub(crate) fn stats(st: &Stats, mode: &str) -> String {
         if g.limited + g.limit_sources > 0 {
             let _ = writeln!(s, "  limits     beyond a limit {}  source buckets made {}", g.limited, g.limit_sources);
         }
+        if let Some(f) = &st.flows {
+            let _ = writeln!(
+                s,
+                "  flows      recorded {}  closed {}  in the table {} of {}  evicted {}",
+                g.flows_new, g.flows_closed, f.entries, f.capacity, f.evicted
+            );
+        }
+        if g.state_lookups > 0 {
+            let _ = writeln!(s, "  state      looked up {}  established {}  related {}", g.state_lookups, g.state_established, g.state_related);
+        }
         if !r.owner_rules.is_empty() || g.escalations + g.pending + g.cache_hits > 0 {
             let _ = writeln!(
                 s,

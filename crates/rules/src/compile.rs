@@ -409,6 +409,37 @@ pub fn compile_with(rs: &Ruleset, reuse: Option<&Reuse>) -> Result<Image> {
         }
     }
 
+    // VLAN: one entry per id of the outermost tag, and one for untagged packets (no rule with a
+    // vlan condition takes those).
+    if rules.iter().any(|r| r.vlan.is_some()) {
+        fields_used |= field::VLAN;
+        let base = unconstrained(rules, |r| r.vlan.is_some());
+        for id in 0..VLAN_UNTAGGED {
+            let mut bm = base;
+            for (i, r) in rules.iter().enumerate() {
+                if r.vlan.as_ref().is_some_and(|v| v.contains(&(id as u16))) {
+                    set_bit(&mut bm, i);
+                }
+            }
+            table[(VLAN_BASE + id) as usize].bitmap = bitmaps.intern(bm);
+        }
+        table[(VLAN_BASE + VLAN_UNTAGGED) as usize].bitmap = bitmaps.intern(base);
+    }
+
+    // Connection state: one entry per state, looked up only when a `state` rule matches first.
+    if rules.iter().any(|r| r.state.is_some()) {
+        fields_used |= field::STATE;
+        for st in crate::packet::FlowState::ALL {
+            let mut bm = Bitmap::EMPTY;
+            for (i, r) in rules.iter().enumerate() {
+                if r.state.as_ref().is_none_or(|s| s.contains(&st)) {
+                    set_bit(&mut bm, i);
+                }
+            }
+            table[(STATE_BASE + st.kernel()) as usize].bitmap = bitmaps.intern(bm);
+        }
+    }
+
     if bitmaps.list.len() > MAX_BITMAPS as usize {
         return Err(CompileError::TooManyBitmaps { file: rs.path.clone(), needed: bitmaps.list.len(), max: MAX_BITMAPS });
     }
@@ -434,7 +465,8 @@ pub fn compile_with(rs: &Ruleset, reuse: Option<&Reuse>) -> Result<Image> {
         escalation_retry_ms: rs.escalation.retry.as_millis() as u32,
         absent: absent_ids,
         flags: if rs.icmpv6_nd == NdPolicy::Rules { header_flags::ND_RULES } else { 0 }
-            | if rules.iter().any(|r| r.limit.is_some()) { header_flags::LIMITS } else { 0 },
+            | if rules.iter().any(|r| r.limit.is_some()) { header_flags::LIMITS } else { 0 }
+            | if rules.iter().any(|r| r.state.is_some()) { header_flags::STATE } else { 0 },
         _pad: 0,
     };
     Ok(Image {
@@ -445,6 +477,7 @@ pub fn compile_with(rs: &Ruleset, reuse: Option<&Reuse>) -> Result<Image> {
                 action: r.action.kernel(),
                 flags: if r.owner.is_some() { rule_flags::NEEDS_OWNER } else { 0 }
                     | if r.limit.is_some() { rule_flags::LIMITED } else { 0 }
+                    | if r.state.is_some() { rule_flags::STATEFUL } else { 0 }
                     | if r.log.is_some() { rule_flags::LOG } else { 0 },
             })
             .collect(),

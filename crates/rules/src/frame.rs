@@ -50,11 +50,14 @@ pub fn classify(frame: &[u8]) -> FrameClass {
     let Some(eth) = at(frame, 0, 14) else { return FrameClass::Malformed };
     let mut ethertype = be16(eth, 12);
     let mut pos = 14;
+    let mut vlan = None;
     for _ in 0..MAX_VLAN_TAGS {
         if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
             break;
         }
         let Some(tag) = at(frame, pos, 4) else { return FrameClass::Malformed };
+        // `vlan` rules see the outermost tag's id.
+        vlan = vlan.or(Some(be16(tag, 0) & 0x0fff));
         ethertype = be16(tag, 2);
         pos += 4;
     }
@@ -66,11 +69,11 @@ pub fn classify(frame: &[u8]) -> FrameClass {
         ETH_P_IPV6 => ipv6(frame, pos),
         _ => return FrameClass::NonIp,
     };
-    parsed.map_or(FrameClass::Malformed, FrameClass::Packet)
+    parsed.map_or(FrameClass::Malformed, |p| FrameClass::Packet(PacketSpec { vlan, ..p }))
 }
 
 fn blank(src: IpAddr, dst: IpAddr, proto: u8) -> PacketSpec {
-    PacketSpec { proto, src, dst, sport: 0, dport: 0, tcp_flags: 0, icmp_type: 0, icmp_code: 0, fragment: false }
+    PacketSpec { proto, src, dst, sport: 0, dport: 0, tcp_flags: 0, icmp_type: 0, icmp_code: 0, fragment: false, state: Default::default(), vlan: None }
 }
 
 fn ipv4(f: &[u8], pos: usize) -> Option<PacketSpec> {

@@ -432,6 +432,10 @@ pub struct Rule {
     pub owner: Option<OwnerMatch>,
     /// A rate limit: beyond it the rule does not match.
     pub limit: Option<RateLimit>,
+    /// Connection states, any of which matches (`state = "established"`), sorted.
+    pub state: Option<Vec<crate::packet::FlowState>>,
+    /// VLAN ids (of the outermost tag), any of which matches; untagged packets never do. Sorted.
+    pub vlan: Option<Vec<u16>>,
     /// Packets the rule decides are logged (rate-limited in the kernel).
     pub log: Option<LogSpec>,
     pub comment: Option<String>,
@@ -595,6 +599,8 @@ struct RawRule {
     tcp_flags: Option<Spanned<String>>,
     owner: Option<Spanned<toml::Value>>,
     limit: Option<Spanned<toml::Value>>,
+    state: Option<Spanned<toml::Value>>,
+    vlan: Option<Spanned<toml::Value>>,
     log: Option<Spanned<toml::Value>>,
     comment: Option<String>,
 }
@@ -1755,6 +1761,12 @@ fn parse_rule(
         }
     };
     let limit = r.limit.as_ref().map(|l| parse_limit(src, l)).transpose()?;
+    let state = r.state.as_ref().map(|v| parse_state(src, v, proto.as_deref())).transpose()?;
+    if let (Some(v), Some(_)) = (&r.state, &owner) {
+        // Userspace decides owner rules from the escalated rule on, without the packet's state.
+        return Err(src.error(v.span(), "state and owner conditions cannot be on one rule (the escalation service decides owner rules without the packet's state)"));
+    }
+    let vlan = r.vlan.as_ref().map(|v| parse_vlan(src, v)).transpose()?;
     let log = match &r.log {
         None => None,
         Some(l) => parse_log(src, l)?,
@@ -1764,6 +1776,8 @@ fn parse_rule(
         action: parse_action(src, &r.action)?,
         owner,
         limit,
+        state,
+        vlan,
         log,
         src: addr(&r.src)?,
         dst: addr(&r.dst)?,
@@ -1818,6 +1832,47 @@ pub fn parse_per(s: &str) -> Result<(u8, u8), String> {
         [v4, v6] => Ok((len(v4, 32)?, len(v6, 128)?)),
         _ => Err(bad()),
     }
+}
+
+/// A rule's `state`: `"established"`, `"related"`, `"new"` or a list of them. Only ICMP errors
+/// are related, so a rule whose protocols leave none out has no use for `"related"` alone.
+fn parse_state(src: &Source, v: &Spanned<toml::Value>, proto: Option<&[u8]>) -> Result<Vec<crate::packet::FlowState>, RulesError> {
+    use crate::packet::FlowState;
+    let mut out = Vec::new();
+    for item in items(v) {
+        let toml::Value::String(s) = item else {
+            return Err(src.error(v.span(), format!("state must be \"new\", \"established\", \"related\" or a list of them, not {item}")));
+        };
+        out.push(s.parse::<FlowState>().map_err(|m| src.error(v.span(), m))?);
+    }
+    if out.is_empty() {
+        return Err(src.error(v.span(), "an empty state list matches nothing; remove the field"));
+    }
+    out.sort_unstable();
+    out.dedup();
+    if out == [FlowState::Related] && proto.is_some_and(|p| !p.contains(&IPPROTO_ICMP) && !p.contains(&IPPROTO_ICMPV6)) {
+        return Err(src.error(v.span(), "state \"related\" matches ICMP errors only: this rule's protocols have none"));
+    }
+    Ok(out)
+}
+
+/// A rule's `vlan`: an id (1-4094: 0 is a priority tag without a VLAN, 4095 is reserved) or a
+/// list of them.
+fn parse_vlan(src: &Source, v: &Spanned<toml::Value>) -> Result<Vec<u16>, RulesError> {
+    let mut out = Vec::new();
+    for item in items(v) {
+        match item {
+            toml::Value::Integer(id) if (1..=4094).contains(&id) => out.push(id as u16),
+            toml::Value::Integer(id) => return Err(src.error(v.span(), format!("vlan id {id} is out of range (1-4094)"))),
+            other => return Err(src.error(v.span(), format!("vlan must be an id 1-4094 or a list of them, not {other}"))),
+        }
+    }
+    if out.is_empty() {
+        return Err(src.error(v.span(), "an empty vlan list matches nothing; remove the field"));
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
 }
 
 /// A rule's `limit` table.

@@ -197,10 +197,33 @@ pub fn explain_rule(rule: &Rule, pkt: &PacketSpec) -> Result<Vec<String>, String
         }
         why.push(format!("tcp flags {:#04x} have {:#04x} set and {:#04x} clear", pkt.tcp_flags, flags.set, flags.clear));
     }
+    if let Some(ids) = &rule.vlan {
+        match pkt.vlan {
+            Some(id) if ids.contains(&id) => why.push(format!("vlan {id} is one of {ids:?}")),
+            Some(id) => return Err(format!("vlan {id} is not one of {ids:?}")),
+            None => return Err(format!("the packet has no VLAN tag (the rule wants vlan {ids:?})")),
+        }
+    }
+    if let Some(states) = &rule.state {
+        let names: Vec<&str> = states.iter().map(|s| s.name()).collect();
+        if !states.contains(&pkt.state) {
+            return Err(format!("the packet is {} (state {}), not {}", pkt.state, describe_state(pkt.state), names.join(" or ")));
+        }
+        why.push(format!("the packet is {} ({})", pkt.state, describe_state(pkt.state)));
+    }
     if why.is_empty() {
         why.push("the rule has no conditions".into());
     }
     Ok(why)
+}
+
+/// What a connection state means, for `explain`.
+fn describe_state(s: crate::packet::FlowState) -> &'static str {
+    match s {
+        crate::packet::FlowState::New => "no flow this host opened from this interface",
+        crate::packet::FlowState::Established => "a reply of a flow this host opened from this interface",
+        crate::packet::FlowState::Related => "an ICMP error about a flow this host opened from this interface",
+    }
 }
 
 /// A protocol list for people: "one of [6, 17]", or for a long one (written with `!`) "any
@@ -268,6 +291,17 @@ fn covers(a: &Rule, b: &Rule, budget: &mut usize) -> bool {
     }
     // A rule with a limit does not match beyond it.
     if a.limit.is_some() {
+        return false;
+    }
+    if let Some(va) = &a.vlan
+        && !b.vlan.as_ref().is_some_and(|vb| vb.iter().all(|v| va.contains(v)))
+    {
+        return false;
+    }
+    // A state condition covers the later rule's packets only if theirs is narrower.
+    if let Some(sa) = &a.state
+        && !b.state.as_ref().is_some_and(|sb| sb.iter().all(|s| sa.contains(s)))
+    {
         return false;
     }
     field(&a.src, &b.src, &mut addrs)

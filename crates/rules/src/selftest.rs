@@ -6,8 +6,9 @@ use xdpfw_common::action;
 
 use crate::{Action, Ruleset, SelfTest, matcher, owner::OwnerSpec};
 
-/// Runs a frame through the kernel and returns the XDP action.
-pub type KernelRun<'a, E> = dyn FnMut(&[u8]) -> Result<u32, E> + 'a;
+/// Runs a packet through the kernel and returns the XDP action: its frame, with its connection
+/// state given to the probe program (which reads it instead of the live flow table).
+pub type KernelRun<'a, E> = dyn FnMut(&crate::packet::PacketSpec) -> Result<u32, E> + 'a;
 
 /// The decisions of a `[[test]]` packet: the kernel's alone (which gives the pending action to
 /// packets an owner rule decides), and with the test's owner, if it gives one, what the
@@ -48,7 +49,7 @@ pub fn self_test_failures<E>(rs: &Ruleset, mut run: Option<&mut KernelRun<'_, E>
             ));
         }
         if let Some(run) = run.as_mut() {
-            let kernel = if run(&t.packet.to_frame())? == action::DROP { Action::Drop } else { Action::Pass };
+            let kernel = if run(&t.packet)? == action::DROP { Action::Drop } else { Action::Pass };
             // Without an owner the kernel's verdict is the verdict; with one, the kernel can only
             // escalate, and must do what the reference matcher says the kernel alone does.
             let want = if t.owner.is_some() { kernel_view.action } else { t.expect };

@@ -215,6 +215,10 @@ pub fn flow_packet(ev: &EscalationEvent) -> PacketSpec {
         icmp_type: 0,
         icmp_code: 0,
         fragment: false,
+        // The event does not carry the connection state: rules after the escalated one with a
+        // `state` condition are evaluated as for a new flow (a limit stated in the README).
+        state: xdpfw_rules::packet::FlowState::New,
+        vlan: None,
     }
 }
 
