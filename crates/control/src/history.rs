@@ -33,7 +33,21 @@ pub const SNAPSHOT_SETS: &str = "sets.json";
 struct SnapshotSet {
     /// The name the rules text gives the set file.
     file: String,
+    /// The text, unless it is in `blob`.
+    #[serde(default)]
     text: String,
+    /// A large set file's text is stored once, in `snapshots/blobs/<its SHA-256>`, and shared by
+    /// every snapshot that holds it: a reload that changes a port rule beside a 1M-line set
+    /// then writes a few hundred bytes before its flip, not the set again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    blob: Option<String>,
+}
+
+/// Set files at least this large go into a blob (see [`SnapshotSet::blob`]).
+const BLOB_MIN: usize = 64 * 1024;
+
+fn hex(digest: &[u8; 32]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Loads a rules file; a snapshot in the history (a `rules.toml` with a `sets.json` beside it)
@@ -51,7 +65,20 @@ pub fn load_rules(path: &Path, origin: xdpfw_rules::Origin) -> std::result::Resu
     let text = xdpfw_rules::read_bounded(path, xdpfw_rules::MAX_RULES_TEXT).map_err(|e| error(format!("cannot read {}: {e}", path.display())))?;
     let json = fs::read(&sets).map_err(|e| error(format!("cannot read: {e}")))?;
     let given: Vec<SnapshotSet> = serde_json::from_slice(&json).map_err(|e| error(format!("not a snapshot's set files: {e}")))?;
-    let given: Vec<(String, String)> = given.into_iter().map(|s| (s.file, s.text)).collect();
+    let blobs = sets.parent().and_then(Path::parent).map(|d| d.join("blobs")).unwrap_or_default();
+    let given = given
+        .into_iter()
+        .map(|s| match s.blob {
+            None => Ok((s.file, s.text)),
+            // Only a digest names a blob: never a path out of the blobs folder.
+            Some(b) if b.len() == 64 && b.bytes().all(|c| c.is_ascii_hexdigit()) => {
+                let blob = blobs.join(&b);
+                let text = xdpfw_rules::read_bounded(&blob, xdpfw_rules::MAX_SET_FILE).map_err(|e| error(format!("cannot read the text of {} at {}: {e}", s.file, blob.display())))?;
+                Ok((s.file, text))
+            }
+            Some(b) => Err(error(format!("\"{}\" is not the SHA-256 of a set file", xdpfw_rules::cap_text(b, 80)))),
+        })
+        .collect::<std::result::Result<Vec<(String, String)>, _>>()?;
     xdpfw_rules::parse_with_sets(path, &text, &given)
 }
 
@@ -267,8 +294,30 @@ impl History {
         files::private_dir(&snapshots)?;
         let tmp = snapshots.join(format!(".{}.{}.tmp", rs.hash, std::process::id()));
         let _ = fs::remove_dir_all(&tmp);
-        let sets: Vec<SnapshotSet> = rs.sources.sets.iter().map(|(file, text)| SnapshotSet { file: file.clone(), text: text.to_string() }).collect();
+        let mut blobs = Vec::new();
+        let sets: Vec<SnapshotSet> = rs
+            .sources
+            .sets
+            .iter()
+            .map(|(file, text)| match rs.sources.set_digests.iter().find(|(f, _)| f == file) {
+                Some((_, digest)) if text.len() >= BLOB_MIN => {
+                    blobs.push((hex(digest), text.clone()));
+                    SnapshotSet { file: file.clone(), text: String::new(), blob: Some(hex(digest)) }
+                }
+                _ => SnapshotSet { file: file.clone(), text: text.to_string(), blob: None },
+            })
+            .collect();
         let written = (|| -> Result<()> {
+            // Each blob is written (and synced) once, before any snapshot names it.
+            let blob_dir = snapshots.join("blobs");
+            for (name, text) in &blobs {
+                let path = blob_dir.join(name);
+                if fs::metadata(&path).is_ok_and(|m| m.len() == text.len() as u64) {
+                    continue;
+                }
+                files::private_dir(&blob_dir)?;
+                files::atomic_write(&path, text.as_bytes())?;
+            }
             files::private_dir(&tmp)?;
             files::atomic_write(&tmp.join("rules.toml"), rs.sources.rules.as_bytes())?;
             let json = serde_json::to_vec(&sets).ctx(|| "serializing the set files".into())?;
@@ -339,6 +388,46 @@ impl History {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A large set file goes into one blob shared by every snapshot holding it; snapshots load
+    /// back to their hash; a blob name that is not a digest is refused.
+    #[test]
+    fn large_set_files_are_stored_once_by_digest() {
+        let root = std::env::temp_dir().join(format!("xdpfw-history-blobs-{}", std::process::id()));
+        // SAFETY: no other test of this binary reads the environment.
+        unsafe { std::env::set_var("XDPFW_HISTORY_ROOT", &root) };
+        let history = History { dir: root.join("eth9") };
+        let src = root.join("src");
+        fs::create_dir_all(&src).unwrap();
+        let lines: String = (0..10_000u32).map(|i| format!("10.{}.{}.0/24\n", i >> 8 & 0xff, i & 0xff)).collect();
+        fs::write(src.join("big.txt"), &lines).unwrap();
+        fs::write(src.join("small.txt"), "192.0.2.1\n").unwrap();
+        let rules = |port: u16| {
+            fs::write(
+                src.join("rules.toml"),
+                format!("default = \"pass\"\n[sets.big]\nfile = \"big.txt\"\n[sets.small]\nfile = \"small.txt\"\n[[rule]]\naction = \"drop\"\nsrc = [\"@big\", \"@small\"]\n[[rule]]\naction = \"drop\"\nproto = \"tcp\"\ndport = {port}\n"),
+            )
+            .unwrap();
+            xdpfw_rules::load(&src.join("rules.toml")).unwrap()
+        };
+        let (a, b) = (rules(22), rules(23));
+        let (snap_a, snap_b) = (history.snapshot(&a).unwrap().unwrap(), history.snapshot(&b).unwrap().unwrap());
+        assert_ne!(snap_a, snap_b);
+        let blobs: Vec<_> = fs::read_dir(history.dir().join("snapshots/blobs")).unwrap().flatten().collect();
+        assert_eq!(blobs.len(), 1, "one blob for the big set, shared");
+        let json = fs::read_to_string(snap_a.with_file_name(SNAPSHOT_SETS)).unwrap();
+        assert!(json.len() < 1000 && json.contains("192.0.2.1"), "the small set inline, the big one by digest: {json}");
+        fs::remove_dir_all(&src).unwrap();
+        for (snap, rs) in [(&snap_a, &a), (&snap_b, &b)] {
+            let back = load_rules(snap, xdpfw_rules::Origin::Local).unwrap();
+            assert_eq!((back.hash.as_str(), back.sets["big"].len()), (rs.hash.as_str(), 10_000));
+        }
+        let bad = json.replacen("\"blob\":\"", "\"blob\":\"../", 1);
+        fs::write(snap_a.with_file_name(SNAPSHOT_SETS), bad).unwrap();
+        let e = load_rules(&snap_a, xdpfw_rules::Origin::Local).unwrap_err();
+        assert!(e.message.contains("not the SHA-256"), "{e}");
+        fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn entries_are_capped_and_the_file_is_rotated() {

@@ -509,6 +509,9 @@ pub struct Ruleset {
 pub struct Sources {
     pub rules: Arc<str>,
     pub sets: Vec<(String, Arc<str>)>,
+    /// The SHA-256 of each set file's text (by the same names as `sets`; included files have
+    /// none): a snapshot stores a large set file once by its digest.
+    pub set_digests: Vec<(String, [u8; 32])>,
 }
 
 impl Ruleset {
@@ -939,6 +942,7 @@ pub fn parse_with_sets(path: &Path, text: &str, sets: &[(String, String)]) -> Re
 fn parse_inner(path: &Path, text: &str, origin: Origin, provided: Option<&[(String, String)]>) -> Result<Ruleset, RulesError> {
     let mut parts = Vec::new();
     let mut set_texts = Vec::new();
+    let mut set_digests = Vec::new();
     let root_id = match provided {
         Some(_) => PathBuf::new(),
         None => path.canonicalize().unwrap_or_else(|_| path.to_path_buf()),
@@ -1047,7 +1051,7 @@ fn parse_inner(path: &Path, text: &str, origin: Origin, provided: Option<&[(Stri
                     None => f.get_ref().clone(),
                     Some(w) => Path::new(w).parent().unwrap_or(Path::new("")).join(f.get_ref()).display().to_string(),
                 });
-                let prefixes = load_set(s, name, set, &mut hasher, key.as_deref(), provided, &mut set_texts)?;
+                let prefixes = load_set(s, name, set, &mut hasher, key.as_deref(), provided, &mut set_texts, &mut set_digests)?;
                 sets.insert(name.get_ref().clone(), Arc::new(prefixes));
             }
             for (name, set) in &part.raw.portsets {
@@ -1128,7 +1132,7 @@ fn parse_inner(path: &Path, text: &str, origin: Origin, provided: Option<&[(Stri
         warnings,
         hash: hasher.finish(),
         set_files,
-        sources: Sources { rules: Arc::from(text), sets: set_texts },
+        sources: Sources { rules: Arc::from(text), sets: set_texts, set_digests },
     };
     nd_warnings(&mut ruleset);
     let shadowed = crate::matcher::shadowed_rules(&ruleset);
@@ -1329,6 +1333,7 @@ fn parse_action(src: &Source, s: &Spanned<String>) -> Result<Action, RulesError>
     }
 }
 
+#[expect(clippy::too_many_arguments, reason = "the parse state a set adds to: hash, texts and digests")]
 fn load_set(
     src: &Source,
     name: &Spanned<String>,
@@ -1337,6 +1342,7 @@ fn load_set(
     written: Option<&str>,
     provided: Option<&[(String, String)]>,
     texts: &mut Vec<(String, Arc<str>)>,
+    digests: &mut Vec<(String, [u8; 32])>,
 ) -> Result<Vec<IpNet>, RulesError> {
     let n = name.get_ref();
     if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
@@ -1366,6 +1372,7 @@ fn load_set(
         // this process (see `setcache`) is neither parsed nor hashed again.
         if let Some(kept) = crate::setcache::lookup(&text) {
             hasher.part(file.get_ref().as_bytes(), &kept.digest);
+            digests.push((key.to_string(), kept.digest));
             texts.push((key.to_string(), kept.text));
             out.extend_from_slice(&kept.prefixes);
         } else {
@@ -1375,6 +1382,7 @@ fn load_set(
             parse_set_lines(&text, &path, &mut out)?;
             let text: Arc<str> = Arc::from(text.as_str());
             crate::setcache::store(&text, &out[start..], digest);
+            digests.push((key.to_string(), digest));
             texts.push((key.to_string(), text));
         }
     }
