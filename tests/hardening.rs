@@ -21,7 +21,6 @@ use std::{
 use harness::{daemon::*, topology::CLIENT_V4, *};
 
 const N: u64 = 30;
-const USER: &str = "xdpfw-test";
 
 fn sa(addr: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip(addr), port)
@@ -33,16 +32,8 @@ fn topology(tag: &str) -> Topology {
     t
 }
 
-/// The unprivileged user of these tests, created once.
 fn user() -> &'static str {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        if !Command::new("id").arg(USER).output().unwrap().status.success() {
-            let out = Command::new("useradd").args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER]).output().unwrap();
-            assert!(out.status.success() || String::from_utf8_lossy(&out.stderr).contains("exists"), "useradd: {out:?}");
-        }
-    });
-    USER
+    harness::unprivileged_user()
 }
 
 /// Runs `args` as the unprivileged user.

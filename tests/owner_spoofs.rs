@@ -20,19 +20,10 @@ use xdpfw_daemon::escalation::{
 };
 use xdpfw_rules::owner::{Owner, OwnerMatch};
 
-const USER: &str = "xdpfw-test";
 const UNIFIED: &str = "/sys/fs/cgroup/unified";
 
-/// The unprivileged system user the tests act as (created once, as tests/hardening.rs does).
 fn user() -> &'static str {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        if !Command::new("id").arg(USER).output().unwrap().status.success() {
-            let out = Command::new("useradd").args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER]).output().unwrap();
-            assert!(out.status.success() || String::from_utf8_lossy(&out.stderr).contains("exists"), "useradd: {out:?}");
-        }
-    });
-    USER
+    harness::unprivileged_user()
 }
 
 fn python() -> PathBuf {

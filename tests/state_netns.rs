@@ -115,20 +115,6 @@ fn exchange(s: &mut TcpStream, msg: &[u8], timeout: Duration) -> bool {
     s.write_all(msg).is_ok() && s.read_exact(&mut buf).is_ok() && buf == msg
 }
 
-/// Echo replies received for `count` pings from `ns` to `addr`.
-fn ping_from(ns: &str, addr: &str, count: u32) -> u32 {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "ping", "-n", "-q", "-c", &count.to_string(), "-i", "0.05", "-W", "1", addr])
-        .output()
-        .expect("ping");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find(|l| l.contains("transmitted"))
-        .and_then(|l| l.split(", ").find_map(|p| p.strip_suffix(" received")))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no ping summary in: {text}"))
-}
-
 /// The names of the TCX egress programs on the server interface.
 fn tcx_egress(t: &Topology) -> String {
     let iface = std::ffi::CString::new(t.server_if.clone()).unwrap();

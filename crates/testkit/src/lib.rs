@@ -73,6 +73,19 @@ pub fn attached(tag: &str, rules_file: &str) -> Topology {
     t
 }
 
+/// The unprivileged system user security tests act as (`xdpfw-test`, created on first use).
+pub fn unprivileged_user() -> &'static str {
+    const USER: &str = "xdpfw-test";
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if !Command::new("id").arg(USER).output().unwrap().status.success() {
+            let out = Command::new("useradd").args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER]).output().unwrap();
+            assert!(out.status.success() || String::from_utf8_lossy(&out.stderr).contains("exists"), "useradd: {out:?}");
+        }
+    });
+    USER
+}
+
 /// Runs `loader --netns NS args...`; returns the output whatever the exit status.
 pub fn loader(ns: &str, args: &[&str]) -> Output {
     Command::new(loader_bin()).arg("--netns").arg(ns).args(args).output().expect("running loader")
@@ -236,8 +249,13 @@ pub fn tcp_connects(t: &Topology, to: SocketAddr, timeout: Duration) -> bool {
 
 /// Echo replies received for `count` pings from the client namespace (bounded by -W and -c).
 pub fn ping(t: &Topology, addr: &str, count: u32) -> u32 {
+    ping_from(&t.client_ns, addr, count)
+}
+
+/// Echo replies received for `count` pings from namespace `ns` (bounded by -W and -c).
+pub fn ping_from(ns: &str, addr: &str, count: u32) -> u32 {
     let out = Command::new("ip")
-        .args(["netns", "exec", &t.client_ns, "ping", "-n", "-q", "-c", &count.to_string(), "-i", "0.05", "-W", "1", addr])
+        .args(["netns", "exec", ns, "ping", "-n", "-q", "-c", &count.to_string(), "-i", "0.05", "-W", "1", addr])
         .output()
         .expect("ping");
     let text = String::from_utf8_lossy(&out.stdout);
