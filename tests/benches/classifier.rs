@@ -260,7 +260,7 @@ fn main() -> Result<()> {
     let mut fw = PrivateProgram::load()?;
     let mut rows = Vec::new();
     if std::env::args().any(|a| a == "--state") {
-        // Only the connection-state rows (quick: no large sets).
+        // Only the connection-state and limit rows (quick: no large sets).
         state_rows(&mut fw, &mut peers, &mut rng, &dir, repeat, &mut rows)?;
         print_rows(&rows, repeat)?;
         std::fs::remove_dir_all(&dir)?;
@@ -502,8 +502,9 @@ fn more_rows(fw: &mut PrivateProgram, peers: &mut Peers, rng: &mut StdRng, dir: 
 /// Connection state: what a `state` rule's lookup costs. Over the same 100 port rules: none with
 /// `state` (the baseline), then a first rule `state = "established"` with every frame's flow in
 /// the table (one hash lookup, then the match), and with none (the lookup misses and the rules
-/// are matched again). Then the egress program's cost per packet sent, recording off (no
-/// ruleset uses `state`) and on (a refresh of the flow's entry).
+/// are matched again); and a first rule with a `limit` never reached (the cost of a check). Then
+/// the egress program's cost per packet sent, recording off (no ruleset uses `state`) and on (a
+/// refresh of the flow's entry).
 fn state_rows(fw: &mut PrivateProgram, peers: &mut Peers, rng: &mut StdRng, dir: &std::path::Path, repeat: u32, rows: &mut Vec<Row>) -> Result<()> {
     let extra = structured_rules(rng, 100);
     let replies: Vec<PacketSpec> = (0..FRAMES)
@@ -528,6 +529,14 @@ fn state_rows(fw: &mut PrivateProgram, peers: &mut Peers, rng: &mut StdRng, dir:
     }
     let m = measure(fw, peers, &f, repeat, false)?;
     rows.push(Row { name: "100 rules + state rule first, no flow".into(), prefixes: 0, rules: 101, m, compile_ms: None, install_ms: None });
+
+    // `limit`: the same 100 rules behind a first rule with a limit no packet here reaches (one
+    // bucket for the rule, then one per source), against the first row: the cost of a check.
+    for (label, limit) in [("per rule", "limit = { rate = \"10000000/s\" }"), ("per source", "limit = { rate = \"10000000/s\", per = \"source\" }")] {
+        install_text(fw, dir, &format!("default = \"pass\"\n[[rule]]\nname = \"limited\"\naction = \"pass\"\nproto = \"tcp\"\n{limit}\n{extra}"))?;
+        let m = measure(fw, peers, &f, repeat, false)?;
+        rows.push(Row { name: format!("100 rules + limit rule first, {label}"), prefixes: 0, rules: 101, m, compile_ms: None, install_ms: None });
+    }
 
     // The egress program, on the packets this host sends (the replies' flows, reversed).
     fw.load_egress()?;
