@@ -149,25 +149,11 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// BPF_MAP_DELETE_ELEM (a missing key is fine).
 fn delete_elem(fd: std::os::fd::BorrowedFd<'_>, key: u32) -> std::io::Result<()> {
-    #[repr(C)]
-    struct ElemAttr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
     const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-    let attr = ElemAttr { map_fd: fd.as_raw_fd() as u32, _pad: 0, key: &key as *const u32 as u64, value: 0, flags: 0 };
-    // SAFETY: a bpf(2) call with a properly sized attribute pointing at a live key.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_DELETE_ELEM, &attr as *const ElemAttr, size_of::<ElemAttr>()) };
-    if rc < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ENOENT) {
-            return Err(e);
-        }
+    match elem_call(BPF_MAP_DELETE_ELEM, fd, key, 0) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
     }
-    Ok(())
 }
 
 /// The id of the inner map in slot `key` of the array-of-maps `fd`, `None` when it is empty.
@@ -205,7 +191,7 @@ fn set_slot(fd: std::os::fd::BorrowedFd<'_>, key: u32, id: u32) -> std::io::Resu
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 
-/// BPF_MAP_LOOKUP_ELEM or BPF_MAP_UPDATE_ELEM of a u32 key, `value` pointing at the value.
+/// A BPF_MAP_*_ELEM command on a u32 key, `value` pointing at the value (0 for a delete).
 fn elem_call(cmd: libc::c_long, fd: std::os::fd::BorrowedFd<'_>, key: u32, value: u64) -> std::io::Result<()> {
     #[repr(C)]
     struct ElemAttr {
