@@ -66,6 +66,14 @@ const ROUNDS: usize = 2;
 /// `--focus`: only the rows of the performance target, with more rounds.
 const FOCUS_ROUNDS: usize = 4;
 
+fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -242,7 +250,9 @@ fn main() -> Result<()> {
     let trace_only = std::env::args().any(|a| a == "--trace");
     let quick = trace_only || std::env::args().any(|a| a == "--quick");
     let focus = focus();
-    let repeat: u32 = if quick { 1000 } else { 5000 };
+    // `XDPFW_BENCH_REPEAT=N`: runs per BPF_PROG_TEST_RUN call (the kernel reports whole ns per
+    // call, so the resolution is 1 ns a frame; more repeats and rounds narrow the noise).
+    let repeat: u32 = env_number("XDPFW_BENCH_REPEAT").unwrap_or(if quick { 1000 } else { 5000 });
     let scales: &[usize] = if quick {
         &[0, 1_000]
     } else if focus {
@@ -394,36 +404,45 @@ fn trace_rows(fw: &mut PrivateProgram, peers: &mut Peers, dir: &std::path::Path,
     let excluding = TraceConfig { filter: trace::filter::PORT, port: 1, ..Default::default() };
     let at_100 = TraceConfig { sample: 1, interval_ns: 10_000_000, burst_ns: 990_000_000, ..Default::default() };
     let modes: [(&str, Option<TraceConfig>); 3] = [("trace off", None), ("trace on, filtered out", Some(excluding)), ("trace on, 100/s", Some(at_100))];
-    let rounds = if focus() { FOCUS_ROUNDS } else { ROUNDS } * 2;
+    // `XDPFW_BENCH_ROUNDS=N`: more rounds for comparisons of builds a few percent apart.
+    let rounds = env_number("XDPFW_BENCH_ROUNDS").unwrap_or(if focus() { FOCUS_ROUNDS } else { ROUNDS } * 2);
     let n = frames.len();
     eprintln!("verifier: {:?} instructions for this build", fw.verified_instructions());
-    // `XDPFW_BENCH_BASELINE=OBJECT`: an earlier build of the program (the ELF aya-build made,
-    // e.g. of the commit before tracing), with the same ruleset, taking turns with the others.
-    let mut baseline = match std::env::var_os("XDPFW_BENCH_BASELINE") {
-        Some(path) => {
-            let object = std::fs::read(&path).with_context(|| format!("reading {}", path.to_string_lossy()))?;
-            // It must have the same map layouts (GlobalStats, RulesetHeader, …) as this build.
-            let mut b = PrivateProgram::load_from(&object)?;
-            eprintln!("verifier: {:?} instructions for the baseline", b.verified_instructions());
-            // The ruleset installed last (install_text's file).
-            b.activate(&compile(&rules::load(&dir.join("bench.toml"))?)?)?;
-            Some(b)
-        }
-        None => None,
-    };
-    let mut before = vec![vec![]; n];
+    // `XDPFW_BENCH_BASELINE=OBJECT[,OBJECT…]`: earlier builds of the program (the ELF aya-build
+    // made, e.g. of the commit before tracing, or variants of this one with a part left out),
+    // with the same ruleset, taking turns with the others.
+    let mut baselines = Vec::new();
+    for path in std::env::var("XDPFW_BENCH_BASELINE").unwrap_or_default().split(',').filter(|p| !p.is_empty()) {
+        let object = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+        // It must have the same map layouts (GlobalStats, RulesetHeader, …) as this build.
+        let mut b = PrivateProgram::load_from(&object)?;
+        eprintln!("verifier: {:?} instructions for the baseline {path}", b.verified_instructions());
+        // The ruleset installed last (install_text's file).
+        b.activate(&compile(&rules::load(&dir.join("bench.toml"))?)?)?;
+        let name = std::path::Path::new(path).file_name().map_or(path.to_string(), |f| f.to_string_lossy().into_owned());
+        baselines.push((name, b));
+    }
+    let mut before = vec![vec![vec![]; n]; baselines.len()];
     let mut ns = vec![vec![vec![]; n]; modes.len()];
     let mut fl = vec![vec![]; n];
-    for _ in 0..rounds {
+    for round in 0..rounds {
         for (i, f) in frames.iter().enumerate() {
             fl[i].push(run_one(&mut peers.floor, "floor", f, repeat)?);
         }
-        if let Some(b) = baseline.as_mut() {
+        // The baselines and this build with tracing off take turns in an order that rotates
+        // each round, so no build always runs first (just after the floor) or last.
+        fw.maps.trace_stop();
+        let turns = baselines.len() + 1;
+        for j in 0..turns {
+            let k = (j + round) % turns;
             for (i, f) in frames.iter().enumerate() {
-                before[i].push(b.run_repeat(f, repeat)?.1.as_nanos() as f64);
+                match baselines.get_mut(k) {
+                    Some((_, b)) => before[k][i].push(b.run_repeat(f, repeat)?.1.as_nanos() as f64),
+                    None => ns[0][i].push(fw.run_repeat(f, repeat)?.1.as_nanos() as f64),
+                }
             }
         }
-        for (m, (_, config)) in modes.iter().enumerate() {
+        for (m, (_, config)) in modes.iter().enumerate().skip(1) {
             match config {
                 // A lease that never runs out: the bench is its own tracer.
                 Some(c) => fw.maps.trace_start(c, u64::MAX)?,
@@ -438,11 +457,15 @@ fn trace_rows(fw: &mut PrivateProgram, peers: &mut Peers, dir: &std::path::Path,
     let per = |v: &Vec<Vec<f64>>| v.iter().map(|r| median(r.clone())).collect::<Vec<f64>>();
     let floor = median(per(&fl));
     let off = median(per(&ns[0]));
-    if baseline.is_some() {
-        let v = median(per(&before));
-        eprintln!("baseline (XDPFW_BENCH_BASELINE): {v:.1} ns/packet; trace off is {:.3}x the baseline", off / v);
+    for (k, (name, _)) in baselines.iter().enumerate() {
+        let v = median(per(&before[k]));
+        // Also each frame's fastest round, averaged over frames: other work on the machine only
+        // ever adds time, and medians of whole ns hide differences below 1 ns.
+        let fastest = |v: &Vec<Vec<f64>>| mean(&v.iter().map(|r| r.iter().copied().fold(f64::MAX, f64::min)).collect::<Vec<f64>>());
+        let (mb, mo) = (fastest(&before[k]), fastest(&ns[0]));
+        eprintln!("baseline {name}: {v:.1} ns/packet (fastest rounds {mb:.2}); trace off is {:.3}x the baseline (fastest: {:.4}x)", off / v, mo / mb);
         rows.push(Row {
-            name: format!("baseline build ({:.3}x off)", v / off),
+            name: format!("baseline {name} ({:.3}x off)", v / off),
             prefixes: 0,
             rules: 0,
             m: Measure { ns: v, floor_ns: floor, x_floor: v / floor, plain_ns: None, x_plain: None },

@@ -313,7 +313,7 @@ fn decide(ctx: &XdpContext, stats: &mut GlobalStats, len: u64) -> u32 {
     if logged || lease != 0 {
         if let Some(n) = NOTE.get_ptr_mut(0) {
             // SAFETY: a per-CPU slot, as above.
-            note(ctx, &pkt, unsafe { &mut *n }, generation, slot, verdict, logged, len);
+            note(unsafe { &mut *n }, generation, slot, verdict, logged, len);
             return verdict | NOTED;
         }
     }
@@ -323,10 +323,25 @@ fn decide(ctx: &XdpContext, stats: &mut GlobalStats, len: u64) -> u32 {
 /// Set in `decide`'s result when it noted the decision in NOTE for `after_decision`.
 const NOTED: u32 = 1 << 8;
 
-/// Writes the decision into the per-CPU NOTE, for `after_decision` to log or trace.
+/// Writes the decision into the per-CPU NOTE, for `after_decision` to log or trace: only the
+/// decision's scalars. The packet's fields are read again there (see `describe`), so nothing of
+/// the parsed packet has to stay live across the classifier for a path taken only while
+/// tracing or for rules with `log` (kept live, they cost every packet a few percent in spills).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn note(ctx: &XdpContext, pkt: &Packet, n: &mut DecisionEvent, generation: u64, slot: u32, verdict: u32, logged: bool, len: u64) {
+fn note(n: &mut DecisionEvent, generation: u64, slot: u32, verdict: u32, logged: bool, len: u64) {
+    n.generation = generation;
+    n.time_ns = 0;
+    n.len = len as u32;
+    n.rule = slot;
+    n.kind = if logged { trace::kind::LOG } else { trace::kind::TRACE };
+    n.verdict = verdict as u8;
+}
+
+/// Fills the packet's side of a noted decision: the frame parsed again (it is the same frame,
+/// unchanged since `decide`). False for a frame that no longer parses (never expected).
+#[inline(always)]
+fn describe(ctx: &XdpContext, n: &mut DecisionEvent) -> bool {
+    let ParseOutcome::Packet(pkt) = parse::parse(ctx) else { return false };
     n.src = [0; 16];
     n.dst = [0; 16];
     if pkt.is_v6 {
@@ -347,20 +362,15 @@ fn note(ctx: &XdpContext, pkt: &Packet, n: &mut DecisionEvent, generation: u64, 
         n.dst[2] = d[2];
         n.dst[3] = d[3];
     }
-    n.generation = generation;
-    n.time_ns = 0;
-    n.len = len as u32;
-    n.rule = slot;
     n.sport = pkt.sport;
     n.dport = pkt.dport;
     n.proto = pkt.proto;
     n.is_v6 = pkt.is_v6 as u8;
-    n.kind = if logged { trace::kind::LOG } else { trace::kind::TRACE };
-    n.verdict = verdict as u8;
     n.icmp = pkt.icmp;
     n.tcp_flags = pkt.tcp_flags;
     n.has = pkt.has_ports as u8 | (pkt.has_icmp as u8) << 1 | (pkt.has_tcp_flags as u8) << 2;
     n._pad = [0; 4];
+    true
 }
 
 /// Logs and traces the decision `decide` noted. A BPF subprogram called once, after the
@@ -368,10 +378,13 @@ fn note(ctx: &XdpContext, pkt: &Packet, n: &mut DecisionEvent, generation: u64, 
 /// verifier does not follow): so it is verified a few times, not once per path of the
 /// classifier (inlined there, or called from there, it multiplied the verifier's work by 7).
 #[inline(never)]
-fn after_decision(_ctx: &XdpContext) {
+fn after_decision(ctx: &XdpContext) {
     let Some(n) = NOTE.get_ptr_mut(0) else { return };
     // SAFETY: a per-CPU slot written by `decide` for this packet.
     let n = unsafe { &mut *n };
+    if !describe(ctx, n) {
+        return;
+    }
     if n.kind == trace::kind::LOG {
         // SAFETY: a helper with no arguments.
         n.time_ns = unsafe { bpf_ktime_get_ns() };
@@ -805,7 +818,7 @@ fn classify(
         return if limits { apply_limits(ctx, generation, buffer, header, pkt, len, None, first, stats) } else { first };
     }
     let mut f = lookup_fields(ctx, buffer, header, pkt)?;
-    let mut first = first_match(&f);
+    let mut first = if header.fields & field::VLAN != 0 { first_match::<false, true>(&f) } else { first_match::<false, false>(&f) };
     if header.flags & header_flags::STATE != 0 {
         first = flows::apply_state(ctx, buffer, pkt, &mut f, first, limits, stats);
     }
@@ -912,9 +925,14 @@ fn outer_vlan(ctx: &XdpContext) -> u32 {
     }
 }
 
-/// The lowest rule in the AND of the fields' bitmaps.
+/// The lowest rule in the AND of the fields' bitmaps; with `STATE`, the connection state's
+/// bitmap too, and with `VLAN` the VLAN id's. Without, they are not read: before
+/// `flows::apply_state` has looked the state up it allows every rule, as the VLAN bitmap does
+/// in a ruleset without `vlan`; leaving them out spares the packets of rulesets that use
+/// neither the loads and spills of two more bitmaps (what a ruleset without the features pays
+/// stays what it paid before they existed).
 #[inline(always)]
-pub(crate) fn first_match(f: &Fields) -> Option<u32> {
+pub(crate) fn first_match<const STATE: bool, const VLAN: bool>(f: &Fields) -> Option<u32> {
     // Only words set in every summary can hold a match; visit them lowest (highest priority)
     // first. The summaries have at most BITMAP_WORDS bits, so this loop runs at most that often.
     let mut candidates = f.src.summary
@@ -924,8 +942,8 @@ pub(crate) fn first_match(f: &Fields) -> Option<u32> {
         & f.dport.summary
         & f.icmp.summary
         & f.flags.summary
-        & f.state.summary
-        & f.vlan.summary;
+        & if STATE { f.state.summary } else { u64::MAX }
+        & if VLAN { f.vlan.summary } else { u64::MAX };
     let mut i = 0;
     while i < BITMAP_WORDS {
         if candidates == 0 {
@@ -939,8 +957,8 @@ pub(crate) fn first_match(f: &Fields) -> Option<u32> {
             & f.dport.words[w]
             & f.icmp.words[w]
             & f.flags.words[w]
-            & f.state.words[w]
-            & f.vlan.words[w];
+            & if STATE { f.state.words[w] } else { u64::MAX }
+            & if VLAN { f.vlan.words[w] } else { u64::MAX };
         if acc != 0 {
             return Some((w as u32) * 64 + acc.trailing_zeros());
         }
