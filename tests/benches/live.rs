@@ -65,7 +65,7 @@ fn with_ns<T>(ns: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let target = File::open(Path::new("/run/netns").join(ns)).with_context(|| format!("namespace {ns}"))?;
     nix::sched::setns(target, nix::sched::CloneFlags::CLONE_NEWNET)?;
     let r = f();
-    nix::sched::setns(home, nix::sched::CloneFlags::CLONE_NEWNET).expect("returning to the bench's own namespace");
+    nix::sched::setns(home, nix::sched::CloneFlags::CLONE_NEWNET).context("returning to the bench's own namespace")?;
     r
 }
 
@@ -400,12 +400,13 @@ fn run(quick: bool, n: usize, secs: f64, rounds: usize, set: &[(Ipv4Addr, u8)], 
 
     let mut generator = Generator::load()?;
     // Built one by one; any failure drops (detaches, deletes) those built so far.
-    let mut receivers = Vec::new();
-    receivers.push(new_receiver("lvc", "ceiling (XDP_DROP)", |t| attach_lpm(t, &[(Ipv4Addr::UNSPECIFIED, 0)]))?);
-    receivers.push(new_receiver("lvx", "xdpfw, 1 rule", |t| attach_xdpfw(t, &one_rule))?);
-    receivers.push(new_receiver("lvk", "xdpfw, 1000 rules + set rule", |t| attach_xdpfw(t, &many_rules))?);
-    receivers.push(new_receiver("lvl", "plain LPM lookup", |t| attach_lpm(t, set))?);
-    receivers.push(new_receiver("lvn", "nftables (netdev ingress)", |t| attach_nft(t, dir, set))?);
+    let mut receivers = vec![
+        new_receiver("lvc", "ceiling (XDP_DROP)", |t| attach_lpm(t, &[(Ipv4Addr::UNSPECIFIED, 0)]))?,
+        new_receiver("lvx", "xdpfw, 1 rule", |t| attach_xdpfw(t, &one_rule))?,
+        new_receiver("lvk", "xdpfw, 1000 rules + set rule", |t| attach_xdpfw(t, &many_rules))?,
+        new_receiver("lvl", "plain LPM lookup", |t| attach_lpm(t, set))?,
+        new_receiver("lvn", "nftables (netdev ingress)", |t| attach_nft(t, dir, set))?,
+    ];
 
     let mix_names = ["a: sources inside the set", "b: sources anywhere"];
     for (m, sources) in mixes.iter().enumerate() {
@@ -445,7 +446,7 @@ fn report(quick: bool, n: usize, secs: f64, rounds: usize, receivers: &[Receiver
         "\nLive veth, 64-byte UDP frames from {SOURCES} random sources per mix, {n} host-route-heavy prefixes; Mpps processed by the receiving end\n\
          (median of {rounds} rounds of {secs} s; the receivers take turns in each round; generator and receiver share one CPU)\n"
     );
-    let _ = writeln!(out, "{:<32} {:>10} {:>8} {:>10} {:>8} {:>12}   {}", "filter", "a: Mpps", "a: drop", "b: Mpps", "b: drop", "a: ns > ceil", "per round (a | b)");
+    let _ = writeln!(out, "{:<32} {:>10} {:>8} {:>10} {:>8} {:>12}   per round (a | b)", "filter", "a: Mpps", "a: drop", "b: Mpps", "b: drop", "a: ns > ceil");
     let med = |r: &Receiver, m: usize| median(r.mpps[m].clone());
     let find = |name: &str| receivers.iter().find(|r| r.name.starts_with(name)).ok_or_else(|| anyhow!("no receiver {name}"));
     let (ceiling, lpm, nft) = (find("ceiling")?, find("plain LPM")?, find("nftables")?);
