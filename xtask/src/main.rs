@@ -47,7 +47,8 @@ enum Cmd {
         targets: Vec<String>,
     },
     /// Benchmarks: ns per packet through BPF_PROG_TEST_RUN beside an empty program and a plain
-    /// LPM program, compile and install times up to 1M prefixes (table and JSON). Needs root.
+    /// LPM program, compile and install times up to 1M prefixes, reloads, escalation, live veth
+    /// Mpps beside LPM and nftables, the fleet (tables and JSON). Needs root.
     Bench {
         /// Smaller sets and fewer repeats (seconds instead of minutes).
         #[arg(long)]
@@ -104,9 +105,11 @@ fn main() -> Result<()> {
             // The escalation bench drives the `loader` binary, which testkit finds beside the
             // bench executable: target/release/loader.
             run(Command::new("cargo").current_dir(root_dir()).args(["build", "--release", "-p", "loader"]))?;
-            for bench in ["classifier", "reload", "escalation"] {
+            for bench in ["classifier", "reload", "escalation", "live", "fleet"] {
                 let mut cmd = Command::new("cargo");
                 cmd.current_dir(root_dir()).args(["bench", "-p", "xdpfw-tests", "--bench", bench, "--"]);
+                // The fleet bench runs the recent nats-server setup put in .tools/bin, as `test` does.
+                cmd.env("PATH", format!("{}:{}", root_dir().join(".tools/bin").display(), std::env::var("PATH").unwrap_or_default()));
                 if quick {
                     cmd.arg("--quick");
                 }

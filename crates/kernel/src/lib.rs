@@ -17,11 +17,15 @@ pub use maps::{InstallTimes, Maps, MmapArray, pinned_map};
 pub use object::{PROGRAM_OBJECT, load_egress, load_private, load_private_from, load_probe, load_program};
 pub use pins::{AttachMode, EGRESS_LINK_PIN, EGRESS_PIN, attach_and_pin, attach_egress, egress_attached, detach_and_unpin, ensure_bpffs, open_probe, pin_dir, pin_probe, pin_root};
 
-/// The peers the classifier benchmark runs beside the firewall, built with it: an XDP program
-/// that only returns (the floor) and one that makes a single LPM lookup (the plain program).
+/// The peers the benchmarks run beside the firewall, built with it: an XDP program that only
+/// returns (the floor), one that makes a single LPM lookup (the plain program), and the live
+/// bench's traffic generator.
 pub mod peers {
     /// The empty XDP program.
     pub static FLOOR: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/floor"));
     /// One LPM-trie lookup on the source address.
     pub static PLAIN_LPM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/plain_lpm"));
+    /// The live veth bench's traffic generator: a random source from `LIVE_SOURCES` per frame,
+    /// then XDP_TX (run with BPF_F_TEST_XDP_LIVE_FRAMES).
+    pub static LIVE_GEN: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/live_gen"));
 }
