@@ -7,6 +7,10 @@
 //! `--focus` runs only the rows of the performance target, with more rounds; `--trace` only the
 //! quick rows and the cost of `loader trace` (off, on but filtered out, on at 100/s);
 //! `XDPFW_BENCH_FRAMES=1` prints each row's per-frame figures (sorted), to tell noise from paths.
+//! `XDPFW_BENCH_BASELINE=a.o,b.o` (with `--trace`) runs other builds of the program beside this
+//! one, in an order that rotates each round (variants with a part left out measure what that
+//! part costs); `XDPFW_BENCH_REPEAT` and `XDPFW_BENCH_ROUNDS` raise the runs per call and the
+//! rounds for such comparisons.
 
 use std::{
     fmt::Write as _,
