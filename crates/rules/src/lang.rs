@@ -1065,7 +1065,7 @@ fn parse_inner(path: &Path, text: &str, origin: Origin, provided: Option<&[(Stri
                     Some(w) => Path::new(w).parent().unwrap_or(Path::new("")).join(f.get_ref()).display().to_string(),
                 });
                 let (prefixes, id) = load_set(s, name, set, &mut hasher, key.as_deref(), provided, &mut set_texts, &mut set_digests)?;
-                sets.insert(name.get_ref().clone(), Arc::new(prefixes));
+                sets.insert(name.get_ref().clone(), prefixes);
                 set_ids.insert(name.get_ref().clone(), id);
             }
             for (name, set) in &part.raw.portsets {
@@ -1358,7 +1358,7 @@ fn load_set(
     provided: Option<&[(String, String)]>,
     texts: &mut Vec<(String, Arc<str>)>,
     digests: &mut Vec<(String, [u8; 32])>,
-) -> Result<(Vec<IpNet>, [u8; 32]), RulesError> {
+) -> Result<(Arc<Vec<IpNet>>, [u8; 32]), RulesError> {
     let n = name.get_ref();
     if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
         return Err(src.error(name.span(), format!("set name \"{n}\" may use only letters, digits, '_' and '-'")));
@@ -1378,6 +1378,7 @@ fn load_set(
             IpNet::V6(n) => sha2::Digest::update(&mut id, [&[6, n.prefix_len()][..], &n.network().octets()].concat()),
         }
     }
+    let mut shared = None;
     if let Some(file) = &raw.file {
         let base = src.path.parent().unwrap_or(Path::new("."));
         let path = base.join(file.get_ref());
@@ -1414,7 +1415,12 @@ fn load_set(
             hasher.part(file.get_ref().as_bytes(), &kept.digest);
             digests.push((key.to_string(), kept.digest));
             texts.push((key.to_string(), kept.text));
-            out.extend_from_slice(&kept.prefixes);
+            // A set that is the file alone shares the kept prefixes (no copy of a 1M list).
+            if out.is_empty() {
+                shared = Some(kept.prefixes);
+            } else {
+                out.extend_from_slice(&kept.prefixes);
+            }
             kept.digest
         } else {
             let Some((text, before, after, read_start)) = read else { unreachable!("read when not kept") };
@@ -1423,7 +1429,15 @@ fn load_set(
             let start = out.len();
             parse_set_lines(&text, &path, &mut out)?;
             let text: Arc<str> = Arc::from(text.as_str());
-            crate::setcache::store(&text, &out[start..], digest);
+            if text.len() >= crate::setcache::MIN_TEXT {
+                if start == 0 {
+                    let prefixes = Arc::new(std::mem::take(&mut out));
+                    crate::setcache::store(&text, prefixes.clone(), digest);
+                    shared = Some(prefixes);
+                } else {
+                    crate::setcache::store(&text, Arc::new(out[start..].to_vec()), digest);
+                }
+            }
             if provided.is_none() {
                 crate::setcache::note_read(before, after, read_start, text.len(), digest, true);
             }
@@ -1439,6 +1453,7 @@ fn load_set(
     if raw.prefixes.is_none() && raw.file.is_none() {
         return Err(src.error(set.span(), format!("set \"{n}\" needs `prefixes` or `file`")));
     }
+    let out = shared.unwrap_or_else(|| Arc::new(out));
     let limit = xdpfw_common::MAX_PREFIXES as usize;
     if out.len() > limit {
         return Err(src.error(set.span(), format!("set \"{n}\" has {} prefixes (the limit is {limit})", out.len())));

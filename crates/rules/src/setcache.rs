@@ -49,7 +49,8 @@ pub const TRUST_AGE: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub(crate) struct Entry {
     pub text: Arc<str>,
-    pub prefixes: Arc<[IpNet]>,
+    /// Shared with every ruleset whose set is this file alone (no inline prefixes).
+    pub prefixes: Arc<Vec<IpNet>>,
     pub digest: [u8; 32],
 }
 
@@ -122,7 +123,7 @@ pub(crate) fn lookup(text: &str) -> Option<Entry> {
 }
 
 /// Keeps `text` and the prefixes it parsed to, dropping the oldest entry beyond [`ENTRIES`].
-pub(crate) fn store(text: &Arc<str>, prefixes: &[IpNet], digest: [u8; 32]) {
+pub(crate) fn store(text: &Arc<str>, prefixes: Arc<Vec<IpNet>>, digest: [u8; 32]) {
     if text.len() < MIN_TEXT {
         return;
     }
@@ -131,7 +132,7 @@ pub(crate) fn store(text: &Arc<str>, prefixes: &[IpNet], digest: [u8; 32]) {
     if cache.len() >= ENTRIES {
         cache.remove(0);
     }
-    cache.push(Entry { text: text.clone(), prefixes: Arc::from(prefixes), digest });
+    cache.push(Entry { text: text.clone(), prefixes, digest });
 }
 
 /// The stamps of the file at `path` now (following symlinks, as an open does).
