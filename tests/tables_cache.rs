@@ -120,7 +120,7 @@ fn a_long_lived_process_reads_no_unchanged_set_file() {
             &rules,
             format!("default = \"pass\"\n[sets.big]\nfile = \"big.txt\"\n[[rule]]\naction = \"drop\"\nsrc = [\"@big\"]\n[[rule]]\naction = \"drop\"\nproto = \"udp\"\ndport = {port}\n"),
         )
-        .unwrap()
+        .unwrap();
     };
     write_rules(7000);
     let mut t = Topology::new("tcproc").expect("topology");

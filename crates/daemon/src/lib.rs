@@ -300,7 +300,7 @@ impl Applier {
             (r, started)
         })
             .await
-            .map_or_else(|e| (Err(ControlError::Refused(format!("reload task failed: {e}"))), Duration::ZERO), |v| v);
+            .unwrap_or_else(|e| (Err(ControlError::Refused(format!("reload task failed: {e}"))), Duration::ZERO));
         let (result, before_pipeline) = result;
         drop(last);
         // A ruleset that went live is applied, even if recording it failed (said loudly).
