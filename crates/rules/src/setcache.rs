@@ -190,6 +190,31 @@ pub fn forget_file(path: &Path) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// Only a file whose last change is at least TRUST_AGE before the read may be vouched for
+    /// by its stamps later; a read that saw the stamps move records nothing.
+    #[test]
+    fn stamps_vouch_only_for_files_settled_before_the_read() {
+        let now = SystemTime::now();
+        let at = |t: SystemTime| {
+            let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+            Stamp { dev: 1, ino: 2, size: MIN_TEXT as u64, mtime: (0, 0), ctime: (d.as_secs() as i64, d.subsec_nanos() as i64) }
+        };
+        assert!(at(now - TRUST_AGE - Duration::from_millis(10)).settled_before(now));
+        assert!(!at(now - TRUST_AGE + Duration::from_millis(10)).settled_before(now));
+        assert!(!at(now + Duration::from_secs(1)).settled_before(now), "a ctime in the future");
+        let digest = [7; 32];
+        let old = at(now - TRUST_AGE * 2);
+        note_read(Some(old), Some(Stamp { ctime: (old.ctime.0, old.ctime.1 + 1), ..old }), now, MIN_TEXT, digest, true);
+        assert!(!lock(&FILES).iter().any(|(s, _)| *s == old), "the stamps moved during the read");
+        note_read(Some(old), Some(old), now, MIN_TEXT, digest, true);
+        assert!(lock(&FILES).iter().any(|(s, d)| *s == old && *d == digest));
+        let fresh = at(now);
+        note_read(Some(fresh), Some(fresh), now, MIN_TEXT, digest, false);
+        assert!(!lock(&FILES).iter().any(|(s, _)| (s.dev, s.ino) == (1, 2)), "a fresh change replaces the record with nothing");
+    }
+
     /// A set file parsed again from the cache gives what a first parse gives, and a changed
     /// text (one line more, same length class) is parsed afresh.
     #[test]
