@@ -4,7 +4,7 @@
 //! builds new tables. Sharing chains across reloads, survives a failed reload, and starts
 //! afresh after an attach.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, os::unix::fs::FileExt};
 
 use xdpfw_testkit::{daemon::TempDir, topology::CLIENT_V4, *};
 
@@ -96,4 +96,77 @@ fn reloads_that_change_no_prefix_reuse_the_live_tables() {
     let r = reload();
     assert!(!reused(&r), "{r}");
     assert_eq!(delivered(7002), 0);
+}
+
+/// The daemon's path, in this process (a long-lived one, like `loader run`): a reload that
+/// changes only a port rule beside a large set file reuses the compiled tables and does not read
+/// the set file at all once its metadata vouches for it; a set file changed in place (same
+/// size, right after a reload) is read, parsed and compiled again; a file changed less than
+/// `TRUST_AGE` before a read is read again by the next reload. Asserted on the reload's flags
+/// and counters, never on times.
+#[test]
+fn a_long_lived_process_reads_no_unchanged_set_file() {
+    if !root_or_skip() {
+        return;
+    }
+    use xdpfw_control::{self as control, Instance, ReloadOptions};
+    let dir = TempDir::new("tables-cache-proc");
+    let (rules, set) = (dir.0.join("rules.toml"), dir.0.join("big.txt"));
+    // 20,000 /24s: about 250 KB, above the 64 KiB from which set files are kept.
+    let lines = |first: u8| -> String { (0..20_000u32).map(|i| format!("{first}.{}.{}.0/24\n", i >> 8 & 0xff, i & 0xff)).collect() };
+    std::fs::write(&set, lines(10)).unwrap();
+    let write_rules = |port: u16| {
+        std::fs::write(
+            &rules,
+            format!("default = \"pass\"\n[sets.big]\nfile = \"big.txt\"\n[[rule]]\naction = \"drop\"\nsrc = [\"@big\"]\n[[rule]]\naction = \"drop\"\nproto = \"udp\"\ndport = {port}\n"),
+        )
+        .unwrap();
+    };
+    write_rules(7000);
+    let mut t = Topology::new("tcproc").expect("topology");
+    t.detach_on_drop(loader_bin());
+    let iface = t.server_if.clone();
+    // This thread works inside the server namespace from here on.
+    let ns = std::fs::File::open(std::path::Path::new("/run/netns").join(&t.server_ns)).unwrap();
+    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    // Older than TRUST_AGE when first read, so the attach's read already vouches for it.
+    std::thread::sleep(xdpfw_rules::TRUST_AGE + std::time::Duration::from_millis(300));
+    control::attach(&iface, Some(&rules), xdpfw_kernel::AttachMode::Auto).unwrap();
+    let inst = Instance::find(Some(&iface)).unwrap();
+    let reload = |port: u16| {
+        write_rules(port);
+        control::reload(&inst, &rules, &ReloadOptions::default()).unwrap().times
+    };
+    let files = |tm: &control::ReloadTimes| (tm.set_files_read, tm.set_files_parsed, tm.set_files_unread);
+
+    // Port-only: tables shared, the set file not even read.
+    let tm = reload(7001);
+    assert!(tm.tables_reused, "{tm:?}");
+    assert_eq!(files(&tm), (0, 0, 1), "read, parsed, unread: {tm:?}");
+    let tm = reload(7002);
+    assert!(tm.tables_reused && files(&tm) == (0, 0, 1), "{tm:?}");
+
+    // The set changes in place, same size, at once: seen (read, parsed), new tables.
+    std::fs::OpenOptions::new().write(true).open(&set).unwrap().write_all_at(lines(11).as_bytes(), 0).unwrap();
+    let tm = reload(7003);
+    assert!(!tm.tables_reused, "a changed set must be compiled: {tm:?}");
+    assert_eq!(files(&tm), (1, 1, 0), "{tm:?}");
+    let state = inst.state().unwrap();
+    assert_eq!(state.ruleset.prefixes, 20_000);
+    // Changed less than TRUST_AGE ago: read again (its text found kept, not parsed).
+    let tm = reload(7004);
+    assert!(tm.tables_reused && files(&tm) == (1, 0, 0), "{tm:?}");
+    // Once settled, one more read records it, and the next reload does not read it.
+    std::thread::sleep(xdpfw_rules::TRUST_AGE + std::time::Duration::from_millis(300));
+    let tm = reload(7005);
+    assert!(tm.tables_reused && files(&tm) == (1, 0, 0), "{tm:?}");
+    let tm = reload(7006);
+    assert!(tm.tables_reused && files(&tm) == (0, 0, 1), "{tm:?}");
+    // A new file renamed over the path (a new inode): read and parsed.
+    let tmp = dir.0.join("big.txt.new");
+    std::fs::write(&tmp, lines(12)).unwrap();
+    std::fs::rename(&tmp, &set).unwrap();
+    let tm = reload(7007);
+    assert!(!tm.tables_reused && files(&tm) == (1, 1, 0), "{tm:?}");
+    control::detach(&iface).unwrap();
 }

@@ -66,6 +66,32 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     fs::rename(&tmp, path).ctx(|| format!("replacing {}", path.display()))
 }
 
+/// [`atomic_write`] without the fsync: a reader sees the old content or the new, and a crash of
+/// this process leaves one or the other (the page cache outlives it), but a crash of the
+/// machine may leave an empty or partial file. For what a machine crash takes away anyway (the
+/// runtime state beside the bpffs maps), or what is synced later ([`sync_path`]).
+pub fn write_unsynced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    private_dir(dir)?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    let written = (|| {
+        let mut f = File::options().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&tmp)?;
+        f.write_all(bytes)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).ctx(|| format!("writing {}", path.display()));
+    }
+    fs::rename(&tmp, path).ctx(|| format!("replacing {}", path.display()))
+}
+
+/// fsync of a file or a folder already written (a folder: its entries, renames included).
+pub fn sync_path(path: &Path) -> Result<()> {
+    File::open(path).and_then(|f| f.sync_all()).ctx(|| format!("syncing {}", path.display()))
+}
+
 /// Takes an exclusive `flock` on `path` (created if missing), waiting up to `wait`. The lock
 /// goes with the returned file. Lock files are never unlinked: a process that removed one while
 /// another waited on it would let a third lock a new file of the same name at the same time.

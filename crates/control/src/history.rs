@@ -173,6 +173,46 @@ pub struct History {
     dir: PathBuf,
 }
 
+/// A snapshot written before a flip and made durable after it (see [`History::stage_snapshot`]).
+pub struct StagedSnapshot<'a> {
+    history: &'a History,
+    rs: &'a Ruleset,
+    rules: PathBuf,
+    state: Staged,
+}
+
+enum Staged {
+    /// There was one already: checked by `finish`.
+    Existing,
+    /// Written unsynced: these paths are synced by `finish`.
+    Written(Vec<PathBuf>),
+    Failed(String),
+}
+
+impl StagedSnapshot<'_> {
+    /// Makes the snapshot durable: syncs what was written, or checks that an existing snapshot
+    /// loads to the ruleset's hash (replacing it, synced, if not). The snapshot's path, or why
+    /// there is none.
+    pub fn finish(self) -> std::result::Result<PathBuf, String> {
+        let rules = self.rules;
+        match self.state {
+            Staged::Failed(e) => Err(e),
+            Staged::Written(paths) => {
+                for p in &paths {
+                    files::sync_path(p).map_err(|e| e.to_string())?;
+                }
+                Ok(rules)
+            }
+            Staged::Existing => {
+                if load_rules(&rules, xdpfw_rules::Origin::Local).is_ok_and(|old| old.hash == self.rs.hash) {
+                    return Ok(rules);
+                }
+                self.history.write_snapshot(self.rs, true).map(|_| rules).map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
 impl History {
     /// The history of `inst`: `<root>/<namespace's stable name>/<interface name>` (see
     /// [`crate::instance::Netns::stable_name`]): the namespace inode and the ifindex that key
@@ -281,12 +321,34 @@ impl History {
     /// ruleset and hash without reading any other file. An existing snapshot is kept only if it
     /// loads to the same hash (one copied from files by earlier versions may not).
     pub fn snapshot(&self, rs: &Ruleset) -> Result<std::result::Result<PathBuf, String>> {
+        let staged = self.stage_snapshot(rs);
+        Ok(staged.finish())
+    }
+
+    /// The first half of [`Self::snapshot`], for the moment before a flip: writes the snapshot
+    /// if there is none (its blobs, `rules.toml` and `sets.json`, without fsync), and leaves the
+    /// rest to [`StagedSnapshot::finish`] after the flip: the fsyncs, and the check that an
+    /// existing snapshot loads to the same hash (which reads its blobs). A reload then writes a
+    /// few kilobytes before its flip, and syncs them before the history names them.
+    pub fn stage_snapshot<'a>(&'a self, rs: &'a Ruleset) -> StagedSnapshot<'a> {
         let dir = self.dir.join("snapshots").join(&rs.hash);
         let rules = dir.join("rules.toml");
-        if rules.exists() {
-            if load_rules(&rules, xdpfw_rules::Origin::Local).is_ok_and(|old| old.hash == rs.hash) && dir.join(SNAPSHOT_SETS).exists() {
-                return Ok(Ok(rules));
+        let state = if rules.exists() && dir.join(SNAPSHOT_SETS).exists() {
+            Staged::Existing
+        } else {
+            match self.write_snapshot(rs, false) {
+                Ok(written) => Staged::Written(written),
+                Err(e) => Staged::Failed(e.to_string()),
             }
+        };
+        StagedSnapshot { history: self, rs, rules, state }
+    }
+
+    /// Writes the snapshot of `rs` (replacing a partial one), synced or not (see
+    /// [`Self::stage_snapshot`]). Returns what is to be synced.
+    fn write_snapshot(&self, rs: &Ruleset, sync: bool) -> Result<Vec<PathBuf>> {
+        let dir = self.dir.join("snapshots").join(&rs.hash);
+        if fs::symlink_metadata(&dir).is_ok() {
             fs::remove_dir_all(&dir).ctx(|| format!("removing the stale snapshot {}", dir.display()))?;
         }
         self.ensure_dir()?;
@@ -307,35 +369,44 @@ impl History {
                 _ => SnapshotSet { file: file.clone(), text: text.to_string(), blob: None },
             })
             .collect();
+        let write = |path: &Path, bytes: &[u8]| if sync { files::atomic_write(path, bytes) } else { files::write_unsynced(path, bytes) };
+        let mut to_sync = Vec::new();
         let written = (|| -> Result<()> {
-            // Each blob is written (and synced) once, before any snapshot names it.
+            // Each blob is written once, before any snapshot names it.
             let blob_dir = snapshots.join("blobs");
             for (name, text) in &blobs {
                 let path = blob_dir.join(name);
+                to_sync.push(path.clone());
                 if fs::metadata(&path).is_ok_and(|m| m.len() == text.len() as u64) {
                     continue;
                 }
                 files::private_dir(&blob_dir)?;
-                files::atomic_write(&path, text.as_bytes())?;
+                write(&path, text.as_bytes())?;
+            }
+            if !blobs.is_empty() {
+                to_sync.push(blob_dir);
             }
             files::private_dir(&tmp)?;
-            files::atomic_write(&tmp.join("rules.toml"), rs.sources.rules.as_bytes())?;
+            write(&tmp.join("rules.toml"), rs.sources.rules.as_bytes())?;
             let json = serde_json::to_vec(&sets).ctx(|| "serializing the set files".into())?;
-            files::atomic_write(&tmp.join(SNAPSHOT_SETS), &json)?;
-            fs::rename(&tmp, &dir).ctx(|| format!("renaming {}", tmp.display()))
+            write(&tmp.join(SNAPSHOT_SETS), &json)?;
+            fs::rename(&tmp, &dir).ctx(|| format!("renaming {}", tmp.display()))?;
+            to_sync.extend([dir.join("rules.toml"), dir.join(SNAPSHOT_SETS), dir.clone(), snapshots.clone()]);
+            Ok(())
         })();
-        if let Err(e) = written {
-            // No half copy left behind to take a full disk's last bytes.
-            let _ = fs::remove_dir_all(&tmp);
-            if dir.join(SNAPSHOT_SETS).exists() {
-                // Another process stored the same snapshot meanwhile.
-                return Ok(Ok(rules));
+        match written {
+            Ok(()) => Ok(to_sync),
+            Err(e) => {
+                // No half copy left behind to take a full disk's last bytes.
+                let _ = fs::remove_dir_all(&tmp);
+                if dir.join(SNAPSHOT_SETS).exists() {
+                    // Another process stored the same snapshot meanwhile.
+                    return Ok(Vec::new());
+                }
+                Err(e)
             }
-            return Err(e);
         }
-        Ok(Ok(rules))
     }
-
     /// The applied entries with a snapshot, newest first.
     pub fn applied(&self) -> Result<Vec<Entry>> {
         let mut v: Vec<Entry> = self.entries()?.into_iter().filter(|e| e.result == Outcome::Applied && e.snapshot.is_some()).collect();

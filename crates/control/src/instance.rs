@@ -85,6 +85,30 @@ pub struct ReloadTimes {
     /// again: the reload changed no prefix (issue 11's compiled-set cache).
     #[serde(default)]
     pub tables_reused: bool,
+    /// From the start of the reload to the flip, everything included (the parse, the lock, the
+    /// records written before the flip): the reload's command-to-flip time.
+    #[serde(default)]
+    pub to_flip_us: u64,
+    /// Large set files (64 KiB or more) this reload's parse read from disk, parsed (not found
+    /// among the texts the process kept), and took from the process's cache by their metadata
+    /// without reading them (see `xdpfw_rules::TRUST_AGE`). Counted process-wide around the
+    /// parse: a concurrent parse in the same process adds to them.
+    #[serde(default)]
+    pub set_files_read: u64,
+    #[serde(default)]
+    pub set_files_parsed: u64,
+    #[serde(default)]
+    pub set_files_unread: u64,
+}
+
+impl ReloadTimes {
+    /// Fills the set-file counts with what happened since `before`.
+    pub(crate) fn count_set_files(&mut self, before: xdpfw_rules::SetFileCounts) {
+        let now = xdpfw_rules::set_file_counts();
+        self.set_files_read = now.read - before.read;
+        self.set_files_parsed = now.parsed - before.parsed;
+        self.set_files_unread = now.unread - before.unread;
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -384,6 +408,13 @@ impl Instance {
         let bytes = serde_json::to_vec_pretty(state).ctx(|| "serializing the state".into())?;
         self.ensure_state_dir()?;
         files::atomic_write(&self.state_dir.join(name), &bytes)
+    }
+
+    /// [`Self::write_state_file`] without the fsync (see [`files::write_unsynced`]).
+    pub(crate) fn write_state_file_unsynced(&self, name: &str, state: &State) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(state).ctx(|| "serializing the state".into())?;
+        self.ensure_state_dir()?;
+        files::write_unsynced(&self.state_dir.join(name), &bytes)
     }
 
     /// Creates (or checks) the runtime root and this instance's folder in it: both root-only

@@ -97,7 +97,7 @@ fn attach_locked(inst: &Instance, ruleset: &Ruleset, image: &xdpfw_rules::compil
         let generation = 1;
         maps.install(buffer_of(generation), generation, image)?;
         maps.flip(generation)?;
-        if let Err(e) = tables_cache::record(inst, generation, &image.addr, &rules::compile::address_key(&ruleset), false) {
+        if let Err(e) = tables_cache::record(inst, generation, &image.addr, &tables_cache::address_key(&ruleset), false) {
             tracing::warn!("the address tables could not be described for reuse: {e}");
         }
         kernel::pin_probe(&inst.pin_dir)?;
@@ -311,12 +311,14 @@ fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions, origin: r
     let total = Instant::now();
     let mut times = ReloadTimes::default();
     let t = Instant::now();
+    let counts = rules::set_file_counts();
     let ruleset = history::load_rules(path, origin)?;
     times.parse_us = us(t.elapsed());
+    times.count_set_files(counts);
     // The address tables are compiled outside the lock, unless the live buffer's can be reused
     // (checked again once the lock is held: the live generation may have moved on meanwhile).
     let t = Instant::now();
-    let key = rules::compile::address_key(&ruleset);
+    let key = tables_cache::address_key(&ruleset);
     let offered = Maps::open(&inst.pin_dir).ok().and_then(|maps| tables_cache::reuse_for(inst, &maps, &key));
     let mut image = match offered {
         Some(_) => None,
@@ -438,21 +440,28 @@ fn install_locked(
     next.ruleset = summary.clone();
     // The interface may have been renamed, the namespace named since: recorded as they are now.
     (next.iface, next.netns, next.ifindex) = (inst.iface.clone(), Some(inst.netns.clone()), inst.ifindex);
-    inst.write_state_file(&format!("next-{generation}.json"), &next)?;
+    // Not synced: it is read only while the bpffs maps it describes exist, and a crash of the
+    // machine takes those away with it (a crash of this process leaves the page cache).
+    inst.write_state_file_unsynced(&format!("next-{generation}.json"), &next)?;
 
-    // The snapshot (exactly the bytes parsed) is stored before the ruleset goes live, so a
-    // rollback to it is possible from the moment it serves; one that cannot be written (a full
-    // disk) is said in the history, and the reload goes on.
-    let snapshot = inst.history().snapshot(ruleset).unwrap_or_else(|e| Err(e.to_string()));
+    // The snapshot (exactly the bytes parsed) is written before the ruleset goes live, so a
+    // rollback to it is possible from the moment it serves, but synced (and an existing one
+    // checked) after the flip: what must be durable is durable before the history names it,
+    // and a crash of the machine before that takes the live ruleset with it. One that cannot
+    // be written (a full disk) is said in the history, and the reload goes on.
+    let history = inst.history();
+    let staged = history.stage_snapshot(ruleset);
 
     let t = Instant::now();
     maps.flip(generation)?;
     times.flip_us = us(t.elapsed());
+    times.to_flip_us = us(total.elapsed());
     // The live tables are described for the next reload to reuse (the description of the
     // previous generation went stale with the flip).
     if let Err(e) = tables_cache::record(inst, generation, &image.addr, key, image.tables_reused) {
         tracing::warn!("the address tables of generation {generation} could not be described for reuse: {e}");
     }
+    let snapshot = staged.finish();
 
     let (grace_time, grace_method) = grace::wait(opts.min_grace);
     times.grace_us = us(grace_time);
@@ -556,7 +565,7 @@ pub fn set_update(inst: &Instance, name: &str, op: rules::setedit::SetOp, prefix
         return Ok(SetReport { iface: inst.iface.clone(), op, edit, reload: None, edit_us });
     };
     let t = Instant::now();
-    let key = rules::compile::address_key(&ruleset);
+    let key = tables_cache::address_key(&ruleset);
     let image = compile_locked(inst, &ruleset, &key)?;
     times.compile_us = us(t.elapsed());
     let result = install_locked(inst, &ruleset, &image, &key, opts, times, total);

@@ -10,23 +10,60 @@
 //! one it names, so a reload that failed before its flip keeps it valid, one that flipped but
 //! died before recording makes it stale (a different generation), and an attach (a new set of
 //! maps, generation 1 again) removes it first. Whatever changes the live tables in place must
-//! [`forget`] it first. The key file is compared byte for byte, never by digest: equal keys
-//! mean equal inputs. Both files are written without fsync: a crash of the machine loses the
-//! maps too (they live in bpffs), and the attach after it starts without a description.
+//! [`forget`] it first. The key file is compared byte for byte: equal keys mean equal inputs.
+//! The key ([`address_key`]) names each set by its content id ([`Ruleset::set_ids`]: SHA-256
+//! of its inline prefixes and of its file's SHA-256), not by its prefixes, so it is a few hundred
+//! bytes however large the sets are, and building it costs nothing beside a 1M-prefix set; a
+//! set's id is the digest the ruleset hash already trusts for it. Both files are written without
+//! fsync: a crash of the machine loses the maps too (they live in bpffs), and the attach after
+//! it starts without a description.
 
-use std::{
-    fs,
-    io::Write,
-    os::unix::fs::OpenOptionsExt,
-    path::{Path, PathBuf},
-};
+use std::{fs, path::PathBuf, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 use xdpfw_common::buffer_of;
 use xdpfw_kernel::Maps;
-use xdpfw_rules::compile::{AddrSummary, Reuse};
+use xdpfw_rules::{
+    Ruleset,
+    compile::{AddrSummary, Reuse},
+};
 
 use crate::{error::Result, files, instance::Instance};
+
+/// The address key of `rs`: [`xdpfw_rules::compile::address_key`] of the ruleset with each
+/// set's prefixes replaced by a stand-in made of its content id (two /128s), after a prefix of
+/// its own, so the key keeps the compiler's own account of what the address stage reads (the
+/// rule count, each rule's prefixes, exclusions and set names) without encoding a million
+/// prefixes. A ruleset with a set lacking an id (none the parser makes) gets the plain key.
+pub(crate) fn address_key(rs: &Ruleset) -> Vec<u8> {
+    if rs.sets.keys().any(|name| !rs.set_ids.contains_key(name)) {
+        return xdpfw_rules::compile::address_key(rs);
+    }
+    let stand_in = |id: &[u8; 32]| {
+        let half = |b: &[u8]| ipnet::IpNet::V6(ipnet::Ipv6Net::new(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(b).unwrap_or_default()), 128).unwrap_or_default());
+        Arc::new(vec![half(&id[..16]), half(&id[16..])])
+    };
+    let mut light = rs.clone();
+    let replace = |list: &mut xdpfw_rules::AddrList| {
+        for (name, set) in &mut list.sets {
+            if let Some(id) = rs.set_ids.get(name) {
+                *set = stand_in(id);
+            }
+        }
+    };
+    for rule in &mut light.rules {
+        for list in [rule.src.as_mut(), rule.dst.as_mut()].into_iter().flatten() {
+            replace(list);
+            if let Some(except) = list.except.as_mut() {
+                replace(except);
+            }
+        }
+    }
+    light.sets.clear();
+    let mut key = b"xdpfw-addr-ids-1\0".to_vec();
+    key.extend_from_slice(&xdpfw_rules::compile::address_key(&light));
+    key
+}
 
 #[derive(Serialize, Deserialize)]
 struct Description {
@@ -77,36 +114,16 @@ pub(crate) fn record(inst: &Instance, generation: u64, summary: &AddrSummary, ke
             let mut bytes = Vec::with_capacity(8 + key.len());
             bytes.extend_from_slice(&n.to_le_bytes());
             bytes.extend_from_slice(key);
-            write_unsynced(&key_path(inst), &bytes)?;
+            files::write_unsynced(&key_path(inst), &bytes)?;
             n
         }
     };
     let description = Description { generation, nonce, summary: summary.clone() };
-    write_unsynced(&description_path(inst), &serde_json::to_vec(&description).unwrap_or_default())
+    files::write_unsynced(&description_path(inst), &serde_json::to_vec(&description).unwrap_or_default())
 }
 
 /// Makes the live tables undescribed: before anything changes them in place, and before an
 /// attach makes new maps.
 pub(crate) fn forget(inst: &Instance) {
     let _ = fs::remove_file(description_path(inst));
-}
-
-/// Replaces `path` by `bytes` through an exclusive temporary file and a rename, without fsync
-/// (see the module's comment).
-fn write_unsynced(path: &Path, bytes: &[u8]) -> Result<()> {
-    use crate::error::ControlContext;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    files::private_dir(dir)?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let _ = fs::remove_file(&tmp);
-    let written = (|| {
-        let mut f = fs::File::options().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&tmp)?;
-        f.write_all(bytes)
-    })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(e).ctx(|| format!("writing {}", path.display()));
-    }
-    fs::rename(&tmp, path).ctx(|| format!("replacing {}", path.display()))
 }

@@ -249,6 +249,12 @@ impl Applier {
     /// Applies `path` unless its content is what is live. Returns the outcome and, when the
     /// file parsed, the set files it names (so a watcher can follow them too).
     pub async fn apply(&self, path: &Path, shutdown: &Shutdown) -> (Outcome, Option<Vec<PathBuf>>) {
+        self.apply_since(path, shutdown, Instant::now()).await
+    }
+
+    /// [`Self::apply`] of a change noticed at `trigger` (a SIGHUP, the end of a burst of file
+    /// events): the log line of an applied ruleset says how long after it the flip came.
+    pub async fn apply_since(&self, path: &Path, shutdown: &Shutdown, trigger: Instant) -> (Outcome, Option<Vec<PathBuf>>) {
         let (inst, p, origin) = (self.inst.clone(), path.to_path_buf(), self.origin);
         let pre = tokio::task::spawn_blocking(move || {
             let parsed = rules::load_from(&p, origin);
@@ -285,12 +291,17 @@ impl Applier {
         }
         *last = Some(Instant::now());
         let (inst, p, origin) = (self.inst.clone(), path.to_path_buf(), self.origin);
-        let result = tokio::task::spawn_blocking(move || match origin {
-            rules::Origin::Local => control::reload(&inst, &p, &ReloadOptions::default()),
-            rules::Origin::Remote => control::reload_remote(&inst, &p, &ReloadOptions::default()),
+        let result = tokio::task::spawn_blocking(move || {
+            let started = trigger.elapsed();
+            let r = match origin {
+                rules::Origin::Local => control::reload(&inst, &p, &ReloadOptions::default()),
+                rules::Origin::Remote => control::reload_remote(&inst, &p, &ReloadOptions::default()),
+            };
+            (r, started)
         })
             .await
-            .unwrap_or_else(|e| Err(ControlError::Refused(format!("reload task failed: {e}"))));
+            .unwrap_or_else(|e| (Err(ControlError::Refused(format!("reload task failed: {e}"))), Duration::ZERO));
+        let (result, before_pipeline) = result;
         drop(last);
         // A ruleset that went live is applied, even if recording it failed (said loudly).
         let result = match result {
@@ -305,13 +316,19 @@ impl Applier {
             Ok(r) => {
                 notify::status(&self.inst, None);
                 tracing::info!(
-                    "applied {} ({}, {}): generation {} -> {} in {} us",
+                    "applied {} ({}, {}): generation {} -> {} in {} us; flip {} us after the trigger ({} us in the pipeline; tables reused: {}; large set files read {}, parsed {}, unread {})",
                     path.display(),
                     r.ruleset.version.as_deref().unwrap_or("no version"),
                     short_hash(&r.ruleset.hash),
                     r.previous_generation,
                     r.generation,
-                    r.times.total_us
+                    r.times.total_us,
+                    before_pipeline.as_micros() as u64 + r.times.to_flip_us,
+                    r.times.to_flip_us,
+                    r.times.tables_reused,
+                    r.times.set_files_read,
+                    r.times.set_files_parsed,
+                    r.times.set_files_unread
                 );
                 for w in &r.warnings {
                     tracing::warn!("{w}");

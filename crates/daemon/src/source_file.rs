@@ -31,18 +31,31 @@ use super::{
 const DEBOUNCE: Duration = Duration::from_millis(150);
 const DEBOUNCE_MAX: Duration = Duration::from_secs(2);
 
-/// Hash of the rules file and its set files as bytes on disk: cheap enough to run on every
-/// burst of events, unlike a parse of a million-prefix set.
-fn fingerprint(rules: &Path, sets: &[PathBuf]) -> [u8; 32] {
+/// Hash of the rules file and its set files as bytes on disk (each file by its own SHA-256):
+/// cheap enough to run on every burst of events, unlike a parse of a million-prefix set. With
+/// `trust_metadata`, a large set file whose stamps vouch for a text this process parsed (see
+/// `xdpfw_rules::TRUST_AGE`) enters by that text's digest without being read; without it (the
+/// periodic check), every file is read, and a recorded digest the content contradicts is
+/// dropped, so a change the stamps missed (a write through a shared mapping) is still seen.
+fn fingerprint(rules: &Path, sets: &[PathBuf], trust_metadata: bool) -> [u8; 32] {
     let mut h = Sha256::new();
-    for p in std::iter::once(rules).chain(sets.iter().map(PathBuf::as_path)) {
+    for (i, p) in std::iter::once(rules).chain(sets.iter().map(PathBuf::as_path)).enumerate() {
         h.update(p.as_os_str().as_encoded_bytes());
+        let trusted = if i > 0 { xdpfw_rules::trusted_digest(p) } else { None };
+        if let Some(digest) = trusted.filter(|_| trust_metadata) {
+            h.update(digest);
+            continue;
+        }
         // Bounded like the parser's reads: a FIFO or a device in place of a file must neither
         // hang the watcher nor fill the memory.
         match xdpfw_rules::read_bounded(p, xdpfw_rules::MAX_SET_FILE) {
             Ok(text) => {
-                h.update((text.len() as u64).to_le_bytes());
-                h.update(text.as_bytes());
+                let digest: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+                if trusted.is_some_and(|t| t != digest) {
+                    tracing::warn!("{} changed without its timestamps changing (written through a mapping?): reading it again", p.display());
+                    xdpfw_rules::forget_file(p);
+                }
+                h.update(digest);
             }
             Err(e) => h.update(format!("unreadable: {e}").as_bytes()),
         }
@@ -52,7 +65,7 @@ fn fingerprint(rules: &Path, sets: &[PathBuf]) -> [u8; 32] {
 
 /// The fingerprint of the rules file alone, before its set files are known.
 pub(crate) fn fingerprint_rules(rules: &Path) -> [u8; 32] {
-    fingerprint(&std::path::absolute(rules).unwrap_or_else(|_| rules.to_path_buf()), &[])
+    fingerprint(&std::path::absolute(rules).unwrap_or_else(|_| rules.to_path_buf()), &[], true)
 }
 
 /// How often the file was looked at: a check reads and hashes it, a change is a check that
@@ -147,16 +160,19 @@ pub(crate) async fn run(ctx: Context, applier: Arc<Applier>, rules: PathBuf, pol
     // On adoption the first check runs at once and applies the file if it differs from what is
     // live.
     let mut force = seen.is_none();
+    // When the change was noticed (a SIGHUP, the end of a burst of events), and whether the
+    // wake-up was the periodic check (which reads every file).
+    let (mut trigger, mut periodic) = (Instant::now(), false);
     loop {
         let print = {
             let (r, s) = (rules.clone(), w.sets.clone());
-            tokio::task::spawn_blocking(move || fingerprint(&r, &s)).await?
+            tokio::task::spawn_blocking(move || fingerprint(&r, &s, !periodic)).await?
         };
         stats.checks.fetch_add(1, Ordering::Relaxed);
         if force || last != Some(print) {
             stats.changes.fetch_add(1, Ordering::Relaxed);
             last = Some(print);
-            let (_, sets) = applier.apply(&rules, &ctx.shutdown).await;
+            let (_, sets) = applier.apply_since(&rules, &ctx.shutdown, trigger).await;
             if let Some(sets) = sets {
                 let sets: Vec<PathBuf> = sets.into_iter().map(|p| std::path::absolute(&p).unwrap_or(p)).collect();
                 if sets != w.sets {
@@ -171,11 +187,12 @@ pub(crate) async fn run(ctx: Context, applier: Arc<Applier>, rules: PathBuf, pol
 
         let deadline = tokio::time::sleep(poll);
         tokio::pin!(deadline);
+        periodic = false;
         loop {
             tokio::select! {
                 _ = ctx.shutdown.wait() => return Ok(()),
                 _ = hup.changed() => { force = true; break; }
-                _ = &mut deadline => break,
+                _ = &mut deadline => { periodic = true; break; }
                 ev = rx.recv() => {
                     let Some(ev) = ev else { anyhow::bail!("the file watcher stopped") };
                     if !w.relevant(&ev) {
@@ -198,6 +215,7 @@ pub(crate) async fn run(ctx: Context, applier: Arc<Applier>, rules: PathBuf, pol
                 }
             }
         }
+        trigger = Instant::now();
     }
 }
 
@@ -212,12 +230,12 @@ mod tests {
         let (rules, set) = (dir.join("r.toml"), dir.join("s.txt"));
         std::fs::write(&rules, "default = \"pass\"\n").unwrap();
         std::fs::write(&set, "192.0.2.0/24\n").unwrap();
-        let a = fingerprint(&rules, std::slice::from_ref(&set));
-        assert_eq!(a, fingerprint(&rules, std::slice::from_ref(&set)), "stable");
+        let a = fingerprint(&rules, std::slice::from_ref(&set), true);
+        assert_eq!(a, fingerprint(&rules, std::slice::from_ref(&set), false), "stable");
         std::fs::write(&set, "198.51.100.0/24\n").unwrap();
-        assert_ne!(a, fingerprint(&rules, std::slice::from_ref(&set)), "a set file change is a change");
+        assert_ne!(a, fingerprint(&rules, std::slice::from_ref(&set), true), "a set file change is a change");
         std::fs::remove_file(&rules).unwrap();
-        let gone = fingerprint(&rules, std::slice::from_ref(&set));
+        let gone = fingerprint(&rules, std::slice::from_ref(&set), true);
         assert_ne!(a, gone, "a missing file is a change");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -486,6 +486,10 @@ pub struct Ruleset {
     pub escalation: EscalationOptions,
     pub rules: Vec<Rule>,
     pub sets: BTreeMap<String, Arc<Vec<IpNet>>>,
+    /// Each set's content id: the SHA-256 of its inline prefixes (as parsed) and of its file's
+    /// own SHA-256. Equal ids mean equal prefix lists (parsing a set file is a pure function of
+    /// its text), so a reload can tell an unchanged set without looking at its prefixes.
+    pub set_ids: BTreeMap<String, [u8; 32]>,
     /// `[portsets.NAME]`, referenced as `@NAME` in sport and dport.
     pub portsets: BTreeMap<String, Vec<RangeInclusive<u16>>>,
     /// `[protosets.NAME]`, referenced as `@NAME` in proto.
@@ -679,6 +683,11 @@ pub enum Origin {
 /// Reads a regular file of at most `max` bytes, once: FIFOs, devices and directories are
 /// refused before any read (opened non-blocking, so a FIFO without a writer cannot hang us).
 pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<String> {
+    read_bounded_stamped(path, max).map(|(text, _, _)| text)
+}
+
+/// [`read_bounded`], with the open file's stamps before and after the read (see `setcache`).
+fn read_bounded_stamped(path: &Path, max: u64) -> std::io::Result<(String, Option<crate::setcache::Stamp>, Option<crate::setcache::Stamp>)> {
     use std::io::Read;
     let mut opts = std::fs::File::options();
     opts.read(true);
@@ -697,12 +706,15 @@ pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<String> {
     if meta.len() > max {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{} bytes, more than the limit of {max}", meta.len())));
     }
+    let before = crate::setcache::Stamp::of(&meta);
     let mut bytes = Vec::with_capacity(meta.len() as usize);
-    file.take(max + 1).read_to_end(&mut bytes)?;
+    (&file).take(max + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > max {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("grew beyond the limit of {max} bytes while read")));
     }
-    String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, NotUtf8::at(e.as_bytes(), e.utf8_error().valid_up_to())))
+    let after = file.metadata().ok().and_then(|m| crate::setcache::Stamp::of(&m));
+    let text = String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, NotUtf8::at(e.as_bytes(), e.utf8_error().valid_up_to())))?;
+    Ok((text, before, after))
 }
 
 /// A file that is not UTF-8, with where its first invalid byte is (1-based line and column,
@@ -1034,6 +1046,7 @@ fn parse_inner(path: &Path, text: &str, origin: Origin, provided: Option<&[(Stri
     };
 
     let mut sets = BTreeMap::new();
+    let mut set_ids = BTreeMap::new();
     let mut portsets = BTreeMap::new();
     let mut protosets = BTreeMap::new();
     for (part, s) in parts.iter().zip(&sources) {
@@ -1051,8 +1064,9 @@ fn parse_inner(path: &Path, text: &str, origin: Origin, provided: Option<&[(Stri
                     None => f.get_ref().clone(),
                     Some(w) => Path::new(w).parent().unwrap_or(Path::new("")).join(f.get_ref()).display().to_string(),
                 });
-                let prefixes = load_set(s, name, set, &mut hasher, key.as_deref(), provided, &mut set_texts, &mut set_digests)?;
-                sets.insert(name.get_ref().clone(), Arc::new(prefixes));
+                let (prefixes, id) = load_set(s, name, set, &mut hasher, key.as_deref(), provided, &mut set_texts, &mut set_digests)?;
+                sets.insert(name.get_ref().clone(), prefixes);
+                set_ids.insert(name.get_ref().clone(), id);
             }
             for (name, set) in &part.raw.portsets {
                 check_set_name(s, name, "portset", portsets.contains_key(name.get_ref()))?;
@@ -1126,6 +1140,7 @@ fn parse_inner(path: &Path, text: &str, origin: Origin, provided: Option<&[(Stri
         escalation,
         rules,
         sets,
+        set_ids,
         portsets,
         protosets,
         tests,
@@ -1343,7 +1358,7 @@ fn load_set(
     provided: Option<&[(String, String)]>,
     texts: &mut Vec<(String, Arc<str>)>,
     digests: &mut Vec<(String, [u8; 32])>,
-) -> Result<Vec<IpNet>, RulesError> {
+) -> Result<(Arc<Vec<IpNet>>, [u8; 32]), RulesError> {
     let n = name.get_ref();
     if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
         return Err(src.error(name.span(), format!("set name \"{n}\" may use only letters, digits, '_' and '-'")));
@@ -1353,47 +1368,97 @@ fn load_set(
     for p in raw.prefixes.iter().flatten() {
         out.push(parse_cidr(p.get_ref()).map_err(|m| src.error(p.span(), m))?);
     }
+    // The set's content id: its inline prefixes, then its file's digest.
+    let mut id = <sha2::Sha256 as sha2::Digest>::new();
+    sha2::Digest::update(&mut id, b"xdpfw-set-1\0");
+    sha2::Digest::update(&mut id, (out.len() as u64).to_le_bytes());
+    for net in &out {
+        match net {
+            IpNet::V4(n) => sha2::Digest::update(&mut id, [&[4, n.prefix_len()][..], &n.network().octets()].concat()),
+            IpNet::V6(n) => sha2::Digest::update(&mut id, [&[6, n.prefix_len()][..], &n.network().octets()].concat()),
+        }
+    }
+    let mut shared = None;
     if let Some(file) = &raw.file {
         let base = src.path.parent().unwrap_or(Path::new("."));
         let path = base.join(file.get_ref());
         let key = written.unwrap_or(file.get_ref());
-        let text = match provided {
-            None => read_bounded(&path, MAX_SET_FILE).map_err(|e| match NotUtf8::of(&e) {
-                Some(n) => n.error(&path),
-                None => src.error(file.span(), format!("cannot read set file {}: {e}", path.display())),
-            })?,
-            Some(given) => match given.iter().find(|(w, _)| w == key) {
-                Some((_, t)) if t.len() as u64 <= MAX_SET_FILE => t.clone(),
-                Some(_) => return Err(src.error(file.span(), format!("set file {key} is over the limit of {MAX_SET_FILE} bytes"))),
-                None => return Err(src.error(file.span(), format!("set file {key} is not among the texts given"))),
-            },
+        // A large set file whose metadata vouches for a text kept by this process (see
+        // `setcache`) is not even read.
+        let kept = if provided.is_none() { crate::setcache::by_metadata(&path) } else { None };
+        let (kept, read) = match kept {
+            Some(kept) => (Some(kept), None),
+            None => {
+                let read_start = std::time::SystemTime::now();
+                let (text, before, after) = match provided {
+                    None => read_bounded_stamped(&path, MAX_SET_FILE).map_err(|e| match NotUtf8::of(&e) {
+                        Some(n) => n.error(&path),
+                        None => src.error(file.span(), format!("cannot read set file {}: {e}", path.display())),
+                    })?,
+                    Some(given) => match given.iter().find(|(w, _)| w == key) {
+                        Some((_, t)) if t.len() as u64 <= MAX_SET_FILE => (t.clone(), None, None),
+                        Some(_) => return Err(src.error(file.span(), format!("set file {key} is over the limit of {MAX_SET_FILE} bytes"))),
+                        None => return Err(src.error(file.span(), format!("set file {key} is not among the texts given"))),
+                    },
+                };
+                // A set file enters the ruleset's hash by its own digest, so a set file seen
+                // before in this process is neither parsed nor hashed again.
+                (crate::setcache::lookup(&text), Some((text, before, after, read_start)))
+            }
         };
-        // A set file enters the ruleset's hash by its own digest, so a set file seen before in
-        // this process (see `setcache`) is neither parsed nor hashed again.
-        if let Some(kept) = crate::setcache::lookup(&text) {
+        let digest = if let Some(kept) = kept {
+            if let Some((text, before, after, read_start)) = &read
+                && provided.is_none()
+            {
+                crate::setcache::note_read(*before, *after, *read_start, text.len(), kept.digest, false);
+            }
             hasher.part(file.get_ref().as_bytes(), &kept.digest);
             digests.push((key.to_string(), kept.digest));
             texts.push((key.to_string(), kept.text));
-            out.extend_from_slice(&kept.prefixes);
+            // A set that is the file alone shares the kept prefixes (no copy of a 1M list).
+            if out.is_empty() {
+                shared = Some(kept.prefixes);
+            } else {
+                out.extend_from_slice(&kept.prefixes);
+            }
+            kept.digest
         } else {
+            let Some((text, before, after, read_start)) = read else { unreachable!("read when not kept") };
             let digest = sha256(text.as_bytes());
             hasher.part(file.get_ref().as_bytes(), &digest);
             let start = out.len();
             parse_set_lines(&text, &path, &mut out)?;
             let text: Arc<str> = Arc::from(text.as_str());
-            crate::setcache::store(&text, &out[start..], digest);
+            if text.len() >= crate::setcache::MIN_TEXT {
+                if start == 0 {
+                    let prefixes = Arc::new(std::mem::take(&mut out));
+                    crate::setcache::store(&text, prefixes.clone(), digest);
+                    shared = Some(prefixes);
+                } else {
+                    crate::setcache::store(&text, Arc::new(out[start..].to_vec()), digest);
+                }
+            }
+            if provided.is_none() {
+                crate::setcache::note_read(before, after, read_start, text.len(), digest, true);
+            }
             digests.push((key.to_string(), digest));
             texts.push((key.to_string(), text));
-        }
+            digest
+        };
+        sha2::Digest::update(&mut id, [1]);
+        sha2::Digest::update(&mut id, digest);
+    } else {
+        sha2::Digest::update(&mut id, [0]);
     }
     if raw.prefixes.is_none() && raw.file.is_none() {
         return Err(src.error(set.span(), format!("set \"{n}\" needs `prefixes` or `file`")));
     }
+    let out = shared.unwrap_or_else(|| Arc::new(out));
     let limit = xdpfw_common::MAX_PREFIXES as usize;
     if out.len() > limit {
         return Err(src.error(set.span(), format!("set \"{n}\" has {} prefixes (the limit is {limit})", out.len())));
     }
-    Ok(out)
+    Ok((out, sha2::Digest::finalize(id).into()))
 }
 
 /// The prefixes of a set file's lines (comments and blank lines skipped), appended to `out`.
