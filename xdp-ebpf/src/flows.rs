@@ -321,5 +321,5 @@ pub fn apply_state(
     let id = crate::field_bitmap(buffer, STATE_BASE + (state % flow::STATES));
     let Some(bitmap) = crate::BITMAPS.get(buffer * MAX_BITMAPS + (id % MAX_BITMAPS)) else { return first };
     f.state = bitmap;
-    if stateful { crate::first_match::<true, true>(f) } else { first }
+    if stateful { crate::first_match::<true>(f) } else { first }
 }
