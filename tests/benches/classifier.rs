@@ -34,6 +34,9 @@ use xdpfw_rules::{self as rules, compile::compile, packet::PacketSpec};
 
 #[path = "../kernel_support/host_routes.rs"]
 mod host_routes;
+#[path = "../kernel_support/bench_rules.rs"]
+mod bench_rules;
+use bench_rules::structured_rules;
 
 /// Frames of the random-source rows: sources drawn over the whole IPv4 space, each frame run
 /// once per round (repeat 1), so the tables' lines are as cold as traffic from many sources
@@ -202,19 +205,6 @@ fn frames_v6(rng: &mut StdRng, prefixes: &[(std::net::Ipv6Addr, u8)]) -> Vec<Vec
             .to_frame()
         })
         .collect()
-}
-
-fn structured_rules(rng: &mut StdRng, k: usize) -> String {
-    let mut s = String::new();
-    for i in 0..k {
-        let proto = if rng.random_bool(0.5) { "tcp" } else { "udp" };
-        let lo: u16 = rng.random_range(1..60000);
-        let hi = lo + rng.random_range(0..200);
-        let net = format!("192.168.{}.0/24", rng.random_range(0..256));
-        let action = if rng.random_bool(0.5) { "pass" } else { "drop" };
-        let _ = writeln!(s, "[[rule]]\nname = \"r{i}\"\naction = \"{action}\"\nproto = \"{proto}\"\ndport = \"{lo}-{hi}\"\ndst = [\"{net}\"]\n");
-    }
-    s
 }
 
 fn frames(rng: &mut StdRng, prefixes: &[(Ipv4Addr, u8)]) -> Vec<Vec<u8>> {

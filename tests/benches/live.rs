@@ -49,6 +49,9 @@ use xdpfw_testkit::{SERVER_V4, Topology};
 
 #[path = "../kernel_support/host_routes.rs"]
 mod host_routes;
+#[path = "../kernel_support/bench_rules.rs"]
+mod bench_rules;
+use bench_rules::structured_rules;
 
 /// Entries of the generator's source table (`LIVE_SOURCES` in `live_gen.rs`).
 const SOURCES: usize = 1 << 16;
@@ -250,24 +253,6 @@ fn attach_nft(t: &Topology, dir: &Path, set: &[(Ipv4Addr, u8)]) -> Result<Filter
     sh(&["ip", "netns", "exec", &t.server_ns, "nft", "-f", path.to_str().unwrap_or_default()])?;
     eprintln!("nft -f: {} prefixes in {:.1?}", set.len(), start.elapsed());
     Ok(Filter::Nft)
-}
-
-/// 1,000 rules on protocol, destination port range and destination /24 under 192.168.0.0/16:
-/// none matches the bench's traffic (to 192.0.2.2), so every packet reaches the set rule.
-fn structured_rules(rng: &mut StdRng, k: usize) -> String {
-    let mut s = String::new();
-    for i in 0..k {
-        let proto = if rng.random_bool(0.5) { "tcp" } else { "udp" };
-        let lo: u16 = rng.random_range(1..60000);
-        let hi = lo + rng.random_range(0..200);
-        let action = if rng.random_bool(0.5) { "pass" } else { "drop" };
-        let _ = writeln!(
-            s,
-            "[[rule]]\nname = \"r{i}\"\naction = \"{action}\"\nproto = \"{proto}\"\ndport = \"{lo}-{hi}\"\ndst = [\"192.168.{}.0/24\"]\n",
-            rng.random_range(0..256)
-        );
-    }
-    s
 }
 
 /// The generator: the `live_gen` program and the frame it rewrites.
