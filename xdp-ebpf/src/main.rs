@@ -513,16 +513,20 @@ fn within(a: &[u8; 16], cfg: &TraceConfig) -> bool {
         u64::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3], b[i + 4], b[i + 5], b[i + 6], b[i + 7]])
     };
     let bits = cfg.prefix_len;
-    let mask = |skip: u32| -> u64 {
-        if bits <= skip {
-            0
-        } else if bits >= skip + 64 {
-            u64::MAX
-        } else {
-            u64::MAX << (64 - (bits - skip))
-        }
-    };
-    (half(a, 0) ^ half(&cfg.addr, 0)) & mask(0) == 0 && (half(a, 8) ^ half(&cfg.addr, 8)) & mask(64) == 0
+    (half(a, 0) ^ half(&cfg.addr, 0)) & half_mask(bits, 0) == 0 && (half(a, 8) ^ half(&cfg.addr, 8)) & half_mask(bits, 64) == 0
+}
+
+/// The mask of a `bits`-long IPv6 prefix over the 64-bit half that starts at bit `skip` (0 or
+/// 64) of the address.
+#[inline(always)]
+fn half_mask(bits: u32, skip: u32) -> u64 {
+    if bits <= skip {
+        0
+    } else if bits >= skip + 64 {
+        u64::MAX
+    } else {
+        u64::MAX << (64 - (bits - skip))
+    }
 }
 
 
@@ -654,17 +658,8 @@ fn within_limit(ctx: &XdpContext, pkt: &Packet, index: u32, generation_rule: u64
             let Some(a) = parse::v6_addr(ctx, pkt.l3_off, true) else { return LIMIT_WITHIN };
             // The address as two big-endian halves, each cut to its part of the prefix.
             let bits = s.v6_prefix as u32;
-            let mask = |skip: u32| -> u64 {
-                if bits <= skip {
-                    0
-                } else if bits >= skip + 64 {
-                    u64::MAX
-                } else {
-                    u64::MAX << (64 - (bits - skip))
-                }
-            };
-            let hi = u64::from_be_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]) & mask(0);
-            let lo = u64::from_be_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]) & mask(64);
+            let hi = u64::from_be_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]) & half_mask(bits, 0);
+            let lo = u64::from_be_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]) & half_mask(bits, 64);
             let (hi, lo) = (hi.to_be_bytes(), lo.to_be_bytes());
             let mut i = 0;
             while i < 8 {
