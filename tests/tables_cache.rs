@@ -40,6 +40,7 @@ fn reloads_that_change_no_prefix_reuse_the_live_tables() {
     let delivered = |port: u16| udp_delivered(&t, SocketAddr::new(ip(SERVER_V4), port), N);
     let reload = || json(&ns, &["reload", rules.to_str().unwrap(), "--iface", &iface, "--json"]);
     let reused = |r: &serde_json::Value| r["times"]["tables_reused"].as_bool().expect("times.tables_reused");
+    let slot_changes = |r: &serde_json::Value| r["times"]["slot_changes"].as_u64().expect("times.slot_changes");
 
     write(&["198.51.100.0/24", "203.0.113.5", "2001:db8:1::1"], 7001, "");
     loader_ok(&ns, &["attach", &iface, "--rules", rules.to_str().unwrap()]);
@@ -56,13 +57,18 @@ fn reloads_that_change_no_prefix_reuse_the_live_tables() {
     write(&["198.51.100.0/24", "203.0.113.5", "2001:db8:1::1", CLIENT_V4], 7000, "");
     let r = reload();
     assert!(!reused(&r), "{r}");
+    assert!(slot_changes(&r) > 0, "new tables go into the inactive buffer's slots: {r}");
     assert_eq!((delivered(7001), delivered(7002)), (0, 0));
 
-    // Two port changes in a row: the second shares tables that were themselves shared.
+    // Two port changes in a row: the second shares tables that were themselves shared. Neither
+    // changes an array-of-maps slot (each change waits for an RCU grace period before the
+    // flip), not even the first after the set change: clearing the retired buffer left the
+    // live tables in its slots.
     for port in [7002, 7003] {
         write(&["198.51.100.0/24", "203.0.113.5", "2001:db8:1::1", CLIENT_V4], port, "");
         let r = reload();
         assert!(reused(&r), "{r}");
+        assert_eq!(slot_changes(&r), 0, "{r}");
         assert_eq!(delivered(7001), 0, "still the tables with the client in them");
     }
 

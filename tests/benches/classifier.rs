@@ -8,7 +8,7 @@
 //! quick rows and the cost of `loader trace` (off, on but filtered out, on at 100/s);
 //! `XDPFW_BENCH_FRAMES=1` prints each row's per-frame figures (sorted), to tell noise from paths.
 //! `XDPFW_BENCH_BASELINE=a.o,b.o` (with `--trace`) runs other builds of the program beside this
-//! one, in an order that rotates each round (variants with a part left out measure what that
+//! one, taking turns frame by frame (variants with a part left out measure what that
 //! part costs); `XDPFW_BENCH_REPEAT` and `XDPFW_BENCH_ROUNDS` raise the runs per call and the
 //! rounds for such comparisons.
 
@@ -423,13 +423,15 @@ fn trace_rows(fw: &mut PrivateProgram, peers: &mut Peers, dir: &std::path::Path,
         for (i, f) in frames.iter().enumerate() {
             fl[i].push(run_one(&mut peers.floor, "floor", f, repeat)?);
         }
-        // The baselines and this build with tracing off take turns in an order that rotates
-        // each round, so no build always runs first (just after the floor) or last.
+        // The baselines and this build with tracing off take turns frame by frame, in an order
+        // that rotates with the round and the frame, so no build always runs first or last and
+        // each baseline's time on a frame is paired with this build's a few milliseconds apart
+        // (a drift of the machine's speed over the round then cancels out of their ratio).
         fw.maps.trace_stop();
         let turns = baselines.len() + 1;
-        for j in 0..turns {
-            let k = (j + round) % turns;
-            for (i, f) in frames.iter().enumerate() {
+        for (i, f) in frames.iter().enumerate() {
+            for j in 0..turns {
+                let k = (j + round + i) % turns;
                 match baselines.get_mut(k) {
                     Some((_, b)) => before[k][i].push(b.run_repeat(f, repeat)?.1.as_nanos() as f64),
                     None => ns[0][i].push(fw.run_repeat(f, repeat)?.1.as_nanos() as f64),
@@ -457,7 +459,20 @@ fn trace_rows(fw: &mut PrivateProgram, peers: &mut Peers, dir: &std::path::Path,
         // ever adds time, and medians of whole ns hide differences below 1 ns.
         let fastest = |v: &Vec<Vec<f64>>| mean(&v.iter().map(|r| r.iter().copied().fold(f64::MAX, f64::min)).collect::<Vec<f64>>());
         let (mb, mo) = (fastest(&before[k]), fastest(&ns[0]));
-        eprintln!("baseline {name}: {v:.1} ns/packet (fastest rounds {mb:.2}); trace off is {:.3}x the baseline (fastest: {:.4}x)", off / v, mo / mb);
+        // Paired: each (frame, round)'s time of this build over the baseline's, measured side by
+        // side; their median and quartiles say how far apart the builds are and how noisy.
+        let mut paired: Vec<f64> = (0..n).flat_map(|i| ns[0][i].iter().zip(&before[k][i]).map(|(o, b)| o / b)).collect();
+        paired.sort_by(f64::total_cmp);
+        let q = |p: f64| paired.get(((paired.len() - 1) as f64 * p).round() as usize).copied().unwrap_or(f64::NAN);
+        eprintln!(
+            "baseline {name}: {v:.1} ns/packet (fastest rounds {mb:.2}); trace off is {:.3}x the baseline (fastest: {:.4}x; paired median {:.4}x, quartiles {:.4}-{:.4}, {} pairs)",
+            off / v,
+            mo / mb,
+            q(0.5),
+            q(0.25),
+            q(0.75),
+            paired.len()
+        );
         rows.push(Row {
             name: format!("baseline {name} ({:.3}x off)", v / off),
             prefixes: 0,

@@ -85,6 +85,10 @@ pub struct ReloadTimes {
     /// again: the reload changed no prefix (issue 11's compiled-set cache).
     #[serde(default)]
     pub tables_reused: bool,
+    /// Array-of-maps slots the install changed (each waits for an RCU grace period in the
+    /// kernel before the flip): none for a reload that changes no prefix.
+    #[serde(default)]
+    pub slot_changes: u32,
     /// From the start of the reload to the flip, everything included (the parse, the lock, the
     /// records written before the flip): the reload's command-to-flip time.
     #[serde(default)]

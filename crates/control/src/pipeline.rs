@@ -388,6 +388,7 @@ fn install_locked(
     times.tables_reused = image.tables_reused;
     times.install_arrays_us = installed.arrays_us;
     times.install_tables_us = installed.tables_us;
+    times.slot_changes = installed.slot_changes;
 
     // Prove the new ruleset where it will run: its own [[test]] packets through a copy of the
     // program that reads the inactive buffer. A failure leaves the active ruleset untouched.

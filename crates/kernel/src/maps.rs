@@ -143,6 +143,17 @@ pub struct Maps {
     trace: Option<MmapArray<TraceConfig>>,
 }
 
+/// Where each array-of-maps sits in `Maps::slot_fds`: the two IPv6 tries, then per direct IPv4
+/// table its chunk maps (one per `dir::MORE_SIZES`) and its leaf maps (one per `dir::LEAF_SIZES`).
+mod slot {
+    use xdpfw_common::dir;
+    pub(super) const SRC_V6: usize = 0;
+    pub(super) const DST_V6: usize = 1;
+    pub(super) const SRC_V4: usize = 2;
+    pub(super) const DST_V4: usize = SRC_V4 + dir::MORE_SIZES.len() + dir::LEAF_SIZES.len();
+    pub(super) const COUNT: usize = DST_V4 + dir::MORE_SIZES.len() + dir::LEAF_SIZES.len();
+}
+
 type DirArray = Array<MapData, DirBlock>;
 type LeafArray = Array<MapData, DirLine>;
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -225,6 +236,8 @@ fn inner_array<T: Copy + aya::Pod>(items: &[T], size: u32) -> Result<Array<MapDa
 pub struct InstallTimes {
     pub arrays_us: u64,
     pub tables_us: u64,
+    /// Array-of-maps slots changed: each waits for an RCU grace period in the kernel.
+    pub slot_changes: u32,
 }
 
 fn pinned_data(dir: &Path, name: &str) -> Result<MapData> {
@@ -265,10 +278,12 @@ impl Maps {
                 maps.try_into().map_err(|_| KernelError::msg("one map per size".to_string()))?
             }};
         }
+        // In the order of `slot`: each table's chunk sizes, then its leaf sizes.
         let src_v4_more = of_maps!(SRC_V4_MORE);
-        let dst_v4_more = of_maps!(DST_V4_MORE);
         let src_v4_leaves = of_maps!(SRC_V4_LEAVES);
+        let dst_v4_more = of_maps!(DST_V4_MORE);
         let dst_v4_leaves = of_maps!(DST_V4_LEAVES);
+        debug_assert_eq!(slot_fds.len(), slot::COUNT);
         Ok(Self {
             active: MmapArray::new(get(ACTIVE)?)?,
             headers: MmapArray::new(get(HEADERS)?)?,
@@ -344,24 +359,30 @@ impl Maps {
         // Only fields with prefixes get a map; an empty slot makes the lookup fall back to the
         // field's "no prefix matched" bitmap, which is what an empty map would give.
         if image.tables_reused {
-            self.share_tables(buffer)?;
+            let slot_changes = self.share_tables(buffer)?;
             let tables_us = start.elapsed().as_micros() as u64;
             let mut header = image.header;
             header.generation = generation;
             self.headers.range_mut(b, 1)[0] = header;
-            return Ok(InstallTimes { arrays_us, tables_us });
+            return Ok(InstallTimes { arrays_us, tables_us, slot_changes });
         }
-        self.empty_slots(buffer)?;
+        // Every slot of this buffer gets its new map, or is emptied if the image has none for
+        // it. A slot is written only when it changes: each change of an array-of-maps slot waits
+        // for an RCU grace period in the kernel, and the slots of a cleared buffer still hold
+        // the live buffer's maps (see [`Maps::clear`]), most of which a new image replaces.
+        let mut filled = vec![false; self.slot_fds.len()];
         if !image.src_v6.is_empty() {
             self.src_v6.set(buffer, &trie_v6(&image.src_v6)?, 0)?;
+            filled[slot::SRC_V6] = true;
         }
         if !image.dst_v6.is_empty() {
             self.dst_v6.set(buffer, &trie_v6(&image.dst_v6)?, 0)?;
+            filled[slot::DST_V6] = true;
         }
         let per_buffer = dir::BUFFER_BLOCKS as usize;
-        for (table, fixed, more, leaves) in [
-            (&image.src_v4, &mut self.src_v4_fixed, &mut self.src_v4_more, &mut self.src_v4_leaves),
-            (&image.dst_v4, &mut self.dst_v4_fixed, &mut self.dst_v4_more, &mut self.dst_v4_leaves),
+        for (table, fixed, more, leaves, first_slot) in [
+            (&image.src_v4, &mut self.src_v4_fixed, &mut self.src_v4_more, &mut self.src_v4_leaves, slot::SRC_V4),
+            (&image.dst_v4, &mut self.dst_v4_fixed, &mut self.dst_v4_more, &mut self.dst_v4_leaves, slot::DST_V4),
         ] {
             let Some(t) = table else { continue };
             // The top level and the first chunks into the fixed array, the rest into a new map of
@@ -375,11 +396,21 @@ impl Maps {
                     .position(|&s| rest.len() <= s as usize)
                     .ok_or_else(|| KernelError::msg(format!("{} chunks beyond the fixed ones: more than the compiler allows", rest.len())))?;
                 more[size].set(buffer, &inner_array(rest, dir::MORE_SIZES[size])?, 0)?;
+                filled[first_slot + size] = true;
             }
             if !t.lines.is_empty() {
                 let size = dir::size_class(t.lines.len() as u32, &dir::LEAF_SIZES)
                     .ok_or_else(|| KernelError::msg(format!("{} leaf lines: more than the compiler allows", t.lines.len())))?;
                 leaves[size].set(buffer, &inner_array(&t.lines, dir::LEAF_SIZES[size])?, 0)?;
+                filled[first_slot + dir::MORE_SIZES.len() + size] = true;
+            }
+        }
+        let mut slot_changes = filled.iter().filter(|f| **f).count() as u32;
+        for (fd, filled) in self.slot_fds.iter().zip(filled) {
+            let fd = fd.as_fd();
+            if !filled && slot_id(fd, buffer).kctx(|| "reading an array-of-maps slot".into())?.is_some() {
+                delete_elem(fd, buffer).kctx(|| "emptying an array-of-maps slot".into())?;
+                slot_changes += 1;
             }
         }
         let tables_us = start.elapsed().as_micros() as u64;
@@ -388,17 +419,17 @@ impl Maps {
         let mut header = image.header;
         header.generation = generation;
         self.headers.range_mut(b, 1)[0] = header;
-        Ok(InstallTimes { arrays_us, tables_us })
+        Ok(InstallTimes { arrays_us, tables_us, slot_changes })
     }
 
     /// Makes `buffer`'s address tables those of the active buffer: the fixed part copied, every
     /// inner map (IPv4 chunks and leaves, IPv6 tries) shared, not copied. Neither buffer's tables
     /// are written while both hold them (a reload writes only fresh maps), so sharing is safe;
     /// it is what a reload that changes no prefix needs. A slot that already holds the live
-    /// map (the retired buffer kept it, see [`Maps::clear`]) is left alone: every change of an
-    /// array-of-maps slot costs an RCU grace period in the kernel, so a second reload in a row
-    /// that changes no prefix makes no such change at all.
-    fn share_tables(&mut self, buffer: u32) -> Result<()> {
+    /// map is left alone: every change of an array-of-maps slot costs an RCU grace period in
+    /// the kernel, and [`Maps::clear`] leaves the live maps in the retired buffer's slots, so
+    /// such a reload changes no slot at all (unless a crash skipped the clear).
+    fn share_tables(&mut self, buffer: u32) -> Result<u32> {
         let live = buffer_of(self.generation());
         if live == buffer || self.header(live).generation != self.generation() {
             kbail!("no complete active buffer to share the address tables of");
@@ -408,17 +439,25 @@ impl Maps {
             let from: Vec<DirBlock> = (0..per_buffer).map(|i| fixed.read(live as usize * per_buffer + i)).collect();
             fixed.range_mut(buffer as usize * per_buffer, per_buffer).copy_from_slice(&from);
         }
+        self.follow_live_slots(buffer)
+    }
+
+    /// Makes every array-of-maps slot of `buffer` hold what the live buffer's holds (its map,
+    /// or nothing), changing only the slots that differ; returns how many changed.
+    fn follow_live_slots(&self, buffer: u32) -> Result<u32> {
+        let live = buffer_of(self.generation());
+        let mut changes = 0;
         for fd in &self.slot_fds {
             let fd = fd.as_fd();
-            let (theirs, mine) = (slot_id(fd, live), slot_id(fd, buffer));
-            let (theirs, mine) = (theirs.kctx(|| "reading an array-of-maps slot".into())?, mine.kctx(|| "reading an array-of-maps slot".into())?);
-            match theirs {
-                _ if theirs == mine => {}
+            let mine = slot_id(fd, buffer).kctx(|| "reading an array-of-maps slot".into())?;
+            match slot_id(fd, live).kctx(|| "reading an array-of-maps slot".into())? {
+                theirs if theirs == mine => continue,
                 Some(id) => set_slot(fd, buffer, id).kctx(|| "sharing an inner map".into())?,
                 None => delete_elem(fd, buffer).kctx(|| "emptying an array-of-maps slot".into())?,
             }
+            changes += 1;
         }
-        Ok(())
+        Ok(changes)
     }
 
     /// The first `count` bitmaps of `buffer`.
@@ -449,25 +488,14 @@ impl Maps {
         self.headers.range_mut(b, 1)[0] = RulesetHeader::default();
         // Its counters start from zero when the buffer is used again.
         self.zero_rule_stats(buffer, retired.rule_count)?;
-        // Emptying a slot releases its map in one syscall: the kernel frees a retired trie or
-        // table asynchronously, so even a 1M-prefix buffer costs no long syscall here. A slot
-        // holding the same map as the live buffer's (shared by a reload that changed no prefix)
-        // keeps it: it costs no memory, and the next such reload finds it in place.
-        let live = buffer_of(self.generation());
-        for fd in &self.slot_fds {
-            let fd = fd.as_fd();
-            let mine = slot_id(fd, buffer).kctx(|| "reading an array-of-maps slot".into())?;
-            if mine.is_some() && mine != slot_id(fd, live).kctx(|| "reading an array-of-maps slot".into())? {
-                delete_elem(fd, buffer).kctx(|| "emptying an array-of-maps slot".into())?;
-            }
-        }
-        Ok(())
-    }
-
-    fn empty_slots(&self, buffer: u32) -> Result<()> {
-        for fd in &self.slot_fds {
-            delete_elem(fd.as_fd(), buffer).kctx(|| "emptying an array-of-maps slot".into())?;
-        }
+        // Each slot is given the live buffer's map (or emptied where the live one is empty):
+        // that releases the retired map in one syscall (the kernel frees a retired trie or table
+        // asynchronously, so even a 1M-prefix buffer costs no long syscall here), costs no memory
+        // (the map is shared, and neither buffer writes a map it holds), and leaves the slots as
+        // the next reload that changes no prefix wants them, so that reload changes no slot and
+        // waits for no grace period before its flip (each slot change waits for one). A slot
+        // already holding the live map is left alone.
+        self.follow_live_slots(buffer)?;
         Ok(())
     }
 
