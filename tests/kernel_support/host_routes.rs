@@ -1,7 +1,11 @@
-//! The host-route-heavy IPv4 set of issue 11, shared by the differential test and the classifier
-//! bench (included with `#[path]`): what threat-intelligence feeds and fail2ban/CrowdSec produce.
+//! The host-route-heavy sets of issue 11, shared by the differential test and the benches
+//! (included with `#[path]`): what threat-intelligence feeds and fail2ban/CrowdSec produce.
 
-use std::{collections::HashSet, fmt::Write as _, net::Ipv4Addr};
+use std::{
+    collections::HashSet,
+    fmt::Write as _,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
@@ -23,6 +27,44 @@ pub(crate) fn host_route_heavy(seed: u64, n: usize) -> Vec<(Ipv4Addr, u8)> {
         }
     }
     out
+}
+
+/// `n` distinct IPv6 prefixes in 2000::/3 (global unicast), deterministic for a `seed`: 30% /32
+/// to /48 (allocations), 40% /49 to /64 (sites and subnets), 30% /128 (single hosts).
+#[allow(dead_code, reason = "not every file that includes this one uses IPv6")]
+pub(crate) fn host_route_heavy_v6(seed: u64, n: usize) -> Vec<(Ipv6Addr, u8)> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut seen = HashSet::with_capacity(n);
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let len: u8 = match rng.random_range(0..10) {
+            0..3 => rng.random_range(32..=48),
+            3..7 => rng.random_range(49..=64),
+            _ => 128,
+        };
+        let a = (rng.random::<u128>() & (u128::MAX >> 3) | 1 << 125) & (u128::MAX << (128 - len as u32));
+        if seen.insert((a, len)) {
+            out.push((Ipv6Addr::from(a), len));
+        }
+    }
+    out
+}
+
+/// IPv6 prefixes as the lines of a set file.
+#[allow(dead_code, reason = "not every file that includes this one uses IPv6")]
+pub(crate) fn set_file_v6(set: &[(Ipv6Addr, u8)]) -> String {
+    let mut text = String::with_capacity(set.len() * 30);
+    for (net, len) in set {
+        let _ = writeln!(text, "{net}/{len}");
+    }
+    text
+}
+
+/// An address inside `(net, len)`, random below the prefix.
+#[allow(dead_code, reason = "not every file that includes this one uses IPv6")]
+pub(crate) fn inside_v6(rng: &mut StdRng, (net, len): (Ipv6Addr, u8)) -> Ipv6Addr {
+    let host = if len == 128 { 0 } else { rng.random::<u128>() & (u128::MAX >> len) };
+    Ipv6Addr::from(u128::from(net) | host)
 }
 
 /// The prefixes as the lines of a set file.

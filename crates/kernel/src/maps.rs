@@ -178,8 +178,8 @@ fn slot_id(fd: std::os::fd::BorrowedFd<'_>, key: u32) -> std::io::Result<Option<
     }
 }
 
-/// Puts the map of id `id` into slot `key` of the array-of-maps `fd`.
-fn set_slot(fd: std::os::fd::BorrowedFd<'_>, key: u32, id: u32) -> std::io::Result<()> {
+/// A new fd of the map of id `id`.
+fn map_fd_by_id(id: u32) -> std::io::Result<std::os::fd::OwnedFd> {
     #[repr(C)]
     struct GetFdAttr {
         map_id: u32,
@@ -194,9 +194,23 @@ fn set_slot(fd: std::os::fd::BorrowedFd<'_>, key: u32, id: u32) -> std::io::Resu
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: the kernel just returned this fd to us.
-    let inner = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(rc as i32) };
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(rc as i32) })
+}
+
+/// Puts the map of id `id` into slot `key` of the array-of-maps `fd`.
+fn set_slot(fd: std::os::fd::BorrowedFd<'_>, key: u32, id: u32) -> std::io::Result<()> {
+    let inner = map_fd_by_id(id)?;
     let value = inner.as_raw_fd() as u32;
     elem_call(BPF_MAP_UPDATE_ELEM, fd, key, &value as *const u32 as u64)
+}
+
+/// The kernel's own account of a map's memory (`memlock` of its fdinfo), in bytes.
+fn map_memory(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u64> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| std::io::Error::other("no memlock line in the map's fdinfo"))
 }
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
@@ -458,6 +472,27 @@ impl Maps {
             changes += 1;
         }
         Ok(changes)
+    }
+
+    /// Memory of `buffer`'s address tables held in inner maps (IPv6 tries, IPv4 chunks beyond
+    /// the fixed ones and leaves), as the kernel accounts it: per field, `[source, destination]`
+    /// each `(IPv4, IPv6)` bytes. The fixed part of the IPv4 tables (top level and first chunks,
+    /// `dir::BUFFER_BLOCKS` blocks per table and buffer) is not included: it is allocated at
+    /// attach whatever the ruleset.
+    pub fn table_memory(&self, buffer: u32) -> Result<[(u64, u64); 2]> {
+        let mut out = [(0, 0); 2];
+        for (i, fd) in self.slot_fds.iter().enumerate() {
+            let Some(id) = slot_id(fd.as_fd(), buffer).kctx(|| "reading an array-of-maps slot".into())? else { continue };
+            let inner = map_fd_by_id(id).kctx(|| "opening an inner map".into())?;
+            let bytes = map_memory(inner.as_fd()).kctx(|| "reading an inner map's memory".into())?;
+            match i {
+                slot::SRC_V6 => out[0].1 += bytes,
+                slot::DST_V6 => out[1].1 += bytes,
+                i if i < slot::DST_V4 => out[0].0 += bytes,
+                _ => out[1].0 += bytes,
+            }
+        }
+        Ok(out)
     }
 
     /// The first `count` bitmaps of `buffer`.
