@@ -557,7 +557,9 @@ fn apply_limits(
         return Some(rule);
     }
     let index = buffer * MAX_RULES as u32 + (rule % MAX_RULES as u32);
-    match within_limit(ctx, pkt, index, (generation << 32) | rule as u64, len) {
+    // The source as scalars, not the packet by pointer (see `flows::packet_state` for why).
+    let source = pkt.src4 as u64 | (pkt.l3_off as u64 & 0xffff) << 32 | (pkt.is_v6 as u64) << 63;
+    match within_limit(ctx, source, index, (generation << 32) | rule as u64, len) {
         LIMIT_WITHIN => return Some(rule),
         LIMIT_WITHIN_NEW_SOURCE => {
             stats.limit_sources += 1;
@@ -636,7 +638,10 @@ const LIMIT_WITHIN_NEW_SOURCE: u32 = 2;
 /// `LIMIT_*`. A function of its own (a BPF subprogram, at most five arguments): inlined, its
 /// keys would push the program's stack beyond 512 bytes.
 #[inline(never)]
-fn within_limit(ctx: &XdpContext, pkt: &Packet, index: u32, generation_rule: u64, len: u64) -> u32 {
+fn within_limit(ctx: &XdpContext, source: u64, index: u32, generation_rule: u64, len: u64) -> u32 {
+    // `source`: the IPv4 source (host order) in the low 32 bits, the IPv6 header's offset in
+    // the next 16, "is IPv6" in the top bit.
+    let (is_v6, l3_off, src4) = (source >> 63 != 0, ((source >> 32) & 0xffff) as usize, source as u32);
     let Some(spec) = LIMITS.get_ptr_mut(index) else {
         return LIMIT_WITHIN;
     };
@@ -653,11 +658,11 @@ fn within_limit(ctx: &XdpContext, pkt: &Packet, index: u32, generation_rule: u64
             addr: [0; 16],
             rule: generation_rule as u32,
             generation: (generation_rule >> 32) as u32,
-            is_v6: pkt.is_v6 as u8,
+            is_v6: is_v6 as u8,
             _pad: [0; 3],
         };
-        if pkt.is_v6 {
-            let Some(a) = parse::v6_addr(ctx, pkt.l3_off, true) else { return LIMIT_WITHIN };
+        if is_v6 {
+            let Some(a) = parse::v6_addr(ctx, l3_off, true) else { return LIMIT_WITHIN };
             // The address as two big-endian halves, each cut to its part of the prefix.
             let bits = s.v6_prefix as u32;
             let hi = u64::from_be_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]) & half_mask(bits, 0);
@@ -672,7 +677,7 @@ fn within_limit(ctx: &XdpContext, pkt: &Packet, index: u32, generation_rule: u64
         } else {
             let len = s.v4_prefix as u32;
             let mask = if len == 0 { 0 } else if len >= 32 { u32::MAX } else { u32::MAX << (32 - len) };
-            let a = (pkt.src4 & mask).to_be_bytes();
+            let a = (src4 & mask).to_be_bytes();
             key.addr[0] = a[0];
             key.addr[1] = a[1];
             key.addr[2] = a[2];

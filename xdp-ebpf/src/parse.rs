@@ -240,6 +240,7 @@ impl<'a> Cursor<'a> {
 // The packet
 // ---------------------------------------------------------------------------------------------
 
+#[derive(Clone, Copy)]
 pub struct Packet {
     pub is_v6: bool,
     /// IPv4 addresses, host byte order (0 for IPv6).
