@@ -276,15 +276,8 @@ fn decide(ctx: &XdpContext, stats: &mut GlobalStats, len: u64) -> u32 {
             stats.rule_hits += 1;
             match RULES.get(buffer * MAX_RULES as u32 + rule) {
                 Some(meta) if meta.flags & rule_flags::NEEDS_OWNER != 0 => {
-                    let (slot, verdict) = match PACKET_SCRATCH.get_ptr_mut(0) {
-                        Some(scratch) => {
-                            // SAFETY: this CPU's slot, as in `classify`.
-                            unsafe { *scratch = pkt };
-                            let answer = escalate(ctx, header, rule);
-                            ((answer >> 32) as u32, answer as u32)
-                        }
-                        None => (rule, header.pending_action),
-                    };
+                    let answer = escalate(ctx, header, rule);
+                    let (slot, verdict) = ((answer >> 32) as u32, answer as u32);
                     // Userspace may have decided by a later rule (or the default): its flags.
                     let flags = if slot == rule {
                         meta.flags
@@ -730,16 +723,16 @@ fn within_limit(ctx: &XdpContext, source: u64, index: u32, generation_rule: u64,
 /// Nothing here can wait: the first packets of a new flow get the pending action (with "drop",
 /// TCP retransmits its SYN and finds the verdict in place).
 ///
-/// A subprogram (called only for rules that need the owner), for the packet in PACKET_SCRATCH:
-/// its flow key and event stay off the stack of the program's main path. Returns
+/// A subprogram (called only for rules that need the owner): its flow key and event stay off
+/// the stack of the program's main path. Returns
 /// `slot << 32 | action`.
 #[inline(never)]
 fn escalate(ctx: &XdpContext, header: &RulesetHeader, rule: u32) -> u64 {
     let generation = header.generation;
-    let (slot, action) = match (PACKET_SCRATCH.get_ptr(0), GLOBAL_STATS.get_ptr_mut(probe() & 1)) {
-        // SAFETY: this CPU's slots: the packet written by `decide` before the call, and the
-        // per-CPU counters (only touched by this CPU with preemption disabled).
-        (Some(pkt), Some(stats)) => escalate_answer(ctx, generation, header, rule, unsafe { &*pkt }, unsafe { &mut *stats }),
+    // The frame parsed again (see `classify_policy`).
+    let (slot, action) = match (parse::parse(ctx), GLOBAL_STATS.get_ptr_mut(probe() & 1)) {
+        // SAFETY: the per-CPU counters, only touched by this CPU with preemption disabled.
+        (ParseOutcome::Packet(pkt), Some(stats)) => escalate_answer(ctx, generation, header, rule, &pkt, unsafe { &mut *stats }),
         _ => (rule, header.pending_action),
     };
     ((slot as u64) << 32) | action as u64
@@ -837,9 +830,6 @@ fn escalate_answer(
 fn classify(ctx: &XdpContext, buffer: u32, header: &RulesetHeader, pkt: &Packet, stats: &mut GlobalStats) -> Option<u32> {
     const POLICY: u32 = header_flags::LIMITS | header_flags::STATE;
     if header.flags & POLICY != 0 || header.fields & field::VLAN != 0 {
-        let slot = PACKET_SCRATCH.get_ptr_mut(0)?;
-        // SAFETY: this CPU's slot; nothing else runs on this CPU until the program returns.
-        unsafe { *slot = *pkt };
         let rule = classify_policy(ctx, header, stats);
         return if rule == NO_RULE { None } else { Some(rule) };
     }
@@ -851,10 +841,10 @@ fn classify(ctx: &XdpContext, buffer: u32, header: &RulesetHeader, pkt: &Packet,
     first_match::<false, false>(&f)
 }
 
-/// The parsed packet, handed to the subprograms ([`classify_policy`] and
-/// `flows::packet_state`) through this per-CPU slot rather than by a pointer: a pointer to the
-/// program's own copy passed to a subprogram makes the packet live in memory on every path of
-/// the program (that alone measured 3-4% per packet).
+/// The parsed packet of [`classify_policy`], for `flows::packet_state`: a per-CPU slot rather
+/// than a pointer to the caller's stack, which is short (512 bytes over the chain of calls).
+/// (The plain path hands the packet to no subprogram: a pointer to it passed to one makes the
+/// packet live in memory on every path of the program, which alone measured 3-4% per packet.)
 #[map]
 pub(crate) static PACKET_SCRATCH: aya_ebpf::maps::PerCpuArray<Packet> = aya_ebpf::maps::PerCpuArray::with_max_entries(1, 0);
 
@@ -872,9 +862,14 @@ const NO_RULE: u32 = u32::MAX;
 /// arguments, so the buffer and the frame's length are derived again.)
 #[inline(never)]
 fn classify_policy(ctx: &XdpContext, header: &RulesetHeader, stats: &mut GlobalStats) -> u32 {
-    let Some(pkt) = PACKET_SCRATCH.get_ptr(0) else { return NO_RULE };
-    // SAFETY: this CPU's slot, written by `classify` just before the call.
-    let pkt = unsafe { &*pkt };
+    // The frame parsed again (it is unchanged): handing over the parsed packet would make the
+    // plain path keep it in memory. Kept in PACKET_SCRATCH for `flows::packet_state`.
+    let ParseOutcome::Packet(parsed) = parse::parse(ctx) else { return NO_RULE };
+    let Some(pkt) = PACKET_SCRATCH.get_ptr_mut(0) else { return NO_RULE };
+    // SAFETY: this CPU's slot; nothing else runs on this CPU until the program returns.
+    let pkt = unsafe { &mut *pkt };
+    *pkt = parsed;
+    let pkt = &*pkt;
     // The header's own generation: the live one, or for the probe copy the one it proves (whose
     // buffer it reads).
     let generation = header.generation;
