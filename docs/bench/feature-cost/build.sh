@@ -26,7 +26,8 @@ build() {
     cp "$(object)" "$out/$1.o"
     echo "built $out/$1.o"
 }
-trap 'git checkout -- xdp-ebpf/src' EXIT
+# Leaves the sources, and the object the next build finds, as they were.
+trap 'git checkout -- xdp-ebpf/src && cargo build --release -p xdpfw-kernel >/dev/null 2>&1' EXIT
 build this
 for v in notrace nopolicy; do
     python3 "$here/$v.py"
