@@ -119,7 +119,7 @@ fn packet_state(ctx: &XdpContext, stats: &mut GlobalStats) -> u32 {
     }
     stats.state_lookups += 1;
     let Some(pkt) = crate::PACKET_SCRATCH.get_ptr(0) else { return flow::NEW };
-    // SAFETY: this CPU's slot, written by `classify` before the call.
+    // SAFETY: this CPU's slot, written by `classify_policy` before the call.
     let pkt = unsafe { &*pkt };
     if pkt.non_first_fragment {
         return flow::NEW;

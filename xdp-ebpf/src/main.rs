@@ -562,7 +562,7 @@ fn apply_limits(
         return Some(rule);
     }
     let index = buffer * MAX_RULES as u32 + (rule % MAX_RULES as u32);
-    // The source as scalars, not the packet by pointer (see `flows::packet_state` for why).
+    // The source as scalars, not the packet by pointer (see PACKET_SCRATCH for why).
     let source = pkt.src4 as u64 | (pkt.l3_off as u64 & 0xffff) << 32 | (pkt.is_v6 as u64) << 63;
     match within_limit(ctx, source, index, (generation << 32) | rule as u64, len) {
         LIMIT_WITHIN => return Some(rule),
@@ -724,8 +724,7 @@ fn within_limit(ctx: &XdpContext, source: u64, index: u32, generation_rule: u64,
 /// TCP retransmits its SYN and finds the verdict in place).
 ///
 /// A subprogram (called only for rules that need the owner): its flow key and event stay off
-/// the stack of the program's main path. Returns
-/// `slot << 32 | action`.
+/// the stack of the program's main path. Returns `slot << 32 | action`.
 #[inline(never)]
 fn escalate(ctx: &XdpContext, header: &RulesetHeader, rule: u32) -> u64 {
     let generation = header.generation;
@@ -822,8 +821,8 @@ fn escalate_answer(
 /// that field allows; the lowest bit set in their AND is the first matching rule.
 ///
 /// A ruleset without `limit`, `state` and `vlan` is classified right here: the fields' lookups
-/// and one scan. The others go to [`classify_policy`], a subprogram, with the packet in
-/// PACKET_SCRATCH: inlined on the same path, that code cost every ruleset 5-9% per packet (the
+/// and one scan. The others go to [`classify_policy`], a subprogram that parses the frame
+/// again: inlined on the same path, that code cost every ruleset 5-9% per packet (the
 /// registers and stack the plain path then shares with it), though each part alone measured
 /// within 1.5%.
 #[inline(always)]
@@ -855,11 +854,11 @@ static V6_KEY: aya_ebpf::maps::PerCpuArray<Key<[u8; 16]>> = aya_ebpf::maps::PerC
 /// `classify_policy`'s "no rule matched".
 const NO_RULE: u32 = u32::MAX;
 
-/// [`classify`] for rulesets with rate limits, connection state or VLAN conditions, for the
-/// packet in PACKET_SCRATCH: a rule beyond its limit gives way to the next match in the same
-/// bitmaps (see [`apply_limits`]); a first match that needs the connection state looks it up
-/// (`flows::apply_state`). Returns the rule, or `NO_RULE`. (A subprogram: at most five
-/// arguments, so the buffer and the frame's length are derived again.)
+/// [`classify`] for rulesets with rate limits, connection state or VLAN conditions: a rule
+/// beyond its limit gives way to the next match in the same bitmaps (see [`apply_limits`]); a
+/// first match that needs the connection state looks it up (`flows::apply_state`). Returns the
+/// rule, or `NO_RULE`. (A subprogram: at most five arguments, so the buffer and the frame's
+/// length are derived again.)
 #[inline(never)]
 fn classify_policy(ctx: &XdpContext, header: &RulesetHeader, stats: &mut GlobalStats) -> u32 {
     // The frame parsed again (it is unchanged): handing over the parsed packet would make the
