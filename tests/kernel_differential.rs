@@ -9,7 +9,7 @@ use std::{
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     ops::RangeInclusive,
-    path::Path,
+    path::{Path, PathBuf},
     time::Instant,
 };
 
@@ -859,18 +859,7 @@ fn host_route_heavy_set_agrees_with_the_matcher() {
     let n = 100_000 * scale().max(1);
     let set = host_routes::host_route_heavy(11, n);
     let allow: Vec<(Ipv4Addr, u8)> = set.iter().step_by(97).copied().collect();
-    let dir_path = std::env::temp_dir().join(format!("xdpfw-host-routes-{}", std::process::id()));
-    std::fs::create_dir_all(&dir_path).unwrap();
-    std::fs::write(dir_path.join("block.txt"), host_routes::set_file(&set)).unwrap();
-    std::fs::write(dir_path.join("allow.txt"), host_routes::set_file(&allow)).unwrap();
-    let path = dir_path.join("hosts.toml");
-    std::fs::write(
-        &path,
-        "default = \"pass\"\n[sets.block]\nfile = \"block.txt\"\n[sets.allow]\nfile = \"allow.txt\"\n\
-         [[rule]]\nname = \"allow\"\naction = \"pass\"\nsrc = [\"@allow\"]\nproto = \"tcp\"\n\
-         [[rule]]\nname = \"block\"\naction = \"drop\"\nsrc = [\"@block\"]\n",
-    )
-    .unwrap();
+    let (dir_path, path) = block_allow_ruleset("v4", host_routes::set_file(&set), host_routes::set_file(&allow));
     let started = Instant::now();
     let rs = rules::load(&path).unwrap();
     let image = compile(&rs).unwrap_or_else(|e| panic!("the host-route-heavy set of {n} prefixes must compile: {e}"));
@@ -892,42 +881,23 @@ fn host_route_heavy_set_agrees_with_the_matcher() {
     // Of the 45% /32s, those outside the set's shorter prefixes each need a leaf of their own.
     assert!(t.leaves > (n / 4) as u32, "the /32s sit in leaves: only {} leaves", t.leaves);
     let mut rng = StdRng::seed_from_u64(SEED ^ 11);
-    let nrules = rs.rules.len();
-    let mut want_slots = vec![0u64; nrules + 1];
     // The matcher scans the sets linearly: 4,000 packets keep this test to seconds.
-    for i in 0..4_000 {
-        let src = match i % 4 {
+    let source = |rng: &mut StdRng, i: usize| -> IpAddr {
+        match i % 4 {
             0 => {
-                let net = *allow.choose(&mut rng).unwrap();
-                host_routes::inside(&mut rng, net)
+                let net = *allow.choose(rng).unwrap();
+                host_routes::inside(rng, net)
             }
             1 | 2 => {
-                let net = *set.choose(&mut rng).unwrap();
-                host_routes::inside(&mut rng, net)
+                let net = *set.choose(rng).unwrap();
+                host_routes::inside(rng, net)
             }
             _ => Ipv4Addr::from(rng.random::<u32>()),
-        };
-        let p = PacketSpec {
-            proto: if rng.random_bool(0.5) { IPPROTO_TCP } else { IPPROTO_UDP },
-            src: src.into(),
-            dst: Ipv4Addr::new(192, 0, 2, 1).into(),
-            sport: rng.random(),
-            dport: rng.random(),
-            tcp_flags: 0x10,
-            icmp_type: 0,
-            icmp_code: 0,
-            fragment: false,
-            state: FlowState::New,
-            vlan: None,
-        };
-        let d = decide(&rs, &p);
-        let kernel = prog.run(&p.to_frame()).unwrap();
-        assert_eq!(action_name(kernel), action_name(d.action.kernel()), "packet {p} (matcher: rule {:?})", d.rule_name);
-        want_slots[d.rule.unwrap_or(nrules)] += 1;
-    }
-    let got: Vec<u64> = prog.maps.rule_stats(buffer, nrules as u32).unwrap().iter().map(|s| s.packets).collect();
-    assert_eq!(got, want_slots, "per-rule counters (last: the default)");
-    assert!(want_slots.iter().all(|&c| c > 500), "per-rule counts {want_slots:?}");
+        }
+        .into()
+    };
+    let counts = agree_on_sources(&mut prog, buffer, &rs, &mut rng, 4_000, source, Ipv4Addr::new(192, 0, 2, 1).into());
+    assert!(counts.iter().all(|&c| c > 500), "per-rule counts {counts:?}");
     std::fs::remove_dir_all(&dir_path).unwrap();
 }
 
@@ -943,18 +913,7 @@ fn host_route_heavy_v6_set_agrees_with_the_matcher() {
     let n = 100_000 * scale().max(1);
     let set = host_routes::host_route_heavy_v6(12, n);
     let allow: Vec<(Ipv6Addr, u8)> = set.iter().step_by(97).copied().collect();
-    let dir_path = std::env::temp_dir().join(format!("xdpfw-host-routes-v6-{}", std::process::id()));
-    std::fs::create_dir_all(&dir_path).unwrap();
-    std::fs::write(dir_path.join("block.txt"), host_routes::set_file_v6(&set)).unwrap();
-    std::fs::write(dir_path.join("allow.txt"), host_routes::set_file_v6(&allow)).unwrap();
-    let path = dir_path.join("hosts.toml");
-    std::fs::write(
-        &path,
-        "default = \"pass\"\n[sets.block]\nfile = \"block.txt\"\n[sets.allow]\nfile = \"allow.txt\"\n\
-         [[rule]]\nname = \"allow\"\naction = \"pass\"\nsrc = [\"@allow\"]\nproto = \"tcp\"\n\
-         [[rule]]\nname = \"block\"\naction = \"drop\"\nsrc = [\"@block\"]\n",
-    )
-    .unwrap();
+    let (dir_path, path) = block_allow_ruleset("v6", host_routes::set_file_v6(&set), host_routes::set_file_v6(&allow));
     let started = Instant::now();
     let rs = rules::load(&path).unwrap();
     let image = compile(&rs).unwrap_or_else(|e| panic!("the host-route-heavy IPv6 set of {n} prefixes must compile: {e}"));
@@ -973,25 +932,64 @@ fn host_route_heavy_v6_set_agrees_with_the_matcher() {
     assert!(image.src_v6.len() >= n / 2, "most prefixes stay distinct: {} entries", image.src_v6.len());
     assert!(src_v6_bytes > 0, "the trie's memory is accounted");
     let mut rng = StdRng::seed_from_u64(SEED ^ 12);
-    let nrules = rs.rules.len();
-    let mut want_slots = vec![0u64; nrules + 1];
     // The matcher scans the sets linearly: 2,000 packets keep this test to seconds.
-    for i in 0..2_000 {
-        let src = match i % 4 {
+    let source = |rng: &mut StdRng, i: usize| -> IpAddr {
+        match i % 4 {
             0 => {
-                let net = *allow.choose(&mut rng).unwrap();
-                host_routes::inside_v6(&mut rng, net)
+                let net = *allow.choose(rng).unwrap();
+                host_routes::inside_v6(rng, net)
             }
             1 | 2 => {
-                let net = *set.choose(&mut rng).unwrap();
-                host_routes::inside_v6(&mut rng, net)
+                let net = *set.choose(rng).unwrap();
+                host_routes::inside_v6(rng, net)
             }
             _ => Ipv6Addr::from(rng.random::<u128>() & (u128::MAX >> 3) | 1 << 125),
-        };
+        }
+        .into()
+    };
+    let counts = agree_on_sources(&mut prog, buffer, &rs, &mut rng, 2_000, source, "2001:db8::1".parse::<Ipv6Addr>().unwrap().into());
+    assert!(counts.iter().all(|&c| c > 200), "per-rule counts {counts:?}");
+    std::fs::remove_dir_all(&dir_path).unwrap();
+}
+
+/// The host-route tests' ruleset, in a fresh folder: an allowlist (TCP only) cut from the
+/// blocklist, before the blocklist, both set files. Returns the folder and the rules file.
+fn block_allow_ruleset(name: &str, block: String, allow: String) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("xdpfw-host-routes-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("block.txt"), block).unwrap();
+    std::fs::write(dir.join("allow.txt"), allow).unwrap();
+    let path = dir.join("hosts.toml");
+    std::fs::write(
+        &path,
+        "default = \"pass\"\n[sets.block]\nfile = \"block.txt\"\n[sets.allow]\nfile = \"allow.txt\"\n\
+         [[rule]]\nname = \"allow\"\naction = \"pass\"\nsrc = [\"@allow\"]\nproto = \"tcp\"\n\
+         [[rule]]\nname = \"block\"\naction = \"drop\"\nsrc = [\"@block\"]\n",
+    )
+    .unwrap();
+    (dir, path)
+}
+
+/// `count` TCP or UDP packets, the i-th from `source(rng, i)`, to `dst` through the kernel
+/// (whose ruleset `rs` is live in `buffer`) and the matcher: asserts they agree on each, and
+/// that the kernel's per-rule counters are the matcher's. Returns the counts (last: the default).
+fn agree_on_sources(
+    prog: &mut xdpfw_kernel::testrun::PrivateProgram,
+    buffer: u32,
+    rs: &Ruleset,
+    rng: &mut StdRng,
+    count: usize,
+    mut source: impl FnMut(&mut StdRng, usize) -> IpAddr,
+    dst: IpAddr,
+) -> Vec<u64> {
+    let nrules = rs.rules.len();
+    let mut want_slots = vec![0u64; nrules + 1];
+    for i in 0..count {
+        let src = source(rng, i);
         let p = PacketSpec {
             proto: if rng.random_bool(0.5) { IPPROTO_TCP } else { IPPROTO_UDP },
-            src: src.into(),
-            dst: "2001:db8::1".parse::<Ipv6Addr>().unwrap().into(),
+            src,
+            dst,
             sport: rng.random(),
             dport: rng.random(),
             tcp_flags: 0x10,
@@ -1001,13 +999,12 @@ fn host_route_heavy_v6_set_agrees_with_the_matcher() {
             state: FlowState::New,
             vlan: None,
         };
-        let d = decide(&rs, &p);
+        let d = decide(rs, &p);
         let kernel = prog.run(&p.to_frame()).unwrap();
         assert_eq!(action_name(kernel), action_name(d.action.kernel()), "packet {p} (matcher: rule {:?})", d.rule_name);
         want_slots[d.rule.unwrap_or(nrules)] += 1;
     }
     let got: Vec<u64> = prog.maps.rule_stats(buffer, nrules as u32).unwrap().iter().map(|s| s.packets).collect();
     assert_eq!(got, want_slots, "per-rule counters (last: the default)");
-    assert!(want_slots.iter().all(|&c| c > 200), "per-rule counts {want_slots:?}");
-    std::fs::remove_dir_all(&dir_path).unwrap();
+    want_slots
 }
