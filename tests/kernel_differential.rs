@@ -913,7 +913,7 @@ fn host_route_heavy_v6_set_agrees_with_the_matcher() {
     let n = 100_000 * scale().max(1);
     let set = host_routes::host_route_heavy_v6(12, n);
     let allow: Vec<(Ipv6Addr, u8)> = set.iter().step_by(97).copied().collect();
-    let (dir_path, path) = block_allow_ruleset("v6", host_routes::set_file_v6(&set), host_routes::set_file_v6(&allow));
+    let (dir_path, path) = block_allow_ruleset("v6", host_routes::set_file(&set), host_routes::set_file(&allow));
     let started = Instant::now();
     let rs = rules::load(&path).unwrap();
     let image = compile(&rs).unwrap_or_else(|e| panic!("the host-route-heavy IPv6 set of {n} prefixes must compile: {e}"));

@@ -163,7 +163,7 @@ fn real_world_like(t: &topology::Topology, dir: &Path, inst: &Instance, nft: &dy
     let v4 = host_routes::host_route_heavy(11, 1_000_000);
     std::fs::write(dir.join("v4.txt"), host_routes::set_file(&v4))?;
     let v6 = host_routes::host_route_heavy_v6(12, 250_000);
-    let v6_text = host_routes::set_file_v6(&v6);
+    let v6_text = host_routes::set_file(&v6);
     let v6_elements = v6.iter().map(|(net, len)| format!("{net}/{len}")).collect::<Vec<_>>().join(", ");
     std::fs::write(dir.join("v6.txt"), &v6_text)?;
     let rules = dir.join("real.toml");

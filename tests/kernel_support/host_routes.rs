@@ -50,16 +50,6 @@ pub(crate) fn host_route_heavy_v6(seed: u64, n: usize) -> Vec<(Ipv6Addr, u8)> {
     out
 }
 
-/// IPv6 prefixes as the lines of a set file.
-#[allow(dead_code, reason = "not every file that includes this one uses IPv6")]
-pub(crate) fn set_file_v6(set: &[(Ipv6Addr, u8)]) -> String {
-    let mut text = String::with_capacity(set.len() * 30);
-    for (net, len) in set {
-        let _ = writeln!(text, "{net}/{len}");
-    }
-    text
-}
-
 /// An address inside `(net, len)`, random below the prefix.
 #[allow(dead_code, reason = "not every file that includes this one uses IPv6")]
 pub(crate) fn inside_v6(rng: &mut StdRng, (net, len): (Ipv6Addr, u8)) -> Ipv6Addr {
@@ -67,9 +57,9 @@ pub(crate) fn inside_v6(rng: &mut StdRng, (net, len): (Ipv6Addr, u8)) -> Ipv6Add
     Ipv6Addr::from(u128::from(net) | host)
 }
 
-/// The prefixes as the lines of a set file.
-pub(crate) fn set_file(set: &[(Ipv4Addr, u8)]) -> String {
-    let mut text = String::with_capacity(set.len() * 18);
+/// The prefixes (IPv4 or IPv6) as the lines of a set file.
+pub(crate) fn set_file<A: std::fmt::Display>(set: &[(A, u8)]) -> String {
+    let mut text = String::with_capacity(set.len() * 24);
     for (net, len) in set {
         let _ = writeln!(text, "{net}/{len}");
     }
