@@ -136,7 +136,11 @@ fn target(dir: &TempDir) -> PathBuf {
     let bin = dir.0.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     let exe = bin.join("xfw-target");
-    std::fs::copy(python(), &exe).unwrap();
+    // Copied by a child process, not std::fs::copy: a write descriptor held in this process
+    // leaks into any child another test thread forks meanwhile (until its exec), and running
+    // the file then fails with ETXTBSY ("Text file busy"; seen in CI).
+    let copied = Command::new("cp").arg(python()).arg(&exe).status().expect("running cp");
+    assert!(copied.success(), "cp {} {}", python().display(), exe.display());
     for p in [&dir.0, &bin] {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
