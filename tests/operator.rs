@@ -109,7 +109,9 @@ fn deb_installs_into_a_clean_root_and_runs_there() {
     for lib in String::from_utf8_lossy(&ldd.stdout).split_whitespace().filter(|w| w.starts_with('/')) {
         let to = root.join(lib.trim_start_matches('/'));
         std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-        std::fs::copy(lib, &to).unwrap();
+        // By a child process: a write descriptor in this one could leak into another test
+        // thread's fork, and executing the copied ld.so would then fail with ETXTBSY.
+        assert!(Command::new("cp").arg(lib).arg(&to).status().unwrap().success(), "cp {lib}");
     }
     let out = Command::new("chroot").arg(&root).args(["/usr/bin/loader", "--version"]).output().unwrap();
     assert!(out.status.success(), "chroot loader --version: {}", String::from_utf8_lossy(&out.stderr));
