@@ -591,6 +591,10 @@ fn differential_random_rulesets() {
     let seed = std::env::var("XDPFW_DIFF_SEED").map_or(SEED, |s| s.parse().expect("XDPFW_DIFF_SEED is a u64"));
     let mut rng = StdRng::seed_from_u64(seed);
     let mut prog = load();
+    // The plain copy of the program (`variant::PLAIN`: its limit/state/VLAN/log/ND paths
+    // pruned by the verifier) decides every packet too, by each ruleset without the lines that
+    // need the full copy: the matcher's verdicts, by the matcher's rules.
+    let mut plain = xdpfw_kernel::testrun::PrivateProgram::load_variant(xdpfw_common::variant::PLAIN).expect("loading the plain copy");
     let mut packets = 0u64;
     let mut verdicts = [0u64; 2];
     let mut rule_decided = 0u64;
@@ -606,6 +610,15 @@ fn differential_random_rulesets() {
         let rs = rules::parse(Path::new("random.toml"), &text)
             .unwrap_or_else(|e| panic!("generated ruleset #{index} does not parse (generator bug): {e}\n{text}"));
         let buffer = activate(&mut prog, &rs);
+        let plain_text: String = text
+            .lines()
+            .filter(|l| !["vlan =", "state =", "limit =", "icmpv6_nd = \"rules\""].iter().any(|f| l.starts_with(f)))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let plain_rs = rules::parse(Path::new("plain.toml"), &plain_text).unwrap_or_else(|e| panic!("{e}\n{plain_text}"));
+        assert!(!compile(&plain_rs).unwrap().header.needs_full_program(), "{plain_text}");
+        let plain_buffer = activate(&mut plain, &plain_rs);
+        let mut plain_slots = vec![0u64; plain_rs.rules.len() + 1];
         let n = rs.rules.len();
         // What the matcher says each per-rule counter (and the default slot) must read after.
         let mut want_slots = vec![0u64; n + 1];
@@ -643,6 +656,21 @@ fn differential_random_rulesets() {
             let kernel = prog.run(&frame).unwrap();
             if let Some(key) = flow {
                 prog.maps.remove_flow(&key).unwrap();
+            }
+            let plain_d = rules::matcher::decide(&plain_rs, &p);
+            let by_plain = plain.run(&frame).unwrap();
+            assert_eq!(
+                by_plain,
+                plain_d.action.kernel(),
+                "the plain copy and the matcher disagree (seed {seed}, ruleset #{index}):\npacket: {p}\nmatcher: {:?} ({:?})\nruleset:\n{plain_text}",
+                plain_d.rule_name,
+                plain_d.reasons
+            );
+            let passed_before = rules::matcher::is_neighbour_discovery(&p) || (p.fragment && plain_rs.fragments != FragmentPolicy::L3Only);
+            match plain_d.rule {
+                Some(i) => plain_slots[i] += 1,
+                None if !passed_before => *plain_slots.last_mut().unwrap() += 1,
+                None => {}
             }
             states[p.state as usize] += 1;
             tagged += p.vlan.is_some() as u64;
@@ -704,6 +732,8 @@ fn differential_random_rulesets() {
         let got_bytes: Vec<u64> = got.iter().map(|s| s.bytes).collect();
         assert_eq!(got_slots, want_slots, "per-rule counters differ (seed {seed}, ruleset #{index}; last slot is the default):\n{text}");
         assert_eq!(got_bytes, want_bytes, "per-rule byte counters differ (ruleset #{index}):\n{text}");
+        let got: Vec<u64> = plain.maps.rule_stats(plain_buffer, plain_rs.rules.len() as u32).unwrap().iter().map(|s| s.packets).collect();
+        assert_eq!(got, plain_slots, "the plain copy's per-rule counters differ (ruleset #{index}; last slot is the default):\n{plain_text}");
         let g = prog.maps.global_stats().unwrap().since(&before);
         assert_eq!(g.seen, PACKETS_PER_RULESET as u64);
         assert_eq!(g.malformed, 0, "a generated packet was malformed (ruleset #{index})");

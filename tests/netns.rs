@@ -274,26 +274,6 @@ fn concurrent_reloads_are_serialized() {
     assert_eq!(stats(&t)["generation"], 9);
 }
 
-/// Sends pairs of datagrams to UDP 7000 and 7001 until `stop`; returns the number of pairs.
-fn udp_stream(ns: &str, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<u64> {
-    in_ns(ns, move || {
-        let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        let mut sent = 0u64;
-        // Bounded in count and time whatever happens to `stop`.
-        let deadline = std::time::Instant::now() + Duration::from_secs(300);
-        while !stop.load(std::sync::atomic::Ordering::SeqCst) && sent < 2_000_000 && std::time::Instant::now() < deadline {
-            for port in [7000, 7001] {
-                sock.send_to(&sent.to_be_bytes(), sa(SERVER_V4, port)).unwrap();
-            }
-            sent += 1;
-            if sent.is_multiple_of(5) {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-        sent
-    })
-}
-
 #[test]
 fn a_thousand_reloads_under_traffic_every_packet_judged_by_a_complete_ruleset() {
     if !harness::root_or_skip() {

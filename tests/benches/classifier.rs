@@ -261,9 +261,12 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
 
     let mut peers = Peers { floor: load(FLOOR, "floor")?, plain: load(PLAIN_LPM, "plain_lpm")? };
-    let mut fw = PrivateProgram::load()?;
+    // The copy of the program an attach would run: the plain one for the rows' rulesets (no
+    // limits, state, VLAN, log), the full one for the `--state` rows.
+    let state_only = std::env::args().any(|a| a == "--state");
+    let mut fw = if state_only { PrivateProgram::load()? } else { PrivateProgram::load_variant(xdpfw_common::variant::PLAIN)? };
     let mut rows = Vec::new();
-    if std::env::args().any(|a| a == "--state") {
+    if state_only {
         // Only the connection-state and limit rows (quick: no large sets).
         state_rows(&mut fw, &mut peers, &mut rng, &dir, repeat, &mut rows)?;
         print_rows(&rows, repeat)?;
@@ -406,14 +409,24 @@ fn trace_rows(fw: &mut PrivateProgram, peers: &mut Peers, dir: &std::path::Path,
     // made, e.g. of the commit before tracing, or variants of this one with a part left out),
     // with the same ruleset, taking turns with the others.
     let mut baselines = Vec::new();
-    for path in std::env::var("XDPFW_BENCH_BASELINE").unwrap_or_default().split(',').filter(|p| !p.is_empty()) {
+    // `OBJECT@plain` loads a build that has the global as its plain copy (`variant::PLAIN`).
+    for entry in std::env::var("XDPFW_BENCH_BASELINE").unwrap_or_default().split(',').filter(|p| !p.is_empty()) {
+        let (path, plain) = match entry.strip_suffix("@plain") {
+            Some(p) => (p, true),
+            None => (entry, false),
+        };
         let object = std::fs::read(path).with_context(|| format!("reading {path}"))?;
         // It must have the same map layouts (GlobalStats, RulesetHeader, …) as this build.
-        let mut b = PrivateProgram::load_from(&object)?;
+        let mut b = if plain {
+            let (ebpf, maps) = xdpfw_kernel::load_private_variant(&object, xdpfw_common::variant::PLAIN)?;
+            PrivateProgram::from_parts(ebpf, maps, xdpfw_common::variant::PLAIN)
+        } else {
+            PrivateProgram::load_from(&object)?
+        };
         eprintln!("verifier: {:?} instructions for the baseline {path}", b.verified_instructions());
         // The ruleset installed last (install_text's file).
         b.activate(&compile(&rules::load(&dir.join("bench.toml"))?)?)?;
-        let name = std::path::Path::new(path).file_name().map_or(path.to_string(), |f| f.to_string_lossy().into_owned());
+        let name = std::path::Path::new(entry).file_name().map_or(entry.to_string(), |f| f.to_string_lossy().into_owned());
         baselines.push((name, b));
     }
     let mut before = vec![vec![vec![]; n]; baselines.len()];

@@ -34,7 +34,7 @@ use xdpfw_common::{
     absent, buffer_of, action, dir, escalation, field, fields_layout::*, fragment_policy, header_flags, limit, rule_flags, trace, Bitmap,
     DecisionEvent, DirBlock, DirLine, EscalationEvent, FieldEntry, FlowKey, GlobalStats, Ipv6Data, LogLimit, Pending, PrefixValue, TraceConfig,
     LimitKey, LimitState, RuleMeta, RuleStats, RulesetHeader, Verdict, BITMAP_ALL, BITMAP_WORDS, BUFFERS,
-    DEFAULT_RULE_SLOT, MAX_BITMAPS, MAX_PREFIXES, MAX_RULES, RULE_SLOTS,
+    DEFAULT_RULE_SLOT, MAX_BITMAPS, variant, MAX_PREFIXES, MAX_RULES, RULE_SLOTS,
 };
 
 /// Slot 0: the current generation; `buffer_of(generation)` is the active buffer. Written by
@@ -151,6 +151,21 @@ pub(crate) fn probe() -> u32 {
     unsafe { core::ptr::read_volatile(&PROBE) }
 }
 
+/// Which copy this is (`variant::*`, set by the loader): `PLAIN` for rulesets without rate
+/// limits, `state`, VLAN conditions, `log` and neighbour discovery under the rules. A constant
+/// the verifier knows, so in the `PLAIN` copy it removes those paths and their tests: a ruleset
+/// that uses none of them costs what it cost before they existed (the classifier bench measured
+/// the tests alone at 2-4% per packet). The default, `FULL`, serves every ruleset.
+#[unsafe(no_mangle)]
+static VARIANT: u32 = variant::FULL;
+
+/// Whether this copy keeps the paths `variant::PLAIN` prunes.
+#[inline(always)]
+fn full() -> bool {
+    // SAFETY: a read of a constant global; volatile so the compiler keeps the load aya patches.
+    unsafe { core::ptr::read_volatile(&VARIANT) != variant::PLAIN }
+}
+
 #[btf_map]
 static RULE_STATS: BtfPerCpuArray<RuleStats, { (BUFFERS * RULE_SLOTS) as usize }> = BtfPerCpuArray::new();
 
@@ -257,7 +272,7 @@ fn decide(ctx: &XdpContext, stats: &mut GlobalStats, len: u64) -> u32 {
     // buffer's header holds it), or for the probe copy the one being proved. Read where needed,
     // it need not be kept in a register across the classifier (that measured 5-8% per packet
     // together with the rest of what the classifier kept live).
-    if pkt.neighbor_discovery && header.flags & header_flags::ND_RULES == 0 {
+    if pkt.neighbor_discovery && (!full() || header.flags & header_flags::ND_RULES == 0) {
         stats.neighbor_discovery += 1;
         return action::PASS;
     }
@@ -314,7 +329,7 @@ fn decide(ctx: &XdpContext, stats: &mut GlobalStats, len: u64) -> u32 {
         Some(l) => unsafe { core::ptr::read_volatile(l) },
         None => 0,
     };
-    let logged = flags & rule_flags::LOG != 0;
+    let logged = full() && flags & rule_flags::LOG != 0;
     if logged || lease != 0 {
         if let Some(n) = NOTE.get_ptr_mut(0) {
             // SAFETY: a per-CPU slot, as above.
@@ -828,7 +843,7 @@ fn escalate_answer(
 #[inline(always)]
 fn classify(ctx: &XdpContext, buffer: u32, header: &RulesetHeader, pkt: &Packet, stats: &mut GlobalStats) -> Option<u32> {
     const POLICY: u32 = header_flags::LIMITS | header_flags::STATE;
-    if header.flags & POLICY != 0 || header.fields & field::VLAN != 0 {
+    if full() && (header.flags & POLICY != 0 || header.fields & field::VLAN != 0) {
         let rule = classify_policy(ctx, header, stats);
         return if rule == NO_RULE { None } else { Some(rule) };
     }

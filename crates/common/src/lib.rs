@@ -284,6 +284,23 @@ pub mod header_flags {
     /// Some rule has a `state` condition: only then are rules' `STATEFUL` flags looked at, and
     /// only then does the egress program record flows.
     pub const STATE: u32 = 1 << 4;
+    /// Some rule has `log`. Not read by the kernel (each rule's `rule_flags::LOG` is): it says
+    /// which build of the program the ruleset needs (see [`super::variant`]).
+    pub const LOGS: u32 = 1 << 5;
+}
+
+/// Which copy of the XDP program serves a ruleset. The program is one object loaded with its
+/// global `VARIANT` set: `FULL` keeps every path; `PLAIN` has the paths of rate limits,
+/// connection state, VLAN conditions, `log` and neighbour discovery under the rules pruned by
+/// the verifier (the global is a constant it knows), so a ruleset that uses none of them pays
+/// nothing for them. The loader attaches `PLAIN` only while the live ruleset needs none of them
+/// ([`RulesetHeader::needs_full_program`]), and switches to `FULL` a grace period *before* the
+/// flip to a ruleset that does: no packet runs a copy without a path its generation needs.
+pub mod variant {
+    /// The global of the XDP program the loader sets (a `u32`).
+    pub const GLOBAL: &str = "VARIANT";
+    pub const FULL: u32 = 1;
+    pub const PLAIN: u32 = 0;
 }
 
 /// The per-packet fields a ruleset can constrain. A field whose bit is clear in
@@ -459,6 +476,15 @@ pub struct RulesetHeader {
     /// `header_flags::*`.
     pub flags: u32,
     pub _pad: u32,
+}
+
+impl RulesetHeader {
+    /// Whether this ruleset needs the program's `variant::FULL` copy: it has rate limits,
+    /// `state`, VLAN conditions, `log`, or neighbour discovery under the rules.
+    pub fn needs_full_program(&self) -> bool {
+        self.flags & (header_flags::ND_RULES | header_flags::LIMITS | header_flags::STATE | header_flags::LOGS) != 0
+            || self.fields & field::VLAN != 0
+    }
 }
 
 /// One rule's outcome, in the RULES array at `buffer * MAX_RULES + rule`.

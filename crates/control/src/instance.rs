@@ -103,6 +103,13 @@ pub struct ReloadTimes {
     pub set_files_parsed: u64,
     #[serde(default)]
     pub set_files_unread: u64,
+    /// Switching the attached program to its full copy before the flip, with the grace period
+    /// that follows (a ruleset that needs it after one that did not; see
+    /// `xdpfw_common::variant`), and to its plain copy after the flip's grace period.
+    #[serde(default)]
+    pub widen_us: u64,
+    #[serde(default)]
+    pub narrow_us: u64,
 }
 
 impl ReloadTimes {
@@ -125,6 +132,10 @@ pub struct ReloadReport {
     pub grace_method: GraceMethod,
     pub times: ReloadTimes,
     pub warnings: Vec<String>,
+    /// The copy of the program serving after the reload: "full" or "plain" (see
+    /// `xdpfw_common::variant`).
+    #[serde(default)]
+    pub program: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -354,7 +365,7 @@ impl Instance {
     /// after a `loader detach`, pins removed by hand, bpffs unmounted, or a link detached with
     /// `bpftool link detach`: what a daemon repairs.
     pub fn is_filtering(&self) -> bool {
-        let pinned = ["link", "prog", "probe", kernel::EGRESS_PIN, kernel::EGRESS_LINK_PIN]
+        let pinned = ["link", kernel::PROG_PIN, "probe", kernel::EGRESS_PIN, kernel::EGRESS_LINK_PIN]
             .iter()
             .chain(xdpfw_common::map_names::ALL.iter())
             .all(|n| self.pin_dir.join(n).exists());

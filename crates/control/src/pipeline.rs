@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use xdpfw_common::buffer_of;
+use xdpfw_common::{buffer_of, variant};
 use xdpfw_kernel::{self as kernel, AttachMode, Maps, grace, testrun};
 use xdpfw_rules::{self as rules, Ruleset, compile::compile, selftest::{self, SelfTestFailures}};
 
@@ -102,6 +102,11 @@ fn attach_locked(inst: &Instance, ruleset: &Ruleset, image: &xdpfw_rules::compil
         }
         kernel::pin_probe(&inst.pin_dir)?;
         kernel::attach_and_pin(&mut ebpf, iface, inst.ifindex, mode, &inst.pin_dir)?;
+        // Attached as the full copy (it serves anything); the only generation is live, so a
+        // ruleset that does not need it goes to the plain copy at once.
+        if !image.header.needs_full_program() {
+            narrow(inst);
+        }
         let summary = RulesetSummary::new(&ruleset, image, from_file);
         if from_file {
             let history = inst.history();
@@ -140,10 +145,33 @@ fn attach_locked(inst: &Instance, ruleset: &Ruleset, image: &xdpfw_rules::compil
     result
 }
 
-/// What may be pinned in an instance's folder: the link, the program, its probe copy, the egress
-/// program and its link, the maps.
+/// Switches the instance to the plain copy of the program, with the live generation one that
+/// does not need the full copy. A failure leaves the full copy serving, which serves any
+/// ruleset: said, not an error.
+fn narrow(inst: &Instance) {
+    if let Err(e) = kernel::serve(&inst.pin_dir, variant::PLAIN) {
+        tracing::warn!("{}: the full copy of the program keeps serving (switching to the plain copy failed: {e})", inst.iface);
+    }
+}
+
+/// "full" or "plain": the copy of the program the instance's link runs ("unknown" when it
+/// cannot be told).
+fn served_name(inst: &Instance) -> String {
+    match kernel::served_variant(&inst.pin_dir) {
+        Ok(Some(variant::PLAIN)) => "plain",
+        Ok(Some(_)) => "full",
+        _ => "unknown",
+    }
+    .to_string()
+}
+
+/// What may be pinned in an instance's folder: the link, the program (and its full and plain
+/// copies, and the temporary pin of a switch between them), its probe copy, the egress program
+/// and its link, the maps.
 fn known_pin(name: &str) -> bool {
-    matches!(name, "link" | "prog" | "probe" | kernel::EGRESS_PIN | kernel::EGRESS_LINK_PIN) || xdpfw_common::map_names::ALL.contains(&name)
+    matches!(name, "link" | "probe" | kernel::EGRESS_PIN | kernel::EGRESS_LINK_PIN)
+        || [kernel::PROG_PIN, kernel::FULL_PIN, kernel::PLAIN_PIN, kernel::NEXT_PROG_PIN].contains(&name)
+        || xdpfw_common::map_names::ALL.contains(&name)
 }
 
 /// Makes a fresh, private pin folder for an attach (the lock is held, nothing is attached).
@@ -453,6 +481,18 @@ fn install_locked(
     let history = inst.history();
     let staged = history.stage_snapshot(ruleset);
 
+    // The full copy of the program must run before the flip to a ruleset that needs it: the
+    // plain copy does not have its paths. A grace period after the switch, so no packet that
+    // started on the plain copy reads the new generation.
+    let needs_full = image.header.needs_full_program();
+    if needs_full {
+        let t = Instant::now();
+        if kernel::serve(&inst.pin_dir, variant::FULL)? {
+            grace::wait(opts.min_grace);
+        }
+        times.widen_us = us(t.elapsed());
+    }
+
     let t = Instant::now();
     maps.flip(generation)?;
     times.flip_us = us(t.elapsed());
@@ -466,6 +506,13 @@ fn install_locked(
 
     let (grace_time, grace_method) = grace::wait(opts.min_grace);
     times.grace_us = us(grace_time);
+    // No packet reads the previous generation now: a ruleset that needs none of the full
+    // copy's paths goes to the plain copy.
+    if !needs_full {
+        let t = Instant::now();
+        narrow(inst);
+        times.narrow_us = us(t.elapsed());
+    }
 
     // The retired buffer's counters are final now: carry them by rule name (see State::carried).
     let retired = buffer_of(previous);
@@ -485,6 +532,7 @@ fn install_locked(
         grace_method,
         times,
         warnings: ruleset.warnings.iter().map(|w| w.to_string()).collect(),
+        program: served_name(inst),
     };
     // The new ruleset is live from the flip on: a failure to record it (a full disk) must say
     // so, not claim the reload failed. Recorded with the retired counts carried *before* the

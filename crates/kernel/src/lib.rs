@@ -14,8 +14,8 @@ pub mod trace;
 
 pub use error::{KernelError, Result};
 pub use maps::{InstallTimes, Maps, MmapArray, pinned_map};
-pub use object::{PROGRAM_OBJECT, load_egress, load_private, load_private_from, load_probe, load_program};
-pub use pins::{AttachMode, EGRESS_LINK_PIN, EGRESS_PIN, attach_and_pin, attach_egress, egress_attached, detach_and_unpin, ensure_bpffs, open_probe, pin_dir, pin_probe, pin_root};
+pub use object::{PROGRAM_OBJECT, load_egress, load_plain, load_private, load_private_from, load_private_variant, load_probe, load_program};
+pub use pins::{AttachMode, EGRESS_LINK_PIN, EGRESS_PIN, FULL_PIN, NEXT_PROG_PIN, PLAIN_PIN, PROG_PIN, attach_and_pin, serve, served_variant, attach_egress, egress_attached, detach_and_unpin, ensure_bpffs, open_probe, pin_dir, pin_probe, pin_root};
 
 /// The peers the benchmarks run beside the firewall, built with it: an XDP program that only
 /// returns (the floor), one that makes a single LPM lookup (the plain program), and the live

@@ -13,7 +13,7 @@ use aya::{
     programs::{SchedClassifier, Xdp},
 };
 use xdpfw_common::{
-    EGRESS_PROGRAM_NAME, PROBE_PROGRAM_NAME, PROGRAM_NAME, map_names,
+    EGRESS_PROGRAM_NAME, PROBE_PROGRAM_NAME, PROGRAM_NAME, map_names, variant,
 };
 
 
@@ -25,7 +25,7 @@ pub static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT
 /// already pinned (how `attach` creates an instance), and the egress program that records the
 /// host's flows beside it.
 pub fn load_program(dir: &Path) -> Result<Ebpf> {
-    let mut ebpf = load_pinned(dir, false)?;
+    let mut ebpf = load_pinned(dir, false, variant::FULL)?;
     load_egress(&mut ebpf)?;
     Ok(ebpf)
 }
@@ -43,10 +43,22 @@ pub fn load_egress(ebpf: &mut Ebpf) -> Result<()> {
 /// Loads the probe copy of the program: it shares the pinned maps in `dir` with the attached
 /// program, reads the inactive buffer, and is never attached (reload self-tests run through it).
 pub fn load_probe(dir: &Path) -> Result<Ebpf> {
-    load_pinned(dir, true)
+    load_pinned(dir, true, variant::FULL)
 }
 
-fn load_pinned(dir: &Path, probe: bool) -> Result<Ebpf> {
+/// Loads the full copy of the program over the pinned maps in `dir`, without its egress
+/// program (an instance whose full copy was not pinned: attached by an earlier version).
+pub(crate) fn load_pinned_program(dir: &Path) -> Result<Ebpf> {
+    load_pinned(dir, false, variant::FULL)
+}
+
+/// Loads the `variant::PLAIN` copy of the program over the pinned maps in `dir` (see
+/// `xdpfw_common::variant`); its program is `PROGRAM_NAME`, loaded, not attached.
+pub fn load_plain(dir: &Path) -> Result<Ebpf> {
+    load_pinned(dir, false, variant::PLAIN)
+}
+
+fn load_pinned(dir: &Path, probe: bool, variant: u32) -> Result<Ebpf> {
     let mut loader = EbpfLoader::new();
     let paths: Vec<(&str, PathBuf)> = map_names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
     for (name, path) in &paths {
@@ -54,6 +66,9 @@ fn load_pinned(dir: &Path, probe: bool) -> Result<Ebpf> {
     }
     if probe {
         loader.override_global("PROBE", &1u32, true);
+    }
+    if variant != variant::FULL {
+        loader.override_global(variant::GLOBAL, &variant, true);
     }
     load_object(&mut loader, if probe { PROBE_PROGRAM_NAME } else { PROGRAM_NAME })
 }
@@ -109,7 +124,16 @@ pub fn load_private() -> Result<(Ebpf, Maps)> {
 /// As [`load_private`], from another build of the object (the classifier bench measures the
 /// program against an earlier build of itself).
 pub fn load_private_from(object: &[u8]) -> Result<(Ebpf, Maps)> {
-    let mut ebpf = load_object_from(&mut EbpfLoader::new(), object, PROGRAM_NAME)?;
+    load_private_variant(object, variant::FULL)
+}
+
+/// As [`load_private_from`], the copy `variant` (`xdpfw_common::variant`).
+pub fn load_private_variant(object: &[u8], variant: u32) -> Result<(Ebpf, Maps)> {
+    let mut loader = EbpfLoader::new();
+    if variant != variant::FULL {
+        loader.override_global(variant::GLOBAL, &variant, true);
+    }
+    let mut ebpf = load_object_from(&mut loader, object, PROGRAM_NAME)?;
     let mut take = |name: &str| -> Result<MapData> {
         let map = ebpf.take_map(name).ok_or_else(|| KernelError::msg(format!("map {name} missing")))?;
         map_data(map)

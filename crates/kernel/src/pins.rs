@@ -7,16 +7,24 @@ use std::{
 };
 
 use crate::error::{KernelContext, KernelError, Result};
-use crate::object::load_probe;
+use crate::object::{load_plain, load_probe};
 use aya::{
     Ebpf,
-    programs::{LinkOrder, SchedClassifier, TcAttach, TcAttachType, Xdp, XdpMode, links::FdLink, links::PinnedLink},
+    programs::{LinkOrder, SchedClassifier, TcAttach, TcAttachType, Xdp, XdpMode, links::FdLink, links::PinnedLink, xdp::XdpLink},
 };
-use xdpfw_common::{EGRESS_PROGRAM_NAME, PROBE_PROGRAM_NAME, PROGRAM_NAME};
+use aya_obj::programs::XdpAttachType;
+use xdpfw_common::{EGRESS_PROGRAM_NAME, PROBE_PROGRAM_NAME, PROGRAM_NAME, variant};
 
 /// Pins of the egress program (see [`attach_egress`]) in an instance's folder.
 pub const EGRESS_PIN: &str = "egress";
 pub const EGRESS_LINK_PIN: &str = "egress_link";
+/// The program the link runs (re-pinned when it changes, see [`serve`]).
+pub const PROG_PIN: &str = "prog";
+/// The two copies of the program (`xdpfw_common::variant`), pinned once loaded.
+pub const FULL_PIN: &str = "prog-full";
+pub const PLAIN_PIN: &str = "prog-plain";
+/// Where [`serve`] pins the program it attached before renaming it over [`PROG_PIN`].
+pub const NEXT_PROG_PIN: &str = "prog-next";
 
 
 /// Where attached instances live in bpffs: `<root>/<key>/{link,prog,probe,<MAP>...}`, one folder
@@ -104,7 +112,9 @@ pub fn attach_and_pin(ebpf: &mut Ebpf, iface: &str, ifindex: u32, mode: AttachMo
             KernelError::msg(format!("attaching to {iface} in {mode:?} mode: {e}"))
         }
     })?;
-    prog.pin(dir.join("prog")).kctx(|| "pinning the program".into())?;
+    prog.pin(dir.join(PROG_PIN)).kctx(|| "pinning the program".into())?;
+    // The same program as the full copy (`load_program` loads it), for `serve`.
+    prog.pin(dir.join(FULL_PIN)).kctx(|| "pinning the program".into())?;
     let link = prog.take_link(link_id)?;
     let link: FdLink = link
         .try_into()
@@ -139,6 +149,64 @@ pub fn attach_egress(ebpf: &mut Ebpf, iface: &str, ifindex: u32, dir: &Path) -> 
 pub fn egress_attached(ifindex: u32) -> Result<bool> {
     let (_, progs) = SchedClassifier::query_tcx(ifindex, TcAttachType::Egress).kctx(|| "querying the TCX egress programs".into())?;
     Ok(progs.iter().any(|p| p.name_as_str() == Some(EGRESS_PROGRAM_NAME)))
+}
+
+/// The copy of the program (`variant::*`) the instance in `dir` runs: which pinned copy its
+/// link's program is. `None` for a program that is neither (an instance attached by an earlier
+/// version, whose `prog` is the full program under another pin).
+pub fn served_variant(dir: &Path) -> Result<Option<u32>> {
+    let attached = linked_program(dir)?;
+    for (pin, v) in [(FULL_PIN, variant::FULL), (PLAIN_PIN, variant::PLAIN)] {
+        if let Ok(p) = Xdp::from_pin(dir.join(pin), XdpAttachType::Interface)
+            && p.info().kctx(|| format!("reading the program pinned at {pin}"))?.id() == attached
+        {
+            return Ok(Some(v));
+        }
+    }
+    Ok(None)
+}
+
+/// The id of the program the instance's link runs.
+fn linked_program(dir: &Path) -> Result<u32> {
+    let link: FdLink = PinnedLink::from_pin(dir.join("link")).kctx(|| "opening the pinned link".into())?.into();
+    Ok(link.info().kctx(|| "reading the link".into())?.program_id())
+}
+
+/// Makes the instance in `dir` run the copy `variant` of the program (`xdpfw_common::variant`):
+/// its pinned copy, loaded and pinned first if it is not (a verifier run, once per instance),
+/// put into the link with one atomic `BPF_LINK_UPDATE` (a packet runs the old program or the
+/// new one, whole), then pinned as `prog`. True when the link changed.
+///
+/// The caller sees to it that both copies can serve the generation that is live meanwhile, and
+/// waits a grace period after a switch before relying on it: packets that started on the old
+/// copy may still be running.
+pub fn serve(dir: &Path, variant: u32) -> Result<bool> {
+    let pin = if variant == variant::PLAIN { PLAIN_PIN } else { FULL_PIN };
+    let path = dir.join(pin);
+    if !path.exists() {
+        let mut ebpf = if variant == variant::PLAIN { load_plain(dir)? } else { crate::object::load_pinned_program(dir)? };
+        let prog: &mut Xdp = ebpf.program_mut(PROGRAM_NAME).ok_or_else(|| KernelError::msg("program missing".to_string()))?.try_into()?;
+        // Pinned under a temporary name and renamed: a crash leaves either no pin or a whole one.
+        let next = dir.join(NEXT_PROG_PIN);
+        let _ = fs::remove_file(&next);
+        prog.pin(&next).kctx(|| format!("pinning the program as {}", next.display()))?;
+        fs::rename(&next, &path).kctx(|| format!("renaming {} to {}", next.display(), path.display()))?;
+    }
+    let mut prog = Xdp::from_pin(&path, XdpAttachType::Interface).kctx(|| format!("opening the program pinned at {}", path.display()))?;
+    let id = prog.info().kctx(|| format!("reading the program pinned at {}", path.display()))?.id();
+    if linked_program(dir)? == id {
+        return Ok(false);
+    }
+    let link: FdLink = PinnedLink::from_pin(dir.join("link")).kctx(|| "opening the pinned link".into())?.into();
+    let link = XdpLink::try_from(link).map_err(|e| KernelError::msg(format!("the pinned link is not an XDP link: {e}")))?;
+    // The program takes the link's descriptor (not the pin): dropping it closes only that.
+    prog.attach_to_link(link).map_err(|e| KernelError::msg(format!("switching the attached program to the {pin} copy: {e}")))?;
+    // `prog` names the program the link runs, for bpftool and the operator.
+    let next = dir.join(NEXT_PROG_PIN);
+    let _ = fs::remove_file(&next);
+    prog.pin(&next).kctx(|| format!("pinning the program as {}", next.display()))?;
+    fs::rename(&next, dir.join(PROG_PIN)).kctx(|| format!("renaming {} to prog", next.display()))?;
+    Ok(true)
 }
 
 /// Removes the links (which detach the programs) and every pin under `dir`.

@@ -9,7 +9,7 @@ use aya::{
     Ebpf,
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
-use xdpfw_common::{PROGRAM_NAME, action, buffer_of};
+use xdpfw_common::{PROGRAM_NAME, action, buffer_of, variant};
 use xdpfw_common::FlowEntry;
 use xdpfw_rules::{Action, compile::Image, packet::{FlowState, PacketSpec}};
 
@@ -21,12 +21,14 @@ use crate::{
 pub struct PrivateProgram {
     ebpf: Ebpf,
     pub maps: Maps,
+    /// Which copy this is (`xdpfw_common::variant`).
+    variant: u32,
 }
 
 impl PrivateProgram {
     pub fn load() -> Result<Self> {
         let (ebpf, maps) = crate::load_private()?;
-        Ok(Self { ebpf, maps })
+        Ok(Self { ebpf, maps, variant: variant::FULL })
     }
 
     /// Also loads the egress program (sharing the maps), for [`Self::run_egress`].
@@ -51,14 +53,28 @@ impl PrivateProgram {
         Ok((r.return_value as i32, r.duration))
     }
 
+    /// A private copy loaded by the caller (`crate::load_private_variant` of another build).
+    pub fn from_parts(ebpf: Ebpf, maps: Maps, variant: u32) -> Self {
+        Self { ebpf, maps, variant }
+    }
+
+    /// A private copy of the program as `variant` (`xdpfw_common::variant`).
+    pub fn load_variant(variant: u32) -> Result<Self> {
+        let (ebpf, maps) = crate::load_private_variant(crate::PROGRAM_OBJECT, variant)?;
+        Ok(Self { ebpf, maps, variant })
+    }
+
     /// A private copy of another build of the program (`object`: its ELF bytes).
     pub fn load_from(object: &[u8]) -> Result<Self> {
         let (ebpf, maps) = crate::load_private_from(object)?;
-        Ok(Self { ebpf, maps })
+        Ok(Self { ebpf, maps, variant: variant::FULL })
     }
 
     /// Installs `image` as the next generation and makes it active.
     pub fn activate(&mut self, image: &Image) -> Result<u64> {
+        if self.variant == variant::PLAIN && image.header.needs_full_program() {
+            return Err(KernelError::msg("this ruleset needs the full copy of the program, not the plain one"));
+        }
         let generation = self.maps.generation() + 1;
         let buffer = buffer_of(generation);
         self.maps.install(buffer, generation, image)?;

@@ -466,7 +466,8 @@ pub fn compile_with(rs: &Ruleset, reuse: Option<&Reuse>) -> Result<Image> {
         absent: absent_ids,
         flags: if rs.icmpv6_nd == NdPolicy::Rules { header_flags::ND_RULES } else { 0 }
             | if rules.iter().any(|r| r.limit.is_some()) { header_flags::LIMITS } else { 0 }
-            | if rules.iter().any(|r| r.state.is_some()) { header_flags::STATE } else { 0 },
+            | if rules.iter().any(|r| r.state.is_some()) { header_flags::STATE } else { 0 }
+            | if rules.iter().any(|r| r.log.is_some()) { header_flags::LOGS } else { 0 },
         _pad: 0,
     };
     Ok(Image {

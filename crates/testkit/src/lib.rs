@@ -199,6 +199,27 @@ pub fn send_udp(ns: &str, to: SocketAddr, n: u64) {
     .unwrap();
 }
 
+/// Sends datagrams from namespace `ns` to the server's UDP ports 7000 and 7001 in turn until
+/// `stop` is set; returns how many went to each port. Bounded in count and time whatever happens
+/// to `stop`.
+pub fn udp_stream(ns: &str, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> JoinHandle<u64> {
+    in_ns(ns, move || {
+        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let mut sent = 0u64;
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) && sent < 2_000_000 && std::time::Instant::now() < deadline {
+            for port in [7000, 7001] {
+                sock.send_to(&sent.to_be_bytes(), SocketAddr::new(ip(SERVER_V4), port)).unwrap();
+            }
+            sent += 1;
+            if sent.is_multiple_of(5) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        sent
+    })
+}
+
 /// Counts datagrams `to` receives out of `n` sent from the client namespace.
 pub fn udp_delivered(t: &Topology, to: SocketAddr, n: u64) -> u64 {
     let rx = UdpCounter::start(&t.server_ns, to);

@@ -5,7 +5,8 @@
 #   docs/bench/feature-cost/build.sh OUT_DIR
 #
 # Writes OUT_DIR/this.o (the program as committed), OUT_DIR/notrace.o (tracing and logging
-# compiled out) and OUT_DIR/nopolicy.o (also the limit/state/vlan path and the ND option). Each
+# compiled out) and OUT_DIR/nopolicy.o (issue 13's limit/state/vlan path, ND option and `log`
+# test compiled out, tracing kept: the program before issue 13). Each
 # variant is a patch of xdp-ebpf/src applied by a small script (the scripts fail loudly when the
 # code they patch has changed), built, copied, and reverted; refuses to run on a tree with
 # uncommitted changes to xdp-ebpf/src.
