@@ -294,9 +294,7 @@ const NGINX_TLS_PORT: u16 = 8443;
 impl Nginx {
     /// Also serves HTTPS on NGINX_TLS_PORT when `dir` holds server.pem and server.key.
     fn start(ns: &str, dir: &Path) -> Self {
-        let conf = dir.join("nginx.conf");
         let d = dir.display();
-        std::fs::create_dir_all(dir.join("www")).unwrap();
         let tls = if dir.join("server.pem").exists() {
             format!(
                 "  server {{ listen {}:{NGINX_TLS_PORT} ssl; ssl_certificate {d}/server.pem; ssl_certificate_key {d}/server.key; root {d}/www; etag on; }}\n",
@@ -305,29 +303,12 @@ impl Nginx {
         } else {
             String::new()
         };
-        std::fs::write(
-            &conf,
-            format!(
-                "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
-                 events {{ worker_connections 64; }}\n\
-                 http {{\n  log_format st '$request_method $uri $status inm=$http_if_none_match';\n  access_log {d}/access.log st;\n\
-                   client_body_temp_path {d}/tmp-body; proxy_temp_path {d}/tmp-proxy; fastcgi_temp_path {d}/tmp-fcgi;\n\
-                   uwsgi_temp_path {d}/tmp-uwsgi; scgi_temp_path {d}/tmp-scgi;\n\
-                   server {{ listen {}:{NGINX_PORT}; root {d}/www; etag on; }}\n{tls}}}\n",
-                topology::CLIENT_V4
-            ),
-        )
-        .unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns, "nginx", "-c"])
-            .arg(&conf)
-            .arg("-p")
-            .arg(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting nginx (installed by ./run setup)");
+        let http = format!(
+            "  log_format st '$request_method $uri $status inm=$http_if_none_match';\n  access_log {d}/access.log st;\n\
+               server {{ listen {}:{NGINX_PORT}; root {d}/www; etag on; }}\n{tls}",
+            topology::CLIENT_V4
+        );
+        let child = start_nginx(ns, dir, &http);
         let n = Self { child: Some(child), dir: dir.to_path_buf() };
         let up = eventually(Duration::from_secs(5), || {
             in_ns(ns, || TcpStream::connect_timeout(&sa(topology::CLIENT_V4, NGINX_PORT), Duration::from_millis(200)).is_ok()).join().unwrap()

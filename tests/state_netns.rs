@@ -8,7 +8,7 @@ use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::Duration,
 };
 
@@ -26,29 +26,7 @@ impl Nginx {
         let d = dir.display();
         std::fs::create_dir_all(dir.join("www")).unwrap();
         std::fs::write(dir.join("www/index.html"), "hello from the other namespace\n").unwrap();
-        let conf = dir.join("nginx.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
-                 events {{ worker_connections 64; }}\n\
-                 http {{\n  access_log {d}/access.log;\n\
-                   client_body_temp_path {d}/tmp-body; proxy_temp_path {d}/tmp-proxy; fastcgi_temp_path {d}/tmp-fcgi;\n\
-                   uwsgi_temp_path {d}/tmp-uwsgi; scgi_temp_path {d}/tmp-scgi;\n\
-                   server {{ listen {CLIENT_V4}:{port}; root {d}/www; }}\n}}\n"
-            ),
-        )
-        .unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns, "nginx", "-c"])
-            .arg(&conf)
-            .arg("-p")
-            .arg(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting nginx (installed by ./run setup)");
+        let child = start_nginx(ns, dir, &format!("  access_log {d}/access.log;\n  server {{ listen {CLIENT_V4}:{port}; root {d}/www; }}\n"));
         Nginx(child)
     }
 }

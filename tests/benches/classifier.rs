@@ -355,8 +355,15 @@ fn random_source_row(fw: &mut PrivateProgram, peers: &mut Peers, rng: &mut StdRn
     }
     eprintln!("plain LPM trie: {} host-route-heavy prefixes inserted in {:.1?}", set.len(), t.elapsed());
     std::fs::write(dir.join("hosts.txt"), host_routes::set_file(&set))?;
+    // And a 1M-prefix IPv6 set (30% /32-/48, 40% /49-/64, 30% /128 in 2000::/3) behind its own
+    // rule, for the same rows with IPv6 sources (issue 11: IPv6 at most 1.5x IPv4).
+    std::fs::write(dir.join("hosts6.txt"), host_routes::set_file(&host_routes::host_route_heavy_v6(11, HOST_ROUTES)))?;
     let extra = structured_rules(rng, 1000);
-    let text = format!("default = \"pass\"\n[sets.hosts]\nfile = \"hosts.txt\"\n[[rule]]\nname = \"hosts\"\naction = \"drop\"\nsrc = [\"@hosts\"]\n{extra}");
+    let text = format!(
+        "default = \"pass\"\n[sets.hosts]\nfile = \"hosts.txt\"\n[sets.hosts6]\nfile = \"hosts6.txt\"\n\
+         [[rule]]\nname = \"hosts\"\naction = \"drop\"\nsrc = [\"@hosts\"]\n\
+         [[rule]]\nname = \"hosts6\"\naction = \"drop\"\nsrc = [\"@hosts6\"]\n{extra}"
+    );
     let (compile_ms, install_ms) = install_text(fw, dir, &text)?;
     let frames: Vec<Vec<u8>> = (0..RANDOM_FRAMES)
         .map(|_| {
@@ -376,18 +383,41 @@ fn random_source_row(fw: &mut PrivateProgram, peers: &mut Peers, rng: &mut StdRn
             .to_frame()
         })
         .collect();
+    // Sources random over 2000::/3, the space the IPv6 set is drawn from.
+    let frames6: Vec<Vec<u8>> = (0..RANDOM_FRAMES)
+        .map(|_| {
+            let src = (rng.random::<u128>() >> 3) | (1u128 << 125);
+            PacketSpec {
+                proto: 6,
+                src: std::net::Ipv6Addr::from(src).into(),
+                dst: "2001:db8::1".parse().unwrap(),
+                sport: rng.random_range(1024..65535),
+                dport: rng.random_range(1..65535),
+                tcp_flags: 0x02,
+                icmp_type: 0,
+                icmp_code: 0,
+                fragment: false,
+                state: Default::default(),
+                vlan: None,
+            }
+            .to_frame()
+        })
+        .collect();
     // Once cold (1 repeat: each frame's lines as the previous frames and the syscall left the
-    // caches), then with 16 repeats (each frame's own lines warm after its first run).
-    for (repeat, label) in [(1, "random src"), (16, "random src x16")] {
-        let m = measure(fw, peers, &frames, repeat, true)?;
-        rows.push(Row {
-            name: format!("{HOST_ROUTES} host-route-heavy + 1000 rules, {label}"),
-            prefixes: HOST_ROUTES,
-            rules: 1001,
-            m,
-            compile_ms: Some(compile_ms),
-            install_ms: Some(install_ms),
-        });
+    // caches), then with 16 repeats (each frame's own lines warm after its first run). The
+    // plain LPM program holds IPv4 prefixes only: no peer for the IPv6 rows.
+    for (frames, family, with_plain) in [(&frames, "", true), (&frames6, " IPv6", false)] {
+        for (repeat, label) in [(1, "random src"), (16, "random src x16")] {
+            let m = measure(fw, peers, frames, repeat, with_plain)?;
+            rows.push(Row {
+                name: format!("{HOST_ROUTES} host-route-heavy{family} + 1000 rules, {label}"),
+                prefixes: HOST_ROUTES,
+                rules: 1002,
+                m,
+                compile_ms: Some(compile_ms),
+                install_ms: Some(install_ms),
+            });
+        }
     }
     Ok(())
 }
@@ -604,13 +634,13 @@ fn state_rows(fw: &mut PrivateProgram, peers: &mut Peers, rng: &mut StdRng, dir:
 fn print_rows(rows: &[Row], repeat: u32) -> Result<()> {
     let rounds = if focus() { FOCUS_ROUNDS } else { ROUNDS };
     let mut table = String::new();
-    let _ = writeln!(table, "{:<52} {:>8} {:>8} {:>8} {:>9} {:>8} {:>11} {:>11}", "classifier ruleset", "ns/pkt", "floor ns", "x floor", "plain ns", "x plain", "compile ms", "install ms");
+    let _ = writeln!(table, "{:<60} {:>8} {:>8} {:>8} {:>9} {:>8} {:>11} {:>11}", "classifier ruleset", "ns/pkt", "floor ns", "x floor", "plain ns", "x plain", "compile ms", "install ms");
     for r in rows {
         let opt = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |v| format!("{v:.p$}"));
         let m = &r.m;
         let _ = writeln!(
             table,
-            "{:<52} {:>8.1} {:>8.1} {:>8.2} {:>9} {:>8} {:>11} {:>11}",
+            "{:<60} {:>8.1} {:>8.1} {:>8.2} {:>9} {:>8} {:>11} {:>11}",
             r.name, m.ns, m.floor_ns, m.x_floor, opt(m.plain_ns, 1), opt(m.x_plain, 2), opt(r.compile_ms, 0), opt(r.install_ms, 0)
         );
     }

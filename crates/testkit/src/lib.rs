@@ -220,6 +220,35 @@ pub fn udp_stream(ns: &str, stop: std::sync::Arc<std::sync::atomic::AtomicBool>)
     })
 }
 
+/// Starts nginx in the foreground in namespace `ns`, everything of it under `dir` (its config,
+/// pid, logs and temp paths; `dir/www` created for its roots). `http` goes into the `http`
+/// block: the servers, and formats or an `access_log` if wanted (`{dir}` there is not expanded).
+pub fn start_nginx(ns: &str, dir: &std::path::Path, http: &str) -> std::process::Child {
+    let d = dir.display();
+    std::fs::create_dir_all(dir.join("www")).unwrap();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{\n  client_body_temp_path {d}/tmp-body; proxy_temp_path {d}/tmp-proxy; fastcgi_temp_path {d}/tmp-fcgi;\n\
+               uwsgi_temp_path {d}/tmp-uwsgi; scgi_temp_path {d}/tmp-scgi;\n{http}}}\n"
+        ),
+    )
+    .unwrap();
+    std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "nginx", "-c"])
+        .arg(&conf)
+        .arg("-p")
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting nginx (installed by ./run setup)")
+}
+
 /// Counts datagrams `to` receives out of `n` sent from the client namespace.
 pub fn udp_delivered(t: &Topology, to: SocketAddr, n: u64) -> u64 {
     let rx = UdpCounter::start(&t.server_ns, to);
