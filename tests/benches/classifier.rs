@@ -329,7 +329,8 @@ fn main() -> Result<()> {
     }
     if !focus && !trace_only {
         more_rows(&mut fw, &mut peers, &mut rng, &dir, big, &f, repeat, &mut rows)?;
-        state_rows(&mut fw, &mut peers, &mut rng, &dir, repeat, &mut rows)?;
+        // Rulesets with `state` and `limit`: the full copy, as an attach would run them.
+        state_rows(&mut PrivateProgram::load()?, &mut peers, &mut rng, &dir, repeat, &mut rows)?;
     }
     if !trace_only {
         random_source_row(&mut fw, &mut peers, &mut rng, &dir, &mut rows)?;
