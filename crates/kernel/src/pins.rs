@@ -186,11 +186,7 @@ pub fn serve(dir: &Path, variant: u32) -> Result<bool> {
     if !path.exists() {
         let mut ebpf = if variant == variant::PLAIN { load_plain(dir)? } else { crate::object::load_pinned_program(dir)? };
         let prog: &mut Xdp = ebpf.program_mut(PROGRAM_NAME).ok_or_else(|| KernelError::msg("program missing".to_string()))?.try_into()?;
-        // Pinned under a temporary name and renamed: a crash leaves either no pin or a whole one.
-        let next = dir.join(NEXT_PROG_PIN);
-        let _ = fs::remove_file(&next);
-        prog.pin(&next).kctx(|| format!("pinning the program as {}", next.display()))?;
-        fs::rename(&next, &path).kctx(|| format!("renaming {} to {}", next.display(), path.display()))?;
+        pin_in_place(prog, dir, pin)?;
     }
     let mut prog = Xdp::from_pin(&path, XdpAttachType::Interface).kctx(|| format!("opening the program pinned at {}", path.display()))?;
     let id = prog.info().kctx(|| format!("reading the program pinned at {}", path.display()))?.id();
@@ -202,11 +198,17 @@ pub fn serve(dir: &Path, variant: u32) -> Result<bool> {
     // The program takes the link's descriptor (not the pin): dropping it closes only that.
     prog.attach_to_link(link).map_err(|e| KernelError::msg(format!("switching the attached program to the {pin} copy: {e}")))?;
     // `prog` names the program the link runs, for bpftool and the operator.
+    pin_in_place(&mut prog, dir, PROG_PIN)?;
+    Ok(true)
+}
+
+/// Pins `prog` as `dir/name`, replacing what is pinned there: pinned under a temporary name and
+/// renamed over it, so a crash leaves the old pin or the new one, never none.
+fn pin_in_place(prog: &mut Xdp, dir: &Path, name: &str) -> Result<()> {
     let next = dir.join(NEXT_PROG_PIN);
     let _ = fs::remove_file(&next);
     prog.pin(&next).kctx(|| format!("pinning the program as {}", next.display()))?;
-    fs::rename(&next, dir.join(PROG_PIN)).kctx(|| format!("renaming {} to prog", next.display()))?;
-    Ok(true)
+    fs::rename(&next, dir.join(name)).kctx(|| format!("renaming {} to {name}", next.display()))
 }
 
 /// Removes the links (which detach the programs) and every pin under `dir`.
