@@ -363,42 +363,34 @@ fn random_source_row(fw: &mut PrivateProgram, peers: &mut Peers, rng: &mut StdRn
     let sets = "default = \"pass\"\n[sets.hosts]\nfile = \"hosts.txt\"\n[sets.hosts6]\nfile = \"hosts6.txt\"\n\
          [[rule]]\nname = \"hosts\"\naction = \"drop\"\nsrc = [\"@hosts\"]\n\
          [[rule]]\nname = \"hosts6\"\naction = \"drop\"\nsrc = [\"@hosts6\"]\n";
+    // A TCP SYN from `src` to `dst`, random ports.
+    let syn = |rng: &mut StdRng, src: std::net::IpAddr, dst: std::net::IpAddr| {
+        PacketSpec {
+            proto: 6,
+            src,
+            dst,
+            sport: rng.random_range(1024..65535),
+            dport: rng.random_range(1..65535),
+            tcp_flags: 0x02,
+            icmp_type: 0,
+            icmp_code: 0,
+            fragment: false,
+            state: Default::default(),
+            vlan: None,
+        }
+        .to_frame()
+    };
     let frames: Vec<Vec<u8>> = (0..RANDOM_FRAMES)
         .map(|_| {
-            PacketSpec {
-                proto: 6,
-                src: Ipv4Addr::from(rng.random::<u32>()).into(),
-                dst: Ipv4Addr::new(192, 168, rng.random(), 1).into(),
-                sport: rng.random_range(1024..65535),
-                dport: rng.random_range(1..65535),
-                tcp_flags: 0x02,
-                icmp_type: 0,
-                icmp_code: 0,
-                fragment: false,
-                state: Default::default(),
-                vlan: None,
-            }
-            .to_frame()
+            let (src, dst) = (Ipv4Addr::from(rng.random::<u32>()), Ipv4Addr::new(192, 168, rng.random(), 1));
+            syn(rng, src.into(), dst.into())
         })
         .collect();
     // Sources random over 2000::/3, the space the IPv6 set is drawn from.
     let frames6: Vec<Vec<u8>> = (0..RANDOM_FRAMES)
         .map(|_| {
-            let src = (rng.random::<u128>() >> 3) | (1u128 << 125);
-            PacketSpec {
-                proto: 6,
-                src: std::net::Ipv6Addr::from(src).into(),
-                dst: "2001:db8::1".parse().unwrap(),
-                sport: rng.random_range(1024..65535),
-                dport: rng.random_range(1..65535),
-                tcp_flags: 0x02,
-                icmp_type: 0,
-                icmp_code: 0,
-                fragment: false,
-                state: Default::default(),
-                vlan: None,
-            }
-            .to_frame()
+            let src = std::net::Ipv6Addr::from((rng.random::<u128>() >> 3) | (1u128 << 125));
+            syn(rng, src.into(), "2001:db8::1".parse().unwrap())
         })
         .collect();
     // Once cold (1 repeat: each frame's lines as the previous frames and the syscall left the
