@@ -96,6 +96,24 @@ struct Peers {
     plain: Ebpf,
 }
 
+/// A TCP SYN from `src` to `dst` with random ports (drawn in that order).
+fn syn_frame(rng: &mut StdRng, src: std::net::IpAddr, dst: std::net::IpAddr) -> Vec<u8> {
+    PacketSpec {
+        proto: 6,
+        src,
+        dst,
+        sport: rng.random_range(1024..65535),
+        dport: rng.random_range(1..65535),
+        tcp_flags: 0x02,
+        icmp_type: 0,
+        icmp_code: 0,
+        fragment: false,
+        state: Default::default(),
+        vlan: None,
+    }
+    .to_frame()
+}
+
 fn measure(fw: &mut PrivateProgram, peers: &mut Peers, frames: &[Vec<u8>], repeat: u32, with_plain: bool) -> Result<Measure> {
     let n = frames.len();
     let (mut fl, mut ns, mut pl) = (vec![vec![]; n], vec![vec![]; n], vec![vec![]; n]);
@@ -217,20 +235,8 @@ fn frames(rng: &mut StdRng, prefixes: &[(Ipv4Addr, u8)]) -> Vec<Vec<u8>> {
             } else {
                 Ipv4Addr::new(203, 0, 113, rng.random())
             };
-            let spec = PacketSpec {
-                proto: 6,
-                src: src.into(),
-                dst: Ipv4Addr::new(192, 168, rng.random(), 1).into(),
-                sport: rng.random_range(1024..65535),
-                dport: rng.random_range(1..65535),
-                tcp_flags: 0x02,
-                icmp_type: 0,
-                icmp_code: 0,
-                fragment: false,
-                state: Default::default(),
-                vlan: None,
-            };
-            spec.to_frame()
+            let dst = Ipv4Addr::new(192, 168, rng.random(), 1);
+            syn_frame(rng, src.into(), dst.into())
         })
         .collect()
 }
@@ -363,34 +369,17 @@ fn random_source_row(fw: &mut PrivateProgram, peers: &mut Peers, rng: &mut StdRn
     let sets = "default = \"pass\"\n[sets.hosts]\nfile = \"hosts.txt\"\n[sets.hosts6]\nfile = \"hosts6.txt\"\n\
          [[rule]]\nname = \"hosts\"\naction = \"drop\"\nsrc = [\"@hosts\"]\n\
          [[rule]]\nname = \"hosts6\"\naction = \"drop\"\nsrc = [\"@hosts6\"]\n";
-    // A TCP SYN from `src` to `dst`, random ports.
-    let syn = |rng: &mut StdRng, src: std::net::IpAddr, dst: std::net::IpAddr| {
-        PacketSpec {
-            proto: 6,
-            src,
-            dst,
-            sport: rng.random_range(1024..65535),
-            dport: rng.random_range(1..65535),
-            tcp_flags: 0x02,
-            icmp_type: 0,
-            icmp_code: 0,
-            fragment: false,
-            state: Default::default(),
-            vlan: None,
-        }
-        .to_frame()
-    };
     let frames: Vec<Vec<u8>> = (0..RANDOM_FRAMES)
         .map(|_| {
             let (src, dst) = (Ipv4Addr::from(rng.random::<u32>()), Ipv4Addr::new(192, 168, rng.random(), 1));
-            syn(rng, src.into(), dst.into())
+            syn_frame(rng, src.into(), dst.into())
         })
         .collect();
     // Sources random over 2000::/3, the space the IPv6 set is drawn from.
     let frames6: Vec<Vec<u8>> = (0..RANDOM_FRAMES)
         .map(|_| {
             let src = std::net::Ipv6Addr::from((rng.random::<u128>() >> 3) | (1u128 << 125));
-            syn(rng, src.into(), "2001:db8::1".parse().unwrap())
+            syn_frame(rng, src.into(), "2001:db8::1".parse().unwrap())
         })
         .collect();
     // Once cold (1 repeat: each frame's lines as the previous frames and the syscall left the
