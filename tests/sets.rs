@@ -1,7 +1,8 @@
-//! `loader set add|del|replace` on real traffic (issue 11, item 3): a batch goes live through
-//! the reload pipeline, keeps every counter, and is recorded as the live ruleset, so a reload of
-//! its snapshot, a rollback and `attach --last-good` keep it; a reload of the rules file
-//! replaces it.
+//! `loader set add|del|replace|reset` on real traffic (issue 11, item 3): a batch goes live at
+//! once, keeps every counter, and is kept in the instance's set journal, so it stands through a
+//! reload of the rules file (changed or not), a rollback, a detach and `attach --last-good`, a
+//! plain `attach --rules`, and a daemon following the file, until `loader set` changes it again
+//! or `loader set reset` drops it.
 
 use std::net::SocketAddr;
 
@@ -18,20 +19,17 @@ fn json(ns: &str, args: &[&str]) -> serde_json::Value {
 }
 
 #[test]
-fn set_add_and_del_change_traffic_keep_counters_and_persist() {
+fn set_changes_keep_counters_and_survive_reloads_rollbacks_and_restarts() {
     if !root_or_skip() {
         return;
     }
     let dir = TempDir::new("sets");
     let rules = dir.0.join("rules.toml");
     std::fs::write(dir.0.join("blocked.txt"), "# fed by fail2ban\n203.0.113.1\n").unwrap();
-    std::fs::write(
-        &rules,
-        "default = \"pass\"\n[sets.blocked]\nfile = \"blocked.txt\"\n\
+    let text = "default = \"pass\"\n[sets.blocked]\nfile = \"blocked.txt\"\n\
          [[rule]]\nname = \"blocked\"\naction = \"drop\"\nsrc = [\"@blocked\"]\n\
-         [[rule]]\nname = \"udp-7000\"\naction = \"pass\"\nproto = \"udp\"\ndport = 7000\n",
-    )
-    .unwrap();
+         [[rule]]\nname = \"udp-7000\"\naction = \"pass\"\nproto = \"udp\"\ndport = 7000\n";
+    std::fs::write(&rules, text).unwrap();
     let mut t = Topology::new("sets").expect("topology");
     t.detach_on_drop(loader_bin());
     let (ns, iface) = (t.server_ns.clone(), t.server_if.clone());
@@ -42,35 +40,47 @@ fn set_add_and_del_change_traffic_keep_counters_and_persist() {
     // add: the client's address is dropped from the flip on; the counters are carried.
     let r = json(&ns, &["set", "add", &iface, "blocked", CLIENT_V4, "198.51.100.0/24", "--json"]);
     assert_eq!(r["edit"]["added"], 2, "{r}");
-    assert_eq!(r["edit"]["size"], 3, "{r}");
     assert_eq!(r["reload"]["generation"], 2, "{r}");
     assert_eq!(udp_delivered(&t, to, N), 0, "the added address is dropped");
     let s = stats(&t);
     assert_eq!(rule_packets(&s, "udp-7000"), N, "the pass counter is kept across the change: {s}");
     assert_eq!(rule_packets(&s, "blocked"), N, "{s}");
 
-    // The same address again changes nothing: no reload.
+    // The same address again changes nothing.
     let r = json(&ns, &["set", "add", &iface, "blocked", CLIENT_V4, "--json"]);
     assert!(r["reload"].is_null() && r["edit"]["present"] == 1, "{r}");
 
-    // The change is the live ruleset: its snapshot reloads to it, the history says "set".
+    // The live ruleset is the file with the change: its snapshot loads to the live hash, the
+    // history says "set", and a reload of the unchanged file keeps the change (same hash).
     let show = json(&ns, &["show", "--iface", &iface, "--json"]);
-    let snapshot = show["snapshot"].as_str().unwrap().to_string();
     assert_eq!(show["source"], rules.to_str().unwrap(), "the source stays the operator's file: {show}");
-    loader_ok(&ns, &["reload", &snapshot, "--iface", &iface]);
-    assert_eq!(udp_delivered(&t, to, N), 0, "still dropped after a reload of the snapshot");
+    let live_hash = show["hash"].as_str().unwrap().to_string();
     let status = json(&ns, &["status", "--iface", &iface, "--history", "--json"]);
     assert!(status["history"].as_array().unwrap().iter().any(|e| e["action"] == "set"), "{status}");
+    let r = json(&ns, &["reload", rules.to_str().unwrap(), "--iface", &iface, "--json"]);
+    assert_eq!(r["ruleset"]["hash"], live_hash.as_str(), "the file with the journal hashes as the set change did: {r}");
+    assert_eq!(udp_delivered(&t, to, N), 0, "still dropped after a reload of the file");
+
+    // A changed rules file keeps the change too, and so does a rollback of it.
+    std::fs::write(&rules, format!("version = \"v2\"\n{text}")).unwrap();
+    loader_ok(&ns, &["reload", rules.to_str().unwrap(), "--iface", &iface]);
+    assert_eq!(udp_delivered(&t, to, N), 0, "still dropped after a reload of a changed file");
+    loader_ok(&ns, &["rollback", "1", "--iface", &iface]);
+    let show = json(&ns, &["show", "--iface", &iface, "--json"]);
+    assert!(show["version"].is_null(), "rolled back to the rules before v2: {show}");
+    assert_eq!(udp_delivered(&t, to, N), 0, "still dropped after a rollback");
 
     // del: passes again; counters still carried.
+    let before = stats(&t);
     let r = json(&ns, &["set", "del", &iface, "blocked", CLIENT_V4, "192.0.2.99", "--json"]);
     assert_eq!((r["edit"]["removed"].as_u64(), r["edit"]["absent"].as_u64()), (Some(1), Some(1)), "{r}");
     assert_eq!(udp_delivered(&t, to, N), N, "passes again after del");
     let s = stats(&t);
-    assert_eq!(rule_packets(&s, "udp-7000"), 2 * N, "{s}");
-    assert_eq!(rule_packets(&s, "blocked"), 2 * N, "{s}");
+    assert_eq!(rule_packets(&s, "udp-7000"), rule_packets(&before, "udp-7000") + N, "{s}");
+    assert_eq!(rule_packets(&s, "blocked"), rule_packets(&before, "blocked"), "{s}");
 
-    // Added again from a file, then a restart: attach --last-good keeps it.
+    // Added again from a file, then restarts: attach --last-good, and a plain attach of the
+    // rules file, keep it (the journal is durable, beside the history).
     let batch = dir.0.join("batch.txt");
     std::fs::write(&batch, format!("{CLIENT_V4}\n# comment\n")).unwrap();
     loader_ok(&ns, &["set", "add", &iface, "blocked", "--file", batch.to_str().unwrap()]);
@@ -78,30 +88,29 @@ fn set_add_and_del_change_traffic_keep_counters_and_persist() {
     loader_ok(&ns, &["detach", &iface]);
     loader_ok(&ns, &["attach", &iface, "--last-good"]);
     assert_eq!(udp_delivered(&t, to, N), 0, "attach --last-good keeps the change");
+    loader_ok(&ns, &["detach", &iface]);
+    loader_ok(&ns, &["attach", &iface, "--rules", rules.to_str().unwrap()]);
+    assert_eq!(udp_delivered(&t, to, N), 0, "an attach of the rules file keeps the change");
 
-    // Newest first: attach --last-good, add --file, del, reload of the snapshot, add, attach.
-    // Two back is the ruleset the del made: the client passes again.
-    loader_ok(&ns, &["rollback", "2", "--iface", &iface]);
-    assert_eq!(udp_delivered(&t, to, N), N, "rollback to the ruleset of the del");
+    // reset: the set is the file's again.
+    let r = json(&ns, &["set", "reset", &iface, "blocked", "--json"]);
+    assert!(!r["reload"].is_null(), "{r}");
+    assert_eq!(udp_delivered(&t, to, N), N, "passes after the reset");
+    let r = json(&ns, &["set", "reset", &iface, "--all", "--json"]);
+    assert!(r["reload"].is_null(), "nothing left to reset: {r}");
 
-    // A reload of the rules file (unchanged on disk) replaces the incremental changes.
-    loader_ok(&ns, &["set", "add", &iface, "blocked", CLIENT_V4]);
-    assert_eq!(udp_delivered(&t, to, N), 0);
-    loader_ok(&ns, &["reload", rules.to_str().unwrap(), "--iface", &iface]);
-    assert_eq!(udp_delivered(&t, to, N), N, "the file is the source of truth at a reload");
-
-    // Sets without a file, and unknown sets, are refused with nothing changed.
+    // Unknown sets are refused with nothing changed; host bits are a usage error.
     let out = loader(&ns, &["set", "add", &iface, "nope", "192.0.2.1"]);
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no set \"nope\""), "{}", String::from_utf8_lossy(&out.stderr));
     let out = loader(&ns, &["set", "add", &iface, "blocked", "192.0.2.1/8"]);
     assert_eq!(out.status.code(), Some(2), "host bits set: a usage error: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// A daemon following the rules file leaves `set` changes alone while the file is unchanged
-/// (its periodic checks compare the file's content with what it last read, not with what is
-/// live), and a change of the file replaces them, as a reload of the file does.
+/// A daemon following the rules file keeps `set` changes, through its periodic checks and
+/// through a new version of the file (which it applies with the journal on top).
 #[test]
-fn a_daemon_keeps_set_changes_until_its_file_changes() {
+fn a_daemon_keeps_set_changes_through_file_changes() {
     if !root_or_skip() {
         return;
     }
@@ -122,7 +131,12 @@ fn a_daemon_keeps_set_changes_until_its_file_changes() {
     // Several periodic checks later the change still stands.
     std::thread::sleep(std::time::Duration::from_secs(3));
     assert_eq!(udp_delivered(&t, to, N), 0, "the daemon did not undo the set change:\n{}", d.log());
-    // A new version of the file is applied and replaces the set change.
+    // A new version of the file is applied, with the change on top.
     std::fs::write(&rules, format!("version = \"v2\"\n{text}")).unwrap();
-    assert!(eventually(std::time::Duration::from_secs(10), || udp_delivered(&t, to, 5) == 5), "{}", d.log());
+    assert!(
+        eventually(std::time::Duration::from_secs(10), || json(&ns, &["show", "--iface", &iface, "--json"])["version"] == "v2"),
+        "{}",
+        d.log()
+    );
+    assert_eq!(udp_delivered(&t, to, N), 0, "the new version keeps the set change:\n{}", d.log());
 }

@@ -96,12 +96,17 @@ fn reloads_that_change_no_prefix_reuse_the_live_tables() {
     let r = reload();
     assert!(reused(&r), "{r}");
     assert_eq!(delivered(7002), 0, "the client is in the set of this attach");
-    // `set del` changes the set: the next reload of the file does not reuse its tables.
+    // `set del` changes the set; a reload of the file keeps the change (the set journal), so
+    // its tables are the live ones and are reused; `set reset` changes them back.
     loader_ok(&ns, &["set", "del", &iface, "blocked", CLIENT_V4]);
     assert_eq!(delivered(7002), N);
     let r = reload();
-    assert!(!reused(&r), "{r}");
+    assert!(reused(&r), "{r}");
+    assert_eq!(delivered(7002), N);
+    loader_ok(&ns, &["set", "reset", &iface, "blocked"]);
     assert_eq!(delivered(7002), 0);
+    let r = reload();
+    assert!(reused(&r), "{r}");
 }
 
 /// The daemon's path, in this process (a long-lived one, like `loader run`): a reload that

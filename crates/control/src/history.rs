@@ -11,7 +11,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use xdpfw_rules::Ruleset;
+use xdpfw_rules::{Ruleset, setedit::SetJournal};
 
 use crate::{
     error::{ControlContext, Result, refuse},
@@ -28,6 +28,14 @@ pub const KEEP_ENTRIES: usize = 1000;
 
 /// The file beside a snapshot's `rules.toml` holding its set files' texts.
 pub const SNAPSHOT_SETS: &str = "sets.json";
+/// The file beside a snapshot's `rules.toml` holding the set journal applied to its texts (only
+/// when it changed a set).
+pub const SNAPSHOT_JOURNAL: &str = "journal.json";
+/// The instance's set journal, in its history folder (durable: it outlives a detach and a
+/// reboot, like the history).
+pub const JOURNAL: &str = "set-journal.json";
+/// The largest set journal read (about 40 bytes a prefix as JSON: `MAX_JOURNAL_PREFIXES`).
+pub const MAX_JOURNAL_BYTES: u64 = 64 << 20;
 
 #[derive(Serialize, Deserialize)]
 struct SnapshotSet {
@@ -52,10 +60,42 @@ fn hex(digest: &[u8; 32]) -> String {
 
 /// Loads a rules file; a snapshot in the history (a `rules.toml` with a `sets.json` beside it)
 /// is loaded from the texts it holds, exactly the bytes that went live, whatever has become of
-/// the set files it was made from.
+/// the set files it was made from, with the set journal that was applied to them (its
+/// `journal.json`): exactly the ruleset that went live, hash included.
 pub fn load_rules(path: &Path, origin: xdpfw_rules::Origin) -> std::result::Result<Ruleset, xdpfw_rules::RulesError> {
+    let mut rs = load_texts(path, origin)?;
+    let journal = path.with_file_name(SNAPSHOT_JOURNAL);
+    if is_snapshot(path) && journal.exists() {
+        let error = |what: String| xdpfw_rules::RulesError {
+            location: xdpfw_rules::Location { file: journal.clone(), line: 0, column: 0 },
+            message: xdpfw_rules::cap_text(what, 4096),
+        };
+        let text = xdpfw_rules::read_bounded(&journal, MAX_JOURNAL_BYTES).map_err(|e| error(format!("cannot read: {e}")))?;
+        let j: SetJournal = serde_json::from_str(&text).map_err(|e| error(format!("not a set journal: {e}")))?;
+        j.apply(&mut rs);
+    }
+    Ok(rs)
+}
+
+/// Loads a rules file (or a snapshot's texts) with `journal` applied: what an operation of an
+/// instance goes live with (the instance's own journal, see [`History::journal`]), whatever
+/// journal a snapshot was taken with.
+pub fn load_rules_with(path: &Path, origin: xdpfw_rules::Origin, journal: &SetJournal) -> std::result::Result<Ruleset, xdpfw_rules::RulesError> {
+    let mut rs = load_texts(path, origin)?;
+    for set in journal.apply(&mut rs) {
+        tracing::warn!("{}: the set journal changes set \"{set}\", which this ruleset does not have: kept for a ruleset that has it", path.display());
+    }
+    Ok(rs)
+}
+
+fn is_snapshot(path: &Path) -> bool {
+    path.starts_with(history_root()) && path.file_name().is_some_and(|n| n == "rules.toml") && path.with_file_name(SNAPSHOT_SETS).exists()
+}
+
+/// The texts of a rules file or a snapshot, parsed (no journal applied).
+fn load_texts(path: &Path, origin: xdpfw_rules::Origin) -> std::result::Result<Ruleset, xdpfw_rules::RulesError> {
     let sets = path.with_file_name(SNAPSHOT_SETS);
-    if !(path.starts_with(history_root()) && path.file_name().is_some_and(|n| n == "rules.toml") && sets.exists()) {
+    if !is_snapshot(path) {
         return xdpfw_rules::load_from(path, origin);
     }
     let error = |what: String| xdpfw_rules::RulesError {
@@ -225,6 +265,32 @@ impl History {
         &self.dir
     }
 
+    /// The instance's set journal (empty when it has none): the changes of `loader set`, which
+    /// every ruleset this instance loads gets on top of its texts.
+    pub fn journal(&self) -> Result<SetJournal> {
+        let path = self.dir.join(JOURNAL);
+        let text = match xdpfw_rules::read_bounded(&path, MAX_JOURNAL_BYTES) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(SetJournal::default()),
+            Err(e) => return Err(e).ctx(|| format!("reading the set journal {}", path.display())),
+        };
+        serde_json::from_str(&text).map_err(|e| crate::error::ControlError::Refused(format!("{}: not a set journal ({e}); move it away to drop the set changes it holds", path.display())))
+    }
+
+    /// Replaces the set journal, synced: a `set` change is durable before it goes live.
+    pub fn store_journal(&self, journal: &SetJournal) -> Result<()> {
+        self.ensure_dir()?;
+        let path = self.dir.join(JOURNAL);
+        if journal.is_empty() {
+            return match fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).ctx(|| format!("removing {}", path.display())),
+                _ => Ok(()),
+            };
+        }
+        let json = serde_json::to_vec(journal).ctx(|| "serializing the set journal".into())?;
+        files::atomic_write(&path, &json)
+    }
+
     /// The history folder, created (or checked) root-only, like the root it is in: error texts
     /// and snapshots are the operator's business alone.
     fn ensure_dir(&self) -> Result<()> {
@@ -390,6 +456,11 @@ impl History {
             write(&tmp.join("rules.toml"), rs.sources.rules.as_bytes())?;
             let json = serde_json::to_vec(&sets).ctx(|| "serializing the set files".into())?;
             write(&tmp.join(SNAPSHOT_SETS), &json)?;
+            if let Some(journal) = &rs.sources.journal {
+                let json = serde_json::to_vec(&**journal).ctx(|| "serializing the set journal".into())?;
+                write(&tmp.join(SNAPSHOT_JOURNAL), &json)?;
+                to_sync.push(dir.join(SNAPSHOT_JOURNAL));
+            }
             fs::rename(&tmp, &dir).ctx(|| format!("renaming {}", tmp.display()))?;
             to_sync.extend([dir.join("rules.toml"), dir.join(SNAPSHOT_SETS), dir.clone(), snapshots.clone()]);
             Ok(())
@@ -416,7 +487,9 @@ impl History {
 
     /// The snapshot `back` applied rulesets before the newest one (1 = the previous one).
     pub fn rollback_target(&self, back: usize) -> Result<Entry> {
-        let applied = self.applied()?;
+        // A rollback changes the rules, not the sets: a `set` entry is the rules before it with
+        // the journal as it was, and every operation applies the journal as it is now.
+        let applied: Vec<Entry> = self.applied()?.into_iter().filter(|e| e.action != Operation::Set).collect();
         if back == 0 {
             refuse!("rollback needs N >= 1");
         }

@@ -3,6 +3,7 @@
 //! and the report of each reload, the history with its snapshots, and the escalation service's
 //! published report. Every fallible operation returns a [`ControlError`].
 
+mod delta;
 pub mod error;
 pub mod escalation;
 pub mod files;
@@ -17,6 +18,6 @@ pub mod trace;
 pub use error::{ControlError, Result};
 pub use instance::{CarriedCounts, Instance, ReloadReport, ReloadTimes, Retiring, RulesetSummary, State};
 pub use pipeline::{
-    AttachReport, ReloadOptions, attach, attach_ruleset, detach, empty_ruleset, reload, reload_remote, repair, rollback, rollback_to, set_update, validate_pins, SetReport,
+    AttachReport, ReloadOptions, attach, attach_ruleset, detach, empty_ruleset, reload, reload_remote, repair, rollback, rollback_to, set_reset, set_update, validate_pins, SetReport,
 };
 pub use stats::{RuleCounters, Stats, stats};

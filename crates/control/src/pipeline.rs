@@ -39,7 +39,7 @@ pub struct AttachReport {
 /// the program sees is classified against the complete ruleset.
 pub fn attach(iface: &str, rules_path: Option<&Path>, mode: AttachMode) -> Result<AttachReport> {
     let (ruleset, from_file) = match rules_path {
-        Some(p) => (history::load_rules(p, rules::Origin::Local)?, true),
+        Some(p) => (history::load_rules_with(p, rules::Origin::Local, &Instance::new(iface)?.history().journal()?)?, true),
         None => (empty_ruleset(), false),
     };
     attach_ruleset(iface, &ruleset, from_file, mode)
@@ -340,7 +340,7 @@ fn reload_pipeline(inst: &Instance, path: &Path, opts: &ReloadOptions, origin: r
     let mut times = ReloadTimes::default();
     let t = Instant::now();
     let counts = rules::set_file_counts();
-    let ruleset = history::load_rules(path, origin)?;
+    let ruleset = history::load_rules_with(path, origin, &inst.history().journal()?)?;
     times.parse_us = us(t.elapsed());
     times.count_set_files(counts);
     // The address tables are compiled outside the lock, unless the live buffer's can be reused
@@ -561,64 +561,177 @@ fn install_locked(
 }
 
 
-/// What `loader set add|del|replace` did: the change to the set, and the reload that applied it
-/// (`None` when the batch changed nothing: every prefix already present, or absent).
+/// What `loader set add|del|replace|reset` did: the change to the set, and the reload that
+/// applied it (`None` when the batch changed nothing: every prefix already present, or absent).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct SetReport {
     pub iface: String,
-    pub op: rules::setedit::SetOp,
+    pub op: String,
     pub edit: rules::setedit::SetEdit,
     pub reload: Option<ReloadReport>,
-    /// Loading the live ruleset from its snapshot and changing the set's text, in microseconds.
+    /// Reading the live ruleset and recording the change, in microseconds.
     pub edit_us: u64,
+    /// How it went live: "delta" (only the changed entries written, see [`crate::delta`]) or
+    /// "reload" (the changed ruleset compiled whole).
+    pub path: &'static str,
+    /// Why a batch took the reload path (`None` for the delta path).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub why_reload: Option<String>,
 }
 
-/// Changes the set `name` of the live ruleset by one batch: the live ruleset is loaded from its
-/// snapshot, the set's file text changed ([`rules::setedit::edit_set`]), and the result goes
-/// through the reload pipeline (inactive buffer, prove, flip, grace, clear), so a packet sees
-/// the whole batch or none of it. The instance's lock is held from the read of the live
-/// ruleset to the flip, so concurrent changes never lose one another. The changed ruleset is
-/// recorded as an ordinary one (history action "set", with its snapshot): a rollback, a
-/// restart and `attach --last-good` keep it; a reload of a rules file replaces it.
+/// The live ruleset's texts (from its snapshot, with no journal) and the instance's journal,
+/// with the lock held. Refused for a built-in ruleset and a ruleset without a snapshot.
+fn live_texts(inst: &Instance) -> Result<(State, Ruleset, rules::setedit::SetJournal)> {
+    let state = inst.state()?;
+    if state.ruleset.path.is_none() {
+        refuse!("the live ruleset of {} is built in, not from a rules file: it has no sets to change", inst.iface);
+    }
+    let history = inst.history();
+    let snapshot = history.dir().join("snapshots").join(&state.ruleset.hash).join("rules.toml");
+    if !snapshot.exists() {
+        refuse!("no snapshot of the live ruleset {} at {}: reload its rules file first", rules::short_hash(&state.ruleset.hash), snapshot.display());
+    }
+    let mut texts = history::load_rules_with(&snapshot, rules::Origin::Local, &Default::default())?;
+    // The changed ruleset keeps the source the live one was loaded from (the operator's file).
+    if let Some(p) = &state.ruleset.path {
+        texts.path = p.clone();
+    }
+    Ok((state, texts, history.journal()?))
+}
+
+/// The names of `rs`'s sets, for a refusal.
+fn set_names(rs: &Ruleset) -> String {
+    let known: Vec<&str> = rs.sets.keys().map(String::as_str).collect();
+    if known.is_empty() { "none".to_string() } else { known.join(", ") }
+}
+
+/// Changes the set `name` of the live ruleset by one batch, recorded in the instance's set
+/// journal (see [`rules::setedit`]), so it stands through reloads, rollbacks and restarts until
+/// changed again or reset. The journal is written (synced) before the change goes live and put
+/// back if it does not. A batch of IPv4 prefixes goes live as a delta when it can ([`crate::delta`]:
+/// only the table entries it changes are written, into the inactive buffer, then the flip);
+/// any other through the reload pipeline with the whole changed ruleset. Either way a packet
+/// sees the set before the batch or after it, never a part of it, and every counter is kept.
+/// The lock is held from the read of the journal to the flip, so concurrent changes never lose
+/// one another.
 pub fn set_update(inst: &Instance, name: &str, op: rules::setedit::SetOp, prefixes: &[ipnet::IpNet], opts: &ReloadOptions) -> Result<SetReport> {
+    use rules::setedit::SetOp;
     let total = Instant::now();
     let mut times = ReloadTimes::default();
     let t = Instant::now();
     let _lock = inst.lock(opts.lock_wait)?;
     times.lock_wait_us = us(t.elapsed());
     let t = Instant::now();
-    let state = inst.state()?;
-    if state.ruleset.path.is_none() {
-        refuse!("the live ruleset of {} is built in, not from a rules file: it has no sets to change", inst.iface);
-    }
-    let hash = &state.ruleset.hash;
-    let snapshot = inst.history().dir().join("snapshots").join(hash).join("rules.toml");
-    if !snapshot.exists() {
-        refuse!("no snapshot of the live ruleset {} at {}: reload its rules file first", rules::short_hash(hash), snapshot.display());
-    }
-    let mut live = history::load_rules(&snapshot, rules::Origin::Local)?;
-    if &live.hash != hash {
-        refuse!("the snapshot {} does not hash to the live ruleset's {} (edited by hand?)", snapshot.display(), rules::short_hash(hash));
-    }
-    // The changed ruleset keeps the source the live one was loaded from (the operator's file).
-    if let Some(p) = &state.ruleset.path {
-        live.path = p.clone();
-    }
-    times.parse_us = us(t.elapsed());
-    let (changed, edit) = rules::setedit::edit_set(&live, name, op, prefixes).map_err(|e| match e {
-        rules::setedit::SetEditError::Refused(m) => ControlError::Refused(m),
-        rules::setedit::SetEditError::Rules(e) => e.into(),
-    })?;
-    let edit_us = us(t.elapsed());
-    let Some(ruleset) = changed else {
-        return Ok(SetReport { iface: inst.iface.clone(), op, edit, reload: None, edit_us });
+    let why_reload = match crate::delta::try_set_update(inst, name, op, prefixes, opts, total, times.clone()) {
+        Ok(crate::delta::Outcome::Done(mut report)) => {
+            if let Some(r) = report.reload.as_mut() {
+                r.times.lock_wait_us = times.lock_wait_us;
+            }
+            return Ok(*report);
+        }
+        Ok(crate::delta::Outcome::NotApplicable(why)) => why,
+        Err(e) => return Err(e),
     };
+    let (state, texts, mut journal) = live_texts(inst)?;
+    times.parse_us = us(t.elapsed());
+    let Some(base) = texts.sets.get(name) else {
+        refuse!("the live ruleset has no set \"{}\" (its sets: {})", name.escape_debug(), set_names(&texts));
+    };
+    let before = journal.clone();
+    let changes = journal.sets.entry(name.to_string()).or_default();
+    let mut edit = match op {
+        SetOp::Add | SetOp::Del => {
+            let base: std::collections::HashSet<ipnet::IpNet> = base.iter().copied().collect();
+            changes.record(name, op == SetOp::Add, prefixes, |p| base.contains(p))
+        }
+        SetOp::Replace => {
+            let current = changes.apply(base);
+            changes.replace_with(name, prefixes, &current)
+        }
+    };
+    journal.prune();
+    let edit_us = us(t.elapsed());
+    let report = |edit, reload| SetReport { iface: inst.iface.clone(), op: op.to_string(), edit, reload, edit_us, path: "reload", why_reload: Some(why_reload.clone()) };
+    if !edit.changed() {
+        edit.size = Some(journal.sets.get(name).map_or(base.len(), |c| c.apply(base).len()));
+        return Ok(report(edit, None));
+    }
+    if journal.len() > rules::setedit::MAX_JOURNAL_PREFIXES {
+        refuse!(
+            "the set journal of {} would name {} prefixes, more than {}: write the changes into the set files and `loader set reset {}`",
+            inst.iface,
+            journal.len(),
+            rules::setedit::MAX_JOURNAL_PREFIXES,
+            inst.iface
+        );
+    }
+    let mut ruleset = texts;
+    journal.apply(&mut ruleset);
+    edit.size = Some(ruleset.sets[name].len());
+    let reload = apply_journal_locked(inst, &state, ruleset, &journal, &before, opts, times, total)?;
+    Ok(report(edit, Some(reload)))
+}
+
+/// Drops the set changes of `name` (every set's with `None`) from the journal and applies the
+/// live rules without them.
+pub fn set_reset(inst: &Instance, name: Option<&str>, opts: &ReloadOptions) -> Result<SetReport> {
+    let total = Instant::now();
+    let mut times = ReloadTimes::default();
+    let t = Instant::now();
+    let _lock = inst.lock(opts.lock_wait)?;
+    times.lock_wait_us = us(t.elapsed());
+    let t = Instant::now();
+    let (state, texts, mut journal) = live_texts(inst)?;
+    times.parse_us = us(t.elapsed());
+    let before = journal.clone();
+    let mut edit = rules::setedit::SetEdit { set: name.unwrap_or("*").to_string(), ..Default::default() };
+    let dropped: Vec<rules::setedit::SetChanges> = match name {
+        Some(n) => journal.sets.remove(n).into_iter().collect(),
+        None => std::mem::take(&mut journal.sets).into_values().collect(),
+    };
+    for c in &dropped {
+        // What the reset undoes: the prefixes the changes added or removed.
+        edit.removed += c.added.len() + c.replace.as_ref().map_or(0, |r| r.len());
+        edit.added += c.deleted.len();
+    }
+    let edit_us = us(t.elapsed());
+    let report = |edit, reload| SetReport { iface: inst.iface.clone(), op: "reset".into(), edit, reload, edit_us, path: "reload", why_reload: None };
+    if dropped.iter().all(rules::setedit::SetChanges::is_empty) {
+        return Ok(report(edit, None));
+    }
+    let mut ruleset = texts;
+    journal.apply(&mut ruleset);
+    let reload = apply_journal_locked(inst, &state, ruleset, &journal, &before, opts, times, total)?;
+    Ok(report(edit, Some(reload)))
+}
+
+/// The end of [`set_update`] and [`set_reset`] on the reload path: the journal stored, the
+/// changed ruleset compiled and installed, the attempt recorded (action "set"); the journal as
+/// it was put back when the ruleset did not go live.
+#[expect(clippy::too_many_arguments, reason = "the pipeline's state, handed on")]
+fn apply_journal_locked(
+    inst: &Instance,
+    _state: &State,
+    ruleset: Ruleset,
+    journal: &rules::setedit::SetJournal,
+    before: &rules::setedit::SetJournal,
+    opts: &ReloadOptions,
+    mut times: ReloadTimes,
+    total: Instant,
+) -> Result<ReloadReport> {
+    let history = inst.history();
+    history.store_journal(journal)?;
     let t = Instant::now();
     let key = tables_cache::address_key(&ruleset);
-    let image = compile_locked(inst, &ruleset, &key)?;
-    times.compile_us = us(t.elapsed());
-    let result = install_locked(inst, &ruleset, &image, &key, opts, times, total);
-    let source = ruleset.path.clone();
-    let report = record(inst, &source, history::Operation::Set, result)?;
-    Ok(SetReport { iface: inst.iface.clone(), op, edit, reload: Some(report), edit_us })
+    let result = compile_locked(inst, &ruleset, &key).and_then(|image| {
+        times.compile_us = us(t.elapsed());
+        install_locked(inst, &ruleset, &image, &key, opts, times, total)
+    });
+    if result.is_err()
+        && inst.state().is_ok_and(|s| s.ruleset.hash != ruleset.hash)
+        && let Err(e) = history.store_journal(before)
+    {
+        tracing::error!("the set change did not go live, and the set journal could not be put back: {e}");
+    }
+    record(inst, &ruleset.path, history::Operation::Set, result)
 }

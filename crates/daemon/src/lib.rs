@@ -433,7 +433,7 @@ fn last_good(cfg: &RunConfig, inst: &Instance, live: Option<&control::RulesetSum
         return Ok((ruleset, false, "the fail-closed ruleset".into()));
     }
     if let Some(path) = cfg.rules_file()
-        && let Ok(rs) = rules::load(path)
+        && let Ok(rs) = control::history::load_rules_with(path, rules::Origin::Local, &inst.history().journal().unwrap_or_default())
     {
         return Ok((rs, true, format!("the rules file {}", path.display())));
     }

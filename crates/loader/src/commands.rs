@@ -98,6 +98,12 @@ fn set(cmd: crate::flags::SetCommand) -> Result<Output> {
         SetCommand::Add(a) => (SetOp::Add, a),
         SetCommand::Del(a) => (SetOp::Del, a),
         SetCommand::Replace(a) => (SetOp::Replace, a),
+        SetCommand::Reset(a) => {
+            let inst = Instance::find(Some(&a.iface))?;
+            let opts = ReloadOptions { lock_wait: Duration::from_secs(a.lock_wait), ..Default::default() };
+            let r = control::set_reset(&inst, a.set.as_deref(), &opts)?;
+            return Ok(Output::ok(if a.json { json_text(&r)? } else { render::set(&r) }));
+        }
     };
     let mut prefixes = Vec::with_capacity(args.prefixes.len());
     for p in &args.prefixes {
@@ -410,6 +416,12 @@ fn show(iface: Option<&str>, with_sets: bool, json: bool) -> Result<Output> {
             "source": state.ruleset.path,
             "text": text,
             "sets": sets,
+            "set_changes": rs.sources.journal.as_deref().map(|j| j.sets.iter().map(|(name, c)| serde_json::json!({
+                "set": name,
+                "added": c.added.len(),
+                "deleted": c.deleted.len(),
+                "replaced_with": c.replace.as_ref().map(|r| r.len()),
+            })).collect::<Vec<_>>()),
             "set_files": with_sets.then(|| files.iter().map(|(n, c)| serde_json::json!({ "file": n, "text": c })).collect::<Vec<_>>()),
         }))?
     } else {
@@ -420,8 +432,9 @@ fn show(iface: Option<&str>, with_sets: bool, json: bool) -> Result<Output> {
 
 /// `loader diff FILE`: what reloading FILE would change against the live ruleset.
 fn diff(file: &std::path::Path, iface: Option<&str>, json: bool) -> Result<Output> {
-    let (_, _, live, _) = live_ruleset(iface)?;
-    let new = rules::load(file)?;
+    let (inst, _, live, _) = live_ruleset(iface)?;
+    // What a reload would apply: the file with the instance's set journal on top.
+    let new = control::history::load_rules_with(file, rules::Origin::Local, &inst.history().journal()?)?;
     compile(&new)?;
     let d = render::RulesetDiff::new(&live, &new);
     Ok(Output::ok(if json { json_text(&d)? } else { render::diff(&d) }))

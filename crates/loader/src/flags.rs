@@ -267,17 +267,38 @@ pub(crate) enum Command {
 pub(crate) enum SetCommand {
     /// Add prefixes to the set (those already in it are counted, not added twice).
     Add(SetArgs),
-    /// Remove prefixes from the set's file (those not in it are counted).
+    /// Remove prefixes from the set (those not in it are counted).
     Del(SetArgs),
-    /// Make the set's file hold exactly these prefixes (inline `prefixes` stay).
+    /// Make the set hold exactly these prefixes.
     Replace(SetArgs),
+    /// Drop the changes `set` made to SET (to every set with --all): the set is its rules
+    /// file's again.
+    Reset(ResetArgs),
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub(crate) struct ResetArgs {
+    /// The interface whose live ruleset is changed.
+    pub iface: String,
+    /// The set, as the rules file names it.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub set: Option<String>,
+    /// Every set's changes.
+    #[arg(long)]
+    pub all: bool,
+    /// Seconds to wait for a concurrent reload before giving up (at most 30 days).
+    #[arg(long, default_value = "30", value_name = "SECONDS", value_parser = bounded_secs)]
+    pub lock_wait: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args, Clone, Debug)]
 pub(crate) struct SetArgs {
     /// The interface whose live ruleset is changed.
     pub iface: String,
-    /// The set, as the rules file names it (`[sets.NAME]`); it must have a `file`.
+    /// The set, as the rules file names it (`[sets.NAME]`).
     pub set: String,
     /// Addresses or CIDRs (host bits zero).
     #[arg(value_name = "CIDR")]

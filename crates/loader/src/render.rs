@@ -480,16 +480,21 @@ pub(crate) fn reload(r: &ReloadReport) -> String {
 /// `loader set add|del|replace`.
 pub(crate) fn set(r: &xdpfw_control::SetReport) -> String {
     let e = &r.edit;
+    let size = e.size.map(|n| format!("; {n} prefixes now")).unwrap_or_default();
     let mut out = format!(
-        "set {} {} on {}: {} added, {} removed ({} already present, {} not in the set); {} prefixes now (file {})\n",
-        r.op, e.set, r.iface, e.added, e.removed, e.present, e.absent, e.size, e.file
+        "set {} {} on {}: {} added, {} removed ({} already present, {} not in the set){size}\n",
+        r.op, e.set, r.iface, e.added, e.removed, e.present, e.absent
     );
     match &r.reload {
-        None => out.push_str("  nothing changed: no reload\n"),
+        None => out.push_str("  nothing changed: the live ruleset stands\n"),
         Some(rel) => {
             let t = &rel.times;
+            if let Some(why) = &r.why_reload {
+                out.push_str(&format!("  applied by a reload of the whole ruleset: {why}\n"));
+            }
             out.push_str(&format!(
-                "  generation {} -> {}  load+edit {}us  compile {}us  install {}us  flip {}us  grace {}us  clear {}us  total {}us\n",
+                "  {} generation {} -> {}  read+record {}us  compile {}us  install {}us  flip {}us  grace {}us  clear {}us  total {}us\n",
+                r.path,
                 rel.previous_generation,
                 rel.generation,
                 r.edit_us,

@@ -516,6 +516,9 @@ pub struct Sources {
     /// The SHA-256 of each set file's text (by the same names as `sets`; included files have
     /// none): a snapshot stores a large set file once by its digest.
     pub set_digests: Vec<(String, [u8; 32])>,
+    /// The set journal applied on top of the texts (`loader set`; see [`crate::setedit`]),
+    /// when it changed any set of the ruleset.
+    pub journal: Option<Arc<crate::setedit::SetJournal>>,
 }
 
 impl Ruleset {
@@ -1147,7 +1150,7 @@ fn parse_inner(path: &Path, text: &str, origin: Origin, provided: Option<&[(Stri
         warnings,
         hash: hasher.finish(),
         set_files,
-        sources: Sources { rules: Arc::from(text), sets: set_texts, set_digests },
+        sources: Sources { rules: Arc::from(text), sets: set_texts, set_digests, journal: None },
     };
     nd_warnings(&mut ruleset);
     let shadowed = crate::matcher::shadowed_rules(&ruleset);

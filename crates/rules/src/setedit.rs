@@ -1,26 +1,31 @@
-//! Incremental changes to a named set (`loader set add|del|replace`), made on the texts a
-//! ruleset was parsed from ([`crate::Sources`]): the set's file text gains or loses lines, and
-//! the result is parsed again with [`crate::parse_with_sets`]. The changed ruleset is therefore
-//! an ordinary ruleset, with its own hash and snapshot, that any reload, rollback or
-//! `attach --last-good` reproduces exactly.
+//! Incremental changes to named sets (`loader set add|del|replace|reset`), kept as the
+//! instance's **set journal**: per set, the prefixes added and deleted (or the exact contents a
+//! `replace` gave), net of one another. The journal is applied on top of every ruleset the
+//! instance loads (a reload of the rules file, a rollback, `attach --last-good`), so a change
+//! stands until `loader set` changes it again or `loader set reset` drops it; the rules file
+//! and the set files on disk are never modified.
 //!
-//! Only a set with a `file` can be changed: its prefixes are lines of that text. Prefixes given
-//! inline (`prefixes = [...]`) stay as the rules text says; deleting one is refused.
+//! A ruleset with changes applied has its own identity: each changed set's content id becomes
+//! `SHA-256(id, changes)` and the ruleset hash `SHA-256(hash, each changed set's changes)`, both
+//! pure functions of the texts and the journal, so the same file with the same journal hashes
+//! alike whoever loads it (a reload, the fast path of `loader set`, a restart).
 
-use std::{collections::HashSet, fmt::Write as _};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
 
-use crate::{Ruleset, RulesError, parse_cidr};
+use crate::{Ruleset, parse_cidr};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SetOp {
     /// Add the prefixes not yet in the set.
     Add,
-    /// Remove the prefixes (lines of the set file) that are in the set.
+    /// Remove the prefixes that are in the set.
     Del,
-    /// The set file holds exactly these prefixes afterwards.
+    /// The set holds exactly these prefixes afterwards.
     Replace,
 }
 
@@ -35,34 +40,23 @@ impl std::fmt::Display for SetOp {
 }
 
 /// What a change did to the set.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct SetEdit {
     pub set: String,
-    /// The set file (as the rules text names it) whose text was changed.
-    pub file: String,
     pub added: usize,
     pub removed: usize,
     /// Prefixes to add that were in the set already.
     pub present: usize,
     /// Prefixes to delete that were not in the set.
     pub absent: usize,
-    /// The set's prefixes after the change.
-    pub size: usize,
+    /// The set's prefixes after the change (`None` where the fast path did not count them).
+    pub size: Option<usize>,
 }
 
 impl SetEdit {
     pub fn changed(&self) -> bool {
         self.added + self.removed > 0
     }
-}
-
-/// Why a change cannot be made.
-#[derive(Debug, thiserror::Error)]
-pub enum SetEditError {
-    #[error("{0}")]
-    Refused(String),
-    #[error(transparent)]
-    Rules(#[from] RulesError),
 }
 
 /// Reads prefixes one a line ('#' comments, blank lines), as a set file is read.
@@ -77,106 +71,218 @@ pub fn parse_prefix_lines(text: &str) -> Result<Vec<IpNet>, String> {
     Ok(out)
 }
 
-/// The file the set `name` reads its prefixes from, as the rules text names it, and whether
-/// another set reads the same file.
-fn set_file(rs: &Ruleset, name: &str) -> Result<String, SetEditError> {
-    if !rs.sets.contains_key(name) {
-        let known: Vec<&str> = rs.sets.keys().map(String::as_str).collect();
-        return Err(SetEditError::Refused(format!(
-            "the live ruleset has no set \"{}\" (its sets: {})",
-            name.escape_debug(),
-            if known.is_empty() { "none".to_string() } else { known.join(", ") }
-        )));
-    }
-    let doc: toml::Table = toml::from_str(&rs.sources.rules).map_err(|e| SetEditError::Refused(format!("the live rules text does not parse: {e}")))?;
-    let sets = doc.get("sets").and_then(toml::Value::as_table);
-    let file_of = |set: &toml::Value| set.get("file").and_then(toml::Value::as_str).map(str::to_string);
-    let Some(file) = sets.and_then(|s| s.get(name)).and_then(file_of) else {
-        return Err(SetEditError::Refused(format!(
-            "set \"{name}\" has no `file`: only a set whose prefixes are in a set file can be changed incrementally (give it `file = \"{name}.txt\"`, even an empty one, and reload)"
-        )));
-    };
-    if let Some((other, _)) = sets.into_iter().flatten().find(|(n, s)| n.as_str() != name && file_of(s).as_deref() == Some(file.as_str())) {
-        return Err(SetEditError::Refused(format!("set \"{name}\" shares its file {file} with set \"{other}\": a change to one would change both")));
-    }
-    Ok(file)
+/// The changes of one set, net: `added` and `deleted` never share a prefix. The set's contents
+/// are `(replace, or what the ruleset gives) ∪ added − deleted`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetChanges {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace: Option<BTreeSet<IpNet>>,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub added: BTreeSet<IpNet>,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub deleted: BTreeSet<IpNet>,
 }
 
-/// Applies `op` with `prefixes` to the set `name` of `rs`: its file text is changed and the
-/// ruleset parsed again from the changed texts (as if from `rs.path`). `None` when nothing
-/// would change (every prefix present for an add, absent for a delete, the same for a replace).
-pub fn edit_set(rs: &Ruleset, name: &str, op: SetOp, prefixes: &[IpNet]) -> Result<(Option<Ruleset>, SetEdit), SetEditError> {
-    let file = set_file(rs, name)?;
-    let old_text = rs.sources.sets.iter().find(|(f, _)| *f == file).map(|(_, t)| t.clone()).unwrap_or_else(|| "".into());
-    let in_file: HashSet<IpNet> = parse_prefix_lines(&old_text).map_err(|e| SetEditError::Refused(format!("{file}: {e}")))?.into_iter().collect();
-    let current: HashSet<IpNet> = rs.sets[name].iter().copied().collect();
-    let mut edit = SetEdit { set: name.to_string(), file: file.clone(), ..Default::default() };
-    let mut text = String::new();
-    match op {
-        SetOp::Add => {
-            text.push_str(&old_text);
-            if !text.is_empty() && !text.ends_with('\n') {
-                text.push('\n');
-            }
-            let mut seen = HashSet::new();
-            for p in prefixes {
-                if current.contains(p) || !seen.insert(*p) {
-                    edit.present += 1;
-                } else {
-                    let _ = writeln!(text, "{p}");
-                    edit.added += 1;
-                }
-            }
+impl SetChanges {
+    pub fn is_empty(&self) -> bool {
+        self.replace.is_none() && self.added.is_empty() && self.deleted.is_empty()
+    }
+
+    /// Prefixes the changes name (what a journal's size is bounded by).
+    pub fn len(&self) -> usize {
+        self.replace.as_ref().map_or(0, BTreeSet::len) + self.added.len() + self.deleted.len()
+    }
+
+    /// Whether `p` is in the set, `in_base` telling whether the ruleset's own contents hold it.
+    pub fn contains(&self, p: &IpNet, in_base: impl Fn(&IpNet) -> bool) -> bool {
+        if self.added.contains(p) {
+            return true;
         }
-        SetOp::Del | SetOp::Replace => {
-            let wanted: HashSet<IpNet> = prefixes.iter().copied().collect();
-            if op == SetOp::Del {
-                if let Some(p) = wanted.iter().find(|p| current.contains(p) && !in_file.contains(p)) {
-                    return Err(SetEditError::Refused(format!(
-                        "{p} is given inline in the rules text (`prefixes` of set \"{name}\"), not in its file {file}: remove it there and reload"
-                    )));
-                }
-                edit.absent = wanted.iter().filter(|p| !in_file.contains(p)).count();
+        if self.deleted.contains(p) {
+            return false;
+        }
+        match &self.replace {
+            Some(r) => r.contains(p),
+            None => in_base(p),
+        }
+    }
+
+    /// Records a batch of adds or deletes; `in_base` as for [`Self::contains`]. Only prefixes
+    /// whose membership changes are recorded, so adding a present prefix or deleting an absent
+    /// one leaves the journal as it was. A replace is [`Self::replace_with`].
+    pub fn record(&mut self, name: &str, add: bool, prefixes: &[IpNet], in_base: impl Fn(&IpNet) -> bool) -> SetEdit {
+        let mut edit = SetEdit { set: name.to_string(), ..Default::default() };
+        let mut seen = HashSet::new();
+        for p in prefixes {
+            if !seen.insert(*p) || self.contains(p, &in_base) == add {
+                *(if add { &mut edit.present } else { &mut edit.absent }) += 1;
+                continue;
             }
-            // Keep lines (comments included) that stay; drop the prefixes leaving.
-            let mut kept = HashSet::new();
-            for line in old_text.lines() {
-                let body = line.split('#').next().unwrap_or("").trim();
-                let leaves = match parse_cidr(body) {
-                    Ok(p) if op == SetOp::Del => wanted.contains(&p),
-                    Ok(p) => !wanted.contains(&p) || !kept.insert(p),
-                    Err(_) => false,
-                };
-                if leaves {
-                    edit.removed += 1;
-                } else {
-                    text.push_str(line);
-                    text.push('\n');
-                }
+            let in_own = match &self.replace {
+                Some(r) => r.contains(p),
+                None => in_base(p),
+            };
+            // An entry only where the set differs from its own contents.
+            let (into, from) = if add { (&mut self.added, &mut self.deleted) } else { (&mut self.deleted, &mut self.added) };
+            from.remove(p);
+            if in_own != add {
+                into.insert(*p);
             }
-            if op == SetOp::Replace {
-                for p in prefixes {
-                    if !in_file.contains(p) && kept.insert(*p) {
-                        let _ = writeln!(text, "{p}");
-                        edit.added += 1;
+            *(if add { &mut edit.added } else { &mut edit.removed }) += 1;
+        }
+        edit
+    }
+
+    /// Makes the set hold exactly `new`; `current` is what it holds now (with these changes).
+    pub fn replace_with(&mut self, name: &str, new: &[IpNet], current: &[IpNet]) -> SetEdit {
+        let new: BTreeSet<IpNet> = new.iter().copied().collect();
+        let current: HashSet<IpNet> = current.iter().copied().collect();
+        let edit = SetEdit {
+            set: name.to_string(),
+            added: new.iter().filter(|p| !current.contains(p)).count(),
+            removed: current.iter().filter(|p| !new.contains(p)).count(),
+            size: Some(new.len()),
+            ..Default::default()
+        };
+        if edit.changed() {
+            *self = Self { replace: Some(new), ..Default::default() };
+        }
+        edit
+    }
+
+    /// The set's contents with these changes, from the ruleset's own `base`.
+    pub fn apply(&self, base: &[IpNet]) -> Vec<IpNet> {
+        let mut out: Vec<IpNet> = match &self.replace {
+            Some(r) => r.iter().copied().collect(),
+            None => base.iter().copied().filter(|p| !self.deleted.contains(p)).collect(),
+        };
+        if self.replace.is_some() {
+            out.retain(|p| !self.deleted.contains(p));
+        }
+        let have: HashSet<IpNet> = if self.added.is_empty() { HashSet::new() } else { out.iter().copied().collect() };
+        out.extend(self.added.iter().copied().filter(|p| !have.contains(p)));
+        out
+    }
+
+    /// SHA-256 of the changes, canonical (sorted prefixes, each as family, length, address).
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = sha2::Sha256::new();
+        h.update(b"xdpfw-set-changes-1\0");
+        let put = |h: &mut sha2::Sha256, tag: u8, nets: &BTreeSet<IpNet>| {
+            h.update([tag]);
+            h.update((nets.len() as u64).to_le_bytes());
+            for n in nets {
+                match n {
+                    IpNet::V4(n) => {
+                        h.update([4, n.prefix_len()]);
+                        h.update(n.network().octets());
+                    }
+                    IpNet::V6(n) => {
+                        h.update([6, n.prefix_len()]);
+                        h.update(n.network().octets());
                     }
                 }
             }
+        };
+        match &self.replace {
+            None => h.update([0]),
+            Some(r) => put(&mut h, 1, r),
         }
+        put(&mut h, 2, &self.added);
+        put(&mut h, 3, &self.deleted);
+        h.finalize().into()
     }
-    if !edit.changed() {
-        edit.size = rs.sets[name].len();
-        return Ok((None, edit));
+}
+
+/// The changes of every set that has any.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetJournal {
+    #[serde(default)]
+    pub sets: BTreeMap<String, SetChanges>,
+}
+
+/// Most prefixes a journal names: each batch rewrites it, and every load applies it.
+pub const MAX_JOURNAL_PREFIXES: usize = 1 << 20;
+
+impl SetJournal {
+    pub fn is_empty(&self) -> bool {
+        self.sets.values().all(SetChanges::is_empty)
     }
-    let sets: Vec<(String, String)> = rs
-        .sources
-        .sets
-        .iter()
-        .map(|(f, t)| (f.clone(), if *f == file { text.clone() } else { t.to_string() }))
-        .collect();
-    let new = crate::parse_with_sets(&rs.path, &rs.sources.rules, &sets)?;
-    edit.size = new.sets[name].len();
-    Ok((Some(new), edit))
+
+    pub fn len(&self) -> usize {
+        self.sets.values().map(SetChanges::len).sum()
+    }
+
+    /// Drops sets left without changes.
+    pub fn prune(&mut self) {
+        self.sets.retain(|_, c| !c.is_empty());
+    }
+
+    /// Applies the journal to `rs`: each changed set's prefixes (in the set and in every rule
+    /// that names it), its content id and the ruleset hash ([`journaled_hash`]). Returns the
+    /// names of sets with changes that `rs` does not have (their changes wait for a ruleset
+    /// that has them).
+    pub fn apply(&self, rs: &mut Ruleset) -> Vec<String> {
+        let mut missing = Vec::new();
+        for (name, changes) in self.sets.iter().filter(|(_, c)| !c.is_empty()) {
+            let Some(base) = rs.sets.get(name) else {
+                missing.push(name.clone());
+                continue;
+            };
+            let new = std::sync::Arc::new(changes.apply(base));
+            if let Some(id) = rs.set_ids.get_mut(name) {
+                *id = changed_set_id(id, &changes.digest());
+            }
+            for rule in &mut rs.rules {
+                for list in [rule.src.as_mut(), rule.dst.as_mut()].into_iter().flatten() {
+                    let (own, except) = (&mut list.sets, list.except.as_deref_mut().map(|e| &mut e.sets));
+                    for (n, set) in own.iter_mut().chain(except.into_iter().flatten()) {
+                        if n == name {
+                            *set = new.clone();
+                        }
+                    }
+                }
+            }
+            rs.sets.insert(name.clone(), new);
+        }
+        let sets = rs.sets.clone();
+        let hash = journaled_hash(&rs.hash, self, |n| sets.contains_key(n));
+        if hash != rs.hash {
+            rs.hash = hash;
+            rs.sources.journal = Some(std::sync::Arc::new(self.clone()));
+        }
+        missing
+    }
+}
+
+/// The hash of a ruleset whose texts hash to `text_hash` with `journal` applied: `text_hash`
+/// itself when no set it has (`has_set`) has changes.
+pub fn journaled_hash(text_hash: &str, journal: &SetJournal, has_set: impl Fn(&str) -> bool) -> String {
+    let mut hash = sha2::Sha256::new();
+    hash.update(b"xdpfw-journal-1\0");
+    hash.update(text_hash.as_bytes());
+    let mut any = false;
+    for (name, changes) in journal.sets.iter().filter(|(n, c)| !c.is_empty() && has_set(n)) {
+        any = true;
+        hash.update((name.len() as u64).to_le_bytes());
+        hash.update(name.as_bytes());
+        hash.update(changes.digest());
+    }
+    if !any {
+        return text_hash.to_string();
+    }
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The content id of a set whose id was `id` before `changes` (digest) were applied.
+pub fn changed_set_id(id: &[u8; 32], changes_digest: &[u8; 32]) -> [u8; 32] {
+    let mut h = sha2::Sha256::new();
+    h.update(b"xdpfw-set-journal-1\0");
+    h.update(id);
+    h.update(changes_digest);
+    h.finalize().into()
 }
 
 #[cfg(test)]
@@ -184,7 +290,7 @@ mod tests {
     use super::*;
 
     fn live(set_text: &str) -> Ruleset {
-        let rules = "default = \"pass\"\n[sets.bad]\nfile = \"bad.txt\"\nprefixes = [\"198.51.100.0/24\"]\n[sets.inline]\nprefixes = [\"192.0.2.0/24\"]\n[[rule]]\nname = \"block\"\naction = \"drop\"\nsrc = [\"@bad\"]\n";
+        let rules = "default = \"pass\"\n[sets.bad]\nfile = \"bad.txt\"\nprefixes = [\"198.51.100.0/24\"]\n[sets.other]\nprefixes = [\"192.0.2.0/24\"]\n[[rule]]\nname = \"block\"\naction = \"drop\"\nsrc = [\"@bad\", \"!@other\"]\n";
         crate::parse_with_sets(std::path::Path::new("/etc/xdpfw/rules.toml"), rules, &[("bad.txt".into(), set_text.into())]).unwrap()
     }
 
@@ -192,38 +298,76 @@ mod tests {
         s.iter().map(|s| parse_cidr(s).unwrap()).collect()
     }
 
-    #[test]
-    fn add_del_replace_change_the_file_text_and_the_hash() {
-        let rs = live("# feed\n203.0.113.1\n");
-        let (new, e) = edit_set(&rs, "bad", SetOp::Add, &nets(&["203.0.113.1", "203.0.113.2", "203.0.113.2", "198.51.100.0/24"])).unwrap();
-        let new = new.unwrap();
-        assert_eq!((e.added, e.present, e.size), (1, 3, 3));
-        assert_ne!(new.hash, rs.hash);
-        assert_eq!(&*new.sources.sets[0].1, "# feed\n203.0.113.1\n203.0.113.2/32\n");
-        // The snapshot of the change parses back to the same ruleset.
-        let again = crate::parse_with_sets(&new.path, &new.sources.rules, &[("bad.txt".into(), new.sources.sets[0].1.to_string())]).unwrap();
-        assert_eq!(again.hash, new.hash);
+    fn record(j: &mut SetJournal, rs: &Ruleset, name: &str, add: bool, p: &[&str]) -> SetEdit {
+        let base: HashSet<IpNet> = rs.sets[name].iter().copied().collect();
+        let e = j.sets.entry(name.into()).or_default().record(name, add, &nets(p), |p| base.contains(p));
+        j.prune();
+        e
+    }
 
-        let (back, e) = edit_set(&new, "bad", SetOp::Del, &nets(&["203.0.113.2", "203.0.113.9"])).unwrap();
-        assert_eq!((e.removed, e.absent, e.size), (1, 1, 2));
-        assert_eq!(back.unwrap().hash, rs.hash, "add then del is the original text");
-
-        let (none, e) = edit_set(&rs, "bad", SetOp::Add, &nets(&["203.0.113.1"])).unwrap();
-        assert!(none.is_none() && !e.changed());
-
-        let (r, e) = edit_set(&rs, "bad", SetOp::Replace, &nets(&["203.0.113.1", "203.0.113.5"])).unwrap();
-        assert_eq!((e.added, e.removed), (1, 0));
-        assert_eq!(&*r.unwrap().sources.sets[0].1, "# feed\n203.0.113.1\n203.0.113.5/32\n");
+    fn sorted(v: &[IpNet]) -> Vec<IpNet> {
+        let mut v = v.to_vec();
+        v.sort();
+        v
     }
 
     #[test]
-    fn inline_sets_and_unknown_sets_are_refused() {
+    fn adds_and_deletes_are_net_and_applied_everywhere() {
+        let rs = live("# feed\n203.0.113.1\n");
+        let mut j = SetJournal::default();
+        let e = record(&mut j, &rs, "bad", true, &["203.0.113.1", "203.0.113.2", "203.0.113.2", "198.51.100.0/24"]);
+        assert_eq!((e.added, e.present), (1, 3));
+        let e = record(&mut j, &rs, "bad", false, &["203.0.113.1", "203.0.113.9"]);
+        assert_eq!((e.removed, e.absent), (1, 1));
+        assert_eq!(j.sets["bad"].added, nets(&["203.0.113.2"]).into_iter().collect());
+        assert_eq!(j.sets["bad"].deleted, nets(&["203.0.113.1"]).into_iter().collect());
+
+        let mut new = rs.clone();
+        assert!(j.apply(&mut new).is_empty());
+        assert_eq!(sorted(&new.sets["bad"]), sorted(&nets(&["198.51.100.0/24", "203.0.113.2"])));
+        // Every rule naming the set sees the new contents (the matcher and compiler read those).
+        let src = new.rules[0].src.as_ref().unwrap();
+        assert!(std::sync::Arc::ptr_eq(&src.sets[0].1, &new.sets["bad"]));
+        assert_ne!(new.hash, rs.hash);
+        assert_ne!(new.set_ids["bad"], rs.set_ids["bad"]);
+        assert_eq!(new.set_ids["other"], rs.set_ids["other"]);
+
+        // The same texts with the same journal hash alike; undoing every change is the original.
+        let mut again = rs.clone();
+        j.apply(&mut again);
+        assert_eq!(again.hash, new.hash);
+        record(&mut j, &rs, "bad", true, &["203.0.113.1"]);
+        record(&mut j, &rs, "bad", false, &["203.0.113.2"]);
+        assert!(j.is_empty(), "{j:?}");
+        let mut back = rs.clone();
+        j.apply(&mut back);
+        assert_eq!(back.hash, rs.hash);
+    }
+
+    #[test]
+    fn a_replace_is_the_whole_contents_and_later_changes_apply_to_it() {
+        let rs = live("203.0.113.1\n203.0.113.2\n");
+        let mut j = SetJournal::default();
+        let current = rs.sets["bad"].to_vec();
+        let e = j.sets.entry("bad".into()).or_default().replace_with("bad", &nets(&["203.0.113.2", "203.0.113.5"]), &current);
+        assert_eq!((e.added, e.removed, e.size), (1, 2, Some(2)));
+        record(&mut j, &rs, "bad", true, &["203.0.113.7"]);
+        record(&mut j, &rs, "bad", false, &["203.0.113.2", "203.0.113.1"]);
+        let mut new = rs.clone();
+        j.apply(&mut new);
+        assert_eq!(sorted(&new.sets["bad"]), sorted(&nets(&["203.0.113.5", "203.0.113.7"])));
+        // A journal survives its own file format.
+        let text = serde_json::to_string(&j).unwrap();
+        assert_eq!(serde_json::from_str::<SetJournal>(&text).unwrap(), j);
+    }
+
+    #[test]
+    fn changes_to_a_set_the_ruleset_lacks_wait() {
         let rs = live("");
-        assert!(matches!(edit_set(&rs, "inline", SetOp::Add, &nets(&["203.0.113.1"])), Err(SetEditError::Refused(m)) if m.contains("no `file`")));
-        assert!(matches!(edit_set(&rs, "nope", SetOp::Add, &[]), Err(SetEditError::Refused(m)) if m.contains("no set")));
-        assert!(matches!(edit_set(&rs, "bad", SetOp::Del, &nets(&["198.51.100.0/24"])), Err(SetEditError::Refused(m)) if m.contains("inline")));
-        let (new, e) = edit_set(&rs, "bad", SetOp::Add, &nets(&["203.0.113.1"])).unwrap();
-        assert_eq!((e.added, e.size), (1, 2));
-        assert_eq!(&*new.unwrap().sources.sets[0].1, "203.0.113.1/32\n");
+        let mut j = SetJournal::default();
+        j.sets.entry("gone".into()).or_default().added.insert(nets(&["203.0.113.1"])[0]);
+        let mut new = rs.clone();
+        assert_eq!(j.apply(&mut new), vec!["gone".to_string()]);
+        assert_eq!(new.hash, rs.hash);
     }
 }
