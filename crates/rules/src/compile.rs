@@ -88,7 +88,7 @@ impl Image {
 }
 
 /// Entry `b` of the leaf whose first line is `n` (the kernel's `leaf_entry`, in Rust).
-fn leaf_entry(lines: &[DirLine], n: u32, b: u32) -> u32 {
+pub fn leaf_entry(lines: &[DirLine], n: u32, b: u32) -> u32 {
     let head = &lines[n as usize];
     let k = ((b >> 6) & 3) as usize;
     let bits = head.words[2 * k] as u64 | (head.words[2 * k + 1] as u64) << 32;
@@ -101,7 +101,7 @@ fn leaf_entry(lines: &[DirLine], n: u32, b: u32) -> u32 {
 }
 
 /// Appends the leaf of `values` (the 256 entries of a /24) to `lines`; returns its first line.
-fn push_leaf(values: &[u32; 256], lines: &mut Vec<DirLine>) -> u32 {
+pub fn push_leaf(values: &[u32; 256], lines: &mut Vec<DirLine>) -> u32 {
     let first = lines.len() as u32;
     let mut head = DirLine::default();
     let mut runs = Vec::with_capacity(8);
@@ -514,14 +514,10 @@ fn address_stage(rs: &Ruleset, bitmaps: &mut Bitmaps) -> Result<([Option<DirectT
             continue;
         }
         summary.fields |= bit;
-        // A rule with only excluded prefixes (`!`) holds for every address outside them.
-        let base = unconstrained(rules, |r| get(r).is_some_and(AddrList::has_positive));
+        let lists: Vec<Option<&AddrList>> = rules.iter().map(get).collect();
+        let base = field_base(&lists);
         *(if slot == 0 { &mut summary.absent_src } else { &mut summary.absent_dst }) = bitmaps.intern(base);
-        let (v4, v6) = if rules.iter().any(|r| get(r).is_some_and(|l| l.except.is_some())) {
-            prefix_tables_except(rules, get, &base, bitmaps)
-        } else {
-            prefix_tables(rules, get, &base, bitmaps)
-        };
+        let (v4, v6) = field_tables(&lists, &base, bitmaps);
         let miss = bitmaps.intern(base);
         if v4.len() > MAX_PREFIXES as usize {
             let which = if slot == 0 { "source IPv4" } else { "destination IPv4" };
@@ -579,16 +575,84 @@ fn fill_ranges(ranges: &[Option<Vec<RangeInclusive<u32>>>], base: &Bitmap, bitma
 /// name it or any prefix containing it, plus the unconstrained rules, so the longest match alone
 /// is the answer. A prefix whose bitmap equals its parent's adds nothing and is left out.
 #[expect(clippy::type_complexity, reason = "the two families' entries, each in its kernel form")]
-fn prefix_tables(
-    rules: &[Rule],
-    get: fn(&Rule) -> Option<&AddrList>,
-    base: &Bitmap,
-    bitmaps: &mut Bitmaps,
-) -> (Vec<(u128, u8, u32)>, Vec<(u32, Ipv6Data, u32)>) {
+/// The bitmap of an address no prefix of a field matches: the rules that do not constrain the
+/// field, and those with only excluded prefixes (`!`), which hold for every address outside them.
+fn field_base(lists: &[Option<&AddrList>]) -> Bitmap {
+    let mut bm = Bitmap::EMPTY;
+    for (i, l) in lists.iter().enumerate() {
+        if !l.is_some_and(AddrList::has_positive) {
+            set_bit(&mut bm, i);
+        }
+    }
+    bm
+}
+
+/// The longest-prefix-match entries of one field (rule `i` constrained by `lists[i]`), IPv4 and
+/// IPv6.
+#[expect(clippy::type_complexity, reason = "the two tables' entry shapes, as the callers return them")]
+fn field_tables(lists: &[Option<&AddrList>], base: &Bitmap, bitmaps: &mut Bitmaps) -> (Vec<(u128, u8, u32)>, Vec<(u32, Ipv6Data, u32)>) {
+    if lists.iter().any(|l| l.is_some_and(|l| l.except.is_some())) {
+        prefix_tables_except(lists, base, bitmaps)
+    } else {
+        prefix_tables(lists, base, bitmaps)
+    }
+}
+
+/// What one /16 of a field's direct IPv4 table holds (see [`v4_regions`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Region {
+    /// One bitmap id for the whole /16.
+    Uniform(u32),
+    /// One slot per /24.
+    Chunk(Box<[Slot; 256]>),
+}
+
+/// What one /24 of a [`Region::Chunk`] holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Slot {
+    Value(u32),
+    /// The bitmap id of each address (by its last byte).
+    Leaf(Box<[u32; 256]>),
+}
+
+/// The /16s `tops` of a field's direct IPv4 table, as [`compile`] would answer them, with the
+/// bitmaps their ids name. Rule `i`'s condition on the field is `lists[i]`; the lists' sets may
+/// hold only the prefixes that overlap those /16s (the answer for an address depends only on
+/// the prefixes that contain it; inline prefixes must stay, since a list cut to nothing would
+/// mean "any address"), which is what makes this cheap beside a 1M-prefix set: the delta path
+/// of `loader set` recomputes the /16s a batch touches this way.
+pub fn v4_regions(lists: &[Option<&AddrList>], tops: &[u16]) -> Result<(Vec<Bitmap>, Vec<(u16, Region)>)> {
+    let mut bitmaps = Bitmaps::new(lists.len());
+    let base = field_base(lists);
+    let (v4, _) = field_tables(lists, &base, &mut bitmaps);
+    let miss = bitmaps.intern(base);
+    let t = direct_table(&v4, miss)?;
+    let regions = tops
+        .iter()
+        .map(|&top| {
+            let e = t.entries[top as usize];
+            if e & dir::CHUNK == 0 {
+                return (top, Region::Uniform(e));
+            }
+            let first = (dir::TOP_ENTRIES + (e & !dir::CHUNK) * dir::CHUNK_ENTRIES) as usize;
+            let slots: Vec<Slot> = t.entries[first..first + 256]
+                .iter()
+                .map(|&c| match c & dir::CHUNK {
+                    0 => Slot::Value(c),
+                    _ => Slot::Leaf(Box::new(std::array::from_fn(|b| leaf_entry(&t.lines, c & !dir::CHUNK, b as u32)))),
+                })
+                .collect();
+            (top, Region::Chunk(Box::new(slots.try_into().unwrap_or_else(|_| unreachable!("256 slots")))))
+        })
+        .collect();
+    Ok((bitmaps.list, regions))
+}
+
+fn prefix_tables(lists: &[Option<&AddrList>], base: &Bitmap, bitmaps: &mut Bitmaps) -> (Vec<(u128, u8, u32)>, Vec<(u32, Ipv6Data, u32)>) {
     // (address as u128 in the family's top bits, prefix length, is_v6, rule)
     let mut entries: Vec<(bool, u128, u8, u32)> = Vec::new();
-    for (i, r) in rules.iter().enumerate() {
-        if let Some(list) = get(r) {
+    for (i, l) in lists.iter().enumerate() {
+        if let Some(list) = l {
             entries.extend(list.iter().map(|n| {
                 let (v6, bits) = match n.network() {
                     IpAddr::V4(a) => (false, (u32::from(a) as u128) << 96),
@@ -648,20 +712,15 @@ fn prefix_tables(
 /// bitmap is `(base ∪ positives of it and its ancestors) − exclusions of it and its ancestors`,
 /// so the longest match alone is still the answer.
 #[expect(clippy::type_complexity, reason = "the two families' entries, each in its kernel form")]
-fn prefix_tables_except(
-    rules: &[Rule],
-    get: fn(&Rule) -> Option<&AddrList>,
-    base: &Bitmap,
-    bitmaps: &mut Bitmaps,
-) -> (Vec<(u128, u8, u32)>, Vec<(u32, Ipv6Data, u32)>) {
+fn prefix_tables_except(lists: &[Option<&AddrList>], base: &Bitmap, bitmaps: &mut Bitmaps) -> (Vec<(u128, u8, u32)>, Vec<(u32, Ipv6Data, u32)>) {
     // (is_v6, address as u128 in the family's top bits, prefix length, excluded, rule)
     let mut entries: Vec<(bool, u128, u8, bool, u32)> = Vec::new();
     let key = |n: &ipnet::IpNet| match n.network() {
         IpAddr::V4(a) => (false, (u32::from(a) as u128) << 96),
         IpAddr::V6(a) => (true, u128::from(a)),
     };
-    for (i, r) in rules.iter().enumerate() {
-        let Some(list) = get(r) else { continue };
+    for (i, l) in lists.iter().enumerate() {
+        let Some(list) = l else { continue };
         for (excluded, n) in list.iter().map(|n| (false, n)).chain(list.except.iter().flat_map(|e| e.iter()).map(|n| (true, n))) {
             let (v6, bits) = key(n);
             entries.push((v6, bits, n.prefix_len(), excluded, i as u32));
@@ -985,6 +1044,73 @@ mod tests {
                 for (i, r) in rs.rules.iter().enumerate() {
                     let want = r.src.as_ref().is_none_or(|l| l.check(addr, "src").is_ok());
                     assert_eq!(got.words[0] >> i & 1 == 1, want, "rule {i} address {addr}\n{text}");
+                }
+            }
+        }
+    }
+
+    /// The lists of `rs`'s rules for the source, their sets keeping only the IPv4 prefixes that
+    /// overlap the /16s `tops` (what the delta path of `loader set` gives [`v4_regions`]; inline
+    /// prefixes stay whole: a list cut to nothing would mean "any address").
+    fn restricted(rs: &Ruleset, tops: &[u16]) -> Vec<Option<AddrList>> {
+        let overlaps = |n: &ipnet::IpNet| match n {
+            ipnet::IpNet::V4(n) => {
+                let (a, l) = (u32::from(n.network()), n.prefix_len());
+                tops.iter().any(|&t| if l <= 16 { (u32::from(t) << 16) & (u32::MAX.checked_shl(32 - l as u32).unwrap_or(0)) == a } else { a >> 16 == u32::from(t) })
+            }
+            ipnet::IpNet::V6(_) => true,
+        };
+        let cut = |l: &AddrList| AddrList {
+            inline: l.inline.clone(),
+            sets: l.sets.iter().map(|(n, s)| (n.clone(), std::sync::Arc::new(s.iter().copied().filter(overlaps).collect()))).collect(),
+            except: None,
+        };
+        rs.rules
+            .iter()
+            .map(|r| r.src.as_ref().map(|l| AddrList { except: l.except.as_deref().map(|e| Box::new(cut(e))), ..cut(l) }))
+            .collect()
+    }
+
+    #[test]
+    fn regions_from_restricted_lists_answer_like_the_whole_table() {
+        let mut rng = TestRng(23);
+        for round in 0..30 {
+            // Prefixes within a few /16s of 10.0.0.0/8, nested and excluded, in sets and inline.
+            let v4 = |rng: &mut TestRng| {
+                let len = [8, 12, 16, 20, 24, 24, 28, 32, 32, 32][rng.below(10) as usize];
+                let a = (rng.u32() & 0x0003_ffff) | 0x0a00_0000;
+                format!("{}/{len}", std::net::Ipv4Addr::from(a & (u32::MAX << (32 - len))))
+            };
+            let set: Vec<String> = (0..40 + rng.below(200)).map(|_| format!("\"{}\"", v4(&mut rng))).collect();
+            let mut text = format!("default = \"pass\"\n[sets.feed]\nprefixes = [{}]\n", set.join(", "));
+            for i in 0..1 + rng.below(5) {
+                text.push_str("[[rule]]\naction = \"drop\"\n");
+                let mut items = vec![if i % 2 == 0 { "\"@feed\"".to_string() } else { format!("\"{}\"", v4(&mut rng)) }];
+                if rng.below(3) == 0 {
+                    items.push(format!("\"!{}\"", v4(&mut rng)));
+                }
+                if round % 3 == 0 && i == 0 {
+                    items.push("\"2001:db8::/32\"".into());
+                }
+                text.push_str(&format!("src = [{}]\n", items.join(", ")));
+            }
+            let rs = parse(Path::new("t.toml"), &text).unwrap();
+            let img = compile(&rs).unwrap();
+            let t = img.src_v4.as_ref().unwrap();
+            let tops: Vec<u16> = (0..3).map(|_| 0x0a00 | rng.below(4) as u16).chain([0x0b00]).collect();
+            let lists = restricted(&rs, &tops);
+            let (bitmaps, regions) = v4_regions(&lists.iter().map(Option::as_ref).collect::<Vec<_>>(), &tops).unwrap();
+            for (top, region) in &regions {
+                for low in 0..=0xffffu32 {
+                    let a = u32::from(*top) << 16 | low;
+                    let id = match region {
+                        Region::Uniform(id) => *id,
+                        Region::Chunk(slots) => match &slots[(low >> 8) as usize] {
+                            Slot::Value(id) => *id,
+                            Slot::Leaf(values) => values[(low & 0xff) as usize],
+                        },
+                    };
+                    assert_eq!(bitmaps[id as usize], img.bitmaps[t.lookup(a) as usize], "{}\n{text}", std::net::Ipv4Addr::from(a));
                 }
             }
         }
