@@ -41,6 +41,7 @@ fn set_changes_keep_counters_and_survive_reloads_rollbacks_and_restarts() {
     let r = json(&ns, &["set", "add", &iface, "blocked", CLIENT_V4, "198.51.100.0/24", "--json"]);
     assert_eq!(r["edit"]["added"], 2, "{r}");
     assert_eq!(r["reload"]["generation"], 2, "{r}");
+    assert_eq!(r["path"], "delta", "IPv4 prefixes beside a ruleset without self-tests: only the changed entries are written: {r}");
     assert_eq!(udp_delivered(&t, to, N), 0, "the added address is dropped");
     let s = stats(&t);
     assert_eq!(rule_packets(&s, "udp-7000"), N, "the pass counter is kept across the change: {s}");
@@ -74,6 +75,7 @@ fn set_changes_keep_counters_and_survive_reloads_rollbacks_and_restarts() {
     let before = stats(&t);
     let r = json(&ns, &["set", "del", &iface, "blocked", CLIENT_V4, "192.0.2.99", "--json"]);
     assert_eq!((r["edit"]["removed"].as_u64(), r["edit"]["absent"].as_u64()), (Some(1), Some(1)), "{r}");
+    assert_eq!(r["path"], "delta", "{r}");
     assert_eq!(udp_delivered(&t, to, N), N, "passes again after del");
     let s = stats(&t);
     assert_eq!(rule_packets(&s, "udp-7000"), rule_packets(&before, "udp-7000") + N, "{s}");
@@ -91,6 +93,12 @@ fn set_changes_keep_counters_and_survive_reloads_rollbacks_and_restarts() {
     loader_ok(&ns, &["detach", &iface]);
     loader_ok(&ns, &["attach", &iface, "--rules", rules.to_str().unwrap()]);
     assert_eq!(udp_delivered(&t, to, N), 0, "an attach of the rules file keeps the change");
+
+    // An IPv6 prefix takes the reload path (the IPv6 tables are LPM tries), and says so.
+    let r = json(&ns, &["set", "add", &iface, "blocked", "2001:db8:7::/48", "--json"]);
+    assert_eq!(r["path"], "reload", "{r}");
+    assert!(r["why_reload"].as_str().unwrap().contains("IPv6"), "{r}");
+    assert_eq!(udp_delivered(&t, to, N), 0, "the IPv4 change stands");
 
     // reset: the set is the file's again.
     let r = json(&ns, &["set", "reset", &iface, "blocked", "--json"]);

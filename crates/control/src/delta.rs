@@ -1,13 +1,70 @@
 //! The delta path of `loader set`: a batch of IPv4 prefixes goes live by writing only the table
-//! entries it changes (stub: being built).
+//! entries it changes, in milliseconds beside a 1M-prefix set, instead of compiling and
+//! installing the whole ruleset again.
+//!
+//! How (the instance's lock held throughout):
+//! 1. **What the live rules are**, without parsing a set: a *context* (`delta-context.json` in
+//!    the instance's runtime folder) holds, for the texts of the live ruleset, each rule's
+//!    address conditions (inline prefixes, set names, exclusions) and each set's content id;
+//!    each set's IPv4 prefixes are in a sorted *index* (`set-index/<id>.v4`, 8 bytes a prefix,
+//!    mapped, not read). The context is valid when its texts' hash with the instance's journal
+//!    is the live ruleset's hash; otherwise it is built again from the live snapshot (a parse of
+//!    its texts, once per change of the rules or set files).
+//! 2. **The batch** is recorded in a copy of the journal (membership from the index); nothing
+//!    changes when no prefix's membership does.
+//! 3. **The /16s it touches** are computed again with the compiler's own code
+//!    ([`xdpfw_rules::compile::v4_regions`]) from every prefix that overlaps them (from the
+//!    indexes and the journal), in every field whose rules name the set.
+//! 4. **The inactive buffer** becomes a copy of the live one, then gets the new top-level
+//!    entries, chunks and bitmaps. Chunks beyond the fixed ones and leaf lines live in maps both
+//!    buffers share, so new ones go where the live buffer references nothing: chunk slots it
+//!    does not use, leaf lines past the highest it uses (the *watermark*, in
+//!    `delta-tables.json`, reserved before they are written). A /24 whose leaf is unchanged
+//!    keeps it. When a shared map has no room left, the batch takes the reload path, which
+//!    packs the tables again.
+//! 5. **The journal** is written (synced), then the flip publishes the whole batch at once; a
+//!    grace period later the retired buffer is cleared and its counters carried, as a reload
+//!    does. The history records action `set` with a snapshot of the live texts and the journal.
+//!
+//! What takes the reload path instead (said in the report): IPv6 prefixes (the IPv6 tables are
+//! LPM tries), `replace`, a ruleset with self-tests (a reload proves them), a batch touching
+//! more than `MAX_REGIONS` /16s, no room in the shared maps, and a live ruleset installed by an
+//! earlier version.
 
-use std::time::Instant;
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    fs,
+    os::fd::AsRawFd,
+    path::PathBuf,
+    sync::Arc,
+    time::Instant,
+};
+
+use ipnet::{IpNet, Ipv4Net};
+use serde::{Deserialize, Serialize};
+use xdpfw_common::{Bitmap, DirBlock, DirLine, MAX_BITMAPS, buffer_of, dir};
+use xdpfw_kernel::{LiveTable, Maps, grace};
+use xdpfw_rules::{
+    AddrList, Ruleset,
+    compile::{Region, Slot, leaf_entry, push_leaf, v4_regions},
+    setedit::{MAX_JOURNAL_PREFIXES, SetChanges, SetEdit, SetJournal, SetOp, changed_set_id, journaled_hash},
+};
 
 use crate::{
-    error::Result,
-    instance::{Instance, ReloadTimes},
+    error::{ControlContext, ControlError, Result},
+    files::{self, now_secs},
+    history,
+    instance::{Instance, ReloadReport, ReloadTimes, State},
     pipeline::{ReloadOptions, SetReport},
+    tables_cache,
 };
+
+/// Most /16s a batch may touch on the delta path (a /4 touches 4096).
+pub(crate) const MAX_REGIONS: usize = 4096;
+
+const CONTEXT: &str = "delta-context.json";
+const TABLES: &str = "delta-tables.json";
+const INDEX_DIR: &str = "set-index";
 
 pub(crate) enum Outcome {
     Done(Box<SetReport>),
@@ -15,14 +72,689 @@ pub(crate) enum Outcome {
     NotApplicable(String),
 }
 
-pub(crate) fn try_set_update(
-    _inst: &Instance,
-    _name: &str,
-    _op: xdpfw_rules::setedit::SetOp,
-    _prefixes: &[ipnet::IpNet],
-    _opts: &ReloadOptions,
-    _total: Instant,
-    _times: ReloadTimes,
-) -> Result<Outcome> {
-    Ok(Outcome::NotApplicable("not built".into()))
+/// One rule's condition on one address field, without the sets' prefixes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Lists {
+    inline: Vec<IpNet>,
+    sets: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    except: Option<Box<Lists>>,
+}
+
+impl Lists {
+    fn of(l: &AddrList) -> Self {
+        Self { inline: l.inline.clone(), sets: l.sets.iter().map(|(n, _)| n.clone()).collect(), except: l.except.as_deref().map(|e| Box::new(Self::of(e))) }
+    }
+    fn names(&self, set: &str) -> bool {
+        self.sets.iter().any(|n| n == set) || self.except.as_ref().is_some_and(|e| e.names(set))
+    }
+    fn set_names(&self) -> impl Iterator<Item = &String> {
+        self.sets.iter().chain(self.except.iter().flat_map(|e| e.sets.iter()))
+    }
+    /// The condition with each set's prefixes given by `prefixes`.
+    fn with(&self, prefixes: &dyn Fn(&str) -> Arc<Vec<IpNet>>) -> AddrList {
+        AddrList {
+            inline: self.inline.clone(),
+            sets: self.sets.iter().map(|n| (n.clone(), prefixes(n))).collect(),
+            except: self.except.as_ref().map(|e| Box::new(e.with(prefixes))),
+        }
+    }
+}
+
+/// What the delta path knows of the live ruleset's texts (see the module's notes).
+#[derive(Serialize, Deserialize)]
+struct Context {
+    /// The hash of the texts (no journal applied).
+    text_hash: String,
+    rules: usize,
+    /// Per field (source, destination): each rule's condition, `None` when no rule has one.
+    fields: [Option<Vec<Option<Lists>>>; 2],
+    /// Each set's content id in the texts (hex): the name of its index.
+    sets: BTreeMap<String, String>,
+    /// Self-tests of the ruleset.
+    tests: usize,
+}
+
+fn hex(b: &[u8; 32]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if s.len() != 64 {
+        return None;
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// An IPv4 prefix as an index key: the address, then the length (so keys sort by address).
+fn key(n: &Ipv4Net) -> u64 {
+    (u64::from(u32::from(n.network())) << 8) | u64::from(n.prefix_len())
+}
+
+fn net_of(k: u64) -> Option<IpNet> {
+    Ipv4Net::new(((k >> 8) as u32).into(), (k & 0xff) as u8).ok().map(IpNet::V4)
+}
+
+/// A set's IPv4 prefixes, sorted keys in a file, mapped read-only.
+struct Index {
+    ptr: *const u64,
+    len: usize,
+}
+
+impl Index {
+    fn open(path: &std::path::Path) -> Result<Self> {
+        let f = fs::File::open(path).ctx(|| format!("opening {}", path.display()))?;
+        let bytes = f.metadata().ctx(|| format!("inspecting {}", path.display()))?.len() as usize;
+        if bytes % 8 != 0 {
+            return Err(ControlError::Refused(format!("{} is not a set index", path.display())));
+        }
+        if bytes == 0 {
+            return Ok(Self { ptr: std::ptr::null(), len: 0 });
+        }
+        // SAFETY: a private read-only mapping of a file of `bytes` bytes.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ, libc::MAP_PRIVATE, f.as_raw_fd(), 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).ctx(|| format!("mapping {}", path.display()));
+        }
+        Ok(Self { ptr: ptr.cast(), len: bytes / 8 })
+    }
+    fn keys(&self) -> &[u64] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: the mapping holds `len` u64s (page-aligned) and lives as long as self.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+    fn contains(&self, k: u64) -> bool {
+        self.keys().binary_search(&k).is_ok()
+    }
+    /// The prefixes that overlap the /16 `top`: those inside it and those containing it.
+    fn region(&self, top: u16, out: &mut Vec<IpNet>) {
+        let keys = self.keys();
+        let lo = u64::from(top) << 24;
+        let hi = (u64::from(top) + 1) << 24;
+        let start = keys.partition_point(|&k| k < lo);
+        let end = keys.partition_point(|&k| k < hi);
+        out.extend(keys[start..end].iter().filter_map(|&k| net_of(k)));
+        for len in 0..16u8 {
+            let a = (u32::from(top) << 16) & u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            let k = (u64::from(a) << 8) | u64::from(len);
+            if k < lo && self.contains(k) {
+                out.extend(net_of(k));
+            }
+        }
+    }
+}
+
+impl Drop for Index {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: unmapping exactly what open() mapped.
+            unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len * 8) };
+        }
+    }
+}
+
+/// The prefixes of `set` (a journal's) that overlap the /16 `top`: those whose network lies in
+/// it (ordered by address, then length, so one range), and those containing it.
+fn overlapping(set: &BTreeSet<IpNet>, top: u16, out: &mut Vec<IpNet>) {
+    let at = |a: u32| IpNet::V4(Ipv4Net::new(a.into(), 0).unwrap_or_default());
+    let start = u32::from(top) << 16;
+    match start.checked_add(1 << 16) {
+        Some(end) => out.extend(set.range(at(start)..at(end)).copied()),
+        None => out.extend(set.range(at(start)..).take_while(|n| matches!(n, IpNet::V4(_))).copied()),
+    }
+    for len in 0..16u8 {
+        let a = start & u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+        if let Ok(n) = Ipv4Net::new(a.into(), len)
+            && a < start
+            && set.contains(&IpNet::V4(n))
+        {
+            out.push(IpNet::V4(n));
+        }
+    }
+}
+
+/// The /16s a batch touches.
+fn tops_of(prefixes: &[IpNet]) -> BTreeSet<u16> {
+    let mut tops = BTreeSet::new();
+    for p in prefixes {
+        if let IpNet::V4(n) = p {
+            let first = (u32::from(n.network()) >> 16) as u16;
+            let count = if n.prefix_len() >= 16 { 1 } else { 1u32 << (16 - n.prefix_len()) };
+            tops.extend((0..count).map(|i| first.wrapping_add(i as u16)));
+            if tops.len() > MAX_REGIONS {
+                break;
+            }
+        }
+    }
+    tops
+}
+
+fn index_path(inst: &Instance, id: &str) -> PathBuf {
+    inst.state_dir.join(INDEX_DIR).join(format!("{id}.v4"))
+}
+
+/// Writes the index of `prefixes` (its IPv4 ones) unless it exists.
+fn write_index(inst: &Instance, id: &str, prefixes: &[IpNet]) -> Result<()> {
+    let path = index_path(inst, id);
+    if path.exists() {
+        return Ok(());
+    }
+    let mut keys: Vec<u64> = prefixes.iter().filter_map(|p| if let IpNet::V4(n) = p { Some(key(n)) } else { None }).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let bytes: Vec<u8> = keys.iter().flat_map(|k| k.to_ne_bytes()).collect();
+    files::write_unsynced(&path, &bytes)
+}
+
+/// Builds the context of `texts` (and the indexes of its sets), replacing the stored one.
+fn build_context(inst: &Instance, texts: &Ruleset) -> Result<Context> {
+    let mut sets = BTreeMap::new();
+    for (name, prefixes) in &texts.sets {
+        let Some(id) = texts.set_ids.get(name) else { continue };
+        let id = hex(id);
+        write_index(inst, &id, prefixes)?;
+        sets.insert(name.clone(), id);
+    }
+    // Indexes of sets no longer live go (the folder would otherwise grow with every feed).
+    let keep: HashSet<String> = sets.values().map(|id| format!("{id}.v4")).collect();
+    if let Ok(dir) = fs::read_dir(inst.state_dir.join(INDEX_DIR)) {
+        for e in dir.flatten() {
+            if !keep.contains(&*e.file_name().to_string_lossy()) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+    let field = |get: fn(&xdpfw_rules::Rule) -> Option<&AddrList>| -> Option<Vec<Option<Lists>>> {
+        texts.rules.iter().any(|r| get(r).is_some()).then(|| texts.rules.iter().map(|r| get(r).map(Lists::of)).collect())
+    };
+    let ctx = Context {
+        text_hash: texts.hash.clone(),
+        rules: texts.rules.len(),
+        fields: [field(|r| r.src.as_ref()), field(|r| r.dst.as_ref())],
+        sets,
+        tests: texts.tests.len(),
+    };
+    files::write_unsynced(&inst.state_dir.join(CONTEXT), &serde_json::to_vec(&ctx).ctx(|| "serializing the delta context".into())?)?;
+    Ok(ctx)
+}
+
+/// The context of the live ruleset: the stored one when it describes it, else built from the
+/// live snapshot's texts. `None` when the live ruleset is not its snapshot's texts with this
+/// journal (a change in flight when a process died): the reload path sorts that out.
+fn context(inst: &Instance, state: &State, journal: &SetJournal) -> Result<Option<Context>> {
+    let live = |ctx: &Context| journaled_hash(&ctx.text_hash, journal, |n| ctx.sets.contains_key(n)) == state.ruleset.hash;
+    if let Ok(bytes) = fs::read(inst.state_dir.join(CONTEXT))
+        && let Ok(ctx) = serde_json::from_slice::<Context>(&bytes)
+        && live(&ctx)
+        && ctx.sets.values().all(|id| index_path(inst, id).exists())
+    {
+        return Ok(Some(ctx));
+    }
+    let snapshot = inst.history().dir().join("snapshots").join(&state.ruleset.hash).join("rules.toml");
+    if !snapshot.exists() {
+        return Ok(None);
+    }
+    let texts = history::load_rules_with(&snapshot, xdpfw_rules::Origin::Local, &SetJournal::default())?;
+    let ctx = build_context(inst, &texts)?;
+    Ok(live(&ctx).then_some(ctx))
+}
+
+/// Where each field's leaf lines end: past the highest line the live buffer references, per
+/// leaf map (by id).
+#[derive(Default, Serialize, Deserialize)]
+struct Watermarks {
+    fields: [Option<(u32, u32)>; 2],
+}
+
+/// Lines of the leaf whose first line is `n`, if it lies within `lines`.
+fn leaf_len(lines: &[DirLine], n: u32) -> Option<u32> {
+    let head = lines.get(n as usize)?;
+    let runs: u32 = head.words[..8].iter().map(|w| w.count_ones()).sum();
+    let len = 1 + runs.saturating_sub(dir::LEAF_INLINE).div_ceil(dir::LINE_VALUES);
+    ((n + len) as usize <= lines.len()).then_some(len)
+}
+
+/// The 256 values of the leaf at `n`, if it lies within `lines`.
+fn leaf_values(lines: &[DirLine], n: u32) -> Option<[u32; 256]> {
+    leaf_len(lines, n)?;
+    Some(std::array::from_fn(|b| leaf_entry(lines, n, b as u32)))
+}
+
+/// The end of the highest leaf the live buffer references in `table`.
+fn scan_watermark(maps: &Maps, table: &LiveTable, tops: &[u32]) -> u32 {
+    let lines = table.lines();
+    let mut end = 0;
+    for &e in tops {
+        if e & dir::CHUNK == 0 {
+            continue;
+        }
+        let Some(chunk) = maps.live_chunk(table, e & !dir::CHUNK) else { continue };
+        for &c in &chunk.entries {
+            if c & dir::CHUNK != 0 {
+                let n = c & !dir::CHUNK;
+                end = end.max(n + leaf_len(lines, n).unwrap_or(1));
+            }
+        }
+    }
+    end
+}
+
+/// The writes of one field's table.
+struct FieldWrites {
+    field: usize,
+    table: LiveTable,
+    tops: Vec<(u16, u32)>,
+    fixed_chunks: Vec<(u32, DirBlock)>,
+    more_chunks: Vec<(u32, DirBlock)>,
+    /// New leaf lines, written from `first_line` on.
+    first_line: u32,
+    lines: Vec<DirLine>,
+}
+
+/// Plans the writes that make `regions` (bitmap ids already the live buffer's, `remap`) what
+/// the live table of `field` answers. `Err(reason)` when the shared maps have no room.
+fn plan_field(maps: &Maps, field: usize, regions: &[(u16, Region)], remap: &[u32], watermarks: &mut Watermarks) -> Result<std::result::Result<FieldWrites, String>> {
+    let table = maps.live_table(field)?;
+    let tops = maps.live_tops(&table);
+    let first_line = match (table.leaves_id(), watermarks.fields[field]) {
+        (Some(id), Some((known, next))) if known == id => next,
+        (Some(id), _) => {
+            let next = scan_watermark(maps, &table, &tops);
+            watermarks.fields[field] = Some((id, next));
+            next
+        }
+        (None, _) => 0,
+    };
+    // Chunk slots the live buffer uses: the rest are free (fixed ones are per buffer, but a
+    // fixed slot the live buffer uses elsewhere must keep its contents in this copy too).
+    let used: HashSet<u32> = tops.iter().filter(|e| *e & dir::CHUNK != 0).map(|e| e & !dir::CHUNK).collect();
+    let capacity = dir::FIXED_CHUNKS + table.more_capacity();
+    let mut free = (0..capacity).filter(|n| !used.contains(n));
+    let lines_live = table.lines();
+    let mut new_lines = Vec::new();
+    let mut w = FieldWrites { field, table: maps.live_table(field)?, tops: Vec::new(), fixed_chunks: Vec::new(), more_chunks: Vec::new(), first_line, lines: Vec::new() };
+    for (top, region) in regions {
+        let old = tops[*top as usize];
+        let old_chunk = (old & dir::CHUNK != 0).then(|| maps.live_chunk(&table, old & !dir::CHUNK).map(|b| (old & !dir::CHUNK, b))).flatten();
+        match region {
+            Region::Uniform(id) => {
+                let v = remap[*id as usize];
+                if v != old {
+                    w.tops.push((*top, v));
+                }
+            }
+            Region::Chunk(slots) => {
+                let mut block = DirBlock { entries: [0; 256] };
+                for (b, slot) in slots.iter().enumerate() {
+                    block.entries[b] = match slot {
+                        Slot::Value(id) => remap[*id as usize],
+                        Slot::Leaf(values) => {
+                            let values: [u32; 256] = values.map(|id| remap[id as usize]);
+                            let kept = old_chunk.as_ref().map(|(_, ob)| ob.entries[b]).filter(|oe| oe & dir::CHUNK != 0 && leaf_values(lines_live, oe & !dir::CHUNK) == Some(values));
+                            match kept {
+                                Some(oe) => oe,
+                                None => dir::CHUNK | (first_line + push_leaf(&values, &mut new_lines)),
+                            }
+                        }
+                    };
+                }
+                if old_chunk.as_ref().is_some_and(|(_, ob)| *ob == block) {
+                    continue;
+                }
+                // A fixed chunk is the inactive buffer's own: rewritten in place. A shared one
+                // is read by the live buffer: the new one goes to a free slot.
+                let n = match old_chunk {
+                    Some((n, _)) if n < dir::FIXED_CHUNKS => n,
+                    _ => match free.next() {
+                        Some(n) => n,
+                        None => return Ok(Err(format!("no free chunk slot in the {} table: a reload packs it", ["source", "destination"][field]))),
+                    },
+                };
+                if n < dir::FIXED_CHUNKS {
+                    w.fixed_chunks.push((n, block));
+                } else {
+                    w.more_chunks.push((n, block));
+                }
+                if dir::CHUNK | n != old {
+                    w.tops.push((*top, dir::CHUNK | n));
+                }
+            }
+        }
+    }
+    if !new_lines.is_empty() && first_line as usize + new_lines.len() > table.leaves_capacity() as usize {
+        return Ok(Err(format!(
+            "the leaf lines of the {} table are used up ({} of {}): a reload packs them",
+            ["source", "destination"][field],
+            first_line,
+            table.leaves_capacity()
+        )));
+    }
+    w.lines = new_lines;
+    Ok(Ok(w))
+}
+
+fn us(d: std::time::Duration) -> u64 {
+    d.as_micros() as u64
+}
+
+/// The delta path (see the module's notes), with the instance's lock held. `NotApplicable`
+/// leaves everything as it was.
+pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &[IpNet], opts: &ReloadOptions, total: Instant, mut times: ReloadTimes) -> Result<Outcome> {
+    let not = |why: &str| Ok(Outcome::NotApplicable(why.to_string()));
+    if op == SetOp::Replace {
+        return not("a replace names the whole set");
+    }
+    if prefixes.iter().any(|p| matches!(p, IpNet::V6(_))) {
+        return not("the batch has IPv6 prefixes (the IPv6 tables are LPM tries, compiled whole)");
+    }
+    if std::env::var_os("XDPFW_SET_RELOAD").is_some() {
+        return not("XDPFW_SET_RELOAD is set");
+    }
+    let t = Instant::now();
+    let state = inst.state()?;
+    if state.ruleset.path.is_none() {
+        return not("the live ruleset is built in");
+    }
+    if state.ruleset.bitmaps == 0 {
+        return not("the live ruleset was installed by an earlier version (its bitmap count is not recorded)");
+    }
+    let history = inst.history();
+    let journal = history.journal()?;
+    let Some(ctx) = context(inst, &state, &journal)? else {
+        return not("the live ruleset is not its snapshot's texts with the set journal");
+    };
+    let Some(set_id) = ctx.sets.get(name) else {
+        return not("no such set");
+    };
+    if ctx.tests > 0 {
+        return not("the ruleset has self-tests, which a reload proves");
+    }
+    let index = Index::open(&index_path(inst, set_id))?;
+    let mut new_journal = journal.clone();
+    let mut edit: SetEdit = new_journal.sets.entry(name.to_string()).or_default().record(name, op == SetOp::Add, prefixes, |p| match p {
+        IpNet::V4(n) => index.contains(key(n)),
+        IpNet::V6(_) => false,
+    });
+    new_journal.prune();
+    if !edit.changed() {
+        return Ok(Outcome::Done(Box::new(SetReport { iface: inst.iface.clone(), op: op.to_string(), edit, reload: None, edit_us: us(t.elapsed()), path: "delta", why_reload: None })));
+    }
+    if new_journal.len() > MAX_JOURNAL_PREFIXES {
+        return not("the set journal is full");
+    }
+    let tops: Vec<u16> = tops_of(prefixes).into_iter().collect();
+    if tops.len() > MAX_REGIONS {
+        return not("the batch touches more than 4096 /16s");
+    }
+    let new_hash = journaled_hash(&ctx.text_hash, &new_journal, |n| ctx.sets.contains_key(n));
+    times.parse_us = us(t.elapsed());
+    let edit_us = times.parse_us;
+
+    // The touched /16s of every field whose rules name the set, recomputed.
+    let t = Instant::now();
+    let mut indexes: HashMap<String, Index> = HashMap::new();
+    let mut region_sets: HashMap<String, Arc<Vec<IpNet>>> = HashMap::new();
+    let mut computed = Vec::new();
+    for (field, rules) in ctx.fields.iter().enumerate() {
+        let Some(rules) = rules else { continue };
+        if !rules.iter().flatten().any(|l| l.names(name)) {
+            continue;
+        }
+        for set in rules.iter().flatten().flat_map(Lists::set_names) {
+            if region_sets.contains_key(set) {
+                continue;
+            }
+            let changes: Option<&SetChanges> = new_journal.sets.get(set);
+            let mut v = Vec::new();
+            match changes.and_then(|c| c.replace.as_ref()) {
+                Some(r) => tops.iter().for_each(|&t| overlapping(r, t, &mut v)),
+                None => {
+                    let Some(id) = ctx.sets.get(set) else { return not("a rule names a set the context lacks") };
+                    if !indexes.contains_key(set) {
+                        indexes.insert(set.clone(), Index::open(&index_path(inst, id))?);
+                    }
+                    let idx = &indexes[set];
+                    tops.iter().for_each(|&t| idx.region(t, &mut v));
+                }
+            }
+            if let Some(c) = changes {
+                let mut gone = Vec::new();
+                tops.iter().for_each(|&t| overlapping(&c.deleted, t, &mut gone));
+                let gone: HashSet<IpNet> = gone.into_iter().collect();
+                v.retain(|p| !gone.contains(p));
+                tops.iter().for_each(|&t| overlapping(&c.added, t, &mut v));
+            }
+            v.sort_unstable();
+            v.dedup();
+            region_sets.insert(set.clone(), Arc::new(v));
+        }
+        let lists: Vec<Option<AddrList>> = rules.iter().map(|r| r.as_ref().map(|l| l.with(&|n| region_sets.get(n).cloned().unwrap_or_default()))).collect();
+        let refs: Vec<Option<&AddrList>> = lists.iter().map(Option::as_ref).collect();
+        computed.push((field, v4_regions(&refs, &tops)?));
+    }
+    drop(indexes);
+
+    // The writes, planned in full before anything is written.
+    let mut maps = Maps::open(&inst.pin_dir)?;
+    let previous = maps.generation();
+    let (generation, live) = (previous + 1, buffer_of(previous));
+    let buffer = buffer_of(generation);
+    if state.generation != previous {
+        return not("the live generation is not the recorded one (a change in flight when a process died)");
+    }
+    let mut bitmaps = maps.bitmaps(live, state.ruleset.bitmaps);
+    let mut ids: HashMap<Bitmap, u32> = HashMap::with_capacity(bitmaps.len());
+    for (i, b) in bitmaps.iter().enumerate() {
+        ids.entry(*b).or_insert(i as u32);
+    }
+    let first_new = bitmaps.len() as u32;
+    let watermarks_path = inst.state_dir.join(TABLES);
+    let mut watermarks: Watermarks = fs::read(&watermarks_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    let mut writes = Vec::new();
+    for (field, (list, regions)) in computed {
+        let remap: Vec<u32> = list
+            .iter()
+            .map(|b| {
+                *ids.entry(*b).or_insert_with(|| {
+                    bitmaps.push(*b);
+                    bitmaps.len() as u32 - 1
+                })
+            })
+            .collect();
+        if bitmaps.len() > MAX_BITMAPS as usize {
+            return not("the buffer's bitmaps are used up");
+        }
+        match plan_field(&maps, field, &regions, &remap, &mut watermarks)? {
+            Ok(w) => writes.push(w),
+            Err(why) => return not(&why),
+        }
+    }
+    times.compile_us = us(t.elapsed());
+
+    // From here on the inactive buffer is written. A grace period first if a reload that died
+    // after its flip left it uncleared.
+    let t = Instant::now();
+    if maps.header(buffer).generation != 0 {
+        grace::wait(opts.min_grace);
+        maps.clear(buffer)?;
+    }
+    // The new lines are reserved before they are written: a crash after this leaks them, never
+    // hands them out twice.
+    for w in &writes {
+        if let Some(id) = w.table.leaves_id() {
+            watermarks.fields[w.field] = Some((id, w.first_line + w.lines.len() as u32));
+        }
+    }
+    files::write_unsynced(&watermarks_path, &serde_json::to_vec(&watermarks).unwrap_or_default())?;
+    let slot_changes = maps.copy_live_into(buffer, first_new)?;
+    times.install_arrays_us = us(t.elapsed());
+    let t = Instant::now();
+    for w in &mut writes {
+        if !w.lines.is_empty() {
+            w.table.write_lines(w.first_line, &w.lines)?;
+        }
+        for (n, block) in &w.more_chunks {
+            w.table.write_more_chunk(*n, block)?;
+        }
+        for (n, block) in &w.fixed_chunks {
+            maps.write_fixed_chunk(buffer, w.field, *n, block);
+        }
+        for (top, v) in &w.tops {
+            maps.write_top(buffer, w.field, *top, *v);
+        }
+    }
+    maps.write_bitmaps(buffer, first_new, &bitmaps[first_new as usize..])?;
+    let header = maps.header(live);
+    maps.publish_header(buffer, generation, header);
+    times.install_tables_us = us(t.elapsed());
+    times.slot_changes = slot_changes;
+
+    // Durable before it goes live.
+    history.store_journal(&new_journal)?;
+    edit.size = None;
+    let summary = {
+        let mut s = state.ruleset.clone();
+        s.hash = new_hash.clone();
+        s.bitmaps = bitmaps.len() as u32;
+        s.prefixes = (s.prefixes + edit.added).saturating_sub(edit.removed);
+        s
+    };
+    let result = go_live(inst, &mut maps, &state, summary, generation, opts, times, total, &ctx, &new_journal, &journal);
+    let path = state.ruleset.path.clone().unwrap_or_default();
+    let result = result.map(|report| {
+        let snapshot = history.derive_snapshot(&state.ruleset.hash, &new_hash, &new_journal);
+        (report, snapshot)
+    });
+    let history_result = match result {
+        Ok((report, snapshot)) => {
+            let entry = history::Entry::applied(history::Operation::Set, generation, report.ruleset.version.clone(), &new_hash, &path, snapshot, Some(report.times.clone()));
+            if let Err(e) = history.append(&entry) {
+                tracing::warn!("could not record the set change in {}: {e}", history.dir().display());
+            }
+            Ok(report)
+        }
+        Err(e) => {
+            if inst.state().is_ok_and(|s| s.ruleset.hash != new_hash)
+                && let Err(e) = history.store_journal(&journal)
+            {
+                tracing::error!("the set change did not go live, and the set journal could not be put back: {e}");
+            }
+            let entry = history::Entry {
+                time: now_secs(),
+                result: history::Outcome::Failed,
+                action: history::Operation::Set,
+                generation: None,
+                version: None,
+                hash: None,
+                source: path,
+                snapshot: None,
+                error: Some(e.to_string()),
+                times: None,
+            };
+            let _ = history.append(&entry);
+            Err(e)
+        }
+    };
+    let report = history_result?;
+    Ok(Outcome::Done(Box::new(SetReport { iface: inst.iface.clone(), op: op.to_string(), edit, reload: Some(report), edit_us, path: "delta", why_reload: None })))
+}
+
+/// Flip, grace, carry the retired counters, clear, record: the end of a reload, for a buffer the
+/// delta path wrote.
+#[expect(clippy::too_many_arguments, reason = "the pipeline's state, handed on")]
+fn go_live(
+    inst: &Instance,
+    maps: &mut Maps,
+    state: &State,
+    summary: crate::instance::RulesetSummary,
+    generation: u64,
+    opts: &ReloadOptions,
+    mut times: ReloadTimes,
+    total: Instant,
+    ctx: &Context,
+    journal: &SetJournal,
+    _before: &SetJournal,
+) -> Result<ReloadReport> {
+    let previous = generation - 1;
+    let mut next = state.clone();
+    let (old_rules, old_carried) = (next.ruleset.rules.clone(), std::mem::take(&mut next.carried));
+    next.carried = crate::instance::carry(&old_carried, &[], &[], &summary.rules);
+    next.retiring = Some(crate::instance::Retiring { generation: previous, rules: old_rules.clone() });
+    next.generation = generation;
+    next.ruleset = summary.clone();
+    inst.write_state_file_unsynced(&format!("next-{generation}.json"), &next)?;
+
+    let described = tables_cache::live_summary(inst, maps);
+    let t = Instant::now();
+    maps.flip(generation)?;
+    times.flip_us = us(t.elapsed());
+    times.to_flip_us = us(total.elapsed());
+    // The live tables are described again for a reload to reuse: the key of the texts with
+    // the new journal, and every bitmap (the new ones come after the fields').
+    if let Some(mut s) = described {
+        s.bitmaps = summary.bitmaps;
+        let key = context_key(ctx, journal);
+        if let Err(e) = tables_cache::record(inst, generation, &s, &key, false) {
+            tracing::warn!("the address tables of generation {generation} could not be described for reuse: {e}");
+        }
+    }
+
+    let (grace_time, grace_method) = grace::wait(opts.min_grace);
+    times.grace_us = us(grace_time);
+    let retired = buffer_of(previous);
+    match maps.rule_stats(retired, maps.header(retired).rule_count) {
+        Ok(counts) => next.carried = crate::instance::carry(&old_carried, &old_rules, &counts, &summary.rules),
+        Err(e) => tracing::warn!("per-rule counters of generation {previous} could not be read; they are not carried over: {e}"),
+    }
+    next.retiring = None;
+    let mut report = ReloadReport {
+        iface: inst.iface.clone(),
+        previous_generation: previous,
+        generation,
+        buffer: buffer_of(generation),
+        ruleset: summary,
+        grace_method,
+        times,
+        warnings: Vec::new(),
+        program: crate::pipeline::served_name(inst),
+    };
+    next.last_reload = Some(report.clone());
+    if let Err(e) = inst.write_state(&next) {
+        return Err(ControlError::LiveButUnrecorded { report: Box::new(report), source: Box::new(e) });
+    }
+    let t = Instant::now();
+    maps.clear(retired)?;
+    report.times.clear_us = us(t.elapsed());
+    report.times.total_us = us(total.elapsed());
+    next.last_reload = Some(report.clone());
+    if let Err(e) = inst.write_state(&next) {
+        return Err(ControlError::LiveButUnrecorded { report: Box::new(report), source: Box::new(e) });
+    }
+    let _ = fs::remove_file(inst.state_dir.join(format!("next-{generation}.json")));
+    Ok(report)
+}
+
+/// The address key ([`tables_cache::address_key`]) of the context's texts with `journal`.
+fn context_key(ctx: &Context, journal: &SetJournal) -> Vec<u8> {
+    let id_of = |name: &str| -> Option<[u8; 32]> {
+        let id = unhex(ctx.sets.get(name)?)?;
+        Some(match journal.sets.get(name).filter(|c| !c.is_empty()) {
+            Some(c) => changed_set_id(&id, &c.digest()),
+            None => id,
+        })
+    };
+    let empty = Arc::new(Vec::new());
+    let lists = |f: usize| -> Vec<Option<AddrList>> {
+        match &ctx.fields[f] {
+            None => vec![None; ctx.rules],
+            Some(rules) => rules.iter().map(|r| r.as_ref().map(|l| tables_cache::light_list(&l.with(&|_| empty.clone()), &id_of))).collect(),
+        }
+    };
+    tables_cache::light_key(&lists(0), &lists(1))
 }

@@ -478,6 +478,40 @@ impl History {
             }
         }
     }
+    /// The snapshot of the texts of snapshot `from` with `journal` applied, named `to` (their
+    /// hash): what a `set` batch on the delta path went live with. The texts' files are copied
+    /// (a set file's text is in a blob both share), the journal written beside them, synced.
+    pub fn derive_snapshot(&self, from: &str, to: &str, journal: &SetJournal) -> std::result::Result<PathBuf, String> {
+        let snapshots = self.dir.join("snapshots");
+        let (src, dir) = (snapshots.join(from), snapshots.join(to));
+        let rules = dir.join("rules.toml");
+        if rules.exists() && dir.join(SNAPSHOT_SETS).exists() && load_rules(&rules, xdpfw_rules::Origin::Local).is_ok_and(|rs| rs.hash == to) {
+            return Ok(rules);
+        }
+        let tmp = snapshots.join(format!(".{to}.{}.tmp", std::process::id()));
+        let written = (|| -> Result<()> {
+            let _ = fs::remove_dir_all(&tmp);
+            files::private_dir(&tmp)?;
+            for name in ["rules.toml", SNAPSHOT_SETS] {
+                let bytes = fs::read(src.join(name)).ctx(|| format!("reading {}", src.join(name).display()))?;
+                files::atomic_write(&tmp.join(name), &bytes)?;
+            }
+            files::atomic_write(&tmp.join(SNAPSHOT_JOURNAL), &serde_json::to_vec(journal).ctx(|| "serializing the set journal".into())?)?;
+            if fs::symlink_metadata(&dir).is_ok() {
+                fs::remove_dir_all(&dir).ctx(|| format!("removing the stale snapshot {}", dir.display()))?;
+            }
+            fs::rename(&tmp, &dir).ctx(|| format!("renaming {}", tmp.display()))?;
+            files::sync_path(&snapshots)
+        })();
+        match written {
+            Ok(()) => Ok(rules),
+            Err(e) => {
+                let _ = fs::remove_dir_all(&tmp);
+                Err(e.to_string())
+            }
+        }
+    }
+
     /// The applied entries with a snapshot, newest first.
     pub fn applied(&self) -> Result<Vec<Entry>> {
         let mut v: Vec<Entry> = self.entries()?.into_iter().filter(|e| e.result == Outcome::Applied && e.snapshot.is_some()).collect();

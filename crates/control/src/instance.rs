@@ -46,6 +46,10 @@ pub struct RulesetSummary {
     /// Rules with owner conditions, which need the escalation service.
     #[serde(default)]
     pub owner_rules: Vec<String>,
+    /// Bitmaps the live buffer holds (0: not recorded, by an earlier version): where the delta
+    /// path of `loader set` appends new ones.
+    #[serde(default)]
+    pub bitmaps: u32,
 }
 
 impl RulesetSummary {
@@ -60,6 +64,7 @@ impl RulesetSummary {
             prefixes: rs.prefix_count(),
             table_entries: image.prefix_count(),
             owner_rules: rs.rules.iter().filter(|r| r.owner.is_some()).map(|r| r.name.clone()).collect(),
+            bitmaps: image.bitmaps.len() as u32,
         }
     }
 }

@@ -156,7 +156,7 @@ fn narrow(inst: &Instance) {
 
 /// "full" or "plain": the copy of the program the instance's link runs ("unknown" when it
 /// cannot be told).
-fn served_name(inst: &Instance) -> String {
+pub(crate) fn served_name(inst: &Instance) -> String {
     match kernel::served_variant(&inst.pin_dir) {
         Ok(Some(variant::PLAIN)) => "plain",
         Ok(Some(_)) => "full",

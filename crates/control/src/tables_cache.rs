@@ -39,30 +39,36 @@ pub(crate) fn address_key(rs: &Ruleset) -> Vec<u8> {
     if rs.sets.keys().any(|name| !rs.set_ids.contains_key(name)) {
         return xdpfw_rules::compile::address_key(rs);
     }
+    let light = |l: &Option<xdpfw_rules::AddrList>| l.as_ref().map(|l| light_list(l, &|name| rs.set_ids.get(name).copied()));
+    let src: Vec<Option<xdpfw_rules::AddrList>> = rs.rules.iter().map(|r| light(&r.src)).collect();
+    let dst: Vec<Option<xdpfw_rules::AddrList>> = rs.rules.iter().map(|r| light(&r.dst)).collect();
+    light_key(&src, &dst)
+}
+
+/// The address key of rules whose conditions are `src[i]` and `dst[i]`, their sets' contents
+/// already the stand-ins of their ids ([`light_list`]).
+pub(crate) fn light_key(src: &[Option<xdpfw_rules::AddrList>], dst: &[Option<xdpfw_rules::AddrList>]) -> Vec<u8> {
+    fn refs(v: &[Option<xdpfw_rules::AddrList>]) -> Vec<Option<&xdpfw_rules::AddrList>> {
+        v.iter().map(Option::as_ref).collect()
+    }
+    let mut key = b"xdpfw-addr-ids-1\0".to_vec();
+    key.extend_from_slice(&xdpfw_rules::compile::address_key_of(&refs(src), &refs(dst), 0));
+    key
+}
+
+/// `list` with each set's prefixes replaced by the stand-in of its content id (`id_of`: two
+/// /128s made of it; a set without an id keeps its prefixes).
+pub(crate) fn light_list(list: &xdpfw_rules::AddrList, id_of: &dyn Fn(&str) -> Option<[u8; 32]>) -> xdpfw_rules::AddrList {
     let stand_in = |id: &[u8; 32]| {
         let half = |b: &[u8]| ipnet::IpNet::V6(ipnet::Ipv6Net::new(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(b).unwrap_or_default()), 128).unwrap_or_default());
         Arc::new(vec![half(&id[..16]), half(&id[16..])])
     };
-    let mut light = rs.clone();
-    let replace = |list: &mut xdpfw_rules::AddrList| {
-        for (name, set) in &mut list.sets {
-            if let Some(id) = rs.set_ids.get(name) {
-                *set = stand_in(id);
-            }
-        }
+    let replace = |l: &xdpfw_rules::AddrList| xdpfw_rules::AddrList {
+        inline: l.inline.clone(),
+        sets: l.sets.iter().map(|(name, set)| (name.clone(), id_of(name).map_or_else(|| set.clone(), |id| stand_in(&id)))).collect(),
+        except: None,
     };
-    for rule in &mut light.rules {
-        for list in [rule.src.as_mut(), rule.dst.as_mut()].into_iter().flatten() {
-            replace(list);
-            if let Some(except) = list.except.as_mut() {
-                replace(except);
-            }
-        }
-    }
-    light.sets.clear();
-    let mut key = b"xdpfw-addr-ids-1\0".to_vec();
-    key.extend_from_slice(&xdpfw_rules::compile::address_key(&light));
-    key
+    xdpfw_rules::AddrList { except: list.except.as_deref().map(|e| Box::new(replace(e))), ..replace(list) }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -120,6 +126,12 @@ pub(crate) fn record(inst: &Instance, generation: u64, summary: &AddrSummary, ke
     };
     let description = Description { generation, nonce, summary: summary.clone() };
     files::write_unsynced(&description_path(inst), &serde_json::to_vec(&description).unwrap_or_default())
+}
+
+/// The summary of the live tables' compile, when they are described (by the live generation).
+pub(crate) fn live_summary(inst: &Instance, maps: &Maps) -> Option<AddrSummary> {
+    let description: Description = serde_json::from_slice(&fs::read(description_path(inst)).ok()?).ok()?;
+    (description.generation == maps.generation()).then_some(description.summary)
 }
 
 /// Makes the live tables undescribed: before anything changes them in place, and before an

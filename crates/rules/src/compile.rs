@@ -272,9 +272,17 @@ pub struct Reuse {
 /// address bitmaps, whatever else differs (ports, protocols, actions, limits, tests). A byte
 /// string rather than a digest: comparing 17 MB is cheaper than hashing it, and cannot collide.
 pub fn address_key(rs: &Ruleset) -> Vec<u8> {
-    let mut key = Vec::with_capacity(64 + 6 * rs.prefix_count());
+    let src: Vec<Option<&AddrList>> = rs.rules.iter().map(|r| r.src.as_ref()).collect();
+    let dst: Vec<Option<&AddrList>> = rs.rules.iter().map(|r| r.dst.as_ref()).collect();
+    address_key_of(&src, &dst, rs.prefix_count())
+}
+
+/// [`address_key`] of the rules whose source and destination conditions are `src[i]` and
+/// `dst[i]` (`prefixes`: a hint of the key's size).
+pub fn address_key_of(src: &[Option<&AddrList>], dst: &[Option<&AddrList>], prefixes: usize) -> Vec<u8> {
+    let mut key = Vec::with_capacity(64 + 6 * prefixes);
     key.extend_from_slice(b"xdpfw-addr-1\0");
-    key.extend_from_slice(&(rs.rules.len() as u64).to_le_bytes());
+    key.extend_from_slice(&(src.len() as u64).to_le_bytes());
     let put_net = |key: &mut Vec<u8>, n: &ipnet::IpNet| match n {
         ipnet::IpNet::V4(n) => {
             key.push(4);
@@ -302,9 +310,9 @@ pub fn address_key(rs: &Ruleset) -> Vec<u8> {
         }
     };
     let mut sets = Vec::new();
-    for get in [(|r: &Rule| r.src.as_ref()) as fn(&Rule) -> Option<&AddrList>, |r: &Rule| r.dst.as_ref()] {
-        for r in &rs.rules {
-            match get(r) {
+    for lists in [src, dst] {
+        for l in lists {
+            match l {
                 None => key.push(0),
                 Some(list) => {
                     key.push(1);
