@@ -136,6 +136,28 @@ impl Maps {
         table.more_chunk(n - dir::FIXED_CHUNKS)
     }
 
+    /// The bitmap id `table` (the live buffer's) gives address `a`, read as the program reads it
+    /// (`None` when an entry points outside the maps: never, for tables the loader wrote).
+    pub fn live_lookup(&self, table: &LiveTable, a: u32) -> Option<u32> {
+        let e = self.live_top(table, (a >> 16) as u16);
+        if e & dir::CHUNK == 0 {
+            return Some(e);
+        }
+        let c = self.live_chunk(table, e & !dir::CHUNK)?.entries[((a >> 8) & 0xff) as usize];
+        if c & dir::CHUNK == 0 {
+            return Some(c);
+        }
+        let (lines, n) = (table.lines(), c & !dir::CHUNK);
+        // The leaf must lie within the map (its runs' count says how many lines it takes).
+        let head = lines.get(n as usize)?;
+        let runs: u32 = head.words[..8].iter().map(|w| w.count_ones()).sum();
+        let len = 1 + runs.saturating_sub(dir::LEAF_INLINE).div_ceil(dir::LINE_VALUES);
+        if (n + len) as usize > lines.len() {
+            return None;
+        }
+        Some(xdpfw_rules::compile::leaf_entry(lines, n, a & 0xff))
+    }
+
     /// Makes the inactive `buffer` a copy of the live one: rules, fields, limits, log rates, the
     /// first `bitmaps` bitmaps, the direct tables' top levels and fixed chunks, and every
     /// array-of-maps slot (shared, as after a reload that changes no prefix). Not the header:

@@ -1,0 +1,143 @@
+//! The delta path of `loader set` against the compiler: after every batch (adds and deletes of
+//! host routes, /24s and short prefixes, over a host-route-heavy set that rules use in the
+//! source and the destination, with exclusions of it and by it), the live tables, read as the
+//! program reads them, give every address tried the rule set a full compile of the same ruleset
+//! gives it; and a reload of the rules file afterwards reaches the same ruleset hash.
+
+use std::collections::BTreeSet;
+
+use ipnet::{IpNet, Ipv4Net};
+use xdpfw_common::buffer_of;
+use xdpfw_control::{self as control, Instance, ReloadOptions};
+use xdpfw_rules::setedit::SetOp;
+use xdpfw_testkit::{daemon::TempDir, *};
+
+/// splitmix64: the same draws on every run.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn net(a: u32, len: u8) -> Ipv4Net {
+    Ipv4Net::new(a.into(), len).unwrap().trunc()
+}
+
+/// Host-route heavy, as feeds are: 45% /32, 45% /24, 10% /20 to /23, in 10.0.0.0/8 (so batches
+/// land beside what the set holds), a quarter anywhere.
+fn draw(rng: &mut Rng) -> Ipv4Net {
+    let a = if rng.below(4) == 0 { rng.next() as u32 } else { 0x0a00_0000 | (rng.next() as u32 & 0x00ff_ffff) };
+    let len = match rng.below(20) {
+        0..=8 => 32,
+        9..=17 => 24,
+        _ => 20 + rng.below(4) as u8,
+    };
+    net(a, len)
+}
+
+/// A prefix for a batch: beside one the set holds (a host route in its /24, a /25 or /28 in
+/// it, its /24), which changes leaves the live tables already have; or a fresh one; or short.
+fn near(rng: &mut Rng, present: &[Ipv4Net]) -> Ipv4Net {
+    let p = present[rng.below(present.len() as u64) as usize];
+    let a = u32::from(p.network());
+    match rng.below(8) {
+        0..=2 => net(a & !0xff | (rng.next() as u32 & 0xff), 32),
+        3 => net(a | (rng.next() as u32 & 0x80), 25),
+        4 => net(a | (rng.next() as u32 & 0xf0), 28),
+        5 => net(a, 24),
+        6 => draw(rng),
+        _ => net(0x0a00_0000 | (rng.next() as u32 & 0x00ff_ffff), 12 + rng.below(5) as u8),
+    }
+}
+
+#[test]
+fn delta_batches_answer_like_a_full_compile() {
+    if !root_or_skip() {
+        return;
+    }
+    let mut rng = Rng(7);
+    let dir = TempDir::new("set-delta");
+    let rules = dir.0.join("rules.toml");
+    let feed: BTreeSet<Ipv4Net> = (0..20_000).map(|_| draw(&mut rng)).collect();
+    std::fs::write(dir.0.join("feed.txt"), feed.iter().map(|n| format!("{n}\n")).collect::<String>()).unwrap();
+    std::fs::write(dir.0.join("allow.txt"), "10.1.0.0/16\n10.2.3.0/24\n").unwrap();
+    std::fs::write(
+        &rules,
+        "default = \"pass\"\n\
+         [sets.feed]\nfile = \"feed.txt\"\n\
+         [sets.allow]\nfile = \"allow.txt\"\n\
+         [[rule]]\nname = \"feed-src\"\naction = \"drop\"\nsrc = [\"@feed\"]\nproto = \"tcp\"\n\
+         [[rule]]\nname = \"feed-dst\"\naction = \"drop\"\ndst = [\"@feed\", \"!@allow\"]\nproto = \"udp\"\n\
+         [[rule]]\nname = \"not-feed\"\naction = \"pass\"\nsrc = [\"198.51.100.0/24\", \"@allow\", \"!@feed\"]\n\
+         [[rule]]\nname = \"outside\"\naction = \"drop\"\nsrc = [\"!10.0.0.0/8\"]\nproto = \"tcp\"\ndport = 22\n",
+    )
+    .unwrap();
+    let mut t = Topology::new("setdelta").expect("topology");
+    t.detach_on_drop(loader_bin());
+    let iface = t.server_if.clone();
+    // This thread works inside the server namespace from here on.
+    let ns = std::fs::File::open(std::path::Path::new("/run/netns").join(&t.server_ns)).unwrap();
+    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    control::attach(&iface, Some(&rules), xdpfw_kernel::AttachMode::Auto).unwrap();
+    let inst = Instance::find(Some(&iface)).unwrap();
+
+    let mut present: Vec<Ipv4Net> = feed.iter().copied().collect();
+    let mut checked = 0usize;
+    for batch in 0..40 {
+        let add = batch % 3 != 2;
+        let prefixes: Vec<Ipv4Net> = (0..1 + rng.below(if batch % 10 == 0 { 2000 } else { 30 }))
+            .map(|_| if add || present.is_empty() { near(&mut rng, &present) } else { present[rng.below(present.len() as u64) as usize] })
+            .collect();
+        let nets: Vec<IpNet> = prefixes.iter().copied().map(IpNet::V4).collect();
+        let op = if add { SetOp::Add } else { SetOp::Del };
+        let r = control::set_update(&inst, "feed", op, &nets, &ReloadOptions::default()).unwrap();
+        if r.reload.is_some() {
+            assert_eq!(r.path, "delta", "batch {batch}: {:?}", r.why_reload);
+        }
+        if add {
+            present.extend(&prefixes);
+        } else {
+            present.retain(|p| !prefixes.contains(p));
+        }
+
+        // The ruleset now live, compiled whole, against the live tables.
+        let state = inst.state().unwrap();
+        let journal = inst.history().journal().unwrap();
+        let rs = control::history::load_rules_with(&rules, xdpfw_rules::Origin::Local, &journal).unwrap();
+        assert_eq!(rs.hash, state.ruleset.hash, "batch {batch}: the live hash is the file's with the journal");
+        let img = xdpfw_rules::compile::compile(&rs).unwrap();
+        let maps = xdpfw_kernel::Maps::open(&inst.pin_dir).unwrap();
+        let live = buffer_of(maps.generation());
+        let bitmaps = maps.bitmaps(live, state.ruleset.bitmaps);
+        let mut addrs: Vec<u32> = (0..3000).map(|_| if rng.below(4) == 0 { rng.next() as u32 } else { 0x0a00_0000 | (rng.next() as u32 & 0x000f_ffff) }).collect();
+        for p in &prefixes {
+            let (lo, hi) = (u32::from(p.network()), u32::from(p.broadcast()));
+            addrs.extend([lo, hi, lo.wrapping_sub(1), hi.wrapping_add(1), lo + (rng.next() as u32 % (hi - lo + 1).max(1))]);
+        }
+        for (field, table) in [(0, img.src_v4.as_ref().unwrap()), (1, img.dst_v4.as_ref().unwrap())] {
+            let lt = maps.live_table(field).unwrap();
+            for &a in &addrs {
+                let id = maps.live_lookup(&lt, a).unwrap_or_else(|| panic!("batch {batch}: {} leads outside the maps", std::net::Ipv4Addr::from(a)));
+                let got = bitmaps.get(id as usize).copied().unwrap_or_else(|| panic!("batch {batch}: bitmap {id} beyond the recorded {}", bitmaps.len()));
+                let want = img.bitmaps[table.lookup(a) as usize];
+                assert_eq!(got, want, "batch {batch} ({op}, {} prefixes): field {field}, address {}", prefixes.len(), std::net::Ipv4Addr::from(a));
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 200_000, "{checked} lookups compared");
+
+    // A reload of the file (the journal applied, compiled whole) is the ruleset the deltas made.
+    let hash = inst.state().unwrap().ruleset.hash;
+    let r = control::reload(&inst, &rules, &ReloadOptions::default()).unwrap();
+    assert_eq!(r.ruleset.hash, hash);
+    assert!(r.times.tables_reused, "the deltas' tables are described for reuse: {:?}", r.times);
+}
