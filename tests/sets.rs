@@ -148,3 +148,69 @@ fn a_daemon_keeps_set_changes_through_file_changes() {
     );
     assert_eq!(udp_delivered(&t, to, N), 0, "the new version keeps the set change:\n{}", d.log());
 }
+
+/// The backends in `dist/`: the fail2ban action's commands (as fail2ban runs them, its tags
+/// filled in) and the CrowdSec custom bouncer's script ban, unban and stop against a real
+/// instance.
+#[test]
+fn the_fail2ban_action_and_the_crowdsec_script_ban_and_unban() {
+    if !root_or_skip() {
+        return;
+    }
+    let dir = TempDir::new("setdist");
+    let rules = dir.0.join("rules.toml");
+    std::fs::write(
+        &rules,
+        "default = \"pass\"\n[sets.fail2ban]\nprefixes = []\n[sets.crowdsec]\nprefixes = []\n\
+         [[rule]]\nname = \"fail2ban\"\naction = \"drop\"\nsrc = [\"@fail2ban\"]\n\
+         [[rule]]\nname = \"crowdsec\"\naction = \"drop\"\nsrc = [\"@crowdsec\"]\n",
+    )
+    .unwrap();
+    let mut t = Topology::new("setdist").expect("topology");
+    t.detach_on_drop(loader_bin());
+    let (ns, iface) = (t.server_ns.clone(), t.server_if.clone());
+    loader_ok(&ns, &["attach", &iface, "--rules", rules.to_str().unwrap()]);
+    let to = sa(SERVER_V4, 7000);
+    assert_eq!(udp_delivered(&t, to, N), N);
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+
+    // fail2ban: the action's lines with its tags filled in, run by a shell as fail2ban does.
+    let action = std::fs::read_to_string(root.join("dist/fail2ban/action.d/xdpfw.conf")).unwrap();
+    let line = |key: &str| -> String {
+        let l = action.lines().find(|l| l.starts_with(&format!("{key} ="))).unwrap_or_else(|| panic!("no {key} in the action"));
+        l.split_once('=').unwrap().1.trim().replace("<loader>", &format!("{} --netns {ns}", loader_bin())).replace("<iface>", &iface).replace("<set>", "fail2ban").replace("<ip>", CLIENT_V4)
+    };
+    let sh = |cmd: &str| {
+        let o = std::process::Command::new("sh").args(["-c", cmd]).output().unwrap();
+        assert!(o.status.success(), "{cmd}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    sh(&line("actionban"));
+    assert_eq!(udp_delivered(&t, to, N), 0, "banned by the fail2ban action");
+    sh(&line("actionban"));
+    sh(&line("actionunban"));
+    assert_eq!(udp_delivered(&t, to, N), N, "unbanned");
+    sh(&line("actionban"));
+    sh(&line("actionstop"));
+    assert_eq!(udp_delivered(&t, to, N), N, "fail2ban's stop drops its bans");
+
+    // CrowdSec: the custom bouncer's script, called as the bouncer calls it.
+    let script = root.join("dist/crowdsec/xdpfw-crowdsec");
+    let crowdsec = |args: &[&str]| {
+        let o = std::process::Command::new(&script)
+            .args(args)
+            .env("XDPFW_LOADER", loader_bin())
+            .env("XDPFW_LOADER_ARGS", format!("--netns {ns}"))
+            .env("XDPFW_IFACE", &iface)
+            .env("XDPFW_SET", "crowdsec")
+            .output()
+            .unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let net = format!("{CLIENT_V4}/32");
+    assert_eq!(crowdsec(&["add", &net, "3600", "ssh:bruteforce", "{}"]).0, Some(0));
+    assert_eq!(udp_delivered(&t, to, N), 0, "banned by the CrowdSec script");
+    assert_eq!(crowdsec(&["del", &net, "-1s", "ssh:bruteforce", "{}"]).0, Some(0));
+    assert_eq!(udp_delivered(&t, to, N), N, "unbanned");
+    let (code, err) = crowdsec(&["flush", &net]);
+    assert_eq!(code, Some(2), "an unknown action is a usage error: {err}");
+}

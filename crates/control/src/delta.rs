@@ -483,7 +483,7 @@ pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &
     });
     new_journal.prune();
     if !edit.changed() {
-        return Ok(Outcome::Done(Box::new(SetReport { iface: inst.iface.clone(), op: op.to_string(), edit, reload: None, edit_us: us(t.elapsed()), path: "delta", why_reload: None })));
+        return Ok(Outcome::Done(Box::new(SetReport { iface: inst.iface.clone(), op: op.to_string(), edit, reload: None, edit_us: us(t.elapsed()), path: "delta".into(), why_reload: None })));
     }
     if new_journal.len() > MAX_JOURNAL_PREFIXES {
         return not("the set journal is full");
@@ -662,7 +662,7 @@ pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &
         }
     };
     let report = history_result?;
-    Ok(Outcome::Done(Box::new(SetReport { iface: inst.iface.clone(), op: op.to_string(), edit, reload: Some(report), edit_us, path: "delta", why_reload: None })))
+    Ok(Outcome::Done(Box::new(SetReport { iface: inst.iface.clone(), op: op.to_string(), edit, reload: Some(report), edit_us, path: "delta".into(), why_reload: None })))
 }
 
 /// Flip, grace, carry the retired counters, clear, record: the end of a reload, for a buffer the

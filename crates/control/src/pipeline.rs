@@ -563,7 +563,7 @@ fn install_locked(
 
 /// What `loader set add|del|replace|reset` did: the change to the set, and the reload that
 /// applied it (`None` when the batch changed nothing: every prefix already present, or absent).
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct SetReport {
     pub iface: String,
     pub op: String,
@@ -573,9 +573,9 @@ pub struct SetReport {
     pub edit_us: u64,
     /// How it went live: "delta" (only the changed entries written, see [`crate::delta`]) or
     /// "reload" (the changed ruleset compiled whole).
-    pub path: &'static str,
+    pub path: String,
     /// Why a batch took the reload path (`None` for the delta path).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub why_reload: Option<String>,
 }
 
@@ -651,7 +651,7 @@ pub fn set_update(inst: &Instance, name: &str, op: rules::setedit::SetOp, prefix
     };
     journal.prune();
     let edit_us = us(t.elapsed());
-    let report = |edit, reload| SetReport { iface: inst.iface.clone(), op: op.to_string(), edit, reload, edit_us, path: "reload", why_reload: Some(why_reload.clone()) };
+    let report = |edit, reload| SetReport { iface: inst.iface.clone(), op: op.to_string(), edit, reload, edit_us, path: "reload".into(), why_reload: Some(why_reload.clone()) };
     if !edit.changed() {
         edit.size = Some(journal.sets.get(name).map_or(base.len(), |c| c.apply(base).len()));
         return Ok(report(edit, None));
@@ -695,7 +695,7 @@ pub fn set_reset(inst: &Instance, name: Option<&str>, opts: &ReloadOptions) -> R
         edit.added += c.deleted.len();
     }
     let edit_us = us(t.elapsed());
-    let report = |edit, reload| SetReport { iface: inst.iface.clone(), op: "reset".into(), edit, reload, edit_us, path: "reload", why_reload: None };
+    let report = |edit, reload| SetReport { iface: inst.iface.clone(), op: "reset".into(), edit, reload, edit_us, path: "reload".into(), why_reload: None };
     if dropped.iter().all(rules::setedit::SetChanges::is_empty) {
         return Ok(report(edit, None));
     }

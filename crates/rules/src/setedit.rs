@@ -40,7 +40,7 @@ impl std::fmt::Display for SetOp {
 }
 
 /// What a change did to the set.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetEdit {
     pub set: String,
     pub added: usize,
