@@ -58,15 +58,12 @@ fn near(rng: &mut Rng, present: &[Ipv4Net]) -> Ipv4Net {
     }
 }
 
-#[test]
-fn delta_batches_answer_like_a_full_compile() {
-    if !root_or_skip() {
-        return;
-    }
-    let mut rng = Rng(7);
-    let dir = TempDir::new("set-delta");
+/// The rules file (a host-route-heavy 20k-prefix `feed` in both fields, with exclusions of it
+/// and by it) and a topology to attach it to.
+fn setup(rng: &mut Rng, name: &str) -> (TempDir, std::path::PathBuf, BTreeSet<Ipv4Net>, Topology) {
+    let dir = TempDir::new(name);
     let rules = dir.0.join("rules.toml");
-    let feed: BTreeSet<Ipv4Net> = (0..20_000).map(|_| draw(&mut rng)).collect();
+    let feed: BTreeSet<Ipv4Net> = (0..20_000).map(|_| draw(rng)).collect();
     std::fs::write(dir.0.join("feed.txt"), feed.iter().map(|n| format!("{n}\n")).collect::<String>()).unwrap();
     std::fs::write(dir.0.join("allow.txt"), "10.1.0.0/16\n10.2.3.0/24\n").unwrap();
     std::fs::write(
@@ -80,8 +77,18 @@ fn delta_batches_answer_like_a_full_compile() {
          [[rule]]\nname = \"outside\"\naction = \"drop\"\nsrc = [\"!10.0.0.0/8\"]\nproto = \"tcp\"\ndport = 22\n",
     )
     .unwrap();
-    let mut t = Topology::new("setdelta").expect("topology");
+    let mut t = Topology::new(name).expect("topology");
     t.detach_on_drop(loader_bin());
+    (dir, rules, feed, t)
+}
+
+#[test]
+fn delta_batches_answer_like_a_full_compile() {
+    if !root_or_skip() {
+        return;
+    }
+    let mut rng = Rng(7);
+    let (_dir, rules, feed, t) = setup(&mut rng, "setdelta");
     let iface = t.server_if.clone();
     // This thread works inside the server namespace from here on.
     let ns = std::fs::File::open(std::path::Path::new("/run/netns").join(&t.server_ns)).unwrap();
@@ -108,30 +115,12 @@ fn delta_batches_answer_like_a_full_compile() {
             present.retain(|p| !prefixes.contains(p));
         }
 
-        // The ruleset now live, compiled whole, against the live tables.
-        let state = inst.state().unwrap();
-        let journal = inst.history().journal().unwrap();
-        let rs = control::history::load_rules_with(&rules, xdpfw_rules::Origin::Local, &journal).unwrap();
-        assert_eq!(rs.hash, state.ruleset.hash, "batch {batch}: the live hash is the file's with the journal");
-        let img = xdpfw_rules::compile::compile(&rs).unwrap();
-        let maps = xdpfw_kernel::Maps::open(&inst.pin_dir).unwrap();
-        let live = buffer_of(maps.generation());
-        let bitmaps = maps.bitmaps(live, state.ruleset.bitmaps);
-        let mut addrs: Vec<u32> = (0..3000).map(|_| if rng.below(4) == 0 { rng.next() as u32 } else { 0x0a00_0000 | (rng.next() as u32 & 0x000f_ffff) }).collect();
+        let mut addrs: Vec<u32> = (0..3000).map(|_| if rng.below(4) == 0 { rng.next() as u32 } else { 0x0a00_0000 | (rng.next() as u32 & 0x00ff_ffff) }).collect();
         for p in &prefixes {
             let (lo, hi) = (u32::from(p.network()), u32::from(p.broadcast()));
             addrs.extend([lo, hi, lo.wrapping_sub(1), hi.wrapping_add(1), lo + (rng.next() as u32 % (hi - lo + 1).max(1))]);
         }
-        for (field, table) in [(0, img.src_v4.as_ref().unwrap()), (1, img.dst_v4.as_ref().unwrap())] {
-            let lt = maps.live_table(field).unwrap();
-            for &a in &addrs {
-                let id = maps.live_lookup(&lt, a).unwrap_or_else(|| panic!("batch {batch}: {} leads outside the maps", std::net::Ipv4Addr::from(a)));
-                let got = bitmaps.get(id as usize).copied().unwrap_or_else(|| panic!("batch {batch}: bitmap {id} beyond the recorded {}", bitmaps.len()));
-                let want = img.bitmaps[table.lookup(a) as usize];
-                assert_eq!(got, want, "batch {batch} ({op}, {} prefixes): field {field}, address {}", prefixes.len(), std::net::Ipv4Addr::from(a));
-                checked += 1;
-            }
-        }
+        checked += live_matches_compile(&inst, &rules, &addrs, &format!("batch {batch} ({op}, {} prefixes)", prefixes.len()));
     }
     assert!(checked > 200_000, "{checked} lookups compared");
 
@@ -140,4 +129,89 @@ fn delta_batches_answer_like_a_full_compile() {
     let r = control::reload(&inst, &rules, &ReloadOptions::default()).unwrap();
     assert_eq!(r.ruleset.hash, hash);
     assert!(r.times.tables_reused, "the deltas' tables are described for reuse: {:?}", r.times);
+}
+
+/// Checks that the live tables give each of `addrs`, in both fields, the rule set a full
+/// compile of the rules file with the instance's journal gives it, and that the live hash is
+/// that ruleset's; returns the lookups compared.
+fn live_matches_compile(inst: &Instance, rules: &std::path::Path, addrs: &[u32], what: &str) -> usize {
+    let state = inst.state().unwrap();
+    let journal = inst.history().journal().unwrap();
+    let rs = control::history::load_rules_with(rules, xdpfw_rules::Origin::Local, &journal).unwrap();
+    assert_eq!(rs.hash, state.ruleset.hash, "{what}: the live hash is the file's with the journal");
+    let img = xdpfw_rules::compile::compile(&rs).unwrap();
+    let maps = xdpfw_kernel::Maps::open(&inst.pin_dir).unwrap();
+    let live = buffer_of(maps.generation());
+    assert_eq!(maps.header(live).generation, maps.generation(), "{what}: the live buffer is complete");
+    let bitmaps = maps.bitmaps(live, state.ruleset.bitmaps);
+    let mut checked = 0;
+    for (field, table) in [(0, img.src_v4.as_ref().unwrap()), (1, img.dst_v4.as_ref().unwrap())] {
+        let lt = maps.live_table(field).unwrap();
+        for &a in addrs {
+            let id = maps.live_lookup(&lt, a).unwrap_or_else(|| panic!("{what}: {} leads outside the maps", std::net::Ipv4Addr::from(a)));
+            let got = bitmaps.get(id as usize).copied().unwrap_or_else(|| panic!("{what}: bitmap {id} beyond the recorded {}", bitmaps.len()));
+            let want = img.bitmaps[table.lookup(a) as usize];
+            assert_eq!(got, want, "{what}: field {field}, address {}", std::net::Ipv4Addr::from(a));
+            checked += 1;
+        }
+    }
+    checked
+}
+
+/// `loader set` killed (SIGKILL) at random moments of its batches, 60 times: the live buffer is
+/// complete after every kill; then the next batch goes live (the delta path, or the reload path
+/// when a killed batch is in the journal and not live), and the live tables answer like a full
+/// compile of the file with the journal.
+#[test]
+fn killed_set_batches_leave_a_consistent_instance() {
+    if !root_or_skip() {
+        return;
+    }
+    let mut rng = Rng(11);
+    let (_dir, rules, feed, t) = setup(&mut rng, "setkill");
+    let (ns, iface) = (t.server_ns.clone(), t.server_if.clone());
+    loader_ok(&ns, &["attach", &iface, "--rules", rules.to_str().unwrap()]);
+    let present: Vec<Ipv4Net> = feed.iter().copied().collect();
+    let set = |op: &str, p: Ipv4Net| {
+        std::process::Command::new(loader_bin())
+            .args(["--netns", &ns, "set", op, &iface, "feed", &p.to_string(), "--json"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // How long a whole batch takes (the first builds the context): kills land anywhere in it.
+    let start = std::time::Instant::now();
+    assert!(set("add", near(&mut rng, &present)).wait().unwrap().success());
+    let whole = start.elapsed().as_micros() as u64;
+    let mut paths = std::collections::BTreeMap::new();
+    for i in 0..60 {
+        let p = near(&mut rng, &present);
+        let op = if i % 3 == 2 { "del" } else { "add" };
+        let mut child = set(op, p);
+        std::thread::sleep(std::time::Duration::from_micros(rng.below(whole + whole / 4)));
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        if out.status.success()
+            && let Ok(r) = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        {
+            *paths.entry(r["path"].as_str().unwrap_or("none").to_string()).or_insert(0) += 1;
+        }
+        let m = std::process::Command::new(loader_bin()).args(["--netns", &ns, "stats", "--iface", &iface, "--json"]).output().unwrap();
+        assert!(m.status.success(), "kill {i}: the instance answers: {}", String::from_utf8_lossy(&m.stderr));
+    }
+    eprintln!("a batch takes {whole} us; batches that finished before their kill, by path: {paths:?}");
+
+    let ns_file = std::fs::File::open(std::path::Path::new("/run/netns").join(&ns)).unwrap();
+    nix::sched::setns(ns_file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    let inst = Instance::find(Some(&iface)).unwrap();
+    let batch: Vec<IpNet> = (0..20).map(|_| IpNet::V4(near(&mut rng, &present))).collect();
+    let r = control::set_update(&inst, "feed", SetOp::Add, &batch, &ReloadOptions::default()).unwrap();
+    eprintln!("the batch after the kills: {} ({:?})", r.path, r.why_reload);
+    let addrs: Vec<u32> = (0..20_000).map(|_| if rng.below(4) == 0 { rng.next() as u32 } else { 0x0a00_0000 | (rng.next() as u32 & 0x00ff_ffff) }).collect();
+    live_matches_compile(&inst, &rules, &addrs, "after the kills");
+    // And once more, now that everything is in step: the delta path.
+    let r = control::set_update(&inst, "feed", SetOp::Add, &[IpNet::V4(near(&mut rng, &present))], &ReloadOptions::default()).unwrap();
+    assert!(r.reload.is_none() || r.path == "delta", "{:?}", r.why_reload);
+    live_matches_compile(&inst, &rules, &addrs, "after the kills and one more batch");
 }

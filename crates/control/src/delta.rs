@@ -149,7 +149,7 @@ impl Index {
     fn open(path: &std::path::Path) -> Result<Self> {
         let f = fs::File::open(path).ctx(|| format!("opening {}", path.display()))?;
         let bytes = f.metadata().ctx(|| format!("inspecting {}", path.display()))?.len() as usize;
-        if bytes % 8 != 0 {
+        if !bytes.is_multiple_of(8) {
             return Err(ControlError::Refused(format!("{} is not a set index", path.display())));
         }
         if bytes == 0 {
@@ -577,6 +577,13 @@ pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &
     }
     times.compile_us = us(t.elapsed());
 
+    // The snapshot of what goes live exists before the flip, so a `set` killed after the flip
+    // leaves the live ruleset's snapshot for the next one to start from.
+    let snapshot = match history.derive_snapshot(&state.ruleset.hash, &new_hash, &new_journal) {
+        Ok(s) => s,
+        Err(e) => return not(&format!("the live ruleset's snapshot cannot be copied: {e}")),
+    };
+
     // From here on the inactive buffer is written. A grace period first if a reload that died
     // after its flip left it uncleared.
     let t = Instant::now();
@@ -628,8 +635,8 @@ pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &
     let result = go_live(inst, &mut maps, &state, summary, generation, opts, times, total, &ctx, &new_journal, &journal);
     let path = state.ruleset.path.clone().unwrap_or_default();
     let result = result.map(|report| {
-        let snapshot = history.derive_snapshot(&state.ruleset.hash, &new_hash, &new_journal);
-        (report, snapshot)
+        let synced = history.sync_snapshot(&new_hash).map(|()| snapshot).map_err(|e| e.to_string());
+        (report, synced)
     });
     let history_result = match result {
         Ok((report, snapshot)) => {

@@ -479,13 +479,16 @@ impl History {
         }
     }
     /// The snapshot of the texts of snapshot `from` with `journal` applied, named `to` (their
-    /// hash): what a `set` batch on the delta path went live with. The texts' files are copied
-    /// (a set file's text is in a blob both share), the journal written beside them, synced.
-    pub fn derive_snapshot(&self, from: &str, to: &str, journal: &SetJournal) -> std::result::Result<PathBuf, String> {
+    /// hash): what a `set` batch on the delta path goes live with. The texts' files are copied
+    /// (a set file's text is in a blob both share) and the journal written beside them, before
+    /// the flip and unsynced; [`Self::sync_snapshot`] makes it durable after the flip. A
+    /// snapshot of that name with the same journal is taken as it is (its name is its hash).
+    pub fn derive_snapshot(&self, from: &str, to: &str, journal: &SetJournal) -> Result<PathBuf> {
         let snapshots = self.dir.join("snapshots");
         let (src, dir) = (snapshots.join(from), snapshots.join(to));
+        let json = serde_json::to_vec(journal).ctx(|| "serializing the set journal".into())?;
         let rules = dir.join("rules.toml");
-        if rules.exists() && dir.join(SNAPSHOT_SETS).exists() && load_rules(&rules, xdpfw_rules::Origin::Local).is_ok_and(|rs| rs.hash == to) {
+        if rules.exists() && dir.join(SNAPSHOT_SETS).exists() && fs::read(dir.join(SNAPSHOT_JOURNAL)).is_ok_and(|j| j == json) {
             return Ok(rules);
         }
         let tmp = snapshots.join(format!(".{to}.{}.tmp", std::process::id()));
@@ -494,22 +497,29 @@ impl History {
             files::private_dir(&tmp)?;
             for name in ["rules.toml", SNAPSHOT_SETS] {
                 let bytes = fs::read(src.join(name)).ctx(|| format!("reading {}", src.join(name).display()))?;
-                files::atomic_write(&tmp.join(name), &bytes)?;
+                files::write_unsynced(&tmp.join(name), &bytes)?;
             }
-            files::atomic_write(&tmp.join(SNAPSHOT_JOURNAL), &serde_json::to_vec(journal).ctx(|| "serializing the set journal".into())?)?;
+            files::write_unsynced(&tmp.join(SNAPSHOT_JOURNAL), &json)?;
             if fs::symlink_metadata(&dir).is_ok() {
                 fs::remove_dir_all(&dir).ctx(|| format!("removing the stale snapshot {}", dir.display()))?;
             }
-            fs::rename(&tmp, &dir).ctx(|| format!("renaming {}", tmp.display()))?;
-            files::sync_path(&snapshots)
+            fs::rename(&tmp, &dir).ctx(|| format!("renaming {}", tmp.display()))
         })();
-        match written {
-            Ok(()) => Ok(rules),
-            Err(e) => {
-                let _ = fs::remove_dir_all(&tmp);
-                Err(e.to_string())
-            }
+        if written.is_err() {
+            let _ = fs::remove_dir_all(&tmp);
         }
+        written.map(|()| rules)
+    }
+
+    /// Makes a snapshot [`Self::derive_snapshot`] wrote durable.
+    pub fn sync_snapshot(&self, hash: &str) -> Result<()> {
+        let snapshots = self.dir.join("snapshots");
+        let dir = snapshots.join(hash);
+        for name in ["rules.toml", SNAPSHOT_SETS, SNAPSHOT_JOURNAL] {
+            files::sync_path(&dir.join(name))?;
+        }
+        files::sync_path(&dir)?;
+        files::sync_path(&snapshots)
     }
 
     /// The applied entries with a snapshot, newest first.

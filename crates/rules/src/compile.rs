@@ -579,10 +579,6 @@ fn fill_ranges(ranges: &[Option<Vec<RangeInclusive<u32>>>], base: &Bitmap, bitma
     }
 }
 
-/// Builds the longest-prefix-match entries of one address field, for IPv4 and IPv6. Each prefix's bitmap is the rules that
-/// name it or any prefix containing it, plus the unconstrained rules, so the longest match alone
-/// is the answer. A prefix whose bitmap equals its parent's adds nothing and is left out.
-#[expect(clippy::type_complexity, reason = "the two families' entries, each in its kernel form")]
 /// The bitmap of an address no prefix of a field matches: the rules that do not constrain the
 /// field, and those with only excluded prefixes (`!`), which hold for every address outside them.
 fn field_base(lists: &[Option<&AddrList>]) -> Bitmap {
@@ -597,14 +593,20 @@ fn field_base(lists: &[Option<&AddrList>]) -> Bitmap {
 
 /// The longest-prefix-match entries of one field (rule `i` constrained by `lists[i]`), IPv4 and
 /// IPv6.
-#[expect(clippy::type_complexity, reason = "the two tables' entry shapes, as the callers return them")]
-fn field_tables(lists: &[Option<&AddrList>], base: &Bitmap, bitmaps: &mut Bitmaps) -> (Vec<(u128, u8, u32)>, Vec<(u32, Ipv6Data, u32)>) {
+fn field_tables(lists: &[Option<&AddrList>], base: &Bitmap, bitmaps: &mut Bitmaps) -> FieldEntries {
     if lists.iter().any(|l| l.is_some_and(|l| l.except.is_some())) {
         prefix_tables_except(lists, base, bitmaps)
     } else {
         prefix_tables(lists, base, bitmaps)
     }
 }
+
+/// IPv4 table entries `(address in the top bits, length, bitmap id)` and IPv6 trie entries of a
+/// field, as the compiler's stages pass them on.
+type FieldEntries = (Vec<(u128, u8, u32)>, Vec<(u32, Ipv6Data, u32)>);
+
+/// The bitmaps a [`v4_regions`] result names by id, and each /16 asked for.
+pub type Regions = (Vec<Bitmap>, Vec<(u16, Region)>);
 
 /// What one /16 of a field's direct IPv4 table holds (see [`v4_regions`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -629,7 +631,7 @@ pub enum Slot {
 /// the prefixes that contain it; inline prefixes must stay, since a list cut to nothing would
 /// mean "any address"), which is what makes this cheap beside a 1M-prefix set: the delta path
 /// of `loader set` recomputes the /16s a batch touches this way.
-pub fn v4_regions(lists: &[Option<&AddrList>], tops: &[u16]) -> Result<(Vec<Bitmap>, Vec<(u16, Region)>)> {
+pub fn v4_regions(lists: &[Option<&AddrList>], tops: &[u16]) -> Result<Regions> {
     let mut bitmaps = Bitmaps::new(lists.len());
     let base = field_base(lists);
     let (v4, _) = field_tables(lists, &base, &mut bitmaps);
@@ -656,7 +658,10 @@ pub fn v4_regions(lists: &[Option<&AddrList>], tops: &[u16]) -> Result<(Vec<Bitm
     Ok((bitmaps.list, regions))
 }
 
-fn prefix_tables(lists: &[Option<&AddrList>], base: &Bitmap, bitmaps: &mut Bitmaps) -> (Vec<(u128, u8, u32)>, Vec<(u32, Ipv6Data, u32)>) {
+/// Builds the longest-prefix-match entries of one address field, for IPv4 and IPv6. Each prefix's bitmap is the rules that
+/// name it or any prefix containing it, plus the unconstrained rules, so the longest match alone
+/// is the answer. A prefix whose bitmap equals its parent's adds nothing and is left out.
+fn prefix_tables(lists: &[Option<&AddrList>], base: &Bitmap, bitmaps: &mut Bitmaps) -> FieldEntries {
     // (address as u128 in the family's top bits, prefix length, is_v6, rule)
     let mut entries: Vec<(bool, u128, u8, u32)> = Vec::new();
     for (i, l) in lists.iter().enumerate() {
@@ -719,8 +724,7 @@ fn prefix_tables(lists: &[Option<&AddrList>], base: &Bitmap, bitmaps: &mut Bitma
 /// it is in `base`) and in none of its excluded ones, however the two nest. Each prefix's
 /// bitmap is `(base ∪ positives of it and its ancestors) − exclusions of it and its ancestors`,
 /// so the longest match alone is still the answer.
-#[expect(clippy::type_complexity, reason = "the two families' entries, each in its kernel form")]
-fn prefix_tables_except(lists: &[Option<&AddrList>], base: &Bitmap, bitmaps: &mut Bitmaps) -> (Vec<(u128, u8, u32)>, Vec<(u32, Ipv6Data, u32)>) {
+fn prefix_tables_except(lists: &[Option<&AddrList>], base: &Bitmap, bitmaps: &mut Bitmaps) -> FieldEntries {
     // (is_v6, address as u128 in the family's top bits, prefix length, excluded, rule)
     let mut entries: Vec<(bool, u128, u8, bool, u32)> = Vec::new();
     let key = |n: &ipnet::IpNet| match n.network() {
