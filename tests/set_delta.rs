@@ -124,6 +124,17 @@ fn delta_batches_answer_like_a_full_compile() {
     }
     assert!(checked > 200_000, "{checked} lookups compared");
 
+    // A reload that fails its self-tests writes the inactive buffer and does not flip: the next
+    // batch must not take that buffer for the live one's twin.
+    let failing = rules.with_file_name("failing.toml");
+    let text = std::fs::read_to_string(&rules).unwrap().replacen("\"pass\"\n", "\"pass\"\n[[test]]\npacket = \"udp 192.0.2.9:1000 -> 192.0.2.1:53\"\nexpect = \"drop\"\n", 1).replace("198.51.100.0/24", "198.51.101.0/24");
+    std::fs::write(&failing, text).unwrap();
+    assert!(control::reload(&inst, &failing, &ReloadOptions::default()).is_err(), "the self-test fails");
+    let r = control::set_update(&inst, "feed", SetOp::Add, &[IpNet::V4(net(0x0a63_0000, 16))], &ReloadOptions::default()).unwrap();
+    assert_eq!(r.path, "delta", "{:?}", r.why_reload);
+    let addrs: Vec<u32> = (0..20_000).map(|_| 0x0a00_0000 | (rng.next() as u32 & 0x00ff_ffff)).collect();
+    checked += live_matches_compile(&inst, &rules, &addrs, "after a failed reload");
+
     // A reload of the file (the journal applied, compiled whole) is the ruleset the deltas made.
     let hash = inst.state().unwrap().ruleset.hash;
     let r = control::reload(&inst, &rules, &ReloadOptions::default()).unwrap();

@@ -46,7 +46,7 @@ use xdpfw_common::{Bitmap, DirBlock, DirLine, MAX_BITMAPS, buffer_of, dir};
 use xdpfw_kernel::{LiveTable, Maps, grace};
 use xdpfw_rules::{
     AddrList, Ruleset,
-    compile::{Region, Slot, leaf_entry, push_leaf, v4_regions},
+    compile::{Region, Slot, push_leaf, v4_regions},
     setedit::{MAX_JOURNAL_PREFIXES, SetChanges, SetEdit, SetJournal, SetOp, changed_set_id, journaled_hash},
 };
 
@@ -306,29 +306,29 @@ fn context(inst: &Instance, state: &State, journal: &SetJournal) -> Result<Optio
 }
 
 /// Where each field's leaf lines end: past the highest line the live buffer references, per
-/// leaf map (by id).
+/// leaf map (by id); and what the inactive buffer lacks of the live one, when the last change
+/// was a delta.
 #[derive(Default, Serialize, Deserialize)]
 struct Watermarks {
     fields: [Option<(u32, u32)>; 2],
+    #[serde(default)]
+    twin: Option<Twin>,
 }
 
-/// Lines of the leaf whose first line is `n`, if it lies within `lines`.
-fn leaf_len(lines: &[DirLine], n: u32) -> Option<u32> {
-    let head = lines.get(n as usize)?;
-    let runs: u32 = head.words[..8].iter().map(|w| w.count_ones()).sum();
-    let len = 1 + runs.saturating_sub(dir::LEAF_INLINE).div_ceil(dir::LINE_VALUES);
-    ((n + len) as usize <= lines.len()).then_some(len)
+/// The inactive buffer is a copy of the live one (generation `generation`) but for these
+/// blocks of each table's fixed part and these bitmaps: what the delta that made `generation`
+/// wrote. Recorded after that delta's clear, removed before anything writes the inactive
+/// buffer; an install (another generation) makes it stale.
+#[derive(Clone, Serialize, Deserialize)]
+struct Twin {
+    generation: u64,
+    blocks: [Vec<u32>; 2],
+    bitmaps: (u32, u32),
 }
 
-/// The 256 values of the leaf at `n`, if it lies within `lines`.
-fn leaf_values(lines: &[DirLine], n: u32) -> Option<[u32; 256]> {
-    leaf_len(lines, n)?;
-    Some(std::array::from_fn(|b| leaf_entry(lines, n, b as u32)))
-}
-
-/// The end of the highest leaf the live buffer references in `table`.
-fn scan_watermark(maps: &Maps, table: &LiveTable, tops: &[u32]) -> u32 {
-    let lines = table.lines();
+/// The end of the highest leaf the live buffer references in `table` (a scan of every chunk,
+/// once per leaf map).
+fn scan_watermark(maps: &Maps, table: &LiveTable, tops: &[u32]) -> Result<u32> {
     let mut end = 0;
     for &e in tops {
         if e & dir::CHUNK == 0 {
@@ -337,12 +337,24 @@ fn scan_watermark(maps: &Maps, table: &LiveTable, tops: &[u32]) -> u32 {
         let Some(chunk) = maps.live_chunk(table, e & !dir::CHUNK) else { continue };
         for &c in &chunk.entries {
             if c & dir::CHUNK != 0 {
-                let n = c & !dir::CHUNK;
-                end = end.max(n + leaf_len(lines, n).unwrap_or(1));
+                end = end.max(table.leaf_end_scanned(c & !dir::CHUNK)?);
             }
         }
     }
-    end
+    Ok(end)
+}
+
+/// Forgets that the inactive buffer is the live one's twin: before anything but the delta path
+/// writes it (an install, an attach).
+pub(crate) fn forget_twin(inst: &Instance) {
+    let path = inst.state_dir.join(TABLES);
+    let Some(mut w) = fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Watermarks>(&b).ok()) else {
+        let _ = fs::remove_file(&path);
+        return;
+    };
+    if w.twin.take().is_some() && files::write_unsynced(&path, &serde_json::to_vec(&w).unwrap_or_default()).is_err() {
+        let _ = fs::remove_file(&path);
+    }
 }
 
 /// The writes of one field's table.
@@ -360,12 +372,14 @@ struct FieldWrites {
 /// Plans the writes that make `regions` (bitmap ids already the live buffer's, `remap`) what
 /// the live table of `field` answers. `Err(reason)` when the shared maps have no room.
 fn plan_field(maps: &Maps, field: usize, regions: &[(u16, Region)], remap: &[u32], watermarks: &mut Watermarks) -> Result<std::result::Result<FieldWrites, String>> {
+    let t0 = Instant::now();
     let table = maps.live_table(field)?;
     let tops = maps.live_tops(&table);
+    tracing::debug!("delta: {} table opened and its top level read in {} us", ["source", "destination"][field], t0.elapsed().as_micros());
     let first_line = match (table.leaves_id(), watermarks.fields[field]) {
         (Some(id), Some((known, next))) if known == id => next,
         (Some(id), _) => {
-            let next = scan_watermark(maps, &table, &tops);
+            let next = scan_watermark(maps, &table, &tops)?;
             watermarks.fields[field] = Some((id, next));
             next
         }
@@ -373,12 +387,16 @@ fn plan_field(maps: &Maps, field: usize, regions: &[(u16, Region)], remap: &[u32
     };
     // Chunk slots the live buffer uses: the rest are free (fixed ones are per buffer, but a
     // fixed slot the live buffer uses elsewhere must keep its contents in this copy too).
-    let used: HashSet<u32> = tops.iter().filter(|e| *e & dir::CHUNK != 0).map(|e| e & !dir::CHUNK).collect();
     let capacity = dir::FIXED_CHUNKS + table.more_capacity();
-    let mut free = (0..capacity).filter(|n| !used.contains(n));
-    let lines_live = table.lines();
+    let mut used = vec![false; capacity as usize];
+    for e in tops.iter().filter(|e| *e & dir::CHUNK != 0) {
+        if let Some(u) = used.get_mut((e & !dir::CHUNK) as usize) {
+            *u = true;
+        }
+    }
+    let mut free = (0..capacity).filter(|&n| !used[n as usize]);
     let mut new_lines = Vec::new();
-    let mut w = FieldWrites { field, table: maps.live_table(field)?, tops: Vec::new(), fixed_chunks: Vec::new(), more_chunks: Vec::new(), first_line, lines: Vec::new() };
+    let (mut tops_w, mut fixed_chunks, mut more_chunks) = (Vec::new(), Vec::new(), Vec::new());
     for (top, region) in regions {
         let old = tops[*top as usize];
         let old_chunk = (old & dir::CHUNK != 0).then(|| maps.live_chunk(&table, old & !dir::CHUNK).map(|b| (old & !dir::CHUNK, b))).flatten();
@@ -386,7 +404,7 @@ fn plan_field(maps: &Maps, field: usize, regions: &[(u16, Region)], remap: &[u32
             Region::Uniform(id) => {
                 let v = remap[*id as usize];
                 if v != old {
-                    w.tops.push((*top, v));
+                    tops_w.push((*top, v));
                 }
             }
             Region::Chunk(slots) => {
@@ -396,7 +414,7 @@ fn plan_field(maps: &Maps, field: usize, regions: &[(u16, Region)], remap: &[u32
                         Slot::Value(id) => remap[*id as usize],
                         Slot::Leaf(values) => {
                             let values: [u32; 256] = values.map(|id| remap[id as usize]);
-                            let kept = old_chunk.as_ref().map(|(_, ob)| ob.entries[b]).filter(|oe| oe & dir::CHUNK != 0 && leaf_values(lines_live, oe & !dir::CHUNK) == Some(values));
+                            let kept = old_chunk.as_ref().map(|(_, ob)| ob.entries[b]).filter(|oe| oe & dir::CHUNK != 0 && table.leaf_values(oe & !dir::CHUNK) == Some(values));
                             match kept {
                                 Some(oe) => oe,
                                 None => dir::CHUNK | (first_line + push_leaf(&values, &mut new_lines)),
@@ -417,12 +435,12 @@ fn plan_field(maps: &Maps, field: usize, regions: &[(u16, Region)], remap: &[u32
                     },
                 };
                 if n < dir::FIXED_CHUNKS {
-                    w.fixed_chunks.push((n, block));
+                    fixed_chunks.push((n, block));
                 } else {
-                    w.more_chunks.push((n, block));
+                    more_chunks.push((n, block));
                 }
                 if dir::CHUNK | n != old {
-                    w.tops.push((*top, dir::CHUNK | n));
+                    tops_w.push((*top, dir::CHUNK | n));
                 }
             }
         }
@@ -435,8 +453,8 @@ fn plan_field(maps: &Maps, field: usize, regions: &[(u16, Region)], remap: &[u32
             table.leaves_capacity()
         )));
     }
-    w.lines = new_lines;
-    Ok(Ok(w))
+    tracing::debug!("delta: {} table planned in {} us", ["source", "destination"][field], t0.elapsed().as_micros());
+    Ok(Ok(FieldWrites { field, table, tops: tops_w, fixed_chunks, more_chunks, first_line, lines: new_lines }))
 }
 
 fn us(d: std::time::Duration) -> u64 {
@@ -475,6 +493,7 @@ pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &
     if ctx.tests > 0 {
         return not("the ruleset has self-tests, which a reload proves");
     }
+    tracing::debug!("delta: state, journal and context read in {} us", t.elapsed().as_micros());
     let index = Index::open(&index_path(inst, set_id))?;
     let mut new_journal = journal.clone();
     let mut edit: SetEdit = new_journal.sets.entry(name.to_string()).or_default().record(name, op == SetOp::Add, prefixes, |p| match p {
@@ -539,6 +558,7 @@ pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &
         computed.push((field, v4_regions(&refs, &tops)?));
     }
     drop(indexes);
+    tracing::debug!("delta: regions computed in {} us", t.elapsed().as_micros());
 
     // The writes, planned in full before anything is written.
     let mut maps = Maps::open(&inst.pin_dir)?;
@@ -548,6 +568,7 @@ pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &
     if state.generation != previous {
         return not("the live generation is not the recorded one (a change in flight when a process died)");
     }
+    tracing::debug!("delta: maps opened in {} us", t.elapsed().as_micros());
     let mut bitmaps = maps.bitmaps(live, state.ruleset.bitmaps);
     let mut ids: HashMap<Bitmap, u32> = HashMap::with_capacity(bitmaps.len());
     for (i, b) in bitmaps.iter().enumerate() {
@@ -585,9 +606,10 @@ pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &
     };
 
     // From here on the inactive buffer is written. A grace period first if a reload that died
-    // after its flip left it uncleared.
+    // after its flip (or failed before it) left it uncleared: then it is nobody's twin.
     let t = Instant::now();
     if maps.header(buffer).generation != 0 {
+        watermarks.twin = None;
         grace::wait(opts.min_grace);
         maps.clear(buffer)?;
     }
@@ -598,8 +620,28 @@ pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &
             watermarks.fields[w.field] = Some((id, w.first_line + w.lines.len() as u32));
         }
     }
+    // The inactive buffer is made a copy of the live one: by the parts the last delta wrote
+    // when it is that delta's twin, else whole.
+    let twin = watermarks.twin.take().filter(|t| t.generation == previous && t.bitmaps.1 == first_new);
     files::write_unsynced(&watermarks_path, &serde_json::to_vec(&watermarks).unwrap_or_default())?;
-    let slot_changes = maps.copy_live_into(buffer, first_new)?;
+    let slot_changes = match &twin {
+        Some(t) => {
+            maps.copy_live_parts(buffer, [&t.blocks[0], &t.blocks[1]], t.bitmaps.0..t.bitmaps.1)?;
+            0
+        }
+        None => maps.copy_live_into(buffer, first_new)?,
+    };
+    tracing::debug!("delta: inactive buffer made a copy ({}) in {} us", if twin.is_some() { "the last delta's parts" } else { "whole" }, t.elapsed().as_micros());
+    // What this delta writes: the parts that make the buffer it retires its twin.
+    let mut written: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
+    for w in &writes {
+        let blocks = &mut written[w.field];
+        blocks.extend(w.tops.iter().map(|(top, _)| u32::from(*top) / dir::CHUNK_ENTRIES));
+        blocks.extend(w.fixed_chunks.iter().map(|(n, _)| dir::TOP_BLOCKS + n));
+        blocks.sort_unstable();
+        blocks.dedup();
+    }
+    let next_twin = Twin { generation, blocks: written, bitmaps: (first_new, bitmaps.len() as u32) };
     times.install_arrays_us = us(t.elapsed());
     let t = Instant::now();
     for w in &mut writes {
@@ -635,6 +677,10 @@ pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &
     let result = go_live(inst, &mut maps, &state, summary, generation, opts, times, total, &ctx, &new_journal, &journal);
     let path = state.ruleset.path.clone().unwrap_or_default();
     let result = result.map(|report| {
+        // The retired buffer is cleared: this delta's twin (a failure to say so costs the next
+        // batch a whole copy).
+        watermarks.twin = Some(next_twin);
+        let _ = files::write_unsynced(&watermarks_path, &serde_json::to_vec(&watermarks).unwrap_or_default());
         let synced = history.sync_snapshot(&new_hash).map(|()| snapshot).map_err(|e| e.to_string());
         (report, synced)
     });

@@ -64,17 +64,25 @@ fn hex(digest: &[u8; 32]) -> String {
 /// `journal.json`): exactly the ruleset that went live, hash included.
 pub fn load_rules(path: &Path, origin: xdpfw_rules::Origin) -> std::result::Result<Ruleset, xdpfw_rules::RulesError> {
     let mut rs = load_texts(path, origin)?;
-    let journal = path.with_file_name(SNAPSHOT_JOURNAL);
-    if is_snapshot(path) && journal.exists() {
-        let error = |what: String| xdpfw_rules::RulesError {
-            location: xdpfw_rules::Location { file: journal.clone(), line: 0, column: 0 },
-            message: xdpfw_rules::cap_text(what, 4096),
-        };
-        let text = xdpfw_rules::read_bounded(&journal, MAX_JOURNAL_BYTES).map_err(|e| error(format!("cannot read: {e}")))?;
-        let j: SetJournal = serde_json::from_str(&text).map_err(|e| error(format!("not a set journal: {e}")))?;
+    if let Some(j) = snapshot_journal(path)? {
         j.apply(&mut rs);
     }
     Ok(rs)
+}
+
+/// The set journal a snapshot was taken with (`None` for a rules file, or a snapshot of texts
+/// alone).
+pub fn snapshot_journal(path: &Path) -> std::result::Result<Option<SetJournal>, xdpfw_rules::RulesError> {
+    let journal = path.with_file_name(SNAPSHOT_JOURNAL);
+    if !(is_snapshot(path) && journal.exists()) {
+        return Ok(None);
+    }
+    let error = |what: String| xdpfw_rules::RulesError {
+        location: xdpfw_rules::Location { file: journal.clone(), line: 0, column: 0 },
+        message: xdpfw_rules::cap_text(what, 4096),
+    };
+    let text = xdpfw_rules::read_bounded(&journal, MAX_JOURNAL_BYTES).map_err(|e| error(format!("cannot read: {e}")))?;
+    serde_json::from_str(&text).map(Some).map_err(|e| error(format!("not a set journal: {e}")))
 }
 
 /// Loads a rules file (or a snapshot's texts) with `journal` applied: what an operation of an

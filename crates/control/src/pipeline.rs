@@ -91,6 +91,7 @@ fn attach_locked(inst: &Instance, ruleset: &Ruleset, image: &xdpfw_rules::compil
     prepare_pin_dir(inst)?;
     // New maps start at generation 1 again: a description of the old ones must not match them.
     tables_cache::forget(inst);
+    crate::delta::forget_twin(inst);
     let result = (|| -> Result<AttachReport> {
         let mut ebpf = kernel::load_program(&inst.pin_dir)?;
         let mut maps = Maps::open(&inst.pin_dir)?;
@@ -412,6 +413,8 @@ fn install_locked(
             tracing::info!("{}: {cleared} stale flows cleared for a ruleset with state", inst.iface);
         }
     }
+    // The inactive buffer stops being the twin the delta path of `loader set` may take it for.
+    crate::delta::forget_twin(inst);
     let installed = maps.install(buffer, generation, image)?;
     times.tables_reused = image.tables_reused;
     times.install_arrays_us = installed.arrays_us;
@@ -592,6 +595,14 @@ fn live_texts(inst: &Instance) -> Result<(State, Ruleset, rules::setedit::SetJou
         refuse!("no snapshot of the live ruleset {} at {}: reload its rules file first", rules::short_hash(&state.ruleset.hash), snapshot.display());
     }
     let mut texts = history::load_rules_with(&snapshot, rules::Origin::Local, &Default::default())?;
+    // The snapshot must be what went live: its texts with the journal it was taken with hash to
+    // the live ruleset's (the instance's journal may be a batch ahead, if a `set` died between
+    // writing it and its flip: the batch then goes live with this one).
+    let taken_with = history::snapshot_journal(&snapshot)?.unwrap_or_default();
+    let sets = texts.sets.clone();
+    if rules::setedit::journaled_hash(&texts.hash, &taken_with, |n| sets.contains_key(n)) != state.ruleset.hash {
+        refuse!("the snapshot {} does not hash to the live ruleset's {} (edited by hand?)", snapshot.display(), rules::short_hash(&state.ruleset.hash));
+    }
     // The changed ruleset keeps the source the live one was loaded from (the operator's file).
     if let Some(p) = &state.ruleset.path {
         texts.path = p.clone();

@@ -13,80 +13,137 @@ use std::os::fd::AsFd;
 
 use xdpfw_common::{BUFFERS, Bitmap, DirBlock, DirLine, MAX_BITMAPS, MAX_RULES, RulesetHeader, buffer_of, dir, fields_layout::FIELDS_PER_BUFFER};
 
-use super::{Maps, MmapArray, map_fd_by_id, slot, slot_id};
+use super::{BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, Maps, MmapArray, elem_call, map_fd_by_id, slot, slot_id};
 use crate::error::{KernelContext, KernelError, Result, kbail};
 
-/// One field's direct IPv4 table as the live buffer holds it: its shared inner maps, mapped.
+/// One field's direct IPv4 table as the live buffer holds it: its shared inner maps.
 pub struct LiveTable {
     /// 0 for the source, 1 for the destination.
     pub field: usize,
     /// The live buffer.
     pub buffer: u32,
-    /// The chunks beyond the fixed ones (`None`: the table has none) and the map's id.
-    more: Option<(MmapArray<DirBlock>, u32)>,
-    /// The leaf lines (`None`: the table has none) and the map's id.
-    leaves: Option<(MmapArray<DirLine>, u32)>,
+    /// The chunks beyond the fixed ones (`None`: the table has none).
+    more: Option<Inner<DirBlock>>,
+    /// The leaf lines (`None`: the table has none).
+    leaves: Option<Inner<DirLine>>,
 }
 
-fn open_inner<T: Copy>(id: u32) -> Result<MmapArray<T>> {
-    let fd = map_fd_by_id(id).kctx(|| format!("opening inner map {id}"))?;
-    let data = aya::maps::MapData::from_fd(fd)?;
-    MmapArray::new(data)
+/// An inner map of a direct table, read and written element by element (a batch touches a few
+/// chunks and lines; mapping a 64 MiB chunk map costs more, as the kernel maps a BPF array's
+/// every page at mmap time), or mapped whole for a scan.
+struct Inner<T> {
+    fd: std::os::fd::OwnedFd,
+    id: u32,
+    len: u32,
+    mapped: std::cell::OnceCell<MmapArray<T>>,
+}
+
+impl<T: aya::Pod> Inner<T> {
+    fn open(id: u32, len: u32) -> Result<Self> {
+        let fd = map_fd_by_id(id).kctx(|| format!("opening inner map {id}"))?;
+        Ok(Self { fd, id, len, mapped: std::cell::OnceCell::new() })
+    }
+    fn get(&self, i: u32) -> Option<T> {
+        if i >= self.len {
+            return None;
+        }
+        // SAFETY: `T` is plain old data (`aya::Pod`): all zeroes is a value of it.
+        let mut v: T = unsafe { std::mem::zeroed() };
+        elem_call(BPF_MAP_LOOKUP_ELEM, self.fd.as_fd(), i, &mut v as *mut T as u64).ok()?;
+        Some(v)
+    }
+    fn put(&self, i: u32, v: &T) -> Result<()> {
+        if i >= self.len {
+            kbail!("element {i} beyond the inner map's {}", self.len);
+        }
+        elem_call(BPF_MAP_UPDATE_ELEM, self.fd.as_fd(), i, v as *const T as u64).kctx(|| format!("writing element {i} of inner map {}", self.id))
+    }
+    fn mapped(&self) -> Result<&MmapArray<T>> {
+        if let Some(m) = self.mapped.get() {
+            return Ok(m);
+        }
+        let fd = self.fd.try_clone().kctx(|| "duplicating an inner map's fd".into())?;
+        let m = MmapArray::new(aya::maps::MapData::from_fd(fd)?)?;
+        Ok(self.mapped.get_or_init(|| m))
+    }
+}
+
+/// Lines of the leaf whose first line is `head`.
+fn leaf_len(head: &DirLine) -> u32 {
+    let runs: u32 = head.words[..8].iter().map(|w| w.count_ones()).sum();
+    1 + runs.saturating_sub(dir::LEAF_INLINE).div_ceil(dir::LINE_VALUES)
 }
 
 impl LiveTable {
     /// Slots in the shared chunk map (0 without one).
     pub fn more_capacity(&self) -> u32 {
-        self.more.as_ref().map_or(0, |(m, _)| m.len() as u32)
+        self.more.as_ref().map_or(0, |m| m.len)
     }
-    /// Lines in the shared leaf map (0 without one), and its id.
+    /// Lines in the shared leaf map (0 without one).
     pub fn leaves_capacity(&self) -> u32 {
-        self.leaves.as_ref().map_or(0, |(m, _)| m.len() as u32)
+        self.leaves.as_ref().map_or(0, |m| m.len)
     }
     pub fn leaves_id(&self) -> Option<u32> {
-        self.leaves.as_ref().map(|(_, id)| *id)
+        self.leaves.as_ref().map(|m| m.id)
     }
-    /// Every leaf line (empty without a leaf map).
-    pub fn lines(&self) -> &[DirLine] {
-        match &self.leaves {
-            // SAFETY of the read: lines the live buffer references are never written (see the
-            // module's contract); others may be garbage, which a reader of them must tolerate.
-            Some((m, _)) => m.as_slice(),
-            None => &[],
+    /// The lines of the leaf at `n` (`None` when it does not lie within the map).
+    pub fn leaf(&self, n: u32) -> Option<Vec<DirLine>> {
+        let leaves = self.leaves.as_ref()?;
+        let head = leaves.get(n)?;
+        let len = leaf_len(&head);
+        let mut lines = vec![head];
+        for i in 1..len {
+            lines.push(leaves.get(n.checked_add(i)?)?);
         }
+        Some(lines)
+    }
+    /// The 256 values of the leaf at `n`.
+    pub fn leaf_values(&self, n: u32) -> Option<[u32; 256]> {
+        let lines = self.leaf(n)?;
+        Some(std::array::from_fn(|b| xdpfw_rules::compile::leaf_entry(&lines, 0, b as u32)))
+    }
+    /// Where the leaf at `n` ends (its first line past it), read through a mapping of the whole
+    /// leaf map: for a scan of every leaf.
+    pub fn leaf_end_scanned(&self, n: u32) -> Result<u32> {
+        let Some(leaves) = self.leaves.as_ref() else { return Ok(0) };
+        let m = leaves.mapped()?;
+        Ok(match (n as usize) < m.len() {
+            true => n + leaf_len(&m.read(n as usize)),
+            false => n + 1,
+        })
     }
     /// Chunk `n` beyond the fixed ones.
     fn more_chunk(&self, n: u32) -> Option<DirBlock> {
-        let (m, _) = self.more.as_ref()?;
-        ((n as usize) < m.len()).then(|| m.read(n as usize))
+        self.more.as_ref()?.get(n)
     }
     /// Writes `lines` at `first`: lines the live buffer does not reference.
     pub fn write_lines(&mut self, first: u32, lines: &[DirLine]) -> Result<()> {
-        let Some((m, _)) = self.leaves.as_mut() else { kbail!("the table has no leaf map") };
-        if first as usize + lines.len() > m.len() {
-            kbail!("leaf lines {first}..{} beyond the map's {}", first as usize + lines.len(), m.len());
+        let Some(m) = self.leaves.as_ref() else { kbail!("the table has no leaf map") };
+        if first as usize + lines.len() > m.len as usize {
+            kbail!("leaf lines {first}..{} beyond the map's {}", first as usize + lines.len(), m.len);
         }
-        m.range_mut(first as usize, lines.len()).copy_from_slice(lines);
+        for (i, line) in lines.iter().enumerate() {
+            m.put(first + i as u32, line)?;
+        }
         Ok(())
     }
     /// Writes chunk `n` (beyond the fixed ones) of the shared chunk map: one the live buffer
     /// does not reference.
     pub fn write_more_chunk(&mut self, n: u32, block: &DirBlock) -> Result<()> {
-        let Some((m, _)) = self.more.as_mut() else { kbail!("the table has no chunk map") };
-        let i = n.checked_sub(dir::FIXED_CHUNKS).ok_or_else(|| KernelError::msg(format!("chunk {n} is a fixed one")))? as usize;
-        if i >= m.len() {
-            kbail!("chunk {n} beyond the chunk map");
-        }
-        m.range_mut(i, 1)[0] = *block;
-        Ok(())
+        let Some(m) = self.more.as_ref() else { kbail!("the table has no chunk map") };
+        let i = n.checked_sub(dir::FIXED_CHUNKS).ok_or_else(|| KernelError::msg(format!("chunk {n} is a fixed one")))?;
+        m.put(i, block)
     }
 }
 
 impl<T: Copy> MmapArray<T> {
-    /// The whole array. For arrays whose writers follow the module's contract.
-    pub fn as_slice(&self) -> &[T] {
-        // SAFETY: in bounds; the mapping lives as long as self.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    /// Copies entries `from..from + n` over `to..to + n` (the ranges must not overlap): one
+    /// buffer's part of an array into another's.
+    fn copy_range(&mut self, from: usize, to: usize, n: usize) {
+        assert!(from + n <= self.len && to + n <= self.len && (from + n <= to || to + n <= from));
+        // SAFETY: both ranges are in bounds and disjoint; `to` is the inactive buffer's, which
+        // no packet reads, and `&mut self` plus the reload lock make this the only writer.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(from), self.ptr.as_ptr().add(to), n) }
     }
 }
 
@@ -97,21 +154,23 @@ impl Maps {
 
     /// The live buffer's direct IPv4 table of `field` (0 source, 1 destination).
     pub fn live_table(&self, field: usize) -> Result<LiveTable> {
+        let t0 = std::time::Instant::now();
         let buffer = buffer_of(self.generation());
         let first = if field == 0 { slot::SRC_V4 } else { slot::DST_V4 };
         let mut more = None;
-        for size in 0..dir::MORE_SIZES.len() {
+        for (size, &len) in dir::MORE_SIZES.iter().enumerate() {
             if let Some(id) = slot_id(self.slot_fds[first + size].as_fd(), buffer).kctx(|| "reading an array-of-maps slot".into())? {
-                more = Some((open_inner(id)?, id));
+                more = Some(Inner::open(id, len)?);
             }
         }
         let mut leaves = None;
-        for size in 0..dir::LEAF_SIZES.len() {
+        for (size, &len) in dir::LEAF_SIZES.iter().enumerate() {
             let s = first + dir::MORE_SIZES.len() + size;
             if let Some(id) = slot_id(self.slot_fds[s].as_fd(), buffer).kctx(|| "reading an array-of-maps slot".into())? {
-                leaves = Some((open_inner(id)?, id));
+                leaves = Some(Inner::open(id, len)?);
             }
         }
+        tracing::debug!("delta: inner maps of table {field} opened in {} us", t0.elapsed().as_micros());
         Ok(LiveTable { field, buffer, more, leaves })
     }
 
@@ -147,15 +206,9 @@ impl Maps {
         if c & dir::CHUNK == 0 {
             return Some(c);
         }
-        let (lines, n) = (table.lines(), c & !dir::CHUNK);
         // The leaf must lie within the map (its runs' count says how many lines it takes).
-        let head = lines.get(n as usize)?;
-        let runs: u32 = head.words[..8].iter().map(|w| w.count_ones()).sum();
-        let len = 1 + runs.saturating_sub(dir::LEAF_INLINE).div_ceil(dir::LINE_VALUES);
-        if (n + len) as usize > lines.len() {
-            return None;
-        }
-        Some(xdpfw_rules::compile::leaf_entry(lines, n, a & 0xff))
+        let lines = table.leaf(c & !dir::CHUNK)?;
+        Some(xdpfw_rules::compile::leaf_entry(&lines, 0, a & 0xff))
     }
 
     /// Makes the inactive `buffer` a copy of the live one: rules, fields, limits, log rates, the
@@ -173,23 +226,55 @@ impl Maps {
         if bitmaps > MAX_BITMAPS {
             kbail!("{bitmaps} bitmaps: more than a buffer holds");
         }
-        fn copy<T: Copy>(a: &mut MmapArray<T>, from: usize, to: usize, n: usize) {
-            let src: Vec<T> = (0..n).map(|i| a.read(from * n + i)).collect();
-            a.range_mut(to * n, n).copy_from_slice(&src);
+        // Buffer `l`'s part of an array of `n` entries per buffer over buffer `b`'s.
+        fn copy<T: Copy>(a: &mut MmapArray<T>, l: usize, b: usize, per_buffer: usize, n: usize) {
+            a.copy_range(l * per_buffer, b * per_buffer, n);
         }
         let (l, b) = (live as usize, buffer as usize);
-        copy(&mut self.rules, l, b, MAX_RULES);
-        copy(&mut self.fields, l, b, FIELDS_PER_BUFFER as usize);
-        copy(&mut self.limits, l, b, MAX_RULES);
+        copy(&mut self.rules, l, b, MAX_RULES, MAX_RULES);
+        copy(&mut self.fields, l, b, FIELDS_PER_BUFFER as usize, FIELDS_PER_BUFFER as usize);
+        copy(&mut self.limits, l, b, MAX_RULES, MAX_RULES);
         if let Some(log) = self.log_limits.as_mut() {
-            copy(log, l, b, MAX_RULES);
+            copy(log, l, b, MAX_RULES, MAX_RULES);
         }
-        let n = bitmaps as usize;
-        let src: Vec<Bitmap> = (0..n).map(|i| self.bitmaps.read(l * MAX_BITMAPS as usize + i)).collect();
-        self.bitmaps.range_mut(b * MAX_BITMAPS as usize, n).copy_from_slice(&src);
-        copy(&mut self.src_v4_fixed, l, b, dir::BUFFER_BLOCKS as usize);
-        copy(&mut self.dst_v4_fixed, l, b, dir::BUFFER_BLOCKS as usize);
+        copy(&mut self.bitmaps, l, b, MAX_BITMAPS as usize, bitmaps as usize);
+        // A direct table no rule of the live ruleset reads is not copied (its program path is
+        // not taken, and the delta path writes only tables rules name).
+        let blocks = dir::BUFFER_BLOCKS as usize;
+        let fields = self.header(live).fields;
+        if fields & xdpfw_common::field::SRC != 0 {
+            copy(&mut self.src_v4_fixed, l, b, blocks, blocks);
+        }
+        if fields & xdpfw_common::field::DST != 0 {
+            copy(&mut self.dst_v4_fixed, l, b, blocks, blocks);
+        }
         self.follow_live_slots(buffer)
+    }
+
+    /// Copies blocks `blocks` (indices within a buffer's part of the fixed array: the top level's
+    /// blocks, then chunk `n` at `dir::TOP_BLOCKS + n`) of `field`'s table, and bitmaps
+    /// `bitmaps`, from the live buffer into the inactive `buffer`: what makes a buffer that
+    /// differed from the live one only there (the one the previous delta retired) a copy of it.
+    pub fn copy_live_parts(&mut self, buffer: u32, blocks: [&[u32]; 2], bitmaps: std::ops::Range<u32>) -> Result<()> {
+        self.assert_inactive(buffer);
+        let live = buffer_of(self.generation()) as usize;
+        let per = dir::BUFFER_BLOCKS as usize;
+        for (field, blocks) in blocks.into_iter().enumerate() {
+            let fixed = if field == 0 { &mut self.src_v4_fixed } else { &mut self.dst_v4_fixed };
+            for &i in blocks {
+                if i as usize >= per {
+                    kbail!("block {i} beyond a buffer's {per}");
+                }
+                fixed.copy_range(live * per + i as usize, buffer as usize * per + i as usize, 1);
+            }
+        }
+        if bitmaps.end > MAX_BITMAPS || bitmaps.start > bitmaps.end {
+            kbail!("bitmaps {bitmaps:?} beyond a buffer's {MAX_BITMAPS}");
+        }
+        let n = (bitmaps.end - bitmaps.start) as usize;
+        let per = MAX_BITMAPS as usize;
+        self.bitmaps.copy_range(live * per + bitmaps.start as usize, buffer as usize * per + bitmaps.start as usize, n);
+        Ok(())
     }
 
     /// Writes top-level entry `top` of `field`'s table in the inactive `buffer`.
