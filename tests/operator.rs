@@ -72,6 +72,13 @@ fn install_into_destdir_puts_binary_man_pages_completions_and_unit_in_place() {
     assert!(unit.contains("ExecStart=/usr/local/bin/loader run %i"), "{unit}");
     assert!(root.join("share/doc/xdpfw/xdpfw.env.example").exists());
     assert!(root.join("share/doc/xdpfw/xdpfw-alerts.yml").exists() && root.join("share/doc/xdpfw/xdpfw-dashboard.json").exists());
+    // The `loader set` backends name the installed binaries.
+    assert!(read(&root.join("share/doc/xdpfw/fail2ban/xdpfw.conf")).contains("loader = /usr/local/bin/loader"));
+    assert!(read(&root.join("share/doc/xdpfw/crowdsec/crowdsec-custom-bouncer.yaml")).contains("bin_path: /usr/local/lib/xdpfw/xdpfw-crowdsec"));
+    let script = root.join("lib/xdpfw/xdpfw-crowdsec");
+    assert!(read(&script).contains("/usr/local/bin/loader"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&script).unwrap().permissions().mode() & 0o777, 0o755);
     std::fs::remove_dir_all(&dest).unwrap();
 }
 

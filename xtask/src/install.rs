@@ -91,6 +91,20 @@ pub(crate) fn install(binary: &Path, layout: &Layout) -> Result<Vec<PathBuf>> {
         let bytes = fs::read(root_dir().join(from))?;
         written.push(write_file(&layout.staged(to), &bytes, 0o644)?);
     }
+    // Backends of `loader set`: the fail2ban action (to copy into /etc/fail2ban/action.d) and
+    // the CrowdSec custom bouncer's script and configuration, naming the installed binaries.
+    let loader = exe.to_string_lossy();
+    let script = layout.target("lib/xdpfw/xdpfw-crowdsec");
+    for (from, to, mode) in [
+        ("dist/fail2ban/action.d/xdpfw.conf", "share/doc/xdpfw/fail2ban/xdpfw.conf", 0o644),
+        ("dist/crowdsec/xdpfw-crowdsec", "lib/xdpfw/xdpfw-crowdsec", 0o755),
+        ("dist/crowdsec/crowdsec-custom-bouncer.yaml", "share/doc/xdpfw/crowdsec/crowdsec-custom-bouncer.yaml", 0o644),
+    ] {
+        let text = fs::read_to_string(root_dir().join(from))?
+            .replace("/usr/local/bin/loader", &loader)
+            .replace("/usr/local/lib/xdpfw/xdpfw-crowdsec", &script.to_string_lossy());
+        written.push(write_file(&layout.staged(to), text.as_bytes(), mode)?);
+    }
     Ok(written)
 }
 
