@@ -156,7 +156,7 @@ fn live_matches_compile(inst: &Instance, rules: &std::path::Path, addrs: &[u32],
     assert_eq!(maps.header(live).generation, maps.generation(), "{what}: the live buffer is complete");
     let bitmaps = maps.bitmaps(live, state.ruleset.bitmaps);
     let mut checked = 0;
-    for (field, table) in [(0, img.src_v4.as_ref().unwrap()), (1, img.dst_v4.as_ref().unwrap())] {
+    for (field, table) in [(0, img.src_v4.as_ref()), (1, img.dst_v4.as_ref())].into_iter().filter_map(|(f, t)| Some((f, t?))) {
         let lt = maps.live_table(field).unwrap();
         for &a in addrs {
             let id = maps.live_lookup(&lt, a).unwrap_or_else(|| panic!("{what}: {} leads outside the maps", std::net::Ipv4Addr::from(a)));
@@ -225,4 +225,52 @@ fn killed_set_batches_leave_a_consistent_instance() {
     let r = control::set_update(&inst, "feed", SetOp::Add, &[IpNet::V4(near(&mut rng, &present))], &ReloadOptions::default()).unwrap();
     assert!(r.reload.is_none() || r.path == "delta", "{:?}", r.why_reload);
     live_matches_compile(&inst, &rules, &addrs, "after the kills and one more batch");
+}
+
+/// A ruleset with self-tests keeps the delta path: each batch is proven in the kernel (the
+/// probe on the inactive buffer) before its flip, and a batch that breaks a self-test is
+/// refused with nothing changed: the journal, the live ruleset and its tables as they were.
+#[test]
+fn self_tests_are_proven_on_the_delta_path() {
+    if !root_or_skip() {
+        return;
+    }
+    let mut rng = Rng(13);
+    let dir = TempDir::new("setproof");
+    let rules = dir.0.join("rules.toml");
+    let feed: BTreeSet<Ipv4Net> = (0..5_000).map(|_| draw(&mut rng)).filter(|n| u32::from(n.network()) >> 16 != 0x0ac8).collect();
+    std::fs::write(dir.0.join("feed.txt"), feed.iter().map(|n| format!("{n}\n")).collect::<String>()).unwrap();
+    std::fs::write(
+        &rules,
+        "default = \"pass\"\n[sets.feed]\nfile = \"feed.txt\"\n\
+         [[rule]]\nname = \"feed\"\naction = \"drop\"\nsrc = [\"@feed\"]\n\
+         [[test]]\npacket = \"udp 10.200.0.1:1000 -> 192.0.2.1:53\"\nexpect = \"pass\"\n\
+         [[test]]\npacket = \"udp 192.0.2.7:1000 -> 10.200.0.1:53\"\nexpect = \"pass\"\n",
+    )
+    .unwrap();
+    let mut t = Topology::new("setproof").expect("topology");
+    t.detach_on_drop(loader_bin());
+    let ns = std::fs::File::open(std::path::Path::new("/run/netns").join(&t.server_ns)).unwrap();
+    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    control::attach(&t.server_if, Some(&rules), xdpfw_kernel::AttachMode::Auto).unwrap();
+    let inst = Instance::find(Some(&t.server_if)).unwrap();
+    let opts = ReloadOptions::default();
+
+    let r = control::set_update(&inst, "feed", SetOp::Add, &[IpNet::V4(net(0x0a01_0203, 32))], &opts).unwrap();
+    assert_eq!(r.path, "delta", "{:?}", r.why_reload);
+    assert_eq!(r.reload.as_ref().unwrap().times.self_tests, 2, "both self-tests ran in the kernel");
+
+    // 10.200.0.0/16 would drop the first self-test's packet: refused, nothing changed.
+    let (hash, journal) = (inst.state().unwrap().ruleset.hash, inst.history().journal().unwrap());
+    let err = control::set_update(&inst, "feed", SetOp::Add, &[IpNet::V4(net(0x0ac8_0000, 16))], &opts).unwrap_err();
+    assert!(err.to_string().contains("self-test"), "{err}");
+    assert_eq!(inst.state().unwrap().ruleset.hash, hash, "the live ruleset is unchanged");
+    assert_eq!(inst.history().journal().unwrap(), journal, "the journal is unchanged");
+    let addrs: Vec<u32> = (0..5_000).map(|_| 0x0a00_0000 | (rng.next() as u32 & 0x00ff_ffff)).chain([0x0ac8_0001]).collect();
+    live_matches_compile(&inst, &rules, &addrs, "after a refused batch");
+
+    // And the next batch goes live as before.
+    let r = control::set_update(&inst, "feed", SetOp::Add, &[IpNet::V4(net(0x0a01_0204, 32))], &opts).unwrap();
+    assert_eq!(r.path, "delta", "{:?}", r.why_reload);
+    live_matches_compile(&inst, &rules, &addrs, "after the next batch");
 }

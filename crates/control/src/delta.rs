@@ -22,14 +22,18 @@
 //!    `delta-tables.json`, reserved before they are written). A /24 whose leaf is unchanged
 //!    keeps it. When a shared map has no room left, the batch takes the reload path, which
 //!    packs the tables again.
-//! 5. **The journal** is written (synced), then the flip publishes the whole batch at once; a
+//! 5. **The self-tests** of the ruleset run through the probe on the inactive buffer, against
+//!    the reference matcher on the rules parsed alone, each set holding its prefixes that
+//!    overlap the test packets' /16s (an address's verdict depends only on the prefixes that
+//!    contain it). A failure refuses the batch with nothing live changed.
+//! 6. **The journal** is written (synced), then the flip publishes the whole batch at once; a
 //!    grace period later the retired buffer is cleared and its counters carried, as a reload
 //!    does. The history records action `set` with a snapshot of the live texts and the journal.
 //!
 //! What takes the reload path instead (said in the report): IPv6 prefixes (the IPv6 tables are
-//! LPM tries), `replace`, a ruleset with self-tests (a reload proves them), a batch touching
-//! more than `MAX_REGIONS` /16s, no room in the shared maps, and a live ruleset installed by an
-//! earlier version.
+//! LPM tries), `replace`, an IPv6 self-test beside a set with IPv6 prefixes (the indexes hold
+//! IPv4 prefixes only), a batch touching more than `MAX_REGIONS` /16s, no room in the shared
+//! maps, and a live ruleset installed by an earlier version.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -113,6 +117,10 @@ struct Context {
     sets: BTreeMap<String, String>,
     /// Self-tests of the ruleset.
     tests: usize,
+    /// The set files (as the rules name them): what a parse of the rules alone leaves empty.
+    set_files: Vec<String>,
+    /// The sets with IPv6 prefixes in the texts (the indexes hold only IPv4 ones).
+    v6_sets: BTreeSet<String>,
 }
 
 fn hex(b: &[u8; 32]) -> String {
@@ -219,6 +227,43 @@ fn overlapping(set: &BTreeSet<IpNet>, top: u16, out: &mut Vec<IpNet>) {
     }
 }
 
+/// The sets' prefixes that overlap some /16s, from their indexes and the journal (the indexes
+/// opened once).
+#[derive(Default)]
+struct RegionSets {
+    indexes: HashMap<String, Index>,
+}
+
+impl RegionSets {
+    /// The prefixes of `set` (with `journal`) that overlap the /16s `tops`; `None` when the
+    /// context has no such set.
+    fn get(&mut self, inst: &Instance, ctx: &Context, journal: &SetJournal, set: &str, tops: &[u16]) -> Result<Option<Arc<Vec<IpNet>>>> {
+        let changes: Option<&SetChanges> = journal.sets.get(set);
+        let mut v = Vec::new();
+        match changes.and_then(|c| c.replace.as_ref()) {
+            Some(r) => tops.iter().for_each(|&t| overlapping(r, t, &mut v)),
+            None => {
+                let Some(id) = ctx.sets.get(set) else { return Ok(None) };
+                if !self.indexes.contains_key(set) {
+                    self.indexes.insert(set.to_string(), Index::open(&index_path(inst, id))?);
+                }
+                let idx = &self.indexes[set];
+                tops.iter().for_each(|&t| idx.region(t, &mut v));
+            }
+        }
+        if let Some(c) = changes {
+            let mut gone = Vec::new();
+            tops.iter().for_each(|&t| overlapping(&c.deleted, t, &mut gone));
+            let gone: HashSet<IpNet> = gone.into_iter().collect();
+            v.retain(|p| !gone.contains(p));
+            tops.iter().for_each(|&t| overlapping(&c.added, t, &mut v));
+        }
+        v.sort_unstable();
+        v.dedup();
+        Ok(Some(Arc::new(v)))
+    }
+}
+
 /// The /16s a batch touches.
 fn tops_of(prefixes: &[IpNet]) -> BTreeSet<u16> {
     let mut tops = BTreeSet::new();
@@ -279,6 +324,8 @@ fn build_context(inst: &Instance, texts: &Ruleset) -> Result<Context> {
         fields: [field(|r| r.src.as_ref()), field(|r| r.dst.as_ref())],
         sets,
         tests: texts.tests.len(),
+        set_files: texts.sources.set_digests.iter().map(|(f, _)| f.clone()).collect(),
+        v6_sets: texts.sets.iter().filter(|(_, p)| p.iter().any(|n| matches!(n, IpNet::V6(_)))).map(|(n, _)| n.clone()).collect(),
     };
     files::write_unsynced(&inst.state_dir.join(CONTEXT), &serde_json::to_vec(&ctx).ctx(|| "serializing the delta context".into())?)?;
     Ok(ctx)
@@ -342,6 +389,24 @@ fn scan_watermark(maps: &Maps, table: &LiveTable, tops: &[u32]) -> Result<u32> {
         }
     }
     Ok(end)
+}
+
+/// Records where the leaf lines of the tables an install just made live end (the image's own
+/// count), so the first batch after a reload does not scan every chunk to find it.
+pub(crate) fn record_installed(inst: &Instance, maps: &Maps, image: &xdpfw_rules::compile::Image) {
+    if image.tables_reused {
+        return;
+    }
+    let path = inst.state_dir.join(TABLES);
+    let mut w: Watermarks = fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    for (field, table) in [&image.src_v4, &image.dst_v4].into_iter().enumerate() {
+        w.fields[field] = match (table, maps.live_table(field).ok().and_then(|t| t.leaves_id())) {
+            (Some(t), Some(id)) => Some((id, t.lines.len() as u32)),
+            _ => None,
+        };
+    }
+    w.twin = None;
+    let _ = files::write_unsynced(&path, &serde_json::to_vec(&w).unwrap_or_default());
 }
 
 /// Forgets that the inactive buffer is the live one's twin: before anything but the delta path
@@ -490,9 +555,6 @@ pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &
     let Some(set_id) = ctx.sets.get(name) else {
         return not("no such set");
     };
-    if ctx.tests > 0 {
-        return not("the ruleset has self-tests, which a reload proves");
-    }
     tracing::debug!("delta: state, journal and context read in {} us", t.elapsed().as_micros());
     let index = Index::open(&index_path(inst, set_id))?;
     let mut new_journal = journal.clone();
@@ -517,7 +579,7 @@ pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &
 
     // The touched /16s of every field whose rules name the set, recomputed.
     let t = Instant::now();
-    let mut indexes: HashMap<String, Index> = HashMap::new();
+    let mut sets = RegionSets::default();
     let mut region_sets: HashMap<String, Arc<Vec<IpNet>>> = HashMap::new();
     let mut computed = Vec::new();
     for (field, rules) in ctx.fields.iter().enumerate() {
@@ -529,35 +591,13 @@ pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &
             if region_sets.contains_key(set) {
                 continue;
             }
-            let changes: Option<&SetChanges> = new_journal.sets.get(set);
-            let mut v = Vec::new();
-            match changes.and_then(|c| c.replace.as_ref()) {
-                Some(r) => tops.iter().for_each(|&t| overlapping(r, t, &mut v)),
-                None => {
-                    let Some(id) = ctx.sets.get(set) else { return not("a rule names a set the context lacks") };
-                    if !indexes.contains_key(set) {
-                        indexes.insert(set.clone(), Index::open(&index_path(inst, id))?);
-                    }
-                    let idx = &indexes[set];
-                    tops.iter().for_each(|&t| idx.region(t, &mut v));
-                }
-            }
-            if let Some(c) = changes {
-                let mut gone = Vec::new();
-                tops.iter().for_each(|&t| overlapping(&c.deleted, t, &mut gone));
-                let gone: HashSet<IpNet> = gone.into_iter().collect();
-                v.retain(|p| !gone.contains(p));
-                tops.iter().for_each(|&t| overlapping(&c.added, t, &mut v));
-            }
-            v.sort_unstable();
-            v.dedup();
-            region_sets.insert(set.clone(), Arc::new(v));
+            let Some(v) = sets.get(inst, &ctx, &new_journal, set, &tops)? else { return not("a rule names a set the context lacks") };
+            region_sets.insert(set.clone(), v);
         }
         let lists: Vec<Option<AddrList>> = rules.iter().map(|r| r.as_ref().map(|l| l.with(&|n| region_sets.get(n).cloned().unwrap_or_default()))).collect();
         let refs: Vec<Option<&AddrList>> = lists.iter().map(Option::as_ref).collect();
         computed.push((field, v4_regions(&refs, &tops)?));
     }
-    drop(indexes);
     tracing::debug!("delta: regions computed in {} us", t.elapsed().as_micros());
 
     // The writes, planned in full before anything is written.
@@ -664,6 +704,17 @@ pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &
     times.install_tables_us = us(t.elapsed());
     times.slot_changes = slot_changes;
 
+    // The ruleset's self-tests, on what goes live: the probe reads the inactive buffer.
+    if ctx.tests > 0 {
+        let t = Instant::now();
+        match prove(inst, &state, &ctx, &new_journal, &mut sets)? {
+            Ok(n) => times.self_tests = n,
+            Err(Proof::Cannot(why)) => return not(&why),
+            Err(Proof::Failed(e)) => return Err(e),
+        }
+        times.prove_us = us(t.elapsed());
+    }
+
     // Durable before it goes live.
     history.store_journal(&new_journal)?;
     edit.size = None;
@@ -716,6 +767,66 @@ pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &
     };
     let report = history_result?;
     Ok(Outcome::Done(Box::new(SetReport { iface: inst.iface.clone(), op: op.to_string(), edit, reload: Some(report), edit_us, path: "delta".into(), why_reload: None })))
+}
+
+enum Proof {
+    /// The delta path cannot prove these self-tests (the reload path can).
+    Cannot(String),
+    Failed(ControlError),
+}
+
+/// Runs the ruleset's self-tests through the probe on the inactive buffer, with the reference
+/// matcher's verdicts from the rules alone (parsed with every set file empty) and each set's
+/// prefixes that overlap the test packets' /16s (from the indexes and `journal`): an address's
+/// verdict depends only on the prefixes that contain it. Returns how many ran.
+fn prove(inst: &Instance, state: &State, ctx: &Context, journal: &SetJournal, sets: &mut RegionSets) -> Result<std::result::Result<usize, Proof>> {
+    let snapshot = inst.history().dir().join("snapshots").join(&state.ruleset.hash).join("rules.toml");
+    let Some((text, files)) = history::snapshot_texts_without(&snapshot, &|f| ctx.set_files.iter().any(|s| s == f))? else {
+        return Ok(Err(Proof::Cannot("the live ruleset has no snapshot".into())));
+    };
+    let mut rs = xdpfw_rules::parse_with_sets(&state.ruleset.path.clone().unwrap_or_default(), &text, &files)?;
+    let mut tops = BTreeSet::new();
+    for t in &rs.tests {
+        for a in [t.packet.src, t.packet.dst] {
+            match a {
+                std::net::IpAddr::V4(a) => {
+                    tops.insert((u32::from(a) >> 16) as u16);
+                }
+                std::net::IpAddr::V6(_) => {
+                    let v6 = |n: &String| ctx.v6_sets.contains(n) || journal.sets.get(n).is_some_and(|c| c.added.iter().chain(c.replace.iter().flatten()).any(|p| matches!(p, IpNet::V6(_))));
+                    if rs.sets.keys().any(v6) {
+                        return Ok(Err(Proof::Cannot("an IPv6 self-test beside a set with IPv6 prefixes".into())));
+                    }
+                }
+            }
+        }
+    }
+    let tops: Vec<u16> = tops.into_iter().collect();
+    let names: Vec<String> = rs.sets.keys().cloned().collect();
+    for name in names {
+        let Some(v) = sets.get(inst, ctx, journal, &name, &tops)? else { return Ok(Err(Proof::Cannot(format!("set \"{name}\" is not in the context")))) };
+        for rule in &mut rs.rules {
+            for list in [rule.src.as_mut(), rule.dst.as_mut()].into_iter().flatten() {
+                let (own, except) = (&mut list.sets, list.except.as_deref_mut().map(|e| &mut e.sets));
+                for (n, set) in own.iter_mut().chain(except.into_iter().flatten()) {
+                    if *n == name {
+                        *set = v.clone();
+                    }
+                }
+            }
+        }
+        rs.sets.insert(name, v);
+    }
+    let mut probe = xdpfw_kernel::open_probe(&inst.pin_dir)?;
+    let mut run = |pkt: &xdpfw_rules::packet::PacketSpec| xdpfw_kernel::testrun::run_probe(&mut probe, pkt);
+    let failures = xdpfw_rules::selftest::self_test_failures(&rs, Some(&mut run))?;
+    if !failures.is_empty() {
+        return Ok(Err(Proof::Failed(ControlError::SelfTests {
+            file: state.ruleset.path.clone().unwrap_or_default(),
+            failures: xdpfw_rules::selftest::SelfTestFailures { total: rs.tests.len(), failures },
+        })));
+    }
+    Ok(Ok(rs.tests.len()))
 }
 
 /// Flip, grace, carry the retired counters, clear, record: the end of a reload, for a buffer the

@@ -96,6 +96,36 @@ pub fn load_rules_with(path: &Path, origin: xdpfw_rules::Origin, journal: &SetJo
     Ok(rs)
 }
 
+/// A rules text and the texts of the files it names, by the names it gives them.
+pub type RulesTexts = (String, Vec<(String, String)>);
+
+/// The texts of the snapshot at `path` (its `rules.toml`), with each file `stands_in` names
+/// replaced by an empty text, unread (a 1M-line set file's blob is not read): for a parse of
+/// the rules alone. `None` when `path` is not a snapshot.
+pub fn snapshot_texts_without(path: &Path, stands_in: &dyn Fn(&str) -> bool) -> Result<Option<RulesTexts>> {
+    if !is_snapshot(path) {
+        return Ok(None);
+    }
+    let text = xdpfw_rules::read_bounded(path, xdpfw_rules::MAX_RULES_TEXT).ctx(|| format!("reading {}", path.display()))?;
+    let sets = path.with_file_name(SNAPSHOT_SETS);
+    let json = fs::read(&sets).ctx(|| format!("reading {}", sets.display()))?;
+    let given: Vec<SnapshotSet> = serde_json::from_slice(&json).map_err(|e| crate::error::ControlError::Refused(format!("{}: not a snapshot's set files: {e}", sets.display())))?;
+    let blobs = sets.parent().and_then(Path::parent).map(|d| d.join("blobs")).unwrap_or_default();
+    let mut out = Vec::new();
+    for s in given {
+        let text = match s.blob {
+            _ if stands_in(&s.file) => String::new(),
+            None => s.text,
+            Some(b) if b.len() == 64 && b.bytes().all(|c| c.is_ascii_hexdigit()) => {
+                xdpfw_rules::read_bounded(&blobs.join(&b), xdpfw_rules::MAX_SET_FILE).ctx(|| format!("reading the text of {}", s.file))?
+            }
+            Some(_) => return Err(crate::error::ControlError::Refused(format!("{}: a blob that is not a SHA-256", sets.display()))),
+        };
+        out.push((s.file, text));
+    }
+    Ok(Some((text, out)))
+}
+
 fn is_snapshot(path: &Path) -> bool {
     path.starts_with(history_root()) && path.file_name().is_some_and(|n| n == "rules.toml") && path.with_file_name(SNAPSHOT_SETS).exists()
 }

@@ -98,6 +98,7 @@ fn attach_locked(inst: &Instance, ruleset: &Ruleset, image: &xdpfw_rules::compil
         let generation = 1;
         maps.install(buffer_of(generation), generation, image)?;
         maps.flip(generation)?;
+        crate::delta::record_installed(inst, &maps, image);
         if let Err(e) = tables_cache::record(inst, generation, &image.addr, &tables_cache::address_key(&ruleset), false) {
             tracing::warn!("the address tables could not be described for reuse: {e}");
         }
@@ -500,6 +501,7 @@ fn install_locked(
     maps.flip(generation)?;
     times.flip_us = us(t.elapsed());
     times.to_flip_us = us(total.elapsed());
+    crate::delta::record_installed(inst, &maps, image);
     // The live tables are described for the next reload to reuse (the description of the
     // previous generation went stale with the flip).
     if let Err(e) = tables_cache::record(inst, generation, &image.addr, key, image.tables_reused) {
