@@ -239,9 +239,11 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Change a set of the live ruleset by one batch, applied atomically through the reload
-    /// pipeline (a packet sees the whole batch or none of it), counters kept, recorded in the
-    /// history: `set add IFACE SET CIDR...`, `set del ...`, `set replace ... --file F`.
+    /// Change a set of the live ruleset by one batch, atomically (a packet sees the whole batch
+    /// or none of it), counters kept: `set add IFACE SET CIDR...`, `set del ...`, `set replace
+    /// ... --file F`, `set reset IFACE SET|--all`. Changes are kept in the instance's set
+    /// journal and applied on top of every ruleset it loads (reloads, rollbacks, restarts) until
+    /// deleted or reset; IPv4 batches go live in milliseconds (only the changed entries written).
     #[command(subcommand)]
     Set(SetCommand),
     /// Write the man pages (loader.1 and loader-COMMAND.1) into DIR; used by `./run install`.
