@@ -213,4 +213,14 @@ fn the_fail2ban_action_and_the_crowdsec_script_ban_and_unban() {
     assert_eq!(udp_delivered(&t, to, N), N, "unbanned");
     let (code, err) = crowdsec(&["flush", &net]);
     assert_eq!(code, Some(2), "an unknown action is a usage error: {err}");
+    // A hostile decision stream cannot slip an option in (one that would read a file).
+    for value in ["--file=/etc/hostname", "-h", "192.0.2.1 --json"] {
+        let (code, err) = crowdsec(&["add", value, "3600", "x", "{}"]);
+        assert_eq!(code, Some(2), "{value}: {err}");
+        assert!(err.contains("not an address"), "{value}: {err}");
+    }
+    // And loader itself takes what follows `--` as prefixes, not options.
+    let out = loader(&ns, &["set", "add", &iface, "crowdsec", "--", "--file=/etc/hostname"]);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("line 1"), "no file was read: {}", String::from_utf8_lossy(&out.stderr));
 }
