@@ -725,7 +725,7 @@ pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &
         s.prefixes = (s.prefixes + edit.added).saturating_sub(edit.removed);
         s
     };
-    let result = go_live(inst, &mut maps, &state, summary, generation, opts, times, total, &ctx, &new_journal, &journal);
+    let result = go_live(inst, &mut maps, &state, summary, generation, opts, times, total, &ctx, &new_journal);
     let path = state.ruleset.path.clone().unwrap_or_default();
     let result = result.map(|report| {
         // The retired buffer is cleared: this delta's twin (a failure to say so costs the next
@@ -843,7 +843,6 @@ fn go_live(
     total: Instant,
     ctx: &Context,
     journal: &SetJournal,
-    _before: &SetJournal,
 ) -> Result<ReloadReport> {
     let previous = generation - 1;
     let mut next = state.clone();
@@ -869,39 +868,7 @@ fn go_live(
         }
     }
 
-    let (grace_time, grace_method) = grace::wait(opts.min_grace);
-    times.grace_us = us(grace_time);
-    let retired = buffer_of(previous);
-    match maps.rule_stats(retired, maps.header(retired).rule_count) {
-        Ok(counts) => next.carried = crate::instance::carry(&old_carried, &old_rules, &counts, &summary.rules),
-        Err(e) => tracing::warn!("per-rule counters of generation {previous} could not be read; they are not carried over: {e}"),
-    }
-    next.retiring = None;
-    let mut report = ReloadReport {
-        iface: inst.iface.clone(),
-        previous_generation: previous,
-        generation,
-        buffer: buffer_of(generation),
-        ruleset: summary,
-        grace_method,
-        times,
-        warnings: Vec::new(),
-        program: crate::pipeline::served_name(inst),
-    };
-    next.last_reload = Some(report.clone());
-    if let Err(e) = inst.write_state(&next) {
-        return Err(ControlError::LiveButUnrecorded { report: Box::new(report), source: Box::new(e) });
-    }
-    let t = Instant::now();
-    maps.clear(retired)?;
-    report.times.clear_us = us(t.elapsed());
-    report.times.total_us = us(total.elapsed());
-    next.last_reload = Some(report.clone());
-    if let Err(e) = inst.write_state(&next) {
-        return Err(ControlError::LiveButUnrecorded { report: Box::new(report), source: Box::new(e) });
-    }
-    let _ = fs::remove_file(inst.state_dir.join(format!("next-{generation}.json")));
-    Ok(report)
+    crate::pipeline::retire(inst, maps, crate::pipeline::Flipped { next, old_carried, old_rules, previous, generation }, opts, times, total, Vec::new(), |_| {})
 }
 
 /// The address key ([`tables_cache::address_key`]) of the context's texts with `journal`.

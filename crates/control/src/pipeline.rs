@@ -509,20 +509,55 @@ fn install_locked(
     }
     let snapshot = staged.finish();
 
+    let widened = !needs_full;
+    let warnings = ruleset.warnings.iter().map(|w| w.to_string()).collect();
+    let report = retire(inst, &mut maps, Flipped { next, old_carried, old_rules, previous, generation }, opts, times, total, warnings, |times| {
+        // No packet reads the previous generation now: a ruleset that needs none of the full
+        // copy's paths goes to the plain copy.
+        if widened {
+            let t = Instant::now();
+            narrow(inst);
+            times.narrow_us = us(t.elapsed());
+        }
+    })?;
+    Ok((report, snapshot))
+}
+
+
+/// A change that has just flipped to `generation`: the state to record (`next`, the live one
+/// with the new ruleset), and what the retired generation's counters are carried onto.
+pub(crate) struct Flipped {
+    pub next: State,
+    pub old_carried: std::collections::BTreeMap<String, crate::instance::CarriedCounts>,
+    pub old_rules: Vec<String>,
+    pub previous: u64,
+    pub generation: u64,
+}
+
+/// The end of every change after its flip (a reload, a `set` batch on the delta path): a grace
+/// period (then `after_grace`, with no packet reading the previous generation), the retired
+/// buffer's counters carried by rule name, the state recorded, the retired buffer cleared, the
+/// state recorded again, and what earlier interrupted changes left removed.
+#[expect(clippy::too_many_arguments, reason = "the pipeline's state, handed on")]
+pub(crate) fn retire(
+    inst: &Instance,
+    maps: &mut Maps,
+    flipped: Flipped,
+    opts: &ReloadOptions,
+    mut times: ReloadTimes,
+    total: Instant,
+    warnings: Vec<String>,
+    after_grace: impl FnOnce(&mut ReloadTimes),
+) -> Result<ReloadReport> {
+    let Flipped { mut next, old_carried, old_rules, previous, generation } = flipped;
     let (grace_time, grace_method) = grace::wait(opts.min_grace);
     times.grace_us = us(grace_time);
-    // No packet reads the previous generation now: a ruleset that needs none of the full
-    // copy's paths goes to the plain copy.
-    if !needs_full {
-        let t = Instant::now();
-        narrow(inst);
-        times.narrow_us = us(t.elapsed());
-    }
+    after_grace(&mut times);
 
     // The retired buffer's counters are final now: carry them by rule name (see State::carried).
     let retired = buffer_of(previous);
     match maps.rule_stats(retired, maps.header(retired).rule_count) {
-        Ok(counts) => next.carried = crate::instance::carry(&old_carried, &old_rules, &counts, &summary.rules),
+        Ok(counts) => next.carried = crate::instance::carry(&old_carried, &old_rules, &counts, &next.ruleset.rules),
         Err(e) => tracing::warn!("per-rule counters of generation {previous} could not be read; they are not carried over: {e}"),
     }
 
@@ -532,15 +567,15 @@ fn install_locked(
         iface: inst.iface.clone(),
         previous_generation: previous,
         generation,
-        buffer,
-        ruleset: summary.clone(),
+        buffer: buffer_of(generation),
+        ruleset: next.ruleset.clone(),
         grace_method,
         times,
-        warnings: ruleset.warnings.iter().map(|w| w.to_string()).collect(),
+        warnings,
         program: served_name(inst),
     };
     // The new ruleset is live from the flip on: a failure to record it (a full disk) must say
-    // so, not claim the reload failed. Recorded with the retired counts carried *before* the
+    // so, not claim the change failed. Recorded with the retired counts carried *before* the
     // retired buffer is cleared: a reader sees either the record in progress plus that
     // buffer's live counters, or this one, never the buffer cleared and its counts missing.
     next.last_reload = Some(report.clone());
@@ -549,22 +584,21 @@ fn install_locked(
     }
 
     let t = Instant::now();
-    maps.clear(buffer_of(previous))?;
+    maps.clear(retired)?;
     report.times.clear_us = us(t.elapsed());
     report.times.total_us = us(total.elapsed());
     next.last_reload = Some(report.clone());
     if let Err(e) = inst.write_state(&next) {
         return Err(ControlError::LiveButUnrecorded { report: Box::new(report), source: Box::new(e) });
     }
-    // What any earlier, interrupted reload left is superseded now.
+    // What any earlier, interrupted change left is superseded now.
     for entry in fs::read_dir(&inst.state_dir).ctx(|| format!("reading {}", inst.state_dir.display()))?.flatten() {
         if entry.file_name().to_string_lossy().starts_with("next-") {
             let _ = fs::remove_file(entry.path());
         }
     }
-    Ok((report, snapshot))
+    Ok(report)
 }
-
 
 /// What `loader set add|del|replace|reset` did: the change to the set, and the reload that
 /// applied it (`None` when the batch changed nothing: every prefix already present, or absent).
