@@ -933,7 +933,7 @@ fn host_route_heavy_set_agrees_with_the_matcher() {
 
 /// Issue 11's IPv6 counterpart: a host-route-heavy IPv6 set (30% /32-/48, 40% /49-/64, 30% /128
 /// in 2000::/3) loads and the kernel agrees with the matcher on it: 100k prefixes in the normal
-/// run, 1M with `XDPFW_DIFF_SCALE=10`. Prints the tries' memory per buffer, as the kernel
+/// run, 1M with `XDPFW_DIFF_SCALE=10`. Prints the table's memory per buffer, as the kernel
 /// accounts it.
 #[test]
 fn host_route_heavy_v6_set_agrees_with_the_matcher() {
@@ -953,14 +953,22 @@ fn host_route_heavy_v6_set_agrees_with_the_matcher() {
     let buffer = xdpfw_common::buffer_of(prog.activate(&image).unwrap());
     let installed = started.elapsed();
     let [(_, src_v6_bytes), _] = prog.maps.table_memory(buffer).unwrap();
+    let t = image.src_v6.as_ref().unwrap();
     eprintln!(
-        "host-route-heavy IPv6: {n} prefixes -> {} trie entries; {:.1} MiB per buffer (the kernel's account of the trie); \
+        "host-route-heavy IPv6: {n} prefixes -> {} after merging, {} run nodes and {} path nodes in {} lines; \
+         {:.1} MiB per buffer (the line map, as the kernel accounts it; {:.1} MiB with the top level); \
          parse+compile {compiled:.1?}, install {installed:.1?}",
-        image.src_v6.len(),
-        src_v6_bytes as f64 / (1 << 20) as f64
+        t.prefixes,
+        t.nodes,
+        t.paths,
+        t.lines.len(),
+        src_v6_bytes as f64 / (1 << 20) as f64,
+        t.bytes_per_buffer() as f64 / (1 << 20) as f64
     );
-    assert!(image.src_v6.len() >= n / 2, "most prefixes stay distinct: {} entries", image.src_v6.len());
-    assert!(src_v6_bytes > 0, "the trie's memory is accounted");
+    assert!(t.prefixes >= n / 2, "most prefixes stay distinct: {} entries", t.prefixes);
+    assert!(src_v6_bytes > 0, "the line map's memory is accounted");
+    // Host routes cost one path node each; no shape of this set needs more than two lines a prefix.
+    assert!(t.lines.len() <= 2 * t.prefixes, "{} lines for {} prefixes", t.lines.len(), t.prefixes);
     let mut rng = StdRng::seed_from_u64(SEED ^ 12);
     // The matcher scans the sets linearly: 2,000 packets keep this test to seconds.
     let source = |rng: &mut StdRng, i: usize| -> IpAddr {

@@ -58,7 +58,7 @@ fn pins_are_visible_to_bpftool_and_detach_removes_everything() {
     }
     let t = attached("pin", "services.toml");
     let dir = t.pin_dir();
-    for name in ["link", "prog", "ACTIVE", "RULES", "BITMAPS", "SRC_V4_FIXED", "SRC_V4_MORE_4K", "SRC_V6", "GLOBAL_STATS"] {
+    for name in ["link", "prog", "ACTIVE", "RULES", "BITMAPS", "SRC_V4_FIXED", "SRC_V4_MORE_4K", "SRC_V6_TOP", "SRC_V6_LINES_4K", "GLOBAL_STATS"] {
         assert!(dir.join(name).exists(), "{name} is not pinned");
     }
     let prog = Command::new("bpftool").args(["-j", "prog", "show", "pinned"]).arg(dir.join("prog")).output().unwrap();

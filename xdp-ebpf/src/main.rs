@@ -22,19 +22,19 @@ mod parse;
 
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_MMAPABLE},
-    btf_maps::{Array as BtfArray, ArrayOfMaps, LpmTrie, PerCpuArray as BtfPerCpuArray},
+    btf_maps::{Array as BtfArray, ArrayOfMaps, PerCpuArray as BtfPerCpuArray},
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::{btf_map, map, xdp},
-    maps::{lpm_trie::Key, Array, LruHashMap, RingBuf},
+    maps::{Array, LruHashMap, RingBuf},
     programs::XdpContext,
 };
 use core::intrinsics::{atomic_cxchg, atomic_xadd, AtomicOrdering};
 use parse::{Packet, ParseOutcome};
 use xdpfw_common::{
-    absent, buffer_of, action, dir, escalation, field, fields_layout::*, fragment_policy, header_flags, limit, rule_flags, trace, Bitmap,
-    DecisionEvent, DirBlock, DirLine, EscalationEvent, FieldEntry, FlowKey, GlobalStats, Ipv6Data, LogLimit, Pending, PrefixValue, TraceConfig,
+    absent, buffer_of, action, dir, dir6, escalation, field, fields_layout::*, fragment_policy, header_flags, limit, rule_flags, trace, Bitmap,
+    DecisionEvent, DirBlock, DirLine, EscalationEvent, FieldEntry, FlowKey, GlobalStats, LogLimit, Pending, TraceConfig,
     LimitKey, LimitState, RuleMeta, RuleStats, RulesetHeader, Verdict, BITMAP_ALL, BITMAP_WORDS, BUFFERS,
-    DEFAULT_RULE_SLOT, MAX_BITMAPS, variant, MAX_PREFIXES, MAX_RULES, RULE_SLOTS,
+    DEFAULT_RULE_SLOT, MAX_BITMAPS, variant, MAX_RULES, RULE_SLOTS,
 };
 
 /// Slot 0: the current generation; `buffer_of(generation)` is the active buffer. Written by
@@ -61,14 +61,45 @@ static FIELDS: Array<FieldEntry> =
 #[map(name = "BITMAPS")]
 static BITMAPS: Array<Bitmap> = Array::with_max_entries(BUFFERS * MAX_BITMAPS, BPF_F_MMAPABLE);
 
-type TrieV6 = LpmTrie<Ipv6Data, PrefixValue, { MAX_PREFIXES as usize }>;
+// The IPv6 tables (see xdpfw_common::dir6): the top levels in fixed arrays holding both
+// buffers, the node lines in inner maps, one slot per buffer, in the array-of-maps of their
+// size. A reload fills brand-new line maps and swaps them into the inactive slots, so lines are
+// never modified while packets can read them.
+#[map(name = "SRC_V6_TOP")]
+static SRC_V6_TOP: Array<DirBlock> = Array::with_max_entries(BUFFERS * dir6::TOP_BLOCKS, BPF_F_MMAPABLE);
+#[map(name = "DST_V6_TOP")]
+static DST_V6_TOP: Array<DirBlock> = Array::with_max_entries(BUFFERS * dir6::TOP_BLOCKS, BPF_F_MMAPABLE);
+const V0: usize = dir6::LINE_SIZES[0] as usize;
+const V1: usize = dir6::LINE_SIZES[1] as usize;
+const V2: usize = dir6::LINE_SIZES[2] as usize;
+const V3: usize = dir6::LINE_SIZES[3] as usize;
+const V4: usize = dir6::LINE_SIZES[4] as usize;
+const V5: usize = dir6::LINE_SIZES[5] as usize;
+#[btf_map]
+static SRC_V6_LINES_4K: Leaves<V0> = ArrayOfMaps::new();
+#[btf_map]
+static SRC_V6_LINES_64K: Leaves<V1> = ArrayOfMaps::new();
+#[btf_map]
+static SRC_V6_LINES_512K: Leaves<V2> = ArrayOfMaps::new();
+#[btf_map]
+static SRC_V6_LINES_2M: Leaves<V3> = ArrayOfMaps::new();
+#[btf_map]
+static SRC_V6_LINES_4M: Leaves<V4> = ArrayOfMaps::new();
+#[btf_map]
+static SRC_V6_LINES_16M: Leaves<V5> = ArrayOfMaps::new();
+#[btf_map]
+static DST_V6_LINES_4K: Leaves<V0> = ArrayOfMaps::new();
+#[btf_map]
+static DST_V6_LINES_64K: Leaves<V1> = ArrayOfMaps::new();
+#[btf_map]
+static DST_V6_LINES_512K: Leaves<V2> = ArrayOfMaps::new();
+#[btf_map]
+static DST_V6_LINES_2M: Leaves<V3> = ArrayOfMaps::new();
+#[btf_map]
+static DST_V6_LINES_4M: Leaves<V4> = ArrayOfMaps::new();
+#[btf_map]
+static DST_V6_LINES_16M: Leaves<V5> = ArrayOfMaps::new();
 
-// One slot per buffer. A reload fills a brand-new trie and swaps it into the inactive slot, so a
-// trie is never modified while packets can read it, and retiring one is a single map update.
-#[btf_map]
-static SRC_V6: ArrayOfMaps<TrieV6, { BUFFERS as usize }> = ArrayOfMaps::new();
-#[btf_map]
-static DST_V6: ArrayOfMaps<TrieV6, { BUFFERS as usize }> = ArrayOfMaps::new();
 
 // The direct IPv4 tables (see xdpfw_common::dir). The top levels and first chunks are fixed
 // arrays holding both buffers; further chunks are inner maps, one slot per buffer, swapped like
@@ -862,10 +893,6 @@ fn classify(ctx: &XdpContext, buffer: u32, header: &RulesetHeader, pkt: &Packet,
 #[map]
 pub(crate) static PACKET_SCRATCH: aya_ebpf::maps::PerCpuArray<Packet> = aya_ebpf::maps::PerCpuArray::with_max_entries(1, 0);
 
-/// The key of an IPv6 prefix lookup (see `prefix_bitmap`).
-#[map]
-static V6_KEY: aya_ebpf::maps::PerCpuArray<Key<[u8; 16]>> = aya_ebpf::maps::PerCpuArray::with_max_entries(1, 0);
-
 /// `classify_policy`'s "no rule matched".
 const NO_RULE: u32 = u32::MAX;
 
@@ -1061,17 +1088,10 @@ pub(crate) fn field_bitmap(buffer: u32, index: u32) -> u32 {
 #[inline(always)]
 fn prefix_bitmap(ctx: &XdpContext, buffer: u32, header: &RulesetHeader, pkt: &Packet, source: bool) -> u32 {
     let found = if pkt.is_v6 {
-        let trie = if source { &SRC_V6 } else { &DST_V6 };
-        // The key in a per-CPU slot, not on the stack: the stack is short (512 bytes over the
-        // chain of calls), and this path is on both the plain and the policy classifier's.
-        match (trie.get(buffer), parse::v6_addr_ref(ctx, pkt.l3_off, source), V6_KEY.get_ptr_mut(0)) {
-            (Some(t), Some(addr), Some(key)) => {
-                // SAFETY: this CPU's slot; nothing else runs on this CPU until the program returns.
-                let key = unsafe { &mut *key };
-                *key = Key::new(128, *addr);
-                t.get(key).map(|v| v.bitmap)
-            }
-            _ => None,
+        match parse::v6_addr_ref(ctx, pkt.l3_off, source) {
+            Some(a) if source => v6_lookup::<true>(buffer, a),
+            Some(a) => v6_lookup::<false>(buffer, a),
+            None => None,
         }
     } else {
         let (table, addr) = if source { (&SRC_V4, pkt.src4) } else { (&DST_V4, pkt.dst4) };
@@ -1131,12 +1151,18 @@ fn leaf_line(t: &DirMaps, buffer: u32, i: u32) -> Option<&'static DirLine> {
     }
 }
 
-/// Entry `b` (0..=255) of the leaf whose first line is `n`: the value of run
-/// `popcount(bitmap[0..=b]) - 1`, in the first line (runs below `LEAF_INLINE`) or a further one.
-/// One popcount of one 64-bit word: the ranks give the bits set below it.
+/// Entry `b` (0..=255) of the leaf whose first line is `n`.
 #[inline(always)]
 fn leaf_entry(t: &DirMaps, buffer: u32, n: u32, b: u32) -> Option<u32> {
-    let head = leaf_line(t, buffer, n)?;
+    run_value(leaf_line(t, buffer, n)?, n, b, |i| leaf_line(t, buffer, i))
+}
+
+/// Entry `b` (0..=255) of the compressed leaf (or IPv6 run node) `head`, whose first line is
+/// `n`, further lines read with `line`: the value of run `popcount(bitmap[0..=b]) - 1`, in the
+/// first line (runs below `LEAF_INLINE`) or a further one. One popcount of one 64-bit word: the
+/// ranks give the bits set below it.
+#[inline(always)]
+fn run_value(head: &DirLine, n: u32, b: u32, line: impl Fn(u32) -> Option<&'static DirLine>) -> Option<u32> {
     let k = ((b >> 6) & 3) as usize;
     let bits = head.words[2 * k] as u64 | (head.words[2 * k + 1] as u64) << 32;
     let below = (head.words[dir::RANKS_WORD] >> (8 * k as u32)) & 0xff;
@@ -1147,8 +1173,67 @@ fn leaf_entry(t: &DirMaps, buffer: u32, n: u32, b: u32) -> Option<u32> {
         return Some(head.words[(dir::RANKS_WORD as u32 + 1 + rank) as usize & 15]);
     }
     let r = (rank - dir::LEAF_INLINE) & 0xff;
-    let line = leaf_line(t, buffer, n + 1 + r / dir::LINE_VALUES)?;
+    let line = line(n + 1 + r / dir::LINE_VALUES)?;
     Some(line.words[(r % dir::LINE_VALUES) as usize])
+}
+
+/// Line `i` of the buffer's IPv6 lines (of the source's table, or the destination's), in the
+/// one inner map (of whichever size) the buffer has. The maps are named here, not passed in: a
+/// copy of this function the compiler keeps out of line must still name each map directly.
+#[inline(always)]
+fn v6_line<const SRC: bool>(buffer: u32, i: u32) -> Option<&'static DirLine> {
+    let (l0, l1, l2, l3, l4, l5) = if SRC {
+        (&SRC_V6_LINES_4K, &SRC_V6_LINES_64K, &SRC_V6_LINES_512K, &SRC_V6_LINES_2M, &SRC_V6_LINES_4M, &SRC_V6_LINES_16M)
+    } else {
+        (&DST_V6_LINES_4K, &DST_V6_LINES_64K, &DST_V6_LINES_512K, &DST_V6_LINES_2M, &DST_V6_LINES_4M, &DST_V6_LINES_16M)
+    };
+    if let Some(m) = l0.get(buffer) {
+        m.get(i)
+    } else if let Some(m) = l1.get(buffer) {
+        m.get(i)
+    } else if let Some(m) = l2.get(buffer) {
+        m.get(i)
+    } else if let Some(m) = l3.get(buffer) {
+        m.get(i)
+    } else if let Some(m) = l4.get(buffer) {
+        m.get(i)
+    } else {
+        l5.get(buffer)?.get(i)
+    }
+}
+
+/// The entry of IPv6 address `a` (network order, in the packet) in the IPv6 table of `buffer`:
+/// the top level, then at most `dir6::MAX_STEPS` nodes, each a run node (one byte of the
+/// address) or a path node (a masked compare of the whole address).
+#[inline(always)]
+fn v6_lookup<const SRC: bool>(buffer: u32, a: &[u8; 16]) -> Option<u32> {
+    let hi = u64::from_be_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]);
+    let lo = u64::from_be_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]);
+    let top = (hi >> 48) as u32;
+    let table_top = if SRC { &SRC_V6_TOP } else { &DST_V6_TOP };
+    let mut e = table_top.get(buffer * dir6::TOP_BLOCKS + ((top >> 8) & 0xff))?.entries[(top & 0xff) as usize];
+    let mut step = 0;
+    while step < dir6::MAX_STEPS && e & dir6::NODE != 0 {
+        let n = e & dir6::LINE_MASK;
+        let head = v6_line::<SRC>(buffer, n)?;
+        let w = &head.words;
+        if e & dir6::PATH == 0 {
+            let d = (e >> dir6::DEPTH_SHIFT) & 15;
+            let byte = if d < 8 { hi >> ((56 - 8 * d) & 63) } else { lo >> ((120 - 8 * d) & 63) } as u32 & 0xff;
+            e = run_value(head, n, byte, |i| v6_line::<SRC>(buffer, i))?;
+        } else {
+            let pattern_hi = (w[dir6::PATH_PATTERN] as u64) << 32 | w[dir6::PATH_PATTERN + 1] as u64;
+            let pattern_lo = (w[dir6::PATH_PATTERN + 2] as u64) << 32 | w[dir6::PATH_PATTERN + 3] as u64;
+            let mask_hi = (w[dir6::PATH_MASK] as u64) << 32 | w[dir6::PATH_MASK + 1] as u64;
+            let mask_lo = (w[dir6::PATH_MASK + 2] as u64) << 32 | w[dir6::PATH_MASK + 3] as u64;
+            if ((hi ^ pattern_hi) & mask_hi) | ((lo ^ pattern_lo) & mask_lo) != 0 {
+                return Some(w[dir6::PATH_MISS]);
+            }
+            e = w[dir6::PATH_CHILD];
+        }
+        step += 1;
+    }
+    if e & dir6::NODE != 0 { None } else { Some(e) }
 }
 
 #[cfg(not(test))]

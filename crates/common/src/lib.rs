@@ -12,8 +12,15 @@ pub mod map_names {
     pub const RULES: &str = "RULES";
     pub const FIELDS: &str = "FIELDS";
     pub const BITMAPS: &str = "BITMAPS";
-    pub const SRC_V6: &str = "SRC_V6";
-    pub const DST_V6: &str = "DST_V6";
+    /// IPv6 tables (see `dir6`): the top level (fixed arrays, both buffers).
+    pub const SRC_V6_TOP: &str = "SRC_V6_TOP";
+    pub const DST_V6_TOP: &str = "DST_V6_TOP";
+    /// IPv6 tables: the node lines, in an inner map of one of the sizes `dir6::LINE_SIZES` (one
+    /// array-of-maps per size, one slot per buffer).
+    pub const SRC_V6_LINES: [&str; 6] =
+        ["SRC_V6_LINES_4K", "SRC_V6_LINES_64K", "SRC_V6_LINES_512K", "SRC_V6_LINES_2M", "SRC_V6_LINES_4M", "SRC_V6_LINES_16M"];
+    pub const DST_V6_LINES: [&str; 6] =
+        ["DST_V6_LINES_4K", "DST_V6_LINES_64K", "DST_V6_LINES_512K", "DST_V6_LINES_2M", "DST_V6_LINES_4M", "DST_V6_LINES_16M"];
     /// Direct IPv4 tables: top level and first chunks (fixed arrays, both buffers).
     pub const SRC_V4_FIXED: &str = "SRC_V4_FIXED";
     pub const DST_V4_FIXED: &str = "DST_V4_FIXED";
@@ -47,14 +54,26 @@ pub mod map_names {
     /// Packets matched by rules with `log`, for the daemon's log ([`super::DecisionEvent`]).
     pub const LOG_RING: &str = "LOG_RING";
     /// Every map the program owns, in a stable order (pinning, stats, leak checks).
-    pub const ALL: [&str; 35] = [
+    pub const ALL: [&str; 47] = [
         ACTIVE,
         HEADERS,
         RULES,
         FIELDS,
         BITMAPS,
-        SRC_V6,
-        DST_V6,
+        SRC_V6_TOP,
+        DST_V6_TOP,
+        SRC_V6_LINES[0],
+        SRC_V6_LINES[1],
+        SRC_V6_LINES[2],
+        SRC_V6_LINES[3],
+        SRC_V6_LINES[4],
+        SRC_V6_LINES[5],
+        DST_V6_LINES[0],
+        DST_V6_LINES[1],
+        DST_V6_LINES[2],
+        DST_V6_LINES[3],
+        DST_V6_LINES[4],
+        DST_V6_LINES[5],
         SRC_V4_FIXED,
         DST_V4_FIXED,
         SRC_V4_MORE[0],
@@ -140,12 +159,9 @@ pub const MAX_BITMAPS: u32 = 32768;
 /// Bitmap ids every buffer reserves: the empty set and the set of all rules.
 pub const BITMAP_EMPTY: u32 = 0;
 pub const BITMAP_ALL: u32 = 1;
-/// Prefixes per IPv6 LPM trie (one each for source and destination, per buffer), and per direct
-/// IPv4 table after merging (which bounds its leaf lines: see [`dir`]).
+/// Prefixes per address table (IPv4 or IPv6, source or destination, per buffer) after merging:
+/// it bounds their lines (see [`dir`] and [`dir6`]).
 pub const MAX_PREFIXES: u32 = 2 * 1024 * 1024;
-
-/// Map flags of the LPM tries (BPF_F_NO_PREALLOC, which the kernel requires for them).
-pub const LPM_FLAGS: u32 = 1;
 
 /// Index of the per-rule counter slot that counts packets decided by the default action.
 pub const DEFAULT_RULE_SLOT: u32 = MAX_RULES as u32;
@@ -407,6 +423,63 @@ pub mod dir {
     }
 }
 
+/// The IPv6 tables: a multibit trie of 8-bit strides under a direct top level, with Poptrie's
+/// compression (Asai & Ohara, SIGCOMM 2015: a node's 256 entries stored as runs, indexed by a
+/// population count) and path compression for the long single-child chains that sparse IPv6
+/// prefixes make. Every lookup is array reads the verifier inlines: no helper call.
+///
+/// - The top level: 65536 u32 entries indexed by the address's first 16 bits, in
+///   `TOP_BLOCKS` blocks per buffer of a fixed array (as IPv4's top level).
+/// - An entry is a bitmap id, or `NODE | kind | depth << DEPTH_SHIFT | line`: a node in the
+///   table's line map (64-byte [`DirLine`]s, in an inner map of one of `LINE_SIZES`), and for a
+///   run node the byte of the address it splits. The walk takes everything it needs from the
+///   entry, so the verifier sees one state per step whatever path led there.
+/// - A *run node* splits one byte of the address: it is exactly a compressed leaf of the IPv4
+///   tables (see [`dir`]) whose values may name further nodes.
+/// - A *path node* (`PATH`) stands for a chain of nodes with one way down: if the address's bits
+///   under its mask equal its pattern, the walk goes on with its child; otherwise the answer is
+///   its miss value. A lone prefix under a node is one path node whose child is its bitmap id,
+///   so a host route costs one line.
+///
+/// Memory per table and buffer: the top level (256 KiB) plus the smallest of `LINE_SIZES` that
+/// holds the lines, at most `MAX_LINES` (1 GiB). Sets of mostly host routes take one to two
+/// lines per prefix; the compiler's unit tests bound the worst shapes (see `v6_table`).
+pub mod dir6 {
+    /// Blocks of 256 entries of the top level, per buffer.
+    pub const TOP_BLOCKS: u32 = 256;
+    /// Flag of an entry that names a node.
+    pub const NODE: u32 = 1 << 31;
+    /// Flag of an entry that names a path node (with `NODE`).
+    pub const PATH: u32 = 1 << 28;
+    /// Where a run node's entry holds the byte it splits (2 to 15).
+    pub const DEPTH_SHIFT: u32 = 24;
+    /// The bits of an entry that hold the node's (first) line.
+    pub const LINE_MASK: u32 = (1 << DEPTH_SHIFT) - 1;
+    /// Words of a path node: the pattern (the address's bits 0-31, 32-63, 64-95, 96-127), the
+    /// mask (as the pattern), the miss value, the child entry.
+    pub const PATH_PATTERN: usize = 0;
+    pub const PATH_MASK: usize = 4;
+    pub const PATH_MISS: usize = 8;
+    pub const PATH_CHILD: usize = 9;
+    /// Nodes a walk may pass after the top level (bytes 2 to 15, one node each at most).
+    pub const MAX_STEPS: u32 = 14;
+    /// Sizes (in 64-byte lines) of the inner maps that hold the lines: 256 KiB, 4, 32, 128,
+    /// 256 MiB and 1 GiB.
+    pub const LINE_SIZES: [u32; 6] = [1 << 12, 1 << 16, 1 << 19, 1 << 21, 1 << 22, 1 << 24];
+    pub const MAX_LINES: u32 = 1 << 24;
+
+    /// Bytes one table takes per buffer with `lines` lines.
+    pub const fn table_bytes(lines: u32) -> u64 {
+        let mut bytes = TOP_BLOCKS as u64 * 1024;
+        if lines > 0
+            && let Some(c) = super::dir::size_class(lines, &LINE_SIZES)
+        {
+            bytes += LINE_SIZES[c] as u64 * 64;
+        }
+        bytes
+    }
+}
+
 /// 256 entries of a direct IPv4 table (see [`dir`]): a slice of the top level, or one chunk.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -523,16 +596,6 @@ pub struct FieldEntry {
     pub bitmap: u32,
     pub _pad: u32,
 }
-
-/// Value of the IPv6 LPM tries: the bitmap of rules whose prefix condition an address satisfies.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PrefixValue {
-    pub bitmap: u32,
-}
-
-/// The LPM trie key data for IPv6: the address in network byte order.
-pub type Ipv6Data = [u8; 16];
 
 /// Per-CPU global counters (one entry in GLOBAL_STATS). Every packet increments `seen` and
 /// exactly one of `passed` / `dropped`; the rest explain why.
@@ -798,7 +861,6 @@ const _: () = {
     assert!(core::mem::size_of::<Bitmap>() == 8 * BITMAP_WORDS + 8);
     assert!(BITMAP_WORDS <= 64);
     assert!(core::mem::size_of::<FieldEntry>() == 8);
-    assert!(core::mem::size_of::<PrefixValue>() == 4);
     assert!(core::mem::size_of::<GlobalStats>() == 184);
     assert!(core::mem::size_of::<FlowEntry>() == 16);
     assert!(core::mem::size_of::<LimitState>() == 48);
@@ -818,6 +880,10 @@ const _: () = {
     assert!(dir::MAX_CHUNKS - dir::FIXED_CHUNKS <= dir::MORE_SIZES[2]);
     assert!(dir::MAX_LINES <= dir::LEAF_SIZES[3]);
     assert!(dir::RANKS_WORD + 1 + dir::LEAF_INLINE as usize == 16);
+    assert!(dir6::PATH_CHILD < 16);
+    assert!(dir6::MAX_LINES == dir6::LINE_SIZES[5] && dir6::MAX_LINES - 1 == dir6::LINE_MASK);
+    assert!(dir6::PATH < dir6::NODE && dir6::PATH >> dir6::DEPTH_SHIFT >= 16);
+    assert!(dir6::NODE == dir::CHUNK);
     assert!(MAX_RULES.is_multiple_of(64));
 };
 
@@ -837,7 +903,6 @@ mod pod {
         RuleMeta,
         Bitmap,
         FieldEntry,
-        PrefixValue,
         GlobalStats,
         RuleStats,
         FlowKey,

@@ -11,15 +11,14 @@ use std::{
 use crate::error::{KernelContext, KernelError, Result, kbail};
 use aya::{
     maps::{
-        Array, ArrayOfMaps, LpmTrie, Map, MapData, PerCpuArray, PerCpuValues,
-        lpm_trie::Key,
+        Array, ArrayOfMaps, Map, MapData, PerCpuArray, PerCpuValues,
     },
     util::nr_cpus,
 };
 use xdpfw_common::{
-    BUFFERS, Bitmap, buffer_of, DirBlock, DirLine, FieldEntry, FlowEntry, FlowKey, GlobalStats, Ipv6Data, LimitKey, LimitState, LogLimit, MAX_BITMAPS, MAX_PREFIXES,
-    MAX_RULES, PrefixValue, RULE_SLOTS, RuleMeta, RuleStats, RulesetHeader,
-    dir, fields_layout::FIELDS_PER_BUFFER, map_names, trace, TraceConfig,
+    BUFFERS, Bitmap, buffer_of, DirBlock, DirLine, FieldEntry, FlowEntry, FlowKey, GlobalStats, LimitKey, LimitState, LogLimit, MAX_BITMAPS,
+    MAX_RULES, RULE_SLOTS, RuleMeta, RuleStats, RulesetHeader,
+    dir, dir6, fields_layout::FIELDS_PER_BUFFER, map_names, trace, TraceConfig,
 };
 
 use xdpfw_rules::compile::Image;
@@ -108,8 +107,6 @@ impl<T> Drop for MmapArray<T> {
     }
 }
 
-type TrieV6 = LpmTrie<MapData, Ipv6Data, PrefixValue>;
-
 /// Every map of one firewall instance.
 pub struct Maps {
     active: MmapArray<u64>,
@@ -117,8 +114,12 @@ pub struct Maps {
     rules: MmapArray<RuleMeta>,
     fields: MmapArray<FieldEntry>,
     bitmaps: MmapArray<Bitmap>,
-    src_v6: ArrayOfMaps<MapData, TrieV6>,
-    dst_v6: ArrayOfMaps<MapData, TrieV6>,
+    /// IPv6 tables: the top levels (both buffers, written through the mapping), and one
+    /// array-of-maps of lines per size of `dir6::LINE_SIZES`.
+    src_v6_top: MmapArray<DirBlock>,
+    dst_v6_top: MmapArray<DirBlock>,
+    src_v6_lines: [ArrayOfMaps<MapData, LeafArray>; 6],
+    dst_v6_lines: [ArrayOfMaps<MapData, LeafArray>; 6],
     /// Direct IPv4 tables: top levels and first chunks (both buffers, written through the
     /// mapping), and the further chunks.
     src_v4_fixed: MmapArray<DirBlock>,
@@ -146,13 +147,14 @@ pub struct Maps {
     trace: Option<MmapArray<TraceConfig>>,
 }
 
-/// Where each array-of-maps sits in `Maps::slot_fds`: the two IPv6 tries, then per direct IPv4
-/// table its chunk maps (one per `dir::MORE_SIZES`) and its leaf maps (one per `dir::LEAF_SIZES`).
+/// Where each array-of-maps sits in `Maps::slot_fds`: per IPv6 table its line maps (one per
+/// `dir6::LINE_SIZES`), then per direct IPv4 table its chunk maps (one per `dir::MORE_SIZES`)
+/// and its leaf maps (one per `dir::LEAF_SIZES`).
 mod slot {
-    use xdpfw_common::dir;
+    use xdpfw_common::{dir, dir6};
     pub(super) const SRC_V6: usize = 0;
-    pub(super) const DST_V6: usize = 1;
-    pub(super) const SRC_V4: usize = 2;
+    pub(super) const DST_V6: usize = dir6::LINE_SIZES.len();
+    pub(super) const SRC_V4: usize = 2 * dir6::LINE_SIZES.len();
     pub(super) const DST_V4: usize = SRC_V4 + dir::MORE_SIZES.len() + dir::LEAF_SIZES.len();
     pub(super) const COUNT: usize = DST_V4 + dir::MORE_SIZES.len() + dir::LEAF_SIZES.len();
 }
@@ -275,14 +277,7 @@ impl Maps {
 
     pub(crate) fn from_data(get: &mut dyn FnMut(&str) -> Result<MapData>) -> Result<Self> {
         use map_names::*;
-        let (src_v6, dst_v6) = (get(SRC_V6)?, get(DST_V6)?);
         let mut slot_fds = Vec::new();
-        let mut dup = |m: &MapData| -> Result<()> {
-            slot_fds.push(m.fd().as_fd().try_clone_to_owned()?);
-            Ok(())
-        };
-        dup(&src_v6)?;
-        dup(&dst_v6)?;
         // One array-of-maps per size class (aya's inner-map trait is sealed, hence the macro).
         macro_rules! of_maps {
             ($names:expr) => {{
@@ -295,7 +290,10 @@ impl Maps {
                 maps.try_into().map_err(|_| KernelError::msg("one map per size".to_string()))?
             }};
         }
-        // In the order of `slot`: each table's chunk sizes, then its leaf sizes.
+        // In the order of `slot`: the IPv6 tables' line sizes, then each IPv4 table's chunk
+        // sizes and its leaf sizes.
+        let src_v6_lines = of_maps!(SRC_V6_LINES);
+        let dst_v6_lines = of_maps!(DST_V6_LINES);
         let src_v4_more = of_maps!(SRC_V4_MORE);
         let src_v4_leaves = of_maps!(SRC_V4_LEAVES);
         let dst_v4_more = of_maps!(DST_V4_MORE);
@@ -309,8 +307,10 @@ impl Maps {
             rules: MmapArray::new(get(RULES)?)?,
             fields: MmapArray::new(get(FIELDS)?)?,
             bitmaps: MmapArray::new(get(BITMAPS)?)?,
-            src_v6: ArrayOfMaps::try_from(Map::from_map_data(src_v6)?)?,
-            dst_v6: ArrayOfMaps::try_from(Map::from_map_data(dst_v6)?)?,
+            src_v6_top: MmapArray::new(get(SRC_V6_TOP)?)?,
+            dst_v6_top: MmapArray::new(get(DST_V6_TOP)?)?,
+            src_v6_lines,
+            dst_v6_lines,
             src_v4_more,
             dst_v4_more,
             src_v4_leaves,
@@ -388,13 +388,19 @@ impl Maps {
         // for an RCU grace period in the kernel, and the slots of a cleared buffer still hold
         // the live buffer's maps (see [`Maps::clear`]), most of which a new image replaces.
         let mut filled = vec![false; self.slot_fds.len()];
-        if !image.src_v6.is_empty() {
-            self.src_v6.set(buffer, &trie_v6(&image.src_v6)?, 0)?;
-            filled[slot::SRC_V6] = true;
-        }
-        if !image.dst_v6.is_empty() {
-            self.dst_v6.set(buffer, &trie_v6(&image.dst_v6)?, 0)?;
-            filled[slot::DST_V6] = true;
+        let top_blocks = dir6::TOP_BLOCKS as usize;
+        for (table, top, lines, first_slot) in [
+            (&image.src_v6, &mut self.src_v6_top, &mut self.src_v6_lines, slot::SRC_V6),
+            (&image.dst_v6, &mut self.dst_v6_top, &mut self.dst_v6_lines, slot::DST_V6),
+        ] {
+            let Some(t) = table else { continue };
+            top.range_mut(b * top_blocks, top_blocks).copy_from_slice(t.blocks());
+            if !t.lines.is_empty() {
+                let size = dir::size_class(t.lines.len() as u32, &dir6::LINE_SIZES)
+                    .ok_or_else(|| KernelError::msg(format!("{} IPv6 lines: more than the compiler allows", t.lines.len())))?;
+                lines[size].set(buffer, &inner_array(&t.lines, dir6::LINE_SIZES[size])?, 0)?;
+                filled[first_slot + size] = true;
+            }
         }
         let per_buffer = dir::BUFFER_BLOCKS as usize;
         for (table, fixed, more, leaves, first_slot) in [
@@ -439,8 +445,8 @@ impl Maps {
         Ok(InstallTimes { arrays_us, tables_us, slot_changes })
     }
 
-    /// Makes `buffer`'s address tables those of the active buffer: the fixed part copied, every
-    /// inner map (IPv4 chunks and leaves, IPv6 tries) shared, not copied. Neither buffer's tables
+    /// Makes `buffer`'s address tables those of the active buffer: the fixed parts copied, every
+    /// inner map (IPv4 chunks and leaves, IPv6 lines) shared, not copied. Neither buffer's tables
     /// are written while both hold them (a reload writes only fresh maps), so sharing is safe;
     /// it is what a reload that changes no prefix needs. A slot that already holds the live
     /// map is left alone: every change of an array-of-maps slot costs an RCU grace period in
@@ -453,8 +459,11 @@ impl Maps {
         }
         let per_buffer = dir::BUFFER_BLOCKS as usize;
         for fixed in [&mut self.src_v4_fixed, &mut self.dst_v4_fixed] {
-            let from: Vec<DirBlock> = (0..per_buffer).map(|i| fixed.read(live as usize * per_buffer + i)).collect();
-            fixed.range_mut(buffer as usize * per_buffer, per_buffer).copy_from_slice(&from);
+            fixed.copy_range(live as usize * per_buffer, buffer as usize * per_buffer, per_buffer);
+        }
+        let top_blocks = dir6::TOP_BLOCKS as usize;
+        for top in [&mut self.src_v6_top, &mut self.dst_v6_top] {
+            top.copy_range(live as usize * top_blocks, buffer as usize * top_blocks, top_blocks);
         }
         self.follow_live_slots(buffer)
     }
@@ -477,11 +486,11 @@ impl Maps {
         Ok(changes)
     }
 
-    /// Memory of `buffer`'s address tables held in inner maps (IPv6 tries, IPv4 chunks beyond
+    /// Memory of `buffer`'s address tables held in inner maps (IPv6 lines, IPv4 chunks beyond
     /// the fixed ones and leaves), as the kernel accounts it: per field, `[source, destination]`
-    /// each `(IPv4, IPv6)` bytes. The fixed part of the IPv4 tables (top level and first chunks,
-    /// `dir::BUFFER_BLOCKS` blocks per table and buffer) is not included: it is allocated at
-    /// attach whatever the ruleset.
+    /// each `(IPv4, IPv6)` bytes. The fixed parts (the IPv4 tables' top level and first chunks,
+    /// `dir::BUFFER_BLOCKS` blocks per table and buffer, and the IPv6 top levels,
+    /// `dir6::TOP_BLOCKS`) are not included: they are allocated at attach whatever the ruleset.
     pub fn table_memory(&self, buffer: u32) -> Result<[(u64, u64); 2]> {
         let mut out = [(0, 0); 2];
         for (i, fd) in self.slot_fds.iter().enumerate() {
@@ -489,8 +498,8 @@ impl Maps {
             let inner = map_fd_by_id(id).kctx(|| "opening an inner map".into())?;
             let bytes = map_memory(inner.as_fd()).kctx(|| "reading an inner map's memory".into())?;
             match i {
-                slot::SRC_V6 => out[0].1 += bytes,
-                slot::DST_V6 => out[1].1 += bytes,
+                i if i < slot::DST_V6 => out[0].1 += bytes,
+                i if i < slot::SRC_V4 => out[1].1 += bytes,
                 i if i < slot::DST_V4 => out[0].0 += bytes,
                 _ => out[1].0 += bytes,
             }
@@ -687,11 +696,4 @@ impl Maps {
     }
 }
 
-fn trie_v6(prefixes: &[(u32, Ipv6Data, u32)]) -> Result<TrieV6> {
-    let mut trie = TrieV6::create(MAX_PREFIXES, xdpfw_common::LPM_FLAGS)?;
-    for (len, addr, bitmap) in prefixes {
-        trie.insert(&Key::new(*len, *addr), &PrefixValue { bitmap: *bitmap }, 0)?;
-    }
-    Ok(trie)
-}
 

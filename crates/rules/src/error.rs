@@ -13,8 +13,8 @@ pub struct SpecError(pub String);
 /// is unusable (exit code 3), and nothing was changed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CompileError {
-    #[error("{file}: the IPv4 prefixes need more than {max} table chunks")]
-    TooManyChunks { file: PathBuf, max: u32 },
+    #[error("{file}: the {which} prefixes need more than {max} table lines")]
+    TooManyLines { file: PathBuf, which: &'static str, max: u32 },
     #[error("{file}: the ruleset needs {needed} distinct rule combinations; the limit is {max}")]
     TooManyBitmaps { file: PathBuf, needed: usize, max: u32 },
     #[error("{file}: {count} {which} prefixes after merging; the limit is {max}")]

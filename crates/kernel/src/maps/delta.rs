@@ -139,7 +139,7 @@ impl LiveTable {
 impl<T: Copy> MmapArray<T> {
     /// Copies entries `from..from + n` over `to..to + n` (the ranges must not overlap): one
     /// buffer's part of an array into another's.
-    fn copy_range(&mut self, from: usize, to: usize, n: usize) {
+    pub(super) fn copy_range(&mut self, from: usize, to: usize, n: usize) {
         assert!(from + n <= self.len && to + n <= self.len && (from + n <= to || to + n <= from));
         // SAFETY: both ranges are in bounds and disjoint; `to` is the inactive buffer's, which
         // no packet reads, and `&mut self` plus the reload lock make this the only writer.
@@ -242,11 +242,14 @@ impl Maps {
         // not taken, and the delta path writes only tables rules name).
         let blocks = dir::BUFFER_BLOCKS as usize;
         let fields = self.header(live).fields;
+        let tops = xdpfw_common::dir6::TOP_BLOCKS as usize;
         if fields & xdpfw_common::field::SRC != 0 {
             copy(&mut self.src_v4_fixed, l, b, blocks, blocks);
+            copy(&mut self.src_v6_top, l, b, tops, tops);
         }
         if fields & xdpfw_common::field::DST != 0 {
             copy(&mut self.dst_v4_fixed, l, b, blocks, blocks);
+            copy(&mut self.dst_v6_top, l, b, tops, tops);
         }
         self.follow_live_slots(buffer)
     }
