@@ -94,7 +94,7 @@ fn set_changes_keep_counters_and_survive_reloads_rollbacks_and_restarts() {
     loader_ok(&ns, &["attach", &iface, "--rules", rules.to_str().unwrap()]);
     assert_eq!(udp_delivered(&t, to, N), 0, "an attach of the rules file keeps the change");
 
-    // An IPv6 prefix takes the reload path (the IPv6 tables are LPM tries), and says so.
+    // An IPv6 prefix takes the reload path (the IPv6 tables are compiled whole), and says so.
     let r = json(&ns, &["set", "add", &iface, "blocked", "2001:db8:7::/48", "--json"]);
     assert_eq!(r["path"], "reload", "{r}");
     assert!(r["why_reload"].as_str().unwrap().contains("IPv6"), "{r}");

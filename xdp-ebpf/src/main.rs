@@ -1177,50 +1177,57 @@ fn run_value(head: &DirLine, n: u32, b: u32, line: impl Fn(u32) -> Option<&'stat
     Some(line.words[(r % dir::LINE_VALUES) as usize])
 }
 
-/// Line `i` of the buffer's IPv6 lines (of the source's table, or the destination's), in the
-/// one inner map (of whichever size) the buffer has. The maps are named here, not passed in: a
-/// copy of this function the compiler keeps out of line must still name each map directly.
-#[inline(always)]
-fn v6_line<const SRC: bool>(buffer: u32, i: u32) -> Option<&'static DirLine> {
-    let (l0, l1, l2, l3, l4, l5) = if SRC {
-        (&SRC_V6_LINES_4K, &SRC_V6_LINES_64K, &SRC_V6_LINES_512K, &SRC_V6_LINES_2M, &SRC_V6_LINES_4M, &SRC_V6_LINES_16M)
-    } else {
-        (&DST_V6_LINES_4K, &DST_V6_LINES_64K, &DST_V6_LINES_512K, &DST_V6_LINES_2M, &DST_V6_LINES_4M, &DST_V6_LINES_16M)
-    };
-    if let Some(m) = l0.get(buffer) {
-        m.get(i)
-    } else if let Some(m) = l1.get(buffer) {
-        m.get(i)
-    } else if let Some(m) = l2.get(buffer) {
-        m.get(i)
-    } else if let Some(m) = l3.get(buffer) {
-        m.get(i)
-    } else if let Some(m) = l4.get(buffer) {
-        m.get(i)
-    } else {
-        l5.get(buffer)?.get(i)
-    }
-}
-
-/// The entry of IPv6 address `a` (network order, in the packet) in the IPv6 table of `buffer`:
-/// the top level, then at most `dir6::MAX_STEPS` nodes, each a run node (one byte of the
-/// address) or a path node (a masked compare of the whole address).
+/// The entry of IPv6 address `a` (network order, in the packet) in the IPv6 table (the
+/// source's, or the destination's) of `buffer`: the top level, then the walk through the one
+/// line map (of whichever size) the buffer has. The size is found once, before the walk, so
+/// each step reads one map the verifier knows: a step that looked for its map among the six
+/// sizes made the verifier follow six times as many paths through every step. The maps are
+/// named here, not passed in: a copy the compiler keeps out of line must still name each map.
 #[inline(always)]
 fn v6_lookup<const SRC: bool>(buffer: u32, a: &[u8; 16]) -> Option<u32> {
     let hi = u64::from_be_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]);
     let lo = u64::from_be_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]);
     let top = (hi >> 48) as u32;
     let table_top = if SRC { &SRC_V6_TOP } else { &DST_V6_TOP };
-    let mut e = table_top.get(buffer * dir6::TOP_BLOCKS + ((top >> 8) & 0xff))?.entries[(top & 0xff) as usize];
+    let e = table_top.get(buffer * dir6::TOP_BLOCKS + ((top >> 8) & 0xff))?.entries[(top & 0xff) as usize];
+    if e & dir6::NODE == 0 {
+        return Some(e);
+    }
+    let (l0, l1, l2, l3, l4, l5) = if SRC {
+        (&SRC_V6_LINES_4K, &SRC_V6_LINES_64K, &SRC_V6_LINES_512K, &SRC_V6_LINES_2M, &SRC_V6_LINES_4M, &SRC_V6_LINES_16M)
+    } else {
+        (&DST_V6_LINES_4K, &DST_V6_LINES_64K, &DST_V6_LINES_512K, &DST_V6_LINES_2M, &DST_V6_LINES_4M, &DST_V6_LINES_16M)
+    };
+    if let Some(m) = l0.get(buffer) {
+        v6_walk(m, e, hi, lo)
+    } else if let Some(m) = l1.get(buffer) {
+        v6_walk(m, e, hi, lo)
+    } else if let Some(m) = l2.get(buffer) {
+        v6_walk(m, e, hi, lo)
+    } else if let Some(m) = l3.get(buffer) {
+        v6_walk(m, e, hi, lo)
+    } else if let Some(m) = l4.get(buffer) {
+        v6_walk(m, e, hi, lo)
+    } else {
+        v6_walk(l5.get(buffer)?, e, hi, lo)
+    }
+}
+
+/// The walk of an IPv6 lookup from entry `e` (see [`xdpfw_common::dir6`]): at most
+/// `dir6::MAX_STEPS` nodes, each a run node (one byte of the address, `hi` then `lo`) or a path
+/// node (a masked compare of the whole address). Each step takes what it needs from the entry,
+/// so the verifier's states at the top of a step do not depend on the path that led there.
+#[inline(always)]
+fn v6_walk<const N: usize>(lines: &'static BtfArray<DirLine, N, MMAPABLE>, mut e: u32, hi: u64, lo: u64) -> Option<u32> {
     let mut step = 0;
     while step < dir6::MAX_STEPS && e & dir6::NODE != 0 {
         let n = e & dir6::LINE_MASK;
-        let head = v6_line::<SRC>(buffer, n)?;
+        let head = lines.get(n)?;
         let w = &head.words;
         if e & dir6::PATH == 0 {
             let d = (e >> dir6::DEPTH_SHIFT) & 15;
             let byte = if d < 8 { hi >> ((56 - 8 * d) & 63) } else { lo >> ((120 - 8 * d) & 63) } as u32 & 0xff;
-            e = run_value(head, n, byte, |i| v6_line::<SRC>(buffer, i))?;
+            e = run_value(head, n, byte, |i| lines.get(i))?;
         } else {
             let pattern_hi = (w[dir6::PATH_PATTERN] as u64) << 32 | w[dir6::PATH_PATTERN + 1] as u64;
             let pattern_lo = (w[dir6::PATH_PATTERN + 2] as u64) << 32 | w[dir6::PATH_PATTERN + 3] as u64;

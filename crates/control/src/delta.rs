@@ -30,8 +30,8 @@
 //!    grace period later the retired buffer is cleared and its counters carried, as a reload
 //!    does. The history records action `set` with a snapshot of the live texts and the journal.
 //!
-//! What takes the reload path instead (said in the report): IPv6 prefixes (the IPv6 tables are
-//! LPM tries), `replace`, an IPv6 self-test beside a set with IPv6 prefixes (the indexes hold
+//! What takes the reload path instead (said in the report): IPv6 prefixes (the delta path
+//! recomputes IPv4 regions only; the IPv6 tables are compiled whole), `replace`, an IPv6 self-test beside a set with IPv6 prefixes (the indexes hold
 //! IPv4 prefixes only), a batch touching more than `MAX_REGIONS` /16s, no room in the shared
 //! maps, and a live ruleset installed by an earlier version.
 
@@ -534,7 +534,7 @@ pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &
         return not("a replace names the whole set");
     }
     if prefixes.iter().any(|p| matches!(p, IpNet::V6(_))) {
-        return not("the batch has IPv6 prefixes (the IPv6 tables are LPM tries, compiled whole)");
+        return not("the batch has IPv6 prefixes (the IPv6 tables are compiled whole)");
     }
     if std::env::var_os("XDPFW_SET_RELOAD").is_some() {
         return not("XDPFW_SET_RELOAD is set");

@@ -40,7 +40,7 @@ pub struct RulesetSummary {
     pub rules: Vec<String>,
     pub actions: Vec<String>,
     pub prefixes: usize,
-    /// Prefix entries after merging, in the direct IPv4 tables and the IPv6 tries.
+    /// Prefix entries after merging, in the IPv4 and IPv6 tables.
     #[serde(alias = "trie_entries")]
     pub table_entries: usize,
     /// Rules with owner conditions, which need the escalation service.
@@ -76,7 +76,7 @@ pub struct ReloadTimes {
     pub compile_us: u64,
     pub lock_wait_us: u64,
     pub install_arrays_us: u64,
-    /// Writing the prefix tables (direct IPv4 chunks beyond the fixed ones, IPv6 tries).
+    /// Writing the prefix tables (the IPv4 and IPv6 tables: top levels, chunks, leaves, lines).
     #[serde(alias = "install_tries_us")]
     pub install_tables_us: u64,
     /// Self-tests run in the kernel against the inactive buffer before the flip.

@@ -536,7 +536,7 @@ impl Maps {
         // Its counters start from zero when the buffer is used again.
         self.zero_rule_stats(buffer, retired.rule_count)?;
         // Each slot is given the live buffer's map (or emptied where the live one is empty):
-        // that releases the retired map in one syscall (the kernel frees a retired trie or table
+        // that releases the retired map in one syscall (the kernel frees a retired table
         // asynchronously, so even a 1M-prefix buffer costs no long syscall here), costs no memory
         // (the map is shared, and neither buffer writes a map it holds), and leaves the slots as
         // the next reload that changes no prefix wants them, so that reload changes no slot and

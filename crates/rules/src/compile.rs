@@ -27,7 +27,7 @@ pub struct Image {
     /// IPv4 prefixes, as direct tables (see `xdpfw_common::dir`).
     pub src_v4: Option<DirectTable>,
     pub dst_v4: Option<DirectTable>,
-    /// IPv6 prefixes, as tries (see `xdpfw_common::dir6`).
+    /// IPv6 prefixes, as multibit tries (see `xdpfw_common::dir6`).
     pub src_v6: Option<V6Table>,
     pub dst_v6: Option<V6Table>,
     /// Each rule's rate limit (all zero for rules without one), with full buckets.
@@ -132,7 +132,7 @@ impl V6Table {
 }
 
 impl Image {
-    /// Prefixes the kernel holds after merging (IPv6 trie entries plus IPv4 table prefixes).
+    /// Prefixes the kernel holds after merging (IPv4 and IPv6 table prefixes).
     pub fn prefix_count(&self) -> usize {
         self.addr.prefixes
     }
@@ -396,7 +396,7 @@ pub struct AddrSummary {
     pub fields: u32,
     pub absent_src: u32,
     pub absent_dst: u32,
-    /// Longest-prefix-match entries after merging (IPv4 table prefixes plus IPv6 trie entries).
+    /// Longest-prefix-match entries after merging (IPv4 and IPv6 table prefixes).
     pub prefixes: usize,
 }
 
@@ -641,9 +641,8 @@ pub fn compile_with(rs: &Ruleset, reuse: Option<&Reuse>) -> Result<Image> {
     })
 }
 
-/// The address fields' tables (IPv4 direct tables, IPv6 trie entries) and the summary of what
+/// The address fields' tables (IPv4 direct tables, IPv6 tables) and the summary of what
 /// they need; interns the address bitmaps into `bitmaps`, first.
-#[expect(clippy::type_complexity, reason = "the two fields' tables of both families")]
 fn address_stage(rs: &Ruleset, bitmaps: &mut Bitmaps) -> Result<([Option<DirectTable>; 2], [Option<V6Table>; 2], AddrSummary)> {
     let rules = &rs.rules;
     let mut summary = AddrSummary::default();
@@ -748,7 +747,7 @@ fn field_tables(lists: &[Option<&AddrList>], base: &Bitmap, bitmaps: &mut Bitmap
     }
 }
 
-/// IPv4 table entries `(address in the top bits, length, bitmap id)` and IPv6 trie entries of a
+/// IPv4 and IPv6 table entries `(address in the top bits, length, bitmap id)` of a
 /// field, as the compiler's stages pass them on.
 type FieldEntries = (Vec<(u128, u8, u32)>, Vec<(u128, u8, u32)>);
 
