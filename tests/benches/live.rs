@@ -24,6 +24,10 @@
 //! time and counts what the server end processed (its veth rx counter); the receivers take turns
 //! within each round, rounds give the median. The filters' own counters check the drop ratio.
 //!
+//! `--threaded`: the receivers' NAPI runs in its own kernel thread (threaded NAPI), pinned to
+//! the second CPU, and the generator to the first: a figure is then what the filter gets
+//! through on a CPU of its own, as on a host whose NIC does not share the filter's CPU.
+//!
 //! `--quick`: a 100k-prefix set, 1 s per cell, 3 rounds (default: 1M prefixes, 3 s, 5 rounds).
 //! Results: stdout and target/bench/live.json.
 
@@ -201,11 +205,14 @@ impl Receiver {
     }
 }
 
-fn new_receiver(tag: &str, name: &str, filter: impl FnOnce(&Topology) -> Result<Filter>) -> Result<Receiver> {
+fn new_receiver(tag: &str, name: &str, threaded: bool, filter: impl FnOnce(&Topology) -> Result<Filter>) -> Result<Receiver> {
     let topo = Topology::new(tag).map_err(anyhow::Error::msg)?;
     gro_on(&topo.server_ns, &topo.server_if)?;
     let t = Instant::now();
     let filter = filter(&topo)?;
+    if threaded {
+        napi_threaded(&topo.server_ns, &topo.server_if)?;
+    }
     eprintln!("{name}: ready on {} in {:.1?}", topo.server_if, t.elapsed());
     Ok(Receiver { name: name.to_string(), filter, topo, mpps: [vec![], vec![]], sent_mpps: [vec![], vec![]], lost: [0, 0], drop_ratio: [None, None] })
 }
@@ -253,6 +260,38 @@ fn attach_nft(t: &Topology, dir: &Path, set: &[(Ipv4Addr, u8)]) -> Result<Filter
     sh(&["ip", "netns", "exec", &t.server_ns, "nft", "-f", path.to_str().unwrap_or_default()])?;
     eprintln!("nft -f: {} prefixes in {:.1?}", set.len(), start.elapsed());
     Ok(Filter::Nft)
+}
+
+/// The CPU the generator runs on with `--threaded`; the receivers' NAPI threads get the other.
+const GENERATOR_CPU: usize = 0;
+const RECEIVER_CPU: usize = 1;
+
+/// Pins thread `tid` (0: the calling thread) to `cpu`.
+fn pin(tid: i32, cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET and sched_setaffinity get valid pointers.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        ensure!(libc::sched_setaffinity(tid, size_of::<libc::cpu_set_t>(), &set) == 0, "pinning thread {tid} to CPU {cpu}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Switches `iface`'s NAPI to a kernel thread (`/sys/class/net/IFACE/threaded`, written in the
+/// namespace's own sysfs) and pins every NAPI thread to `RECEIVER_CPU`.
+fn napi_threaded(ns: &str, iface: &str) -> Result<()> {
+    sh(&["ip", "netns", "exec", ns, "sh", "-c", &format!("echo 1 > /sys/class/net/{iface}/threaded")])?;
+    let mut pinned = 0;
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("napi/") {
+            pin(pid, RECEIVER_CPU)?;
+            pinned += 1;
+        }
+    }
+    ensure!(pinned > 0, "no NAPI thread after switching {iface} to threaded NAPI");
+    Ok(())
 }
 
 /// The generator: the `live_gen` program and the frame it rewrites.
@@ -341,6 +380,7 @@ fn covered(index: &std::collections::HashSet<(u32, u8)>, a: Ipv4Addr) -> bool {
 
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
+    let threaded = std::env::args().any(|a| a == "--threaded");
     let n = if quick { 100_000 } else { 1_000_000 };
     let secs = if quick { 1.0 } else { 3.0 };
     let rounds = if quick { 3 } else { 5 };
@@ -369,13 +409,16 @@ fn main() -> Result<()> {
 
     let dir = std::env::temp_dir().join(format!("xdpfw-live-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let result = run(quick, n, secs, rounds, &set, [&inside[..], &anywhere[..]], in_set_b, &dir);
+    if threaded {
+        pin(0, GENERATOR_CPU)?;
+    }
+    let result = run(quick, threaded, n, secs, rounds, &set, [&inside[..], &anywhere[..]], in_set_b, &dir);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
 #[expect(clippy::too_many_arguments, reason = "the bench's parameters, passed once")]
-fn run(quick: bool, n: usize, secs: f64, rounds: usize, set: &[(Ipv4Addr, u8)], mixes: [&[Ipv4Addr]; 2], in_set_b: f64, dir: &Path) -> Result<()> {
+fn run(quick: bool, threaded: bool, n: usize, secs: f64, rounds: usize, set: &[(Ipv4Addr, u8)], mixes: [&[Ipv4Addr]; 2], in_set_b: f64, dir: &Path) -> Result<()> {
     std::fs::write(dir.join("hosts.txt"), host_routes::set_file(set))?;
     let one_rule = dir.join("one.toml");
     std::fs::write(&one_rule, "default = \"pass\"\n[sets.hosts]\nfile = \"hosts.txt\"\n[[rule]]\nname = \"hosts\"\naction = \"drop\"\nsrc = [\"@hosts\"]\n")?;
@@ -386,11 +429,11 @@ fn run(quick: bool, n: usize, secs: f64, rounds: usize, set: &[(Ipv4Addr, u8)], 
     let mut generator = Generator::load()?;
     // Built one by one; any failure drops (detaches, deletes) those built so far.
     let mut receivers = vec![
-        new_receiver("lvc", "ceiling (XDP_DROP)", |t| attach_lpm(t, &[(Ipv4Addr::UNSPECIFIED, 0)]))?,
-        new_receiver("lvx", "xdpfw, 1 rule", |t| attach_xdpfw(t, &one_rule))?,
-        new_receiver("lvk", "xdpfw, 1000 rules + set rule", |t| attach_xdpfw(t, &many_rules))?,
-        new_receiver("lvl", "plain LPM lookup", |t| attach_lpm(t, set))?,
-        new_receiver("lvn", "nftables (netdev ingress)", |t| attach_nft(t, dir, set))?,
+        new_receiver("lvc", "ceiling (XDP_DROP)", threaded, |t| attach_lpm(t, &[(Ipv4Addr::UNSPECIFIED, 0)]))?,
+        new_receiver("lvx", "xdpfw, 1 rule", threaded, |t| attach_xdpfw(t, &one_rule))?,
+        new_receiver("lvk", "xdpfw, 1000 rules + set rule", threaded, |t| attach_xdpfw(t, &many_rules))?,
+        new_receiver("lvl", "plain LPM lookup", threaded, |t| attach_lpm(t, set))?,
+        new_receiver("lvn", "nftables (netdev ingress)", threaded, |t| attach_nft(t, dir, set))?,
     ];
 
     let mix_names = ["a: sources inside the set", "b: sources anywhere"];
@@ -421,15 +464,17 @@ fn run(quick: bool, n: usize, secs: f64, rounds: usize, set: &[(Ipv4Addr, u8)], 
             }
         }
     }
-    report(quick, n, secs, rounds, &receivers, in_set_b, &mix_names)
+    report(quick, threaded, n, secs, rounds, &receivers, in_set_b, &mix_names)
 }
 
-fn report(quick: bool, n: usize, secs: f64, rounds: usize, receivers: &[Receiver], in_set_b: f64, mix_names: &[&str; 2]) -> Result<()> {
+#[expect(clippy::too_many_arguments, reason = "the run's parameters, reported once")]
+fn report(quick: bool, threaded: bool, n: usize, secs: f64, rounds: usize, receivers: &[Receiver], in_set_b: f64, mix_names: &[&str; 2]) -> Result<()> {
     let mut out = String::new();
     let _ = writeln!(
         out,
         "\nLive veth, 64-byte UDP frames from {SOURCES} random sources per mix, {n} host-route-heavy prefixes; Mpps processed by the receiving end\n\
-         (median of {rounds} rounds of {secs} s; the receivers take turns in each round; generator and receiver share one CPU)\n"
+         (median of {rounds} rounds of {secs} s; the receivers take turns in each round; {})\n",
+        if threaded { "threaded NAPI: the receiver on a CPU of its own, the generator on the other" } else { "generator and receiver share one CPU" }
     );
     let _ = writeln!(out, "{:<32} {:>10} {:>8} {:>10} {:>8} {:>12}   per round (a | b)", "filter", "a: Mpps", "a: drop", "b: Mpps", "b: drop", "a: ns > ceil");
     let med = |r: &Receiver, m: usize| median(r.mpps[m].clone());
@@ -470,6 +515,7 @@ fn report(quick: bool, n: usize, secs: f64, rounds: usize, receivers: &[Receiver
     print!("{out}");
     let json = serde_json::json!({
         "quick": quick,
+        "threaded": threaded,
         "prefixes": n,
         "sources_per_mix": SOURCES,
         "seconds_per_cell": secs,
