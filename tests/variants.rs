@@ -140,3 +140,38 @@ fn each_copy_verifies_well_inside_the_limit() {
         assert!(n < 400_000, "the {name} copy took the verifier {n} instructions: 40% of its 1M limit");
     }
 }
+
+/// No lookup of the fast path is a helper call, in either copy as the kernel runs it (`bpftool
+/// prog dump xlated`, after the verifier's rewrites): every table read is an array lookup the
+/// verifier inlines, and the IPv6 walk's `bpf_loop` became a loop calling its step. The helper
+/// calls left are the slow paths' (flows and per-source limits in hash maps, the clock, the
+/// rings, sampling). A lookup whose map differs between paths (the compiler merges such calls)
+/// or a `bpf_loop` whose callback does would show here as `call bpf_map_lookup_elem` or
+/// `call bpf_loop`.
+#[test]
+fn the_fast_path_calls_no_lookup_helper() {
+    if !harness::root_or_skip() {
+        return;
+    }
+    let t = attached("xl", "udp-7000-closed.toml");
+    assert_eq!(serving(&t), "plain");
+    let mut seen = Vec::new();
+    for pin in ["prog-plain", "prog-full"] {
+        let path = t.pin_dir().join(pin);
+        if !path.exists() {
+            // The full copy is pinned from the first ruleset that needs it.
+            reload(&t, "vlan-7001.toml");
+        }
+        let out = Command::new("bpftool").args(["prog", "dump", "xlated", "pinned"]).arg(&path).output().unwrap();
+        assert!(out.status.success(), "bpftool prog dump xlated {pin}: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let calls: Vec<&str> = text.lines().filter(|l| l.contains("(85) call ")).collect();
+        assert!(calls.iter().any(|l| l.contains("v6_step")), "{pin}: the IPv6 walk's step is called as a subprogram");
+        for forbidden in ["bpf_loop", "bpf_map_lookup_elem", "trie_lookup_elem", "array_of_map"] {
+            let bad: Vec<&&str> = calls.iter().filter(|l| l.contains(forbidden)).collect();
+            assert!(bad.is_empty(), "{pin}: {} helper calls of {forbidden}: {bad:?}", bad.len());
+        }
+        seen.push((pin, calls.len()));
+    }
+    eprintln!("calls in the xlated programs (subprograms and slow-path helpers): {seen:?}");
+}

@@ -1201,11 +1201,29 @@ fn v6_lookup<const SRC: bool>(buffer: u32, a: &[u8; 16]) -> Option<u32> {
     } else {
         v6_class(&DST_V6_LINES_4K, &DST_V6_LINES_64K, &DST_V6_LINES_512K, &DST_V6_LINES_2M, &DST_V6_LINES_4M, buffer)
     };
-    let mut walk = V6Walk { e, class, buffer, _pad: 0, hi, lo };
-    let step = if SRC { v6_step::<true> as *mut core::ffi::c_void } else { v6_step::<false> as *mut core::ffi::c_void };
-    // SAFETY: the callback and its context (on this stack frame) live through the call.
-    unsafe { aya_ebpf::helpers::generated::bpf_loop(dir6::MAX_STEPS, step, &mut walk as *mut V6Walk as *mut core::ffi::c_void, 0) };
+    let mut walk = V6Walk { e, buffer, hi, lo };
+    match class {
+        0 => v6_walk::<SRC, 0>(&mut walk),
+        1 => v6_walk::<SRC, 1>(&mut walk),
+        2 => v6_walk::<SRC, 2>(&mut walk),
+        3 => v6_walk::<SRC, 3>(&mut walk),
+        4 => v6_walk::<SRC, 4>(&mut walk),
+        _ => v6_walk::<SRC, 5>(&mut walk),
+    }
     if walk.e & dir6::NODE != 0 { None } else { Some(walk.e) }
+}
+
+/// The walk through line map `CLASS`: a `bpf_loop` of at most `dir6::MAX_STEPS` calls of its
+/// own step. A function of its own per map, and a step per map: the verifier inlines a
+/// `bpf_loop` only where its callback is always the same, and a map lookup only where its map
+/// is, and the compiler merges calls that differ only in such an argument (into one
+/// `bpf_loop`, or one lookup of six maps: both then real helper calls), but never calls of
+/// different functions.
+#[inline(never)]
+fn v6_walk<const SRC: bool, const CLASS: u32>(walk: &mut V6Walk) {
+    let step = v6_step::<SRC, CLASS> as *mut core::ffi::c_void;
+    // SAFETY: the callback and its context (the caller's walk) live through the call.
+    unsafe { aya_ebpf::helpers::generated::bpf_loop(dir6::MAX_STEPS, step, walk as *mut V6Walk as *mut core::ffi::c_void, 0) };
 }
 
 /// The size class of the line map `buffer` has (the last when none of the smaller ones).
@@ -1230,17 +1248,14 @@ fn v6_class(l0: &Leaves<V0>, l1: &Leaves<V1>, l2: &Leaves<V2>, l3: &Leaves<V3>, 
 #[repr(C)]
 struct V6Walk {
     e: u32,
-    /// The index of the line map's size in `dir6::LINE_SIZES`.
-    class: u32,
     buffer: u32,
-    _pad: u32,
     hi: u64,
     lo: u64,
 }
 
 /// Line `i` of the buffer's IPv6 line map of size class `class` (of the source's table, or
-/// the destination's). The maps are named here, not passed in: the function is a separate
-/// subprogram and must name each map directly.
+/// the destination's; both constants in each step). The maps are named here, not passed in:
+/// the step is a separate subprogram and must name its map directly.
 #[inline(always)]
 fn v6_line<const SRC: bool>(class: u32, buffer: u32, i: u32) -> Option<&'static DirLine> {
     match (SRC, class) {
@@ -1264,21 +1279,21 @@ fn v6_line<const SRC: bool>(class: u32, buffer: u32, i: u32) -> Option<&'static 
 /// whole address). Returns 1 (stop) once `e` is a value, or a line is missing (`e` keeps its
 /// node flag: no answer), else 0.
 #[inline(never)]
-extern "C" fn v6_step<const SRC: bool>(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+extern "C" fn v6_step<const SRC: bool, const CLASS: u32>(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: `v6_lookup`'s context, on its stack frame, for the duration of the loop.
     let walk = unsafe { &mut *(ctx as *mut V6Walk) };
     let e = walk.e;
     if e & dir6::NODE == 0 {
         return 1;
     }
-    let (class, buffer, hi, lo) = (walk.class, walk.buffer, walk.hi, walk.lo);
+    let (buffer, hi, lo) = (walk.buffer, walk.hi, walk.lo);
     let n = e & dir6::LINE_MASK;
-    let Some(head) = v6_line::<SRC>(class, buffer, n) else { return 1 };
+    let Some(head) = v6_line::<SRC>(CLASS, buffer, n) else { return 1 };
     let w = &head.words;
     if e & dir6::PATH == 0 {
         let d = (e >> dir6::DEPTH_SHIFT) & 15;
         let byte = if d < 8 { hi >> ((56 - 8 * d) & 63) } else { lo >> ((120 - 8 * d) & 63) } as u32 & 0xff;
-        match run_value(head, n, byte, |i| v6_line::<SRC>(class, buffer, i)) {
+        match run_value(head, n, byte, |i| v6_line::<SRC>(CLASS, buffer, i)) {
             Some(next) => walk.e = next,
             None => return 1,
         }
