@@ -643,6 +643,7 @@ pub fn compile_with(rs: &Ruleset, reuse: Option<&Reuse>) -> Result<Image> {
 
 /// The address fields' tables (IPv4 direct tables, IPv6 tables) and the summary of what
 /// they need; interns the address bitmaps into `bitmaps`, first.
+#[expect(clippy::type_complexity, reason = "the two fields' tables of both families")]
 fn address_stage(rs: &Ruleset, bitmaps: &mut Bitmaps) -> Result<([Option<DirectTable>; 2], [Option<V6Table>; 2], AddrSummary)> {
     let rules = &rs.rules;
     let mut summary = AddrSummary::default();
@@ -1131,7 +1132,7 @@ mod tests {
             let t = v6_table(&table, 1).unwrap();
             for _ in 0..4000 {
                 let (a, len, _) = table[rng.below(table.len() as u64) as usize];
-                let inside = a | (rng.u128() >> len.max(1).min(127));
+                let inside = a | (rng.u128() >> len.clamp(1, 127));
                 let addr = match rng.below(4) {
                     0 => rng.u128(),
                     1 => inside ^ (1u128 << rng.below(128)),
