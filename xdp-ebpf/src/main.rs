@@ -100,7 +100,6 @@ static DST_V6_LINES_4M: Leaves<V4> = ArrayOfMaps::new();
 #[btf_map]
 static DST_V6_LINES_16M: Leaves<V5> = ArrayOfMaps::new();
 
-
 // The direct IPv4 tables (see xdpfw_common::dir). The top levels and first chunks are fixed
 // arrays holding both buffers; further chunks are inner maps, one slot per buffer, swapped like
 // the tries, in the array-of-maps of their size. Every inner map of one array-of-maps has the
