@@ -250,6 +250,17 @@ fn inner_array<T: Copy + aya::Pod>(items: &[T], size: u32) -> Result<Array<MapDa
     Ok(Array::try_from(Map::from_map_data(data)?)?)
 }
 
+/// Puts `items` into `buffer`'s slot of the array-of-maps (one per size of `sizes`) whose
+/// inner maps are the smallest that hold them, as a new map; returns that size's index.
+fn in_smallest<T: Copy + aya::Pod>(maps: &mut [ArrayOfMaps<MapData, Array<MapData, T>>], sizes: &[u32], buffer: u32, items: &[T], what: &str) -> Result<usize> {
+    let size = u32::try_from(items.len())
+        .ok()
+        .and_then(|n| dir::size_class(n, sizes))
+        .ok_or_else(|| KernelError::msg(format!("{} {what}: more than the compiler allows", items.len())))?;
+    maps[size].set(buffer, &inner_array(items, sizes[size])?, 0)?;
+    Ok(size)
+}
+
 /// Time spent in each part of writing a buffer.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct InstallTimes {
@@ -396,10 +407,7 @@ impl Maps {
             let Some(t) = table else { continue };
             top.range_mut(b * top_blocks, top_blocks).copy_from_slice(t.blocks());
             if !t.lines.is_empty() {
-                let size = dir::size_class(t.lines.len() as u32, &dir6::LINE_SIZES)
-                    .ok_or_else(|| KernelError::msg(format!("{} IPv6 lines: more than the compiler allows", t.lines.len())))?;
-                lines[size].set(buffer, &inner_array(&t.lines, dir6::LINE_SIZES[size])?, 0)?;
-                filled[first_slot + size] = true;
+                filled[first_slot + in_smallest(lines, &dir6::LINE_SIZES, buffer, &t.lines, "IPv6 lines")?] = true;
             }
         }
         let per_buffer = dir::BUFFER_BLOCKS as usize;
@@ -414,18 +422,10 @@ impl Maps {
             let (head, rest) = blocks.split_at(blocks.len().min(per_buffer));
             fixed.range_mut(b * per_buffer, head.len()).copy_from_slice(head);
             if !rest.is_empty() {
-                let size = dir::MORE_SIZES
-                    .iter()
-                    .position(|&s| rest.len() <= s as usize)
-                    .ok_or_else(|| KernelError::msg(format!("{} chunks beyond the fixed ones: more than the compiler allows", rest.len())))?;
-                more[size].set(buffer, &inner_array(rest, dir::MORE_SIZES[size])?, 0)?;
-                filled[first_slot + size] = true;
+                filled[first_slot + in_smallest(more, &dir::MORE_SIZES, buffer, rest, "chunks beyond the fixed ones")?] = true;
             }
             if !t.lines.is_empty() {
-                let size = dir::size_class(t.lines.len() as u32, &dir::LEAF_SIZES)
-                    .ok_or_else(|| KernelError::msg(format!("{} leaf lines: more than the compiler allows", t.lines.len())))?;
-                leaves[size].set(buffer, &inner_array(&t.lines, dir::LEAF_SIZES[size])?, 0)?;
-                filled[first_slot + dir::MORE_SIZES.len() + size] = true;
+                filled[first_slot + dir::MORE_SIZES.len() + in_smallest(leaves, &dir::LEAF_SIZES, buffer, &t.lines, "leaf lines")?] = true;
             }
         }
         let mut slot_changes = filled.iter().filter(|f| **f).count() as u32;

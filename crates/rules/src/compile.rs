@@ -55,10 +55,7 @@ pub struct DirectTable {
 impl DirectTable {
     /// The entries as blocks of 256: the top level's `dir::TOP_BLOCKS`, then one per chunk.
     pub fn blocks(&self) -> &[DirBlock] {
-        let (blocks, rest) = self.entries.as_chunks::<{ dir::CHUNK_ENTRIES as usize }>();
-        debug_assert!(rest.is_empty());
-        // SAFETY: DirBlock is repr(C) around exactly such an array.
-        unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast::<DirBlock>(), blocks.len()) }
+        as_blocks(&self.entries)
     }
 
     /// Bytes the kernel holds for this table in one buffer (fixed part and inner maps).
@@ -80,6 +77,14 @@ impl DirectTable {
     }
 }
 
+/// `entries` (a whole number of blocks) as blocks of 256, the kernel's fixed arrays' elements.
+fn as_blocks(entries: &[u32]) -> &[DirBlock] {
+    let (blocks, rest) = entries.as_chunks::<{ dir::CHUNK_ENTRIES as usize }>();
+    debug_assert!(rest.is_empty());
+    // SAFETY: DirBlock is repr(C) around exactly such an array.
+    unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast::<DirBlock>(), blocks.len()) }
+}
+
 /// An IPv6 table (see `xdpfw_common::dir6`): the top level's u32 entries, the node lines, and
 /// how many longest-prefix-match entries it was built from.
 #[derive(Debug, PartialEq, Eq)]
@@ -95,10 +100,7 @@ pub struct V6Table {
 impl V6Table {
     /// The top level as blocks of 256 (`dir6::TOP_BLOCKS`).
     pub fn blocks(&self) -> &[DirBlock] {
-        let (blocks, rest) = self.top.as_chunks::<{ dir::CHUNK_ENTRIES as usize }>();
-        debug_assert!(rest.is_empty());
-        // SAFETY: DirBlock is repr(C) around exactly such an array.
-        unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast::<DirBlock>(), blocks.len()) }
+        as_blocks(&self.top)
     }
 
     /// Bytes the kernel holds for this table in one buffer (top level and line map).
