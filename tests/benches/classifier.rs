@@ -22,12 +22,12 @@ use std::{
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf,
-    maps::{LpmTrie, lpm_trie::Key},
-    programs::Xdp,
+    maps::{Array, LpmTrie, ProgramArray, lpm_trie::Key},
+    programs::{ProgramFd, Xdp},
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use xdpfw_kernel::{
-    peers::{FLOOR, PLAIN_LPM},
+    peers::{FLOOR, PLAIN_LPM, STREAM_FEED},
     testrun::{PrivateProgram, run_frame},
 };
 use xdpfw_rules::{self as rules, compile::compile, packet::PacketSpec};
@@ -152,6 +152,66 @@ fn measure(fw: &mut PrivateProgram, peers: &mut Peers, frames: &[Vec<u8>], repea
     })
 }
 
+/// The stream harness (`STREAM_FEED`): one BPF_PROG_TEST_RUN call runs a frame `STREAM_RUNS`
+/// times, with the next of 65,536 random sources each time, through the program under test.
+struct Stream {
+    feed: Ebpf,
+}
+
+/// Runs per stream call: every source of the feed's table twice.
+const STREAM_RUNS: u32 = 2 << 16;
+/// Stream calls per program and row (taking turns), and the median taken.
+const STREAM_ROUNDS: usize = 7;
+
+impl Stream {
+    fn load(v4: &[Ipv4Addr], v6: &[std::net::Ipv6Addr]) -> Result<Self> {
+        let mut feed = load(STREAM_FEED, "stream_feed")?;
+        let mut a: Array<_, u32> = Array::try_from(feed.map_mut("STREAM_V4").context("STREAM_V4")?)?;
+        for (i, s) in v4.iter().enumerate() {
+            a.set(i as u32, &u32::from_ne_bytes(s.octets()), 0)?;
+        }
+        let mut a: Array<_, [u32; 4]> = Array::try_from(feed.map_mut("STREAM_V6").context("STREAM_V6")?)?;
+        for (i, s) in v6.iter().enumerate() {
+            let o = s.octets();
+            let w = |k: usize| u32::from_ne_bytes([o[k], o[k + 1], o[k + 2], o[k + 3]]);
+            a.set(i as u32, &[w(0), w(4), w(8), w(12)], 0)?;
+        }
+        Ok(Self { feed })
+    }
+
+    /// Mean ns per run of `target` over the stream (the feed's own cost included).
+    fn run(&mut self, target: &ProgramFd, frame: &[u8]) -> Result<f64> {
+        let mut slots = ProgramArray::try_from(self.feed.map_mut("STREAM_TARGET").context("STREAM_TARGET")?)?;
+        slots.set(0, target, 0)?;
+        let prog: &mut Xdp = self.feed.program_mut("stream_feed").ok_or_else(|| anyhow!("no stream_feed"))?.try_into()?;
+        let (action, d) = run_frame(prog, frame, STREAM_RUNS)?;
+        // XDP_ABORTED: the tail call did not happen (or the frame was too short).
+        anyhow::ensure!(action != 0, "the stream harness did not reach the program under test");
+        Ok(d.as_nanos() as f64)
+    }
+}
+
+/// The firewall, the floor and (`with_plain`) the plain LPM program over one stream each round,
+/// taking turns; medians over rounds.
+fn measure_stream(fw: &mut PrivateProgram, peers: &mut Peers, stream: &mut Stream, frame: &[u8], with_plain: bool) -> Result<Measure> {
+    let (mut fl, mut ns, mut pl) = (vec![], vec![], vec![]);
+    for _ in 0..STREAM_ROUNDS {
+        fl.push(stream.run(peer_fd(&peers.floor, "floor")?, frame)?);
+        ns.push(stream.run(fw.program()?.fd()?, frame)?);
+        if with_plain {
+            pl.push(stream.run(peer_fd(&peers.plain, "plain_lpm")?, frame)?);
+        }
+    }
+    let (ns, floor_ns) = (median(ns), median(fl));
+    let plain_ns = with_plain.then(|| median(pl));
+    Ok(Measure { ns, floor_ns, x_floor: ns / floor_ns, plain_ns, x_plain: plain_ns.map(|p| ns / p) })
+}
+
+fn peer_fd<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a ProgramFd> {
+    let prog: &Xdp = ebpf.program(name).ok_or_else(|| anyhow!("no {name}"))?.try_into()?;
+    Ok(prog.fd()?)
+}
+
 fn load(object: &[u8], name: &str) -> Result<Ebpf> {
     let mut ebpf = Ebpf::load(object)?;
     let prog: &mut Xdp = ebpf.program_mut(name).ok_or_else(|| anyhow!("no {name}"))?.try_into()?;
@@ -272,6 +332,13 @@ fn main() -> Result<()> {
     let state_only = std::env::args().any(|a| a == "--state");
     let mut fw = if state_only { PrivateProgram::load()? } else { PrivateProgram::load_variant(xdpfw_common::variant::PLAIN)? };
     let mut rows = Vec::new();
+    if std::env::args().any(|a| a == "--stream") {
+        // Only the random-source rows, as streams (no per-frame calls).
+        random_source_row(&mut fw, &mut peers, &mut rng, &dir, false, &mut rows)?;
+        print_rows(&rows, repeat)?;
+        std::fs::remove_dir_all(&dir)?;
+        return Ok(());
+    }
     if state_only {
         // Only the connection-state and limit rows (quick: no large sets).
         state_rows(&mut fw, &mut peers, &mut rng, &dir, repeat, &mut rows)?;
@@ -339,7 +406,7 @@ fn main() -> Result<()> {
         state_rows(&mut PrivateProgram::load()?, &mut peers, &mut rng, &dir, repeat, &mut rows)?;
     }
     if !trace_only {
-        random_source_row(&mut fw, &mut peers, &mut rng, &dir, &mut rows)?;
+        random_source_row(&mut fw, &mut peers, &mut rng, &dir, true, &mut rows)?;
     }
     print_rows(&rows, repeat)?;
     std::fs::remove_dir_all(&dir)?;
@@ -350,7 +417,7 @@ fn main() -> Result<()> {
 /// structured rules, with `RANDOM_FRAMES` frames whose sources are random over the whole space,
 /// each run once per round: the classifier beside the floor and the plain LPM program over the
 /// same 1M prefixes.
-fn random_source_row(fw: &mut PrivateProgram, peers: &mut Peers, rng: &mut StdRng, dir: &std::path::Path, rows: &mut Vec<Row>) -> Result<()> {
+fn random_source_row(fw: &mut PrivateProgram, peers: &mut Peers, rng: &mut StdRng, dir: &std::path::Path, per_frame: bool, rows: &mut Vec<Row>) -> Result<()> {
     let set = host_routes::host_route_heavy(11, HOST_ROUTES);
     let t = Instant::now();
     let mut trie: LpmTrie<_, [u8; 4], u32> = LpmTrie::try_from(peers.plain.map_mut("PLAIN_V4").context("PLAIN_V4")?)?;
@@ -387,20 +454,31 @@ fn random_source_row(fw: &mut PrivateProgram, peers: &mut Peers, rng: &mut StdRn
     // plain LPM program holds IPv4 prefixes only: no peer for the IPv6 rows.
     // The sets' rules alone first (cold only), then with the 1,000 rules: what the prefix lookup
     // costs and what the rules' fields add.
+    // The stream rows: one test run per program walks 65,536 sources (random over the whole
+    // IPv4 space, and over 2000::/3), a new one each run, to a destination no structured rule
+    // names (192.0.2.1): every packet is classified past all the rules.
+    let v4: Vec<Ipv4Addr> = (0..1 << 16).map(|_| Ipv4Addr::from(rng.random::<u32>())).collect();
+    let v6: Vec<std::net::Ipv6Addr> = (0..1 << 16).map(|_| std::net::Ipv6Addr::from((rng.random::<u128>() >> 3) | (1u128 << 125))).collect();
+    let mut stream = Stream::load(&v4, &v6)?;
+    let stream4 = syn_frame(rng, Ipv4Addr::UNSPECIFIED.into(), Ipv4Addr::new(192, 0, 2, 1).into());
+    let stream6 = syn_frame(rng, std::net::Ipv6Addr::UNSPECIFIED.into(), "2001:db8::1".parse().unwrap());
+    // The program's fixed cost on the same stream: no set, no rule.
+    let (compile_ms, install_ms) = install_text(fw, dir, "default = \"pass\"\n")?;
+    for (frame, family) in [(&stream4, ""), (&stream6, " IPv6")] {
+        let m = measure_stream(fw, peers, &mut stream, frame, false)?;
+        rows.push(Row { name: format!("no set, no rule{family}, stream"), prefixes: 0, rules: 0, m, compile_ms: Some(compile_ms), install_ms: Some(install_ms) });
+    }
     for (rules, extra, repeats) in [(2, "", &[(1, "random src")][..]), (1002, extra.as_str(), &[(1, "random src"), (16, "random src x16")][..])] {
         let (compile_ms, install_ms) = install_text(fw, dir, &format!("{sets}{extra}"))?;
-        for (frames, family, with_plain) in [(&frames, "", true), (&frames6, " IPv6", false)] {
-            for &(repeat, label) in repeats {
-                let m = measure(fw, peers, frames, repeat, with_plain)?;
-                rows.push(Row {
-                    name: format!("{HOST_ROUTES} host-route-heavy{family} + {} rules, {label}", rules - 2),
-                    prefixes: HOST_ROUTES,
-                    rules,
-                    m,
-                    compile_ms: Some(compile_ms),
-                    install_ms: Some(install_ms),
-                });
+        for (frames, stream_frame, family, with_plain) in [(&frames, &stream4, "", true), (&frames6, &stream6, " IPv6", false)] {
+            let name = |label: &str| format!("{HOST_ROUTES} host-route-heavy{family} + {} rules, {label}", rules - 2);
+            let mut row = |m, label: &str| rows.push(Row { name: name(label), prefixes: HOST_ROUTES, rules, m, compile_ms: Some(compile_ms), install_ms: Some(install_ms) });
+            if per_frame {
+                for &(repeat, label) in repeats {
+                    row(measure(fw, peers, frames, repeat, with_plain)?, label);
+                }
             }
+            row(measure_stream(fw, peers, &mut stream, stream_frame, with_plain)?, "stream");
         }
     }
     Ok(())

@@ -19,7 +19,7 @@ pub use pins::{AttachMode, EGRESS_LINK_PIN, EGRESS_PIN, FULL_PIN, NEXT_PROG_PIN,
 
 /// The peers the benchmarks run beside the firewall, built with it: an XDP program that only
 /// returns (the floor), one that makes a single LPM lookup (the plain program), and the live
-/// bench's traffic generator.
+/// bench's traffic generator, and the classifier bench's stream harness.
 pub mod peers {
     /// The empty XDP program.
     pub static FLOOR: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/floor"));
@@ -28,4 +28,7 @@ pub mod peers {
     /// The live veth bench's traffic generator: a random source from `LIVE_SOURCES` per frame,
     /// then XDP_TX (run with BPF_F_TEST_XDP_LIVE_FRAMES).
     pub static LIVE_GEN: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/live_gen"));
+    /// The classifier bench's stream harness: a new source per run from `STREAM_V4` or
+    /// `STREAM_V6`, then a tail call to the program in `STREAM_TARGET`.
+    pub static STREAM_FEED: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/stream_feed"));
 }

@@ -116,6 +116,11 @@ impl PrivateProgram {
         Ok(if self.run(frame)? == action::DROP { Action::Drop } else { Action::Pass })
     }
 
+    /// The loaded program, for a harness that tail-calls it (the classifier bench's stream rows).
+    pub fn program(&self) -> Result<&Xdp> {
+        Ok(self.ebpf.program(PROGRAM_NAME).ok_or_else(|| KernelError::msg("program missing"))?.try_into()?)
+    }
+
     /// Runs `frame` `repeat` times in the kernel; returns the action and the mean time per run.
     pub fn run_repeat(&mut self, frame: &[u8], repeat: u32) -> Result<(u32, Duration)> {
         let prog: &mut Xdp = self
