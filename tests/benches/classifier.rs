@@ -207,6 +207,32 @@ fn measure_stream(fw: &mut PrivateProgram, peers: &mut Peers, stream: &mut Strea
     Ok(Measure { ns, floor_ns, x_floor: ns / floor_ns, plain_ns, x_plain: plain_ns.map(|p| ns / p) })
 }
 
+/// What one dependent read of a random cache line costs over `bytes` of memory in 4 KiB pages
+/// (as the kernel's BPF arrays are): a pointer chase in userspace through every line of the
+/// region in a random cycle; the mean ns per step. A lookup that must read a line of a table
+/// larger than the caches pays about this per packet, whatever the table's layout.
+fn memory_latency_ns(rng: &mut StdRng, bytes: usize) -> f64 {
+    let lines = bytes / 64;
+    // One u64 per 64-byte line: the index of the next line in the cycle.
+    let mut next = vec![0u64; lines * 8];
+    let mut order: Vec<usize> = (0..lines).collect();
+    for i in (1..lines).rev() {
+        order.swap(i, rng.random_range(0..=i));
+    }
+    for w in 0..lines {
+        next[order[w] * 8] = (order[(w + 1) % lines] * 8) as u64;
+    }
+    let steps = 4 * lines.min(1 << 22);
+    let mut at = order[0] * 8;
+    let t = Instant::now();
+    for _ in 0..steps {
+        at = next[at] as usize;
+    }
+    let ns = t.elapsed().as_nanos() as f64 / steps as f64;
+    std::hint::black_box(at);
+    ns
+}
+
 fn peer_fd<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a ProgramFd> {
     let prog: &Xdp = ebpf.program(name).ok_or_else(|| anyhow!("no {name}"))?.try_into()?;
     Ok(prog.fd()?)
@@ -462,6 +488,9 @@ fn random_source_row(fw: &mut PrivateProgram, peers: &mut Peers, rng: &mut StdRn
     let mut stream = Stream::load(&v4, &v6)?;
     let stream4 = syn_frame(rng, Ipv4Addr::UNSPECIFIED.into(), Ipv4Addr::new(192, 0, 2, 1).into());
     let stream6 = syn_frame(rng, std::net::Ipv6Addr::UNSPECIFIED.into(), "2001:db8::1".parse().unwrap());
+    for mib in [1usize, 4, 16, 96] {
+        eprintln!("memory: one dependent read of a random line over {mib} MiB (4 KiB pages, userspace pointer chase): {:.1} ns", memory_latency_ns(rng, mib << 20));
+    }
     // The program's fixed cost on the same stream: no set, no rule.
     let (compile_ms, install_ms) = install_text(fw, dir, "default = \"pass\"\n")?;
     for (frame, family) in [(&stream4, ""), (&stream6, " IPv6")] {
