@@ -243,6 +243,11 @@ fn direct_table(entries: &[(u128, u8, u32)], miss_id: u32) -> Result<DirectTable
 /// Prefixes up to /16 are written into the top level, shortest first; the longer ones, grouped
 /// by their first 16 bits, become a subtree under the entry they refine (see [`V6Builder`]).
 fn v6_table(entries: &[(u128, u8, u32)], miss_id: u32) -> Result<V6Table> {
+    v6_table_from(entries, miss_id, 0)
+}
+
+/// [`v6_table`] with its lines numbered from `base`.
+fn v6_table_from(entries: &[(u128, u8, u32)], miss_id: u32, base: u32) -> Result<V6Table> {
     let mut sorted = entries.to_vec();
     sorted.sort_unstable_by_key(|&(a, l, _)| (a, l));
     let mut top = vec![miss_id; dir::TOP_ENTRIES as usize];
@@ -253,16 +258,16 @@ fn v6_table(entries: &[(u128, u8, u32)], miss_id: u32) -> Result<V6Table> {
         top[first..first + (1usize << (16 - len))].fill(id);
     }
     let long: Vec<(u128, u8, u32)> = sorted.into_iter().filter(|e| e.1 > 16).collect();
-    let mut b = V6Builder { lines: Vec::new(), nodes: 0, paths: 0 };
+    let mut b = V6Builder { lines: Vec::new(), nodes: 0, paths: 0, base };
     for group in long.chunk_by(|x, y| x.0 >> 112 == y.0 >> 112) {
         let slot = (group[0].0 >> 112) as usize;
         top[slot] = b.subtree(group, 2, top[slot]);
         // Checked as it grows: an entry holds a line index of `dir6::LINE_MASK` at most.
-        if b.lines.len() > dir6::MAX_LINES as usize {
+        if b.base as usize + b.lines.len() > dir6::MAX_LINES as usize {
             break;
         }
     }
-    if b.lines.len() > dir6::MAX_LINES as usize {
+    if b.base as usize + b.lines.len() > dir6::MAX_LINES as usize {
         return Err(CompileError::TooManyLines { file: PathBuf::new(), which: "IPv6", max: dir6::MAX_LINES });
     }
     Ok(V6Table { top, lines: b.lines, prefixes: entries.len(), nodes: b.nodes, paths: b.paths })
@@ -273,6 +278,9 @@ struct V6Builder {
     lines: Vec<DirLine>,
     nodes: u32,
     paths: u32,
+    /// The index the first of `lines` will have in the line map: 0 for a whole table, the end
+    /// of the live lines for the delta path's subtrees ([`V6Regions::subtrees`]).
+    base: u32,
 }
 
 impl V6Builder {
@@ -311,7 +319,7 @@ impl V6Builder {
             values[b] = self.subtree(sub, depth + 1, values[b]);
         }
         self.nodes += 1;
-        dir6::NODE | depth << dir6::DEPTH_SHIFT | push_leaf(&values, &mut self.lines)
+        dir6::NODE | depth << dir6::DEPTH_SHIFT | (self.base + push_leaf(&values, &mut self.lines))
     }
 
     /// A path node: addresses whose first `bits` bits are those of `a` go on to `child`, the
@@ -327,7 +335,7 @@ impl V6Builder {
         }
         self.lines.push(line);
         self.paths += 1;
-        dir6::NODE | dir6::PATH | (self.lines.len() as u32 - 1)
+        dir6::NODE | dir6::PATH | (self.base + self.lines.len() as u32 - 1)
     }
 }
 
@@ -805,6 +813,41 @@ pub fn v4_regions(lists: &[Option<&AddrList>], tops: &[u16]) -> Result<Regions> 
         })
         .collect();
     Ok((bitmaps.list, regions))
+}
+
+/// The IPv6 counterpart of [`v4_regions`]: what the top-level entries `tops` (the first 16
+/// bits) of a field's IPv6 table hold and the nodes under them, as [`compile`] would answer
+/// them, from lists that may hold only the prefixes overlapping those /16s.
+pub struct V6Regions {
+    /// The bitmaps the entries' ids name.
+    pub bitmaps: Vec<Bitmap>,
+    /// The field's merged longest-prefix-match entries that decide the /16s asked for.
+    entries: Vec<(u128, u8, u32)>,
+    miss: u32,
+    tops: Vec<u16>,
+}
+
+/// See [`V6Regions`]; `tops` sorted.
+pub fn v6_regions(lists: &[Option<&AddrList>], tops: &[u16]) -> V6Regions {
+    let mut bitmaps = Bitmaps::new(lists.len());
+    let base = field_base(lists);
+    let (_, v6) = field_tables(lists, &base, &mut bitmaps);
+    let miss = bitmaps.intern(base);
+    // Prefixes up to /16 can cover an asked /16; longer ones only the /16 they lie in.
+    let entries = v6.into_iter().filter(|&(a, l, _)| l <= 16 || tops.binary_search(&((a >> 112) as u16)).is_ok()).collect();
+    V6Regions { bitmaps: bitmaps.list, entries, miss, tops: tops.to_vec() }
+}
+
+impl V6Regions {
+    /// The top-level entry of each /16 asked for and the lines of the nodes under them, with
+    /// every bitmap id `i` written as `remap[i]` (the live buffer's id of the same bitmap) and
+    /// the lines numbered from `base` (where they will be written in the line map). `remap`
+    /// has an id for each of [`V6Regions::bitmaps`].
+    pub fn subtrees(&self, remap: &[u32], base: u32) -> Result<(Vec<(u16, u32)>, Vec<DirLine>)> {
+        let entries: Vec<(u128, u8, u32)> = self.entries.iter().map(|&(a, l, id)| (a, l, remap[id as usize])).collect();
+        let t = v6_table_from(&entries, remap[self.miss as usize], base)?;
+        Ok((self.tops.iter().map(|&top| (top, t.top[top as usize])).collect(), t.lines))
+    }
 }
 
 /// Builds the longest-prefix-match entries of one address field, for IPv4 and IPv6. Each prefix's bitmap is the rules that
@@ -1334,6 +1377,74 @@ mod tests {
                         },
                     };
                     assert_eq!(bitmaps[id as usize], img.bitmaps[t.lookup(a) as usize], "{}\n{text}", std::net::Ipv4Addr::from(a));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn v6_regions_from_restricted_lists_answer_like_the_whole_table() {
+        let mut rng = TestRng(29);
+        for round in 0..30 {
+            // Prefixes within a few /16s of 2001::/14, nested and excluded, in sets and inline.
+            let v6 = |rng: &mut TestRng| {
+                let len = [12, 16, 20, 32, 48, 48, 56, 64, 64, 128, 128, 128][rng.below(12) as usize];
+                let a = (0x2001u128 + rng.below(4) as u128) << 112 | (rng.u128() >> 16 & ((1 << 112) - 1));
+                format!("{}/{len}", std::net::Ipv6Addr::from(a & (u128::MAX << (128 - len))))
+            };
+            let set: Vec<String> = (0..40 + rng.below(200)).map(|_| format!("\"{}\"", v6(&mut rng))).collect();
+            let mut text = format!("default = \"pass\"\n[sets.feed]\nprefixes = [{}]\n", set.join(", "));
+            for i in 0..1 + rng.below(5) {
+                text.push_str("[[rule]]\naction = \"drop\"\n");
+                let mut items = vec![if i % 2 == 0 { "\"@feed\"".to_string() } else { format!("\"{}\"", v6(&mut rng)) }];
+                if rng.below(3) == 0 {
+                    items.push(format!("\"!{}\"", v6(&mut rng)));
+                }
+                if round % 3 == 0 && i == 0 {
+                    items.push("\"10.0.0.0/8\"".into());
+                }
+                text.push_str(&format!("src = [{}]\n", items.join(", ")));
+            }
+            let rs = parse(Path::new("t.toml"), &text).unwrap();
+            let img = compile(&rs).unwrap();
+            let whole = img.src_v6.as_ref().unwrap();
+            let mut tops: Vec<u16> = (0..3).map(|_| 0x2001 + rng.below(4) as u16).chain([0x2100]).collect();
+            tops.sort_unstable();
+            tops.dedup();
+            let overlaps = |n: &ipnet::IpNet| match n {
+                ipnet::IpNet::V4(_) => true,
+                ipnet::IpNet::V6(n) => {
+                    let (a, l) = (u128::from(n.network()), n.prefix_len() as u32);
+                    tops.iter().any(|&t| if l <= 16 { (u128::from(t) << 112) & (u128::MAX.checked_shl(128 - l).unwrap_or(0)) == a } else { (a >> 112) as u16 == t })
+                }
+            };
+            let cut = |l: &AddrList| AddrList {
+                inline: l.inline.clone(),
+                sets: l.sets.iter().map(|(n, s)| (n.clone(), std::sync::Arc::new(s.iter().copied().filter(overlaps).collect()))).collect(),
+                except: None,
+            };
+            let lists: Vec<Option<AddrList>> = rs.rules.iter().map(|r| r.src.as_ref().map(|l| AddrList { except: l.except.as_deref().map(|e| Box::new(cut(e))), ..cut(l) })).collect();
+            let regions = v6_regions(&lists.iter().map(Option::as_ref).collect::<Vec<_>>(), &tops);
+            // Ids as they are (a remap that is the identity), lines written after 1000 others.
+            let remap: Vec<u32> = (0..regions.bitmaps.len() as u32).collect();
+            let base = 1000;
+            let (entries, lines) = regions.subtrees(&remap, base).unwrap();
+            let mut part = V6Table { top: vec![u32::MAX; dir::TOP_ENTRIES as usize], lines: vec![DirLine::default(); base as usize], prefixes: 0, nodes: 0, paths: 0 };
+            part.lines.extend(lines);
+            for (top, e) in entries {
+                part.top[top as usize] = e;
+            }
+            for &top in &tops {
+                for k in 0..2000 {
+                    // Inside the set's prefixes (one bit beside them too), and anywhere in the /16.
+                    let a = match (k % 3, &rs.sets["feed"][..]) {
+                        (0, [..]) => u128::from(top) << 112 | rng.u128() >> 16,
+                        (_, set) => match set[rng.below(set.len() as u64) as usize] {
+                            ipnet::IpNet::V6(n) => (u128::from(top) << 112 | (u128::from(n.network()) & ((1 << 112) - 1))) ^ (rng.below(2) as u128) << (128 - n.prefix_len().max(17) as u32),
+                            ipnet::IpNet::V4(_) => u128::from(top) << 112,
+                        },
+                    };
+                    assert_eq!(regions.bitmaps[part.lookup(a) as usize], img.bitmaps[whole.lookup(a) as usize], "{}\n{text}", std::net::Ipv6Addr::from(a));
                 }
             }
         }
