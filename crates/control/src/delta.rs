@@ -30,10 +30,16 @@
 //!    grace period later the retired buffer is cleared and its counters carried, as a reload
 //!    does. The history records action `set` with a snapshot of the live texts and the journal.
 //!
-//! What takes the reload path instead (said in the report): IPv6 prefixes (the delta path
-//! recomputes IPv4 regions only; the IPv6 tables are compiled whole), `replace`, an IPv6 self-test beside a set with IPv6 prefixes (the indexes hold
-//! IPv4 prefixes only), a batch touching more than `MAX_REGIONS` /16s, no room in the shared
-//! maps, and a live ruleset installed by an earlier version.
+//! IPv6 prefixes go the same way: each set's IPv6 prefixes have their own index
+//! (`set-index/<id>.v6`, 24 bytes a prefix), the touched /16s (the first 16 bits, the IPv6
+//! table's top level) are computed again ([`xdpfw_rules::compile::v6_regions`]), and the
+//! subtree under each is built anew past the lines the live buffer references in the field's
+//! shared line map (its own watermark); the inactive buffer gets the new top-level entries.
+//!
+//! What takes the reload path instead (said in the report): `replace`, a batch touching more
+//! than `MAX_REGIONS` /16s of a table, no room in the shared maps (an IPv6 table without a line
+//! map yet among them), an IPv6 line map whose end is not recorded (after an upgrade: the next
+//! reload records it), and a live ruleset installed by an earlier version.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -44,13 +50,13 @@ use std::{
     time::Instant,
 };
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 use xdpfw_common::{Bitmap, DirBlock, DirLine, MAX_BITMAPS, buffer_of, dir};
-use xdpfw_kernel::{LiveTable, Maps, grace};
+use xdpfw_kernel::{LiveTable, LiveV6, Maps, grace};
 use xdpfw_rules::{
     AddrList, Ruleset,
-    compile::{Region, Slot, push_leaf, v4_regions},
+    compile::{Region, Slot, V6Regions, push_leaf, v4_regions, v6_regions},
     setedit::{MAX_JOURNAL_PREFIXES, SetChanges, SetEdit, SetJournal, SetOp, changed_set_id, journaled_hash},
 };
 
@@ -119,7 +125,7 @@ struct Context {
     tests: usize,
     /// The set files (as the rules name them): what a parse of the rules alone leaves empty.
     set_files: Vec<String>,
-    /// The sets with IPv6 prefixes in the texts (the indexes hold only IPv4 ones).
+    /// The sets with IPv6 prefixes in the texts: those with an IPv6 index.
     v6_sets: BTreeSet<String>,
 }
 
@@ -147,17 +153,30 @@ fn net_of(k: u64) -> Option<IpNet> {
     Ipv4Net::new(((k >> 8) as u32).into(), (k & 0xff) as u8).ok().map(IpNet::V4)
 }
 
-/// A set's IPv4 prefixes, sorted keys in a file, mapped read-only.
-struct Index {
-    ptr: *const u64,
+/// An IPv6 prefix as an index key: the address's two halves, then the length.
+type Key6 = [u64; 3];
+
+fn key6(n: &Ipv6Net) -> Key6 {
+    let a = u128::from(n.network());
+    [(a >> 64) as u64, a as u64, u64::from(n.prefix_len())]
+}
+
+fn net6_of(k: Key6) -> Option<IpNet> {
+    Ipv6Net::new((u128::from(k[0]) << 64 | u128::from(k[1])).into(), u8::try_from(k[2]).ok()?).ok().map(IpNet::V6)
+}
+
+/// A set's prefixes of one family, sorted keys (`u64` for IPv4, [`Key6`] for IPv6) in a file,
+/// mapped read-only.
+struct Index<K> {
+    ptr: *const K,
     len: usize,
 }
 
-impl Index {
+impl<K: Copy + Ord> Index<K> {
     fn open(path: &std::path::Path) -> Result<Self> {
         let f = fs::File::open(path).ctx(|| format!("opening {}", path.display()))?;
         let bytes = f.metadata().ctx(|| format!("inspecting {}", path.display()))?.len() as usize;
-        if !bytes.is_multiple_of(8) {
+        if !bytes.is_multiple_of(size_of::<K>()) {
             return Err(ControlError::Refused(format!("{} is not a set index", path.display())));
         }
         if bytes == 0 {
@@ -168,18 +187,22 @@ impl Index {
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error()).ctx(|| format!("mapping {}", path.display()));
         }
-        Ok(Self { ptr: ptr.cast(), len: bytes / 8 })
+        Ok(Self { ptr: ptr.cast(), len: bytes / size_of::<K>() })
     }
-    fn keys(&self) -> &[u64] {
+    fn keys(&self) -> &[K] {
         if self.len == 0 {
             return &[];
         }
-        // SAFETY: the mapping holds `len` u64s (page-aligned) and lives as long as self.
+        // SAFETY: the mapping holds `len` keys (page-aligned; a key is plain u64s) and lives as
+        // long as self.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
-    fn contains(&self, k: u64) -> bool {
+    fn contains(&self, k: K) -> bool {
         self.keys().binary_search(&k).is_ok()
     }
+}
+
+impl Index<u64> {
     /// The prefixes that overlap the /16 `top`: those inside it and those containing it.
     fn region(&self, top: u16, out: &mut Vec<IpNet>) {
         let keys = self.keys();
@@ -198,11 +221,32 @@ impl Index {
     }
 }
 
-impl Drop for Index {
+impl Index<Key6> {
+    /// The prefixes that overlap the IPv6 /16 `top`: those inside it and those containing it.
+    fn region(&self, top: u16, out: &mut Vec<IpNet>) {
+        let keys = self.keys();
+        let lo = [u64::from(top) << 48, 0, 0];
+        let start = keys.partition_point(|k| *k < lo);
+        let end = match top.checked_add(1) {
+            Some(next) => keys.partition_point(|k| *k < [u64::from(next) << 48, 0, 0]),
+            None => keys.len(),
+        };
+        out.extend(keys[start..end].iter().filter_map(|&k| net6_of(k)));
+        for len in 0..16u8 {
+            let a = (u64::from(top) << 48) & u64::MAX.checked_shl(64 - u32::from(len)).unwrap_or(0);
+            let k = [a, 0, u64::from(len)];
+            if k < lo && self.contains(k) {
+                out.extend(net6_of(k));
+            }
+        }
+    }
+}
+
+impl<K> Drop for Index<K> {
     fn drop(&mut self) {
         if self.len > 0 {
             // SAFETY: unmapping exactly what open() mapped.
-            unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len * 8) };
+            unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len * size_of::<K>()) };
         }
     }
 }
@@ -227,36 +271,78 @@ fn overlapping(set: &BTreeSet<IpNet>, top: u16, out: &mut Vec<IpNet>) {
     }
 }
 
+/// [`overlapping`] for the IPv6 /16 `top`.
+fn overlapping6(set: &BTreeSet<IpNet>, top: u16, out: &mut Vec<IpNet>) {
+    let at = |a: u128| IpNet::V6(Ipv6Net::new(a.into(), 0).unwrap_or_default());
+    let start = u128::from(top) << 112;
+    match top.checked_add(1) {
+        Some(next) => out.extend(set.range(at(start)..at(u128::from(next) << 112)).copied()),
+        None => out.extend(set.range(at(start)..).copied()),
+    }
+    for len in 0..16u8 {
+        let a = start & u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+        if let Ok(n) = Ipv6Net::new(a.into(), len)
+            && a < start
+            && set.contains(&IpNet::V6(n))
+        {
+            out.push(IpNet::V6(n));
+        }
+    }
+}
+
+/// The /16s a batch touches, of each family's table (sorted).
+#[derive(Default)]
+struct Tops {
+    v4: Vec<u16>,
+    v6: Vec<u16>,
+}
+
+impl Tops {
+    /// The prefixes of `set` that overlap these /16s.
+    fn overlapping(&self, set: &BTreeSet<IpNet>, out: &mut Vec<IpNet>) {
+        self.v4.iter().for_each(|&t| overlapping(set, t, out));
+        self.v6.iter().for_each(|&t| overlapping6(set, t, out));
+    }
+}
+
 /// The sets' prefixes that overlap some /16s, from their indexes and the journal (the indexes
 /// opened once).
 #[derive(Default)]
 struct RegionSets {
-    indexes: HashMap<String, Index>,
+    indexes: HashMap<String, (Index<u64>, Option<Index<Key6>>)>,
 }
 
 impl RegionSets {
     /// The prefixes of `set` (with `journal`) that overlap the /16s `tops`; `None` when the
     /// context has no such set.
-    fn get(&mut self, inst: &Instance, ctx: &Context, journal: &SetJournal, set: &str, tops: &[u16]) -> Result<Option<Arc<Vec<IpNet>>>> {
+    fn get(&mut self, inst: &Instance, ctx: &Context, journal: &SetJournal, set: &str, tops: &Tops) -> Result<Option<Arc<Vec<IpNet>>>> {
         let changes: Option<&SetChanges> = journal.sets.get(set);
         let mut v = Vec::new();
         match changes.and_then(|c| c.replace.as_ref()) {
-            Some(r) => tops.iter().for_each(|&t| overlapping(r, t, &mut v)),
+            Some(r) => tops.overlapping(r, &mut v),
             None => {
                 let Some(id) = ctx.sets.get(set) else { return Ok(None) };
                 if !self.indexes.contains_key(set) {
-                    self.indexes.insert(set.to_string(), Index::open(&index_path(inst, id))?);
+                    // A set without IPv6 prefixes in the texts has no IPv6 index.
+                    let v6 = match ctx.v6_sets.contains(set) {
+                        true => Some(Index::open(&index_path6(inst, id))?),
+                        false => None,
+                    };
+                    self.indexes.insert(set.to_string(), (Index::open(&index_path(inst, id))?, v6));
                 }
-                let idx = &self.indexes[set];
-                tops.iter().for_each(|&t| idx.region(t, &mut v));
+                let (idx, idx6) = &self.indexes[set];
+                tops.v4.iter().for_each(|&t| idx.region(t, &mut v));
+                if let Some(idx6) = idx6 {
+                    tops.v6.iter().for_each(|&t| idx6.region(t, &mut v));
+                }
             }
         }
         if let Some(c) = changes {
             let mut gone = Vec::new();
-            tops.iter().for_each(|&t| overlapping(&c.deleted, t, &mut gone));
+            tops.overlapping(&c.deleted, &mut gone);
             let gone: HashSet<IpNet> = gone.into_iter().collect();
             v.retain(|p| !gone.contains(p));
-            tops.iter().for_each(|&t| overlapping(&c.added, t, &mut v));
+            tops.overlapping(&c.added, &mut v);
         }
         v.sort_unstable();
         v.dedup();
@@ -264,36 +350,54 @@ impl RegionSets {
     }
 }
 
-/// The /16s a batch touches.
-fn tops_of(prefixes: &[IpNet]) -> BTreeSet<u16> {
-    let mut tops = BTreeSet::new();
+/// The /16s a batch touches, of each family's table; `None` when one family's are more than
+/// `MAX_REGIONS`.
+fn tops_of(prefixes: &[IpNet]) -> Option<Tops> {
+    let (mut v4, mut v6) = (BTreeSet::new(), BTreeSet::new());
     for p in prefixes {
-        if let IpNet::V4(n) = p {
-            let first = (u32::from(n.network()) >> 16) as u16;
-            let count = if n.prefix_len() >= 16 { 1 } else { 1u32 << (16 - n.prefix_len()) };
-            tops.extend((0..count).map(|i| first.wrapping_add(i as u16)));
-            if tops.len() > MAX_REGIONS {
-                break;
-            }
+        let (tops, first, len) = match p {
+            IpNet::V4(n) => (&mut v4, (u32::from(n.network()) >> 16) as u16, n.prefix_len()),
+            IpNet::V6(n) => (&mut v6, (u128::from(n.network()) >> 112) as u16, n.prefix_len()),
+        };
+        let count = if len >= 16 { 1 } else { 1u32 << (16 - len) };
+        if count as usize > MAX_REGIONS {
+            return None;
+        }
+        tops.extend((0..count).map(|i| first.wrapping_add(i as u16)));
+        if tops.len() > MAX_REGIONS {
+            return None;
         }
     }
-    tops
+    Some(Tops { v4: v4.into_iter().collect(), v6: v6.into_iter().collect() })
 }
 
 fn index_path(inst: &Instance, id: &str) -> PathBuf {
     inst.state_dir.join(INDEX_DIR).join(format!("{id}.v4"))
 }
 
-/// Writes the index of `prefixes` (its IPv4 ones) unless it exists.
+fn index_path6(inst: &Instance, id: &str) -> PathBuf {
+    inst.state_dir.join(INDEX_DIR).join(format!("{id}.v6"))
+}
+
+/// Writes the indexes of `prefixes` unless they exist: its IPv4 ones, and its IPv6 ones when it
+/// has any.
 fn write_index(inst: &Instance, id: &str, prefixes: &[IpNet]) -> Result<()> {
     let path = index_path(inst, id);
-    if path.exists() {
+    if !path.exists() {
+        let mut keys: Vec<u64> = prefixes.iter().filter_map(|p| if let IpNet::V4(n) = p { Some(key(n)) } else { None }).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let bytes: Vec<u8> = keys.iter().flat_map(|k| k.to_ne_bytes()).collect();
+        files::write_unsynced(&path, &bytes)?;
+    }
+    let path = index_path6(inst, id);
+    let mut keys: Vec<Key6> = prefixes.iter().filter_map(|p| if let IpNet::V6(n) = p { Some(key6(n)) } else { None }).collect();
+    if keys.is_empty() || path.exists() {
         return Ok(());
     }
-    let mut keys: Vec<u64> = prefixes.iter().filter_map(|p| if let IpNet::V4(n) = p { Some(key(n)) } else { None }).collect();
     keys.sort_unstable();
     keys.dedup();
-    let bytes: Vec<u8> = keys.iter().flat_map(|k| k.to_ne_bytes()).collect();
+    let bytes: Vec<u8> = keys.iter().flatten().flat_map(|k| k.to_ne_bytes()).collect();
     files::write_unsynced(&path, &bytes)
 }
 
@@ -307,7 +411,7 @@ fn build_context(inst: &Instance, texts: &Ruleset) -> Result<Context> {
         sets.insert(name.clone(), id);
     }
     // Indexes of sets no longer live go (the folder would otherwise grow with every feed).
-    let keep: HashSet<String> = sets.values().map(|id| format!("{id}.v4")).collect();
+    let keep: HashSet<String> = sets.values().flat_map(|id| [format!("{id}.v4"), format!("{id}.v6")]).collect();
     if let Ok(dir) = fs::read_dir(inst.state_dir.join(INDEX_DIR)) {
         for e in dir.flatten() {
             if !keep.contains(&*e.file_name().to_string_lossy()) {
@@ -340,6 +444,7 @@ fn context(inst: &Instance, state: &State, journal: &SetJournal) -> Result<Optio
         && let Ok(ctx) = serde_json::from_slice::<Context>(&bytes)
         && live(&ctx)
         && ctx.sets.values().all(|id| index_path(inst, id).exists())
+        && ctx.v6_sets.iter().filter_map(|n| ctx.sets.get(n)).all(|id| index_path6(inst, id).exists())
     {
         return Ok(Some(ctx));
     }
@@ -358,6 +463,9 @@ fn context(inst: &Instance, state: &State, journal: &SetJournal) -> Result<Optio
 #[derive(Default, Serialize, Deserialize)]
 struct Watermarks {
     fields: [Option<(u32, u32)>; 2],
+    /// The same for each field's IPv6 line map.
+    #[serde(default)]
+    v6: [Option<(u32, u32)>; 2],
     #[serde(default)]
     twin: Option<Twin>,
 }
@@ -370,6 +478,9 @@ struct Watermarks {
 struct Twin {
     generation: u64,
     blocks: [Vec<u32>; 2],
+    /// Blocks of each field's IPv6 top level.
+    #[serde(default)]
+    v6_blocks: [Vec<u32>; 2],
     bitmaps: (u32, u32),
 }
 
@@ -401,6 +512,12 @@ pub(crate) fn record_installed(inst: &Instance, maps: &Maps, image: &xdpfw_rules
     let mut w: Watermarks = fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
     for (field, table) in [&image.src_v4, &image.dst_v4].into_iter().enumerate() {
         w.fields[field] = match (table, maps.live_table(field).ok().and_then(|t| t.leaves_id())) {
+            (Some(t), Some(id)) => Some((id, t.lines.len() as u32)),
+            _ => None,
+        };
+    }
+    for (field, table) in [&image.src_v6, &image.dst_v6].into_iter().enumerate() {
+        w.v6[field] = match (table, maps.live_v6(field).ok().and_then(|t| t.lines_id())) {
             (Some(t), Some(id)) => Some((id, t.lines.len() as u32)),
             _ => None,
         };
@@ -522,6 +639,38 @@ fn plan_field(maps: &Maps, field: usize, regions: &[(u16, Region)], remap: &[u32
     Ok(Ok(FieldWrites { field, table, tops: tops_w, fixed_chunks, more_chunks, first_line, lines: new_lines }))
 }
 
+/// The writes of one field's IPv6 table: new lines at the end of its line map, then the new
+/// top-level entries of the /16s the batch touches.
+struct FieldWrites6 {
+    field: usize,
+    table: LiveV6,
+    tops: Vec<(u16, u32)>,
+    first_line: u32,
+    lines: Vec<DirLine>,
+}
+
+/// Plans the writes that make the /16s of `regions` what the live IPv6 table of `field`
+/// answers: each one's subtree built anew past the lines the live buffer references (the
+/// recorded watermark). `Err(reason)` when the line map has no room, or its end is not known.
+fn plan_field6(maps: &Maps, field: usize, regions: &V6Regions, remap: &[u32], watermarks: &Watermarks) -> Result<std::result::Result<FieldWrites6, String>> {
+    let which = ["source", "destination"][field];
+    let table = maps.live_v6(field)?;
+    let first_line = match (table.lines_id(), watermarks.v6[field]) {
+        (Some(id), Some((known, next))) if known == id => next,
+        (Some(_), _) => return Ok(Err(format!("where the lines of the {which} IPv6 table end is not recorded: a reload records it"))),
+        (None, _) => 0,
+    };
+    let (entries, lines) = regions.subtrees(remap, first_line)?;
+    if !lines.is_empty() && first_line as usize + lines.len() > table.lines_capacity() as usize {
+        return Ok(Err(match table.lines_id() {
+            Some(_) => format!("the lines of the {which} IPv6 table are used up ({first_line} of {}): a reload packs them", table.lines_capacity()),
+            None => format!("the {which} IPv6 table has no line map yet: a reload makes one"),
+        }));
+    }
+    let tops = entries.into_iter().filter(|&(top, e)| e != maps.live_v6_top(&table, top)).collect();
+    Ok(Ok(FieldWrites6 { field, table, tops, first_line, lines }))
+}
+
 fn us(d: std::time::Duration) -> u64 {
     d.as_micros() as u64
 }
@@ -532,9 +681,6 @@ pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &
     let not = |why: &str| Ok(Outcome::NotApplicable(why.to_string()));
     if op == SetOp::Replace {
         return not("a replace names the whole set");
-    }
-    if prefixes.iter().any(|p| matches!(p, IpNet::V6(_))) {
-        return not("the batch has IPv6 prefixes (the IPv6 tables are compiled whole)");
     }
     if std::env::var_os("XDPFW_SET_RELOAD").is_some() {
         return not("XDPFW_SET_RELOAD is set");
@@ -556,11 +702,15 @@ pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &
         return not("no such set");
     };
     tracing::debug!("delta: state, journal and context read in {} us", t.elapsed().as_micros());
-    let index = Index::open(&index_path(inst, set_id))?;
+    let index = Index::<u64>::open(&index_path(inst, set_id))?;
+    let index6 = match ctx.v6_sets.contains(name) {
+        true => Some(Index::<Key6>::open(&index_path6(inst, set_id))?),
+        false => None,
+    };
     let mut new_journal = journal.clone();
     let mut edit: SetEdit = new_journal.sets.entry(name.to_string()).or_default().record(name, op == SetOp::Add, prefixes, |p| match p {
         IpNet::V4(n) => index.contains(key(n)),
-        IpNet::V6(_) => false,
+        IpNet::V6(n) => index6.as_ref().is_some_and(|i| i.contains(key6(n))),
     });
     new_journal.prune();
     if !edit.changed() {
@@ -569,10 +719,9 @@ pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &
     if new_journal.len() > MAX_JOURNAL_PREFIXES {
         return not("the set journal is full");
     }
-    let tops: Vec<u16> = tops_of(prefixes).into_iter().collect();
-    if tops.len() > MAX_REGIONS {
-        return not("the batch touches more than 4096 /16s");
-    }
+    let Some(tops) = tops_of(prefixes) else {
+        return not("the batch touches more than 4096 /16s of a table");
+    };
     let new_hash = journaled_hash(&ctx.text_hash, &new_journal, |n| ctx.sets.contains_key(n));
     times.parse_us = us(t.elapsed());
     let edit_us = times.parse_us;
@@ -596,7 +745,12 @@ pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &
         }
         let lists: Vec<Option<AddrList>> = rules.iter().map(|r| r.as_ref().map(|l| l.with(&|n| region_sets.get(n).cloned().unwrap_or_default()))).collect();
         let refs: Vec<Option<&AddrList>> = lists.iter().map(Option::as_ref).collect();
-        computed.push((field, v4_regions(&refs, &tops)?));
+        let v4 = match tops.v4.is_empty() {
+            true => None,
+            false => Some(v4_regions(&refs, &tops.v4)?),
+        };
+        let v6 = (!tops.v6.is_empty()).then(|| v6_regions(&refs, &tops.v6));
+        computed.push((field, v4, v6));
     }
     tracing::debug!("delta: regions computed in {} us", t.elapsed().as_micros());
 
@@ -617,23 +771,35 @@ pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &
     let first_new = bitmaps.len() as u32;
     let watermarks_path = inst.state_dir.join(TABLES);
     let mut watermarks: Watermarks = fs::read(&watermarks_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-    let mut writes = Vec::new();
-    for (field, (list, regions)) in computed {
-        let remap: Vec<u32> = list
-            .iter()
-            .map(|b| {
-                *ids.entry(*b).or_insert_with(|| {
-                    bitmaps.push(*b);
-                    bitmaps.len() as u32 - 1
+    let (mut writes, mut writes6) = (Vec::new(), Vec::new());
+    for (field, v4, v6) in computed {
+        // The live buffer's id of each bitmap the regions name (new bitmaps after its own).
+        let mut remap = |list: &[Bitmap]| -> Vec<u32> {
+            list.iter()
+                .map(|b| {
+                    *ids.entry(*b).or_insert_with(|| {
+                        bitmaps.push(*b);
+                        bitmaps.len() as u32 - 1
+                    })
                 })
-            })
-            .collect();
+                .collect()
+        };
+        let v4 = v4.map(|(list, regions)| (remap(&list), regions));
+        let v6 = v6.map(|r| (remap(&r.bitmaps), r));
         if bitmaps.len() > MAX_BITMAPS as usize {
             return not("the buffer's bitmaps are used up");
         }
-        match plan_field(&maps, field, &regions, &remap, &mut watermarks)? {
-            Ok(w) => writes.push(w),
-            Err(why) => return not(&why),
+        if let Some((remap, regions)) = v4 {
+            match plan_field(&maps, field, &regions, &remap, &mut watermarks)? {
+                Ok(w) => writes.push(w),
+                Err(why) => return not(&why),
+            }
+        }
+        if let Some((remap, regions)) = v6 {
+            match plan_field6(&maps, field, &regions, &remap, &watermarks)? {
+                Ok(w) => writes6.push(w),
+                Err(why) => return not(&why),
+            }
         }
     }
     times.compile_us = us(t.elapsed());
@@ -660,13 +826,18 @@ pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &
             watermarks.fields[w.field] = Some((id, w.first_line + w.lines.len() as u32));
         }
     }
+    for w in &writes6 {
+        if let Some(id) = w.table.lines_id() {
+            watermarks.v6[w.field] = Some((id, w.first_line + w.lines.len() as u32));
+        }
+    }
     // The inactive buffer is made a copy of the live one: by the parts the last delta wrote
     // when it is that delta's twin, else whole.
     let twin = watermarks.twin.take().filter(|t| t.generation == previous && t.bitmaps.1 == first_new);
     files::write_unsynced(&watermarks_path, &serde_json::to_vec(&watermarks).unwrap_or_default())?;
     let slot_changes = match &twin {
         Some(t) => {
-            maps.copy_live_parts(buffer, [&t.blocks[0], &t.blocks[1]], t.bitmaps.0..t.bitmaps.1)?;
+            maps.copy_live_parts(buffer, [&t.blocks[0], &t.blocks[1]], [&t.v6_blocks[0], &t.v6_blocks[1]], t.bitmaps.0..t.bitmaps.1)?;
             0
         }
         None => maps.copy_live_into(buffer, first_new)?,
@@ -681,7 +852,14 @@ pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &
         blocks.sort_unstable();
         blocks.dedup();
     }
-    let next_twin = Twin { generation, blocks: written, bitmaps: (first_new, bitmaps.len() as u32) };
+    let mut written6: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
+    for w in &writes6 {
+        let blocks = &mut written6[w.field];
+        blocks.extend(w.tops.iter().map(|(top, _)| u32::from(*top) / 256));
+        blocks.sort_unstable();
+        blocks.dedup();
+    }
+    let next_twin = Twin { generation, blocks: written, v6_blocks: written6, bitmaps: (first_new, bitmaps.len() as u32) };
     times.install_arrays_us = us(t.elapsed());
     let t = Instant::now();
     for w in &mut writes {
@@ -696,6 +874,14 @@ pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &
         }
         for (top, v) in &w.tops {
             maps.write_top(buffer, w.field, *top, *v);
+        }
+    }
+    for w in &mut writes6 {
+        if !w.lines.is_empty() {
+            w.table.write_lines(w.first_line, &w.lines)?;
+        }
+        for (top, v) in &w.tops {
+            maps.write_v6_top(buffer, w.field, *top, *v);
         }
     }
     maps.write_bitmaps(buffer, first_new, &bitmaps[first_new as usize..])?;
@@ -785,23 +971,16 @@ fn prove(inst: &Instance, state: &State, ctx: &Context, journal: &SetJournal, se
         return Ok(Err(Proof::Cannot("the live ruleset has no snapshot".into())));
     };
     let mut rs = xdpfw_rules::parse_with_sets(&state.ruleset.path.clone().unwrap_or_default(), &text, &files)?;
-    let mut tops = BTreeSet::new();
+    let (mut v4, mut v6) = (BTreeSet::new(), BTreeSet::new());
     for t in &rs.tests {
         for a in [t.packet.src, t.packet.dst] {
             match a {
-                std::net::IpAddr::V4(a) => {
-                    tops.insert((u32::from(a) >> 16) as u16);
-                }
-                std::net::IpAddr::V6(_) => {
-                    let v6 = |n: &String| ctx.v6_sets.contains(n) || journal.sets.get(n).is_some_and(|c| c.added.iter().chain(c.replace.iter().flatten()).any(|p| matches!(p, IpNet::V6(_))));
-                    if rs.sets.keys().any(v6) {
-                        return Ok(Err(Proof::Cannot("an IPv6 self-test beside a set with IPv6 prefixes".into())));
-                    }
-                }
-            }
+                std::net::IpAddr::V4(a) => v4.insert((u32::from(a) >> 16) as u16),
+                std::net::IpAddr::V6(a) => v6.insert((u128::from(a) >> 112) as u16),
+            };
         }
     }
-    let tops: Vec<u16> = tops.into_iter().collect();
+    let tops = Tops { v4: v4.into_iter().collect(), v6: v6.into_iter().collect() };
     let names: Vec<String> = rs.sets.keys().cloned().collect();
     for name in names {
         let Some(v) = sets.get(inst, ctx, journal, &name, &tops)? else { return Ok(Err(Proof::Cannot(format!("set \"{name}\" is not in the context")))) };

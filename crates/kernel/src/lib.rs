@@ -13,7 +13,7 @@ pub mod testrun;
 pub mod trace;
 
 pub use error::{KernelError, Result};
-pub use maps::{InstallTimes, LiveTable, Maps, MmapArray, pinned_map};
+pub use maps::{InstallTimes, LiveTable, LiveV6, Maps, MmapArray, pinned_map};
 pub use object::{PROGRAM_OBJECT, load_egress, load_plain, load_private, load_private_from, load_private_variant, load_probe, load_program};
 pub use pins::{AttachMode, EGRESS_LINK_PIN, EGRESS_PIN, FULL_PIN, NEXT_PROG_PIN, PLAIN_PIN, PROG_PIN, attach_and_pin, serve, served_variant, attach_egress, egress_attached, detach_and_unpin, ensure_bpffs, open_probe, pin_dir, pin_probe, pin_root};
 

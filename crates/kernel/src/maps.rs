@@ -24,7 +24,7 @@ use xdpfw_common::{
 use xdpfw_rules::compile::Image;
 
 mod delta;
-pub use delta::LiveTable;
+pub use delta::{LiveTable, LiveV6};
 
 /// buffer's worth of entries with plain stores instead of one syscall per entry.
 /// A BPF array created with BPF_F_MMAPABLE, mapped into this process. Userspace writes a whole

@@ -11,7 +11,7 @@
 
 use std::os::fd::AsFd;
 
-use xdpfw_common::{BUFFERS, Bitmap, DirBlock, DirLine, MAX_BITMAPS, MAX_RULES, RulesetHeader, buffer_of, dir, fields_layout::FIELDS_PER_BUFFER};
+use xdpfw_common::{BUFFERS, Bitmap, DirBlock, DirLine, MAX_BITMAPS, MAX_RULES, RulesetHeader, buffer_of, dir, dir6, fields_layout::FIELDS_PER_BUFFER};
 
 use super::{BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, Maps, MmapArray, elem_call, map_fd_by_id, slot, slot_id};
 use crate::error::{KernelContext, KernelError, Result, kbail};
@@ -58,6 +58,16 @@ impl<T: aya::Pod> Inner<T> {
         }
         elem_call(BPF_MAP_UPDATE_ELEM, self.fd.as_fd(), i, v as *const T as u64).kctx(|| format!("writing element {i} of inner map {}", self.id))
     }
+    /// Writes `items` from `first` on.
+    fn put_all(&self, first: u32, items: &[T]) -> Result<()> {
+        if first as usize + items.len() > self.len as usize {
+            kbail!("elements {first}..{} beyond the inner map's {}", first as usize + items.len(), self.len);
+        }
+        for (i, v) in items.iter().enumerate() {
+            self.put(first + i as u32, v)?;
+        }
+        Ok(())
+    }
     fn mapped(&self) -> Result<&MmapArray<T>> {
         if let Some(m) = self.mapped.get() {
             return Ok(m);
@@ -88,14 +98,7 @@ impl LiveTable {
     }
     /// The lines of the leaf at `n` (`None` when it does not lie within the map).
     pub fn leaf(&self, n: u32) -> Option<Vec<DirLine>> {
-        let leaves = self.leaves.as_ref()?;
-        let head = leaves.get(n)?;
-        let len = leaf_len(&head);
-        let mut lines = vec![head];
-        for i in 1..len {
-            lines.push(leaves.get(n.checked_add(i)?)?);
-        }
-        Some(lines)
+        leaf_in(self.leaves.as_ref()?, n)
     }
     /// The 256 values of the leaf at `n`.
     pub fn leaf_values(&self, n: u32) -> Option<[u32; 256]> {
@@ -119,13 +122,7 @@ impl LiveTable {
     /// Writes `lines` at `first`: lines the live buffer does not reference.
     pub fn write_lines(&mut self, first: u32, lines: &[DirLine]) -> Result<()> {
         let Some(m) = self.leaves.as_ref() else { kbail!("the table has no leaf map") };
-        if first as usize + lines.len() > m.len as usize {
-            kbail!("leaf lines {first}..{} beyond the map's {}", first as usize + lines.len(), m.len);
-        }
-        for (i, line) in lines.iter().enumerate() {
-            m.put(first + i as u32, line)?;
-        }
-        Ok(())
+        m.put_all(first, lines)
     }
     /// Writes chunk `n` (beyond the fixed ones) of the shared chunk map: one the live buffer
     /// does not reference.
@@ -133,6 +130,41 @@ impl LiveTable {
         let Some(m) = self.more.as_ref() else { kbail!("the table has no chunk map") };
         let i = n.checked_sub(dir::FIXED_CHUNKS).ok_or_else(|| KernelError::msg(format!("chunk {n} is a fixed one")))?;
         m.put(i, block)
+    }
+}
+
+/// The lines of the leaf (or IPv6 run node, the same format) whose first line is `n`.
+fn leaf_in(lines: &Inner<DirLine>, n: u32) -> Option<Vec<DirLine>> {
+    let head = lines.get(n)?;
+    let len = leaf_len(&head);
+    let mut out = vec![head];
+    for i in 1..len {
+        out.push(lines.get(n.checked_add(i)?)?);
+    }
+    Some(out)
+}
+
+/// One field's IPv6 table as the live buffer holds it: its line map, shared by both buffers
+/// (the top level is each buffer's own).
+pub struct LiveV6 {
+    pub field: usize,
+    pub buffer: u32,
+    /// `None`: the table has no node.
+    lines: Option<Inner<DirLine>>,
+}
+
+impl LiveV6 {
+    pub fn lines_id(&self) -> Option<u32> {
+        self.lines.as_ref().map(|m| m.id)
+    }
+    /// Lines in the line map (0 without one).
+    pub fn lines_capacity(&self) -> u32 {
+        self.lines.as_ref().map_or(0, |m| m.len)
+    }
+    /// Writes `lines` at `first`: lines the live buffer does not reference.
+    pub fn write_lines(&mut self, first: u32, lines: &[DirLine]) -> Result<()> {
+        let Some(m) = self.lines.as_ref() else { kbail!("the IPv6 table has no line map") };
+        m.put_all(first, lines)
     }
 }
 
@@ -150,6 +182,62 @@ impl<T: Copy> MmapArray<T> {
 impl Maps {
     fn fixed(&self, field: usize) -> &MmapArray<DirBlock> {
         if field == 0 { &self.src_v4_fixed } else { &self.dst_v4_fixed }
+    }
+
+    fn v6_top_mut(&mut self, field: usize) -> &mut MmapArray<DirBlock> {
+        if field == 0 { &mut self.src_v6_top } else { &mut self.dst_v6_top }
+    }
+
+    /// The live buffer's IPv6 table of `field` (0 source, 1 destination).
+    pub fn live_v6(&self, field: usize) -> Result<LiveV6> {
+        let buffer = buffer_of(self.generation());
+        let first = if field == 0 { slot::SRC_V6 } else { slot::DST_V6 };
+        let mut lines = None;
+        for (size, &len) in dir6::LINE_SIZES.iter().enumerate() {
+            if let Some(id) = slot_id(self.slot_fds[first + size].as_fd(), buffer).kctx(|| "reading an array-of-maps slot".into())? {
+                lines = Some(Inner::open(id, len)?);
+            }
+        }
+        Ok(LiveV6 { field, buffer, lines })
+    }
+
+    /// Top-level entry `top` (the first 16 bits) of `table`'s live buffer.
+    pub fn live_v6_top(&self, table: &LiveV6, top: u16) -> u32 {
+        let t = if table.field == 0 { &self.src_v6_top } else { &self.dst_v6_top };
+        t.read(table.buffer as usize * dir6::TOP_BLOCKS as usize + top as usize / 256).entries[top as usize % 256]
+    }
+
+    /// The bitmap id `table` (the live buffer's) gives address `a`, walked as the program walks
+    /// it (`None` when an entry points outside the map or the walk is too long: never, for
+    /// tables the loader wrote).
+    pub fn live_lookup6(&self, table: &LiveV6, a: u128) -> Option<u32> {
+        let mut e = self.live_v6_top(table, (a >> 112) as u16);
+        for _ in 0..dir6::MAX_STEPS {
+            if e & dir6::NODE == 0 {
+                return Some(e);
+            }
+            let lines = table.lines.as_ref()?;
+            let n = e & dir6::LINE_MASK;
+            if e & dir6::PATH == 0 {
+                let depth = (e >> dir6::DEPTH_SHIFT) & 15;
+                e = xdpfw_rules::compile::leaf_entry(&leaf_in(lines, n)?, 0, (a >> (120 - 8 * depth)) as u32 & 0xff);
+            } else {
+                let head = lines.get(n)?;
+                let w = |i: usize| -> u128 { (0..4).fold(0u128, |acc, k| acc << 32 | head.words[i + k] as u128) };
+                if (a ^ w(dir6::PATH_PATTERN)) & w(dir6::PATH_MASK) != 0 {
+                    return Some(head.words[dir6::PATH_MISS]);
+                }
+                e = head.words[dir6::PATH_CHILD];
+            }
+        }
+        (e & dir6::NODE == 0).then_some(e)
+    }
+
+    /// Writes top-level entry `top` of `field`'s IPv6 table in the inactive `buffer`.
+    pub fn write_v6_top(&mut self, buffer: u32, field: usize, top: u16, value: u32) {
+        self.assert_inactive(buffer);
+        let i = buffer as usize * dir6::TOP_BLOCKS as usize + top as usize / 256;
+        self.v6_top_mut(field).range_mut(i, 1)[0].entries[top as usize % 256] = value;
     }
 
     /// The live buffer's direct IPv4 table of `field` (0 source, 1 destination).
@@ -255,20 +343,22 @@ impl Maps {
     }
 
     /// Copies blocks `blocks` (indices within a buffer's part of the fixed array: the top level's
-    /// blocks, then chunk `n` at `dir::TOP_BLOCKS + n`) of `field`'s table, and bitmaps
+    /// blocks, then chunk `n` at `dir::TOP_BLOCKS + n`) of `field`'s table, blocks `v6_blocks`
+    /// of its IPv6 top level, and bitmaps
     /// `bitmaps`, from the live buffer into the inactive `buffer`: what makes a buffer that
     /// differed from the live one only there (the one the previous delta retired) a copy of it.
-    pub fn copy_live_parts(&mut self, buffer: u32, blocks: [&[u32]; 2], bitmaps: std::ops::Range<u32>) -> Result<()> {
+    pub fn copy_live_parts(&mut self, buffer: u32, blocks: [&[u32]; 2], v6_blocks: [&[u32]; 2], bitmaps: std::ops::Range<u32>) -> Result<()> {
         self.assert_inactive(buffer);
         let live = buffer_of(self.generation()) as usize;
-        let per = dir::BUFFER_BLOCKS as usize;
-        for (field, blocks) in blocks.into_iter().enumerate() {
-            let fixed = if field == 0 { &mut self.src_v4_fixed } else { &mut self.dst_v4_fixed };
-            for &i in blocks {
-                if i as usize >= per {
-                    kbail!("block {i} beyond a buffer's {per}");
+        for (field, (blocks, v6_blocks)) in blocks.into_iter().zip(v6_blocks).enumerate() {
+            let (fixed, top) = if field == 0 { (&mut self.src_v4_fixed, &mut self.src_v6_top) } else { (&mut self.dst_v4_fixed, &mut self.dst_v6_top) };
+            for (array, blocks, per) in [(fixed, blocks, dir::BUFFER_BLOCKS as usize), (top, v6_blocks, dir6::TOP_BLOCKS as usize)] {
+                for &i in blocks {
+                    if i as usize >= per {
+                        kbail!("block {i} beyond a buffer's {per}");
+                    }
+                    array.copy_range(live * per + i as usize, buffer as usize * per + i as usize, 1);
                 }
-                fixed.copy_range(live * per + i as usize, buffer as usize * per + i as usize, 1);
             }
         }
         if bitmaps.end > MAX_BITMAPS || bitmaps.start > bitmaps.end {
