@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use xdpfw_common::buffer_of;
 use xdpfw_control::{self as control, Instance, ReloadOptions};
 use xdpfw_rules::setedit::SetOp;
@@ -273,4 +273,140 @@ fn self_tests_are_proven_on_the_delta_path() {
     let r = control::set_update(&inst, "feed", SetOp::Add, &[IpNet::V4(net(0x0a01_0204, 32))], &opts).unwrap();
     assert_eq!(r.path, "delta", "{:?}", r.why_reload);
     live_matches_compile(&inst, &rules, &addrs, "after the next batch");
+}
+
+/// An IPv6 prefix of a host-route-heavy feed, as issue 11's IPv6 set (30% /32–/48, 40%
+/// /49–/64, 30% /128), in the 32 /16s from 2001::/16 on, so batches land beside what the set
+/// holds and touch few of the table's /16s.
+fn draw6(rng: &mut Rng) -> Ipv6Net {
+    let len = match rng.below(10) {
+        0..=2 => 32 + rng.below(17) as u8,
+        3..=6 => 49 + rng.below(16) as u8,
+        _ => 128,
+    };
+    let a = (0x2001 + rng.below(32) as u128) << 112 | (u128::from(rng.next()) << 64 | u128::from(rng.next())) >> 16;
+    Ipv6Net::new(a.into(), len).unwrap().trunc()
+}
+
+/// A prefix for an IPv6 batch: beside one the set holds (a host in it, a longer prefix in it,
+/// itself shortened), or a fresh one.
+fn near6(rng: &mut Rng, present: &[Ipv6Net]) -> Ipv6Net {
+    let p = present[rng.below(present.len() as u64) as usize];
+    let a = u128::from(p.network());
+    let inside = |rng: &mut Rng, len: u8| {
+        let host = (u128::from(rng.next()) << 64 | u128::from(rng.next())) & (u128::MAX >> p.prefix_len().min(127));
+        Ipv6Net::new((a | host).into(), len.max(p.prefix_len())).unwrap().trunc()
+    };
+    match rng.below(6) {
+        0..=1 => inside(rng, 128),
+        2 => inside(rng, p.prefix_len().saturating_add(8).min(128)),
+        3 => Ipv6Net::new(p.network(), p.prefix_len().saturating_sub(4).max(17)).unwrap().trunc(),
+        _ => draw6(rng),
+    }
+}
+
+/// The delta path with IPv6 prefixes: a set of IPv6 and IPv4 prefixes in both fields, with
+/// exclusions, and an IPv6 self-test; after every batch (IPv6 adds and deletes, some with IPv4
+/// prefixes beside them) taken on the delta path, the live IPv6 tables, walked as the program
+/// walks them, give every address tried the rule set a full compile gives it.
+#[test]
+fn ipv6_delta_batches_answer_like_a_full_compile() {
+    if !root_or_skip() {
+        return;
+    }
+    let mut rng = Rng(17);
+    let dir = TempDir::new("setdelta6");
+    let rules = dir.0.join("rules.toml");
+    let feed: BTreeSet<Ipv6Net> = (0..4_000).map(|_| draw6(&mut rng)).filter(|n| !n.contains(&"2001:db8:ffff::1".parse::<std::net::Ipv6Addr>().unwrap())).collect();
+    let v4: BTreeSet<Ipv4Net> = (0..1_000).map(|_| draw(&mut rng)).collect();
+    let lines: String = feed.iter().map(|n| format!("{n}\n")).chain(v4.iter().map(|n| format!("{n}\n"))).collect();
+    std::fs::write(dir.0.join("feed.txt"), lines).unwrap();
+    std::fs::write(dir.0.join("allow.txt"), "2001:db8::/32\n2003:1:2::/48\n").unwrap();
+    std::fs::write(
+        &rules,
+        "default = \"pass\"\n\
+         [sets.feed]\nfile = \"feed.txt\"\n\
+         [sets.allow]\nfile = \"allow.txt\"\n\
+         [[rule]]\nname = \"feed-src\"\naction = \"drop\"\nsrc = [\"@feed\"]\nproto = \"tcp\"\n\
+         [[rule]]\nname = \"feed-dst\"\naction = \"drop\"\ndst = [\"@feed\", \"!@allow\"]\nproto = \"udp\"\n\
+         [[rule]]\nname = \"not-feed\"\naction = \"pass\"\nsrc = [\"2001:db8:1::/48\", \"@allow\", \"!@feed\"]\n\
+         [[test]]\npacket = \"udp [2001:db8:ffff::1]:1000 -> [2001:db8:ffff::1]:53\"\nexpect = \"pass\"\n",
+    )
+    .unwrap();
+    let mut t = Topology::new("setdelta6").expect("topology");
+    t.detach_on_drop(loader_bin());
+    let ns = std::fs::File::open(std::path::Path::new("/run/netns").join(&t.server_ns)).unwrap();
+    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    control::attach(&t.server_if, Some(&rules), xdpfw_kernel::AttachMode::Auto).unwrap();
+    let inst = Instance::find(Some(&t.server_if)).unwrap();
+
+    let mut present: Vec<Ipv6Net> = feed.iter().copied().collect();
+    let v4: Vec<Ipv4Net> = v4.into_iter().collect();
+    let mut checked = 0usize;
+    for batch in 0..30 {
+        let add = batch % 3 != 2;
+        let n = 1 + rng.below(if batch % 10 == 0 { 500 } else { 20 });
+        let prefixes: Vec<Ipv6Net> = (0..n).map(|_| if add { near6(&mut rng, &present) } else { present[rng.below(present.len() as u64) as usize] }).collect();
+        let mut nets: Vec<IpNet> = prefixes.iter().copied().map(IpNet::V6).collect();
+        if batch % 4 == 1 {
+            nets.push(IpNet::V4(near(&mut rng, &v4)));
+        }
+        let op = if add { SetOp::Add } else { SetOp::Del };
+        let r = control::set_update(&inst, "feed", op, &nets, &ReloadOptions::default()).unwrap();
+        if let Some(reload) = &r.reload {
+            assert_eq!(r.path, "delta", "batch {batch}: {:?}", r.why_reload);
+            assert_eq!(reload.times.self_tests, 1, "batch {batch}: the IPv6 self-test ran in the kernel");
+        }
+        if add {
+            present.extend(&prefixes);
+        } else {
+            present.retain(|p| !prefixes.contains(p));
+        }
+        let mut addrs: Vec<u128> = (0..2000).map(|_| (0x2001 + rng.below(40) as u128) << 112 | (u128::from(rng.next()) << 64 | u128::from(rng.next())) >> 16).collect();
+        for p in &prefixes {
+            let (lo, hi) = (u128::from(p.network()), u128::from(p.broadcast()));
+            addrs.extend([lo, hi, lo.wrapping_sub(1), hi.wrapping_add(1)]);
+        }
+        for _ in 0..500 {
+            let p = present[rng.below(present.len() as u64) as usize];
+            addrs.push(u128::from(p.network()) | (u128::from(rng.next()) & (u128::MAX >> p.prefix_len().min(127))));
+        }
+        checked += live6_matches_compile(&inst, &rules, &addrs, &format!("batch {batch} ({op}, {} prefixes)", nets.len()));
+    }
+    assert!(checked > 100_000, "{checked} lookups compared");
+
+    // A reload of the file (the journal applied, compiled whole) is the ruleset the deltas made.
+    let hash = inst.state().unwrap().ruleset.hash;
+    let r = control::reload(&inst, &rules, &ReloadOptions::default()).unwrap();
+    assert_eq!(r.ruleset.hash, hash);
+    // And the delta path goes on after it (the reload recorded where the line maps end).
+    let r = control::set_update(&inst, "feed", SetOp::Add, &[IpNet::V6(near6(&mut rng, &present))], &ReloadOptions::default()).unwrap();
+    assert_eq!(r.path, "delta", "{:?}", r.why_reload);
+    let addrs: Vec<u128> = present.iter().take(3000).map(|p| u128::from(p.network())).collect();
+    live6_matches_compile(&inst, &rules, &addrs, "after a reload and one more batch");
+}
+
+/// [`live_matches_compile`] for the IPv6 tables.
+fn live6_matches_compile(inst: &Instance, rules: &std::path::Path, addrs: &[u128], what: &str) -> usize {
+    let state = inst.state().unwrap();
+    let journal = inst.history().journal().unwrap();
+    let rs = control::history::load_rules_with(rules, xdpfw_rules::Origin::Local, &journal).unwrap();
+    assert_eq!(rs.hash, state.ruleset.hash, "{what}: the live hash is the file's with the journal");
+    let img = xdpfw_rules::compile::compile(&rs).unwrap();
+    let maps = xdpfw_kernel::Maps::open(&inst.pin_dir).unwrap();
+    let live = buffer_of(maps.generation());
+    assert_eq!(maps.header(live).generation, maps.generation(), "{what}: the live buffer is complete");
+    let bitmaps = maps.bitmaps(live, state.ruleset.bitmaps);
+    let mut checked = 0;
+    for (field, table) in [(0, img.src_v6.as_ref()), (1, img.dst_v6.as_ref())].into_iter().filter_map(|(f, t)| Some((f, t?))) {
+        let lt = maps.live_v6(field).unwrap();
+        for &a in addrs {
+            let addr = std::net::Ipv6Addr::from(a);
+            let id = maps.live_lookup6(&lt, a).unwrap_or_else(|| panic!("{what}: {addr} leads outside the maps"));
+            let got = bitmaps.get(id as usize).copied().unwrap_or_else(|| panic!("{what}: bitmap {id} beyond the recorded {}", bitmaps.len()));
+            assert_eq!(got, img.bitmaps[table.lookup(a) as usize], "{what}: field {field}, address {addr}");
+            checked += 1;
+        }
+    }
+    checked
 }
