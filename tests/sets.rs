@@ -6,7 +6,11 @@
 
 use std::net::SocketAddr;
 
-use xdpfw_testkit::{daemon::TempDir, topology::CLIENT_V4, *};
+use xdpfw_testkit::{
+    daemon::TempDir,
+    topology::{CLIENT_V4, CLIENT_V6, SERVER_V6},
+    *,
+};
 
 fn sa(addr: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip(addr), port)
@@ -94,11 +98,20 @@ fn set_changes_keep_counters_and_survive_reloads_rollbacks_and_restarts() {
     loader_ok(&ns, &["attach", &iface, "--rules", rules.to_str().unwrap()]);
     assert_eq!(udp_delivered(&t, to, N), 0, "an attach of the rules file keeps the change");
 
-    // An IPv6 prefix takes the reload path (the IPv6 tables are compiled whole), and says so.
+    // The set's first IPv6 prefix longer than /16 takes the reload path (its IPv6 table has no
+    // line map yet), and says so; the next ones the delta path, on real IPv6 traffic.
     let r = json(&ns, &["set", "add", &iface, "blocked", "2001:db8:7::/48", "--json"]);
     assert_eq!(r["path"], "reload", "{r}");
-    assert!(r["why_reload"].as_str().unwrap().contains("IPv6"), "{r}");
+    assert!(r["why_reload"].as_str().unwrap().contains("IPv6 table has no line map"), "{r}");
     assert_eq!(udp_delivered(&t, to, N), 0, "the IPv4 change stands");
+    let to6 = sa(SERVER_V6, 7000);
+    assert_eq!(udp_delivered(&t, to6, N), N);
+    let r = json(&ns, &["set", "add", &iface, "blocked", CLIENT_V6, "--json"]);
+    assert_eq!(r["path"], "delta", "{r}");
+    assert_eq!(udp_delivered(&t, to6, N), 0, "the added IPv6 address is dropped");
+    let r = json(&ns, &["set", "del", &iface, "blocked", CLIENT_V6, "--json"]);
+    assert_eq!(r["path"], "delta", "{r}");
+    assert_eq!(udp_delivered(&t, to6, N), N, "passes again after del");
 
     // reset: the set is the file's again.
     let r = json(&ns, &["set", "reset", &iface, "blocked", "--json"]);

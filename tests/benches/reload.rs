@@ -299,11 +299,12 @@ fn real_world_like(t: &topology::Topology, dir: &Path, inst: &Instance, nft: &dy
         set_json.push(serde_json::json!({"what": what, "path": r.path, "wall_ms": wall, "times_us": reload.times, "nft_add_ms": nft_ms}));
         Ok(())
     };
-    let timed = |op: xdpfw_rules::setedit::SetOp, nets: &[ipnet::IpNet]| -> Result<(instance::SetReport, f64)> {
+    let timed_in = |set: &str, op: xdpfw_rules::setedit::SetOp, nets: &[ipnet::IpNet]| -> Result<(instance::SetReport, f64)> {
         let start = Instant::now();
-        let r = instance::set_update(inst, "v4", op, nets, &ReloadOptions::default())?;
+        let r = instance::set_update(inst, set, op, nets, &ReloadOptions::default())?;
         Ok((r, start.elapsed().as_secs_f64() * 1000.0))
     };
+    let timed = |op, nets: &[ipnet::IpNet]| timed_in("v4", op, nets);
     let add = xdpfw_rules::setedit::SetOp::Add;
     let a = hosts(1);
     let (r, wall) = timed(add, &nets(&a))?;
@@ -349,6 +350,27 @@ fn real_world_like(t: &topology::Topology, dir: &Path, inst: &Instance, nft: &dy
     // nftables' auto-merge may have merged the address into a range already: no delete then.
     let nft_ms = nft(&format!("delete element inet xdpfw_bench blocklist {{ {} }}\n", a[0])).unwrap_or(f64::NAN);
     set_row("`set del` of 1 (vs nft delete element)", &r, wall, nft_ms, &mut out)?;
+    // IPv6 host routes added to the 250k-prefix IPv6 set (both fields' rules name it), beside
+    // `add element` of the same addresses to nftables' IPv6 set.
+    let mut rng6 = StdRng::seed_from_u64(66);
+    let mut hosts6 = |n: usize| -> Vec<std::net::Ipv6Addr> { (0..n).map(|_| std::net::Ipv6Addr::from((rng6.random::<u128>() >> 3) | (1u128 << 125))).collect() };
+    let nets6 = |addrs: &[std::net::Ipv6Addr]| -> Vec<ipnet::IpNet> { addrs.iter().map(|a| ipnet::IpNet::from(std::net::IpAddr::V6(*a))).collect() };
+    let nft_add6 = |addrs: &[std::net::Ipv6Addr]| nft(&format!("add element inet xdpfw_bench v6 {{ {} }}\n", addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")));
+    let a6 = hosts6(1);
+    let (r, wall) = timed_in("v6", add, &nets6(&a6))?;
+    let nft6_one = nft_add6(&a6)?;
+    set_row("`set add` of 1 IPv6, first", &r, wall, nft6_one, &mut out)?;
+    let mut ones = Vec::new();
+    for _ in 0..5 {
+        let (r, wall) = timed_in("v6", add, &nets6(&hosts6(1)))?;
+        ones.push((r, wall));
+    }
+    ones.sort_by(|x, y| x.1.total_cmp(&y.1));
+    set_row("`set add` of 1 IPv6 (in-process; median of 5)", &ones[2].0, ones[2].1, nft6_one, &mut out)?;
+    let many = hosts6(1000);
+    let (r, wall) = timed_in("v6", add, &nets6(&many))?;
+    let nft_ms = nft_add6(&many)?;
+    set_row("`set add` of 1000 IPv6 to the 250k set", &r, wall, nft_ms, &mut out)?;
     let json = serde_json::json!({
         "real_world_like": {
             "set_add": set_json,
