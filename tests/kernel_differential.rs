@@ -955,11 +955,12 @@ fn host_route_heavy_v6_set_agrees_with_the_matcher() {
     let [(_, src_v6_bytes), _] = prog.maps.table_memory(buffer).unwrap();
     let t = image.src_v6.as_ref().unwrap();
     eprintln!(
-        "host-route-heavy IPv6: {n} prefixes -> {} after merging, {} run nodes and {} path nodes in {} lines; \
+        "host-route-heavy IPv6: {n} prefixes -> {} after merging, {} run nodes ({} of them direct) and {} path nodes in {} lines; \
          {:.1} MiB per buffer (the line map, as the kernel accounts it; {:.1} MiB with the top level); \
          parse+compile {compiled:.1?}, install {installed:.1?}",
         t.prefixes,
         t.nodes,
+        t.directs,
         t.paths,
         t.lines.len(),
         src_v6_bytes as f64 / (1 << 20) as f64,

@@ -1287,16 +1287,22 @@ extern "C" fn v6_step<const SRC: bool, const CLASS: u32>(_index: u64, ctx: *mut 
     }
     let (buffer, hi, lo) = (walk.buffer, walk.hi, walk.lo);
     let n = e & dir6::LINE_MASK;
-    let Some(head) = v6_line::<SRC>(CLASS, buffer, n) else { return 1 };
-    let w = &head.words;
     if e & dir6::PATH == 0 {
         let d = (e >> dir6::DEPTH_SHIFT) & 15;
         let byte = if d < 8 { hi >> ((56 - 8 * d) & 63) } else { lo >> ((120 - 8 * d) & 63) } as u32 & 0xff;
-        match run_value(head, n, byte, |i| v6_line::<SRC>(CLASS, buffer, i)) {
+        let next = if e & dir6::DIRECT != 0 {
+            // A direct node: the byte's entry, in the one line that holds it.
+            v6_line::<SRC>(CLASS, buffer, n + (byte >> 4)).map(|l| l.words[(byte & 15) as usize])
+        } else {
+            v6_line::<SRC>(CLASS, buffer, n).and_then(|head| run_value(head, n, byte, |i| v6_line::<SRC>(CLASS, buffer, i)))
+        };
+        match next {
             Some(next) => walk.e = next,
             None => return 1,
         }
     } else {
+        let Some(head) = v6_line::<SRC>(CLASS, buffer, n) else { return 1 };
+        let w = &head.words;
         let pattern_hi = (w[dir6::PATH_PATTERN] as u64) << 32 | w[dir6::PATH_PATTERN + 1] as u64;
         let pattern_lo = (w[dir6::PATH_PATTERN + 2] as u64) << 32 | w[dir6::PATH_PATTERN + 3] as u64;
         let mask_hi = (w[dir6::PATH_MASK] as u64) << 32 | w[dir6::PATH_MASK + 1] as u64;

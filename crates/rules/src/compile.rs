@@ -92,8 +92,9 @@ pub struct V6Table {
     pub top: Vec<u32>,
     pub lines: Vec<DirLine>,
     pub prefixes: usize,
-    /// Run nodes and path nodes.
+    /// Nodes over one byte (run nodes and, of those, direct ones), and path nodes.
     pub nodes: u32,
+    pub directs: u32,
     pub paths: u32,
 }
 
@@ -119,7 +120,11 @@ impl V6Table {
             let head = &self.lines[n as usize];
             if e & dir6::PATH == 0 {
                 let depth = (e >> dir6::DEPTH_SHIFT) & 15;
-                e = leaf_entry(&self.lines, n, (a >> (120 - 8 * depth)) as u32 & 0xff);
+                let b = (a >> (120 - 8 * depth)) as u32 & 0xff;
+                e = match e & dir6::DIRECT {
+                    0 => leaf_entry(&self.lines, n, b),
+                    _ => self.lines[(n + b / 16) as usize].words[(b % 16) as usize],
+                };
             } else {
                 let w = |i: usize| -> u128 { (0..4).fold(0u128, |acc, k| acc << 32 | head.words[i + k] as u128) };
                 if (a ^ w(dir6::PATH_PATTERN)) & w(dir6::PATH_MASK) != 0 {
@@ -258,7 +263,7 @@ fn v6_table_from(entries: &[(u128, u8, u32)], miss_id: u32, base: u32) -> Result
         top[first..first + (1usize << (16 - len))].fill(id);
     }
     let long: Vec<(u128, u8, u32)> = sorted.into_iter().filter(|e| e.1 > 16).collect();
-    let mut b = V6Builder { lines: Vec::new(), nodes: 0, paths: 0, base };
+    let mut b = V6Builder { lines: Vec::new(), nodes: 0, directs: 0, paths: 0, base };
     for group in long.chunk_by(|x, y| x.0 >> 112 == y.0 >> 112) {
         let slot = (group[0].0 >> 112) as usize;
         top[slot] = b.subtree(group, 2, top[slot]);
@@ -270,13 +275,14 @@ fn v6_table_from(entries: &[(u128, u8, u32)], miss_id: u32, base: u32) -> Result
     if b.base as usize + b.lines.len() > dir6::MAX_LINES as usize {
         return Err(CompileError::TooManyLines { file: PathBuf::new(), which: "IPv6", max: dir6::MAX_LINES });
     }
-    Ok(V6Table { top, lines: b.lines, prefixes: entries.len(), nodes: b.nodes, paths: b.paths })
+    Ok(V6Table { top, lines: b.lines, prefixes: entries.len(), nodes: b.nodes, directs: b.directs, paths: b.paths })
 }
 
 /// Writes the nodes of an IPv6 table, children before their parents.
 struct V6Builder {
     lines: Vec<DirLine>,
     nodes: u32,
+    directs: u32,
     paths: u32,
     /// The index the first of `lines` will have in the line map: 0 for a whole table, the end
     /// of the live lines for the delta path's subtrees ([`V6Regions::subtrees`]).
@@ -319,6 +325,13 @@ impl V6Builder {
             values[b] = self.subtree(sub, depth + 1, values[b]);
         }
         self.nodes += 1;
+        let runs = 1 + values.windows(2).filter(|w| w[0] != w[1]).count();
+        if runs >= dir6::DIRECT_RUNS {
+            let first = self.base + self.lines.len() as u32;
+            self.lines.extend(values.chunks(16).map(|v| DirLine { words: v.try_into().unwrap_or_default() }));
+            self.directs += 1;
+            return dir6::NODE | dir6::DIRECT | depth << dir6::DEPTH_SHIFT | first;
+        }
         dir6::NODE | depth << dir6::DEPTH_SHIFT | (self.base + push_leaf(&values, &mut self.lines))
     }
 
@@ -1153,6 +1166,7 @@ mod tests {
     #[test]
     fn v6_table_answers_like_longest_prefix_match() {
         let mut rng = TestRng(6);
+        let mut directs = 0;
         for round in 0..60 {
             let n = 1 + rng.below(if round % 3 == 0 { 3000 } else { 60 }) as usize;
             let shape = round % 5;
@@ -1187,7 +1201,10 @@ mod tests {
             }
             // The walk: two lines per prefix at most on these shapes (host routes take one).
             assert!(t.lines.len() <= 2 * table.len() + 2, "round {round}: {} lines for {} prefixes", t.lines.len(), table.len());
+            directs += t.directs;
         }
+        // Dense nodes (host routes packed in one /64, many short prefixes) are stored direct.
+        assert!(directs > 0, "{directs} direct nodes");
     }
 
     #[test]
@@ -1429,7 +1446,7 @@ mod tests {
             let remap: Vec<u32> = (0..regions.bitmaps.len() as u32).collect();
             let base = 1000;
             let (entries, lines) = regions.subtrees(&remap, base).unwrap();
-            let mut part = V6Table { top: vec![u32::MAX; dir::TOP_ENTRIES as usize], lines: vec![DirLine::default(); base as usize], prefixes: 0, nodes: 0, paths: 0 };
+            let mut part = V6Table { top: vec![u32::MAX; dir::TOP_ENTRIES as usize], lines: vec![DirLine::default(); base as usize], prefixes: 0, nodes: 0, directs: 0, paths: 0 };
             part.lines.extend(lines);
             for (top, e) in entries {
                 part.top[top as usize] = e;

@@ -220,7 +220,11 @@ impl Maps {
             let n = e & dir6::LINE_MASK;
             if e & dir6::PATH == 0 {
                 let depth = (e >> dir6::DEPTH_SHIFT) & 15;
-                e = xdpfw_rules::compile::leaf_entry(&leaf_in(lines, n)?, 0, (a >> (120 - 8 * depth)) as u32 & 0xff);
+                let b = (a >> (120 - 8 * depth)) as u32 & 0xff;
+                e = match e & dir6::DIRECT {
+                    0 => xdpfw_rules::compile::leaf_entry(&leaf_in(lines, n)?, 0, b),
+                    _ => lines.get(n.checked_add(b / 16)?)?.words[(b % 16) as usize],
+                };
             } else {
                 let head = lines.get(n)?;
                 let w = |i: usize| -> u128 { (0..4).fold(0u128, |acc, k| acc << 32 | head.words[i + k] as u128) };
