@@ -374,6 +374,10 @@ fn ipv6_delta_batches_answer_like_a_full_compile() {
         checked += live6_matches_compile(&inst, &rules, &addrs, &format!("batch {batch} ({op}, {} prefixes)", nets.len()));
     }
     assert!(checked > 100_000, "{checked} lookups compared");
+    // Each batch wrote a snapshot with the whole journal: the old ones went (the attach's stays,
+    // and the live one beside the newest set batches the history names).
+    let snapshots = std::fs::read_dir(inst.history().dir().join("snapshots")).unwrap().flatten().filter(|e| e.file_name() != "blobs").count();
+    assert!(snapshots <= control::history::KEEP_SET_SNAPSHOTS + 2, "{snapshots} snapshots after 30 batches");
 
     // A reload of the file (the journal applied, compiled whole) is the ruleset the deltas made.
     let hash = inst.state().unwrap().ruleset.hash;

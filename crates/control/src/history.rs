@@ -36,6 +36,8 @@ pub const SNAPSHOT_JOURNAL: &str = "journal.json";
 pub const JOURNAL: &str = "set-journal.json";
 /// The largest set journal read (about 40 bytes a prefix as JSON: `MAX_JOURNAL_PREFIXES`).
 pub const MAX_JOURNAL_BYTES: u64 = 64 << 20;
+/// Snapshots of `set` batches kept, the newest ones (see [`History::collect_snapshots`]).
+pub const KEEP_SET_SNAPSHOTS: usize = 16;
 
 #[derive(Serialize, Deserialize)]
 struct SnapshotSet {
@@ -549,6 +551,59 @@ impl History {
         written.map(|()| rules)
     }
 
+    /// Removes the snapshots nothing needs any more, and the blobs no snapshot names: those of
+    /// rulesets that are neither `live` nor named by an applied entry of the history, except
+    /// that of `set` entries only the newest [`KEEP_SET_SNAPSHOTS`] count. Every `set` batch
+    /// writes a snapshot with the whole set journal in it, so without this a stream of bans
+    /// (fail2ban, CrowdSec) would fill the disk with copies of a growing journal; a rollback
+    /// targets reloads, not set batches, and keeps them all (as far as the rotated history
+    /// goes). Call with the instance's lock held: every writer of snapshots holds it, so none is
+    /// half-written. Returns how many snapshots went.
+    pub fn collect_snapshots(&self, live: &str) -> Result<usize> {
+        let snapshots = self.dir.join("snapshots");
+        let Ok(dir) = fs::read_dir(&snapshots) else { return Ok(0) };
+        let (names, partial): (Vec<String>, Vec<String>) = dir.flatten().filter_map(|e| e.file_name().into_string().ok()).filter(|n| n != "blobs").partition(|n| !n.starts_with('.'));
+        // Half-written snapshots of a process that died (no writer runs: the lock is held).
+        for name in partial.iter().filter(|n| n.ends_with(".tmp")) {
+            let _ = fs::remove_dir_all(snapshots.join(name));
+        }
+        if names.len() <= KEEP_SET_SNAPSHOTS {
+            return Ok(0);
+        }
+        let mut keep = std::collections::HashSet::from([live.to_string()]);
+        let mut sets = 0;
+        for e in self.entries()?.iter().rev().filter(|e| e.result == Outcome::Applied) {
+            let Some(hash) = &e.hash else { continue };
+            if e.action == Operation::Set {
+                if sets == KEEP_SET_SNAPSHOTS {
+                    continue;
+                }
+                sets += 1;
+            }
+            keep.insert(hash.clone());
+        }
+        let mut removed = 0;
+        for name in names.iter().filter(|n| !keep.contains(*n)) {
+            fs::remove_dir_all(snapshots.join(name)).ctx(|| format!("removing the snapshot {name}"))?;
+            removed += 1;
+        }
+        if removed > 0 {
+            let mut named = std::collections::HashSet::new();
+            for name in names.iter().filter(|n| keep.contains(*n)) {
+                let Ok(bytes) = fs::read(snapshots.join(name).join(SNAPSHOT_SETS)) else { continue };
+                // A snapshot whose sets cannot be read keeps every blob.
+                let Ok(sets) = serde_json::from_slice::<Vec<SnapshotSet>>(&bytes) else { return Ok(removed) };
+                named.extend(sets.into_iter().filter_map(|s| s.blob));
+            }
+            if let Ok(blobs) = fs::read_dir(snapshots.join("blobs")) {
+                for b in blobs.flatten().filter(|b| !named.contains(&*b.file_name().to_string_lossy())) {
+                    fs::remove_file(b.path()).ctx(|| format!("removing the blob {}", b.path().display()))?;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// Makes a snapshot [`Self::derive_snapshot`] wrote durable.
     pub fn sync_snapshot(&self, hash: &str) -> Result<()> {
         let snapshots = self.dir.join("snapshots");
@@ -560,9 +615,10 @@ impl History {
         files::sync_path(&snapshots)
     }
 
-    /// The applied entries with a snapshot, newest first.
+    /// The applied entries with a snapshot (still there: see [`Self::collect_snapshots`]),
+    /// newest first.
     pub fn applied(&self) -> Result<Vec<Entry>> {
-        let mut v: Vec<Entry> = self.entries()?.into_iter().filter(|e| e.result == Outcome::Applied && e.snapshot.is_some()).collect();
+        let mut v: Vec<Entry> = self.entries()?.into_iter().filter(|e| e.result == Outcome::Applied && e.snapshot.as_ref().is_some_and(|s| s.exists())).collect();
         v.reverse();
         Ok(v)
     }
@@ -615,13 +671,21 @@ impl History {
 mod tests {
     use super::*;
 
+    /// The history root of this binary's tests (snapshots load their set files from under it),
+    /// set once for all of them.
+    fn test_root() -> PathBuf {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        let root = std::env::temp_dir().join(format!("xdpfw-history-tests-{}", std::process::id()));
+        // SAFETY: set once, before any test of this binary reads the environment.
+        ONCE.call_once(|| unsafe { std::env::set_var("XDPFW_HISTORY_ROOT", &root) });
+        root
+    }
+
     /// A large set file goes into one blob shared by every snapshot holding it; snapshots load
     /// back to their hash; a blob name that is not a digest is refused.
     #[test]
     fn large_set_files_are_stored_once_by_digest() {
-        let root = std::env::temp_dir().join(format!("xdpfw-history-blobs-{}", std::process::id()));
-        // SAFETY: no other test of this binary reads the environment.
-        unsafe { std::env::set_var("XDPFW_HISTORY_ROOT", &root) };
+        let root = test_root().join("blobs");
         let history = History { dir: root.join("eth9") };
         let src = root.join("src");
         fs::create_dir_all(&src).unwrap();
@@ -652,6 +716,53 @@ mod tests {
         fs::write(snap_a.with_file_name(SNAPSHOT_SETS), bad).unwrap();
         let e = load_rules(&snap_a, xdpfw_rules::Origin::Local).unwrap_err();
         assert!(e.message.contains("not the SHA-256"), "{e}");
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// Old `set` snapshots go (all but the newest `KEEP_SET_SNAPSHOTS`), with the blobs only
+    /// they named and half-written snapshots; the live one, every reload's and the blobs still
+    /// named stay; entries whose snapshot went are no longer offered.
+    #[test]
+    fn old_set_snapshots_and_their_blobs_are_collected() {
+        let root = test_root().join("gc");
+        let history = History { dir: root.join("eth8") };
+        let src = root.join("src");
+        fs::create_dir_all(&src).unwrap();
+        // Rulesets over a big set file (a blob): `n` selects the set's content and a port.
+        let ruleset = |n: u32| {
+            let lines: String = (0..8_000u32).map(|i| format!("10.{}.{}.{}\n", n & 0xff, i >> 8, i & 0xff)).collect();
+            fs::write(src.join("big.txt"), &lines).unwrap();
+            fs::write(src.join("rules.toml"), format!("default = \"pass\"\n[sets.big]\nfile = \"big.txt\"\n[[rule]]\naction = \"drop\"\nsrc = [\"@big\"]\nproto = \"tcp\"\ndport = {}\n", 1000 + n)).unwrap();
+            xdpfw_rules::load(&src.join("rules.toml")).unwrap()
+        };
+        let mut hashes = Vec::new();
+        for n in 0..40u32 {
+            let rs = ruleset(n);
+            let snap = history.snapshot(&rs).unwrap().unwrap();
+            // Two reloads, the rest set batches (the last one live).
+            let op = if n % 20 == 0 { Operation::Reload } else { Operation::Set };
+            history.append(&Entry::applied(op, u64::from(n) + 1, None, &rs.hash, &src.join("rules.toml"), Ok(snap), None)).unwrap();
+            hashes.push((op, rs.hash.clone()));
+        }
+        let snapshots = history.dir().join("snapshots");
+        fs::create_dir_all(snapshots.join(".dead.123.tmp")).unwrap();
+        let live = &hashes.last().unwrap().1;
+        let removed = history.collect_snapshots(live).unwrap();
+        let left: std::collections::BTreeSet<String> = fs::read_dir(&snapshots).unwrap().flatten().map(|e| e.file_name().into_string().unwrap()).filter(|n| n != "blobs").collect();
+        let sets: Vec<&String> = hashes.iter().filter(|(op, _)| *op == Operation::Set).map(|(_, h)| h).collect();
+        let want: std::collections::BTreeSet<String> =
+            hashes.iter().filter(|(op, _)| *op == Operation::Reload).map(|(_, h)| h.clone()).chain(sets[sets.len() - KEEP_SET_SNAPSHOTS..].iter().map(|h| (*h).clone())).collect();
+        assert_eq!(left, want, "the reloads' and the newest set batches' snapshots, nothing half-written");
+        assert_eq!(removed, 40 - want.len());
+        let blobs = fs::read_dir(snapshots.join("blobs")).unwrap().count();
+        assert_eq!(blobs, want.len(), "one blob per snapshot left (each set's content differs)");
+        for h in &want {
+            let back = load_rules(&snapshots.join(h).join("rules.toml"), xdpfw_rules::Origin::Local).unwrap();
+            assert_eq!(&back.hash, h, "a kept snapshot still loads");
+        }
+        assert_eq!(history.applied().unwrap().len(), want.len(), "entries whose snapshot went are not offered");
+        // Nothing more to collect the second time.
+        assert_eq!(history.collect_snapshots(live).unwrap(), 0);
         fs::remove_dir_all(&root).unwrap();
     }
 

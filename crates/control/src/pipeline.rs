@@ -597,6 +597,10 @@ pub(crate) fn retire(
             let _ = fs::remove_file(entry.path());
         }
     }
+    // And the snapshots no one needs (every `set` batch writes one): the lock is held.
+    if let Err(e) = inst.history().collect_snapshots(&next.ruleset.hash) {
+        tracing::warn!("old snapshots in {} could not be removed: {e}", inst.history().dir().display());
+    }
     Ok(report)
 }
 
