@@ -487,7 +487,7 @@ fn random_source_row(fw: &mut PrivateProgram, peers: &mut Peers, rng: &mut StdRn
     let v6: Vec<std::net::Ipv6Addr> = (0..1 << 16).map(|_| std::net::Ipv6Addr::from((rng.random::<u128>() >> 3) | (1u128 << 125))).collect();
     let mut stream = Stream::load(&v4, &v6)?;
     let stream4 = syn_frame(rng, Ipv4Addr::UNSPECIFIED.into(), Ipv4Addr::new(192, 0, 2, 1).into());
-    let stream6 = syn_frame(rng, std::net::Ipv6Addr::UNSPECIFIED.into(), "2001:db8::1".parse().unwrap());
+    let stream6 = syn_frame(rng, std::net::Ipv6Addr::UNSPECIFIED.into(), std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1).into());
     for mib in [1usize, 4, 16, 96] {
         eprintln!("memory: one dependent read of a random line over {mib} MiB (4 KiB pages, userspace pointer chase): {:.1} ns", memory_latency_ns(rng, mib << 20));
     }

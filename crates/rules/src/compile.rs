@@ -840,6 +840,10 @@ pub struct V6Regions {
     tops: Vec<u16>,
 }
 
+/// The top-level entries of some /16s of an IPv6 table and the lines of the nodes under them
+/// ([`V6Regions::subtrees`]).
+pub type Subtrees = (Vec<(u16, u32)>, Vec<DirLine>);
+
 /// See [`V6Regions`]; `tops` sorted.
 pub fn v6_regions(lists: &[Option<&AddrList>], tops: &[u16]) -> V6Regions {
     let mut bitmaps = Bitmaps::new(lists.len());
@@ -856,7 +860,7 @@ impl V6Regions {
     /// every bitmap id `i` written as `remap[i]` (the live buffer's id of the same bitmap) and
     /// the lines numbered from `base` (where they will be written in the line map). `remap`
     /// has an id for each of [`V6Regions::bitmaps`].
-    pub fn subtrees(&self, remap: &[u32], base: u32) -> Result<(Vec<(u16, u32)>, Vec<DirLine>)> {
+    pub fn subtrees(&self, remap: &[u32], base: u32) -> Result<Subtrees> {
         let entries: Vec<(u128, u8, u32)> = self.entries.iter().map(|&(a, l, id)| (a, l, remap[id as usize])).collect();
         let t = v6_table_from(&entries, remap[self.miss as usize], base)?;
         Ok((self.tops.iter().map(|&top| (top, t.top[top as usize])).collect(), t.lines))
