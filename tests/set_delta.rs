@@ -124,6 +124,15 @@ fn delta_batches_answer_like_a_full_compile() {
     }
     assert!(checked > 200_000, "{checked} lookups compared");
 
+    // A batch of host routes over the whole space: a new chunk for each /16 it touches (as many
+    // as this set's chunk map has free; a 1M-prefix set's has about 14,000: the reload bench's
+    // 10,000 addresses).
+    let wide: Vec<Ipv4Net> = (0..600).map(|_| net(rng.next() as u32 | 0x0100_0000, 32)).collect();
+    let r = control::set_update(&inst, "feed", SetOp::Add, &wide.iter().copied().map(IpNet::V4).collect::<Vec<_>>(), &ReloadOptions::default()).unwrap();
+    assert_eq!(r.path, "delta", "{:?}", r.why_reload);
+    let addrs: Vec<u32> = wide.iter().flat_map(|p| [u32::from(p.network()), u32::from(p.network()) ^ 1, u32::from(p.network()) ^ 0x100]).collect();
+    live_matches_compile(&inst, &rules, &addrs, "after a batch over the whole space");
+
     // A reload that fails its self-tests writes the inactive buffer and does not flip: the next
     // batch must not take that buffer for the live one's twin.
     let failing = rules.with_file_name("failing.toml");

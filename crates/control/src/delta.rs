@@ -69,8 +69,9 @@ use crate::{
     tables_cache,
 };
 
-/// Most /16s a batch may touch on the delta path (a /4 touches 4096).
-pub(crate) const MAX_REGIONS: usize = 4096;
+/// Most /16s of a table a batch may touch on the delta path (a /2 touches 16,384; 10,000
+/// random host routes about 9,300).
+pub(crate) const MAX_REGIONS: usize = 1 << 14;
 
 const CONTEXT: &str = "delta-context.json";
 const TABLES: &str = "delta-tables.json";
@@ -720,7 +721,7 @@ pub(crate) fn try_set_update(inst: &Instance, name: &str, op: SetOp, prefixes: &
         return not("the set journal is full");
     }
     let Some(tops) = tops_of(prefixes) else {
-        return not("the batch touches more than 4096 /16s of a table");
+        return not(&format!("the batch touches more than {MAX_REGIONS} /16s of a table"));
     };
     let new_hash = journaled_hash(&ctx.text_hash, &new_journal, |n| ctx.sets.contains_key(n));
     times.parse_us = us(t.elapsed());
