@@ -123,8 +123,10 @@ fn a_long_lived_process_reads_no_unchanged_set_file() {
     use xdpfw_control::{self as control, Instance, ReloadOptions};
     let dir = TempDir::new("tables-cache-proc");
     let (rules, set) = (dir.0.join("rules.toml"), dir.0.join("big.txt"));
-    // 20,000 /24s: about 250 KB, above the 64 KiB from which set files are kept.
-    let lines = |first: u8| -> String { (0..20_000u32).map(|i| format!("{first}.{}.{}.0/24\n", i >> 8 & 0xff, i & 0xff)).collect() };
+    // 20,000 /24s: about 250 KB, above the 64 KiB from which set files are kept; texts of this
+    // run alone (a comment of fixed width), so none was parsed and kept on disk by an earlier one.
+    let run = format!("# run {:010} {:020}\n", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    let lines = |first: u8| -> String { std::iter::once(run.clone()).chain((0..20_000u32).map(|i| format!("{first}.{}.{}.0/24\n", i >> 8 & 0xff, i & 0xff))).collect() };
     std::fs::write(&set, lines(10)).unwrap();
     let write_rules = |port: u16| {
         std::fs::write(
@@ -180,4 +182,56 @@ fn a_long_lived_process_reads_no_unchanged_set_file() {
     let tm = reload(7007);
     assert!(!tm.tables_reused && files(&tm) == (1, 1, 0), "{tm:?}");
     control::detach(&iface).unwrap();
+}
+
+/// A fresh `loader reload` beside a large set file it has seen before (another process parsed
+/// it and kept what it parsed, by the text's digest): read and hashed, not parsed; and a text
+/// changed by one line is parsed. A kept file that does not check out (damaged on disk) is
+/// parsed again, with the same result. Asserted on the reloads' counters and verdicts.
+#[test]
+fn a_new_process_does_not_parse_a_set_file_parsed_before() {
+    if !root_or_skip() {
+        return;
+    }
+    let dir = TempDir::new("tables-cache-disk");
+    let (rules, set) = (dir.0.join("rules.toml"), dir.0.join("big.txt"));
+    // Above the 64 KiB from which set files are kept; a text of this run alone.
+    let run = format!("# run {} {:?}\n", std::process::id(), std::time::SystemTime::now());
+    let lines = |extra: &str| -> String { std::iter::once(run.clone()).chain((0..20_000u32).map(|i| format!("10.{}.{}.0/24\n", i >> 8 & 0xff, i & 0xff))).chain([extra.to_string()]).collect() };
+    let write_rules = |port: u16| {
+        std::fs::write(&rules, format!("default = \"pass\"\n[sets.big]\nfile = \"big.txt\"\n[[rule]]\naction = \"drop\"\nsrc = [\"@big\"]\n[[rule]]\naction = \"drop\"\nproto = \"udp\"\ndport = {port}\n")).unwrap();
+    };
+    std::fs::write(&set, lines("")).unwrap();
+    write_rules(7000);
+    let mut t = Topology::new("tcdisk").expect("topology");
+    t.detach_on_drop(loader_bin());
+    let (ns, iface) = (t.server_ns.clone(), t.server_if.clone());
+    loader_ok(&ns, &["attach", &iface, "--rules", rules.to_str().unwrap()]);
+    let reload = |port: u16| {
+        write_rules(port);
+        let r = json(&ns, &["reload", rules.to_str().unwrap(), "--iface", &iface, "--json"]);
+        let n = |k: &str| r["times"][k].as_u64().unwrap_or_else(|| panic!("times.{k} in {r}"));
+        (n("set_files_read"), n("set_files_parsed"))
+    };
+    // The attach parsed it; this process is new: read, not parsed.
+    assert_eq!(reload(7001), (1, 0));
+    // One line more: parsed; then kept, so the next process does not parse it.
+    std::fs::write(&set, lines(&format!("{CLIENT_V4}\n"))).unwrap();
+    assert_eq!(reload(7002), (1, 1));
+    assert_eq!(udp_delivered(&t, SocketAddr::new(ip(SERVER_V4), 7000), N), 0, "the client is in the set");
+    assert_eq!(reload(7003), (1, 0));
+    assert_eq!(udp_delivered(&t, SocketAddr::new(ip(SERVER_V4), 7000), N), 0, "still, from the kept prefixes");
+    // Every kept file damaged (one byte in its records): each is parsed again, the same.
+    let kept = std::path::Path::new("/var/lib/xdpfw").join(xdpfw_control::history::PARSED_SETS);
+    for e in std::fs::read_dir(&kept).unwrap().flatten() {
+        let mut bytes = std::fs::read(e.path()).unwrap();
+        let at = bytes.len() - 3;
+        bytes[at] ^= 0x01;
+        std::fs::write(e.path(), bytes).unwrap();
+    }
+    assert_eq!(reload(7004), (1, 1));
+    assert_eq!(udp_delivered(&t, SocketAddr::new(ip(SERVER_V4), 7000), N), 0);
+    assert_eq!(reload(7005), (1, 0));
+    // At most 8 parsed files are kept.
+    assert!(std::fs::read_dir(&kept).unwrap().count() <= 8);
 }

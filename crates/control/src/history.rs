@@ -60,6 +60,26 @@ fn hex(digest: &[u8; 32]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Where parsed large set files are kept for later processes (see
+/// `xdpfw_rules::keep_parsed_on_disk`): a private folder under the history root, so a `loader
+/// reload` from the command line beside an unchanged 1M-line set file does not parse it again.
+pub const PARSED_SETS: &str = "parsed-sets";
+
+/// Turns on the keeping of parsed set files in [`PARSED_SETS`], once per process, when its
+/// folder can be made private to this user (not for a user who cannot write the history root:
+/// such a process parses as before).
+fn keep_parsed_sets() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let root = history_root();
+        let dir = root.join(PARSED_SETS);
+        match files::private_dir(&root).and_then(|()| files::private_dir(&dir)) {
+            Ok(()) => xdpfw_rules::keep_parsed_on_disk(dir),
+            Err(e) => tracing::debug!("parsed set files are not kept on disk: {e}"),
+        }
+    });
+}
+
 /// Loads a rules file; a snapshot in the history (a `rules.toml` with a `sets.json` beside it)
 /// is loaded from the texts it holds, exactly the bytes that went live, whatever has become of
 /// the set files it was made from, with the set journal that was applied to them (its
@@ -134,6 +154,7 @@ fn is_snapshot(path: &Path) -> bool {
 
 /// The texts of a rules file or a snapshot, parsed (no journal applied).
 fn load_texts(path: &Path, origin: xdpfw_rules::Origin) -> std::result::Result<Ruleset, xdpfw_rules::RulesError> {
+    keep_parsed_sets();
     let sets = path.with_file_name(SNAPSHOT_SETS);
     if !is_snapshot(path) {
         return xdpfw_rules::load_from(path, origin);

@@ -691,6 +691,17 @@ pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<String> {
 
 /// [`read_bounded`], with the open file's stamps before and after the read (see `setcache`).
 fn read_bounded_stamped(path: &Path, max: u64) -> std::io::Result<(String, Option<crate::setcache::Stamp>, Option<crate::setcache::Stamp>)> {
+    let (bytes, before, after) = read_bytes_stamped(path, max)?;
+    let text = String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, NotUtf8::at(e.as_bytes(), e.utf8_error().valid_up_to())))?;
+    Ok((text, before, after))
+}
+
+/// [`read_bounded`] of any bytes.
+pub(crate) fn read_bytes_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    read_bytes_stamped(path, max).map(|(bytes, _, _)| bytes)
+}
+
+fn read_bytes_stamped(path: &Path, max: u64) -> std::io::Result<(Vec<u8>, Option<crate::setcache::Stamp>, Option<crate::setcache::Stamp>)> {
     use std::io::Read;
     let mut opts = std::fs::File::options();
     opts.read(true);
@@ -716,8 +727,7 @@ fn read_bounded_stamped(path: &Path, max: u64) -> std::io::Result<(String, Optio
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("grew beyond the limit of {max} bytes while read")));
     }
     let after = file.metadata().ok().and_then(|m| crate::setcache::Stamp::of(&m));
-    let text = String::from_utf8(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, NotUtf8::at(e.as_bytes(), e.utf8_error().valid_up_to())))?;
-    Ok((text, before, after))
+    Ok((bytes, before, after))
 }
 
 /// A file that is not UTF-8, with where its first invalid byte is (1-based line and column,
@@ -1430,7 +1440,21 @@ fn load_set(
             let digest = sha256(text.as_bytes());
             hasher.part(file.get_ref().as_bytes(), &digest);
             let start = out.len();
-            parse_set_lines(&text, &path, &mut out)?;
+            // Parsed by an earlier process (see `setcache::keep_parsed_on_disk`), or parsed now.
+            let large = text.len() >= crate::setcache::MIN_TEXT;
+            let parsed = match large.then(|| crate::setcache::from_disk(&digest)).flatten() {
+                Some(prefixes) => {
+                    out.extend(prefixes);
+                    false
+                }
+                None => {
+                    parse_set_lines(&text, &path, &mut out)?;
+                    if large {
+                        crate::setcache::to_disk(&digest, &out[start..]);
+                    }
+                    true
+                }
+            };
             let text: Arc<str> = Arc::from(text.as_str());
             if text.len() >= crate::setcache::MIN_TEXT {
                 if start == 0 {
@@ -1442,7 +1466,7 @@ fn load_set(
                 }
             }
             if provided.is_none() {
-                crate::setcache::note_read(before, after, read_start, text.len(), digest, true);
+                crate::setcache::note_read(before, after, read_start, text.len(), digest, parsed);
             }
             digests.push((key.to_string(), digest));
             texts.push((key.to_string(), text));

@@ -21,7 +21,7 @@ mod setcache;
 
 pub use error::{CompileError, SpecError};
 pub use lang::*;
-pub use setcache::{SetFileCounts, TRUST_AGE, forget_file, set_file_counts, trusted_digest};
+pub use setcache::{SetFileCounts, TRUST_AGE, forget_file, keep_parsed_on_disk, set_file_counts, trusted_digest};
 
 /// The first 12 characters of a content hash, as shown to people. Char-safe: a hash read from a
 /// state file an operator edited may be anything.

@@ -27,7 +27,7 @@
 
 use std::{
     fs::Metadata,
-    path::Path,
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -133,6 +133,116 @@ pub(crate) fn store(text: &Arc<str>, prefixes: Arc<Vec<IpNet>>, digest: [u8; 32]
         cache.remove(0);
     }
     cache.push(Entry { text: text.clone(), prefixes, digest });
+}
+
+/// The folder where parsed large set files are kept for later processes (`None`: not kept);
+/// see [`keep_parsed_on_disk`].
+static DISK: Mutex<Option<PathBuf>> = Mutex::new(None);
+/// Parsed set files kept on disk, the most recently used ones.
+const DISK_ENTRIES: usize = 8;
+/// The first bytes of a parsed set file on disk.
+const DISK_MAGIC: &[u8] = b"xdpfw-parsed-set-1\n";
+
+/// Keeps the prefixes of large set files, once parsed, in `dir` (one file per text, named by
+/// its SHA-256; the 8 most recently used), so that a later process given the same text (a
+/// `loader reload` from the command line beside an unchanged 1M-line set file, a daemon's
+/// start, a snapshot's blob) reads and hashes it but does not parse it again: parsing is a pure
+/// function of the text. `dir` must be a folder only this user can write (the caller creates
+/// it so, see `xdpfw_control`); what is read back is checked record by record, and a file that
+/// does not check out is removed and the text parsed.
+pub fn keep_parsed_on_disk(dir: PathBuf) {
+    *lock(&DISK) = Some(dir);
+}
+
+fn disk_file(digest: &[u8; 32]) -> Option<PathBuf> {
+    let dir = lock(&DISK).clone()?;
+    Some(dir.join(digest.iter().map(|b| format!("{b:02x}")).collect::<String>()))
+}
+
+/// The prefixes parsed from the text of `digest` by an earlier process, if kept on disk.
+pub(crate) fn from_disk(digest: &[u8; 32]) -> Option<Vec<IpNet>> {
+    let path = disk_file(digest)?;
+    let limit = (DISK_MAGIC.len() + 64 + 18 * xdpfw_common::MAX_PREFIXES as usize) as u64;
+    let bytes = crate::lang::read_bytes_bounded(&path, limit).ok()?;
+    let parsed = decode(&bytes, digest);
+    match &parsed {
+        // Used now: the last to go.
+        Some(_) => _ = std::fs::File::options().write(true).open(&path).and_then(|f| f.set_modified(SystemTime::now())),
+        None => _ = std::fs::remove_file(&path),
+    }
+    parsed
+}
+
+/// Keeps `prefixes`, parsed from the text of `digest`, on disk (if a folder is set), dropping
+/// the least recently used files beyond [`DISK_ENTRIES`]. A failure keeps nothing, silently:
+/// this is a cache.
+pub(crate) fn to_disk(digest: &[u8; 32], prefixes: &[IpNet]) {
+    let Some(path) = disk_file(digest) else { return };
+    let Some(dir) = path.parent() else { return };
+    let mut records = Vec::with_capacity(6 * prefixes.len());
+    for p in prefixes {
+        match p {
+            IpNet::V4(n) => records.extend([4, n.prefix_len()].iter().chain(&n.network().octets())),
+            IpNet::V6(n) => records.extend([6, n.prefix_len()].iter().chain(&n.network().octets())),
+        }
+    }
+    let mut bytes = Vec::with_capacity(DISK_MAGIC.len() + 64 + records.len());
+    bytes.extend_from_slice(DISK_MAGIC);
+    bytes.extend_from_slice(digest);
+    bytes.extend_from_slice(&crate::lang::sha256(&records));
+    bytes.extend_from_slice(&records);
+    // Written aside and renamed into place: a reader sees a whole file or none.
+    let tmp = dir.join(format!(".{}.{}.tmp", std::process::id(), READ.load(Ordering::Relaxed)));
+    let written = (|| -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut f = std::fs::File::options().write(true).create_new(true).open(&tmp)?;
+        f.write_all(&bytes)?;
+        std::fs::rename(&tmp, &path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let mut files: Vec<(SystemTime, PathBuf)> = entries.flatten().filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path()))).collect();
+    if files.len() > DISK_ENTRIES {
+        files.sort();
+        for (_, old) in &files[..files.len() - DISK_ENTRIES] {
+            let _ = std::fs::remove_file(old);
+        }
+    }
+}
+
+/// The prefixes of a parsed set file's bytes: the magic, the text's digest (`digest`), the
+/// records' SHA-256, the records. `None` unless all of it checks out and every record is a
+/// prefix as the parser gives it.
+fn decode(bytes: &[u8], digest: &[u8; 32]) -> Option<Vec<IpNet>> {
+    let rest = bytes.strip_prefix(DISK_MAGIC)?.strip_prefix(&digest[..])?;
+    let (sum, mut rest) = rest.split_first_chunk::<32>()?;
+    if crate::lang::sha256(rest) != *sum {
+        return None;
+    }
+    let mut out = Vec::with_capacity(rest.len() / 6);
+    while let [family, len, tail @ ..] = rest {
+        let (net, tail) = match family {
+            4 => {
+                let (a, tail) = tail.split_first_chunk::<4>()?;
+                (IpNet::V4(ipnet::Ipv4Net::new((*a).into(), *len).ok()?), tail)
+            }
+            6 => {
+                let (a, tail) = tail.split_first_chunk::<16>()?;
+                (IpNet::V6(ipnet::Ipv6Net::new((*a).into(), *len).ok()?), tail)
+            }
+            _ => return None,
+        };
+        // As the parser gives them: no host bits.
+        if net.addr() != net.network() {
+            return None;
+        }
+        out.push(net);
+        rest = tail;
+    }
+    rest.is_empty().then_some(out)
 }
 
 /// The stamps of the file at `path` now (following symlinks, as an open does).
