@@ -22,4 +22,6 @@ run set add vsb0 big 198.18.0.2
 run set add vsb0 big --file batch10k.txt
 run set del vsb0 f2b 198.18.0.1
 run reload rules.toml --iface vsb0
+# Again: a new process beside the same set files (their parsed prefixes kept on disk).
+run reload rules.toml --iface vsb0
 $L --netns xsetb detach vsb0

@@ -151,17 +151,27 @@ impl SetChanges {
         edit
     }
 
-    /// The set's contents with these changes, from the ruleset's own `base`.
+    /// The set's contents with these changes, from the ruleset's own `base`. One pass over the
+    /// base, looking each prefix up among the changes only (a set of 1M prefixes with a few
+    /// thousand changes: no table of the million is built). The tables keep std's randomly
+    /// keyed hasher: the changes come from ban feeds, which must not be able to pick colliding
+    /// prefixes.
     pub fn apply(&self, base: &[IpNet]) -> Vec<IpNet> {
+        let deleted: HashSet<IpNet> = self.deleted.iter().copied().collect();
         let mut out: Vec<IpNet> = match &self.replace {
-            Some(r) => r.iter().copied().collect(),
-            None => base.iter().copied().filter(|p| !self.deleted.contains(p)).collect(),
+            Some(r) => r.iter().copied().filter(|p| !deleted.contains(p)).collect(),
+            None if deleted.is_empty() => base.to_vec(),
+            None => base.iter().copied().filter(|p| !deleted.contains(p)).collect(),
         };
-        if self.replace.is_some() {
-            out.retain(|p| !self.deleted.contains(p));
+        // The added prefixes the contents lack already.
+        let mut fresh: HashSet<IpNet> = self.added.iter().copied().collect();
+        for p in &out {
+            if fresh.is_empty() {
+                break;
+            }
+            fresh.remove(p);
         }
-        let have: HashSet<IpNet> = if self.added.is_empty() { HashSet::new() } else { out.iter().copied().collect() };
-        out.extend(self.added.iter().copied().filter(|p| !have.contains(p)));
+        out.extend(self.added.iter().copied().filter(|p| fresh.contains(p)));
         out
     }
 
