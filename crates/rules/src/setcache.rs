@@ -23,7 +23,11 @@
 //!   keep ctime (some network and FUSE ones), and the system clock set back by hand to exactly a
 //!   file's earlier ctime. The daemon's periodic check reads the set files' content and drops a
 //!   record the content contradicts ([`forget_file`]), so such a change is still seen within
-//!   the check's interval. A short-lived `loader` command gains nothing from any of this.
+//!   the check's interval.
+//!
+//! A short-lived `loader` command gains nothing from those two, but from a third, across
+//! processes: what a large text parsed to, kept on disk by the text's digest
+//! ([`keep_parsed_on_disk`]); such a command still reads and hashes the file.
 
 use std::{
     fs::Metadata,
@@ -140,8 +144,9 @@ pub(crate) fn store(text: &Arc<str>, prefixes: Arc<Vec<IpNet>>, digest: [u8; 32]
 static DISK: Mutex<Option<PathBuf>> = Mutex::new(None);
 /// Parsed set files kept on disk, the most recently used ones.
 const DISK_ENTRIES: usize = 8;
-/// The first bytes of a parsed set file on disk.
-const DISK_MAGIC: &[u8] = b"xdpfw-parsed-set-2\n";
+/// The first bytes of a parsed set file on disk: the format, and the version of the parser
+/// that wrote it (another version parses the text again).
+const DISK_MAGIC: &[u8] = concat!("xdpfw-parsed-set-2 ", env!("CARGO_PKG_VERSION"), "\n").as_bytes();
 
 /// Keeps the prefixes of large set files, once parsed, in `dir` (one file per text, named by
 /// its SHA-256; the 8 most recently used), so that a later process given the same text (a
