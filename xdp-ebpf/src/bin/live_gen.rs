@@ -29,23 +29,8 @@ pub fn live_gen(ctx: XdpContext) -> u32 {
     let Some(&new) = LIVE_SOURCES.get(unsafe { bpf_get_prandom_u32() } & 0xffff) else {
         return xdp_action::XDP_ABORTED;
     };
-    // SAFETY: 34 bytes checked above: Ethernet, then the IPv4 header up to the source address
-    // (checksum at 24, source at 26). Unaligned accesses, as the frame's offsets are.
-    unsafe {
-        let p = start as *mut u8;
-        let src = p.add(26) as *mut u32;
-        let sum = p.add(24) as *mut u16;
-        let old = src.read_unaligned();
-        src.write_unaligned(new);
-        // RFC 1624: HC' = ~(~HC + ~m + m'), over 16-bit words. The one's-complement sum is the
-        // same in either byte order, so the words are summed as loaded.
-        let mut acc = u32::from(!sum.read_unaligned());
-        acc += u32::from(!(old as u16)) + u32::from(!((old >> 16) as u16));
-        acc += u32::from(new as u16) + (new >> 16);
-        acc = (acc & 0xffff) + (acc >> 16);
-        acc = (acc & 0xffff) + (acc >> 16);
-        sum.write_unaligned(!(acc as u16));
-    }
+    // SAFETY: 34 bytes checked above: Ethernet, then the IPv4 header up to the source address.
+    unsafe { xdp_ebpf::set_ipv4_source(start as *mut u8, new) };
     xdp_action::XDP_TX
 }
 

@@ -63,17 +63,7 @@ pub fn stream_feed(ctx: XdpContext) -> u32 {
             let Some(&new) = STREAM_V4.get(i) else {
                 return xdp_action::XDP_ABORTED;
             };
-            let src = p.add(26) as *mut u32;
-            let sum = p.add(24) as *mut u16;
-            let old = src.read_unaligned();
-            src.write_unaligned(new);
-            // RFC 1624, as in live_gen: HC' = ~(~HC + ~m + m') over 16-bit words.
-            let mut acc = u32::from(!sum.read_unaligned());
-            acc += u32::from(!(old as u16)) + u32::from(!((old >> 16) as u16));
-            acc += u32::from(new as u16) + (new >> 16);
-            acc = (acc & 0xffff) + (acc >> 16);
-            acc = (acc & 0xffff) + (acc >> 16);
-            sum.write_unaligned(!(acc as u16));
+            xdp_ebpf::set_ipv4_source(p, new);
         }
         STREAM_TARGET.tail_call(&ctx, 0);
     }
