@@ -155,15 +155,7 @@ fn delta_batches_answer_like_a_full_compile() {
 /// compile of the rules file with the instance's journal gives it, and that the live hash is
 /// that ruleset's; returns the lookups compared.
 fn live_matches_compile(inst: &Instance, rules: &std::path::Path, addrs: &[u32], what: &str) -> usize {
-    let state = inst.state().unwrap();
-    let journal = inst.history().journal().unwrap();
-    let rs = control::history::load_rules_with(rules, xdpfw_rules::Origin::Local, &journal).unwrap();
-    assert_eq!(rs.hash, state.ruleset.hash, "{what}: the live hash is the file's with the journal");
-    let img = xdpfw_rules::compile::compile(&rs).unwrap();
-    let maps = xdpfw_kernel::Maps::open(&inst.pin_dir).unwrap();
-    let live = buffer_of(maps.generation());
-    assert_eq!(maps.header(live).generation, maps.generation(), "{what}: the live buffer is complete");
-    let bitmaps = maps.bitmaps(live, state.ruleset.bitmaps);
+    let (img, maps, bitmaps) = compiled_and_live(inst, rules, what);
     let mut checked = 0;
     for (field, table) in [(0, img.src_v4.as_ref()), (1, img.dst_v4.as_ref())].into_iter().filter_map(|(f, t)| Some((f, t?))) {
         let lt = maps.live_table(field).unwrap();
@@ -176,6 +168,21 @@ fn live_matches_compile(inst: &Instance, rules: &std::path::Path, addrs: &[u32],
         }
     }
     checked
+}
+
+/// A full compile of the rules file with the instance's journal (checked to hash as the live
+/// ruleset does), the maps, and the live buffer's bitmaps (checked complete).
+fn compiled_and_live(inst: &Instance, rules: &std::path::Path, what: &str) -> (xdpfw_rules::compile::Image, xdpfw_kernel::Maps, Vec<xdpfw_common::Bitmap>) {
+    let state = inst.state().unwrap();
+    let journal = inst.history().journal().unwrap();
+    let rs = control::history::load_rules_with(rules, xdpfw_rules::Origin::Local, &journal).unwrap();
+    assert_eq!(rs.hash, state.ruleset.hash, "{what}: the live hash is the file's with the journal");
+    let img = xdpfw_rules::compile::compile(&rs).unwrap();
+    let maps = xdpfw_kernel::Maps::open(&inst.pin_dir).unwrap();
+    let live = buffer_of(maps.generation());
+    assert_eq!(maps.header(live).generation, maps.generation(), "{what}: the live buffer is complete");
+    let bitmaps = maps.bitmaps(live, state.ruleset.bitmaps);
+    (img, maps, bitmaps)
 }
 
 /// `loader set` killed (SIGKILL) at random moments of its batches, 60 times: the live buffer is
@@ -401,15 +408,7 @@ fn ipv6_delta_batches_answer_like_a_full_compile() {
 
 /// [`live_matches_compile`] for the IPv6 tables.
 fn live6_matches_compile(inst: &Instance, rules: &std::path::Path, addrs: &[u128], what: &str) -> usize {
-    let state = inst.state().unwrap();
-    let journal = inst.history().journal().unwrap();
-    let rs = control::history::load_rules_with(rules, xdpfw_rules::Origin::Local, &journal).unwrap();
-    assert_eq!(rs.hash, state.ruleset.hash, "{what}: the live hash is the file's with the journal");
-    let img = xdpfw_rules::compile::compile(&rs).unwrap();
-    let maps = xdpfw_kernel::Maps::open(&inst.pin_dir).unwrap();
-    let live = buffer_of(maps.generation());
-    assert_eq!(maps.header(live).generation, maps.generation(), "{what}: the live buffer is complete");
-    let bitmaps = maps.bitmaps(live, state.ruleset.bitmaps);
+    let (img, maps, bitmaps) = compiled_and_live(inst, rules, what);
     let mut checked = 0;
     for (field, table) in [(0, img.src_v6.as_ref()), (1, img.dst_v6.as_ref())].into_iter().filter_map(|(f, t)| Some((f, t?))) {
         let lt = maps.live_v6(field).unwrap();
