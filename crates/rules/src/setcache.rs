@@ -222,13 +222,12 @@ pub(crate) fn to_disk(digest: &[u8; 32], prefixes: &[IpNet]) {
 /// folder is this user's alone, so no one picks its contents, and a SHA-256 of them would cost
 /// as much as a quarter of the parse it saves on this machine.
 fn checksum(records: &[u8]) -> u64 {
-    let mut words = records.chunks_exact(8);
+    let (words, rest) = records.as_chunks::<8>();
     let mut h = records.len() as u64;
-    for w in &mut words {
-        let w = u64::from_le_bytes(w.try_into().unwrap_or_default());
-        h = (h ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
+    for w in words {
+        h = (h ^ u64::from_le_bytes(*w)).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
     }
-    for &b in words.remainder() {
+    for &b in rest {
         h = (h ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
     }
     h
