@@ -82,6 +82,20 @@ fn setup(rng: &mut Rng, name: &str) -> (TempDir, std::path::PathBuf, BTreeSet<Ip
     (dir, rules, feed, t)
 }
 
+/// Moves this thread into the server namespace of `t`, for the rest of the test.
+fn enter_server_ns(t: &Topology) {
+    let ns = std::fs::File::open(std::path::Path::new("/run/netns").join(&t.server_ns)).unwrap();
+    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+}
+
+/// `rules` attached to the server end of `t` from inside its namespace (where this thread then
+/// works), and its instance.
+fn attach_inside(t: &Topology, rules: &std::path::Path) -> Instance {
+    enter_server_ns(t);
+    control::attach(&t.server_if, Some(rules), xdpfw_kernel::AttachMode::Auto).unwrap();
+    Instance::find(Some(&t.server_if)).unwrap()
+}
+
 #[test]
 fn delta_batches_answer_like_a_full_compile() {
     if !root_or_skip() {
@@ -89,12 +103,7 @@ fn delta_batches_answer_like_a_full_compile() {
     }
     let mut rng = Rng(7);
     let (_dir, rules, feed, t) = setup(&mut rng, "setdelta");
-    let iface = t.server_if.clone();
-    // This thread works inside the server namespace from here on.
-    let ns = std::fs::File::open(std::path::Path::new("/run/netns").join(&t.server_ns)).unwrap();
-    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-    control::attach(&iface, Some(&rules), xdpfw_kernel::AttachMode::Auto).unwrap();
-    let inst = Instance::find(Some(&iface)).unwrap();
+    let inst = attach_inside(&t, &rules);
 
     let mut present: Vec<Ipv4Net> = feed.iter().copied().collect();
     let mut checked = 0usize;
@@ -229,8 +238,7 @@ fn killed_set_batches_leave_a_consistent_instance() {
     }
     eprintln!("a batch takes {whole} us; batches that finished before their kill, by path: {paths:?}");
 
-    let ns_file = std::fs::File::open(std::path::Path::new("/run/netns").join(&ns)).unwrap();
-    nix::sched::setns(ns_file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    enter_server_ns(&t);
     let inst = Instance::find(Some(&iface)).unwrap();
     let batch: Vec<IpNet> = (0..20).map(|_| IpNet::V4(near(&mut rng, &present))).collect();
     let r = control::set_update(&inst, "feed", SetOp::Add, &batch, &ReloadOptions::default()).unwrap();
@@ -266,10 +274,7 @@ fn self_tests_are_proven_on_the_delta_path() {
     .unwrap();
     let mut t = Topology::new("setproof").expect("topology");
     t.detach_on_drop(loader_bin());
-    let ns = std::fs::File::open(std::path::Path::new("/run/netns").join(&t.server_ns)).unwrap();
-    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-    control::attach(&t.server_if, Some(&rules), xdpfw_kernel::AttachMode::Auto).unwrap();
-    let inst = Instance::find(Some(&t.server_if)).unwrap();
+    let inst = attach_inside(&t, &rules);
     let opts = ReloadOptions::default();
 
     let r = control::set_update(&inst, "feed", SetOp::Add, &[IpNet::V4(net(0x0a01_0203, 32))], &opts).unwrap();
@@ -351,10 +356,7 @@ fn ipv6_delta_batches_answer_like_a_full_compile() {
     .unwrap();
     let mut t = Topology::new("setdelta6").expect("topology");
     t.detach_on_drop(loader_bin());
-    let ns = std::fs::File::open(std::path::Path::new("/run/netns").join(&t.server_ns)).unwrap();
-    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-    control::attach(&t.server_if, Some(&rules), xdpfw_kernel::AttachMode::Auto).unwrap();
-    let inst = Instance::find(Some(&t.server_if)).unwrap();
+    let inst = attach_inside(&t, &rules);
 
     let mut present: Vec<Ipv6Net> = feed.iter().copied().collect();
     let v4: Vec<Ipv4Net> = v4.into_iter().collect();
