@@ -111,30 +111,7 @@ impl V6Table {
 
     /// The entry of `a`, as the kernel looks it up (the top level, then node by node).
     pub fn lookup(&self, a: u128) -> u32 {
-        let mut e = self.top[(a >> 112) as usize];
-        for _ in 0..dir6::MAX_STEPS {
-            if e & dir6::NODE == 0 {
-                return e;
-            }
-            let n = e & dir6::LINE_MASK;
-            let head = &self.lines[n as usize];
-            if e & dir6::PATH == 0 {
-                let depth = (e >> dir6::DEPTH_SHIFT) & 15;
-                let b = (a >> (120 - 8 * depth)) as u32 & 0xff;
-                e = match e & dir6::DIRECT {
-                    0 => leaf_entry(&self.lines, n, b),
-                    _ => self.lines[(n + b / 16) as usize].words[(b % 16) as usize],
-                };
-            } else {
-                let w = |i: usize| -> u128 { (0..4).fold(0u128, |acc, k| acc << 32 | head.words[i + k] as u128) };
-                if (a ^ w(dir6::PATH_PATTERN)) & w(dir6::PATH_MASK) != 0 {
-                    return head.words[dir6::PATH_MISS];
-                }
-                e = head.words[dir6::PATH_CHILD];
-            }
-        }
-        assert!(e & dir6::NODE == 0, "a walk longer than dir6::MAX_STEPS");
-        e
+        v6_walk(self.top[(a >> 112) as usize], a, |i| self.lines.get(i as usize).copied()).expect("a walk within the table and dir6::MAX_STEPS")
     }
 }
 
@@ -147,15 +124,50 @@ impl Image {
 
 /// Entry `b` of the leaf whose first line is `n` (the kernel's `leaf_entry`, in Rust).
 pub fn leaf_entry(lines: &[DirLine], n: u32, b: u32) -> u32 {
-    let head = &lines[n as usize];
+    run_entry(&lines[n as usize], b, |k| lines.get((n + 1 + k) as usize).copied()).expect("a leaf within the table")
+}
+
+/// Entry `b` of the leaf (or IPv6 run node, the same format) whose first line is `head`, the
+/// further lines read by `further` (0: the line after the head); `None` when one is missing.
+fn run_entry(head: &DirLine, b: u32, further: impl Fn(u32) -> Option<DirLine>) -> Option<u32> {
     let k = ((b >> 6) & 3) as usize;
     let bits = head.words[2 * k] as u64 | (head.words[2 * k + 1] as u64) << 32;
-    let rank = ((head.words[dir::RANKS_WORD] >> (8 * k)) & 0xff) + (bits & (u64::MAX >> (63 - (b & 63)))).count_ones() - 1;
+    // Bit 0 is set in every leaf, so the rank is at least 1 (a line that is no leaf: None).
+    let rank = (((head.words[dir::RANKS_WORD] >> (8 * k)) & 0xff) + (bits & (u64::MAX >> (63 - (b & 63)))).count_ones()).checked_sub(1)?;
     if rank < dir::LEAF_INLINE {
-        return head.words[dir::RANKS_WORD + 1 + rank as usize];
+        return Some(head.words[dir::RANKS_WORD + 1 + rank as usize]);
     }
     let r = rank - dir::LEAF_INLINE;
-    lines[(n + 1 + r / dir::LINE_VALUES) as usize].words[(r % dir::LINE_VALUES) as usize]
+    Some(further(r / dir::LINE_VALUES)?.words[(r % dir::LINE_VALUES) as usize])
+}
+
+/// The entry of IPv6 address `a` in a table whose top-level entry for it is `e`, walked as the
+/// kernel walks it (see `xdpfw_common::dir6`), line `i` read by `line`: the compiler's tables
+/// ([`V6Table::lookup`]) and the live ones read back from the kernel. `None` when a line is
+/// missing or the walk is longer than `dir6::MAX_STEPS`.
+pub fn v6_walk(mut e: u32, a: u128, line: impl Fn(u32) -> Option<DirLine>) -> Option<u32> {
+    for _ in 0..dir6::MAX_STEPS {
+        if e & dir6::NODE == 0 {
+            return Some(e);
+        }
+        let n = e & dir6::LINE_MASK;
+        if e & dir6::PATH == 0 {
+            let depth = (e >> dir6::DEPTH_SHIFT) & 15;
+            let b = (a >> (120 - 8 * depth)) as u32 & 0xff;
+            e = match e & dir6::DIRECT {
+                0 => run_entry(&line(n)?, b, |k| line(n.checked_add(1 + k)?))?,
+                _ => line(n.checked_add(b / 16)?)?.words[(b % 16) as usize],
+            };
+        } else {
+            let head = line(n)?;
+            let w = |i: usize| -> u128 { (0..4).fold(0u128, |acc, k| acc << 32 | head.words[i + k] as u128) };
+            if (a ^ w(dir6::PATH_PATTERN)) & w(dir6::PATH_MASK) != 0 {
+                return Some(head.words[dir6::PATH_MISS]);
+            }
+            e = head.words[dir6::PATH_CHILD];
+        }
+    }
+    (e & dir6::NODE == 0).then_some(e)
 }
 
 /// Appends the leaf of `values` (the 256 entries of a /24) to `lines`; returns its first line.

@@ -211,30 +211,8 @@ impl Maps {
     /// it (`None` when an entry points outside the map or the walk is too long: never, for
     /// tables the loader wrote).
     pub fn live_lookup6(&self, table: &LiveV6, a: u128) -> Option<u32> {
-        let mut e = self.live_v6_top(table, (a >> 112) as u16);
-        for _ in 0..dir6::MAX_STEPS {
-            if e & dir6::NODE == 0 {
-                return Some(e);
-            }
-            let lines = table.lines.as_ref()?;
-            let n = e & dir6::LINE_MASK;
-            if e & dir6::PATH == 0 {
-                let depth = (e >> dir6::DEPTH_SHIFT) & 15;
-                let b = (a >> (120 - 8 * depth)) as u32 & 0xff;
-                e = match e & dir6::DIRECT {
-                    0 => xdpfw_rules::compile::leaf_entry(&leaf_in(lines, n)?, 0, b),
-                    _ => lines.get(n.checked_add(b / 16)?)?.words[(b % 16) as usize],
-                };
-            } else {
-                let head = lines.get(n)?;
-                let w = |i: usize| -> u128 { (0..4).fold(0u128, |acc, k| acc << 32 | head.words[i + k] as u128) };
-                if (a ^ w(dir6::PATH_PATTERN)) & w(dir6::PATH_MASK) != 0 {
-                    return Some(head.words[dir6::PATH_MISS]);
-                }
-                e = head.words[dir6::PATH_CHILD];
-            }
-        }
-        (e & dir6::NODE == 0).then_some(e)
+        let top = self.live_v6_top(table, (a >> 112) as u16);
+        xdpfw_rules::compile::v6_walk(top, a, |i| table.lines.as_ref()?.get(i))
     }
 
     /// Writes top-level entry `top` of `field`'s IPv6 table in the inactive `buffer`.
